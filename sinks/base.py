@@ -1,0 +1,294 @@
+"""The small public interface every sink implements, and the types sinks share with the receiver.
+
+A sink supplies only its config model, the one call that sends a batch, and the classification of the
+answer. Batching, retries with backoff, attempt limits, dead-lettering and metrics live once in the
+receiver's delivery engine; a sink never loops, sleeps or retries by itself.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Annotated, Any, ClassVar, Protocol, runtime_checkable
+
+import orjson
+from pydantic import BaseModel, BeforeValidator, ConfigDict
+
+__all__ = [
+    "ByteSize",
+    "Duration",
+    "Event",
+    "Failure",
+    "Health",
+    "Outcome",
+    "SendResult",
+    "Sink",
+    "SinkConfig",
+    "SinkFactory",
+    "classify_http_status",
+    "parse_duration",
+    "parse_size",
+]
+
+
+# --- configuration value types -------------------------------------------------------------------
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
+
+
+def parse_duration(value: object) -> float:
+    """Seconds from `500ms`, `1s`, `5m`, `24h`, `7d`, or a number of seconds."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as 500ms, 1s, 24h or a number of seconds")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str) and (match := _DURATION.match(value)):
+        seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    else:
+        raise ValueError("expected a duration such as 500ms, 1s, 24h or a number of seconds")
+    if seconds < 0:
+        raise ValueError("a duration cannot be negative")
+    return seconds
+
+
+def parse_size(value: object) -> int:
+    """Bytes from `1048576`, `10MiB`, `512KiB`, `1GB`, `2k`."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size such as 1048576, 512KiB or 10MiB")
+    if isinstance(value, int):
+        size = value
+    elif isinstance(value, float) and value.is_integer():
+        size = int(value)
+    elif isinstance(value, str) and (match := _SIZE.match(value)):
+        unit = (match.group(2) or "").lower()
+        base = 1024 if "i" in unit else 1000
+        letter = unit[:1] if unit not in ("b", "") else ""
+        factor = {"": 1, "k": base, "m": base**2, "g": base**3, "t": base**4}[letter]
+        size = int(float(match.group(1)) * factor)
+    else:
+        raise ValueError("expected a size such as 1048576, 512KiB or 10MiB")
+    if size < 0:
+        raise ValueError("a size cannot be negative")
+    return size
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+"""Seconds; YAML may say `500ms`, `1s`, `24h` or a number."""
+
+ByteSize = Annotated[int, BeforeValidator(parse_size)]
+"""Bytes; YAML may say `10MiB` or a number."""
+
+
+class SinkConfig(BaseModel):
+    """Base of every sink's own options: frozen, keyword-only, unknown keys rejected."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --- what flows into a sink ----------------------------------------------------------------------
+
+
+class Event:
+    """One journaled WorkOS element: the wrapper as WorkOS sent it, plus what the intake derived."""
+
+    __slots__ = ("_wrapper", "action", "raw", "received_at", "seq", "stream", "time")
+
+    def __init__(
+        self,
+        seq: int,
+        stream: str,
+        raw: bytes,
+        *,
+        action: str,
+        time: float,
+        received_at: float,
+    ) -> None:
+        self.seq = seq
+        self.stream = stream
+        self.raw = raw
+        """Compact JSON of the wrapper (`{"event": ..., "keySuffix": ..., ...}`), unknown fields kept."""
+        self.action = action
+        self.time = time
+        """Epoch seconds of the event's `occurred_at`, else of its receipt."""
+        self.received_at = received_at
+        self._wrapper: dict[str, Any] | None = None
+
+    @property
+    def wrapper(self) -> dict[str, Any]:
+        """The wrapper object, parsed on first use."""
+        if self._wrapper is None:
+            self._wrapper = orjson.loads(self.raw)
+        return self._wrapper
+
+    @property
+    def event(self) -> dict[str, Any]:
+        """The bare WorkOS event inside the wrapper."""
+        event: dict[str, Any] = self.wrapper["event"]
+        return event
+
+    @property
+    def key_suffix(self) -> str | None:
+        """The wrapper's `keySuffix`, unique per delivered event."""
+        value = self.wrapper.get("keySuffix")
+        return value if isinstance(value, str) else None
+
+    @property
+    def timestamp(self) -> str:
+        """The wrapper's `timestamp` string, else the event's `occurred_at`, else the receive time (ISO-8601)."""
+        for value in (self.wrapper.get("timestamp"), self.event.get("occurred_at")):
+            if isinstance(value, str) and value:
+                return value
+        return iso_utc(self.received_at)
+
+    @property
+    def source(self) -> str | None:
+        """The wrapper's `source` (the WorkOS team name), when it has one."""
+        value = self.wrapper.get("source")
+        return value if isinstance(value, str) else None
+
+    def __repr__(self) -> str:
+        return f"Event(seq={self.seq}, stream={self.stream!r}, action={self.action!r})"
+
+
+def iso_utc(epoch: float) -> str:
+    """`2024-01-15T10:30:00.123Z` for an epoch time."""
+    moment = datetime.fromtimestamp(epoch, UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+# --- what a sink answers -------------------------------------------------------------------------
+
+
+class Outcome(enum.Enum):
+    """How a send ended: delivered, worth another try, or never going to work for this data."""
+
+    SUCCESS = "success"
+    RETRY = "retry"
+    PERMANENT = "permanent"
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """One event's own outcome inside an otherwise classified batch."""
+
+    outcome: Outcome
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class SendResult:
+    """The classified answer to one `send`.
+
+    Every event of the batch has `outcome` except those named in `failures` (by `Event.seq`), which have
+    their own. The engine retries RETRY events with backoff and dead-letters PERMANENT ones with the reason.
+    """
+
+    outcome: Outcome
+    reason: str = ""
+    retry_after: float | None = None
+    """Seconds the peer asked to wait (`Retry-After`); the engine waits at least this long."""
+    failures: Mapping[int, Failure] = field(default_factory=dict)
+
+    @classmethod
+    def success(cls) -> SendResult:
+        """All delivered."""
+        return _SUCCESS
+
+    @classmethod
+    def retry(cls, reason: str, retry_after: float | None = None) -> SendResult:
+        """Nothing (known to be) delivered; try the whole batch again later."""
+        return cls(Outcome.RETRY, reason, retry_after)
+
+    @classmethod
+    def permanent(cls, reason: str) -> SendResult:
+        """The whole batch can never be delivered; dead-letter it."""
+        return cls(Outcome.PERMANENT, reason)
+
+    @classmethod
+    def partial(cls, failures: Mapping[int, Failure], retry_after: float | None = None) -> SendResult:
+        """Everything delivered except the events named in `failures`."""
+        if not failures:
+            return _SUCCESS
+        return cls(Outcome.SUCCESS, "", retry_after, dict(failures))
+
+    def outcome_of(self, event: Event) -> Failure | None:
+        """The failure that applies to `event`, or None when it was delivered."""
+        own = self.failures.get(event.seq)
+        if own is not None:
+            return own
+        if self.outcome is Outcome.SUCCESS:
+            return None
+        return Failure(self.outcome, self.reason)
+
+
+_SUCCESS = SendResult(Outcome.SUCCESS)
+
+
+@dataclass(frozen=True, slots=True)
+class Health:
+    """A sink's answer to a health check; `message` is shown to people, so it names no secret."""
+
+    ok: bool
+    message: str
+
+
+def classify_http_status(status: int) -> Outcome:
+    """The usual classification of an HTTP answer: 2xx success, 408/429/5xx retry, other 4xx permanent."""
+    if 200 <= status < 300:
+        return Outcome.SUCCESS
+    if status in (408, 429) or status >= 500:
+        return Outcome.RETRY
+    return Outcome.PERMANENT
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds from a `Retry-After` header given in seconds (HTTP dates are ignored)."""
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        return None
+    return seconds if seconds >= 0 else None
+
+
+# --- the interface -------------------------------------------------------------------------------
+
+
+@runtime_checkable
+class Sink(Protocol):
+    """A destination. Built from its validated config; `send` is called with one batch at a time."""
+
+    name: str
+
+    async def send(self, batch: Sequence[Event]) -> SendResult:
+        """Deliver one batch and classify the answer. Must not raise for delivery problems."""
+        ...
+
+    async def healthcheck(self) -> Health:
+        """Check the destination is reachable and accepts these credentials."""
+        ...
+
+    async def close(self) -> None:
+        """Release connections and files; safe to call twice."""
+        ...
+
+
+class SinkFactory(Protocol):
+    """What the registry hands out: a sink class with its config model."""
+
+    Config: ClassVar[type[SinkConfig]]
+
+    def __call__(self, name: str, config: Any) -> Sink:
+        """Build the sink (no network I/O here; `healthcheck` does that)."""
+        ...
+
+
+def dumps(value: object) -> bytes:
+    """Compact JSON, as every sink writes it."""
+    return orjson.dumps(value)

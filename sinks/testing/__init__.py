@@ -1,0 +1,1 @@
+"""Reusable test helpers: the sink compliance suite and local stand-ins for the sinks' peers."""

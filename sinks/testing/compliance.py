@@ -1,0 +1,170 @@
+"""The compliance suite every registered sink runs: success, retryable failure, permanent failure,
+partial failure, close.
+
+A sink's test module supplies a `Harness`: it starts the sink's peer (a local stand-in or a real server),
+builds the sink pointed at it, can tell the peer how to answer, and reports what the peer stored.
+Third-party sinks can run the same checks against their own harness.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Sequence
+from typing import Any, Literal, Protocol
+
+import orjson
+
+from sinks.base import Event, Health, Outcome, Sink
+
+REJECT_ACTION = "compliance.reject"
+"""A harness in partial mode makes its peer reject every event with this action, and only those."""
+
+Mode = Literal["ok", "retry", "permanent", "partial"]
+CHECKS = ("success", "retry", "permanent", "partial", "close")
+
+
+class Harness(Protocol):
+    """A sink wired to a peer that can be told how to answer."""
+
+    supports: frozenset[str]
+    """Which of "retry", "permanent", "partial" the peer can be made to produce."""
+
+    async def start(self) -> None:
+        """Start the peer."""
+
+    async def stop(self) -> None:
+        """Stop the peer and remove what it made."""
+
+    def build(self) -> Sink:
+        """A new sink pointed at the peer."""
+
+    def set_mode(self, mode: Mode) -> None:
+        """How the peer answers from now on: normally, with a retryable failure, with a permanent failure,
+        or rejecting only the events whose action is REJECT_ACTION."""
+
+    async def received(self) -> list[dict[str, Any]]:
+        """The bare WorkOS events the peer has stored so far, in any order."""
+
+
+def make_events(count: int, *, start_seq: int = 1, stream: str = "workos", reject: Sequence[int] = ()) -> list[Event]:
+    """Realistic journaled events; those at the indexes in `reject` carry REJECT_ACTION."""
+    now = time.time()
+    events = []
+    for index in range(count):
+        action = REJECT_ACTION if index in reject else "user.signed_in"
+        occurred = now - 60 + index / 1000
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(occurred)) + f".{int(occurred * 1000) % 1000:03d}Z"
+        wrapper = {
+            "event": {
+                "id": f"01HY{uuid.uuid4().hex[:22].upper()}",
+                "action": action,
+                "actor": {"id": f"user_{index}", "type": "user"},
+                "targets": [{"id": "team_1", "type": "team"}],
+                "context": {"location": "192.0.2.10", "user_agent": "Chrome/124.0"},
+                "occurred_at": stamp,
+            },
+            "keySuffix": uuid.uuid4().hex,
+            "timestamp": stamp,
+            "source": "compliance",
+        }
+        events.append(
+            Event(start_seq + index, stream, orjson.dumps(wrapper), action=action, time=occurred, received_at=now)
+        )
+    return events
+
+
+def _ids(events: Sequence[dict[str, Any]]) -> list[str]:
+    return sorted(str(event["id"]) for event in events)
+
+
+async def check_success(harness: Harness) -> None:
+    """A normal send delivers every event, once, unchanged."""
+    harness.set_mode("ok")
+    sink = harness.build()
+    try:
+        events = make_events(25)
+        result = await sink.send(events)
+        assert result.outcome is Outcome.SUCCESS and not result.failures, result
+        stored = await harness.received()
+        assert _ids(stored) == _ids([e.event for e in events])
+        by_id = {str(e["id"]): e for e in stored}
+        for event in events:
+            assert by_id[event.event["id"]] == event.event
+    finally:
+        await sink.close()
+
+
+async def check_retry(harness: Harness) -> None:
+    """A retryable failure is classified RETRY with a reason; once the peer recovers the batch goes through."""
+    harness.set_mode("retry")
+    sink = harness.build()
+    try:
+        events = make_events(10)
+        result = await sink.send(events)
+        failures = [result.outcome_of(e) for e in events]
+        assert all(f is not None and f.outcome is Outcome.RETRY for f in failures), result
+        assert all(f is not None and f.reason for f in failures), result
+        harness.set_mode("ok")
+        retried = await sink.send(events)
+        assert retried.outcome is Outcome.SUCCESS and not retried.failures, retried
+        assert set(_ids(await harness.received())) >= set(_ids([e.event for e in events]))
+    finally:
+        await sink.close()
+
+
+async def check_permanent(harness: Harness) -> None:
+    """A permanent failure is classified PERMANENT with a reason, for every event of the batch."""
+    harness.set_mode("permanent")
+    sink = harness.build()
+    try:
+        events = make_events(5)
+        result = await sink.send(events)
+        for event in events:
+            failure = result.outcome_of(event)
+            assert failure is not None and failure.outcome is Outcome.PERMANENT and failure.reason, result
+    finally:
+        await sink.close()
+
+
+async def check_partial(harness: Harness) -> None:
+    """When the peer rejects one event, only that one fails (PERMANENT, with a reason); the rest are stored."""
+    harness.set_mode("partial")
+    sink = harness.build()
+    try:
+        events = make_events(12, reject=(7,))
+        result = await sink.send(events)
+        bad = events[7]
+        failure = result.outcome_of(bad)
+        assert failure is not None and failure.outcome is Outcome.PERMANENT and failure.reason, result
+        for event in events:
+            if event is not bad:
+                assert result.outcome_of(event) is None, (event, result)
+        stored = _ids(await harness.received())
+        assert bad.event["id"] not in stored
+        assert set(stored) >= {e.event["id"] for e in events if e is not bad}
+    finally:
+        await sink.close()
+
+
+async def check_close(harness: Harness) -> None:
+    """A healthy peer passes the health check; close releases the sink and may be called twice."""
+    harness.set_mode("ok")
+    sink = harness.build()
+    health = await sink.healthcheck()
+    assert isinstance(health, Health) and health.ok, health
+    assert health.message
+    await sink.send(make_events(1))
+    await sink.close()
+    await sink.close()
+
+
+async def run_check(name: str, harness: Harness) -> None:
+    """Run one named check (one of CHECKS)."""
+    await {
+        "success": check_success,
+        "retry": check_retry,
+        "permanent": check_permanent,
+        "partial": check_partial,
+        "close": check_close,
+    }[name](harness)
