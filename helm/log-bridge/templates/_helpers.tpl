@@ -1,0 +1,123 @@
+{{/*
+Chart name, truncated to the 63 characters a label value allows.
+*/}}
+{{- define "log-bridge.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Full name: release name + chart name unless the release name already holds it.
+*/}}
+{{- define "log-bridge.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+Chart label value.
+*/}}
+{{- define "log-bridge.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Labels on every resource.
+*/}}
+{{- define "log-bridge.labels" -}}
+helm.sh/chart: {{ include "log-bridge.chart" . }}
+{{ include "log-bridge.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Values.image.tag | default .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/*
+Selector labels: stable across upgrades, so never add anything that changes.
+*/}}
+{{- define "log-bridge.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "log-bridge.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{/*
+ServiceAccount name.
+*/}}
+{{- define "log-bridge.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "log-bridge.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/*
+Name of the Secret the environment variables come from.
+*/}}
+{{- define "log-bridge.secretName" -}}
+{{- default (include "log-bridge.fullname" .) .Values.secrets.existingSecret }}
+{{- end }}
+
+{{/*
+Image reference: digest wins over tag; the tag defaults to the appVersion.
+*/}}
+{{- define "log-bridge.image" -}}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
+{{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) }}
+{{- end }}
+{{- end }}
+
+{{/*
+Port log-bridge listens on, read from the config so the two cannot disagree.
+*/}}
+{{- define "log-bridge.containerPort" -}}
+{{- $server := .Values.config.server | default dict }}
+{{- $server.port | default 8443 | int }}
+{{- end }}
+
+{{/*
+URL scheme of the pod's listener.
+*/}}
+{{- define "log-bridge.scheme" -}}
+{{- if .Values.tls.enabled }}HTTPS{{ else }}HTTP{{ end }}
+{{- end }}
+
+{{/*
+The log-bridge configuration as YAML: values.config, with server.tls filled in when tls.enabled.
+*/}}
+{{- define "log-bridge.config" -}}
+{{- $config := deepCopy .Values.config }}
+{{- if .Values.tls.enabled }}
+{{- $server := get $config "server" | default dict }}
+{{- $tls := dict "cert_file" (printf "%s/tls.crt" .Values.tls.mountPath) "key_file" (printf "%s/tls.key" .Values.tls.mountPath) }}
+{{- if .Values.tls.clientAuth }}
+{{- $_ := set $tls "client_ca_file" (printf "%s/ca.crt" .Values.tls.mountPath) }}
+{{- end }}
+{{- $_ := set $server "tls" $tls }}
+{{- $_ := set $config "server" $server }}
+{{- end }}
+{{- toYaml $config }}
+{{- end }}
+
+{{/*
+Probe: the values' probe with the port and scheme filled in.
+*/}}
+{{- define "log-bridge.probe" -}}
+{{- $probe := deepCopy .probe }}
+{{- if hasKey $probe "httpGet" }}
+{{- $_ := set $probe.httpGet "port" (get $probe.httpGet "port" | default "http") }}
+{{- $_ := set $probe.httpGet "scheme" (get $probe.httpGet "scheme" | default (include "log-bridge.scheme" .root)) }}
+{{- end }}
+{{- toYaml $probe }}
+{{- end }}

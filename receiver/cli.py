@@ -1,0 +1,274 @@
+"""The `log-bridge` command: serve, validate, send-test, dlq list / dlq replay."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gzip
+import json
+import logging
+import os
+import sys
+import time
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+
+import orjson
+
+from receiver.config import Config, default_config, load_config
+from receiver.errors import ConfigError
+from receiver.journal import INTAKE, list_dead_letters, replay_dead_letters
+from receiver.logs import setup_logging
+
+log = logging.getLogger("log_bridge")
+
+CONFIG_ENV = "LOG_BRIDGE_CONFIG"
+
+
+def _config_path(given: str | None) -> str | None:
+    return given or os.environ.get(CONFIG_ENV) or None
+
+
+def _load(given: str | None, *, required: bool) -> Config:
+    path = _config_path(given)
+    if path is None:
+        if required:
+            raise ConfigError([f"no configuration: pass --config FILE or set {CONFIG_ENV}"])
+        return default_config()
+    return load_config(path)
+
+
+def _print_errors(exc: ConfigError) -> None:
+    print(f"log-bridge: configuration is invalid ({len(exc.errors)} problem(s)):", file=sys.stderr)
+    for problem in exc.errors:
+        print(f"  {problem}", file=sys.stderr)
+
+
+# --- serve / validate ----------------------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Run the receiver."""
+    from receiver.server import serve
+
+    setup_logging(args.log_level)
+    try:
+        config = _load(args.config, required=False)
+    except ConfigError as exc:
+        _print_errors(exc)
+        return 2
+    if _config_path(args.config) is None:
+        log.warning(
+            "no configuration given: serving the local default (loopback only, no secret, file sink in "
+            "./log-bridge-data/); pass --config FILE for anything else"
+        )
+    return asyncio.run(serve(config))
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    """Check a configuration and print a summary."""
+    try:
+        config = _load(args.config, required=True)
+    except ConfigError as exc:
+        _print_errors(exc)
+        return 1
+    server = config.server
+    scheme = "https" if server.tls else "http"
+    print(f"configuration OK: {_config_path(args.config)}")
+    print(f"  listen: {scheme}://{server.host}:{server.port}" + (" (mTLS)" if server.tls and server.tls.client_ca_file else ""))
+    print(f"  allowlist: {', '.join(server.allowlist)}; trusted proxies: {', '.join(server.trusted_proxies) or 'none'}")
+    print(f"  journal: {config.journal.path} (cap {config.journal.max_bytes} bytes, dedup {config.journal.dedup_window:g}s)")
+    for stream in config.streams:
+        auth = f"secret in {stream.auth.header} ({len(stream.auth.values)} accepted value(s))" if stream.auth else "NO SECRET"
+        print(f"  stream {stream.name}: POST {stream.path}, {auth} -> {', '.join(stream.sinks)}")
+    for name, section in config.sinks.items():
+        feeds = config.streams_of(name)
+        note = "" if feeds else " (no stream feeds it)"
+        print(f"  sink {name}: type {section.type}{note}")
+    return 0
+
+
+# --- send-test -----------------------------------------------------------------------------------
+
+ACTIONS = ("user.signed_in", "user.signed_out", "role.assigned", "api_key.created", "user.deleted", "group.updated")
+
+
+def sample_wrappers(count: int, source: str = "log-bridge-test") -> list[dict[str, object]]:
+    """Realistic WorkOS wrappers with unique ids and keySuffixes."""
+    now = time.time()
+    wrappers = []
+    for index in range(count):
+        moment = now - (count - index) * 0.001
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(moment)) + f".{int(moment * 1000) % 1000:03d}Z"
+        wrappers.append(
+            {
+                "event": {
+                    "id": "01" + uuid.uuid4().hex[:24].upper(),
+                    "action": ACTIONS[index % len(ACTIONS)],
+                    "actor": {"id": f"user_{uuid.uuid4().hex[:20]}", "type": "user", "name": "Test User"},
+                    "targets": [{"id": f"team_{index % 7}", "type": "team"}],
+                    "context": {"location": "198.51.100.7", "user_agent": "log-bridge send-test"},
+                    "occurred_at": stamp,
+                    "version": 1,
+                    "metadata": {"test": True},
+                },
+                "keySuffix": uuid.uuid4().hex,
+                "timestamp": stamp,
+                "source": source,
+            }
+        )
+    return wrappers
+
+
+def encode_body(wrappers: Sequence[object], fmt: str) -> tuple[bytes, str]:
+    """The body and its Content-Type, as WorkOS sends them."""
+    if fmt == "ndjson":
+        return b"".join(orjson.dumps(w) + b"\n" for w in wrappers), "application/x-ndjson"
+    return orjson.dumps(list(wrappers)), "application/json"
+
+
+def cmd_send_test(args: argparse.Namespace) -> int:
+    """Post sample events to a running receiver."""
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    body, content_type = encode_body(sample_wrappers(args.count), args.format)
+    headers = {"Content-Type": content_type, "User-Agent": "log-bridge send-test"}
+    if args.gzip:
+        body = gzip.compress(body)
+        headers["Content-Encoding"] = "gzip"
+    for header in args.header:
+        name, sep, value = header.partition(":")
+        if not sep or not name.strip():
+            print(f"log-bridge send-test: --header must look like 'Name: value' (got {name.strip()!r}...)", file=sys.stderr)
+            return 2
+        headers[name.strip()] = value.strip()
+    if not args.url.startswith(("http://", "https://")):
+        print("log-bridge send-test: URL must start with http:// or https://", file=sys.stderr)
+        return 2
+    context = None
+    if args.url.startswith("https://"):
+        context = ssl.create_default_context(cafile=args.cafile)
+        if args.insecure:
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+    request = urllib.request.Request(args.url, data=body, headers=headers, method="POST")  # noqa: S310 - scheme checked
+    try:
+        with urllib.request.urlopen(request, timeout=args.timeout, context=context) as response:  # noqa: S310
+            status, text = response.status, response.read().decode("utf-8", "replace")
+    except urllib.error.HTTPError as exc:
+        status, text = exc.code, exc.read().decode("utf-8", "replace")
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        print(f"log-bridge send-test: cannot reach {args.url}: {reason}", file=sys.stderr)
+        return 1
+    print(f"{status} {text}")
+    return 0 if 200 <= status < 300 else 1
+
+
+# --- dlq -----------------------------------------------------------------------------------------
+
+
+def cmd_dlq_list(args: argparse.Namespace) -> int:
+    """Print dead letters as JSON lines."""
+    try:
+        config = _load(args.config, required=True)
+    except ConfigError as exc:
+        _print_errors(exc)
+        return 2
+    for letter in list_dead_letters(config.journal.path, args.sink):
+        try:
+            element: object = orjson.loads(letter.data)
+        except orjson.JSONDecodeError:
+            element = letter.data.decode("utf-8", "replace")
+        at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(letter.at))
+        line = {"id": letter.id, "sink": letter.sink, "stream": letter.stream, "reason": letter.reason, "at": at,
+                "element": element}
+        sys.stdout.write(json.dumps(line, ensure_ascii=False) + "\n")
+    return 0
+
+
+def cmd_dlq_replay(args: argparse.Namespace) -> int:
+    """Put sinks' dead letters back for delivery."""
+    try:
+        config = _load(args.config, required=True)
+    except ConfigError as exc:
+        _print_errors(exc)
+        return 2
+    if args.sink == INTAKE:
+        print("log-bridge dlq replay: intake dead letters are bad input, not events; they cannot be replayed",
+              file=sys.stderr)
+        return 2
+    if args.sink is not None and args.sink not in config.sinks:
+        print(f"log-bridge dlq replay: no sink named {args.sink!r} in the configuration", file=sys.stderr)
+        return 2
+    count = replay_dead_letters(Path(config.journal.path), args.sink)
+    print(f"replayed {count} dead letter(s); the running service delivers them (or the next start does)")
+    return 0
+
+
+# --- the parser ----------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line interface."""
+    parser = argparse.ArgumentParser(
+        prog="log-bridge", description="Receive WorkOS audit-log streams and deliver them to your sinks."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    config_help = f"YAML configuration file (default: ${CONFIG_ENV})"
+
+    serve = commands.add_parser("serve", help="run the receiver", description="Run the receiver until SIGTERM/SIGINT.")
+    serve.add_argument("--config", "-c", help=config_help + "; none: a safe local default")
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve.set_defaults(func=cmd_serve)
+
+    validate = commands.add_parser("validate", help="check a configuration", description="Check a configuration.")
+    validate.add_argument("--config", "-c", help=config_help)
+    validate.set_defaults(func=cmd_validate)
+
+    send = commands.add_parser(
+        "send-test", help="post sample WorkOS events to a receiver",
+        description="Post realistic WorkOS audit-log wrappers to URL and print the answer.",
+    )
+    send.add_argument("url", help="e.g. http://127.0.0.1:8080/workos")
+    send.add_argument("--header", "-H", action="append", default=[], help="'Name: value', e.g. the stream's secret")
+    send.add_argument("--format", choices=["json", "ndjson"], default="json")
+    send.add_argument("--count", "-n", type=int, default=3)
+    send.add_argument("--gzip", action="store_true", help="gzip the body")
+    send.add_argument("--cafile", help="CA bundle to verify an https URL")
+    send.add_argument("--insecure", action="store_true", help="do not verify the https certificate")
+    send.add_argument("--timeout", type=float, default=30.0)
+    send.set_defaults(func=cmd_send_test)
+
+    dlq = commands.add_parser("dlq", help="dead letters: list or replay", description="Inspect or replay dead letters.")
+    dlq_commands = dlq.add_subparsers(dest="dlq_command", required=True, metavar="ACTION")
+    listing = dlq_commands.add_parser("list", help="print dead letters as JSON lines",
+                                      description="Print dead letters as JSON lines: element, reason, when.")
+    listing.add_argument("--config", "-c", help=config_help)
+    listing.add_argument("--sink", help=f"only this sink's ({INTAKE} for bad input)")
+    listing.set_defaults(func=cmd_dlq_list)
+    replay = dlq_commands.add_parser("replay", help="put dead letters back for delivery",
+                                     description="Put sinks' dead letters back into the journal for delivery.")
+    replay.add_argument("--config", "-c", help=config_help)
+    replay.add_argument("--sink", help="only this sink's")
+    replay.set_defaults(func=cmd_dlq_replay)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `log-bridge` script."""
+    args = build_parser().parse_args(argv)
+    if getattr(args, "count", 1) is not None and getattr(args, "count", 1) < 1:
+        print("log-bridge: --count must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

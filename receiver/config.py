@@ -1,0 +1,351 @@
+"""The YAML configuration: models, `${VAR}` expansion, and errors that name their YAML path.
+
+Validation is pure: it reads the file and the environment, nothing else (no network, no credentials).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from receiver.errors import ConfigError
+from sinks import registry
+from sinks.base import ByteSize, Duration, SinkConfig
+from sinks.errors import SinkTypeError
+
+WORKOS = "workos"
+"""The allowlist entry that stands for WorkOS's published egress addresses."""
+
+WORKOS_EGRESS = (
+    "3.217.146.166",
+    "23.21.184.92",
+    "34.204.154.149",
+    "44.213.245.178",
+    "44.215.236.82",
+    "50.16.203.9",
+    "52.1.251.34",
+    "52.21.49.187",
+    "174.129.36.47",
+)
+"""WorkOS's published egress addresses for log streams and webhooks."""
+
+COMMON_SINK_KEYS = frozenset({"type", "include_actions", "exclude_actions", "batch", "retry"})
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _network(value: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    try:
+        return ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        raise ValueError(f"{value!r} is not an IP address or CIDR network") from None
+
+
+class TLSConfig(_Model):
+    """HTTPS for the listener; `client_ca_file` turns on mutual TLS."""
+
+    cert_file: Path
+    key_file: Path
+    client_ca_file: Path | None = None
+
+
+class ServerConfig(_Model):
+    """The HTTP listener."""
+
+    host: str = "0.0.0.0"  # noqa: S104 - a service listens on every interface unless told otherwise
+    port: int = Field(8443, ge=0, le=65535)
+    tls: TLSConfig | None = None
+    max_body_bytes: ByteSize = Field(10 * 1024 * 1024, gt=0)
+    trusted_proxies: tuple[str, ...] = ()
+    allowlist: tuple[str, ...] = (WORKOS,)
+    header_timeout: Duration = 10.0
+    body_timeout: Duration = 30.0
+    shutdown_timeout: Duration = 10.0
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _check_proxies(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for entry in value:
+            _network(entry)
+        return value
+
+    @field_validator("allowlist")
+    @classmethod
+    def _check_allowlist(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for entry in value:
+            if entry != WORKOS:
+                _network(entry)
+        return value
+
+    def allowed_networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+        """The allowlist as networks, with `workos` expanded to its addresses."""
+        networks = []
+        for entry in self.allowlist:
+            names = WORKOS_EGRESS if entry == WORKOS else (entry,)
+            networks.extend(_network(name) for name in names)
+        return networks
+
+    def proxy_networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+        """The trusted proxies as networks."""
+        return [_network(entry) for entry in self.trusted_proxies]
+
+
+class JournalConfig(_Model):
+    """The durable SQLite journal."""
+
+    path: Path = Path("./data/journal.db")
+    max_bytes: ByteSize = Field(1024**3, gt=0)
+    dedup_window: Duration = 24 * 3600.0
+
+
+class AuthConfig(_Model):
+    """The secret header a stream requires; several values may be accepted at once, for rotation."""
+
+    header: str = "Authorization"
+    values: tuple[str, ...] = Field(min_length=1)
+
+    @field_validator("values")
+    @classmethod
+    def _non_empty(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if any(not v for v in value):
+            raise ValueError("an accepted value cannot be empty")
+        return value
+
+
+class StreamConfig(_Model):
+    """One WorkOS log stream: where it posts, the secret it sends, the sinks it feeds."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    path: str = Field(pattern=r"^/[A-Za-z0-9_./-]*$")
+    auth: AuthConfig | None = None
+    sinks: tuple[str, ...] = Field(min_length=1)
+
+
+class BatchConfig(_Model):
+    """How the delivery engine groups events for one send."""
+
+    max_events: int = Field(1000, ge=1)
+    max_bytes: ByteSize = Field(1024 * 1024, ge=1)
+    max_wait: Duration = 1.0
+
+
+class RetryConfig(_Model):
+    """Backoff between attempts (exponential, full jitter) and the attempt limit (None: for ever)."""
+
+    initial: Duration = 1.0
+    max: Duration = 60.0
+    max_attempts: int | None = Field(None, ge=1)
+
+
+class SinkSection(_Model):
+    """A sink as configured: the common keys, and its own options validated by its type's model."""
+
+    type: str
+    include_actions: tuple[str, ...] = ()
+    exclude_actions: tuple[str, ...] = ()
+    batch: BatchConfig = BatchConfig()
+    retry: RetryConfig = RetryConfig()
+    options: SinkConfig = SinkConfig()
+
+
+class Config(_Model):
+    """The whole configuration file."""
+
+    server: ServerConfig = ServerConfig()
+    journal: JournalConfig = JournalConfig()
+    streams: tuple[StreamConfig, ...] = Field(min_length=1)
+    sinks: dict[str, SinkSection] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _check_references(self) -> Config:
+        problems = []
+        seen_paths: dict[str, str] = {}
+        seen_names: set[str] = set()
+        for index, stream in enumerate(self.streams):
+            if stream.name in seen_names:
+                problems.append(f"streams[{index}].name: {stream.name!r} is used by another stream")
+            seen_names.add(stream.name)
+            if stream.path in seen_paths:
+                problems.append(f"streams[{index}].path: {stream.path!r} is already used by {seen_paths[stream.path]!r}")
+            seen_paths[stream.path] = stream.name
+            if stream.path in ("/healthz", "/readyz", "/metrics"):
+                problems.append(f"streams[{index}].path: {stream.path!r} is reserved")
+            for position, sink in enumerate(stream.sinks):
+                if sink not in self.sinks:
+                    problems.append(
+                        f"streams[{index}].sinks[{position}]: sink {sink!r} is not defined under sinks "
+                        f"(defined: {', '.join(sorted(self.sinks)) or 'none'})"
+                    )
+        if problems:
+            raise ConfigError(problems)
+        return self
+
+    def streams_of(self, sink: str) -> tuple[str, ...]:
+        """Names of the streams that feed `sink`."""
+        return tuple(s.name for s in self.streams if sink in s.sinks)
+
+
+# --- ${VAR} expansion ----------------------------------------------------------------------------
+
+_REFERENCE = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def expand_env(tree: Any, environ: Mapping[str, str], path: str = "") -> tuple[Any, list[str]]:
+    """Expand `${VAR}` and `${VAR:-default}` inside string values (`$$` is a literal `$`).
+
+    Runs on the parsed YAML tree, so a value cannot inject YAML. Returns the new tree and the errors
+    (an unset variable without a default), each naming its YAML path.
+    """
+    errors: list[str] = []
+
+    def walk(node: Any, where: str) -> Any:
+        if isinstance(node, str):
+            def replace(match: re.Match[str]) -> str:
+                if match.group(0) == "$$":
+                    return "$"
+                name, default = match.group(1), match.group(2)
+                value = environ.get(name)
+                if value is None or (value == "" and default is not None):
+                    if default is None:
+                        errors.append(f"{where or '<root>'}: environment variable {name} is not set")
+                        return ""
+                    return default
+                return value
+
+            return _REFERENCE.sub(replace, node)
+        if isinstance(node, dict):
+            return {key: walk(value, _join(where, key)) for key, value in node.items()}
+        if isinstance(node, list):
+            return [walk(value, f"{where}[{index}]") for index, value in enumerate(node)]
+        return node
+
+    return walk(tree, path), errors
+
+
+def _join(where: str, key: object) -> str:
+    return f"{where}.{key}" if where else str(key)
+
+
+def _location(loc: tuple[int | str, ...], prefix: str = "") -> str:
+    where = prefix
+    for part in loc:
+        where = f"{where}[{part}]" if isinstance(part, int) else _join(where, part)
+    return where or "<root>"
+
+
+def _pydantic_errors(exc: ValidationError, prefix: str = "") -> list[str]:
+    # Messages only: pydantic's own rendering repeats the input value, which may be a secret.
+    problems = []
+    for error in exc.errors(include_input=False, include_url=False):
+        message = error["msg"]
+        if error["type"] == "extra_forbidden":
+            message = "unknown key"
+        elif error["type"] == "missing":
+            message = "field required"
+        problems.append(f"{_location(tuple(error['loc']), prefix)}: {message}")
+    return problems
+
+
+# --- loading -------------------------------------------------------------------------------------
+
+
+def _validate_sinks(raw_sinks: Any) -> tuple[dict[str, Any], list[str]]:
+    """Validate each sink's own options against its type's model; the common keys stay for `Config`."""
+    errors: list[str] = []
+    if not isinstance(raw_sinks, dict):
+        return raw_sinks, errors
+    prepared: dict[str, Any] = {}
+    for name, section in raw_sinks.items():
+        where = f"sinks.{name}"
+        if not isinstance(section, dict):
+            errors.append(f"{where}: expected a mapping")
+            prepared[name] = {"type": "?", "options": SinkConfig()}
+            continue
+        type_name = section.get("type")
+        if not isinstance(type_name, str):
+            errors.append(f"{where}.type: field required (one of: {', '.join(registry.known_types())})")
+            prepared[name] = {"type": "?", "options": SinkConfig()}
+            continue
+        try:
+            factory = registry.load(type_name)
+        except SinkTypeError as exc:
+            errors.append(f"{where}.type: {exc}")
+            prepared[name] = {"type": type_name, "options": SinkConfig()}
+            continue
+        own = {key: value for key, value in section.items() if key not in COMMON_SINK_KEYS}
+        common = {key: value for key, value in section.items() if key in COMMON_SINK_KEYS}
+        # A sink whose own options are invalid stays defined, so its common keys are still checked
+        # and the streams naming it do not report it as missing.
+        options = SinkConfig()
+        try:
+            options = factory.Config.model_validate(own)
+        except ValidationError as exc:
+            errors.extend(_pydantic_errors(exc, where))
+        prepared[name] = {**common, "options": options}
+    return prepared, errors
+
+
+def parse_config(tree: Any, environ: Mapping[str, str] | None = None) -> Config:
+    """Validate a parsed YAML tree; raises ConfigError listing every problem with its YAML path."""
+    if tree is None:
+        tree = {}
+    if not isinstance(tree, dict):
+        raise ConfigError(["<root>: expected a mapping of server, journal, streams and sinks"])
+    expanded, errors = expand_env(tree, os.environ if environ is None else environ)
+    sinks, sink_errors = _validate_sinks(expanded.get("sinks"))
+    errors.extend(sink_errors)
+    if "sinks" in expanded:
+        expanded["sinks"] = sinks
+    try:
+        config = Config.model_validate(expanded)
+    except ValidationError as exc:
+        errors.extend(_pydantic_errors(exc))
+        config = None
+    except ConfigError as exc:
+        errors.extend(exc.errors)
+        config = None
+    if errors or config is None:
+        raise ConfigError(errors)
+    return config
+
+
+def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Config:
+    """Read and validate a YAML configuration file."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read the file ({exc.strerror})"]) from None
+    try:
+        tree = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise ConfigError([f"{path}: {problem}{where}"]) from None
+    return parse_config(tree, environ)
+
+
+DEFAULT_DATA_DIR = Path("./log-bridge-data")
+
+
+def default_config() -> Config:
+    """The safe local default used when no configuration is given: loopback only, file sink, no secret."""
+    return parse_config(
+        {
+            "server": {"host": "127.0.0.1", "port": 8080, "allowlist": ["127.0.0.1/32", "::1/128"]},
+            "journal": {"path": str(DEFAULT_DATA_DIR / "journal.db")},
+            "streams": [{"name": "workos", "path": "/workos", "sinks": ["archive"]}],
+            "sinks": {"archive": {"type": "file", "path": str(DEFAULT_DATA_DIR / "events" / "%Y-%m-%d.ndjson")}},
+        },
+        environ={},
+    )
+

@@ -1,0 +1,270 @@
+"""The delivery engine: each sink reads the journal at its own cursor, in batches, and the engine retries
+with exponential backoff and full jitter, dead-letters permanent failures, and keeps the metrics.
+
+Written once for every sink: a sink only sends one batch and classifies the answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fnmatch
+import logging
+import random
+import re
+import time
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+
+from receiver.config import Config, RetryConfig, SinkSection
+from receiver.journal import Journal
+from receiver.metrics import Metrics
+from sinks import registry
+from sinks.base import Event, Health, Outcome, SendResult, Sink
+
+log = logging.getLogger(__name__)
+
+
+def action_filter(include: Sequence[str], exclude: Sequence[str]) -> Callable[[str], bool]:
+    """A predicate on an event's action from include/exclude globs (no include globs: everything)."""
+    inc = re.compile("|".join(fnmatch.translate(g) for g in include)) if include else None
+    exc = re.compile("|".join(fnmatch.translate(g) for g in exclude)) if exclude else None
+
+    def wanted(action: str) -> bool:
+        if inc is not None and not inc.match(action):
+            return False
+        return exc is None or not exc.match(action)
+
+    return wanted
+
+
+def backoff(attempt: int, policy: RetryConfig, rng: Callable[[], float] = random.random) -> float:
+    """Seconds before the next attempt: full jitter over an exponential ceiling (attempt counts from 1)."""
+    ceiling = min(policy.max, policy.initial * (2 ** min(attempt - 1, 62)))
+    return ceiling * rng()
+
+
+class SinkRunner:
+    """Feeds one sink from the journal."""
+
+    def __init__(
+        self,
+        name: str,
+        sink: Sink,
+        section: SinkSection,
+        streams: Sequence[str],
+        journal: Journal,
+        metrics: Metrics,
+        active_sinks: Sequence[str],
+    ) -> None:
+        self.name = name
+        self.sink = sink
+        self.section = section
+        self.streams = frozenset(streams)
+        self.journal = journal
+        self.metrics = metrics
+        self.active_sinks = tuple(active_sinks)
+        self.wants_action = action_filter(section.include_actions, section.exclude_actions)
+        self.cursor = 0
+        self.health = Health(True, "not checked yet")
+        self._read_pos = 0
+        self._buffer: deque[Event] = deque()
+        self._first_buffered_at = 0.0
+        self._signal = journal.subscribe()
+        self._stopping = False
+        self._caught_up = False
+
+    def _wants(self, event: Event, target: str | None) -> bool:
+        if target is not None:
+            return target == self.name
+        return event.stream in self.streams and self.wants_action(event.action)
+
+    async def _fill(self) -> None:
+        """Read more rows into the buffer; sets `_caught_up` when the journal has nothing more."""
+        limit = max(2 * self.section.batch.max_events, 256)
+        if len(self._buffer) >= self.section.batch.max_events:
+            return
+        rows = await self.journal.read(self._read_pos, limit)
+        self._caught_up = len(rows) < limit
+        for event, target in rows:
+            self._read_pos = event.seq
+            if self._wants(event, target):
+                if not self._buffer:
+                    self._first_buffered_at = time.monotonic()
+                self._buffer.append(event)
+
+    def _take_batch(self) -> list[Event]:
+        batch: list[Event] = []
+        size = 0
+        limits = self.section.batch
+        while self._buffer and len(batch) < limits.max_events:
+            event = self._buffer[0]
+            if batch and size + len(event.raw) > limits.max_bytes:
+                break
+            size += len(event.raw)
+            batch.append(self._buffer.popleft())
+        if self._buffer:
+            self._first_buffered_at = time.monotonic()
+        return batch
+
+    def _batch_ready(self) -> bool:
+        limits = self.section.batch
+        if len(self._buffer) >= limits.max_events:
+            return True
+        if sum(len(e.raw) for e in self._buffer) >= limits.max_bytes:
+            return True
+        return self._stopping or time.monotonic() - self._first_buffered_at >= limits.max_wait
+
+    async def run(self) -> None:
+        """Deliver until stopped; on stop, keep draining until the backlog is empty."""
+        self.cursor = (await self.journal.cursors([self.name]))[self.name]
+        self._read_pos = self.cursor
+        while True:
+            self._signal.clear()
+            await self._fill()
+            self.metrics.backlog.labels(self.name).set(max(0, self.journal.last_seq - self.cursor))
+            if self._buffer and (self._batch_ready() or not self._caught_up):
+                await self._deliver(self._take_batch())
+                continue
+            if not self._buffer:
+                if self._read_pos > self.cursor:  # only rows for other sinks were passed: move on
+                    await self._commit(self._read_pos, [])
+                if self._stopping and self._caught_up:
+                    return
+                await self._wait(None)
+            else:
+                await self._wait(self._first_buffered_at + self.section.batch.max_wait - time.monotonic())
+
+    async def _wait(self, timeout: float | None) -> None:
+        if timeout is not None and timeout <= 0:
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._signal.wait(), timeout)
+
+    def stop(self) -> None:
+        """Finish what is in the journal, without waiting for batches to fill."""
+        self._stopping = True
+        self._signal.set()
+
+    async def _deliver(self, batch: list[Event]) -> None:
+        policy = self.section.retry
+        todo = batch
+        dead: list[tuple[Event, str]] = []
+        attempt = 0
+        while todo:
+            attempt += 1
+            started = time.monotonic()
+            try:
+                result = await self.sink.send(todo)
+            except Exception as exc:  # a sink must classify, but a bug in one must not stop delivery
+                log.exception("sink raised instead of classifying", extra={"sink": self.name})
+                result = SendResult.retry(f"sink error: {type(exc).__name__}")
+            self.metrics.send_seconds.labels(self.name).observe(time.monotonic() - started)
+            retry: list[tuple[Event, str]] = []
+            delivered = 0
+            for event in todo:
+                failure = result.outcome_of(event)
+                if failure is None:
+                    delivered += 1
+                elif failure.outcome is Outcome.PERMANENT:
+                    dead.append((event, failure.reason or "permanent failure"))
+                else:
+                    retry.append((event, failure.reason or "retryable failure"))
+            self.metrics.delivered.labels(self.name).inc(delivered)
+            permanent = len(todo) - delivered - len(retry)
+            if permanent:
+                self.metrics.failed.labels(self.name, "permanent").inc(permanent)
+            if not retry:
+                self._set_health(Health(True, "last send succeeded"))
+                break
+            self.metrics.failed.labels(self.name, "retry").inc(len(retry))
+            reason = retry[0][1]
+            self._set_health(Health(False, f"send failed, retrying: {reason}"))
+            if policy.max_attempts is not None and attempt >= policy.max_attempts:
+                dead.extend((event, f"gave up after {attempt} attempts: {why}") for event, why in retry)
+                break
+            delay = max(backoff(attempt, policy), result.retry_after or 0.0)
+            log.warning(
+                "send failed, will retry",
+                extra={"sink": self.name, "events": len(retry), "attempt": attempt, "delay_s": round(delay, 3),
+                       "reason": reason},
+            )
+            await asyncio.sleep(delay)
+            todo = [event for event, _ in retry]
+        if dead:
+            self.metrics.dead_lettered.labels(self.name).inc(len(dead))
+            log.error("events dead-lettered", extra={"sink": self.name, "events": len(dead), "reason": dead[0][1]})
+        position = self._buffer[0].seq - 1 if self._buffer else self._read_pos
+        await self._commit(position, dead)
+
+    async def _commit(self, position: int, dead: list[tuple[Event, str]]) -> None:
+        await self.journal.commit_progress(self.name, position, dead, self.active_sinks)
+        self.cursor = position
+
+    def _set_health(self, health: Health) -> None:
+        self.health = health
+        self.metrics.sink_up.labels(self.name).set(1 if health.ok else 0)
+
+    async def check_health(self) -> Health:
+        """Run the sink's health check and record it."""
+        try:
+            health = await self.sink.healthcheck()
+        except Exception as exc:
+            health = Health(False, f"health check raised {type(exc).__name__}")
+        self._set_health(health)
+        return health
+
+
+def build_sinks(config: Config) -> dict[str, Sink]:
+    """Build every configured sink (no network I/O)."""
+    sinks: dict[str, Sink] = {}
+    for name, section in config.sinks.items():
+        factory = registry.load(section.type)
+        sinks[name] = factory(name, section.options)
+    return sinks
+
+
+class DeliveryEngine:
+    """All the sink runners of one process."""
+
+    def __init__(self, config: Config, journal: Journal, metrics: Metrics, sinks: Mapping[str, Sink]) -> None:
+        active = [name for name in config.sinks if config.streams_of(name)]
+        self.runners = {
+            name: SinkRunner(name, sinks[name], config.sinks[name], config.streams_of(name), journal, metrics, active)
+            for name in active
+        }
+        self.sinks = dict(sinks)
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        """Start delivering, and check each sink's health in the background (a red check does not stop intake)."""
+        for runner in self.runners.values():
+            self._tasks.append(asyncio.create_task(runner.run(), name=f"sink:{runner.name}"))
+            self._tasks.append(asyncio.create_task(self._first_check(runner), name=f"health:{runner.name}"))
+
+    @staticmethod
+    async def _first_check(runner: SinkRunner) -> None:
+        health = await runner.check_health()
+        if health.ok:
+            log.info("sink healthy", extra={"sink": runner.name, "detail": health.message})
+        else:
+            log.error("sink health check failed", extra={"sink": runner.name, "detail": health.message})
+
+    async def stop(self, timeout: float) -> bool:
+        """Let the sinks drain the backlog for up to `timeout` seconds, then close them. True if all drained."""
+        for runner in self.runners.values():
+            runner.stop()
+        done, pending = await asyncio.wait(self._tasks, timeout=timeout) if self._tasks else (set(), set())
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+        for task in done:
+            if not task.cancelled() and task.exception() is not None:
+                log.error("sink runner failed", extra={"task": task.get_name(), "error": repr(task.exception())})
+        for sink in self.sinks.values():
+            try:
+                await sink.close()
+            except Exception:
+                log.exception("closing a sink failed")
+        return not [t for t in pending if t.get_name().startswith("sink:")]

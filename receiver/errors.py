@@ -1,0 +1,44 @@
+"""Errors of the receiver. Every message is safe to show: none names a secret.
+
+    LogBridgeError
+    ├── ConfigError          the YAML is invalid; `.errors` lists every problem with its YAML path
+    ├── JournalError         the journal cannot take a write
+    │   ├── JournalFull      over `journal.max_bytes` (or the disk is full)
+    │   └── JournalClosed    shutting down
+    └── BodyError            a request body that cannot be read; carries the HTTP status to answer
+"""
+
+from __future__ import annotations
+
+
+class LogBridgeError(Exception):
+    """Base of every error log-bridge raises on purpose."""
+
+
+class ConfigError(LogBridgeError):
+    """The configuration is invalid; each entry of `errors` is `yaml.path: message`."""
+
+    def __init__(self, errors: list[str]) -> None:
+        self.errors = errors
+        super().__init__("invalid configuration:\n" + "\n".join(f"  {e}" for e in errors))
+
+
+class JournalError(LogBridgeError):
+    """The journal cannot take a write."""
+
+
+class JournalFull(JournalError):
+    """The journal is over its size cap, or the disk is full."""
+
+
+class JournalClosed(JournalError):
+    """The journal is closed (the process is shutting down)."""
+
+
+class BodyError(LogBridgeError):
+    """A request body that cannot be accepted, with the HTTP status that says why."""
+
+    def __init__(self, status: int, message: str) -> None:
+        self.status = status
+        self.message = message
+        super().__init__(message)

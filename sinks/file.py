@@ -1,0 +1,94 @@
+"""The file sink: one compact JSON line per event (the wrapper as WorkOS sent it), fsynced before a batch
+counts as delivered. `path` may hold strftime fields, expanded with the event's time in UTC."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from pydantic import Field
+
+from sinks.base import ByteSize, Event, Health, SendResult, SinkConfig
+
+
+class FileSink:
+    """Appends NDJSON lines to local files."""
+
+    class Config(SinkConfig):
+        """Options of the file sink."""
+
+        path: str = Field(min_length=1)
+        max_file_bytes: ByteSize | None = Field(None, gt=0)
+        """Rotate a file once it reaches this size: it is renamed `<name>.<n><suffix>`."""
+
+    def __init__(self, name: str, config: FileSink.Config) -> None:
+        self.name = name
+        self.config = config
+        self._lock = asyncio.Lock()
+
+    def _path_for(self, event: Event) -> Path:
+        return Path(time.strftime(self.config.path, time.gmtime(event.time)))
+
+    async def send(self, batch: Sequence[Event]) -> SendResult:
+        """Write and fsync the batch."""
+        async with self._lock:
+            try:
+                await asyncio.to_thread(self._write, batch)
+            except OSError as exc:
+                # A full disk, a missing mount or a permission problem is cured outside: retry.
+                return SendResult.retry(f"cannot write {exc.filename or self.config.path}: {exc.strerror}")
+        return SendResult.success()
+
+    def _write(self, batch: Sequence[Event]) -> None:
+        groups: dict[Path, list[bytes]] = {}
+        for event in batch:
+            groups.setdefault(self._path_for(event), []).append(event.raw)
+        for path, lines in groups.items():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            data = b"\n".join(lines) + b"\n"
+            if self.config.max_file_bytes is not None:
+                self._rotate_if_full(path, len(data))
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+            try:
+                view = memoryview(data)
+                while view:
+                    written = os.write(fd, view)
+                    view = view[written:]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    def _rotate_if_full(self, path: Path, incoming: int) -> None:
+        assert self.config.max_file_bytes is not None
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            return
+        if size == 0 or size + incoming <= self.config.max_file_bytes:
+            return
+        number = 1
+        while (rotated := path.with_name(f"{path.stem}.{number}{path.suffix}")).exists():
+            number += 1
+        os.rename(path, rotated)
+        directory = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)  # the rename itself must survive a crash
+        finally:
+            os.close(directory)
+
+    async def healthcheck(self) -> Health:
+        """The directory of today's file exists (or can be made) and is writable."""
+        path = Path(time.strftime(self.config.path, time.gmtime()))
+        try:
+            await asyncio.to_thread(path.parent.mkdir, parents=True, exist_ok=True)
+        except OSError as exc:
+            return Health(False, f"cannot create {path.parent}: {exc.strerror}")
+        if not os.access(path.parent, os.W_OK):
+            return Health(False, f"{path.parent} is not writable")
+        return Health(True, f"writing to {path.parent}")
+
+    async def close(self) -> None:
+        """Nothing stays open between batches."""

@@ -1,0 +1,547 @@
+"""The S3 sink: writes events to any S3-compatible object store (AWS S3, Ceph RGW, MinIO, GCS interop).
+
+Two layouts:
+
+- `workos` writes exactly what WorkOS's own S3 destination writes: one pretty-printed JSON file per event
+  holding the bare event, key `{prefix}YYYY-MM-DD/{timestamp}_{keySuffix}.json`. The key is a function of the
+  event alone, so a retried event overwrites (or, in a versioned bucket, re-versions) the same key.
+- `batch` writes one object per delivery batch: NDJSON of the WorkOS wrappers, optionally gzip or zstd
+  compressed, key `{prefix}{unix_ts}-{uuid}.ndjson[.gz|.zst]`.
+
+Every PutObject carries `Content-MD5`, so Object Lock buckets accept it whatever botocore's checksum defaults
+are. boto3 calls run on an executor owned by the sink, `concurrency` threads wide; botocore's own retries are
+off because the delivery engine owns retries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import gzip
+import hashlib
+import re
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
+
+import boto3
+import botocore.session
+import orjson
+import zstandard
+from botocore.config import Config as BotoConfig
+from botocore.credentials import (
+    AssumeRoleCredentialFetcher,
+    CredentialProvider,
+    CredentialResolver,
+    Credentials,
+    DeferredRefreshableCredentials,
+)
+from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+from pydantic import Field, SecretStr, field_validator, model_validator
+
+from sinks.base import Duration, Event, Failure, Health, Outcome, SendResult, SinkConfig, parse_retry_after
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3.client import S3Client
+
+__all__ = ["MAX_KEY_BYTES", "ObjectLock", "S3Config", "S3Sink", "classify_error"]
+
+MAX_KEY_BYTES = 1024
+"""The longest object key S3 (and GCS, MinIO, Ceph RGW) stores, in UTF-8 bytes."""
+
+_T = TypeVar("_T")
+
+# S3 error codes that concern one object only: retrying the same object can never succeed, and no
+# configuration change would make it succeed either. Everything else is RETRY (see classify_error).
+_OBJECT_ERRORS = frozenset(
+    {
+        "KeyTooLongError",
+        "InvalidObjectName",  # Ceph RGW: key too long or not UTF-8
+        "XMinioInvalidObjectName",
+        "EntityTooLarge",
+        "MetadataTooLarge",
+    }
+)
+
+# Errors that say nothing about the rest of a batch: after one of these the other objects are still sent.
+# After any other failure the remaining puts of the batch are not attempted (the bucket, credentials or
+# service are the problem and every put would fail the same way).
+_LOCAL_ERRORS = _OBJECT_ERRORS | {"BadDigest", "InvalidDigest", "RequestTimeout"}
+
+_DATE = re.compile(r"^(\d{4}-\d{2}-\d{2})")
+
+_STORAGE_CLASS = re.compile(r"^[A-Z][A-Z0-9_]*$")
+
+
+# --- configuration -------------------------------------------------------------------------------
+
+
+class ObjectLock(SinkConfig):
+    """Per-object Object Lock retention: each object is locked until `retain_days` after it is written."""
+
+    mode: Literal["GOVERNANCE", "COMPLIANCE"]
+    retain_days: int = Field(ge=1, le=36500)
+
+
+class S3Config(SinkConfig):
+    """The `s3` sink's own keys."""
+
+    bucket: str = Field(min_length=1, max_length=255)
+    prefix: str = ""
+    """Key prefix; strftime fields (`%Y/%m/%d/`) are filled from the event time (workos) or write time (batch)."""
+    layout: Literal["workos", "batch"] = "workos"
+    compression: Literal["none", "gzip", "zstd"] = "gzip"
+    """Batch layout only."""
+    region: str | None = None
+    endpoint_url: str | None = None
+    addressing_style: Literal["auto", "path", "virtual"] = "auto"
+    access_key_id: SecretStr | None = None
+    secret_access_key: SecretStr | None = None
+    session_token: SecretStr | None = None
+    role_arn: str | None = None
+    external_id: str | None = None
+    role_session_name: str = Field(default="log-bridge", min_length=2, max_length=64)
+    role_duration: Duration = 3600.0
+    sts_endpoint_url: str | None = None
+    server_side_encryption: Literal["AES256", "aws:kms", "aws:kms:dsse"] | None = None
+    kms_key_id: str | None = None
+    storage_class: str | None = None
+    object_lock: ObjectLock | None = None
+    concurrency: int = Field(default=16, ge=1, le=256)
+    timeout: Duration = 30.0
+    """Connect and read timeout of one S3 request."""
+
+    @field_validator("bucket")
+    @classmethod
+    def _bucket_name(cls, value: str) -> str:
+        if "/" in value or any(ch.isspace() for ch in value):
+            raise ValueError("a bucket name has no '/' or whitespace (put key paths in `prefix`)")
+        return value
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix(cls, value: str) -> str:
+        if value.startswith("/"):
+            raise ValueError("prefix must not start with '/' (S3 keys have no leading slash)")
+        sample = render_prefix(value, datetime(2000, 12, 31, 23, 59, 59, tzinfo=UTC))
+        if len(sample.encode()) > MAX_KEY_BYTES - 200:
+            raise ValueError(f"prefix is too long: keys are limited to {MAX_KEY_BYTES} bytes")
+        return value
+
+    @field_validator("endpoint_url", "sts_endpoint_url")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError("expected an http:// or https:// URL")
+        return value
+
+    @field_validator("storage_class")
+    @classmethod
+    def _storage_class(cls, value: str | None) -> str | None:
+        if value is not None and not _STORAGE_CLASS.match(value):
+            raise ValueError("expected a storage class name such as STANDARD or STANDARD_IA")
+        return value
+
+    @field_validator("access_key_id", "secret_access_key", "session_token")
+    @classmethod
+    def _not_empty(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value():
+            raise ValueError("is empty (is its environment variable set?)")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> S3Config:
+        if (self.access_key_id is None) != (self.secret_access_key is None):
+            raise ValueError("access_key_id and secret_access_key go together")
+        if self.session_token is not None and self.access_key_id is None:
+            raise ValueError("session_token needs access_key_id and secret_access_key")
+        if self.kms_key_id is not None and self.server_side_encryption not in ("aws:kms", "aws:kms:dsse"):
+            raise ValueError("kms_key_id needs server_side_encryption: aws:kms")
+        if self.layout == "workos" and "compression" in self.model_fields_set and self.compression != "none":
+            raise ValueError("compression applies to layout: batch only (the workos layout writes plain JSON)")
+        if self.role_arn is None and (self.external_id is not None or self.sts_endpoint_url is not None):
+            raise ValueError("external_id and sts_endpoint_url need role_arn")
+        if not 900 <= self.role_duration <= 43200:
+            raise ValueError("role_duration must be between 15m and 12h")
+        return self
+
+
+def render_prefix(prefix: str, moment: datetime) -> str:
+    """The prefix with its strftime fields filled in for `moment`."""
+    return moment.strftime(prefix) if "%" in prefix else prefix
+
+
+# --- classification ------------------------------------------------------------------------------
+
+
+def classify_error(exc: BaseException) -> tuple[Outcome, str, float | None]:
+    """(outcome, reason, retry_after) for an exception raised by a boto3 call.
+
+    Only errors specific to one object are PERMANENT. Throttling, 5xx, timeouts, connection problems and the
+    errors a configuration fix cures (AccessDenied, NoSuchBucket, bad or expired credentials, wrong region)
+    are RETRY: the data stays in the journal while someone fixes the cause, and the health check shows it.
+    Unknown error codes are RETRY too; the engine's attempt limit dead-letters what never succeeds.
+    """
+    if isinstance(exc, ClientError):
+        error = exc.response.get("Error", {})
+        meta = exc.response.get("ResponseMetadata", {})
+        code = str(error.get("Code") or "")
+        status = int(meta.get("HTTPStatusCode") or 0)
+        message = str(error.get("Message") or "").strip()
+        operation = exc.operation_name
+        retry_after = parse_retry_after(meta.get("HTTPHeaders", {}).get("retry-after"))
+        label = code or f"HTTP {status}"
+        reason = f"{operation}: {label} ({status})" + (f": {message}" if message else "")
+        if code in _OBJECT_ERRORS:
+            return Outcome.PERMANENT, reason, None
+        return Outcome.RETRY, reason, retry_after
+    if isinstance(exc, NoCredentialsError):
+        return Outcome.RETRY, "no AWS credentials found (set access_key_id/secret_access_key or the AWS chain)", None
+    if isinstance(exc, BotoCoreError):
+        return Outcome.RETRY, f"{type(exc).__name__}: {exc}", None
+    return Outcome.RETRY, f"unexpected {type(exc).__name__}: {exc}", None
+
+
+def _error_code(exc: BaseException) -> str | None:
+    if isinstance(exc, ClientError):
+        return str(exc.response.get("Error", {}).get("Code") or "") or None
+    return None
+
+
+# --- the sink ------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Put:
+    """One object to write, and the events it carries."""
+
+    key: str
+    body: bytes
+    content_type: str
+    content_encoding: str | None = None
+
+
+class _StaticProvider(CredentialProvider):
+    """Hands botocore a fixed (refreshable) credentials object."""
+
+    METHOD = "log-bridge"
+    CANONICAL_NAME = "custom-log-bridge"
+
+    def __init__(self, credentials: Credentials) -> None:
+        super().__init__()
+        self._credentials = credentials
+
+    def load(self) -> Credentials:
+        return self._credentials
+
+
+class S3Sink:
+    """Delivers events to an S3 bucket in the WorkOS layout (one object per event) or as NDJSON batches."""
+
+    Config = S3Config
+
+    def __init__(self, name: str, config: S3Config) -> None:
+        self.name = name
+        self.config = config
+        self._executor = ThreadPoolExecutor(max_workers=config.concurrency, thread_name_prefix=f"s3-{name}")
+        self._client: S3Client | None = None
+        self._client_lock = asyncio.Lock()
+        self._closed = False
+        self._secrets = [
+            secret.get_secret_value()
+            for secret in (config.access_key_id, config.secret_access_key, config.session_token)
+            if secret is not None
+        ]
+        where = config.endpoint_url or (f"AWS S3 ({config.region})" if config.region else "AWS S3")
+        self._where = f"bucket {config.bucket!r} at {where}"
+        if config.layout == "batch":
+            self._suffix = {"none": ".ndjson", "gzip": ".ndjson.gz", "zstd": ".ndjson.zst"}[config.compression]
+        self._zstd = zstandard.ZstdCompressor(level=3)
+
+    def __repr__(self) -> str:
+        return f"S3Sink(name={self.name!r}, {self._where}, layout={self.config.layout!r})"
+
+    # --- the boto3 client ---
+
+    def _make_client(self) -> S3Client:
+        cfg = self.config
+        core = botocore.session.Session()
+        if cfg.role_arn is not None:
+            core.register_component(
+                "credential_provider", CredentialResolver([_StaticProvider(self._role_credentials(cfg.role_arn))])
+            )
+        session = boto3.session.Session(
+            aws_access_key_id=_reveal(cfg.access_key_id) if cfg.role_arn is None else None,
+            aws_secret_access_key=_reveal(cfg.secret_access_key) if cfg.role_arn is None else None,
+            aws_session_token=_reveal(cfg.session_token) if cfg.role_arn is None else None,
+            region_name=cfg.region,
+            botocore_session=core,
+        )
+        client: S3Client = session.client(
+            "s3",
+            endpoint_url=cfg.endpoint_url,
+            config=self._boto_config(),
+        )
+        return client
+
+    def _boto_config(self) -> BotoConfig:
+        cfg = self.config
+        return BotoConfig(
+            region_name=cfg.region,
+            s3={"addressing_style": cfg.addressing_style},
+            connect_timeout=cfg.timeout,
+            read_timeout=cfg.timeout,
+            retries={"total_max_attempts": 1, "mode": "standard"},  # the delivery engine owns retries
+            max_pool_connections=cfg.concurrency,
+            # We send Content-MD5 on every put; extra CRC checksums would only cost CPU, and the aws-chunked
+            # encoding they bring over HTTPS is refused by some S3-compatible stores (Ceph RGW 16: 411).
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+            user_agent_extra="log-bridge",
+        )
+
+    def _role_credentials(self, role_arn: str) -> Credentials:
+        """Assume-role credentials that botocore refreshes before they expire."""
+        cfg = self.config
+        source = boto3.session.Session(
+            aws_access_key_id=_reveal(cfg.access_key_id),
+            aws_secret_access_key=_reveal(cfg.secret_access_key),
+            aws_session_token=_reveal(cfg.session_token),
+            region_name=cfg.region,
+        )
+        source_credentials = source.get_credentials()
+        if source_credentials is None:
+            raise NoCredentialsError()
+
+        def sts_client(service_name: str, **kwargs: Any) -> Any:
+            kwargs.setdefault("region_name", cfg.region or "us-east-1")
+            return source.client(  # type: ignore[call-overload]
+                service_name,
+                endpoint_url=cfg.sts_endpoint_url,
+                config=BotoConfig(connect_timeout=cfg.timeout, read_timeout=cfg.timeout),
+                **kwargs,
+            )
+
+        extra: dict[str, Any] = {"RoleSessionName": cfg.role_session_name, "DurationSeconds": int(cfg.role_duration)}
+        if cfg.external_id is not None:
+            extra["ExternalId"] = cfg.external_id
+        fetcher = AssumeRoleCredentialFetcher(sts_client, source_credentials, role_arn, extra_args=extra)
+        credentials: Credentials = DeferredRefreshableCredentials(
+            refresh_using=fetcher.fetch_credentials, method="assume-role"
+        )
+        return credentials
+
+    async def _get_client(self) -> S3Client:
+        if self._client is None:
+            async with self._client_lock:
+                if self._client is None:
+                    self._client = await self._run(self._make_client)
+        return self._client
+
+    async def _run(self, function: Callable[..., _T], *args: Any) -> _T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
+
+    # --- encoding ---
+
+    def _event_put(self, event: Event) -> _Put:
+        """The WorkOS-layout object of one event."""
+        stamp = event.timestamp
+        match = _DATE.match(stamp)
+        moment = _parse_time(stamp, event.time)
+        date = match.group(1) if match else moment.strftime("%Y-%m-%d")
+        suffix = event.key_suffix or str(event.event.get("id") or f"seq-{event.seq}")
+        key = f"{render_prefix(self.config.prefix, moment)}{date}/{stamp}_{suffix}.json"
+        body = orjson.dumps(event.event, option=orjson.OPT_INDENT_2)
+        return _Put(key, body, "application/json")
+
+    def _batch_put(self, batch: Sequence[Event]) -> _Put:
+        """The batch-layout object of a whole batch."""
+        now = time.time()
+        prefix = render_prefix(self.config.prefix, datetime.fromtimestamp(now, UTC))
+        key = f"{prefix}{int(now)}-{uuid.uuid4()}{self._suffix}"
+        body = b"\n".join(event.raw for event in batch) + b"\n"
+        encoding: str | None = None
+        if self.config.compression == "gzip":
+            body, encoding = gzip.compress(body, compresslevel=6, mtime=0), "gzip"
+        elif self.config.compression == "zstd":
+            body, encoding = self._zstd.compress(body), "zstd"
+        return _Put(key, body, "application/x-ndjson", encoding)
+
+    def content_md5(self, body: bytes) -> str:
+        """The Content-MD5 header value for `body` (tests override this to prove the store checks it)."""
+        return base64.b64encode(hashlib.md5(body, usedforsecurity=False).digest()).decode()
+
+    def _put(self, client: S3Client, put: _Put) -> None:
+        """One blocking PutObject with Content-MD5 and the configured options."""
+        cfg = self.config
+        if len(put.key.encode()) > MAX_KEY_BYTES:
+            raise _KeyTooLong(put.key)
+        args: dict[str, Any] = {
+            "Bucket": cfg.bucket,
+            "Key": put.key,
+            "Body": put.body,
+            "ContentMD5": self.content_md5(put.body),
+            "ContentType": put.content_type,
+        }
+        if put.content_encoding:
+            args["ContentEncoding"] = put.content_encoding
+        if cfg.storage_class:
+            args["StorageClass"] = cfg.storage_class
+        if cfg.server_side_encryption:
+            args["ServerSideEncryption"] = cfg.server_side_encryption
+            if cfg.kms_key_id:
+                args["SSEKMSKeyId"] = cfg.kms_key_id
+        if cfg.object_lock is not None:
+            args["ObjectLockMode"] = cfg.object_lock.mode
+            args["ObjectLockRetainUntilDate"] = datetime.now(UTC) + timedelta(days=cfg.object_lock.retain_days)
+        client.put_object(**args)
+
+    # --- sending ---
+
+    async def send(self, batch: Sequence[Event]) -> SendResult:
+        """Write the batch: one object per event (workos) or one object for the batch (batch)."""
+        if not batch:
+            return SendResult.success()
+        if self._closed:
+            return SendResult.retry(f"sink {self.name!r} is closed")
+        try:
+            client = await self._get_client()
+        except Exception as exc:  # credentials or session setup: fixable, so RETRY
+            outcome, reason, retry_after = classify_error(exc)
+            return SendResult.retry(self._scrub(f"{self._where}: {reason}"), retry_after)
+        if self.config.layout == "batch":
+            return await self._run(self._send_batch, client, batch)
+        return await self._send_events(client, batch)
+
+    def _send_batch(self, client: S3Client, batch: Sequence[Event]) -> SendResult:
+        put = self._batch_put(batch)
+        try:
+            self._put(client, put)
+        except Exception as exc:
+            outcome, reason, retry_after = self._classify(exc, put.key)
+            if outcome is Outcome.PERMANENT:
+                return SendResult.permanent(reason)
+            return SendResult.retry(reason, retry_after)
+        return SendResult.success()
+
+    async def _send_events(self, client: S3Client, batch: Sequence[Event]) -> SendResult:
+        failures: dict[int, Failure] = {}
+        state = _Progress(len(batch))
+        workers = min(self.config.concurrency, len(batch))
+        await asyncio.gather(*(self._run(self._events_worker, client, batch, state, failures) for _ in range(workers)))
+        if not failures:
+            return SendResult.success()
+        if len(failures) == len(batch) and all(f.outcome is Outcome.RETRY for f in failures.values()):
+            first = failures[batch[0].seq]
+            return SendResult.retry(first.reason, state.retry_after)
+        return SendResult.partial(failures, state.retry_after)
+
+    def _events_worker(
+        self, client: S3Client, batch: Sequence[Event], state: _Progress, failures: dict[int, Failure]
+    ) -> None:
+        """Put events until none are left; after a failure that is not about one object, stop putting."""
+        while (index := state.next()) is not None:
+            event = batch[index]
+            if state.stopped is not None:
+                failures[event.seq] = Failure(Outcome.RETRY, f"not attempted: {state.stopped}")
+                continue
+            key = ""
+            try:
+                put = self._event_put(event)
+                key = put.key
+                self._put(client, put)
+            except (KeyError, TypeError, orjson.JSONDecodeError) as exc:
+                failures[event.seq] = Failure(Outcome.PERMANENT, f"cannot encode event: {type(exc).__name__}: {exc}")
+            except Exception as exc:
+                outcome, reason, retry_after = self._classify(exc, key)
+                failures[event.seq] = Failure(outcome, reason)
+                if retry_after is not None:
+                    state.retry_after = max(state.retry_after or 0.0, retry_after)
+                if outcome is Outcome.RETRY and _error_code(exc) not in _LOCAL_ERRORS:
+                    state.stopped = reason
+
+    def _classify(self, exc: BaseException, key: str) -> tuple[Outcome, str, float | None]:
+        if isinstance(exc, _KeyTooLong):
+            return Outcome.PERMANENT, str(exc), None
+        outcome, reason, retry_after = classify_error(exc)
+        where = f"{self._where}, key {key!r}" if key else self._where
+        return outcome, self._scrub(f"{where}: {reason}"), retry_after
+
+    def _scrub(self, text: str) -> str:
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return text
+
+    # --- health and shutdown ---
+
+    async def healthcheck(self) -> Health:
+        """Put (with Content-MD5) and then delete a small probe object: proves the bucket is reachable and
+        writable with these credentials. The delete is best effort (a writer may lack DeleteObject)."""
+        if self._closed:
+            return Health(False, f"sink {self.name!r} is closed")
+        started = time.monotonic()
+        key = f"{render_prefix(self.config.prefix, datetime.now(UTC))}.log-bridge-healthcheck"
+        probe = _Put(key, orjson.dumps({"sink": self.name, "at": time.time()}), "application/json")
+        try:
+            client = await self._get_client()
+            await self._run(self._put, client, probe)
+        except Exception as exc:
+            _, reason, _ = self._classify(exc, key)
+            return Health(False, f"cannot write to {reason}")
+        elapsed = time.monotonic() - started
+        try:
+            await self._run(lambda: client.delete_object(Bucket=self.config.bucket, Key=key))
+        except Exception:  # noqa: S110 - the writer may lawfully lack DeleteObject; the put proved what matters
+            pass
+        return Health(True, f"{self._where} is writable (probe put took {elapsed * 1000:.0f} ms)")
+
+    async def close(self) -> None:
+        """Close the HTTP connections and stop the executor; safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        client, self._client = self._client, None
+        if client is not None:
+            await self._run(client.close)
+        await asyncio.to_thread(self._executor.shutdown, True, cancel_futures=True)
+
+
+class _Progress:
+    """Shared by the worker threads of one workos-layout send."""
+
+    def __init__(self, count: int) -> None:
+        self._lock = threading.Lock()
+        self._next = 0
+        self._count = count
+        self.stopped: str | None = None
+        self.retry_after: float | None = None
+
+    def next(self) -> int | None:
+        with self._lock:
+            if self._next >= self._count:
+                return None
+            index, self._next = self._next, self._next + 1
+            return index
+
+
+class _KeyTooLong(Exception):
+    def __init__(self, key: str) -> None:
+        size = len(key.encode())
+        super().__init__(f"object key is {size} bytes, over the {MAX_KEY_BYTES}-byte limit of S3: {key[:120]!r}...")
+
+
+def _reveal(secret: SecretStr | None) -> str | None:
+    return secret.get_secret_value() if secret is not None else None
+
+
+def _parse_time(stamp: str, fallback: float) -> datetime:
+    try:
+        moment = datetime.fromisoformat(stamp)
+    except ValueError:
+        return datetime.fromtimestamp(fallback, UTC)
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
