@@ -81,12 +81,11 @@ class Service:
             auto_decompress=False,  # the intake decompresses itself, with its own size limit
             keepalive_timeout=server.header_timeout,  # also closes a connection whose headers do not arrive
             shutdown_timeout=server.shutdown_timeout,
+            lingering_time=2.0,  # after an early answer, read at most this long what the client still sends
         )
         await self._runner.setup()
         context = server_tls_context(server.tls) if server.tls else None
-        self._site = web.TCPSite(
-            self._runner, server.host, server.port, ssl_context=context, shutdown_timeout=server.shutdown_timeout
-        )
+        self._site = web.TCPSite(self._runner, server.host, server.port, ssl_context=context)
         await self._site.start()
         log.info("listening", extra={"url": self.url, "streams": [s.path for s in self.config.streams]})
         for stream in self.config.streams:

@@ -7,9 +7,10 @@ built on WorkOS's own Datadog stream keep working.
 datadog-api-client supplies the site handling (the `submit_log` operation's server list picks
 `https://http-intake.logs.<site>`), the authentication header, the validate call of the health check and the
 HTTP transport (its urllib3 pool, with its TLS and proxy settings). The request body is built here with orjson
-and zlib rather than through `HTTPLog`/`HTTPLogItem` models: building and serialising 1000 models costs about
-30 ms of pure Python (five times the rest of the send), which caps a send well below the 30 k events/s
-target; see docs/sinks/datadog.md. The body is byte-for-byte the JSON the models serialise to.
+and zlib rather than through `HTTPLog`/`HTTPLogItem` models: building and serialising 1000 models costs
+20-30 ms of pure Python, four to six times the rest of the send, and holds `LogsApi.submit_log` to 20-27 k
+events/s here, under the 30 k target (bench/datadog.py, docs/sinks/datadog.md). The body holds the same JSON
+value the models serialise to (written compactly, in UTF-8).
 
 Blocking work (encoding, compression, HTTP) runs on a small executor owned by the sink.
 """
@@ -109,9 +110,10 @@ class DatadogConfig(SinkConfig):
     @field_validator("api_key")
     @classmethod
     def _key_present(cls, value: SecretStr) -> SecretStr:
-        if not value.get_secret_value().strip():
+        key = value.get_secret_value().strip()  # a key read from a file often ends with a newline
+        if not key:
             raise ValueError("the API key is empty")
-        return value
+        return SecretStr(key)
 
     @field_validator("site", mode="before")
     @classmethod
@@ -232,7 +234,8 @@ class DatadogSink:
         if self._closed:
             return
         self._closed = True
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        # Sends already handed to the executor finish (bounded by `timeout`); new ones are refused.
+        self._executor.shutdown(wait=False)
         self._client.close()
 
     # --- encoding --------------------------------------------------------------------------------
@@ -326,7 +329,7 @@ class DatadogSink:
                 "POST",
                 self.logs_url,
                 body=body,
-                headers=self._headers,
+                headers=dict(self._headers),
                 timeout=self._timeout,
                 retries=self._retries,
                 preload_content=True,

@@ -166,8 +166,10 @@ class S3Config(SinkConfig):
             raise ValueError("compression applies to layout: batch only (the workos layout writes plain JSON)")
         if self.role_arn is None and (self.external_id is not None or self.sts_endpoint_url is not None):
             raise ValueError("external_id and sts_endpoint_url need role_arn")
-        if not 900 <= self.role_duration <= 43200:
-            raise ValueError("role_duration must be between 15m and 12h")
+        # botocore refreshes assumed-role credentials 15 minutes before they expire: shorter sessions would be
+        # renewed on every request.
+        if not 1800 <= self.role_duration <= 43200:
+            raise ValueError("role_duration must be between 30m and 12h")
         return self
 
 

@@ -141,8 +141,8 @@ def delete_bucket(client: S3Client, bucket: str) -> None:
                 client.delete_object(
                     Bucket=bucket, Key=version["Key"], VersionId=version["VersionId"], BypassGovernanceRetention=True
                 )
-        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
-            for item in page.get("Contents", []):
+        for listing in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+            for item in listing.get("Contents", []):
                 client.delete_object(Bucket=bucket, Key=item["Key"])
         client.delete_bucket(Bucket=bucket)
     except ClientError as exc:

@@ -1,0 +1,1 @@
+"""Benchmarks of log-bridge: `make bench` (`python -m bench.run`) writes docs/benchmarks.md."""

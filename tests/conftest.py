@@ -1,0 +1,68 @@
+"""Fixtures shared by the whole suite: a real log-bridge service on loopback, and an HTTP client."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from receiver.config import parse_config
+from receiver.server import Service
+from sinks.memory import MemorySink
+
+TOKEN = "Bearer test-secret-0123456789"
+
+BASE_CONFIG: dict[str, Any] = {
+    "server": {"host": "127.0.0.1", "port": 0, "allowlist": ["127.0.0.1/32"], "shutdown_timeout": "5s"},
+    "journal": {"max_bytes": "1GiB", "dedup_window": "24h"},
+    "streams": [{"name": "workos", "path": "/workos", "auth": {"values": [TOKEN]}, "sinks": ["mem"]}],
+    "sinks": {"mem": {"type": "memory", "batch": {"max_wait": "50ms"}, "retry": {"initial": "10ms", "max": "50ms"}}},
+}
+
+StartService = Callable[..., Awaitable[Service]]
+
+
+def merge(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    """A deep copy of `base` with `changes` merged in (mappings merge, everything else replaces)."""
+    result = copy.deepcopy(base)
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(result.get(key), dict):
+            result[key] = merge(result[key], value)
+        else:
+            result[key] = copy.deepcopy(value)
+    return result
+
+
+@pytest.fixture
+async def start_service(tmp_path: Path) -> AsyncIterator[StartService]:
+    """Starts real services on 127.0.0.1 (journal under tmp_path); all are stopped at the end."""
+    running: list[Service] = []
+
+    async def start(changes: dict[str, Any] | None = None, environ: dict[str, str] | None = None) -> Service:
+        tree = merge(BASE_CONFIG, {"journal": {"path": str(tmp_path / f"journal{len(running)}.db")}})
+        tree = merge(tree, changes or {})
+        service = Service(parse_config(tree, environ or {}))
+        await service.start()
+        running.append(service)
+        return service
+
+    yield start
+    for service in running:
+        if not service.state.draining:
+            await service.stop()
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[aiohttp.ClientSession]:
+    """An HTTP client session."""
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+def memory(name: str = "mem") -> MemorySink:
+    """The memory sink a running service built under `name`."""
+    return MemorySink.instances[name]

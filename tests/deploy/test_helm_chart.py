@@ -1,0 +1,538 @@
+"""The Helm chart: linted and rendered by Helm itself, validated against the Kubernetes schemas, and asserted on.
+
+Helm runs in-process through helm-python-sdk (Helm's Go SDK behind a C ABI, bundled in the wheel): no helm binary
+and no network. Manifests are checked with kubernetes-validate's offline schemas in strict mode (unknown fields
+are errors) for the newest Kubernetes it knows and for the oldest the chart supports (Chart.yaml kubeVersion).
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import json
+import re
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+import yaml
+
+from .support import CHART, FIXTURES, NAMESPACE, RELEASE, SCENARIOS, Manifest, Render, kinds, load_values, only
+from .support import scenario_id as _scenario_id
+
+KUBERNETES_VERSIONS = ["1.30.0", "1.37.0"]  # oldest supported (Chart.yaml kubeVersion) and current
+CUSTOM_RESOURCE_SCHEMAS = {("monitoring.coreos.com/v1", "ServiceMonitor"): FIXTURES / "servicemonitor-v1.schema.json"}
+FULLNAME = "log-bridge"  # release "log-bridge" + chart "log-bridge" collapse into one name
+SCENARIO_IDS = [_scenario_id(p) for p in SCENARIOS]
+SECRET_ENV = ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "DD_API_KEY", "LOG_BRIDGE_TOKEN", "SPLUNK_HEC_TOKEN"]
+
+
+def scenario(name: str) -> dict[str, Any]:
+    """Values of the scenario file ci/<name>-values.yaml."""
+    return load_values(CHART / "ci" / f"{name}-values.yaml")
+
+
+def statefulset(manifests: list[Manifest]) -> Manifest:
+    """The StatefulSet."""
+    return only(manifests, "StatefulSet")
+
+
+def container(manifests: list[Manifest]) -> dict[str, Any]:
+    """The log-bridge container of the StatefulSet."""
+    containers = statefulset(manifests)["spec"]["template"]["spec"]["containers"]
+    return next(c for c in containers if c["name"] == "log-bridge")
+
+
+def env_by_name(manifests: list[Manifest]) -> dict[str, dict[str, Any]]:
+    """The container's environment, by variable name."""
+    return {e["name"]: e for e in container(manifests)["env"]}
+
+
+def pod_annotations(manifests: list[Manifest]) -> dict[str, str]:
+    """Annotations of the StatefulSet's pod template."""
+    annotations: dict[str, str] = statefulset(manifests)["spec"]["template"]["metadata"]["annotations"]
+    return annotations
+
+
+def rendered_config(manifests: list[Manifest]) -> dict[str, Any]:
+    """The log-bridge config held by the ConfigMap, parsed."""
+    config: dict[str, Any] = yaml.safe_load(only(manifests, "ConfigMap")["data"]["config.yaml"])
+    return config
+
+
+def test_the_four_required_scenarios_exist() -> None:
+    assert {"default", "ingress-tls", "all-sinks-existing-secret", "hpa"} <= set(SCENARIO_IDS)
+
+
+class TestLint:
+    """`helm lint --strict` (warnings are errors) for every scenario."""
+
+    @pytest.mark.parametrize("path", SCENARIOS, ids=SCENARIO_IDS)
+    @pytest.mark.parametrize("kube_version", KUBERNETES_VERSIONS)
+    def test_lint_is_clean(self, helm: ModuleType, path: Path, kube_version: str) -> None:
+        report = helm.lint(str(CHART), load_values(path), strict=True, kube_version=f"v{kube_version}")
+        problems = [m for m in report["messages"] if m["severity"] >= 2]
+        assert report["errors"] == [], report
+        assert problems == [], problems
+
+    def test_lint_reports_a_broken_chart(self, helm: ModuleType, tmp_path: Path) -> None:
+        """The linter really runs: a template error is reported."""
+        broken = tmp_path / "log-bridge"
+        helm.Chart.load(str(CHART)).save_dir(str(tmp_path))
+        (broken / "templates" / "broken.yaml").write_text("{{ .Values.nope.deeper }}\n")
+        report = helm.lint(str(broken), {}, strict=True)
+        assert report["errors"] or any(m["severity"] >= 3 for m in report["messages"])
+
+
+class TestSchemas:
+    """Every rendered manifest is valid for Kubernetes (strict: no unknown fields)."""
+
+    @pytest.mark.parametrize("path", SCENARIOS, ids=SCENARIO_IDS)
+    @pytest.mark.parametrize("kube_version", KUBERNETES_VERSIONS)
+    def test_every_manifest_validates(
+        self, render: Render, kubernetes_validate: ModuleType, path: Path, kube_version: str
+    ) -> None:
+        manifests = render(load_values(path))
+        assert manifests
+        for manifest in manifests:
+            custom = CUSTOM_RESOURCE_SCHEMAS.get((manifest["apiVersion"], manifest["kind"]))
+            if custom is not None:
+                # jsonschema comes with kubernetes-validate (it is what that package validates with).
+                kubernetes_validate.utils.jsonschema.validate(manifest, json.loads(custom.read_text()))
+                continue
+            # SchemaNotFoundError (an unknown kind or apiVersion) is a failure too, not a pass.
+            kubernetes_validate.validate(manifest, kube_version, strict=True)
+
+    def test_validation_catches_a_bad_manifest(self, render: Render, kubernetes_validate: ModuleType) -> None:
+        """The validator really checks: a misspelt field is refused."""
+        sts = copy.deepcopy(statefulset(render()))
+        sts["spec"]["template"]["spec"]["containers"][0]["readinesProbe"] = {"httpGet": {"path": "/readyz"}}
+        with pytest.raises(kubernetes_validate.ValidationError):
+            kubernetes_validate.validate(sts, KUBERNETES_VERSIONS[-1], strict=True)
+
+    @pytest.mark.parametrize("path", SCENARIOS, ids=SCENARIO_IDS)
+    def test_every_resource_is_namespaced_and_labelled(self, render: Render, path: Path) -> None:
+        for manifest in render(load_values(path)):
+            metadata = manifest["metadata"]
+            assert metadata["namespace"] == NAMESPACE, metadata["name"]
+            assert metadata["labels"]["app.kubernetes.io/instance"] == RELEASE
+            assert metadata["labels"]["app.kubernetes.io/name"] == "log-bridge"
+
+
+class TestDefaults:
+    """What the default values render."""
+
+    def test_resources(self, render: Render) -> None:
+        assert sorted(kinds(render())) == sorted(
+            [
+                "ConfigMap",
+                "PodDisruptionBudget",
+                "Pod",  # the helm test pod
+                "Secret",
+                "Service",
+                "Service",  # headless, governs the StatefulSet
+                "ServiceAccount",
+                "StatefulSet",
+            ]
+        )
+
+    def test_configmap_holds_values_config(self, chart: Any, render: Render) -> None:
+        assert rendered_config(render()) == chart.values["config"]
+
+    def test_container_serves_the_config(self, render: Render) -> None:
+        manifests = render()
+        main = container(manifests)
+        assert main["command"] == ["log-bridge", "serve"]
+        assert main["args"] == ["--config", "/etc/log-bridge/config.yaml"]
+        mount = next(m for m in main["volumeMounts"] if m["name"] == "config")
+        assert mount["mountPath"] == "/etc/log-bridge/config.yaml"
+        assert mount["readOnly"] is True
+        assert main["ports"] == [{"name": "http", "containerPort": 8443, "protocol": "TCP"}]
+
+    def test_container_port_follows_config(self, render: Render) -> None:
+        manifests = render({"config": {"server": {"port": 9000}}})
+        assert container(manifests)["ports"][0]["containerPort"] == 9000
+        assert rendered_config(manifests)["server"]["port"] == 9000
+
+    def test_graceful_shutdown_time(self, render: Render) -> None:
+        pod = statefulset(render())["spec"]["template"]["spec"]
+        assert pod["terminationGracePeriodSeconds"] >= 30
+
+
+class TestSecurity:
+    """Non-root, read-only root filesystem, no capabilities: in every scenario."""
+
+    @pytest.mark.parametrize("path", SCENARIOS, ids=SCENARIO_IDS)
+    def test_pods_run_locked_down(self, render: Render, path: Path) -> None:
+        manifests = render(load_values(path))
+        pods = [statefulset(manifests)["spec"]["template"]["spec"]]
+        pods += [m["spec"] for m in manifests if m["kind"] == "Pod"]
+        for pod in pods:
+            assert pod["securityContext"]["runAsNonRoot"] is True
+            assert pod["securityContext"]["runAsUser"] != 0
+            assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+            assert pod["automountServiceAccountToken"] is False
+            for c in pod["containers"]:
+                sc = c["securityContext"]
+                assert sc["runAsNonRoot"] is True
+                assert sc["runAsUser"] != 0
+                assert sc["readOnlyRootFilesystem"] is True
+                assert sc["allowPrivilegeEscalation"] is False
+                assert sc["capabilities"]["drop"] == ["ALL"]
+                assert "add" not in sc["capabilities"]
+
+    def test_writable_places_are_volumes(self, render: Render) -> None:
+        """With a read-only root, only the journal volume and /tmp are writable."""
+        mounts = {m["mountPath"]: m["name"] for m in container(render())["volumeMounts"]}
+        assert mounts["/var/lib/log-bridge"] == "journal"
+        assert mounts["/tmp"] == "tmp"
+
+    def test_journal_and_file_sink_live_on_the_journal_volume(self, chart: Any) -> None:
+        config = chart.values["config"]
+        mount = chart.values["persistence"]["mountPath"]
+        assert config["journal"]["path"].startswith(mount + "/")
+        for sink in config["sinks"].values():
+            if sink["type"] == "file":
+                assert sink["path"].startswith(mount + "/")
+
+    def test_uid_matches_the_image(self, chart: Any) -> None:
+        dockerfile = (CHART.parents[1] / "Dockerfile").read_text()
+        match = re.search(r"^USER (\d+):(\d+)$", dockerfile, re.MULTILINE)
+        assert match, "the Dockerfile's final USER must be numeric UID:GID"
+        uid, gid = int(match[1]), int(match[2])
+        assert chart.values["podSecurityContext"]["runAsUser"] == uid
+        assert chart.values["podSecurityContext"]["runAsGroup"] == gid
+        assert chart.values["podSecurityContext"]["fsGroup"] == gid
+        assert chart.values["securityContext"]["runAsUser"] == uid
+
+
+class TestProbes:
+    """Liveness on /healthz, readiness on /readyz, on the named port, with the pod's scheme."""
+
+    @pytest.mark.parametrize("path", SCENARIOS, ids=SCENARIO_IDS)
+    def test_probes(self, render: Render, path: Path) -> None:
+        values = load_values(path)
+        main = container(render(values))
+        scheme = "HTTPS" if values.get("tls", {}).get("enabled") else "HTTP"
+        assert main["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http", "scheme": scheme}
+        assert main["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http", "scheme": scheme}
+        assert main["startupProbe"]["httpGet"]["path"] == "/healthz"
+
+
+class TestJournalStorage:
+    """A claim per replica that outlives scale-down, so a replica scaled up again drains its backlog."""
+
+    @pytest.mark.parametrize("path", SCENARIOS, ids=SCENARIO_IDS)
+    def test_claim_template(self, render: Render, path: Path) -> None:
+        values = load_values(path)
+        spec = statefulset(render(values))["spec"]
+        (claim,) = spec["volumeClaimTemplates"]
+        assert claim["metadata"]["name"] == "journal"
+        assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+        size = values.get("persistence", {}).get("size", "10Gi")
+        assert claim["spec"]["resources"]["requests"]["storage"] == size
+        assert spec["persistentVolumeClaimRetentionPolicy"] == {"whenScaled": "Retain", "whenDeleted": "Retain"}
+        volumes = {v["name"] for v in spec["template"]["spec"]["volumes"]}
+        assert "journal" not in volumes  # it comes from the claim template, not from an emptyDir
+
+    def test_storage_class(self, render: Render) -> None:
+        spec = statefulset(render(scenario("all-sinks-existing-secret")))["spec"]
+        assert spec["volumeClaimTemplates"][0]["spec"]["storageClassName"] == "fast-ssd"
+
+    def test_without_persistence_an_emptydir(self, render: Render) -> None:
+        spec = statefulset(render({"persistence": {"enabled": False}}))["spec"]
+        assert "volumeClaimTemplates" not in spec
+        assert "persistentVolumeClaimRetentionPolicy" not in spec
+        volumes = {v["name"]: v for v in spec["template"]["spec"]["volumes"]}
+        assert volumes["journal"] == {"name": "journal", "emptyDir": {}}
+
+    def test_governing_headless_service(self, render: Render) -> None:
+        manifests = render()
+        headless = only(manifests, "Service", name=f"{FULLNAME}-headless")
+        assert headless["spec"]["clusterIP"] == "None"
+        assert statefulset(manifests)["spec"]["serviceName"] == f"{FULLNAME}-headless"
+
+
+class TestConfigChecksum:
+    """A config change rolls the pods; anything else leaves the checksum alone."""
+
+    def test_changes_with_config(self, render: Render) -> None:
+        before = pod_annotations(render())["checksum/config"]
+        after = pod_annotations(render({"config": {"journal": {"max_bytes": 2048}}}))["checksum/config"]
+        assert re.fullmatch(r"[0-9a-f]{64}", before)
+        assert before != after
+
+    def test_changes_with_tls(self, render: Render) -> None:
+        """tls.enabled rewrites server.tls in the config, so it rolls the pods too."""
+        before = pod_annotations(render())["checksum/config"]
+        after = pod_annotations(render({"tls": {"enabled": True, "secretName": "x"}}))["checksum/config"]
+        assert before != after
+
+    def test_stable_otherwise(self, render: Render) -> None:
+        before = pod_annotations(render())["checksum/config"]
+        assert pod_annotations(render({"replicas": 4, "resources": {}}))["checksum/config"] == before
+        assert pod_annotations(render())["checksum/config"] == before
+
+    def test_secret_values_roll_the_pods(self, render: Render) -> None:
+        before = pod_annotations(render())["checksum/secret"]
+        after = pod_annotations(render({"secrets": {"values": {"DD_API_KEY": "new"}}}))["checksum/secret"]
+        assert before != after
+
+    def test_no_secret_checksum_with_an_existing_secret(self, render: Render) -> None:
+        assert "checksum/secret" not in pod_annotations(render(scenario("all-sinks-existing-secret")))
+
+
+class TestSecrets:
+    """Secrets reach the container as environment variables the config references with ${VAR}."""
+
+    def test_env_from_the_chart_secret(self, render: Render) -> None:
+        env = env_by_name(render())
+        for name in SECRET_ENV:
+            assert env[name]["valueFrom"]["secretKeyRef"] == {"name": FULLNAME, "key": name, "optional": True}
+        assert env["LOG_BRIDGE_CONFIG"]["value"] == "/etc/log-bridge/config.yaml"
+
+    def test_env_from_an_existing_secret(self, render: Render) -> None:
+        values = scenario("all-sinks-existing-secret")
+        manifests = render(values)
+        assert "Secret" not in kinds(manifests)
+        env = env_by_name(manifests)
+        for name, key in values["secrets"]["keys"].items():
+            ref = env[name]["valueFrom"]["secretKeyRef"]
+            assert ref == {"name": "log-bridge-credentials", "key": key, "optional": True}
+
+    def test_config_references_only_injected_variables(self, render: Render) -> None:
+        """Every ${VAR} in each scenario's config is set in the container."""
+        for path in SCENARIOS:
+            manifests = render(load_values(path))
+            text = only(manifests, "ConfigMap")["data"]["config.yaml"]
+            referenced = set(re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-[^}]*)?\}", text))
+            assert referenced, path
+            assert referenced <= set(env_by_name(manifests)), path
+
+    def test_generated_token(self, render: Render) -> None:
+        secret = only(render(), "Secret")
+        assert set(secret["data"]) == {"LOG_BRIDGE_TOKEN"}  # empty values make no keys
+        token = base64.b64decode(secret["data"]["LOG_BRIDGE_TOKEN"]).decode()
+        assert re.fullmatch(r"[A-Za-z0-9]{48}", token)
+
+    def test_given_values(self, render: Render) -> None:
+        values = {"secrets": {"values": {"LOG_BRIDGE_TOKEN": "t0k", "SPLUNK_HEC_TOKEN": "hec", "DD_API_KEY": ""}}}
+        data = only(render(values), "Secret")["data"]
+        assert {k: base64.b64decode(v).decode() for k, v in data.items()} == {
+            "LOG_BRIDGE_TOKEN": "t0k",
+            "SPLUNK_HEC_TOKEN": "hec",
+        }
+
+    def test_a_variable_can_be_dropped(self, render: Render) -> None:
+        env = env_by_name(render({"secrets": {"keys": {"DD_API_KEY": None}}}))
+        assert "DD_API_KEY" not in env
+        assert "LOG_BRIDGE_TOKEN" in env
+
+
+class TestTLS:
+    """In-pod HTTPS from a mounted TLS Secret."""
+
+    def test_mounted_and_configured(self, render: Render) -> None:
+        manifests = render(scenario("all-sinks-existing-secret"))
+        pod = statefulset(manifests)["spec"]["template"]["spec"]
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        assert volumes["tls"]["secret"]["secretName"] == "log-bridge-tls"
+        mounts = {m["name"]: m for m in container(manifests)["volumeMounts"]}
+        assert mounts["tls"]["mountPath"] == "/etc/log-bridge/tls"
+        assert rendered_config(manifests)["server"]["tls"] == {
+            "cert_file": "/etc/log-bridge/tls/tls.crt",
+            "key_file": "/etc/log-bridge/tls/tls.key",
+        }
+
+    def test_client_auth(self, render: Render) -> None:
+        config = rendered_config(render({"tls": {"enabled": True, "secretName": "x", "clientAuth": True}}))
+        assert config["server"]["tls"]["client_ca_file"] == "/etc/log-bridge/tls/ca.crt"
+
+    def test_needs_a_secret_name(self, helm: ModuleType, render: Render) -> None:
+        with pytest.raises(helm.HelmError, match="tls.secretName"):
+            render({"tls": {"enabled": True}})
+
+    def test_off_by_default(self, render: Render) -> None:
+        manifests = render()
+        assert "tls" not in rendered_config(manifests)["server"]
+        assert "tls" not in {v["name"] for v in statefulset(manifests)["spec"]["template"]["spec"]["volumes"]}
+
+
+class TestService:
+    """The client address survives for the WorkOS allowlist."""
+
+    def test_load_balancer_keeps_the_client_address(self, render: Render) -> None:
+        values = scenario("all-sinks-existing-secret")
+        service = only(render(values), "Service", name=FULLNAME)
+        assert service["spec"]["type"] == "LoadBalancer"
+        assert service["spec"]["externalTrafficPolicy"] == "Local"
+        assert service["spec"]["loadBalancerSourceRanges"] == values["service"]["loadBalancerSourceRanges"]
+        assert service["spec"]["ports"] == [{"name": "http", "port": 443, "targetPort": "http", "protocol": "TCP"}]
+
+    def test_cluster_ip_has_no_traffic_policy(self, render: Render) -> None:
+        """externalTrafficPolicy is refused by the API server on a ClusterIP Service, so it is left out."""
+        service = only(render({"service": {"externalTrafficPolicy": "Local"}}), "Service", name=FULLNAME)
+        assert service["spec"]["type"] == "ClusterIP"
+        assert "externalTrafficPolicy" not in service["spec"]
+
+    def test_selects_the_pods(self, render: Render) -> None:
+        manifests = render()
+        selector = only(manifests, "Service", name=FULLNAME)["spec"]["selector"]
+        labels = statefulset(manifests)["spec"]["template"]["metadata"]["labels"]
+        assert selector.items() <= labels.items()
+
+
+class TestIngress:
+    def test_tls_ingress(self, render: Render) -> None:
+        ingress = only(render(scenario("ingress-tls")), "Ingress")
+        assert ingress["spec"]["ingressClassName"] == "nginx"
+        assert ingress["spec"]["tls"] == [{"hosts": ["audit-logs.example.com"], "secretName": "log-bridge-ingress-tls"}]
+        (rule,) = ingress["spec"]["rules"]
+        assert rule["host"] == "audit-logs.example.com"
+        backend = rule["http"]["paths"][0]["backend"]["service"]
+        assert backend == {"name": FULLNAME, "port": {"name": "http"}}
+
+    def test_trusted_proxies_set_with_an_ingress(self) -> None:
+        """Behind an Ingress the pods see the controller's address: X-Forwarded-For must be trusted from it."""
+        assert scenario("ingress-tls")["config"]["server"]["trusted_proxies"]
+
+    def test_off_by_default(self, render: Render) -> None:
+        assert "Ingress" not in kinds(render())
+
+
+class TestAutoscaling:
+    def test_hpa_scales_the_statefulset(self, render: Render) -> None:
+        manifests = render(scenario("hpa"))
+        hpa = only(manifests, "HorizontalPodAutoscaler")
+        assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "StatefulSet", "name": FULLNAME}
+        assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (2, 5)
+        targets = {m["resource"]["name"]: m["resource"]["target"]["averageUtilization"] for m in hpa["spec"]["metrics"]}
+        assert targets == {"cpu": 60, "memory": 75}
+        assert "replicas" not in statefulset(manifests)["spec"]  # left to the HPA
+
+    def test_pdb_with_several_replicas(self, render: Render) -> None:
+        pdb = only(render(scenario("hpa")), "PodDisruptionBudget")
+        assert pdb["spec"]["minAvailable"] == 1
+        assert pdb["spec"]["selector"]["matchLabels"] == {
+            "app.kubernetes.io/name": "log-bridge",
+            "app.kubernetes.io/instance": RELEASE,
+        }
+
+    def test_pdb_never_blocks_a_single_replica(self, render: Render) -> None:
+        pdb = only(render(), "PodDisruptionBudget")
+        assert pdb["spec"] == {"maxUnavailable": 1, "selector": pdb["spec"]["selector"]}
+
+    def test_topology_spread_gets_the_selector(self, render: Render) -> None:
+        pod = statefulset(render(scenario("hpa")))["spec"]["template"]["spec"]
+        (constraint,) = pod["topologySpreadConstraints"]
+        assert constraint["labelSelector"]["matchLabels"]["app.kubernetes.io/instance"] == RELEASE
+
+
+class TestMonitoringAndNetwork:
+    def test_servicemonitor(self, render: Render) -> None:
+        monitor = only(render(scenario("all-sinks-existing-secret")), "ServiceMonitor")
+        assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+        (endpoint,) = monitor["spec"]["endpoints"]
+        assert endpoint["port"] == "http"
+        assert endpoint["path"] == "/metrics"
+        assert endpoint["scheme"] == "https"
+        assert endpoint["tlsConfig"] == {"insecureSkipVerify": True}
+
+    def test_networkpolicy(self, render: Render) -> None:
+        policy = only(render(scenario("ingress-tls")), "NetworkPolicy")
+        (rule,) = policy["spec"]["ingress"]
+        assert rule["ports"] == [{"port": "http", "protocol": "TCP"}]
+        peers = rule["from"]
+        assert {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}}} in peers
+        assert {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}} in peers
+        test_pod_labels = [p["podSelector"]["matchLabels"] for p in peers if "podSelector" in p]
+        assert test_pod_labels and test_pod_labels[0]["app.kubernetes.io/component"] == "test"
+        dns = policy["spec"]["egress"][0]["ports"]
+        assert {"port": 53, "protocol": "UDP"} in dns
+
+    def test_networkpolicy_open_ingress_by_default(self, render: Render) -> None:
+        policy = only(render({"networkPolicy": {"enabled": True}}), "NetworkPolicy")
+        assert "from" not in policy["spec"]["ingress"][0]
+
+
+class TestHelmTest:
+    @pytest.mark.parametrize("path", SCENARIOS, ids=SCENARIO_IDS)
+    def test_pod_calls_healthz(self, render: Render, path: Path) -> None:
+        values = load_values(path)
+        pod = only(render(values), "Pod")
+        assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+        assert pod["spec"]["restartPolicy"] == "Never"
+        command = pod["spec"]["containers"][0]["command"]
+        assert command[:2] == ["python", "-c"]
+        scheme = "https" if values.get("tls", {}).get("enabled") else "http"
+        port = values.get("service", {}).get("port", 8443)
+        assert command[-1] == f"{scheme}://{FULLNAME}:{port}/healthz"
+        compile(command[2], "<helm-test>", "exec")  # the inline script is valid Python
+
+    def test_can_be_turned_off(self, render: Render) -> None:
+        assert "Pod" not in kinds(render({"tests": {"enabled": False}}))
+
+
+class TestNotes:
+    @pytest.mark.parametrize("path", SCENARIOS, ids=SCENARIO_IDS)
+    def test_tell_how_to_point_workos_at_it(self, render_files: Any, path: Path) -> None:
+        notes = render_files(load_values(path))["log-bridge/templates/NOTES.txt"]
+        assert "Audit Logs -> Log Streams" in notes
+        assert "/workos" in notes
+        assert "Authorization" in notes
+
+    def test_ingress_address(self, render_files: Any) -> None:
+        notes = render_files(scenario("ingress-tls"))["log-bridge/templates/NOTES.txt"]
+        assert "https://audit-logs.example.com" in notes
+
+    def test_warns_when_the_client_address_is_lost(self, render_files: Any) -> None:
+        notes = render_files({"service": {"type": "LoadBalancer"}})["log-bridge/templates/NOTES.txt"]
+        assert "externalTrafficPolicy" in notes and "WARNING" in notes
+
+
+class TestValuesDocumentation:
+    """Every value has a `# key -- description` comment (on itself or on an enclosing value)."""
+
+    DOC = re.compile(r"^\s*#\s*([A-Za-z0-9_.]+)\s+--\s+\S", re.MULTILINE)
+
+    @staticmethod
+    def _leaves(values: dict[str, Any], prefix: str = "") -> list[str]:
+        paths: list[str] = []
+        for key, value in values.items():
+            path = f"{prefix}{key}"
+            if isinstance(value, dict) and value:
+                paths.append(path)
+                paths.extend(TestValuesDocumentation._leaves(value, path + "."))
+            else:
+                paths.append(path)
+        return paths
+
+    def test_every_value_documented(self) -> None:
+        text = (CHART / "values.yaml").read_text()
+        documented = set(self.DOC.findall(text))
+        values = yaml.safe_load(text)
+        missing = []
+        for path in self._leaves(values):
+            parts = path.split(".")
+            prefixes = {".".join(parts[: i + 1]) for i in range(len(parts))}
+            is_group = isinstance(self._get(values, parts), dict) and self._get(values, parts)
+            if not prefixes & documented and not is_group:
+                missing.append(path)
+        assert missing == []
+
+    def test_no_stale_documentation(self) -> None:
+        text = (CHART / "values.yaml").read_text()
+        values = yaml.safe_load(text)
+        stale = [p for p in self.DOC.findall(text) if self._get(values, p.split(".")) is self._MISSING]
+        assert stale == []
+
+    _MISSING = object()
+
+    @classmethod
+    def _get(cls, values: Any, parts: list[str]) -> Any:
+        for part in parts:
+            if not isinstance(values, dict) or part not in values:
+                return cls._MISSING
+            values = values[part]
+        return values
