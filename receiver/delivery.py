@@ -24,6 +24,9 @@ from sinks.base import Event, Health, Outcome, SendResult, Sink
 
 log = logging.getLogger(__name__)
 
+IDLE_POLL = 1.0
+"""How often an idle sink looks at the journal anyway: `dlq replay` writes from another process."""
+
 
 def action_filter(include: Sequence[str], exclude: Sequence[str]) -> Callable[[str], bool]:
     """A predicate on an event's action from include/exclude globs (no include globs: everything)."""
@@ -131,12 +134,12 @@ class SinkRunner:
                     await self._commit(self._read_pos, [])
                 if self._stopping and self._caught_up:
                     return
-                await self._wait(None)
+                await self._wait(IDLE_POLL)
             else:
                 await self._wait(self._first_buffered_at + self.section.batch.max_wait - time.monotonic())
 
-    async def _wait(self, timeout: float | None) -> None:
-        if timeout is not None and timeout <= 0:
+    async def _wait(self, timeout: float) -> None:
+        if timeout <= 0:
             return
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._signal.wait(), timeout)

@@ -26,13 +26,13 @@ class MemorySink:
         self.fail: Literal["none", "retry", "permanent"] = config.fail
         self.reject_actions = set(config.reject_actions)
         self.events: list[Event] = []
-        self.calls = 0
+        self.batch_sizes: list[int] = []
         self.closed = False
         MemorySink.instances[name] = self
 
     async def send(self, batch: Sequence[Event]) -> SendResult:
         """Keep the batch, unless told to fail."""
-        self.calls += 1
+        self.batch_sizes.append(len(batch))
         if self.fail == "retry":
             return SendResult.retry("memory sink told to fail (retry)")
         if self.fail == "permanent":

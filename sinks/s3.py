@@ -263,7 +263,7 @@ class S3Sink:
         self._where = f"bucket {config.bucket!r} at {where}"
         if config.layout == "batch":
             self._suffix = {"none": ".ndjson", "gzip": ".ndjson.gz", "zstd": ".ndjson.zst"}[config.compression]
-        self._zstd = zstandard.ZstdCompressor(level=3)
+        self._local = threading.local()  # a ZstdCompressor is not thread-safe: one per executor thread
 
     def __repr__(self) -> str:
         return f"S3Sink(name={self.name!r}, {self._where}, layout={self.config.layout!r})"
@@ -371,7 +371,10 @@ class S3Sink:
         if self.config.compression == "gzip":
             body, encoding = gzip.compress(body, compresslevel=6, mtime=0), "gzip"
         elif self.config.compression == "zstd":
-            body, encoding = self._zstd.compress(body), "zstd"
+            compressor = getattr(self._local, "zstd", None)
+            if compressor is None:
+                compressor = self._local.zstd = zstandard.ZstdCompressor(level=3)
+            body, encoding = compressor.compress(body), "zstd"
         return _Put(key, body, "application/x-ndjson", encoding)
 
     def content_md5(self, body: bytes) -> str:

@@ -24,6 +24,7 @@ import orjson
 from aiohttp import web
 from pydantic import SecretStr
 
+from sinks.base import Sink
 from sinks.testing.compliance import REJECT_ACTION, Mode
 
 __all__ = ["MAX_ITEMS", "MAX_ITEM_BYTES", "MAX_PAYLOAD_BYTES", "DatadogIntake", "Harness", "IntakeRequest", "main"]
@@ -133,10 +134,8 @@ class DatadogIntake:
         await runner.setup()
         site = web.TCPSite(runner, self.host, self.port)
         await site.start()
-        server = site._server
-        if self.port == 0 and server is not None:
-            sockets = getattr(server, "sockets", None) or []
-            self.port = int(sockets[0].getsockname()[1])
+        if self.port == 0:
+            self.port = int(runner.addresses[0][1])
         self._runner = runner
 
     async def stop(self) -> None:
@@ -248,7 +247,7 @@ class Harness:
         """Stop the intake."""
         await self.intake.stop()
 
-    def build(self) -> Any:
+    def build(self) -> Sink:
         """A Datadog sink sending to the intake."""
         from sinks.datadog import DatadogSink
 

@@ -36,6 +36,8 @@ ENVELOPE_KEYS = frozenset({"time", "host", "source", "sourcetype", "index", "eve
 _MAX_CONTENT_LENGTH = 800 * 1024 * 1024
 """Splunk's default `max_content_length` for HEC."""
 
+_MISSING = object()
+
 HEC_TEXT = {
     0: "Success",
     1: "Token disabled",
@@ -334,8 +336,8 @@ class HecPeer:
         channel = self._channel(request)
         return await request.read(), channel  # aiohttp has already undone Content-Encoding: gzip
 
-    def _store(self, records: list[StoredEvent]) -> None:
-        self.event_count += len(records)
+    def _store(self, records: list[StoredEvent], count: int | None = None) -> None:
+        self.event_count += len(records) if count is None else count
         if self.keep_events:
             self.events.extend(records)
         if self._on_store is not None:
@@ -350,28 +352,33 @@ class HecPeer:
         self._acks.setdefault(channel, {})[ack_id] = not self.hold_acks
         return _json({"text": "Success", "code": 0, "ackId": ack_id})
 
-    def _check(self, envelope: object, number: int) -> None:
-        if not isinstance(envelope, dict):
-            raise _Refusal(6, event_number=number)
-        if not envelope.keys() <= ENVELOPE_KEYS:
-            raise _Refusal(6, event_number=number)
-        if "event" not in envelope:
-            raise _Refusal(12, event_number=number)
-        if _blank(envelope["event"]):
-            raise _Refusal(13, event_number=number)
+    def _check(self, envelope: Any) -> int:
+        """0 when HEC would index the envelope, else the code it refuses it with."""
+        if type(envelope) is not dict or not envelope.keys() <= ENVELOPE_KEYS:
+            return 6
+        event = envelope.get("event", _MISSING)
+        if event is _MISSING:
+            return 12
+        if event is None or (type(event) is str and not event.strip()):
+            return 13
         if "time" in envelope and not _is_time(envelope["time"]):
-            raise _Refusal(6, event_number=number)
-        for key in ("host", "source", "sourcetype", "index"):
-            if key in envelope and not isinstance(envelope[key], str):
-                raise _Refusal(6, event_number=number)
-        fields = envelope.get("fields")
+            return 6
+        get = envelope.get
+        if not (
+            type(get("host", "")) is str
+            and type(get("source", "")) is str
+            and type(get("sourcetype", "")) is str
+            and type(get("index", "")) is str
+        ):
+            return 6
+        fields = get("fields")
         if fields is not None and (not isinstance(fields, dict) or any(isinstance(v, dict) for v in fields.values())):
-            raise _Refusal(15, event_number=number)
-        index = envelope.get("index")
-        if self.indexes is not None and index is not None and index not in self.indexes:
-            raise _Refusal(7, event_number=number)
-        if self.reject is not None and self.reject(envelope["event"]):
-            raise _Refusal(6, event_number=number)
+            return 15
+        if self.indexes is not None and "index" in envelope and envelope["index"] not in self.indexes:
+            return 7
+        if self.reject is not None and self.reject(event):
+            return 6
+        return 0
 
     async def _handle_event(self, request: web.Request) -> web.Response:
         try:
@@ -382,10 +389,17 @@ class HecPeer:
             envelopes, broken = parse_envelopes(body)
             if not envelopes and broken is None:
                 raise _Refusal(5)
+            keep = self.keep_events or self._on_store is not None
             records: list[StoredEvent] = []
-            try:
-                for number, envelope in enumerate(envelopes):
-                    self._check(envelope, number)
+            accepted = 0
+            refusal = None
+            for number, envelope in enumerate(envelopes):
+                code = self._check(envelope)
+                if code:
+                    refusal = _Refusal(code, event_number=number)
+                    break
+                accepted += 1
+                if keep:
                     time = envelope.get("time")
                     records.append(
                         StoredEvent(
@@ -400,12 +414,11 @@ class HecPeer:
                             channel,
                         )
                     )
-                if broken is not None:
-                    raise _Refusal(6, event_number=broken)
-            except _Refusal:
-                self._store(records)  # like Splunk, what precedes the refused envelope is indexed
-                raise
-            self._store(records)
+            if refusal is None and broken is not None:
+                refusal = _Refusal(6, event_number=broken)
+            self._store(records, accepted)  # like Splunk, what precedes a refused envelope is indexed
+            if refusal is not None:
+                raise refusal
             return self._accepted(channel)
         except _Refusal as refusal:
             return refusal.response(numbered=self.report_event_number)

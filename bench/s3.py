@@ -1,0 +1,211 @@
+"""Benchmark of the `s3` sink against Ceph RGW on loopback (started here with RGWServer).
+
+- batch layout: events/s through `S3Sink.send` (NDJSON, each compression), target >= 50k events/s;
+- workos layout: objects/s through `S3Sink.send`, next to a plain concurrent boto3 put loop of the same
+  objects in the same run (the ceiling), target >= 80 % of the plain loop.
+
+Run: `python -m bench.s3` (prints a Markdown section). Falls back to moto's server when RGW cannot run here,
+and says so (the figures are then not comparable with the target).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import os
+import statistics
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
+from typing import Any
+
+import boto3
+import orjson
+from botocore.config import Config
+
+from sinks.base import Event
+from sinks.s3 import S3Config, S3Sink
+from sinks.testing.compliance import make_events
+from sinks.testing.s3 import MotoS3, S3Server, delete_bucket, s3_client
+
+BATCH_EVENTS = 1000
+BATCH_ROUNDS = 12
+WORKOS_OBJECTS = 600
+CONCURRENCY = 16
+TARGET_EVENTS = 50_000
+TARGET_RATIO = 0.80
+
+
+def _start_server(stack: ExitStack) -> tuple[S3Server, str]:
+    """RGW if it can run here, else moto (named in the result)."""
+    try:
+        from sinks.testing.rgw import RGWServer, RGWUnavailable  # written alongside this sink
+    except ImportError as exc:
+        reason = f"sinks.testing.rgw is missing ({exc})"
+    else:
+        rgw = RGWServer()
+        try:
+            rgw.start()
+        except RGWUnavailable as exc:
+            reason = str(exc).splitlines()[0] if str(exc) else "RGWUnavailable"
+        else:
+            stack.callback(rgw.stop)
+            return rgw, "Ceph RGW"
+    moto = MotoS3()
+    moto.start()
+    stack.callback(moto.stop)
+    return moto, f"moto (RGW unavailable: {reason})"
+
+
+def _sink(server: S3Server, bucket: str, **options: Any) -> S3Sink:
+    config = {
+        "bucket": bucket,
+        "endpoint_url": server.endpoint_url,
+        "region": server.region,
+        "addressing_style": "path",
+        "access_key_id": server.access_key,
+        "secret_access_key": server.secret_key,
+        "concurrency": CONCURRENCY,
+        **options,
+    }
+    return S3Sink("bench", S3Config.model_validate(config))
+
+
+async def _batch_rate(server: S3Server, bucket: str, compression: str, in_flight: int) -> tuple[float, int]:
+    """Events/s of batch-layout sends, `in_flight` batches at a time; and the mean object size."""
+    sink = _sink(server, bucket, layout="batch", compression=compression, prefix=f"batch-{compression}/")
+    batches = [make_events(BATCH_EVENTS, start_seq=i * BATCH_EVENTS) for i in range(BATCH_ROUNDS)]
+    sizes: list[int] = []
+    try:
+        await sink.send(batches[0][:10])  # warm up the client and the connection pool
+        started = time.perf_counter()
+        for offset in range(0, len(batches), in_flight):
+            results = await asyncio.gather(*(sink.send(b) for b in batches[offset : offset + in_flight]))
+            assert all(not r.failures and r.outcome.value == "success" for r in results), results
+        elapsed = time.perf_counter() - started
+        sizes.append(len(sink._batch_put(batches[0]).body))
+    finally:
+        await sink.close()
+    return BATCH_EVENTS * BATCH_ROUNDS / elapsed, int(statistics.mean(sizes))
+
+
+async def _workos_sink_rate(server: S3Server, bucket: str, events: Sequence[Event]) -> float:
+    sink = _sink(server, bucket, prefix="sink/")
+    try:
+        await sink.send(events[:CONCURRENCY])  # warm-up
+        started = time.perf_counter()
+        for offset in range(0, len(events), 200):
+            result = await sink.send(events[offset : offset + 200])
+            assert result.outcome.value == "success" and not result.failures, result
+        return len(events) / (time.perf_counter() - started)
+    finally:
+        await sink.close()
+
+
+def _plain_rate(server: S3Server, bucket: str, events: Sequence[Event]) -> float:
+    """A plain concurrent boto3 put loop of the same objects (same keys scheme, bodies and Content-MD5)."""
+    client = _fresh_client(server)
+    objects = [
+        (
+            f"plain/{e.timestamp[:10]}/{e.timestamp}_{e.key_suffix}.json",
+            orjson.dumps(e.event, option=orjson.OPT_INDENT_2),
+        )
+        for e in events
+    ]
+
+    def put(item: tuple[str, bytes]) -> None:
+        key, body = item
+        md5 = base64.b64encode(hashlib.md5(body, usedforsecurity=False).digest()).decode()
+        client.put_object(Bucket=bucket, Key=key, Body=body, ContentMD5=md5, ContentType="application/json")
+
+    try:
+        with ThreadPoolExecutor(CONCURRENCY) as pool:
+            list(pool.map(put, objects[:CONCURRENCY]))  # warm-up
+            started = time.perf_counter()
+            list(pool.map(put, objects))
+            return len(objects) / (time.perf_counter() - started)
+    finally:
+        client.close()
+
+
+def _fresh_client(server: S3Server) -> Any:
+    """A boto3 client configured like the sink's (pool as wide as the threads, no extra checksums)."""
+    return boto3.client(
+        "s3",
+        endpoint_url=server.endpoint_url,
+        region_name=server.region,
+        aws_access_key_id=server.access_key,
+        aws_secret_access_key=server.secret_key,
+        config=Config(
+            s3={"addressing_style": "path"},
+            max_pool_connections=CONCURRENCY,
+            request_checksum_calculation="when_required",
+            retries={"total_max_attempts": 1},
+        ),
+    )
+
+
+async def _in_thread(function: Callable[..., Any], *args: Any) -> Any:
+    return await asyncio.to_thread(function, *args)
+
+
+async def run() -> str:
+    """Measure and return the Markdown section."""
+    with ExitStack() as stack:
+        started = time.perf_counter()
+        server, kind = await asyncio.to_thread(_start_server, stack)
+        startup = time.perf_counter() - started
+        admin = s3_client(server)
+        bucket = f"bench-{uuid.uuid4().hex[:10]}"
+        await _in_thread(lambda: admin.create_bucket(Bucket=bucket))
+        try:
+            batch_rows = []
+            for compression in ("gzip", "zstd", "none"):
+                for in_flight in (1, 4):
+                    rate, size = await _batch_rate(server, bucket, compression, in_flight)
+                    batch_rows.append((compression, in_flight, rate, size))
+            events = make_events(WORKOS_OBJECTS)
+            plain_rates, sink_rates = [], []
+            for _ in range(2):  # interleaved, so both see the same machine load
+                plain_rates.append(await _in_thread(_plain_rate, server, bucket, events))
+                sink_rates.append(await _workos_sink_rate(server, bucket, events))
+        finally:
+            await _in_thread(delete_bucket, admin, bucket)
+            admin.close()
+    plain, sink = max(plain_rates), max(sink_rates)
+    ratio = sink / plain
+    best_batch = max(rate for *_, rate, _ in batch_rows)
+    gzip_serial = next(rate for c, n, rate, _ in batch_rows if c == "gzip" and n == 1)
+    lines = [
+        "### S3 sink (`s3`)",
+        "",
+        f"Server: {kind} on 127.0.0.1 (started in {startup:.1f} s); {os.cpu_count()} CPU cores shared by the "
+        f"server and the benchmark; `concurrency: {CONCURRENCY}`; every put carries Content-MD5.",
+        "",
+        "| measurement | figure |",
+        "|---|---|",
+    ]
+    for compression, in_flight, rate, size in batch_rows:
+        lines.append(
+            f"| batch layout, {compression}, {BATCH_EVENTS}-event batches, {in_flight} send(s) in flight "
+            f"| {rate:,.0f} events/s ({size / 1024:.0f} KiB objects) |"
+        )
+    lines += [
+        f"| workos layout, plain boto3 put loop ({CONCURRENCY} threads, same objects) | {plain:,.0f} objects/s |",
+        f"| workos layout, `S3Sink.send` (200-event batches) | {sink:,.0f} objects/s |",
+        f"| workos layout, sink / plain loop | {ratio:.0%} |",
+        "",
+        f"Targets: batch layout >= {TARGET_EVENTS:,} events/s — "
+        f"{'met' if best_batch >= TARGET_EVENTS else 'NOT met'} (best {best_batch:,.0f}; gzip one send at a time "
+        f"{gzip_serial:,.0f}); workos layout >= {TARGET_RATIO:.0%} of the plain loop — "
+        f"{'met' if ratio >= TARGET_RATIO else 'NOT met'} ({ratio:.0%}).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(asyncio.run(run()))

@@ -1,0 +1,241 @@
+"""The delivery engine through a real service: batching, retries, dead letters, isolation, shutdown, restart."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+
+from receiver.config import RetryConfig
+from receiver.delivery import action_filter, backoff
+from receiver.journal import list_dead_letters, replay_dead_letters
+from receiver.server import Service
+from tests.conftest import TOKEN, StartService, memory
+
+AUTH = {"Authorization": TOKEN}
+
+
+async def send(service: Service, wrappers: list[dict[str, Any]], path: str = "/workos") -> dict[str, Any]:
+    async with aiohttp.ClientSession() as session, session.post(
+        service.url + path, data=orjson.dumps(wrappers), headers=AUTH
+    ) as response:
+        assert response.status == 200, await response.text()
+        result: dict[str, Any] = await response.json()
+        return result
+
+
+def events(count: int, action: str = "user.signed_in", prefix: str = "k") -> list[dict[str, Any]]:
+    return [
+        {"event": {"id": f"{prefix}{i}", "action": action, "occurred_at": "2024-01-15T10:30:00.000Z"},
+         "keySuffix": f"{prefix}{i}", "timestamp": "2024-01-15T10:30:00.123Z"}
+        for i in range(count)
+    ]
+
+
+async def until(predicate: Any, timeout: float = 5.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        if loop.time() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.01)
+
+
+def keys(name: str = "mem") -> list[str]:
+    return [e.key_suffix or "" for e in memory(name).events]
+
+
+def two_sinks(**extra: Any) -> dict[str, Any]:
+    fast = {"type": "memory", "batch": {"max_wait": "20ms"}, "retry": {"initial": "10ms", "max": "20ms"}}
+    return {
+        "streams": [{"name": "workos", "path": "/workos", "auth": {"values": [TOKEN]}, "sinks": ["a", "b"]}],
+        "sinks": {"a": {**fast, **extra.get("a", {})}, "b": {**fast, **extra.get("b", {})}},
+    }
+
+
+class TestBatching:
+    async def test_batches_respect_max_events_and_keep_order(self, start_service: StartService) -> None:
+        service = await start_service({"sinks": {"mem": {"batch": {"max_events": 7, "max_wait": "200ms"}}}})
+        await send(service, events(30))
+        await until(lambda: len(memory().events) == 30)
+        assert max(memory().batch_sizes) <= 7
+        assert keys() == [f"k{i}" for i in range(30)]
+
+    async def test_max_bytes_splits_batches(self, start_service: StartService) -> None:
+        service = await start_service({"sinks": {"mem": {"batch": {"max_bytes": 400, "max_wait": "200ms"}}}})
+        await send(service, events(20))
+        await until(lambda: len(memory().events) == 20)
+        assert max(memory().batch_sizes) < 20
+        assert all(size * 100 <= 400 + 200 for size in memory().batch_sizes)
+
+    async def test_partial_batch_waits_at_most_max_wait(self, start_service: StartService) -> None:
+        service = await start_service({"sinks": {"mem": {"batch": {"max_events": 1000, "max_wait": "300ms"}}}})
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await send(service, events(3))
+        await until(lambda: len(memory().events) == 3)
+        assert 0.25 <= loop.time() - started < 2.0
+        assert memory().batch_sizes == [3]
+
+
+class TestRetries:
+    async def test_retry_until_the_sink_recovers_then_deliver_once(self, start_service: StartService) -> None:
+        service = await start_service({"sinks": {"mem": {"fail": "retry"}}})
+        await send(service, events(10))
+        await until(lambda: len(memory().batch_sizes) >= 3)
+        assert memory().events == []
+        memory().fail = "none"
+        await until(lambda: len(memory().events) == 10)
+        await asyncio.sleep(0.1)
+        assert sorted(keys()) == sorted(f"k{i}" for i in range(10))
+        text = service.metrics.render().decode()
+        assert 'log_bridge_sink_events_failed_total{outcome="retry",sink="mem"}' in text
+        assert list_dead_letters(service.config.journal.path) == []
+
+    async def test_attempt_limit_dead_letters_with_the_reason(self, start_service: StartService) -> None:
+        service = await start_service({"sinks": {"mem": {"fail": "retry", "retry": {"max_attempts": 3}}}})
+        await send(service, events(4))
+        await until(lambda: len(list_dead_letters(service.config.journal.path, "mem")) == 4)
+        assert len(memory().batch_sizes) == 3
+        letter = list_dead_letters(service.config.journal.path, "mem")[0]
+        assert letter.reason.startswith("gave up after 3 attempts") and "told to fail" in letter.reason
+
+    def test_backoff_is_full_jitter_under_an_exponential_ceiling(self) -> None:
+        policy = RetryConfig(initial=1.0, max=60.0)
+        assert backoff(1, policy, rng=lambda: 1.0) == 1.0
+        assert backoff(4, policy, rng=lambda: 1.0) == 8.0
+        assert backoff(30, policy, rng=lambda: 1.0) == 60.0
+        assert backoff(3, policy, rng=lambda: 0.0) == 0.0
+        assert backoff(3, policy, rng=lambda: 0.5) == 2.0
+
+
+class TestDeadLetters:
+    async def test_permanent_failure_is_dead_lettered_and_replayable(self, start_service: StartService) -> None:
+        service = await start_service({"sinks": {"mem": {"fail": "permanent"}}})
+        await send(service, events(3))
+        path = service.config.journal.path
+        await until(lambda: len(list_dead_letters(path, "mem")) == 3)
+        assert all(letter.reason == "memory sink told to fail (permanent)" for letter in list_dead_letters(path))
+        memory().fail = "none"
+        assert replay_dead_letters(Path(path), "mem") == 3
+        await until(lambda: len(memory().events) == 3)
+        assert sorted(keys()) == ["k0", "k1", "k2"]
+        assert list_dead_letters(path) == []
+
+    async def test_only_the_rejected_event_is_dead_lettered(self, start_service: StartService) -> None:
+        service = await start_service({"sinks": {"mem": {"reject_actions": ["user.deleted"]}}})
+        batch = events(5) + events(1, action="user.deleted", prefix="bad") + events(5, prefix="m")
+        await send(service, batch)
+        await until(lambda: len(memory().events) == 10)
+        (letter,) = list_dead_letters(service.config.journal.path, "mem")
+        assert orjson.loads(letter.data)["keySuffix"] == "bad0"
+
+    async def test_replay_goes_only_to_the_sink_that_failed(self, start_service: StartService) -> None:
+        service = await start_service(two_sinks(b={"fail": "permanent"}))
+        await send(service, events(2))
+        path = service.config.journal.path
+        await until(lambda: len(list_dead_letters(path, "b")) == 2 and len(memory("a").events) == 2)
+        memory("b").fail = "none"
+        replay_dead_letters(Path(path))
+        await until(lambda: len(memory("b").events) == 2)
+        await asyncio.sleep(0.2)
+        assert len(memory("a").events) == 2
+
+
+class TestIsolation:
+    async def test_a_failing_sink_blocks_neither_the_other_nor_the_intake(self, start_service: StartService) -> None:
+        service = await start_service(two_sinks(b={"fail": "retry"}))
+        for round_ in range(5):
+            await send(service, events(20, prefix=f"r{round_}-"))
+        await until(lambda: len(memory("a").events) == 100)
+        assert memory("b").events == []
+        text = service.metrics.render().decode()
+        assert 'log_bridge_sink_up{sink="b"} 0.0' in text
+        memory("b").fail = "none"
+        await until(lambda: len(memory("b").events) == 100)
+
+    async def test_rows_are_dropped_once_every_sink_is_past_them(self, start_service: StartService) -> None:
+        service = await start_service(two_sinks(b={"fail": "retry"}))
+        await send(service, events(50))
+        await until(lambda: len(memory("a").events) == 50)
+        import sqlite3
+
+        def count() -> int:
+            with sqlite3.connect(service.config.journal.path) as conn:
+                return int(conn.execute("SELECT count(*) FROM events").fetchone()[0])
+
+        assert count() == 50  # b has not got them yet
+        memory("b").fail = "none"
+        await until(lambda: len(memory("b").events) == 50)
+        await until(lambda: count() == 0)
+
+    async def test_streams_route_to_their_own_sinks(self, start_service: StartService) -> None:
+        fast = {"type": "memory", "batch": {"max_wait": "20ms"}}
+        service = await start_service({
+            "streams": [
+                {"name": "prod", "path": "/prod", "auth": {"values": [TOKEN]}, "sinks": ["a"]},
+                {"name": "dev", "path": "/dev", "auth": {"values": [TOKEN]}, "sinks": ["b"]},
+            ],
+            "sinks": {"a": fast, "b": fast},
+        })
+        await send(service, events(3, prefix="p"), "/prod")
+        await send(service, events(2, prefix="d"), "/dev")
+        await until(lambda: len(memory("a").events) == 3 and len(memory("b").events) == 2)
+        assert {e.stream for e in memory("a").events} == {"prod"} and keys("b") == ["d0", "d1"]
+
+    async def test_include_and_exclude_action_globs(self, start_service: StartService) -> None:
+        service = await start_service(
+            two_sinks(a={"include_actions": ["user.*"], "exclude_actions": ["user.deleted"]},
+                      b={"exclude_actions": ["role.*"]})
+        )
+        batch = events(2, "user.signed_in", "u") + events(1, "user.deleted", "d") + events(2, "role.assigned", "r")
+        await send(service, batch)
+        await until(lambda: len(memory("b").events) == 3 and len(memory("a").events) == 2)
+        await asyncio.sleep(0.1)
+        assert keys("a") == ["u0", "u1"] and keys("b") == ["u0", "u1", "d0"]
+
+    def test_action_filter(self) -> None:
+        wanted = action_filter(["user.*", "role.assigned"], ["user.deleted"])
+        assert [wanted(a) for a in ("user.signed_in", "user.deleted", "role.assigned", "role.removed")] == [
+            True, False, True, False]
+        assert action_filter([], [])("anything")
+
+
+class TestShutdownAndRestart:
+    async def test_undelivered_events_wait_in_the_journal_for_the_next_start(
+        self, start_service: StartService, tmp_path: Path
+    ) -> None:
+        journal = str(tmp_path / "kept.db")
+        first = await start_service({"journal": {"path": journal}, "server": {"shutdown_timeout": "300ms"},
+                                     "sinks": {"mem": {"fail": "retry"}}})
+        await send(first, events(25))
+        drained = await first.stop()
+        assert drained is False and memory().events == []
+        second = await start_service({"journal": {"path": journal}})
+        await until(lambda: len(memory().events) == 25)
+        assert sorted(keys()) == sorted(f"k{i}" for i in range(25))
+        # And what was delivered is not delivered again after yet another restart.
+        await asyncio.sleep(0.1)
+        await second.stop()
+        await start_service({"journal": {"path": journal}})
+        await asyncio.sleep(0.3)
+        assert memory().events == []
+
+    async def test_stop_lets_sinks_flush_a_pending_batch(self, start_service: StartService) -> None:
+        service = await start_service({"sinks": {"mem": {"batch": {"max_wait": "30s"}}}})
+        await send(service, events(4))
+        await asyncio.sleep(0.05)
+        assert memory().events == []
+        assert await service.stop() is True
+        assert len(memory().events) == 4 and memory().closed
+
+
+@pytest.mark.parametrize("outcome", ["retry", "permanent"])
+async def test_health_follows_sends(start_service: StartService, outcome: str) -> None:
+    service = await start_service({"sinks": {"mem": {"fail": outcome}}})
+    await send(service, events(1))
+    await until(lambda: 'log_bridge_sink_up{sink="mem"} 0.0' in service.metrics.render().decode())
