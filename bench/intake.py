@@ -91,8 +91,12 @@ def receiver_config(workdir: Path, port: int, sink: dict[str, object]) -> str:
         "server": {"host": "127.0.0.1", "port": port, "allowlist": ["127.0.0.1/32"], "max_body_bytes": "10MiB"},
         "journal": {"path": str(workdir / "journal.db"), "max_bytes": "4GiB"},
         "streams": [
-            {"name": "workos", "path": STREAM_PATH, "auth": {"header": "Authorization", "values": [SECRET]},
-             "sinks": ["out"]}
+            {
+                "name": "workos",
+                "path": STREAM_PATH,
+                "auth": {"header": "Authorization", "values": [SECRET]},
+                "sinks": ["out"],
+            }
         ],
         "sinks": {"out": sink},
     }
@@ -333,8 +337,18 @@ def run_wrk(url: str, events: int, duration: float, workdir: Path) -> Load:
     assert wrk is not None
     script = workdir / f"post-{events}-{uuid.uuid4().hex[:8]}.lua"
     script.write_text(wrk_script(events, uuid.uuid4().hex[:12]))
-    command = [wrk, "-t1", f"-c{CONNECTIONS}", f"-d{duration:g}s", "--timeout", "10s", "--latency", "-s", str(script),
-               url + STREAM_PATH]
+    command = [
+        wrk,
+        "-t1",
+        f"-c{CONNECTIONS}",
+        f"-d{duration:g}s",
+        "--timeout",
+        "10s",
+        "--latency",
+        "-s",
+        str(script),
+        url + STREAM_PATH,
+    ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=duration + 60, check=False)
     line = next((row for row in done.stdout.splitlines() if row.startswith("BENCH_RESULT ")), None)
     if line is None:
@@ -443,10 +457,13 @@ def throughput() -> list[Pair]:
                         results[server.name] = load
                         if server is receiver:
                             after = metrics(receiver.url)
-                            pair.journaled += int(after["log_bridge_events_received_total"]
-                                                  - before["log_bridge_events_received_total"])
-                            pair.duplicates += int(after.get("log_bridge_events_duplicate_total", 0)
-                                                   - before.get("log_bridge_events_duplicate_total", 0))
+                            pair.journaled += int(
+                                after["log_bridge_events_received_total"] - before["log_bridge_events_received_total"]
+                            )
+                            pair.duplicates += int(
+                                after.get("log_bridge_events_duplicate_total", 0)
+                                - before.get("log_bridge_events_duplicate_total", 0)
+                            )
                             pair.expected += load.requests * events
                             waited = wait_delivered(receiver.url)
                             load.notes.append(f"sink caught up {waited:.1f}s after the run")

@@ -19,6 +19,7 @@ import json
 import signal
 import ssl
 import sys
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -244,13 +245,14 @@ class HecPeer:
         self.events.clear()
         self.event_count = self.requests = self.gzip_requests = self.ack_queries = 0
 
-    def stats(self) -> dict[str, int]:
-        """Counters, also served at GET /_peer/stats."""
+    def stats(self) -> dict[str, float]:
+        """Counters, also served at GET /_peer/stats (with the CPU time of the peer's process)."""
         return {
             "events": self.event_count,
             "requests": self.requests,
             "gzip_requests": self.gzip_requests,
             "ack_queries": self.ack_queries,
+            "cpu_seconds": time.process_time(),
         }
 
     # -- lifecycle --
@@ -400,11 +402,11 @@ class HecPeer:
                     break
                 accepted += 1
                 if keep:
-                    time = envelope.get("time")
+                    when = envelope.get("time")
                     records.append(
                         StoredEvent(
                             envelope["event"],
-                            float(time) if time is not None else None,
+                            float(when) if when is not None else None,
                             envelope.get("host"),
                             envelope.get("source"),
                             envelope.get("sourcetype"),

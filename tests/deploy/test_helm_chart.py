@@ -536,3 +536,33 @@ class TestValuesDocumentation:
                 return cls._MISSING
             values = values[part]
         return values
+
+
+class TestValuesSchema:
+    """values.schema.json: typos in values fail the install instead of being ignored."""
+
+    @pytest.mark.parametrize(
+        "values",
+        [
+            {"replica": 3},
+            {"service": {"externalTrafficPolicy": "local"}},
+            {"persistence": {"retentionPolicy": {"whenScaled": "Remove"}}},
+            {"image": {"digest": "latest"}},
+            {"secrets": {"keys": {"NOT-AN-ENV-NAME": "x"}}},
+        ],
+    )
+    def test_refuses(self, helm: ModuleType, chart: Any, values: dict[str, Any]) -> None:
+        with pytest.raises(helm.HelmValuesError):
+            chart.validate_schema(values)
+
+    @pytest.mark.parametrize("path", SCENARIOS, ids=SCENARIO_IDS)
+    def test_scenarios_pass(self, chart: Any, path: Path) -> None:
+        chart.validate_schema(load_values(path))
+
+    def test_covers_every_value(self, chart: Any) -> None:
+        schema = json.loads((CHART / "values.schema.json").read_text())
+        assert set(chart.values) == set(schema["properties"]) - {"global"}
+        for key, value in chart.values.items():
+            nested = schema["properties"][key]
+            if isinstance(value, dict) and nested.get("additionalProperties") is False:
+                assert set(value) <= set(nested["properties"]), key

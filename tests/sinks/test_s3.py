@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import gzip
 import hashlib
@@ -309,6 +310,19 @@ class TestBatchLayout:
         assert [orjson.dumps(w) for w in wrappers] == [e.raw for e in events]
         if compression == "gzip":
             assert gzip.decompress(item["body"]) == b"".join(e.raw + b"\n" for e in events)
+
+    @pytest.mark.parametrize("compression", ["gzip", "zstd"])
+    async def test_concurrent_sends(self, make_sink: Any, moto_client: Any, bucket: str, compression: str) -> None:
+        sink = make_sink(bucket, layout="batch", compression=compression, concurrency=4)
+        batches = [make_events(300, start_seq=i * 300) for i in range(8)]
+        results = await asyncio.gather(*(sink.send(b) for b in batches))
+        assert all(r.outcome is Outcome.SUCCESS for r in results)
+        stored = [
+            w
+            for item in read_objects(moto_client, bucket).values()
+            for w in decode_batch_object(item["body"], item["content_encoding"])
+        ]
+        assert sorted(orjson.dumps(w) for w in stored) == sorted(e.raw for b in batches for e in b)
 
     async def test_each_batch_is_a_new_object(self, make_sink: Any, moto_client: Any, bucket: str) -> None:
         sink = make_sink(bucket, layout="batch")

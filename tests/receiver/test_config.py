@@ -1,0 +1,177 @@
+"""Configuration: the documented example, ${VAR} expansion, units, and errors that name their YAML path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from receiver.config import WORKOS_EGRESS, default_config, expand_env, load_config, parse_config
+from receiver.errors import ConfigError
+from sinks.base import parse_duration, parse_size
+
+ROOT = Path(__file__).resolve().parents[2]
+
+ISSUE_EXAMPLE = """
+server:
+  host: 127.0.0.1            # default 0.0.0.0
+  port: 8080                 # default 8443
+  max_body_bytes: 10485760   # cap on the compressed AND the decompressed body -> 413
+  trusted_proxies: [127.0.0.3/32]        # X-Forwarded-For is believed only from these peers
+  allowlist: [workos, 127.0.0.1/32]      # "workos" = WorkOS's published egress addresses; default [workos]
+journal:
+  path: ./data/journal.db
+  max_bytes: 1073741824      # backlog cap -> 503 + Retry-After
+  dedup_window: 24h
+streams:
+  - name: workos
+    path: /workos
+    auth:
+      header: Authorization  # default
+      values: ["Bearer ${LOG_BRIDGE_TOKEN}"]   # one or more accepted values, for rotation
+    sinks: [archive]
+sinks:
+  archive:
+    type: file
+    path: ./data/events/%Y-%m-%d.ndjson
+    # include_actions: ["user.*"]   exclude_actions: []     (glob filters, optional, on every sink)
+    # batch: {max_events: 1000, max_bytes: 1048576, max_wait: 1s}
+    # retry: {initial: 1s, max: 60s, max_attempts: null}    (null = retry for ever)
+"""
+
+
+def errors_of(tree: Any, environ: dict[str, str] | None = None) -> list[str]:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(tree, environ or {})
+    return caught.value.errors
+
+
+def minimal(**changes: Any) -> dict[str, Any]:
+    tree: dict[str, Any] = {
+        "streams": [{"name": "workos", "path": "/workos", "auth": {"values": ["s"]}, "sinks": ["archive"]}],
+        "sinks": {"archive": {"type": "file", "path": "/tmp/x.ndjson"}},
+    }
+    tree.update(changes)
+    return tree
+
+
+class TestExamples:
+    def test_the_documented_example_works_as_written(self, tmp_path: Path) -> None:
+        path = tmp_path / "config.yaml"
+        path.write_text(ISSUE_EXAMPLE)
+        config = load_config(path, {"LOG_BRIDGE_TOKEN": "abc"})
+        assert config.server.port == 8080 and config.server.max_body_bytes == 10485760
+        assert config.streams[0].auth is not None and config.streams[0].auth.values == ("Bearer abc",)
+        assert config.journal.dedup_window == 86400.0
+        networks = {str(n) for n in config.server.allowed_networks()}
+        assert {f"{a}/32" for a in WORKOS_EGRESS} | {"127.0.0.1/32"} == networks
+
+    @pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "examples").glob("*.yaml")))
+    def test_shipped_examples_validate(self, name: str) -> None:
+        environ = {"LOG_BRIDGE_TOKEN": "t", "SPLUNK_HEC_TOKEN": "t", "DD_API_KEY": "k", "AWS_ACCESS_KEY_ID": "a",
+                   "AWS_SECRET_ACCESS_KEY": "s"}
+        load_config(ROOT / "examples" / name, environ)
+
+    def test_defaults(self) -> None:
+        config = parse_config(minimal(), {})
+        assert (config.server.host, config.server.port) == ("0.0.0.0", 8443)
+        assert config.server.allowlist == ("workos",)
+        assert config.sinks["archive"].batch.max_events == 1000
+        assert config.sinks["archive"].retry.max_attempts is None
+
+    def test_local_default_is_loopback_only_without_secret(self) -> None:
+        config = default_config()
+        assert config.server.host == "127.0.0.1" and config.server.port == 8080
+        assert all(n.is_loopback for n in config.server.allowed_networks())
+        assert config.streams[0].auth is None
+        assert "log-bridge-data" in str(config.journal.path)
+
+
+class TestExpansion:
+    def test_variables_and_defaults(self) -> None:
+        tree, errors = expand_env(
+            {"a": "${X}", "b": ["x-${Y:-dflt}-y"], "c": "$${X}", "d": 5, "e": "${E:-}"}, {"X": "1"}
+        )
+        assert errors == [] and tree == {"a": "1", "b": ["x-dflt-y"], "c": "${X}", "d": 5, "e": ""}
+
+    def test_unset_variable_is_an_error_naming_the_path(self) -> None:
+        problems = errors_of(minimal(streams=[{"name": "w", "path": "/w", "auth": {"values": ["Bearer ${NOPE}"]},
+                                               "sinks": ["archive"]}]))
+        assert problems == ["streams[0].auth.values[0]: environment variable NOPE is not set"]
+
+    def test_a_value_cannot_inject_yaml(self, tmp_path: Path) -> None:
+        path = tmp_path / "c.yaml"
+        path.write_text(yaml.safe_dump(minimal(streams=[
+            {"name": "w", "path": "/w", "auth": {"values": ["${EVIL}"]}, "sinks": ["archive"]}])))
+        evil = "x\"]\nserver: {allowlist: ['0.0.0.0/0']}\n#"
+        config = load_config(path, {"EVIL": evil})
+        assert config.streams[0].auth is not None and config.streams[0].auth.values == (evil,)
+        assert config.server.allowlist == ("workos",)
+
+
+class TestUnits:
+    @pytest.mark.parametrize(("text", "seconds"), [("500ms", 0.5), ("1s", 1), ("24h", 86400), (30, 30), ("2m", 120),
+                                                   ("1.5s", 1.5), ("7d", 604800)])
+    def test_durations(self, text: object, seconds: float) -> None:
+        assert parse_duration(text) == seconds
+
+    @pytest.mark.parametrize(("text", "size"), [("10MiB", 10 * 1024**2), (1048576, 1048576), ("1GiB", 1024**3),
+                                                ("512KiB", 524288), ("1MB", 1000**2), ("2k", 2000)])
+    def test_sizes(self, text: object, size: int) -> None:
+        assert parse_size(text) == size
+
+    @pytest.mark.parametrize("bad", ["fast", "-1s", True, "1 week"])
+    def test_bad_duration_names_the_path(self, bad: object) -> None:
+        problems = errors_of(minimal(journal={"dedup_window": bad}))
+        assert len(problems) == 1 and problems[0].startswith("journal.dedup_window: ")
+
+
+class TestErrors:
+    def test_unknown_keys_name_their_path(self) -> None:
+        tree = minimal(server={"prot": 1})
+        tree["sinks"]["archive"]["colour"] = "blue"
+        assert sorted(errors_of(tree)) == ["server.prot: unknown key", "sinks.archive.colour: unknown key"]
+
+    def test_every_error_is_reported_at_once(self) -> None:
+        tree = minimal(server={"port": 70000, "allowlist": ["not-an-ip"]}, journal={"max_bytes": "lots"})
+        tree["sinks"]["archive"]["batch"] = {"max_events": 0}
+        problems = errors_of(tree)
+        assert {p.split(":")[0] for p in problems} == {
+            "server.port", "server.allowlist", "journal.max_bytes", "sinks.archive.batch.max_events"}
+
+    def test_stream_naming_an_undefined_sink(self) -> None:
+        tree = minimal()
+        tree["streams"][0]["sinks"] = ["archive", "splunk"]
+        assert errors_of(tree) == [
+            "streams[0].sinks[1]: sink 'splunk' is not defined under sinks (defined: archive)"]
+
+    def test_sink_without_its_required_option(self) -> None:
+        assert errors_of(minimal(sinks={"archive": {"type": "file"}})) == ["sinks.archive.path: field required"]
+
+    def test_unknown_sink_type_lists_the_known_ones(self) -> None:
+        (problem,) = errors_of(minimal(sinks={"archive": {"type": "kafka"}}))
+        assert problem.startswith("sinks.archive.type: unknown sink type 'kafka'") and "splunk_hec" in problem
+
+    def test_several_streams_need_distinct_paths(self) -> None:
+        stream = {"name": "a", "path": "/same", "sinks": ["archive"]}
+        problems = errors_of(minimal(streams=[stream, {**stream, "name": "b"}]))
+        assert problems == ["streams[1].path: '/same' is already used by 'a'"]
+
+    def test_errors_do_not_repeat_secret_values(self) -> None:
+        tree = minimal()
+        tree["sinks"]["archive"]["path"] = {"secret": "hunter2-token"}
+        problems = errors_of(tree)
+        assert problems and not any("hunter2" in p for p in problems)
+
+    def test_bad_yaml_says_where(self, tmp_path: Path) -> None:
+        path = tmp_path / "bad.yaml"
+        path.write_text("server:\n  port: [1,\n")
+        with pytest.raises(ConfigError) as caught:
+            load_config(path)
+        assert "line" in caught.value.errors[0]
+
+    def test_missing_file(self, tmp_path: Path) -> None:
+        with pytest.raises(ConfigError, match="cannot read"):
+            load_config(tmp_path / "nope.yaml")

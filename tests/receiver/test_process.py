@@ -1,0 +1,221 @@
+"""The real `log-bridge` process: the CLI commands, SIGTERM, and SIGKILL under load losing nothing acknowledged."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+import yaml
+
+from receiver.cli import sample_wrappers
+
+TOKEN = "Bearer process-test-secret"
+SCRIPT = Path(sys.executable).with_name("log-bridge")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def write_config(tmp_path: Path, port: int, **sink: Any) -> Path:
+    config = {
+        "server": {"host": "127.0.0.1", "port": port, "allowlist": ["127.0.0.1/32"], "shutdown_timeout": "3s"},
+        "journal": {"path": str(tmp_path / "journal.db")},
+        "streams": [{"name": "workos", "path": "/workos", "auth": {"values": ["${STREAM_SECRET}"]},
+                     "sinks": ["archive"]}],
+        "sinks": {"archive": {"type": "file", "path": str(tmp_path / "out" / "%Y-%m-%d.ndjson"), **sink}},
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout,
+        env={**os.environ, "STREAM_SECRET": TOKEN, **(env or {})},
+    )
+
+
+class Server:
+    def __init__(self, config: Path, port: int, cwd: Path) -> None:
+        self.port = port
+        self.log = (cwd / "serve.log").open("ab")
+        self.proc = subprocess.Popen(
+            [str(SCRIPT), "serve", "--config", str(config)], cwd=cwd, stdout=self.log, stderr=self.log,
+            env={**os.environ, "STREAM_SECRET": TOKEN},
+        )
+
+    async def ready(self, timeout: float = 20) -> None:
+        deadline = time.monotonic() + timeout
+        async with aiohttp.ClientSession() as session:
+            while time.monotonic() < deadline:
+                assert self.proc.poll() is None, "log-bridge serve exited"
+                try:
+                    async with session.get(f"http://127.0.0.1:{self.port}/readyz") as response:
+                        if response.status == 200:
+                            return
+                except aiohttp.ClientError:
+                    pass
+                await asyncio.sleep(0.05)
+        raise AssertionError("log-bridge serve did not become ready")
+
+    def kill(self, signum: int) -> int:
+        self.proc.send_signal(signum)
+        code = self.proc.wait(timeout=30)
+        self.log.close()
+        return code
+
+
+def delivered_keys(tmp_path: Path) -> list[str]:
+    keys = []
+    for path in sorted((tmp_path / "out").glob("*.ndjson")):
+        for line in path.read_bytes().splitlines():
+            keys.append(orjson.loads(line)["keySuffix"])
+    return keys
+
+
+class TestCommands:
+    @pytest.mark.parametrize("command", [[], ["serve"], ["validate"], ["send-test"], ["dlq"], ["dlq", "list"],
+                                         ["dlq", "replay"]])
+    def test_help(self, command: list[str]) -> None:
+        result = run_cli(*command, "--help")
+        assert result.returncode == 0 and "usage: log-bridge" in result.stdout
+
+    def test_validate(self, tmp_path: Path) -> None:
+        good = write_config(tmp_path, 8080)
+        result = run_cli("validate", "--config", str(good))
+        assert result.returncode == 0 and "configuration OK" in result.stdout and "sink archive: type file" in result.stdout
+        assert TOKEN not in result.stdout
+        bad = tmp_path / "bad.yaml"
+        bad.write_text("server: {port: x, colour: red}\nstreams: []\nsinks: {a: {type: nope}}\n")
+        result = run_cli("validate", "--config", str(bad))
+        assert result.returncode == 1
+        for fragment in ("server.port:", "server.colour: unknown key", "streams:", "sinks.a.type: unknown sink type"):
+            assert fragment in result.stderr
+        assert "Traceback" not in result.stderr
+
+    def test_validate_reports_an_unset_variable(self, tmp_path: Path) -> None:
+        config = write_config(tmp_path, 8080)
+        result = subprocess.run([str(SCRIPT), "validate", "--config", str(config)], capture_output=True, text=True,
+                                env={k: v for k, v in os.environ.items() if k != "STREAM_SECRET"})
+        assert result.returncode == 1
+        assert "streams[0].auth.values[0]: environment variable STREAM_SECRET is not set" in result.stderr
+
+    def test_config_from_environment_variable(self, tmp_path: Path) -> None:
+        config = write_config(tmp_path, 8080)
+        result = run_cli("validate", env={"LOG_BRIDGE_CONFIG": str(config)})
+        assert result.returncode == 0
+
+
+class TestRunningProcess:
+    async def test_send_test_dlq_and_sigterm(self, tmp_path: Path) -> None:
+        port = free_port()
+        config = write_config(tmp_path, port)
+        server = Server(config, port, tmp_path)
+        try:
+            await server.ready()
+            url = f"http://127.0.0.1:{port}/workos"
+            for extra in ([], ["--format", "ndjson", "--gzip"]):
+                result = await asyncio.to_thread(run_cli, "send-test", url, "--header", f"Authorization: {TOKEN}",
+                                                 "--count", "4", *extra)
+                assert result.returncode == 0, result.stderr
+                assert result.stdout.startswith('200 {"accepted":4')
+            refused = await asyncio.to_thread(run_cli, "send-test", url, "-H", "Authorization: Bearer wrong")
+            assert refused.returncode == 1 and refused.stdout.startswith("401")
+            async with aiohttp.ClientSession() as session, session.post(
+                url, data=b'[{"event": 5}]', headers={"Authorization": TOKEN}
+            ) as response:
+                assert (await response.json())["dead_lettered"] == 1
+            listing = await asyncio.to_thread(run_cli, "dlq", "list", "--config", str(config))
+            (line,) = listing.stdout.splitlines()
+            entry = orjson.loads(line)
+            assert entry["element"] == {"event": 5} and entry["sink"] == "(intake)" and "not an object" in entry["reason"]
+            deadline = time.monotonic() + 10
+            while len(delivered_keys(tmp_path)) < 8 and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            assert len(delivered_keys(tmp_path)) == 8
+        finally:
+            code = server.kill(signal.SIGTERM)
+        assert code == 0
+        log = (tmp_path / "serve.log").read_text()
+        assert '"message":"stopped"' in log and "process-test-secret" not in log
+
+    async def test_serve_without_config_uses_the_local_default(self, tmp_path: Path) -> None:
+        proc = subprocess.Popen([str(SCRIPT), "serve"], cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + 20
+            async with aiohttp.ClientSession() as session:
+                while True:
+                    try:
+                        async with session.post("http://127.0.0.1:8080/workos",
+                                                data=orjson.dumps(sample_wrappers(2))) as response:
+                            assert response.status == 200
+                            break
+                    except aiohttp.ClientConnectionError:
+                        assert time.monotonic() < deadline and proc.poll() is None
+                        await asyncio.sleep(0.05)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            _, stderr = proc.communicate(timeout=30)
+        assert proc.returncode == 0
+        assert "no configuration given" in stderr and "without a secret" in stderr
+        assert (tmp_path / "log-bridge-data" / "journal.db").exists()
+
+
+async def test_sigkill_under_load_loses_no_acknowledged_event(tmp_path: Path) -> None:
+    """Every event that got a 200 before a SIGKILL reaches the sink after a restart."""
+    port = free_port()
+    config = write_config(tmp_path, port)
+    server = Server(config, port, tmp_path)
+    await server.ready()
+    acknowledged: list[str] = []
+    stop = asyncio.Event()
+
+    async def client(number: int) -> None:
+        async with aiohttp.ClientSession() as session:
+            batch = 0
+            while not stop.is_set():
+                wrappers = sample_wrappers(10)
+                for index, wrapper in enumerate(wrappers):
+                    wrapper["keySuffix"] = f"c{number}-b{batch}-{index}"
+                batch += 1
+                try:
+                    async with session.post(f"http://127.0.0.1:{port}/workos", data=orjson.dumps(wrappers),
+                                            headers={"Authorization": TOKEN}) as response:
+                        if response.status == 200:
+                            acknowledged.extend(w["keySuffix"] for w in wrappers)
+                except aiohttp.ClientError:
+                    return  # the server died under us: this batch was never acknowledged
+
+    clients = [asyncio.create_task(client(n)) for n in range(8)]
+    await asyncio.sleep(2.0)
+    server.kill(signal.SIGKILL)
+    stop.set()
+    await asyncio.gather(*clients)
+    assert len(acknowledged) > 500, "the load was too light to prove anything"
+
+    restarted = Server(config, port, tmp_path)
+    try:
+        await restarted.ready()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            missing = set(acknowledged) - set(delivered_keys(tmp_path))
+            if not missing:
+                break
+            await asyncio.sleep(0.1)
+        assert not missing, f"{len(missing)} acknowledged events lost, e.g. {sorted(missing)[:5]}"
+    finally:
+        assert restarted.kill(signal.SIGTERM) == 0
