@@ -126,12 +126,15 @@ def _ms(function: Callable[[], Any], rounds: int = 5) -> float:
 
 def _stage_costs(sink: DatadogSink) -> dict[str, float]:
     """ms per 1000 events of each stage of a send, for the sink's encoder and for the client's models."""
-    events = make_events(BATCH)
-    gc.collect()
-    started = time.perf_counter()
-    for event in events:
-        event.event  # noqa: B018 (parse the wrapper, as the first use does)
-    costs = {"parse the journaled wrapper (orjson)": (time.perf_counter() - started) * 1000}
+    parse = float("inf")
+    for _ in range(5):
+        events = make_events(BATCH)
+        gc.collect()
+        started = time.perf_counter()
+        for event in events:
+            event.event  # noqa: B018 (parse the wrapper, as the first use does)
+        parse = min(parse, time.perf_counter() - started)
+    costs = {"parse the journaled wrapper (orjson)": parse * 1000}
     costs["sink: encode log items (orjson)"] = _ms(lambda: [sink.encode(e) for e in events])
     body = b"[" + b",".join(sink.encode(e) for e in events) + b"]"
 

@@ -70,13 +70,17 @@ class Intake:
         peer = request.transport.get_extra_info("peername") if request.transport else None
         client = self.policy.client_address(peer[0] if peer else None, request.headers.getall("X-Forwarded-For", []))
         if not self.policy.allows(client):
-            log.warning("request from an address not on the allowlist", extra={"stream": self.stream.name,
-                                                                                "client": str(client)})
+            log.warning(
+                "request from an address not on the allowlist",
+                extra={"stream": self.stream.name, "client": str(client)},
+            )
             response = _answer(403, "client address is not allowed")
             response.force_close()
             return response
         if not self._authorised(request):
-            log.warning("request without the stream's secret", extra={"stream": self.stream.name, "client": str(client)})
+            log.warning(
+                "request without the stream's secret", extra={"stream": self.stream.name, "client": str(client)}
+            )
             response = _answer(401, f"missing or wrong {self.auth_header} header")
             response.force_close()
             return response
@@ -192,4 +196,3 @@ def build_app(config: Config, journal: Journal, metrics: Metrics, state: State) 
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_endpoint)
     return app
-

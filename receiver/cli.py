@@ -13,6 +13,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import orjson
 
@@ -76,11 +77,19 @@ def cmd_validate(args: argparse.Namespace) -> int:
     server = config.server
     scheme = "https" if server.tls else "http"
     print(f"configuration OK: {_config_path(args.config)}")
-    print(f"  listen: {scheme}://{server.host}:{server.port}" + (" (mTLS)" if server.tls and server.tls.client_ca_file else ""))
+    print(
+        f"  listen: {scheme}://{server.host}:{server.port}"
+        + (" (mTLS)" if server.tls and server.tls.client_ca_file else "")
+    )
     print(f"  allowlist: {', '.join(server.allowlist)}; trusted proxies: {', '.join(server.trusted_proxies) or 'none'}")
-    print(f"  journal: {config.journal.path} (cap {config.journal.max_bytes} bytes, dedup {config.journal.dedup_window:g}s)")
+    journal = config.journal
+    print(f"  journal: {journal.path} (cap {journal.max_bytes} bytes, dedup {journal.dedup_window:g}s)")
     for stream in config.streams:
-        auth = f"secret in {stream.auth.header} ({len(stream.auth.values)} accepted value(s))" if stream.auth else "NO SECRET"
+        auth = (
+            f"secret in {stream.auth.header} ({len(stream.auth.values)} accepted value(s))"
+            if stream.auth
+            else "NO SECRET"
+        )
         print(f"  stream {stream.name}: POST {stream.path}, {auth} -> {', '.join(stream.sinks)}")
     for name, section in config.sinks.items():
         feeds = config.streams_of(name)
@@ -94,7 +103,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 ACTIONS = ("user.signed_in", "user.signed_out", "role.assigned", "api_key.created", "user.deleted", "group.updated")
 
 
-def sample_wrappers(count: int, source: str = "log-bridge-test") -> list[dict[str, object]]:
+def sample_wrappers(count: int, source: str = "log-bridge-test") -> list[dict[str, Any]]:
     """Realistic WorkOS wrappers with unique ids and keySuffixes."""
     now = time.time()
     wrappers = []
@@ -142,7 +151,10 @@ def cmd_send_test(args: argparse.Namespace) -> int:
     for header in args.header:
         name, sep, value = header.partition(":")
         if not sep or not name.strip():
-            print(f"log-bridge send-test: --header must look like 'Name: value' (got {name.strip()!r}...)", file=sys.stderr)
+            print(
+                f"log-bridge send-test: --header must look like 'Name: value' (got {name.strip()!r}...)",
+                file=sys.stderr,
+            )
             return 2
         headers[name.strip()] = value.strip()
     if not args.url.startswith(("http://", "https://")):
@@ -184,8 +196,14 @@ def cmd_dlq_list(args: argparse.Namespace) -> int:
         except orjson.JSONDecodeError:
             element = letter.data.decode("utf-8", "replace")
         at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(letter.at))
-        line = {"id": letter.id, "sink": letter.sink, "stream": letter.stream, "reason": letter.reason, "at": at,
-                "element": element}
+        line = {
+            "id": letter.id,
+            "sink": letter.sink,
+            "stream": letter.stream,
+            "reason": letter.reason,
+            "at": at,
+            "element": element,
+        }
         sys.stdout.write(json.dumps(line, ensure_ascii=False) + "\n")
     return 0
 
@@ -198,8 +216,10 @@ def cmd_dlq_replay(args: argparse.Namespace) -> int:
         _print_errors(exc)
         return 2
     if args.sink == INTAKE:
-        print("log-bridge dlq replay: intake dead letters are bad input, not events; they cannot be replayed",
-              file=sys.stderr)
+        print(
+            "log-bridge dlq replay: intake dead letters are bad input, not events; they cannot be replayed",
+            file=sys.stderr,
+        )
         return 2
     if args.sink is not None and args.sink not in config.sinks:
         print(f"log-bridge dlq replay: no sink named {args.sink!r} in the configuration", file=sys.stderr)
@@ -230,7 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     validate.set_defaults(func=cmd_validate)
 
     send = commands.add_parser(
-        "send-test", help="post sample WorkOS events to a receiver",
+        "send-test",
+        help="post sample WorkOS events to a receiver",
         description="Post realistic WorkOS audit-log wrappers to URL and print the answer.",
     )
     send.add_argument("url", help="e.g. http://127.0.0.1:8080/workos")
@@ -245,13 +266,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     dlq = commands.add_parser("dlq", help="dead letters: list or replay", description="Inspect or replay dead letters.")
     dlq_commands = dlq.add_subparsers(dest="dlq_command", required=True, metavar="ACTION")
-    listing = dlq_commands.add_parser("list", help="print dead letters as JSON lines",
-                                      description="Print dead letters as JSON lines: element, reason, when.")
+    listing = dlq_commands.add_parser(
+        "list",
+        help="print dead letters as JSON lines",
+        description="Print dead letters as JSON lines: element, reason, when.",
+    )
     listing.add_argument("--config", "-c", help=config_help)
     listing.add_argument("--sink", help=f"only this sink's ({INTAKE} for bad input)")
     listing.set_defaults(func=cmd_dlq_list)
-    replay = dlq_commands.add_parser("replay", help="put dead letters back for delivery",
-                                     description="Put sinks' dead letters back into the journal for delivery.")
+    replay = dlq_commands.add_parser(
+        "replay",
+        help="put dead letters back for delivery",
+        description="Put sinks' dead letters back into the journal for delivery.",
+    )
     replay.add_argument("--config", "-c", help=config_help)
     replay.add_argument("--sink", help="only this sink's")
     replay.set_defaults(func=cmd_dlq_replay)

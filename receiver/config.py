@@ -88,7 +88,7 @@ class ServerConfig(_Model):
 
     def allowed_networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
         """The allowlist as networks, with `workos` expanded to its addresses."""
-        networks = []
+        networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
         for entry in self.allowlist:
             names = WORKOS_EGRESS if entry == WORKOS else (entry,)
             networks.extend(_network(name) for name in names)
@@ -175,7 +175,9 @@ class Config(_Model):
                 problems.append(f"streams[{index}].name: {stream.name!r} is used by another stream")
             seen_names.add(stream.name)
             if stream.path in seen_paths:
-                problems.append(f"streams[{index}].path: {stream.path!r} is already used by {seen_paths[stream.path]!r}")
+                problems.append(
+                    f"streams[{index}].path: {stream.path!r} is already used by {seen_paths[stream.path]!r}"
+                )
             seen_paths[stream.path] = stream.name
             if stream.path in ("/healthz", "/readyz", "/metrics"):
                 problems.append(f"streams[{index}].path: {stream.path!r} is reserved")
@@ -209,6 +211,7 @@ def expand_env(tree: Any, environ: Mapping[str, str], path: str = "") -> tuple[A
 
     def walk(node: Any, where: str) -> Any:
         if isinstance(node, str):
+
             def replace(match: re.Match[str]) -> str:
                 if match.group(0) == "$$":
                     return "$"
@@ -348,4 +351,3 @@ def default_config() -> Config:
         },
         environ={},
     )
-

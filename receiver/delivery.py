@@ -43,8 +43,8 @@ def action_filter(include: Sequence[str], exclude: Sequence[str]) -> Callable[[s
 
 def backoff(attempt: int, policy: RetryConfig, rng: Callable[[], float] = random.random) -> float:
     """Seconds before the next attempt: full jitter over an exponential ceiling (attempt counts from 1)."""
-    ceiling = min(policy.max, policy.initial * (2 ** min(attempt - 1, 62)))
-    return ceiling * rng()
+    ceiling = min(policy.max, policy.initial * float(2 ** min(attempt - 1, 62)))
+    return float(ceiling * rng())
 
 
 class SinkRunner:
@@ -138,11 +138,11 @@ class SinkRunner:
             else:
                 await self._wait(self._first_buffered_at + self.section.batch.max_wait - time.monotonic())
 
-    async def _wait(self, timeout: float) -> None:
-        if timeout <= 0:
+    async def _wait(self, seconds: float) -> None:
+        if seconds <= 0:
             return
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._signal.wait(), timeout)
+            await asyncio.wait_for(self._signal.wait(), seconds)
 
     def stop(self) -> None:
         """Finish what is in the journal, without waiting for batches to fill."""
@@ -189,8 +189,13 @@ class SinkRunner:
             delay = max(backoff(attempt, policy), result.retry_after or 0.0)
             log.warning(
                 "send failed, will retry",
-                extra={"sink": self.name, "events": len(retry), "attempt": attempt, "delay_s": round(delay, 3),
-                       "reason": reason},
+                extra={
+                    "sink": self.name,
+                    "events": len(retry),
+                    "attempt": attempt,
+                    "delay_s": round(delay, 3),
+                    "reason": reason,
+                },
             )
             await asyncio.sleep(delay)
             todo = [event for event, _ in retry]
@@ -253,11 +258,11 @@ class DeliveryEngine:
         else:
             log.error("sink health check failed", extra={"sink": runner.name, "detail": health.message})
 
-    async def stop(self, timeout: float) -> bool:
-        """Let the sinks drain the backlog for up to `timeout` seconds, then close them. True if all drained."""
+    async def stop(self, deadline: float) -> bool:
+        """Let the sinks drain the backlog for up to `deadline` seconds, then close them. True if all drained."""
         for runner in self.runners.values():
             runner.stop()
-        done, pending = await asyncio.wait(self._tasks, timeout=timeout) if self._tasks else (set(), set())
+        done, pending = await asyncio.wait(self._tasks, timeout=deadline) if self._tasks else (set(), set())
         for task in pending:
             task.cancel()
         if pending:

@@ -1,11 +1,11 @@
 """Errors of the receiver. Every message is safe to show: none names a secret.
 
-    LogBridgeError
-    ├── ConfigError          the YAML is invalid; `.errors` lists every problem with its YAML path
-    ├── JournalError         the journal cannot take a write
-    │   ├── JournalFull      over `journal.max_bytes` (or the disk is full)
-    │   └── JournalClosed    shutting down
-    └── BodyError            a request body that cannot be read; carries the HTTP status to answer
+LogBridgeError
+├── ConfigError          the YAML is invalid; `.errors` lists every problem with its YAML path
+├── JournalError         the journal cannot take a write
+│   ├── JournalFull      over `journal.max_bytes` (or the disk is full)
+│   └── JournalClosed    shutting down
+└── BodyError            a request body that cannot be read; carries the HTTP status to answer
 """
 
 from __future__ import annotations

@@ -194,9 +194,9 @@ class Journal:
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
             self.healthy = False
-            error = _map_error(exc)
-            log.error("journal commit failed", extra={"error": str(error)})
-            outcomes = [(job, None, error) for job in jobs]
+            failure = _map_error(exc)
+            log.error("journal commit failed", extra={"error": str(failure)})
+            outcomes = [(job, None, failure) for job in jobs]
         row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'events'").fetchone()
         self.last_seq = int(row[0]) if row else 0
         self.size_bytes = self._measure(conn)
@@ -272,7 +272,9 @@ class Journal:
     async def probe(self) -> bool:
         """Whether a write commits now (readiness)."""
         try:
-            await self._write(lambda conn: conn.execute("INSERT OR REPLACE INTO meta VALUES ('probe', ?)", (time.time(),)))
+            await self._write(
+                lambda conn: conn.execute("INSERT OR REPLACE INTO meta VALUES ('probe', ?)", (time.time(),))
+            )
         except JournalError:
             return False
         return True
@@ -395,10 +397,12 @@ def replay_dead_letters(path: Path, sink: str | None = None) -> int:
     conn = connect(path)
     try:
         conn.execute("BEGIN IMMEDIATE")
-        where = "sink IS NOT NULL" + (" AND sink = ?" if sink else "")
-        params: tuple[Any, ...] = (sink,) if sink else ()
+        query = "SELECT id, sink, stream, data FROM dead_letters WHERE sink IS NOT NULL"
+        params: tuple[Any, ...] = ()
+        if sink:
+            query, params = query + " AND sink = ?", (sink,)
         now = time.time()
-        rows = conn.execute(f"SELECT id, sink, stream, data FROM dead_letters WHERE {where} ORDER BY id", params).fetchall()  # noqa: S608
+        rows = conn.execute(query + " ORDER BY id", params).fetchall()
         for _id, target, stream, data in rows:
             action, moment = _action_and_time(bytes(data), now)
             conn.execute(

@@ -12,45 +12,67 @@ class Metrics:
     """The metrics of one running service, in their own registry."""
 
     def __init__(self) -> None:
-        disable_created_metrics()  # the *_created series only add noise to every scrape
+        disable_created_metrics()  # type: ignore[no-untyped-call]  # the *_created series only add scrape noise
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
-            "log_bridge_requests", "HTTP requests to stream endpoints, by stream and status code",
-            ["stream", "code"], registry=r,
+            "log_bridge_requests",
+            "HTTP requests to stream endpoints, by stream and status code",
+            ["stream", "code"],
+            registry=r,
         )
         self.request_seconds = Histogram(
-            "log_bridge_request_duration_seconds", "Time from request start to answer on stream endpoints",
-            ["stream"], registry=r,
+            "log_bridge_request_duration_seconds",
+            "Time from request start to answer on stream endpoints",
+            ["stream"],
+            registry=r,
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
         )
-        self.received = Counter("log_bridge_events_received", "Events accepted into the journal", ["stream"], registry=r)
+        self.received = Counter(
+            "log_bridge_events_received", "Events accepted into the journal", ["stream"], registry=r
+        )
         self.duplicates = Counter(
-            "log_bridge_events_duplicate", "Events acknowledged but not journaled again (seen within the dedup window)",
-            ["stream"], registry=r,
+            "log_bridge_events_duplicate",
+            "Events acknowledged but not journaled again (seen within the dedup window)",
+            ["stream"],
+            registry=r,
         )
         self.dead_lettered = Counter(
-            "log_bridge_events_dead_lettered", "Elements put in the dead-letter store, by stage (intake or a sink)",
-            ["stage"], registry=r,
+            "log_bridge_events_dead_lettered",
+            "Elements put in the dead-letter store, by stage (intake or a sink)",
+            ["stage"],
+            registry=r,
         )
         self.delivered = Counter("log_bridge_sink_events_delivered", "Events a sink delivered", ["sink"], registry=r)
         self.failed = Counter(
-            "log_bridge_sink_events_failed", "Events a send failed for, by outcome (retry or permanent)",
-            ["sink", "outcome"], registry=r,
+            "log_bridge_sink_events_failed",
+            "Events a send failed for, by outcome (retry or permanent)",
+            ["sink", "outcome"],
+            registry=r,
         )
         self.send_seconds = Histogram(
-            "log_bridge_sink_send_duration_seconds", "Time one batch send took", ["sink"], registry=r,
+            "log_bridge_sink_send_duration_seconds",
+            "Time one batch send took",
+            ["sink"],
+            registry=r,
             buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
         )
         self.backlog = Gauge(
-            "log_bridge_sink_backlog_events", "Journal rows the sink has not passed yet", ["sink"], registry=r,
+            "log_bridge_sink_backlog_events",
+            "Journal rows the sink has not passed yet",
+            ["sink"],
+            registry=r,
         )
         self.sink_up = Gauge(
-            "log_bridge_sink_up", "1 when the sink's last health check or send succeeded, else 0", ["sink"], registry=r,
+            "log_bridge_sink_up",
+            "1 when the sink's last health check or send succeeded, else 0",
+            ["sink"],
+            registry=r,
         )
         self.journal_bytes = Gauge("log_bridge_journal_bytes", "Bytes the journal's live pages take", registry=r)
         self.journal_over_cap = Gauge(
-            "log_bridge_journal_over_cap", "1 while the journal is over journal.max_bytes (intake answers 503)",
+            "log_bridge_journal_over_cap",
+            "1 while the journal is over journal.max_bytes (intake answers 503)",
             registry=r,
         )
 

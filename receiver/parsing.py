@@ -15,7 +15,13 @@ import zstandard
 from receiver.errors import BodyError
 
 NDJSON_TYPES = frozenset(
-    {"application/x-ndjson", "application/ndjson", "application/jsonl", "application/x-jsonlines", "application/jsonlines"}
+    {
+        "application/x-ndjson",
+        "application/ndjson",
+        "application/jsonl",
+        "application/x-jsonlines",
+        "application/jsonlines",
+    }
 )
 _CHUNK = 64 * 1024
 
@@ -200,7 +206,9 @@ def _sort_one(element: Any, received_at: float, parsed: Parsed) -> None:
         event = element
         wrapper = {"event": element}
     else:
-        parsed.rejected.append(Rejected(_dumps(element), "object has no event (and is not a bare event with an action)"))
+        parsed.rejected.append(
+            Rejected(_dumps(element), "object has no event (and is not a bare event with an action)")
+        )
         return
     action = event.get("action")
     key = wrapper.get("keySuffix")

@@ -53,9 +53,9 @@ class Service:
     @property
     def port(self) -> int:
         """The bound port (useful with `port: 0`)."""
-        assert self._site is not None
-        server = self._site._server
-        assert server is not None and isinstance(server, asyncio.Server)
+        server = self._site._server if self._site is not None else None
+        if not isinstance(server, asyncio.Server):
+            raise RuntimeError("the service is not listening")
         return int(server.sockets[0].getsockname()[1])
 
     @property

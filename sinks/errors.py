@@ -1,7 +1,7 @@
 """Errors raised by sinks and the sink registry.
 
-    SinkError
-    └── SinkTypeError      unknown sink type, or its optional dependency is missing
+SinkError
+└── SinkTypeError      unknown sink type, or its optional dependency is missing
 """
 
 from __future__ import annotations

@@ -50,7 +50,7 @@ class FileSink:
             path.parent.mkdir(parents=True, exist_ok=True)
             data = b"\n".join(lines) + b"\n"
             if self.config.max_file_bytes is not None:
-                self._rotate_if_full(path, len(data))
+                self._rotate_if_full(path, len(data), self.config.max_file_bytes)
             fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
             try:
                 view = memoryview(data)
@@ -61,13 +61,12 @@ class FileSink:
             finally:
                 os.close(fd)
 
-    def _rotate_if_full(self, path: Path, incoming: int) -> None:
-        assert self.config.max_file_bytes is not None
+    def _rotate_if_full(self, path: Path, incoming: int, limit: int) -> None:
         try:
             size = path.stat().st_size
         except FileNotFoundError:
             return
-        if size == 0 or size + incoming <= self.config.max_file_bytes:
+        if size == 0 or size + incoming <= limit:
             return
         number = 1
         while (rotated := path.with_name(f"{path.stem}.{number}{path.suffix}")).exists():

@@ -45,7 +45,9 @@ def load(type_name: str) -> SinkFactory:
     except ImportError as exc:
         extra = EXTRAS.get(type_name)
         hint = f"; install it with: pip install 'log-bridge[{extra}]'" if extra else ""
-        raise SinkTypeError(f"sink type {type_name!r} needs a package that is not installed ({exc.name}){hint}") from exc
+        raise SinkTypeError(
+            f"sink type {type_name!r} needs a package that is not installed ({exc.name}){hint}"
+        ) from exc
     try:
         return cast(SinkFactory, getattr(module, attribute))
     except AttributeError as exc:

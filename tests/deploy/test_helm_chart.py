@@ -400,6 +400,16 @@ class TestIngress:
     def test_off_by_default(self, render: Render) -> None:
         assert "Ingress" not in kinds(render())
 
+    @pytest.mark.parametrize("values", [{"ingress": {"enabled": True}}, scenario("ingress-tls")])
+    def test_routes_only_the_stream_paths(self, render: Render, values: dict[str, Any]) -> None:
+        """/metrics, /healthz and /readyz are for the cluster: the Ingress does not publish them."""
+        manifests = render(values)
+        streams = {stream["path"] for stream in rendered_config(manifests)["streams"]}
+        for rule in only(manifests, "Ingress")["spec"]["rules"]:
+            for route in rule["http"]["paths"]:
+                assert route["path"] in streams
+                assert route["pathType"] == "Exact"
+
 
 class TestAutoscaling:
     def test_hpa_scales_the_statefulset(self, render: Render) -> None:

@@ -70,8 +70,13 @@ class TestExamples:
 
     @pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "examples").glob("*.yaml")))
     def test_shipped_examples_validate(self, name: str) -> None:
-        environ = {"LOG_BRIDGE_TOKEN": "t", "SPLUNK_HEC_TOKEN": "t", "DD_API_KEY": "k", "AWS_ACCESS_KEY_ID": "a",
-                   "AWS_SECRET_ACCESS_KEY": "s"}
+        environ = {
+            "LOG_BRIDGE_TOKEN": "t",
+            "SPLUNK_HEC_TOKEN": "t",
+            "DD_API_KEY": "k",
+            "AWS_ACCESS_KEY_ID": "a",
+            "AWS_SECRET_ACCESS_KEY": "s",
+        }
         load_config(ROOT / "examples" / name, environ)
 
     def test_defaults(self) -> None:
@@ -97,14 +102,18 @@ class TestExpansion:
         assert errors == [] and tree == {"a": "1", "b": ["x-dflt-y"], "c": "${X}", "d": 5, "e": ""}
 
     def test_unset_variable_is_an_error_naming_the_path(self) -> None:
-        problems = errors_of(minimal(streams=[{"name": "w", "path": "/w", "auth": {"values": ["Bearer ${NOPE}"]},
-                                               "sinks": ["archive"]}]))
+        problems = errors_of(
+            minimal(streams=[{"name": "w", "path": "/w", "auth": {"values": ["Bearer ${NOPE}"]}, "sinks": ["archive"]}])
+        )
         assert problems == ["streams[0].auth.values[0]: environment variable NOPE is not set"]
 
     def test_a_value_cannot_inject_yaml(self, tmp_path: Path) -> None:
         path = tmp_path / "c.yaml"
-        path.write_text(yaml.safe_dump(minimal(streams=[
-            {"name": "w", "path": "/w", "auth": {"values": ["${EVIL}"]}, "sinks": ["archive"]}])))
+        path.write_text(
+            yaml.safe_dump(
+                minimal(streams=[{"name": "w", "path": "/w", "auth": {"values": ["${EVIL}"]}, "sinks": ["archive"]}])
+            )
+        )
         evil = "x\"]\nserver: {allowlist: ['0.0.0.0/0']}\n#"
         config = load_config(path, {"EVIL": evil})
         assert config.streams[0].auth is not None and config.streams[0].auth.values == (evil,)
@@ -112,13 +121,24 @@ class TestExpansion:
 
 
 class TestUnits:
-    @pytest.mark.parametrize(("text", "seconds"), [("500ms", 0.5), ("1s", 1), ("24h", 86400), (30, 30), ("2m", 120),
-                                                   ("1.5s", 1.5), ("7d", 604800)])
+    @pytest.mark.parametrize(
+        ("text", "seconds"),
+        [("500ms", 0.5), ("1s", 1), ("24h", 86400), (30, 30), ("2m", 120), ("1.5s", 1.5), ("7d", 604800)],
+    )
     def test_durations(self, text: object, seconds: float) -> None:
         assert parse_duration(text) == seconds
 
-    @pytest.mark.parametrize(("text", "size"), [("10MiB", 10 * 1024**2), (1048576, 1048576), ("1GiB", 1024**3),
-                                                ("512KiB", 524288), ("1MB", 1000**2), ("2k", 2000)])
+    @pytest.mark.parametrize(
+        ("text", "size"),
+        [
+            ("10MiB", 10 * 1024**2),
+            (1048576, 1048576),
+            ("1GiB", 1024**3),
+            ("512KiB", 524288),
+            ("1MB", 1000**2),
+            ("2k", 2000),
+        ],
+    )
     def test_sizes(self, text: object, size: int) -> None:
         assert parse_size(text) == size
 
@@ -139,13 +159,16 @@ class TestErrors:
         tree["sinks"]["archive"]["batch"] = {"max_events": 0}
         problems = errors_of(tree)
         assert {p.split(":")[0] for p in problems} == {
-            "server.port", "server.allowlist", "journal.max_bytes", "sinks.archive.batch.max_events"}
+            "server.port",
+            "server.allowlist",
+            "journal.max_bytes",
+            "sinks.archive.batch.max_events",
+        }
 
     def test_stream_naming_an_undefined_sink(self) -> None:
         tree = minimal()
         tree["streams"][0]["sinks"] = ["archive", "splunk"]
-        assert errors_of(tree) == [
-            "streams[0].sinks[1]: sink 'splunk' is not defined under sinks (defined: archive)"]
+        assert errors_of(tree) == ["streams[0].sinks[1]: sink 'splunk' is not defined under sinks (defined: archive)"]
 
     def test_sink_without_its_required_option(self) -> None:
         assert errors_of(minimal(sinks={"archive": {"type": "file"}})) == ["sinks.archive.path: field required"]

@@ -20,9 +20,10 @@ AUTH = {"Authorization": TOKEN}
 
 
 async def send(service: Service, wrappers: list[dict[str, Any]], path: str = "/workos") -> dict[str, Any]:
-    async with aiohttp.ClientSession() as session, session.post(
-        service.url + path, data=orjson.dumps(wrappers), headers=AUTH
-    ) as response:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(service.url + path, data=orjson.dumps(wrappers), headers=AUTH) as response,
+    ):
         assert response.status == 200, await response.text()
         result: dict[str, Any] = await response.json()
         return result
@@ -30,8 +31,11 @@ async def send(service: Service, wrappers: list[dict[str, Any]], path: str = "/w
 
 def events(count: int, action: str = "user.signed_in", prefix: str = "k") -> list[dict[str, Any]]:
     return [
-        {"event": {"id": f"{prefix}{i}", "action": action, "occurred_at": "2024-01-15T10:30:00.000Z"},
-         "keySuffix": f"{prefix}{i}", "timestamp": "2024-01-15T10:30:00.123Z"}
+        {
+            "event": {"id": f"{prefix}{i}", "action": action, "occurred_at": "2024-01-15T10:30:00.000Z"},
+            "keySuffix": f"{prefix}{i}",
+            "timestamp": "2024-01-15T10:30:00.123Z",
+        }
         for i in range(count)
     ]
 
@@ -175,13 +179,15 @@ class TestIsolation:
 
     async def test_streams_route_to_their_own_sinks(self, start_service: StartService) -> None:
         fast = {"type": "memory", "batch": {"max_wait": "20ms"}}
-        service = await start_service({
-            "streams": [
-                {"name": "prod", "path": "/prod", "auth": {"values": [TOKEN]}, "sinks": ["a"]},
-                {"name": "dev", "path": "/dev", "auth": {"values": [TOKEN]}, "sinks": ["b"]},
-            ],
-            "sinks": {"a": fast, "b": fast},
-        })
+        service = await start_service(
+            {
+                "streams": [
+                    {"name": "prod", "path": "/prod", "auth": {"values": [TOKEN]}, "sinks": ["a"]},
+                    {"name": "dev", "path": "/dev", "auth": {"values": [TOKEN]}, "sinks": ["b"]},
+                ],
+                "sinks": {"a": fast, "b": fast},
+            }
+        )
         await send(service, events(3, prefix="p"), "/prod")
         await send(service, events(2, prefix="d"), "/dev")
         await until(lambda: len(memory("a").events) == 3 and len(memory("b").events) == 2)
@@ -189,8 +195,10 @@ class TestIsolation:
 
     async def test_include_and_exclude_action_globs(self, start_service: StartService) -> None:
         service = await start_service(
-            two_sinks(a={"include_actions": ["user.*"], "exclude_actions": ["user.deleted"]},
-                      b={"exclude_actions": ["role.*"]})
+            two_sinks(
+                a={"include_actions": ["user.*"], "exclude_actions": ["user.deleted"]},
+                b={"exclude_actions": ["role.*"]},
+            )
         )
         batch = events(2, "user.signed_in", "u") + events(1, "user.deleted", "d") + events(2, "role.assigned", "r")
         await send(service, batch)
@@ -201,7 +209,11 @@ class TestIsolation:
     def test_action_filter(self) -> None:
         wanted = action_filter(["user.*", "role.assigned"], ["user.deleted"])
         assert [wanted(a) for a in ("user.signed_in", "user.deleted", "role.assigned", "role.removed")] == [
-            True, False, True, False]
+            True,
+            False,
+            True,
+            False,
+        ]
         assert action_filter([], [])("anything")
 
 
@@ -210,8 +222,9 @@ class TestShutdownAndRestart:
         self, start_service: StartService, tmp_path: Path
     ) -> None:
         journal = str(tmp_path / "kept.db")
-        first = await start_service({"journal": {"path": journal}, "server": {"shutdown_timeout": "300ms"},
-                                     "sinks": {"mem": {"fail": "retry"}}})
+        first = await start_service(
+            {"journal": {"path": journal}, "server": {"shutdown_timeout": "300ms"}, "sinks": {"mem": {"fail": "retry"}}}
+        )
         await send(first, events(25))
         drained = await first.stop()
         assert drained is False and memory().events == []

@@ -25,7 +25,10 @@ AUTH = {"Authorization": TOKEN}
 
 
 async def post(
-    client: aiohttp.ClientSession, service: Service, body: bytes, headers: dict[str, str] | None = None,
+    client: aiohttp.ClientSession,
+    service: Service,
+    body: bytes,
+    headers: dict[str, str] | None = None,
     path: str = "/workos",
 ) -> tuple[int, Any, aiohttp.typedefs.LooseHeaders]:
     async with client.post(service.url + path, data=body, headers={**AUTH, **(headers or {})}) as response:
@@ -96,7 +99,12 @@ class TestAccepting:
         assert (status, payload) == (200, {"accepted": 3, "duplicates": 0, "dead_lettered": 4})
         assert await delivered(3) == good
         letters = list_dead_letters(service.config.journal.path)
-        assert [orjson.loads(letter.data) for letter in letters] == [42, {"no": "event"}, {"event": "not an object"}, None]
+        assert [orjson.loads(letter.data) for letter in letters] == [
+            42,
+            {"no": "event"},
+            {"event": "not an object"},
+            None,
+        ]
         assert all(letter.sink == "(intake)" and letter.reason for letter in letters)
         assert "number" in letters[0].reason and "no event" in letters[1].reason
 
@@ -161,8 +169,16 @@ class TestRefusing:
 
     async def test_any_of_several_secrets_is_accepted_for_rotation(self, start_service: StartService, client) -> None:
         service = await start_service(
-            {"streams": [{"name": "workos", "path": "/workos", "auth": {"header": "X-Stream-Secret",
-                                                                        "values": ["old", "new"]}, "sinks": ["mem"]}]}
+            {
+                "streams": [
+                    {
+                        "name": "workos",
+                        "path": "/workos",
+                        "auth": {"header": "X-Stream-Secret", "values": ["old", "new"]},
+                        "sinks": ["mem"],
+                    }
+                ]
+            }
         )
         for secret in ("old", "new"):
             async with client.post(service.url + "/workos", data=b"[]", headers={"X-Stream-Secret": secret}) as r:
@@ -175,8 +191,12 @@ class TestRefusing:
 
     @pytest.mark.parametrize(
         ("body", "where"),
-        [(b"hello world", "must start with"), (b"[1, 2", "line 1 column"), (b"{\"a\": }", "not valid JSON"),
-         (b"   ", "empty body")],
+        [
+            (b"hello world", "must start with"),
+            (b"[1, 2", "line 1 column"),
+            (b'{"a": }', "not valid JSON"),
+            (b"   ", "empty body"),
+        ],
     )
     async def test_unparseable_body_is_400_saying_where(
         self, start_service: StartService, client, body: bytes, where: str
@@ -262,9 +282,10 @@ class TestRefusing:
             body, headers["Content-Encoding"] = zstandard.compress(body), "zstd"
         elif encoding == "gzip-raw":  # claims gzip, is not
             headers["Content-Encoding"] = "gzip"
-        async with aiohttp.ClientSession() as session, session.post(
-            shared_service.url + "/workos", data=body, headers=headers
-        ) as response:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(shared_service.url + "/workos", data=body, headers=headers) as response,
+        ):
             assert response.status < 500, await response.text()
             assert response.status in (200, 400, 413, 415)
 
@@ -277,9 +298,10 @@ async def shared_service(start_service: StartService) -> Service:
 class TestAllowlist:
     async def post_from(self, service: Service, source: str, headers: dict[str, str] | None = None) -> int:
         connector = aiohttp.TCPConnector(local_addr=(source, 0))
-        async with aiohttp.ClientSession(connector=connector) as session, session.post(
-            service.url + "/workos", data=b"[]", headers={**AUTH, **(headers or {})}
-        ) as response:
+        async with (
+            aiohttp.ClientSession(connector=connector) as session,
+            session.post(service.url + "/workos", data=b"[]", headers={**AUTH, **(headers or {})}) as response,
+        ):
             return response.status
 
     async def test_only_allowed_source_addresses(self, start_service: StartService) -> None:
@@ -291,9 +313,10 @@ class TestAllowlist:
     async def test_403_comes_before_authentication(self, start_service: StartService) -> None:
         service = await start_service()
         connector = aiohttp.TCPConnector(local_addr=("127.0.0.2", 0))
-        async with aiohttp.ClientSession(connector=connector) as session, session.post(
-            service.url + "/workos", data=b"[]"
-        ) as response:
+        async with (
+            aiohttp.ClientSession(connector=connector) as session,
+            session.post(service.url + "/workos", data=b"[]") as response,
+        ):
             assert response.status == 403
 
     async def test_forwarded_for_is_believed_only_from_a_trusted_proxy(self, start_service: StartService) -> None:
@@ -342,9 +365,12 @@ class TestTLS:
         service = await start_service({"server": {"tls": {"cert_file": str(p["cert"]), "key_file": str(p["key"])}}})
         context = ssl.create_default_context()
         pki["ca"].configure_trust(context)
-        async with aiohttp.ClientSession() as session, session.post(
-            service.url + "/workos", data=orjson.dumps(sample_wrappers(2)), headers=AUTH, ssl=context
-        ) as response:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(
+                service.url + "/workos", data=orjson.dumps(sample_wrappers(2)), headers=AUTH, ssl=context
+            ) as response,
+        ):
             assert response.status == 200
         # Clients cannot be made to offer TLS 1.1 here (OpenSSL refuses it first), so check the listener's own
         # floor, and what a real handshake negotiated.
@@ -359,22 +385,31 @@ class TestTLS:
     ) -> None:
         p = pki["paths"]
         service = await start_service(
-            {"server": {"tls": {"cert_file": str(p["cert"]), "key_file": str(p["key"]),
-                                "client_ca_file": str(p["client_ca"])}}}
+            {
+                "server": {
+                    "tls": {
+                        "cert_file": str(p["cert"]),
+                        "key_file": str(p["key"]),
+                        "client_ca_file": str(p["client_ca"]),
+                    }
+                }
+            }
         )
         anonymous = ssl.create_default_context()
         pki["ca"].configure_trust(anonymous)
         with pytest.raises(aiohttp.ClientError):
-            async with aiohttp.ClientSession() as session, session.post(
-                service.url + "/workos", data=b"[]", headers=AUTH, ssl=anonymous
-            ) as response:
+            async with (
+                aiohttp.ClientSession() as session,
+                session.post(service.url + "/workos", data=b"[]", headers=AUTH, ssl=anonymous) as response,
+            ):
                 await response.read()
         with_cert = ssl.create_default_context()
         pki["ca"].configure_trust(with_cert)
         pki["client_cert"].configure_cert(with_cert)
-        async with aiohttp.ClientSession() as session, session.post(
-            service.url + "/workos", data=b"[]", headers=AUTH, ssl=with_cert
-        ) as response:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(service.url + "/workos", data=b"[]", headers=AUTH, ssl=with_cert) as response,
+        ):
             assert response.status == 200
 
 

@@ -15,8 +15,11 @@ from receiver.parsing import Record, Rejected
 
 
 def record(key: str | None, action: str = "user.signed_in") -> Record:
-    raw = b'{"event":{"action":"%s","id":"%s"},"keySuffix":"%s"}' % (action.encode(), (key or "").encode(),
-                                                                     (key or "").encode())
+    raw = b'{"event":{"action":"%s","id":"%s"},"keySuffix":"%s"}' % (
+        action.encode(),
+        (key or "").encode(),
+        (key or "").encode(),
+    )
     return Record(raw=raw, action=action, time=time.time(), key=key)
 
 
@@ -39,9 +42,7 @@ class TestJournal:
 
     async def test_concurrent_appends_share_commits(self, journal: Journal) -> None:
         before = journal.commits
-        results = await asyncio.gather(
-            *(journal.append("s", [record(f"k{i}")], [], time.time()) for i in range(200))
-        )
+        results = await asyncio.gather(*(journal.append("s", [record(f"k{i}")], [], time.time()) for i in range(200)))
         assert all(r.accepted == 1 for r in results)
         assert journal.commits - before < 100  # grouped: far fewer fsyncs than requests
         rows = await journal.read(0, 1000)
@@ -76,11 +77,11 @@ class TestJournal:
 
     async def test_sequence_numbers_never_go_back_after_the_journal_empties(self, journal: Journal) -> None:
         await journal.append("s", [record("x")], [], time.time())
-        (event, _), = await journal.read(0, 10)
+        ((event, _),) = await journal.read(0, 10)
         await journal.commit_progress("a", event.seq, [], ["a"])
         assert await journal.read(0, 10) == []
         await journal.append("s", [record("y")], [], time.time())
-        (later, _), = await journal.read(0, 10)
+        ((later, _),) = await journal.read(0, 10)
         assert later.seq > event.seq
 
     async def test_over_cap_refuses(self, tmp_path: Path) -> None:

@@ -33,8 +33,9 @@ def write_config(tmp_path: Path, port: int, **sink: Any) -> Path:
     config = {
         "server": {"host": "127.0.0.1", "port": port, "allowlist": ["127.0.0.1/32"], "shutdown_timeout": "3s"},
         "journal": {"path": str(tmp_path / "journal.db")},
-        "streams": [{"name": "workos", "path": "/workos", "auth": {"values": ["${STREAM_SECRET}"]},
-                     "sinks": ["archive"]}],
+        "streams": [
+            {"name": "workos", "path": "/workos", "auth": {"values": ["${STREAM_SECRET}"]}, "sinks": ["archive"]}
+        ],
         "sinks": {"archive": {"type": "file", "path": str(tmp_path / "out" / "%Y-%m-%d.ndjson"), **sink}},
     }
     path = tmp_path / "config.yaml"
@@ -44,7 +45,10 @@ def write_config(tmp_path: Path, port: int, **sink: Any) -> Path:
 
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout,
+        [str(SCRIPT), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
         env={**os.environ, "STREAM_SECRET": TOKEN, **(env or {})},
     )
 
@@ -54,7 +58,10 @@ class Server:
         self.port = port
         self.log = (cwd / "serve.log").open("ab")
         self.proc = subprocess.Popen(
-            [str(SCRIPT), "serve", "--config", str(config)], cwd=cwd, stdout=self.log, stderr=self.log,
+            [str(SCRIPT), "serve", "--config", str(config)],
+            cwd=cwd,
+            stdout=self.log,
+            stderr=self.log,
             env={**os.environ, "STREAM_SECRET": TOKEN},
         )
 
@@ -88,8 +95,9 @@ def delivered_keys(tmp_path: Path) -> list[str]:
 
 
 class TestCommands:
-    @pytest.mark.parametrize("command", [[], ["serve"], ["validate"], ["send-test"], ["dlq"], ["dlq", "list"],
-                                         ["dlq", "replay"]])
+    @pytest.mark.parametrize(
+        "command", [[], ["serve"], ["validate"], ["send-test"], ["dlq"], ["dlq", "list"], ["dlq", "replay"]]
+    )
     def test_help(self, command: list[str]) -> None:
         result = run_cli(*command, "--help")
         assert result.returncode == 0 and "usage: log-bridge" in result.stdout
@@ -97,7 +105,11 @@ class TestCommands:
     def test_validate(self, tmp_path: Path) -> None:
         good = write_config(tmp_path, 8080)
         result = run_cli("validate", "--config", str(good))
-        assert result.returncode == 0 and "configuration OK" in result.stdout and "sink archive: type file" in result.stdout
+        assert (
+            result.returncode == 0
+            and "configuration OK" in result.stdout
+            and "sink archive: type file" in result.stdout
+        )
         assert TOKEN not in result.stdout
         bad = tmp_path / "bad.yaml"
         bad.write_text("server: {port: x, colour: red}\nstreams: []\nsinks: {a: {type: nope}}\n")
@@ -109,8 +121,12 @@ class TestCommands:
 
     def test_validate_reports_an_unset_variable(self, tmp_path: Path) -> None:
         config = write_config(tmp_path, 8080)
-        result = subprocess.run([str(SCRIPT), "validate", "--config", str(config)], capture_output=True, text=True,
-                                env={k: v for k, v in os.environ.items() if k != "STREAM_SECRET"})
+        result = subprocess.run(
+            [str(SCRIPT), "validate", "--config", str(config)],
+            capture_output=True,
+            text=True,
+            env={k: v for k, v in os.environ.items() if k != "STREAM_SECRET"},
+        )
         assert result.returncode == 1
         assert "streams[0].auth.values[0]: environment variable STREAM_SECRET is not set" in result.stderr
 
@@ -129,20 +145,24 @@ class TestRunningProcess:
             await server.ready()
             url = f"http://127.0.0.1:{port}/workos"
             for extra in ([], ["--format", "ndjson", "--gzip"]):
-                result = await asyncio.to_thread(run_cli, "send-test", url, "--header", f"Authorization: {TOKEN}",
-                                                 "--count", "4", *extra)
+                result = await asyncio.to_thread(
+                    run_cli, "send-test", url, "--header", f"Authorization: {TOKEN}", "--count", "4", *extra
+                )
                 assert result.returncode == 0, result.stderr
                 assert result.stdout.startswith('200 {"accepted":4')
             refused = await asyncio.to_thread(run_cli, "send-test", url, "-H", "Authorization: Bearer wrong")
             assert refused.returncode == 1 and refused.stdout.startswith("401")
-            async with aiohttp.ClientSession() as session, session.post(
-                url, data=b'[{"event": 5}]', headers={"Authorization": TOKEN}
-            ) as response:
+            async with (
+                aiohttp.ClientSession() as session,
+                session.post(url, data=b'[{"event": 5}]', headers={"Authorization": TOKEN}) as response,
+            ):
                 assert (await response.json())["dead_lettered"] == 1
             listing = await asyncio.to_thread(run_cli, "dlq", "list", "--config", str(config))
             (line,) = listing.stdout.splitlines()
             entry = orjson.loads(line)
-            assert entry["element"] == {"event": 5} and entry["sink"] == "(intake)" and "not an object" in entry["reason"]
+            assert (
+                entry["element"] == {"event": 5} and entry["sink"] == "(intake)" and "not an object" in entry["reason"]
+            )
             deadline = time.monotonic() + 10
             while len(delivered_keys(tmp_path)) < 8 and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
@@ -160,8 +180,9 @@ class TestRunningProcess:
             async with aiohttp.ClientSession() as session:
                 while True:
                     try:
-                        async with session.post("http://127.0.0.1:8080/workos",
-                                                data=orjson.dumps(sample_wrappers(2))) as response:
+                        async with session.post(
+                            "http://127.0.0.1:8080/workos", data=orjson.dumps(sample_wrappers(2))
+                        ) as response:
                             assert response.status == 200
                             break
                     except aiohttp.ClientConnectionError:
@@ -193,8 +214,9 @@ async def test_sigkill_under_load_loses_no_acknowledged_event(tmp_path: Path) ->
                     wrapper["keySuffix"] = f"c{number}-b{batch}-{index}"
                 batch += 1
                 try:
-                    async with session.post(f"http://127.0.0.1:{port}/workos", data=orjson.dumps(wrappers),
-                                            headers={"Authorization": TOKEN}) as response:
+                    async with session.post(
+                        f"http://127.0.0.1:{port}/workos", data=orjson.dumps(wrappers), headers={"Authorization": TOKEN}
+                    ) as response:
                         if response.status == 200:
                             acknowledged.extend(w["keySuffix"] for w in wrappers)
                 except aiohttp.ClientError:

@@ -20,6 +20,7 @@ import orjson
 import pydantic
 import pytest
 import trustme
+import yaml
 
 from sinks import registry
 from sinks.base import Event, Outcome, SendResult
@@ -29,6 +30,29 @@ from sinks.testing.compliance import CHECKS, REJECT_ACTION, make_events, run_che
 from sinks.testing.hec import Harness, HecPeer, parse_envelopes
 
 TOKEN = "11111111-2222-3333-4444-555555555555"
+
+DOCUMENTED_YAML = """
+journal: {path: JOURNAL}
+streams:
+  - name: workos
+    path: /workos
+    auth: {values: ["Bearer 0123456789abcdef0123"]}
+    sinks: [splunk]
+sinks:
+  splunk:
+    type: splunk_hec
+    url: https://splunk.example.com:8088
+    token: ${SPLUNK_HEC_TOKEN}
+    # endpoint: event | raw          (default event)
+    index: audit
+    sourcetype: workos:audit
+    # source: workos                 (default: the wrapper's "source", else the stream's name)
+    # host: ...
+    # compression: gzip | none       (default gzip)
+    tls: {verify: true, ca_file: /etc/ssl/splunk-ca.pem}
+    indexer_ack: {enabled: false, poll_interval: 10s, timeout: 5m}
+    batch: {max_events: 1000, max_bytes: 1048576, max_wait: 1s}
+"""
 
 
 def sink_for(peer: HecPeer, **overrides: Any) -> SplunkHecSink:
@@ -87,6 +111,16 @@ class TestConfig:
         assert config.endpoint == "event" and config.compression == "gzip"
         assert config.indexer_ack.poll_interval == 10.0 and config.indexer_ack.timeout == 300.0
         assert config.source is None and config.host is None
+
+    def test_the_documented_yaml_loads_through_the_receiver(self, tmp_path: Path) -> None:
+        from receiver.config import parse_config
+
+        tree = yaml.safe_load(DOCUMENTED_YAML.replace("JOURNAL", str(tmp_path / "journal.db")))
+        config = parse_config(tree, {"SPLUNK_HEC_TOKEN": "from-the-environment"})
+        options = config.sinks["splunk"].options
+        assert isinstance(options, SplunkHecConfig)
+        assert options.token.get_secret_value() == "from-the-environment"
+        assert (options.index, options.sourcetype, options.indexer_ack.timeout) == ("audit", "workos:audit", 300.0)
 
     def test_defaults(self) -> None:
         config = SplunkHecConfig.model_validate({"url": "http://127.0.0.1:8088/", "token": "t"})
@@ -697,7 +731,7 @@ class _AnyText:
 ANY_TEXT: Any = _AnyText()
 
 
-HARNESSES = {
+HARNESSES: dict[str, dict[str, Any]] = {
     "event-gzip": {},
     "raw-plain": {"endpoint": "raw", "compression": "none"},
     "event-ack": {"ack": True},

@@ -1,0 +1,41 @@
+"""Every registered sink type runs the same compliance suite (success, retry, permanent, partial, close)."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+
+from sinks import registry
+from sinks.testing.compliance import CHECKS, Harness, run_check
+
+HARNESS_MODULES = {"splunk_hec": "sinks.testing.hec"}
+"""Harness modules not named after their sink type."""
+
+
+def harness_module(type_name: str) -> str:
+    return HARNESS_MODULES.get(type_name, f"sinks.testing.{type_name}")
+
+
+def harness_for(type_name: str) -> Harness:
+    module = importlib.import_module(harness_module(type_name))
+    harness: Harness = module.Harness()
+    return harness
+
+
+def test_every_builtin_sink_has_a_harness() -> None:
+    for type_name in registry.BUILTIN:
+        assert hasattr(importlib.import_module(harness_module(type_name)), "Harness"), type_name
+
+
+@pytest.mark.parametrize("check", CHECKS)
+@pytest.mark.parametrize("type_name", sorted(registry.BUILTIN))
+async def test_compliance(type_name: str, check: str) -> None:
+    harness = harness_for(type_name)
+    if check in ("retry", "permanent", "partial") and check not in harness.supports:
+        pytest.skip(f"the {type_name} sink's peer cannot produce a {check} failure")
+    await harness.start()
+    try:
+        await run_check(check, harness)
+    finally:
+        await harness.stop()

@@ -1,0 +1,50 @@
+"""The file sink: lines as sent, strftime paths from the event time, fsync, rotation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import orjson
+
+from sinks.base import Outcome
+from sinks.file import FileSink
+from sinks.testing.compliance import make_events
+
+
+class TestFileSink:
+    async def test_one_compact_line_per_event_by_event_date(self, tmp_path: Path) -> None:
+        sink = FileSink("f", FileSink.Config(path=str(tmp_path / "%Y" / "%m-%d.ndjson")))
+        events = make_events(3)
+        events[1].time = 1705314600.0  # 2024-01-15
+        result = await sink.send(events)
+        assert result.outcome is Outcome.SUCCESS
+        old = (tmp_path / "2024" / "01-15.ndjson").read_bytes()
+        assert old == events[1].raw + b"\n"
+        others = [p for p in tmp_path.rglob("*.ndjson") if p.name != "01-15.ndjson"]
+        assert len(others) == 1
+        lines = others[0].read_bytes().splitlines()
+        assert lines == [events[0].raw, events[2].raw]
+        assert orjson.loads(lines[0]) == events[0].wrapper
+
+    async def test_appends_across_batches(self, tmp_path: Path) -> None:
+        sink = FileSink("f", FileSink.Config(path=str(tmp_path / "out.ndjson")))
+        await sink.send(make_events(2))
+        await sink.send(make_events(3))
+        assert len((tmp_path / "out.ndjson").read_bytes().splitlines()) == 5
+
+    async def test_rotation_at_max_file_bytes(self, tmp_path: Path) -> None:
+        sink = FileSink("f", FileSink.Config(path=str(tmp_path / "out.ndjson"), max_file_bytes="2KiB"))
+        for _ in range(10):
+            await sink.send(make_events(3))
+        files = sorted(tmp_path.glob("out*.ndjson"))
+        assert len(files) > 2 and tmp_path / "out.1.ndjson" in files
+        assert all(f.stat().st_size <= 2048 for f in files)
+        assert sum(len(f.read_bytes().splitlines()) for f in files) == 30
+
+    async def test_unwritable_path_is_retry_with_reason(self, tmp_path: Path) -> None:
+        (tmp_path / "blocked").write_text("a file, not a directory")
+        sink = FileSink("f", FileSink.Config(path=str(tmp_path / "blocked" / "x.ndjson")))
+        result = await sink.send(make_events(1))
+        assert result.outcome is Outcome.RETRY and "cannot write" in result.reason
+        health = await sink.healthcheck()
+        assert not health.ok
