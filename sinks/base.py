@@ -237,13 +237,18 @@ class Health:
     message: str
 
 
+PERMANENT_HTTP_STATUSES = frozenset({400, 413, 415, 422})
+"""Answers about the data itself. Any other failure (401/403 bad credentials, 404 wrong URL, 3xx, 408, 429,
+5xx) is cured by waiting or by a configuration fix, so it is retried: a misconfigured sink must not cost data."""
+
+
 def classify_http_status(status: int) -> Outcome:
-    """The usual classification of an HTTP answer: 2xx success, 408/429/5xx retry, other 4xx permanent."""
+    """2xx success; 400/413/415/422 permanent (the data is refused); everything else retry."""
     if 200 <= status < 300:
         return Outcome.SUCCESS
-    if status in (408, 429) or status >= 500:
-        return Outcome.RETRY
-    return Outcome.PERMANENT
+    if status in PERMANENT_HTTP_STATUSES:
+        return Outcome.PERMANENT
+    return Outcome.RETRY
 
 
 def parse_retry_after(value: str | None) -> float | None:

@@ -100,7 +100,7 @@ class SplunkHecConfig(SinkConfig):
     compression: Literal["gzip", "none"] = "gzip"
     tls: TlsOptions = TlsOptions()
     indexer_ack: IndexerAckOptions = IndexerAckOptions()
-    request_timeout: Duration = 30.0
+    timeout: Duration = 30.0
     """Limit on one HTTP request (not on the wait for indexer acknowledgement)."""
 
     @field_validator("url")
@@ -123,15 +123,16 @@ class SplunkHecConfig(SinkConfig):
     @field_validator("token")
     @classmethod
     def _token_given(cls, value: SecretStr) -> SecretStr:
-        if not value.get_secret_value().strip():
+        token = value.get_secret_value().strip()  # a secret file's trailing newline is not part of it
+        if not token:
             raise ValueError("the token is empty (is the environment variable set?)")
-        return value
+        return SecretStr(token)
 
-    @field_validator("request_timeout")
+    @field_validator("timeout")
     @classmethod
     def _timeout_positive(cls, value: float) -> float:
         if value <= 0:
-            raise ValueError("request_timeout must be greater than zero")
+            raise ValueError("timeout must be greater than zero")
         return value
 
 
@@ -204,9 +205,12 @@ def classify_reply(status: int, body: bytes, retry_after_header: str | None, *, 
         return _Reply(_Verdict.RETRY, f"{what}: HEC is busy", retry_after)
     if (status == 400 and code in SPLIT_CODES) or status == 413:
         return _Reply(_Verdict.SPLIT, what, bad_index=bad_index)
-    if classify_http_status(status) is Outcome.RETRY:
+    if classify_http_status(status) is Outcome.PERMANENT:
+        return _Reply(_Verdict.PERMANENT, what)
+    if status in (408, 429) or status >= 500:
         return _Reply(_Verdict.RETRY, what, retry_after)
-    return _Reply(_Verdict.PERMANENT, what)
+    # 404, 405, 3xx...: not HEC's answer about the data; most likely the url (or a proxy in front) is wrong.
+    return _Reply(_Verdict.CONFIG, f"{what}: is the url right (a HEC base URL such as https://host:8088)?", retry_after)
 
 
 # --- the tally of one send -----------------------------------------------------------------------
@@ -424,7 +428,7 @@ class SplunkHecSink:
         except aiohttp.ClientSSLError as exc:
             return _Reply(_Verdict.CONFIG, f"TLS verification of {self.config.url} failed ({_short(exc)}); {_TLS_HINT}")
         except TimeoutError:
-            return _Reply(_Verdict.RETRY, f"no answer from HEC within {self.config.request_timeout:g}s")
+            return _Reply(_Verdict.RETRY, f"no answer from HEC within {self.config.timeout:g}s")
         except (aiohttp.ClientError, OSError) as exc:
             return _Reply(_Verdict.RETRY, f"cannot reach HEC at {self.config.url}: {_short(exc)}")
 
@@ -494,7 +498,7 @@ class SplunkHecSink:
             connector = aiohttp.TCPConnector(ssl=self._ssl if self._ssl is not None else True)
             self._session = aiohttp.ClientSession(
                 connector=connector,
-                timeout=aiohttp.ClientTimeout(total=self.config.request_timeout),
+                timeout=aiohttp.ClientTimeout(total=self.config.timeout),
             )
         return self._session
 

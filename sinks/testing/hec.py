@@ -538,7 +538,7 @@ class Harness:
             "index": "audit",
             "sourcetype": "workos:audit",
             "indexer_ack": {"enabled": self.ack, "poll_interval": "10ms", "timeout": "5s"},
-            "request_timeout": "10s",
+            "timeout": "10s",
         }
         options.update(overrides)
         return SplunkHecConfig.model_validate(options)
@@ -584,6 +584,10 @@ async def _serve(args: argparse.Namespace) -> None:
         keep_events=False,
         on_store=show if args.print else None,
     )
+    if args.busy:
+        peer.busy(args.busy)
+    if args.reject_action:
+        peer.reject_action(args.reject_action)
     await peer.start()
     print(f"HEC peer listening on {peer.url} (indexer ack {'on' if args.ack else 'off'})", file=sys.stderr)
     stop = asyncio.Event()
@@ -605,6 +609,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--index", action="append", help="an index the token may write to (repeatable)")
     parser.add_argument("--tls-cert", help="PEM certificate chain: serve HTTPS")
     parser.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    parser.add_argument("--busy", type=int, metavar="N", help="answer 503 (code 9) to the first N data requests")
+    parser.add_argument("--reject-action", metavar="ACTION", help="refuse (code 6) events with this action")
     parser.add_argument("--print", action="store_true", help="write every stored event to stdout as NDJSON")
     args = parser.parse_args(argv)
     if bool(args.tls_cert) != bool(args.tls_key):

@@ -353,9 +353,7 @@ class TestClassification:
 
         server = await asyncio.start_server(swallow, "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
-        config = SplunkHecConfig.model_validate(
-            {"url": f"http://127.0.0.1:{port}", "token": TOKEN, "request_timeout": "200ms"}
-        )
+        config = SplunkHecConfig.model_validate({"url": f"http://127.0.0.1:{port}", "token": TOKEN, "timeout": "200ms"})
         sink = SplunkHecSink("splunk", config)
         try:
             result = await sink.send(make_events(2))
@@ -398,10 +396,24 @@ class TestClassification:
         assert (await sink.send(events)) == SendResult.success()
         assert (await sink.healthcheck()).ok
 
-    async def test_other_client_errors_are_permanent(self, peer: HecPeer, sink: SplunkHecSink) -> None:
-        peer.fail(404, None, "Not Found", count=1)
+    async def test_a_wrong_url_is_retried_with_health_red(self, peer: HecPeer) -> None:
+        sink = sink_for(peer, url=peer.url + "/not-hec")
+        try:
+            result = await sink.send(make_events(3))
+            health = await sink.healthcheck()
+        finally:
+            await sink.close()
+        assert result.outcome is Outcome.RETRY and "404" in result.reason and "url" in result.reason
+        assert not health.ok and "404" in health.message
+
+    @pytest.mark.parametrize(("status", "code"), [(400, 16), (415, None)])
+    async def test_other_refusals_are_permanent(
+        self, peer: HecPeer, sink: SplunkHecSink, status: int, code: int | None
+    ) -> None:
+        peer.fail(status, code, "refused", count=1)
         result = await sink.send(make_events(3))
-        assert result.outcome is Outcome.PERMANENT and "404" in result.reason
+        assert result.outcome is Outcome.PERMANENT and str(status) in result.reason and "refused" in result.reason
+        assert peer.requests == 1
 
     async def test_partial_rejection_dead_letters_only_the_bad_event(self, peer: HecPeer, sink: SplunkHecSink) -> None:
         peer.reject_action(REJECT_ACTION)
