@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import os
 import re
+import resource
 import shutil
 import socket
 import statistics
@@ -247,6 +248,7 @@ class Load:
     errors: int
     events_per_request: int
     cpu_percent: float = 0.0
+    loadgen_cpu_percent: float = 0.0
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -410,10 +412,16 @@ def measure(server: Server, events: int, duration: float, workdir: Path) -> Load
     """One load run against a server, with its CPU use during the run."""
     before = cpu_seconds(server.pid)
     if wrk_path() is not None:
+        who = resource.RUSAGE_CHILDREN  # wrk, once reaped (the servers are reaped only at the end)
+        used = resource.getrusage(who)
         load = run_wrk(server.url, events, duration, workdir)
     else:
+        who = resource.RUSAGE_SELF
+        used = resource.getrusage(who)
         load = asyncio.run(python_load(server.url, Bodies(events), duration=duration))
     load.cpu_percent = 100 * (cpu_seconds(server.pid) - before) / load.seconds
+    now = resource.getrusage(who)
+    load.loadgen_cpu_percent = 100 * (now.ru_utime + now.ru_stime - used.ru_utime - used.ru_stime) / load.seconds
     return load
 
 
@@ -478,8 +486,8 @@ def throughput() -> list[Pair]:
 def render_throughput(pairs: list[Pair]) -> str:
     """The Markdown table of medians, and the per-run ratios."""
     lines = [
-        "| events/request | server | req/s | events/s | p50 ms | p99 ms | server CPU % | errors |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|",
+        "| events/request | server | req/s | events/s | p50 ms | p99 ms | server CPU % | load gen. CPU % | errors |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for pair in pairs:
         for name, loads in (("receiver (file sink)", pair.receiver), ("no-op handler", pair.noop)):
@@ -487,6 +495,7 @@ def render_throughput(pairs: list[Pair]) -> str:
                 f"| {pair.events} | {name} | {_median([x.rps for x in loads]):,.0f} "
                 f"| {_median([x.eps for x in loads]):,.0f} | {_median([x.p50_ms for x in loads]):.1f} "
                 f"| {_median([x.p99_ms for x in loads]):.1f} | {_median([x.cpu_percent for x in loads]):.0f} "
+                f"| {_median([x.loadgen_cpu_percent for x in loads]):.0f} "
                 f"| {sum(x.errors for x in loads)} |"
             )
     lines += [

@@ -148,7 +148,8 @@ async def run() -> str:
                 runs = [await _measure(url, compression, name) for _ in range(REPEATS)]
                 figures.append(max(runs, key=lambda figure: figure.rate))
     best = max(figures, key=lambda figure: figure.rate)
-    met = "met" if best.rate >= TARGET else "not met"
+    passing = sum(figure.rate >= TARGET for figure in figures)
+    met = "met in every row" if passing == len(figures) else f"met in {passing} of {len(figures)} rows"
     lines = [
         "### Splunk HEC sink (`splunk_hec`)",
         "",
@@ -167,7 +168,7 @@ async def run() -> str:
         )
     lines += [
         "",
-        f"Target: ≥ {TARGET:,} events/s — {met} (best: {best.rate:,.0f} events/s, {best.peer}, {best.compression}). "
+        f"Target: ≥ {TARGET:,} events/s — {met} (best {best.rate:,.0f} events/s: {best.peer}, {best.compression}). "
         "With the peer in the same process, sink and peer share one event loop and the CPU column covers both; "
         "in a separate process (`python -m sinks.testing.hec`) each has its own core and the CPU columns split "
         "the cost, but each batch then waits on a hand-off between two processes. Wall-clock figures move with "

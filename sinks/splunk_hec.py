@@ -166,7 +166,7 @@ def _describe(status: int, code: int | None, text: str) -> str:
     return f"HEC answered {status} ({detail})" if detail else f"HEC answered {status}"
 
 
-def classify_reply(status: int, body: bytes, retry_after_header: str | None, *, index: str | None) -> _Reply:
+def _classify_reply(status: int, body: bytes, retry_after_header: str | None, *, index: str | None) -> _Reply:
     """What one HEC answer means for the events it carried."""
     code: int | None = None
     text = ""
@@ -309,7 +309,7 @@ class SplunkHecSink:
                 body = await response.read()
                 status = response.status
             if status != 200:
-                reply = classify_reply(status, body, None, index=self.config.index)
+                reply = _classify_reply(status, body, None, index=self.config.index)
                 if status in (400, 401, 403):
                     return Health(False, f"{where} refused the token: {reply.reason or status}")
                 return Health(False, f"{where} is unhealthy: {reply.reason or status}")
@@ -317,7 +317,7 @@ class SplunkHecSink:
             async with session.post(self._base / EVENT_PATH, data=b"", headers=self._auth_headers()) as response:
                 body = await response.read()
                 status = response.status
-            reply = classify_reply(status, body, None, index=self.config.index)
+            reply = _classify_reply(status, body, None, index=self.config.index)
             if reply.verdict is _Verdict.CONFIG:
                 return Health(False, f"{where}: {reply.reason}")
             if status >= 500 or status in (408, 429):
@@ -422,7 +422,7 @@ class SplunkHecSink:
             body = await self._body(part)
             async with self._client().post(url, data=body, headers=headers) as response:
                 answer = await response.read()
-                return classify_reply(
+                return _classify_reply(
                     response.status, answer, response.headers.get("Retry-After"), index=self.config.index
                 )
         except aiohttp.ClientSSLError as exc:
@@ -468,7 +468,7 @@ class SplunkHecSink:
                 status = response.status
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             return [], f"cannot reach HEC: {_short(exc)}"
-        reply = classify_reply(status, body, None, index=self.config.index)
+        reply = _classify_reply(status, body, None, index=self.config.index)
         if reply.verdict is not _Verdict.OK:
             if reply.verdict is _Verdict.CONFIG:
                 self._config_problem = reply.reason

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import json
 import ssl
 from pathlib import Path
 from typing import Any
@@ -269,7 +270,7 @@ class TestRefusing:
                 st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
                 lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
                 max_leaves=12,
-            ).map(lambda value: orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS)),
+            ).map(lambda value: json.dumps(value).encode()),
         ),
         content_type=st.sampled_from(["application/json", "application/x-ndjson", "", "text/plain"]),
         encoding=st.sampled_from(["identity", "gzip", "zstd", "gzip-raw"]),

@@ -301,10 +301,12 @@ class TestDelivery:
         assert [r.status for r in intake.requests] == [413, 202, 202]
         assert ids(intake.messages()) == ids([e.event for e in events])
 
-    async def test_permanent_status_dead_letters_the_rest(self, intake: DatadogIntake, sink: DatadogSink) -> None:
+    async def test_wrong_url_is_retried_not_dead_lettered(self, intake: DatadogIntake, sink: DatadogSink) -> None:
+        # A 404 means a misconfigured endpoint: fixing the config must not cost data.
         intake.fail_next(1, 404)
         result = await sink.send(make_events(4))
-        assert result.outcome is Outcome.PERMANENT and "404" in result.reason
+        assert result.outcome is Outcome.RETRY and "404" in result.reason
+        assert (await sink.send(make_events(4))).outcome is Outcome.SUCCESS
 
     async def test_uncompressed(self, intake: DatadogIntake) -> None:
         intake.require_gzip = False

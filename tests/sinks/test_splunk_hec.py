@@ -21,13 +21,17 @@ import pydantic
 import pytest
 import trustme
 import yaml
+from hypothesis import given
+from hypothesis import strategies as st
 
 from sinks import registry
 from sinks.base import Event, Outcome, SendResult
 from sinks.errors import SinkError
 from sinks.splunk_hec import SplunkHecConfig, SplunkHecSink
 from sinks.testing.compliance import CHECKS, REJECT_ACTION, make_events, run_check
-from sinks.testing.hec import Harness, HecPeer, parse_envelopes
+from sinks.testing.hec import ENVELOPE_KEYS, Harness, HecPeer, parse_envelopes
+from tests.conftest import TOKEN as SERVICE_TOKEN
+from tests.conftest import StartService
 
 TOKEN = "11111111-2222-3333-4444-555555555555"
 
@@ -550,6 +554,22 @@ class TestIndexerAck:
         assert ack_peer.channels == {sink.channel}
 
 
+class TestSecrets:
+    async def test_the_token_stays_out_of_logs_reasons_and_health(
+        self, peer: HecPeer, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        caplog.set_level(logging.DEBUG)
+        sink = sink_for(peer, indexer_ack={"enabled": True, "poll_interval": "10ms", "timeout": "1s"})
+        try:
+            texts = [repr(sink), (await sink.healthcheck()).message, repr(await sink.send(make_events(2)))]
+            peer.token = "rotated"
+            texts += [repr(await sink.send(make_events(2))), (await sink.healthcheck()).message]
+        finally:
+            await sink.close()
+        assert all(TOKEN not in text for text in texts)
+        assert TOKEN not in caplog.text
+
+
 class TestHealth:
     async def test_healthy(self, sink: SplunkHecSink) -> None:
         health = await sink.healthcheck()
@@ -639,6 +659,30 @@ class TestPeer:
         assert parse_envelopes(body) == ([{"event": "a"}, {"event": {"x": 1}}, {"event": "c"}, {"event": "d"}], None)
         assert parse_envelopes(b'{"event":"a"}\n{"event":') == ([{"event": "a"}], 1)
         assert parse_envelopes(b"") == ([], None)
+
+    @given(
+        envelopes=st.lists(
+            st.dictionaries(
+                st.sampled_from(sorted(ENVELOPE_KEYS)),
+                st.recursive(
+                    st.none() | st.booleans() | st.integers(-(2**53), 2**53) | st.text(),
+                    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(), children, max_size=3),
+                    max_leaves=8,
+                ),
+            ),
+            max_size=6,
+        ),
+        separators=st.lists(st.sampled_from(["", " ", "\n", "\r\n", "\t", "\n\n"]), min_size=7, max_size=7),
+        pretty=st.booleans(),
+    )
+    def test_parses_any_concatenation(
+        self, envelopes: list[dict[str, Any]], separators: list[str], pretty: bool
+    ) -> None:
+        option = orjson.OPT_INDENT_2 if pretty else 0
+        body = b"".join(
+            separators[i].encode() + orjson.dumps(envelope, option=option) for i, envelope in enumerate(envelopes)
+        )
+        assert parse_envelopes(body + separators[-1].encode()) == (envelopes, None)
 
     @pytest.fixture
     async def client(self, peer: HecPeer) -> AsyncIterator[aiohttp.ClientSession]:
@@ -801,3 +845,64 @@ class TestCommandLine:
             out, err = process.communicate(timeout=10)
         assert process.returncode == 0, err
         assert len(out.splitlines()) == 3 and b"'events': 3" in err
+
+
+class TestThroughTheService:
+    """WorkOS -> intake -> journal -> delivery engine -> this sink -> the HEC peer."""
+
+    async def test_delivers_retries_and_dead_letters_only_the_refused_event(
+        self, peer: HecPeer, start_service: StartService
+    ) -> None:
+        from receiver.journal import list_dead_letters
+
+        splunk = {
+            "type": "splunk_hec",
+            "url": peer.url,
+            "token": "${HEC_TOKEN}",
+            "index": "audit",
+            "sourcetype": "workos:audit",
+            "batch": {"max_wait": "20ms"},
+            "retry": {"initial": "10ms", "max": "50ms"},
+        }
+        service = await start_service(
+            {
+                "streams": [
+                    {"name": "workos", "path": "/workos", "auth": {"values": [SERVICE_TOKEN]}, "sinks": ["splunk"]}
+                ],
+                "sinks": {"splunk": splunk},
+            },
+            environ={"HEC_TOKEN": TOKEN},
+        )
+        peer.busy(count=2)
+        peer.reject_action("user.deleted")
+        wrappers = [
+            {
+                "event": {
+                    "id": f"evt_{i}",
+                    "action": "user.deleted" if i == 13 else "user.signed_in",
+                    "occurred_at": "2024-01-15T10:30:00.000Z",
+                },
+                "keySuffix": f"k{i}",
+                "timestamp": "2024-01-15T10:30:00.123Z",
+                "source": "team-a",
+            }
+            for i in range(30)
+        ]
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(
+                service.url + "/workos", data=orjson.dumps(wrappers), headers={"Authorization": SERVICE_TOKEN}
+            ) as response,
+        ):
+            assert response.status == 200, await response.text()
+        path = service.config.journal.path
+        deadline = time.monotonic() + 10
+        while not (len(set(stored_ids(peer))) == 29 and list_dead_letters(path, "splunk")):
+            assert time.monotonic() < deadline, (peer.stats(), list_dead_letters(path, "splunk"))
+            await asyncio.sleep(0.02)
+        assert set(stored_ids(peer)) == {f"evt_{i}" for i in range(30) if i != 13}
+        assert {record.time for record in peer.events} == {1705314600.0}
+        assert {record.source for record in peer.events} == {"team-a"}
+        (letter,) = list_dead_letters(path, "splunk")
+        assert orjson.loads(letter.data)["keySuffix"] == "k13"
+        assert "code 6" in letter.reason and "Invalid data format" in letter.reason
