@@ -8,6 +8,7 @@ import gzip
 import json
 import logging
 import os
+import ssl
 import sys
 import time
 import uuid
@@ -21,6 +22,7 @@ from receiver.config import Config, default_config, load_config
 from receiver.errors import ConfigError
 from receiver.journal import INTAKE, list_dead_letters, replay_dead_letters
 from receiver.logs import setup_logging
+from sinks.errors import SinkError
 
 log = logging.getLogger("log_bridge")
 
@@ -64,7 +66,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "no configuration given: serving the local default (loopback only, no secret, file sink in "
             "./log-bridge-data/); pass --config FILE for anything else"
         )
-    return asyncio.run(serve(config))
+    try:
+        return asyncio.run(serve(config))
+    except ConfigError as exc:
+        _print_errors(exc)
+        return 2
+    except (SinkError, ssl.SSLError) as exc:
+        print(f"log-bridge: cannot start: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # the port is taken, a certificate file is missing, the journal's disk is unusable
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"log-bridge: cannot start: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 2
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -139,7 +152,6 @@ def encode_body(wrappers: Sequence[object], fmt: str) -> tuple[bytes, str]:
 
 def cmd_send_test(args: argparse.Namespace) -> int:
     """Post sample events to a running receiver."""
-    import ssl
     import urllib.error
     import urllib.request
 

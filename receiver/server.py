@@ -14,6 +14,7 @@ from aiohttp import web
 from receiver.app import State, build_app
 from receiver.config import Config, TLSConfig
 from receiver.delivery import DeliveryEngine, build_sinks
+from receiver.errors import ConfigError
 from receiver.journal import Journal
 from receiver.metrics import Metrics
 from sinks.base import Sink
@@ -27,9 +28,19 @@ def server_tls_context(tls: TLSConfig) -> ssl.SSLContext:
     """TLS 1.2 or newer; with `client_ca_file`, clients must present a certificate that CA signed (mTLS)."""
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(tls.cert_file, tls.key_file)
+    try:
+        context.load_cert_chain(tls.cert_file, tls.key_file)
+    except (OSError, ssl.SSLError) as exc:
+        reason = getattr(exc, "strerror", None) or getattr(exc, "reason", None) or str(exc)
+        raise ConfigError(
+            [f"server.tls: cannot load the certificate {tls.cert_file} with key {tls.key_file}: {reason}"]
+        ) from None
     if tls.client_ca_file is not None:
-        context.load_verify_locations(cafile=str(tls.client_ca_file))
+        try:
+            context.load_verify_locations(cafile=str(tls.client_ca_file))
+        except (OSError, ssl.SSLError) as exc:
+            reason = getattr(exc, "strerror", None) or getattr(exc, "reason", None) or str(exc)
+            raise ConfigError([f"server.tls.client_ca_file: cannot load {tls.client_ca_file}: {reason}"]) from None
         context.verify_mode = ssl.CERT_REQUIRED
     return context
 
@@ -67,9 +78,18 @@ class Service:
         return f"{scheme}://{host}:{self.port}"
 
     async def start(self) -> None:
-        """Open the journal, start delivery, then listen."""
+        """Open the journal, start delivery, then listen; on a failure, undo what was started."""
         server = self.config.server
+        context = server_tls_context(server.tls) if server.tls else None
         await self.journal.open()
+        try:
+            await self._start(context)
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start(self, context: ssl.SSLContext | None) -> None:
+        server = self.config.server
         self.metrics.watch_journal(lambda: self.journal.size_bytes, lambda: 1.0 if self.journal.over_cap else 0.0)
         self.engine = DeliveryEngine(self.config, self.journal, self.metrics, self.sinks)
         await self.engine.start()
@@ -84,7 +104,6 @@ class Service:
             lingering_time=2.0,  # after an early answer, read at most this long what the client still sends
         )
         await self._runner.setup()
-        context = server_tls_context(server.tls) if server.tls else None
         self._site = web.TCPSite(self._runner, server.host, server.port, ssl_context=context)
         await self._site.start()
         log.info("listening", extra={"url": self.url, "streams": [s.path for s in self.config.streams]})

@@ -241,3 +241,21 @@ async def test_sigkill_under_load_loses_no_acknowledged_event(tmp_path: Path) ->
         assert not missing, f"{len(missing)} acknowledged events lost, e.g. {sorted(missing)[:5]}"
     finally:
         assert restarted.kill(signal.SIGTERM) == 0
+
+
+class TestStartFailures:
+    def test_port_in_use_is_a_clear_error(self, tmp_path: Path) -> None:
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            config = write_config(tmp_path, taken.getsockname()[1])
+            result = run_cli("serve", "--config", str(config))
+        assert result.returncode == 2 and "cannot start" in result.stderr and "Traceback" not in result.stderr
+
+    def test_missing_certificate_is_a_clear_error(self, tmp_path: Path) -> None:
+        config = write_config(tmp_path, free_port())
+        tree = yaml.safe_load(config.read_text())
+        tree["server"]["tls"] = {"cert_file": str(tmp_path / "nope.crt"), "key_file": str(tmp_path / "nope.key")}
+        config.write_text(yaml.safe_dump(tree))
+        result = run_cli("serve", "--config", str(config))
+        assert result.returncode == 2 and "nope.crt" in result.stderr and "Traceback" not in result.stderr
