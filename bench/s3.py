@@ -32,8 +32,9 @@ from sinks.testing.compliance import make_events
 from sinks.testing.s3 import MotoS3, S3Server, delete_bucket, s3_client
 
 BATCH_EVENTS = 1000
-BATCH_ROUNDS = 12
-WORKOS_OBJECTS = 600
+BATCH_ROUNDS = 30
+WORKOS_OBJECTS = 2000
+WORKOS_BATCH = 1000  # the delivery engine's default batch.max_events
 CONCURRENCY = 16
 TARGET_EVENTS = 50_000
 TARGET_RATIO = 0.80
@@ -97,8 +98,8 @@ async def _workos_sink_rate(server: S3Server, bucket: str, events: Sequence[Even
     try:
         await sink.send(events[:CONCURRENCY])  # warm-up
         started = time.perf_counter()
-        for offset in range(0, len(events), 200):
-            result = await sink.send(events[offset : offset + 200])
+        for offset in range(0, len(events), WORKOS_BATCH):
+            result = await sink.send(events[offset : offset + WORKOS_BATCH])
             assert result.outcome.value == "success" and not result.failures, result
         return len(events) / (time.perf_counter() - started)
     finally:
@@ -169,7 +170,7 @@ async def run() -> str:
                     batch_rows.append((compression, in_flight, rate, size))
             events = make_events(WORKOS_OBJECTS)
             plain_rates, sink_rates = [], []
-            for _ in range(2):  # interleaved, so both see the same machine load
+            for _ in range(3):  # interleaved, so both see the same machine load
                 plain_rates.append(await _in_thread(_plain_rate, server, bucket, events))
                 sink_rates.append(await _workos_sink_rate(server, bucket, events))
         finally:
@@ -177,8 +178,8 @@ async def run() -> str:
             admin.close()
     plain, sink = max(plain_rates), max(sink_rates)
     ratio = sink / plain
-    best_batch = max(rate for *_, rate, _ in batch_rows)
-    gzip_serial = next(rate for c, n, rate, _ in batch_rows if c == "gzip" and n == 1)
+    # The delivery engine sends one batch at a time per sink: judge the target on that, worst compression.
+    serial = min(rate for _, in_flight, rate, _ in batch_rows if in_flight == 1)
     lines = [
         "### S3 sink (`s3`)",
         "",
@@ -195,12 +196,12 @@ async def run() -> str:
         )
     lines += [
         f"| workos layout, plain boto3 put loop ({CONCURRENCY} threads, same objects) | {plain:,.0f} objects/s |",
-        f"| workos layout, `S3Sink.send` (200-event batches) | {sink:,.0f} objects/s |",
+        f"| workos layout, `S3Sink.send` ({WORKOS_BATCH}-event batches, one at a time) | {sink:,.0f} objects/s |",
         f"| workos layout, sink / plain loop | {ratio:.0%} |",
         "",
         f"Targets: batch layout >= {TARGET_EVENTS:,} events/s — "
-        f"{'met' if best_batch >= TARGET_EVENTS else 'NOT met'} (best {best_batch:,.0f}; gzip one send at a time "
-        f"{gzip_serial:,.0f}); workos layout >= {TARGET_RATIO:.0%} of the plain loop — "
+        f"{'met' if serial >= TARGET_EVENTS else 'NOT met'} ({serial:,.0f} with the slowest compression, one send "
+        f"at a time as the delivery engine does); workos layout >= {TARGET_RATIO:.0%} of the plain loop — "
         f"{'met' if ratio >= TARGET_RATIO else 'NOT met'} ({ratio:.0%}).",
         "",
     ]

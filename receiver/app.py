@@ -127,7 +127,7 @@ class Intake:
     async def _commit(self, parsed: Parsed, received_at: float) -> web.Response:
         name = self.stream.name
         try:
-            result = await self.journal.append(name, parsed.records, parsed.rejected, received_at)
+            result = await self.journal.append(name, parsed, received_at)
         except JournalFull as exc:
             log.error("journal full: refusing a batch", extra={"stream": name, "error": str(exc)})
             return _answer(503, str(exc), **{"Retry-After": RETRY_AFTER_FULL})

@@ -83,18 +83,6 @@ def _unzstd(body: bytes, limit: int) -> bytes:
 
 
 @dataclass(slots=True)
-class Record:
-    """One deliverable element, ready for the journal."""
-
-    raw: bytes
-    """Compact JSON of the wrapper."""
-    action: str
-    time: float
-    key: str | None
-    """The dedup key: `keySuffix`, else the event's `id`."""
-
-
-@dataclass(slots=True)
 class Rejected:
     """An element that cannot be delivered, kept with the reason."""
 
@@ -104,10 +92,19 @@ class Rejected:
 
 @dataclass(slots=True)
 class Parsed:
-    """What a body held."""
+    """What a body held: the deliverable elements, column by column, and the rejected ones."""
 
-    records: list[Record] = field(default_factory=list)
+    raws: list[bytes] = field(default_factory=list)
+    """Compact JSON of each wrapper."""
+    actions: list[str] = field(default_factory=list)
+    times: list[float] = field(default_factory=list)
+    """Epoch seconds of each event's `occurred_at`, else of the receipt."""
+    keys: list[str | None] = field(default_factory=list)
+    """Each element's dedup key: `keySuffix`, else the event's `id`."""
     rejected: list[Rejected] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.raws)
 
 
 def _loads(data: bytes) -> Any:
@@ -122,9 +119,9 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
-def _dumps(value: Any) -> bytes:
+def _dumps(value: Any, _orjson_dumps: Any = orjson.dumps) -> bytes:
     try:
-        return orjson.dumps(value)
+        return _orjson_dumps(value)  # type: ignore[no-any-return]
     except TypeError:
         return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
 
@@ -193,36 +190,35 @@ def _sort(elements: list[Any], received_at: float) -> Parsed:
 
 
 def _sort_one(element: Any, received_at: float, parsed: Parsed) -> None:
-    if not isinstance(element, dict):
+    # The hot path of the intake: one call per element, so it keeps to plain lookups.
+    if type(element) is not dict:
         parsed.rejected.append(Rejected(_dumps(element), f"element is a JSON {_kind(element)}, not an object"))
         return
-    if "event" in element:
-        wrapper = element
-        event = element["event"]
-        if not isinstance(event, dict):
+    event = element.get("event")
+    if event is not None or "event" in element:
+        if type(event) is not dict:
             parsed.rejected.append(Rejected(_dumps(element), f"event is a JSON {_kind(event)}, not an object"))
             return
-    elif isinstance(element.get("action"), str):
+        wrapper = element
+        key = element.get("keySuffix")
+    elif type(element.get("action")) is str:
         event = element
         wrapper = {"event": element}
+        key = None
     else:
         parsed.rejected.append(
             Rejected(_dumps(element), "object has no event (and is not a bare event with an action)")
         )
         return
+    if type(key) is not str or not key:
+        key = event.get("id")
+        if type(key) is not str or not key:
+            key = None
     action = event.get("action")
-    key = wrapper.get("keySuffix")
-    if not isinstance(key, str) or not key:
-        event_id = event.get("id")
-        key = event_id if isinstance(event_id, str) and event_id else None
-    parsed.records.append(
-        Record(
-            raw=_dumps(wrapper),
-            action=action if isinstance(action, str) else "",
-            time=_epoch(event.get("occurred_at"), received_at),
-            key=key,
-        )
-    )
+    parsed.raws.append(_dumps(wrapper))
+    parsed.actions.append(action if type(action) is str else "")
+    parsed.times.append(_epoch(event.get("occurred_at"), received_at))
+    parsed.keys.append(key)
 
 
 def _kind(value: Any) -> str:
@@ -233,13 +229,13 @@ def _kind(value: Any) -> str:
     )
 
 
-def _epoch(value: Any, fallback: float) -> float:
-    if isinstance(value, str) and value:
+def _epoch(value: Any, fallback: float, _parse: Any = datetime.fromisoformat) -> float:
+    if type(value) is str and value:
         try:
-            moment = datetime.fromisoformat(value)
+            moment = _parse(value)
         except ValueError:
             return fallback
         if moment.tzinfo is None:
             return fallback
-        return moment.timestamp()
+        return float(moment.timestamp())
     return fallback

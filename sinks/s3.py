@@ -162,6 +162,9 @@ class S3Config(SinkConfig):
             raise ValueError("session_token needs access_key_id and secret_access_key")
         if self.kms_key_id is not None and self.server_side_encryption not in ("aws:kms", "aws:kms:dsse"):
             raise ValueError("kms_key_id needs server_side_encryption: aws:kms")
+        if self.layout == "workos" and self.prefix and not self.prefix.endswith("/"):
+            # WorkOS's bucket path is a folder: `{bucketPath}/YYYY-MM-DD/...`; say so rather than guess.
+            raise ValueError(f"in the workos layout the prefix is a folder: end it with '/' ({self.prefix}/)")
         if self.layout == "workos" and "compression" in self.model_fields_set and self.compression != "none":
             raise ValueError("compression applies to layout: batch only (the workos layout writes plain JSON)")
         if self.role_arn is None and (self.external_id is not None or self.sts_endpoint_url is not None):
@@ -220,7 +223,7 @@ def _error_code(exc: BaseException) -> str | None:
 
 @dataclass(slots=True)
 class _Put:
-    """One object to write, and the events it carries."""
+    """One object to write."""
 
     key: str
     body: bytes
@@ -246,6 +249,8 @@ class S3Sink:
     """Delivers events to an S3 bucket in the WorkOS layout (one object per event) or as NDJSON batches."""
 
     Config = S3Config
+    max_key_bytes: int | None = MAX_KEY_BYTES
+    """Keys longer than this fail PERMANENT before any request; None leaves the check to the store."""
 
     def __init__(self, name: str, config: S3Config) -> None:
         self.name = name
@@ -261,8 +266,7 @@ class S3Sink:
         ]
         where = config.endpoint_url or (f"AWS S3 ({config.region})" if config.region else "AWS S3")
         self._where = f"bucket {config.bucket!r} at {where}"
-        if config.layout == "batch":
-            self._suffix = {"none": ".ndjson", "gzip": ".ndjson.gz", "zstd": ".ndjson.zst"}[config.compression]
+        self._suffix = {"none": ".ndjson", "gzip": ".ndjson.gz", "zstd": ".ndjson.zst"}[config.compression]
         self._local = threading.local()  # a ZstdCompressor is not thread-safe: one per executor thread
 
     def __repr__(self) -> str:
@@ -384,8 +388,8 @@ class S3Sink:
     def _put(self, client: S3Client, put: _Put) -> None:
         """One blocking PutObject with Content-MD5 and the configured options."""
         cfg = self.config
-        if len(put.key.encode()) > MAX_KEY_BYTES:
-            raise _KeyTooLong(put.key)
+        if self.max_key_bytes is not None and len(put.key.encode()) > self.max_key_bytes:
+            raise _KeyTooLong(put.key, self.max_key_bytes)
         args: dict[str, Any] = {
             "Bucket": cfg.bucket,
             "Key": put.key,
@@ -417,7 +421,7 @@ class S3Sink:
         try:
             client = await self._get_client()
         except Exception as exc:  # credentials or session setup: fixable, so RETRY
-            outcome, reason, retry_after = classify_error(exc)
+            _, reason, retry_after = classify_error(exc)
             return SendResult.retry(self._scrub(f"{self._where}: {reason}"), retry_after)
         if self.config.layout == "batch":
             return await self._run(self._send_batch, client, batch)
@@ -455,15 +459,15 @@ class S3Sink:
             if state.stopped is not None:
                 failures[event.seq] = Failure(Outcome.RETRY, f"not attempted: {state.stopped}")
                 continue
-            key = ""
             try:
                 put = self._event_put(event)
-                key = put.key
-                self._put(client, put)
-            except (KeyError, TypeError, orjson.JSONDecodeError) as exc:
+            except (KeyError, TypeError, AttributeError, orjson.JSONDecodeError) as exc:
                 failures[event.seq] = Failure(Outcome.PERMANENT, f"cannot encode event: {type(exc).__name__}: {exc}")
+                continue
+            try:
+                self._put(client, put)
             except Exception as exc:
-                outcome, reason, retry_after = self._classify(exc, key)
+                outcome, reason, retry_after = self._classify(exc, put.key)
                 failures[event.seq] = Failure(outcome, reason)
                 if retry_after is not None:
                     state.retry_after = max(state.retry_after or 0.0, retry_after)
@@ -535,9 +539,9 @@ class _Progress:
 
 
 class _KeyTooLong(Exception):
-    def __init__(self, key: str) -> None:
+    def __init__(self, key: str, limit: int) -> None:
         size = len(key.encode())
-        super().__init__(f"object key is {size} bytes, over the {MAX_KEY_BYTES}-byte limit of S3: {key[:120]!r}...")
+        super().__init__(f"object key is {size} bytes, over the {limit}-byte limit of S3: {key[:120]!r}...")
 
 
 def _reveal(secret: SecretStr | None) -> str | None:

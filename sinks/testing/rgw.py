@@ -28,6 +28,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
 
 __all__ = ["BINARIES", "APT_PACKAGES", "RGWServer", "RGWUnavailable", "missing_binaries", "reap_stale_daemons"]
 
@@ -38,8 +42,10 @@ CLUSTER = "logbridge"
 RGW_NAME = "client.rgw.a"
 OWNER_FILE = "owner"
 LOG_TAIL_LINES = 25
+START_ATTEMPTS = 3  # a daemon can lose a port picked at run time to another process; then start again
 # A daemon's admin socket path must fit in sockaddr_un.sun_path (108 bytes) or the daemon refuses to start.
 MAX_SOCKET_PATH = 100
+_PROGRAMS = {name.encode() for name in BINARIES}
 _BIND_ERRORS = ("Address already in use", "unable to bind", "failed to bind")
 
 
@@ -76,7 +82,8 @@ class RGWServer:
         self._parent = workdir
         self._dir: Path | None = None
         self._daemons: list[_Daemon] = []
-        self._env = {k: v for k, v in os.environ.items() if not k.startswith("CEPH_")}
+        # CEPH_ARGS/CEPH_CONF would point the tools elsewhere; PYTHON* would leak this venv into the `ceph` CLI
+        self._env = {k: v for k, v in os.environ.items() if not k.startswith(("CEPH_", "PYTHON"))}
         self.endpoint_url = ""
         self.access_key = "".join(secrets.choice(string.ascii_uppercase + string.digits) for _ in range(20))
         self.secret_key = secrets.token_urlsafe(30)
@@ -105,6 +112,31 @@ class RGWServer:
         """Process ids of the daemons this server started (running or not)."""
         return [d.proc.pid for d in self._daemons]
 
+    def s3_client(self, *, access_key: str | None = None, secret_key: str | None = None) -> S3Client:
+        """A boto3 S3 client for this server (needs boto3) that adds no checksums of its own (``when_required``).
+
+        ``access_key``/``secret_key`` override the test user's keys, e.g. to check that RGW refuses wrong ones.
+        """
+        import boto3
+        from botocore.config import Config
+
+        config = Config(
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+            s3={"addressing_style": "path"},
+            retries={"mode": "standard", "max_attempts": 2},
+            connect_timeout=5,
+            read_timeout=30,
+        )
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint_url,
+            aws_access_key_id=access_key or self.access_key,
+            aws_secret_access_key=secret_key or self.secret_key,
+            region_name=self.region,
+            config=config,
+        )
+
     # -- lifecycle -------------------------------------------------------------------------------------------------
 
     def start(self, timeout: float = 90.0) -> None:
@@ -117,19 +149,21 @@ class RGWServer:
                 f"Ceph programs not found on PATH: {', '.join(missing)} "
                 f"(install with: apt-get install -y --no-install-recommends {APT_PACKAGES})"
             )
-        reap_stale_daemons(self._parent)
+        reap_stale_daemons()
+        if self._parent is not None:
+            reap_stale_daemons(self._parent)
         began = time.monotonic()
         deadline = began + timeout
         atexit.register(self.stop)
         try:
-            for attempt in range(3):
+            for attempt in range(1, START_ATTEMPTS + 1):
                 try:
                     self._start_once(deadline)
                     break
                 except _PortTaken:
-                    self._teardown()
-                    if attempt == 2:
+                    if attempt == START_ATTEMPTS:
                         raise
+                    self._teardown()
         except BaseException:
             self.stop()
             raise
@@ -157,7 +191,7 @@ class RGWServer:
         self.endpoint_url = ""
 
     def _start_once(self, deadline: float) -> None:
-        base = Path(tempfile.mkdtemp(prefix=DIR_PREFIX, dir=self._parent))
+        base = Path(tempfile.mkdtemp(prefix=DIR_PREFIX, dir=self._parent)).resolve()
         self._dir = base
         (base / OWNER_FILE).write_text(_owner_token(os.getpid()) or "")
         for sub in ("run", "log", "mon", "osd/0", "rgw", "crash"):
@@ -277,6 +311,16 @@ ms mon cluster mode = crc
 ms client mode = crc
 ms service mode = crc
 ms cluster mode = crc
+# every monitor map change waits out the propose interval (1 s by default): the cluster is set up through a
+# dozen of them
+paxos propose interval = 0.01
+paxos min wait = 0.01
+# whatever is left for the next tick should not wait 5 s; a client that used a pool before its map arrived
+# re-checks on the objecter tick (radosgw-admin stalled 5 s in one start out of ten without this)
+mon tick interval = 1
+objecter tick interval = 0.5
+# a client that cannot reach the monitor gives up instead of hunting for 5 minutes
+client mount timeout = 30
 mon allow pool size one = true
 mon allow pool delete = true
 mon max pg per osd = 1000
@@ -302,6 +346,7 @@ crash dir = {base}/crash
 keyring = {base}/keyring
 mon data = {base}/mon/$id
 osd data = {base}/osd/$id
+osd journal = {base}/osd/$id/journal
 rgw data = {base}/rgw
 
 [{RGW_NAME}]
@@ -388,12 +433,13 @@ def _owner_token(pid: int) -> str | None:
 
 
 def _daemon_conf_dir(pid: int) -> Path | None:
-    """The server directory of a Ceph daemon started by an RGWServer (from its ``-c`` argument), else None."""
+    """The server directory of a Ceph program run by an RGWServer (from its ``-c`` argument), else None."""
     try:
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return None
-    if not argv or os.path.basename(argv[0]).decode(errors="replace") not in {"ceph-mon", "ceph-osd", "radosgw"}:
+    # the `ceph` CLI is a Python script: its name is the interpreter's second argument
+    if not {os.path.basename(a) for a in argv[:2]} & _PROGRAMS:
         return None
     for flag, value in zip(argv, argv[1:], strict=False):
         if flag == b"-c" and value.endswith(b"/ceph.conf"):
@@ -403,39 +449,75 @@ def _daemon_conf_dir(pid: int) -> Path | None:
     return None
 
 
-def reap_stale_daemons(parent: Path | None = None) -> list[int]:
-    """Kill daemons left by an RGWServer whose owning process is gone, remove their dirs; return the killed pids.
+def _owner_alive(server_dir: Path) -> bool | None:
+    """Whether the process that made ``server_dir`` still runs; None while its owner file is not written yet."""
+    try:
+        token = (server_dir / OWNER_FILE).read_text().strip()
+    except FileNotFoundError:
+        return None if server_dir.is_dir() else False
+    except OSError:
+        return False
+    owner_pid = int(token.split()[0]) if token[:1].isdigit() else 0
+    return bool(token) and _owner_token(owner_pid) == token
 
-    Daemons of a live owner (another pytest session running now) are left alone.
+
+def reap_stale_daemons(under: Path | None = None) -> list[int]:
+    """Kill the daemons of RGWServers whose owning process is gone, remove their dirs; return the killed pids.
+
+    Daemons of a live owner (another pytest session running right now) are left alone. ``under`` limits the sweep
+    to servers made inside that directory; without it every such daemon is found, and leftover directories are
+    looked for in the system temp dir.
     """
+    scope = under.resolve() if under is not None else None
     killed: list[int] = []
     stale_dirs: set[Path] = set()
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
-        conf_dir = _daemon_conf_dir(int(entry.name))
-        if conf_dir is None:
+        server_dir = _daemon_conf_dir(int(entry.name))
+        if server_dir is None or (scope is not None and server_dir.parent != scope):
             continue
-        try:
-            token = (conf_dir / OWNER_FILE).read_text().strip()
-        except OSError:
-            token = ""
-        owner_pid = int(token.split()[0]) if token[:1].isdigit() else 0
-        if token and _owner_token(owner_pid) == token:
+        # a daemon only runs once its owner file is written, so "not written" means the dir is gone or broken
+        if _owner_alive(server_dir):
             continue
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(int(entry.name), signal.SIGKILL)
             killed.append(int(entry.name))
-        stale_dirs.add(conf_dir)
-    for conf_dir in stale_dirs:
-        shutil.rmtree(conf_dir, ignore_errors=True)
-    # directories of servers whose owner died before any daemon ran (or after they were killed)
-    for conf_dir in Path(parent or tempfile.gettempdir()).glob(DIR_PREFIX + "*"):
-        try:
-            token = (conf_dir / OWNER_FILE).read_text().strip()
-        except OSError:
-            continue
-        owner_pid = int(token.split()[0]) if token[:1].isdigit() else 0
-        if _owner_token(owner_pid) != token:
-            shutil.rmtree(conf_dir, ignore_errors=True)
+        stale_dirs.add(server_dir)
+    # plus directories of servers whose owner died before any daemon ran or after they were killed
+    stale_dirs.update(
+        d for d in (scope or Path(tempfile.gettempdir())).glob(DIR_PREFIX + "*") if _owner_alive(d) is False
+    )
+    for server_dir in stale_dirs:
+        shutil.rmtree(server_dir, ignore_errors=True)
     return killed
+
+
+def _exit_on_signal(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+def main() -> None:
+    """Run a server by hand until Ctrl-C: ``python -m sinks.testing.rgw``; prints the endpoint and the keys."""
+    signal.signal(signal.SIGTERM, _exit_on_signal)  # so `kill` stops the daemons too, even during start()
+    server = RGWServer()
+    try:
+        server.start()
+    except RGWUnavailable as exc:
+        raise SystemExit(str(exc)) from None
+    print(f"RGW started in {server.start_seconds:.1f} s, files in {server.directory}")
+    print(f"export AWS_ENDPOINT_URL={server.endpoint_url}")
+    print(f"export AWS_ACCESS_KEY_ID={server.access_key}")
+    print(f"export AWS_SECRET_ACCESS_KEY={server.secret_key}")
+    print(f"export AWS_DEFAULT_REGION={server.region}")
+    print("Ctrl-C stops it and removes everything.", flush=True)
+    try:
+        signal.pause()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -11,16 +11,18 @@ import pytest
 
 from receiver.errors import JournalClosed, JournalFull
 from receiver.journal import INTAKE, Journal, list_dead_letters, replay_dead_letters
-from receiver.parsing import Record, Rejected
+from receiver.parsing import Parsed, Rejected
 
 
-def record(key: str | None, action: str = "user.signed_in") -> Record:
-    raw = b'{"event":{"action":"%s","id":"%s"},"keySuffix":"%s"}' % (
-        action.encode(),
-        (key or "").encode(),
-        (key or "").encode(),
-    )
-    return Record(raw=raw, action=action, time=time.time(), key=key)
+def batch(*keys: str | None, rejected: list[Rejected] | None = None) -> Parsed:
+    """A parsed body whose elements carry these dedup keys."""
+    parsed = Parsed(rejected=rejected or [])
+    for key in keys:
+        parsed.raws.append(b'{"event":{"action":"user.signed_in","id":"%s"}}' % (key or "").encode())
+        parsed.actions.append("user.signed_in")
+        parsed.times.append(time.time())
+        parsed.keys.append(key)
+    return parsed
 
 
 @pytest.fixture
@@ -42,29 +44,30 @@ class TestJournal:
 
     async def test_concurrent_appends_share_commits(self, journal: Journal) -> None:
         before = journal.commits
-        results = await asyncio.gather(*(journal.append("s", [record(f"k{i}")], [], time.time()) for i in range(200)))
+        results = await asyncio.gather(*(journal.append("s", batch(f"k{i}"), time.time()) for i in range(200)))
         assert all(r.accepted == 1 for r in results)
         assert journal.commits - before < 100  # grouped: far fewer fsyncs than requests
         rows = await journal.read(0, 1000)
         assert len(rows) == 200 and [e.seq for e, _ in rows] == sorted(e.seq for e, _ in rows)
 
     async def test_dedup_across_and_within_requests(self, journal: Journal) -> None:
-        first = await journal.append("s", [record("a"), record("b"), record("a")], [], time.time())
-        second = await journal.append("s", [record("b"), record("c"), record(None), record(None)], [], time.time())
-        other_stream = await journal.append("t", [record("a")], [], time.time())
+        first = await journal.append("s", batch("a", "b", "a"), time.time())
+        second = await journal.append("s", batch("b", "c", None, None), time.time())
+        other_stream = await journal.append("t", batch("a"), time.time())
         assert (first.accepted, first.duplicates) == (2, 1)
         assert (second.accepted, second.duplicates) == (3, 1)
         assert other_stream.accepted == 1
 
     async def test_expired_keys_are_pruned(self, journal: Journal) -> None:
         now = time.time()
-        await journal.append("s", [record("old")], [], now - 7200)
+        await journal.append("s", batch("old"), now - 7200)
         await journal.prune_dedup(now)
-        again = await journal.append("s", [record("old")], [], now)
+        again = await journal.append("s", batch("old"), now)
         assert again.accepted == 1
 
     async def test_cursor_progress_prunes_rows_every_sink_passed(self, journal: Journal) -> None:
-        await journal.append("s", [record(f"k{i}") for i in range(10)], [], time.time())
+        for i in range(10):  # one request each: a batch row goes once every sink is past all its events
+            await journal.append("s", batch(f"k{i}"), time.time())
         rows = await journal.read(0, 100)
         await journal.commit_progress("a", rows[5][0].seq, [], ["a", "b"])
         assert len(await journal.read(0, 100)) == 10  # b has not moved
@@ -75,12 +78,20 @@ class TestJournal:
         (letter,) = list_dead_letters(journal.path, "b")
         assert letter.reason == "bad" and letter.data == rows[1][0].raw
 
+    async def test_a_row_stays_until_every_event_in_it_is_passed(self, journal: Journal) -> None:
+        await journal.append("s", batch(*(f"k{i}" for i in range(10))), time.time())
+        rows = await journal.read(0, 100)
+        await journal.commit_progress("a", rows[4][0].seq, [], ["a"])
+        assert [e.seq for e, _ in await journal.read(rows[4][0].seq, 100)] == [e.seq for e, _ in rows[5:]]
+        await journal.commit_progress("a", rows[9][0].seq, [], ["a"])
+        assert await journal.read(0, 100) == []
+
     async def test_sequence_numbers_never_go_back_after_the_journal_empties(self, journal: Journal) -> None:
-        await journal.append("s", [record("x")], [], time.time())
+        await journal.append("s", batch("x"), time.time())
         ((event, _),) = await journal.read(0, 10)
         await journal.commit_progress("a", event.seq, [], ["a"])
         assert await journal.read(0, 10) == []
-        await journal.append("s", [record("y")], [], time.time())
+        await journal.append("s", batch("y"), time.time())
         ((later, _),) = await journal.read(0, 10)
         assert later.seq > event.seq
 
@@ -90,7 +101,7 @@ class TestJournal:
         try:
             with pytest.raises(JournalFull):
                 for i in range(1000):
-                    await small.append("s", [record(f"k{i}-{j}") for j in range(20)], [], time.time())
+                    await small.append("s", batch(*(f"k{i}-{j}" for j in range(20))), time.time())
         finally:
             await small.close()
 
@@ -99,10 +110,12 @@ class TestJournal:
         await j.open()
         await j.close()
         with pytest.raises(JournalClosed):
-            await j.append("s", [record("k")], [], time.time())
+            await j.append("s", batch("k"), time.time())
 
     async def test_intake_dead_letters_are_listed_but_not_replayed(self, journal: Journal) -> None:
-        await journal.append("s", [], [Rejected(b"42", "element is a JSON number, not an object")], time.time())
+        await journal.append(
+            "s", batch(rejected=[Rejected(b"42", "element is a JSON number, not an object")]), time.time()
+        )
         (letter,) = list_dead_letters(journal.path, INTAKE)
         assert letter.sink == INTAKE and letter.data == b"42"
         assert replay_dead_letters(journal.path) == 0
@@ -111,12 +124,12 @@ class TestJournal:
     async def test_reopen_keeps_everything(self, tmp_path: Path) -> None:
         j = Journal(tmp_path / "r.db", max_bytes=1 << 20, dedup_window=60)
         await j.open()
-        await j.append("s", [record("a"), record("b")], [], time.time())
+        await j.append("s", batch("a", "b"), time.time())
         await j.close()
         again = Journal(tmp_path / "r.db", max_bytes=1 << 20, dedup_window=60)
         await again.open()
         try:
             assert len(await again.read(0, 10)) == 2 and again.last_seq == 2
-            assert (await again.append("s", [record("a")], [], time.time())).duplicates == 1
+            assert (await again.append("s", batch("a"), time.time())).duplicates == 1
         finally:
             await again.close()
