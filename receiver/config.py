@@ -249,7 +249,7 @@ def _pydantic_errors(exc: ValidationError, prefix: str = "") -> list[str]:
     # Messages only: pydantic's own rendering repeats the input value, which may be a secret.
     problems = []
     for error in exc.errors(include_input=False, include_url=False):
-        message = error["msg"]
+        message = error["msg"].removeprefix("Value error, ")
         if error["type"] == "extra_forbidden":
             message = "unknown key"
         elif error["type"] == "missing":
@@ -303,19 +303,20 @@ def parse_config(tree: Any, environ: Mapping[str, str] | None = None) -> Config:
         tree = {}
     if not isinstance(tree, dict):
         raise ConfigError(["<root>: expected a mapping of server, journal, streams and sinks"])
-    expanded, errors = expand_env(tree, os.environ if environ is None else environ)
-    sinks, sink_errors = _validate_sinks(expanded.get("sinks"))
-    errors.extend(sink_errors)
+    expanded, env_errors = expand_env(tree, os.environ if environ is None else environ)
+    sinks, errors = _validate_sinks(expanded.get("sinks"))
     if "sinks" in expanded:
         expanded["sinks"] = sinks
+    config: Config | None = None
     try:
         config = Config.model_validate(expanded)
     except ValidationError as exc:
         errors.extend(_pydantic_errors(exc))
-        config = None
     except ConfigError as exc:
         errors.extend(exc.errors)
-        config = None
+    # An unset variable is the problem to report at its path, not the empty value it left behind.
+    unset = {problem.split(": ", 1)[0] for problem in env_errors}
+    errors = env_errors + [problem for problem in errors if problem.split(": ", 1)[0] not in unset]
     if errors or config is None:
         raise ConfigError(errors)
     return config
