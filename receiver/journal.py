@@ -180,6 +180,7 @@ class Journal:
 
     def _run_group(self, conn: sqlite3.Connection, jobs: list[_Job]) -> None:
         outcomes: list[tuple[_Job, Any, BaseException | None]] = []
+        added = False
         try:
             conn.execute("BEGIN IMMEDIATE")
             # Sequence numbers come from the database under its write lock, so another process (`dlq replay`)
@@ -197,7 +198,8 @@ class Journal:
                 else:
                     conn.execute("RELEASE job")
                     outcomes.append((job, result, None))
-            if self._next_seq != first:
+            added = self._next_seq != first
+            if added:
                 _store_last_seq(conn, self._next_seq - 1)
             conn.execute("COMMIT")  # synchronous=FULL: the WAL is fsynced here, once for the whole group
             self.healthy = True
@@ -209,17 +211,23 @@ class Journal:
             failure = _map_error(exc)
             log.error("journal commit failed", extra={"error": str(failure)})
             outcomes = [(job, None, failure) for job in jobs]
+            added = False
         self.last_seq = _last_seq(conn)
         self.size_bytes = self._measure(conn)
-        for job, result, error in outcomes:
-            job.loop.call_soon_threadsafe(_settle, job.future, result, error)
-        if self._new_data:
-            loop = jobs[0].loop
-            loop.call_soon_threadsafe(self._notify)
+        # One wake-up of the event loop for the whole group, not one per request.
+        jobs[0].loop.call_soon_threadsafe(self._settle_group, outcomes, added)
 
-    def _notify(self) -> None:
-        for signal in self._new_data:
-            signal.set()
+    def _settle_group(self, outcomes: list[tuple[_Job, Any, BaseException | None]], added: bool) -> None:
+        for job, result, error in outcomes:
+            if job.future.done():
+                continue
+            if error is not None:
+                job.future.set_exception(error)
+            else:
+                job.future.set_result(result)
+        if added:
+            for signal in self._new_data:
+                signal.set()
 
     @staticmethod
     def _measure(conn: sqlite3.Connection) -> int:
@@ -413,15 +421,6 @@ def _fresh_indexes(
         "INSERT OR REPLACE INTO dedup (stream, key, seen) VALUES (?, ?, ?)", [(stream, key, now) for key in new_keys]
     )
     return None if len(fresh) == len(keys) else fresh
-
-
-def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
-    if future.done():
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(result)
 
 
 # --- dead letters, for the CLI (a plain connection; safe while the service runs) -----------------

@@ -28,9 +28,17 @@ class FileSink:
         self.name = name
         self.config = config
         self._lock = asyncio.Lock()
+        self._paths: dict[int, str] = {}
+        """Expanded paths by whole second of event time: strftime fields are never finer than a second."""
 
-    def _path_for(self, event: Event) -> Path:
-        return Path(time.strftime(self.config.path, time.gmtime(event.time)))
+    def _path_for(self, event: Event) -> str:
+        second = int(event.time // 1)
+        path = self._paths.get(second)
+        if path is None:
+            if len(self._paths) > 4096:
+                self._paths.clear()
+            path = self._paths[second] = time.strftime(self.config.path, time.gmtime(second))
+        return path
 
     async def send(self, batch: Sequence[Event]) -> SendResult:
         """Write and fsync the batch."""
@@ -43,10 +51,11 @@ class FileSink:
         return SendResult.success()
 
     def _write(self, batch: Sequence[Event]) -> None:
-        groups: dict[Path, list[bytes]] = {}
+        groups: dict[str, list[bytes]] = {}
         for event in batch:
             groups.setdefault(self._path_for(event), []).append(event.raw)
-        for path, lines in groups.items():
+        for name, lines in groups.items():
+            path = Path(name)
             path.parent.mkdir(parents=True, exist_ok=True)
             data = b"\n".join(lines) + b"\n"
             if self.config.max_file_bytes is not None:
