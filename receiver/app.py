@@ -7,6 +7,7 @@ import asyncio
 import hmac
 import logging
 import time
+from typing import Any
 
 import orjson
 from aiohttp import web
@@ -48,6 +49,13 @@ class Intake:
         self.policy = AddressPolicy(config.server.allowed_networks(), config.server.proxy_networks())
         self.auth_header = stream.auth.header if stream.auth else None
         self.auth_values = [v.encode() for v in stream.auth.values] if stream.auth else []
+        # Labelled metric children are looked up once, not on every request.
+        name = stream.name
+        self._requests: dict[int, Any] = {}
+        self._seconds = metrics.request_seconds.labels(name)
+        self._received = metrics.received.labels(name)
+        self._duplicates = metrics.duplicates.labels(name)
+        self._intake_dead = metrics.dead_lettered.labels("intake")
 
     def _authorised(self, request: web.Request) -> bool:
         if self.auth_header is None:
@@ -61,15 +69,17 @@ class Intake:
         """The stream endpoint."""
         started = time.monotonic()
         response = await self._handle(request)
-        code = str(response.status)
-        self.metrics.requests.labels(self.stream.name, code).inc()
-        self.metrics.request_seconds.labels(self.stream.name).observe(time.monotonic() - started)
+        counter = self._requests.get(response.status)
+        if counter is None:
+            counter = self._requests[response.status] = self.metrics.requests.labels(self.stream.name, response.status)
+        counter.inc()
+        self._seconds.observe(time.monotonic() - started)
         return response
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         peer = request.transport.get_extra_info("peername") if request.transport else None
-        client = self.policy.client_address(peer[0] if peer else None, request.headers.getall("X-Forwarded-For", []))
-        if not self.policy.allows(client):
+        client, allowed = self.policy.check(peer[0] if peer else None, request.headers.getall("X-Forwarded-For", []))
+        if not allowed:
             log.warning(
                 "request from an address not on the allowlist",
                 extra={"stream": self.stream.name, "client": str(client)},
@@ -136,11 +146,11 @@ class Intake:
         except JournalError as exc:
             log.error("journal write failed: refusing a batch", extra={"stream": name, "error": str(exc)})
             return _answer(503, "the journal cannot take writes right now", **{"Retry-After": RETRY_AFTER_DOWN})
-        self.metrics.received.labels(name).inc(result.accepted)
+        self._received.inc(result.accepted)
         if result.duplicates:
-            self.metrics.duplicates.labels(name).inc(result.duplicates)
+            self._duplicates.inc(result.duplicates)
         if result.dead_lettered:
-            self.metrics.dead_lettered.labels("intake").inc(result.dead_lettered)
+            self._intake_dead.inc(result.dead_lettered)
             log.warning(
                 "elements dead-lettered at intake",
                 extra={"stream": name, "elements": result.dead_lettered, "reason": parsed.rejected[0].reason},

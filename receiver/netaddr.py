@@ -36,6 +36,19 @@ class AddressPolicy:
     def __init__(self, allowed: Sequence[Network], trusted_proxies: Sequence[Network]) -> None:
         self._allowed = tuple(allowed)
         self._proxies = tuple(trusted_proxies)
+        self._verdicts: dict[tuple[str | None, tuple[str, ...]], tuple[Address | None, bool]] = {}
+
+    def check(self, peer: str | None, forwarded_for: Sequence[str]) -> tuple[Address | None, bool]:
+        """The client address and whether it is allowed, remembered for the few peers a stream sees."""
+        key = (peer, tuple(forwarded_for))
+        verdict = self._verdicts.get(key)
+        if verdict is None:
+            client = self.client_address(peer, forwarded_for)
+            verdict = (client, self.allows(client))
+            if len(self._verdicts) >= 1024:  # many distinct peers or headers: start over rather than grow
+                self._verdicts.clear()
+            self._verdicts[key] = verdict
+        return verdict
 
     def client_address(self, peer: str | None, forwarded_for: Sequence[str]) -> Address | None:
         """The TCP peer, or, when the peer is a trusted proxy, the right-most X-Forwarded-For entry that is

@@ -40,3 +40,10 @@ class TestAddressPolicy:
         assert self.policy.allows(parse_address("2001:db8::1"))
         assert not self.policy.allows(parse_address("52.1.251.35"))
         assert not self.policy.allows(None)
+
+    def test_check_gives_the_same_verdicts_when_remembered(self) -> None:
+        cases = [("10.1.2.3", ["52.1.251.34"]), ("198.51.100.1", []), ("10.1.2.3", ["52.1.251.34, 198.51.100.7"])]
+        for _ in range(2):
+            for peer, xff in cases:
+                client = self.policy.client_address(peer, xff)
+                assert self.policy.check(peer, xff) == (client, self.policy.allows(client))
