@@ -526,13 +526,16 @@ async def run() -> str:
     section = [
         "## Intake",
         "",
+        "### Receiver vs. no-op handler",
+        "",
         f"Receiver (`log-bridge serve`, file sink, SQLite journal WAL + `synchronous=FULL`, group commit) and a no-op "
         f"aiohttp handler that only reads and orjson-parses the body, each in its own process on loopback, same "
         f"load: {load_tool()}. {REPEATS} runs of {DURATION:g} s per server and size, interleaved receiver/no-op "
         f"(order alternating), medians reported; ratio = receiver req/s ÷ no-op req/s of the same round. "
         f"Machine: {cores} cores, shared with the load generator (and other work), so absolute figures are noisy; "
         f"the ratios are the figure to read. Before each run the file sink is allowed to catch up (bounded), so a "
-        f"run's delivery work does not spill into the next.",
+        f"run's delivery work does not spill into the next. Server CPU % is the server process's user + system time "
+        f"over the run (100 = one core, all threads); load gen. CPU % is the load generator's.",
         "",
         render_throughput(pairs),
         "",

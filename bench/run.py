@@ -26,6 +26,7 @@ PARTS = {
     "splunk_hec": "bench.splunk_hec",
     "datadog": "bench.datadog",
 }
+SINK_PARTS = ("s3", "splunk_hec", "datadog")
 OUTPUT = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 _SECTION = re.compile(r"<!-- part:(?P<name>[a-z0-9_]+) -->\n(?P<body>.*?)<!-- /part:(?P=name) -->\n", re.DOTALL)
 
@@ -42,7 +43,7 @@ async def run_part(name: str) -> str:
         section: str = await module.run()
     except Exception as exc:
         detail = traceback.format_exc(limit=3)
-        return f"## {name}\n\nThis part failed: `{type(exc).__name__}: {exc}`\n\n```\n{detail}```\n"
+        return f"### {name}\n\nThis part failed: `{type(exc).__name__}: {exc}`\n\n```\n{detail}```\n"
     print(f"bench: {name} took {time.monotonic() - started:.0f}s", file=sys.stderr)
     return section.rstrip() + "\n"
 
@@ -85,7 +86,10 @@ async def main(selected: list[str]) -> int:
         sections[name] = await run_part(name)
     ordered = [name for name in PARTS if name in sections]
     body = [_header()]
+    first_sink = next((name for name in ordered if name in SINK_PARTS), None)
     for name in ordered:
+        if name == first_sink:
+            body.append("## Sinks\n")
         body.append(f"<!-- part:{name} -->\n{sections[name]}<!-- /part:{name} -->\n")
     OUTPUT.parent.mkdir(parents=True, exist_ok=True)
     OUTPUT.write_text("\n".join(body), encoding="utf-8")
