@@ -126,12 +126,16 @@ class Intake:
         chunks = bytearray()
         try:
             async with asyncio.timeout(self.body_timeout):
+                if request.content_length is not None:  # already checked against the limit
+                    return await request.content.readexactly(request.content_length)
                 async for chunk in request.content.iter_any():
                     chunks += chunk
                     if len(chunks) > self.max_body:
                         raise BodyError(413, f"body is larger than max_body_bytes ({self.max_body} bytes)")
         except TimeoutError:
             raise BodyError(408, "timed out reading the request body") from None
+        except asyncio.IncompleteReadError:
+            raise BodyError(400, "the body is shorter than its Content-Length") from None
         return bytes(chunks)
 
     async def _commit(self, parsed: Parsed, received_at: float) -> web.Response:

@@ -63,17 +63,23 @@ CREATE INDEX IF NOT EXISTS dead_letters_sink ON dead_letters (sink);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
 """
 
+WRITER_CACHE_KIB = 32 * 1024
+"""The writer's page cache (SQLite's default is 2 MiB). Dedup keys are random, so inserts touch index pages all
+over; a larger cache keeps more of that index in memory and saves about a quarter of the writer's CPU."""
+
 INTAKE = "(intake)"
 """How `dlq list` names dead letters of the intake (bad input), which belong to no sink."""
 
 
-def connect(path: Path) -> sqlite3.Connection:
+def connect(path: Path, cache_kib: int | None = None) -> sqlite3.Connection:
     """A connection with the journal's durability settings and schema."""
     path.parent.mkdir(parents=True, exist_ok=True)
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30.0)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")
     conn.execute("PRAGMA busy_timeout=30000")
+    if cache_kib is not None:
+        conn.execute(f"PRAGMA cache_size=-{int(cache_kib)}")
     conn.executescript(SCHEMA)
     return conn
 
@@ -127,7 +133,7 @@ class Journal:
 
     async def open(self) -> None:
         """Create or open the database and start the writer thread."""
-        conn = await asyncio.to_thread(connect, self.path)
+        conn = await asyncio.to_thread(connect, self.path, WRITER_CACHE_KIB)
         self._read_conn = await asyncio.to_thread(connect, self.path)
         self.last_seq = _last_seq(conn)
         self.size_bytes = self._measure(conn)
