@@ -42,6 +42,15 @@ def _load(given: str | None, *, required: bool) -> Config:
     return load_config(path)
 
 
+def _load_required(given: str | None) -> Config | None:
+    """The configuration a command needs, or None after printing every problem with it."""
+    try:
+        return _load(given, required=True)
+    except ConfigError as exc:
+        _print_errors(exc)
+        return None
+
+
 def _print_errors(exc: ConfigError) -> None:
     print(f"log-bridge: configuration is invalid ({len(exc.errors)} problem(s)):", file=sys.stderr)
     for problem in exc.errors:
@@ -82,10 +91,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     """Check a configuration and print a summary."""
-    try:
-        config = _load(args.config, required=True)
-    except ConfigError as exc:
-        _print_errors(exc)
+    config = _load_required(args.config)
+    if config is None:
         return 1
     server = config.server
     scheme = "https" if server.tls else "http"
@@ -197,10 +204,8 @@ def cmd_send_test(args: argparse.Namespace) -> int:
 
 def cmd_dlq_list(args: argparse.Namespace) -> int:
     """Print dead letters as JSON lines."""
-    try:
-        config = _load(args.config, required=True)
-    except ConfigError as exc:
-        _print_errors(exc)
+    config = _load_required(args.config)
+    if config is None:
         return 2
     for letter in list_dead_letters(config.journal.path, args.sink):
         try:
@@ -222,10 +227,8 @@ def cmd_dlq_list(args: argparse.Namespace) -> int:
 
 def cmd_dlq_replay(args: argparse.Namespace) -> int:
     """Put sinks' dead letters back for delivery."""
-    try:
-        config = _load(args.config, required=True)
-    except ConfigError as exc:
-        _print_errors(exc)
+    config = _load_required(args.config)
+    if config is None:
         return 2
     if args.sink == INTAKE:
         print(

@@ -230,7 +230,7 @@ class Harness:
         elif mode == "retry":
             delete_bucket(self.client, self.bucket)
         else:
-            raise NotImplementedError(f"the S3 harness cannot produce {mode!r} (see the module docstring)")
+            raise ValueError(f"the S3 harness cannot produce {mode!r} (see the module docstring)")
 
     async def received(self) -> list[dict[str, Any]]:
         """The bare events stored in the bucket."""
