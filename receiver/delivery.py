@@ -14,15 +14,22 @@ import random
 import re
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import TypeVar
 
 from receiver.config import Config, RetryConfig, SinkSection
+from receiver.errors import JournalClosed, JournalError
 from receiver.journal import Journal
 from receiver.metrics import Metrics
 from sinks import registry
 from sinks.base import Event, Health, Outcome, SendResult, Sink
 
 log = logging.getLogger(__name__)
+
+JOURNAL_RETRY_MAX = 5.0
+"""Longest wait between tries of a journal operation that failed."""
+
+T = TypeVar("T")
 
 IDLE_POLL = 1.0
 """How often an idle sink looks at the journal anyway: `dlq replay` writes from another process."""
@@ -87,7 +94,7 @@ class SinkRunner:
         limit = max(2 * self.section.batch.max_events, 256)
         if len(self._buffer) >= self.section.batch.max_events:
             return
-        rows = await self.journal.read(self._read_pos, limit)
+        rows = await self._persist(lambda: self.journal.read(self._read_pos, limit), "read the journal")
         self._caught_up = len(rows) < limit
         for event, target in rows:
             self._read_pos = event.seq
@@ -206,8 +213,24 @@ class SinkRunner:
         await self._commit(position, dead)
 
     async def _commit(self, position: int, dead: list[tuple[Event, str]]) -> None:
-        await self.journal.commit_progress(self.name, position, dead, self.active_sinks)
+        # Until this commits, the dead letters exist only here: keep trying, never skip past them.
+        await self._persist(
+            lambda: self.journal.commit_progress(self.name, position, dead, self.active_sinks), "record progress"
+        )
         self.cursor = position
+
+    async def _persist(self, operation: Callable[[], Awaitable[T]], what: str) -> T:
+        """Run a journal operation, retrying through journal errors (a full disk, a locked file) until it works."""
+        delay = 0.1
+        while True:
+            try:
+                return await operation()
+            except JournalClosed:
+                raise
+            except JournalError as exc:
+                log.error(f"cannot {what}; retrying", extra={"sink": self.name, "error": str(exc)})
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, JOURNAL_RETRY_MAX)
 
     def _set_health(self, health: Health) -> None:
         self.health = health

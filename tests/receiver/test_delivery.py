@@ -12,6 +12,7 @@ import pytest
 
 from receiver.config import RetryConfig
 from receiver.delivery import action_filter, backoff
+from receiver.errors import JournalError
 from receiver.journal import list_dead_letters, replay_dead_letters
 from receiver.server import Service
 from tests.conftest import TOKEN, StartService, memory
@@ -252,3 +253,26 @@ async def test_health_follows_sends(start_service: StartService, outcome: str) -
     service = await start_service({"sinks": {"mem": {"fail": outcome}}})
     await send(service, events(1))
     await until(lambda: 'log_bridge_sink_up{sink="mem"} 0.0' in service.metrics.render().decode())
+
+
+class TestJournalTrouble:
+    async def test_progress_that_cannot_be_recorded_is_retried_not_skipped(
+        self, start_service: StartService, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        service = await start_service({"sinks": {"mem": {"reject_actions": ["user.deleted"]}}})
+        original = service.journal.commit_progress
+        failures = {"left": 3}
+
+        async def flaky(*args: Any, **kwargs: Any) -> None:
+            if failures["left"]:
+                failures["left"] -= 1
+                raise JournalError("database or disk is full")
+            await original(*args, **kwargs)
+
+        monkeypatch.setattr(service.journal, "commit_progress", flaky)
+        await send(service, events(3) + events(1, action="user.deleted", prefix="bad"))
+        path = service.config.journal.path
+        await until(lambda: len(list_dead_letters(path, "mem")) == 1)
+        assert failures["left"] == 0 and len(memory().events) == 3
+        await send(service, events(2, prefix="later"))
+        await until(lambda: len(memory().events) == 5)
