@@ -271,7 +271,7 @@ class Journal:
         cutoff = received_at - self.dedup_window
 
         def write(conn: sqlite3.Connection) -> AppendResult:
-            fresh = _fresh_indexes(conn, stream, parsed.keys, cutoff, received_at)
+            fresh = _fresh_indexes(conn, stream, parsed.keys, cutoff, received_at) if self.dedup_window > 0 else None
             count = len(parsed) if fresh is None else len(fresh)
             if count:
                 if fresh is None:

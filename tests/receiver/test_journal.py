@@ -133,3 +133,13 @@ class TestJournal:
             assert (await again.append("s", batch("a"), time.time())).duplicates == 1
         finally:
             await again.close()
+
+
+async def test_a_zero_window_turns_dedup_off(tmp_path: Path) -> None:
+    j = Journal(tmp_path / "off.db", max_bytes=1 << 20, dedup_window=0)
+    await j.open()
+    try:
+        assert (await j.append("s", batch("a", "a"), time.time())).accepted == 2
+        assert (await j.append("s", batch("a"), time.time())).accepted == 1
+    finally:
+        await j.close()
