@@ -90,7 +90,12 @@ def receiver_config(workdir: Path, port: int, sink: dict[str, object]) -> str:
     """A receiver configuration (YAML is a superset of JSON) with one stream feeding one sink `out`."""
     config = {
         "server": {"host": "127.0.0.1", "port": port, "allowlist": ["127.0.0.1/32"], "max_body_bytes": "10MiB"},
-        "journal": {"path": str(workdir / "journal.db"), "max_bytes": "4GiB"},
+        # BENCH_DEDUP_WINDOW=0 measures the receiver with deduplication off (see docs/performance.md).
+        "journal": {
+            "path": str(workdir / "journal.db"),
+            "max_bytes": "4GiB",
+            "dedup_window": os.environ.get("BENCH_DEDUP_WINDOW", "24h"),
+        },
         "streams": [
             {
                 "name": "workos",
