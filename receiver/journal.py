@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import queue
 import sqlite3
 import threading
@@ -124,7 +123,6 @@ class Journal:
         self._closed = False
         self.size_bytes = 0
         self.last_seq = 0
-        self.healthy = True
         self.commits = 0
         self._new_data: list[asyncio.Event] = []
         self._next_seq = 1
@@ -208,12 +206,10 @@ class Journal:
             if added:
                 _store_last_seq(conn, self._next_seq - 1)
             conn.execute("COMMIT")  # synchronous=FULL: the WAL is fsynced here, once for the whole group
-            self.healthy = True
             self.commits += 1
         except sqlite3.Error as exc:
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
-            self.healthy = False
             failure = _map_error(exc)
             log.error("journal commit failed", extra={"error": str(failure)})
             outcomes = [(job, None, failure) for job in jobs]
@@ -501,10 +497,3 @@ def _action_and_time(raw: bytes, now: float) -> tuple[str, float]:
     if parsed.raws:
         return parsed.actions[0], parsed.times[0]
     return "", now
-
-
-def remove_database(path: Path) -> None:
-    """Delete a journal and its WAL files (tests and benchmarks)."""
-    for suffix in ("", "-wal", "-shm"):
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(f"{path}{suffix}")

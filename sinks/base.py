@@ -293,7 +293,3 @@ class SinkFactory(Protocol):
         """Build the sink (no network I/O here; `healthcheck` does that)."""
         ...
 
-
-def dumps(value: object) -> bytes:
-    """Compact JSON, as every sink writes it."""
-    return orjson.dumps(value)
