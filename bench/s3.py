@@ -27,9 +27,9 @@ import orjson
 from botocore.config import Config
 
 from sinks.base import Event
-from sinks.s3 import S3Config, S3Sink
+from sinks.s3 import S3Sink
 from sinks.testing.compliance import make_events
-from sinks.testing.s3 import MotoS3, S3Server, delete_bucket, s3_client
+from sinks.testing.s3 import MotoS3, S3Server, delete_bucket, s3_client, sink_for
 
 BATCH_EVENTS = 1000
 BATCH_ROUNDS = 30
@@ -62,17 +62,7 @@ def _start_server(stack: ExitStack) -> tuple[S3Server, str]:
 
 
 def _sink(server: S3Server, bucket: str, **options: Any) -> S3Sink:
-    config = {
-        "bucket": bucket,
-        "endpoint_url": server.endpoint_url,
-        "region": server.region,
-        "addressing_style": "path",
-        "access_key_id": server.access_key,
-        "secret_access_key": server.secret_key,
-        "concurrency": CONCURRENCY,
-        **options,
-    }
-    return S3Sink("bench", S3Config.model_validate(config))
+    return sink_for(server, bucket, name="bench", **{"concurrency": CONCURRENCY, **options})
 
 
 async def _batch_rate(server: S3Server, bucket: str, compression: str, in_flight: int) -> tuple[float, int]:

@@ -92,6 +92,22 @@ class MotoS3:
         self.stop()
 
 
+def sink_for(
+    server: S3Server, bucket: str, cls: type[S3Sink] = S3Sink, name: str = "archive", **options: Any
+) -> S3Sink:
+    """An S3 sink writing to `bucket` on `server` (path-style, the server's keys); `options` add or override keys."""
+    config: dict[str, Any] = {
+        "bucket": bucket,
+        "endpoint_url": server.endpoint_url,
+        "region": server.region,
+        "addressing_style": "path",
+        "access_key_id": server.access_key,
+        "secret_access_key": server.secret_key,
+        **options,
+    }
+    return cls(name, S3Config.model_validate(config))
+
+
 def s3_client(server: S3Server) -> S3Client:
     """A plain boto3 client for `server` that adds no checksum of its own (so Content-MD5 is all there is)."""
     client: S3Client = boto3.client(
@@ -204,21 +220,10 @@ class Harness:
 
     def build(self) -> S3Sink:
         """A sink writing to the harness bucket."""
-        server = self.server
-        config: dict[str, Any] = {
-            "bucket": self.bucket,
-            "prefix": self.prefix,
-            "layout": self.layout,
-            "endpoint_url": server.endpoint_url,
-            "region": server.region,
-            "addressing_style": "path",
-            "access_key_id": server.access_key,
-            "secret_access_key": server.secret_key,
-            "concurrency": 8,
-            "timeout": 10,
-            **self.options,
-        }
-        return S3Sink("s3-compliance", S3Config.model_validate(config))
+        options: dict[str, Any] = {"concurrency": 8, "timeout": 10, **self.options}
+        return sink_for(
+            self.server, self.bucket, name="s3-compliance", prefix=self.prefix, layout=self.layout, **options
+        )
 
     def set_mode(self, mode: Mode) -> None:
         """ok: the bucket exists; retry: it does not (NoSuchBucket)."""

@@ -35,6 +35,7 @@ from sinks.base import Event, Outcome
 from sinks.s3 import MAX_KEY_BYTES, S3Config, S3Sink, classify_error
 from sinks.testing.compliance import CHECKS, make_events, run_check
 from sinks.testing.s3 import Harness, MotoS3, decode_batch_object, delete_bucket, read_objects, s3_client
+from sinks.testing.s3 import sink_for as make_s3_sink
 
 SECRET = "s3cr3t-value-never-logged"
 
@@ -98,17 +99,7 @@ def create_lock_bucket(client: Any, name: str) -> None:
 
 
 def sink_for(server: Any, bucket: str, cls: type[S3Sink] = S3Sink, **options: Any) -> S3Sink:
-    config = {
-        "bucket": bucket,
-        "endpoint_url": server.endpoint_url,
-        "region": server.region,
-        "addressing_style": "path",
-        "access_key_id": server.access_key,
-        "secret_access_key": server.secret_key,
-        "timeout": 10,
-        **options,
-    }
-    return cls("archive", S3Config.model_validate(config))
+    return make_s3_sink(server, bucket, cls, **{"timeout": 10, **options})
 
 
 @pytest.fixture
