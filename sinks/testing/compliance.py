@@ -159,6 +159,20 @@ async def check_close(harness: Harness) -> None:
     await sink.close()
 
 
+def unsupported(name: str, harness: Harness) -> bool:
+    """Whether the check needs a failure mode the harness's peer cannot produce (the caller skips it)."""
+    return name in ("retry", "permanent", "partial") and name not in harness.supports
+
+
+async def run_with_peer(name: str, harness: Harness) -> None:
+    """Start the harness's peer, run one named check, stop the peer."""
+    await harness.start()
+    try:
+        await run_check(name, harness)
+    finally:
+        await harness.stop()
+
+
 async def run_check(name: str, harness: Harness) -> None:
     """Run one named check (one of CHECKS)."""
     await {

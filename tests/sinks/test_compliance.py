@@ -7,7 +7,7 @@ import importlib
 import pytest
 
 from sinks import registry
-from sinks.testing.compliance import CHECKS, Harness, run_check
+from sinks.testing.compliance import CHECKS, Harness, run_with_peer, unsupported
 
 HARNESS_MODULES = {"splunk_hec": "sinks.testing.hec"}
 """Harness modules not named after their sink type."""
@@ -32,10 +32,6 @@ def test_every_builtin_sink_has_a_harness() -> None:
 @pytest.mark.parametrize("type_name", sorted(registry.BUILTIN))
 async def test_compliance(type_name: str, check: str) -> None:
     harness = harness_for(type_name)
-    if check in ("retry", "permanent", "partial") and check not in harness.supports:
+    if unsupported(check, harness):
         pytest.skip(f"the {type_name} sink's peer cannot produce a {check} failure")
-    await harness.start()
-    try:
-        await run_check(check, harness)
-    finally:
-        await harness.stop()
+    await run_with_peer(check, harness)
