@@ -79,6 +79,7 @@ class SinkRunner:
         self.health = Health(True, "not checked yet")
         self._read_pos = 0
         self._buffer: deque[Event] = deque()
+        self._buffered_bytes = 0
         self._first_buffered_at = 0.0
         self._signal = journal.subscribe()
         self._stopping = False
@@ -102,6 +103,7 @@ class SinkRunner:
                 if not self._buffer:
                     self._first_buffered_at = time.monotonic()
                 self._buffer.append(event)
+                self._buffered_bytes += len(event.raw)
 
     def _take_batch(self) -> list[Event]:
         batch: list[Event] = []
@@ -113,6 +115,7 @@ class SinkRunner:
                 break
             size += len(event.raw)
             batch.append(self._buffer.popleft())
+        self._buffered_bytes -= size
         if self._buffer:
             self._first_buffered_at = time.monotonic()
         return batch
@@ -121,7 +124,7 @@ class SinkRunner:
         limits = self.section.batch
         if len(self._buffer) >= limits.max_events:
             return True
-        if sum(len(e.raw) for e in self._buffer) >= limits.max_bytes:
+        if self._buffered_bytes >= limits.max_bytes:
             return True
         return self._stopping or time.monotonic() - self._first_buffered_at >= limits.max_wait
 
