@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import errno
 import http.client
 import os
 import secrets
@@ -262,9 +263,11 @@ class RGWServer:
         while not ready():
             for d in self._daemons:
                 if d.proc.poll() is not None:
-                    message = self._report(
-                        f"{d.name} exited with status {d.proc.returncode} while waiting for {what}", d
-                    )
+                    status = d.proc.returncode
+                    # radosgw exits with EADDRINUSE when its port is taken, sometimes before its log line is
+                    # written, so the status is checked as well as the log.
+                    reason = " (Address already in use)" if status == errno.EADDRINUSE else ""
+                    message = self._report(f"{d.name} exited with status {status}{reason} while waiting for {what}", d)
                     if any(marker in message for marker in _BIND_ERRORS):
                         raise _PortTaken(message)
                     raise RGWUnavailable(message)
