@@ -292,4 +292,3 @@ class SinkFactory(Protocol):
     def __call__(self, name: str, config: Any) -> Sink:
         """Build the sink (no network I/O here; `healthcheck` does that)."""
         ...
-

@@ -21,10 +21,8 @@ from __future__ import annotations
 import asyncio
 import re
 import zlib
-from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 import orjson
@@ -38,7 +36,6 @@ from pydantic import BeforeValidator, Field, SecretStr, field_validator
 from sinks.base import (
     Duration,
     Event,
-    Failure,
     Health,
     Outcome,
     SendResult,
@@ -46,6 +43,7 @@ from sinks.base import (
     classify_http_status,
     parse_retry_after,
 )
+from sinks.splitting import Answer, Item, Part, Tally, send_in_parts
 
 __all__ = ["MAX_ITEMS", "MAX_ITEM_BYTES", "MAX_PAYLOAD_BYTES", "SITES", "DatadogConfig", "DatadogSink"]
 
@@ -149,36 +147,6 @@ class DatadogConfig(SinkConfig):
         return value
 
 
-@dataclass(frozen=True, slots=True)
-class _Answer:
-    """How the intake answered one request."""
-
-    outcome: Outcome
-    status: int | None
-    reason: str
-    retry_after: float | None = None
-
-    @property
-    def split(self) -> bool:
-        """The intake refused this body's content: find the offending event by bisection."""
-        return self.status in _SPLIT_STATUSES
-
-    @property
-    def auth_refused(self) -> bool:
-        """The intake refused the API key."""
-        return self.status in _AUTH_STATUSES
-
-
-@dataclass(slots=True)
-class _Delivery:
-    """What one send produced, handed back from the executor to the event loop."""
-
-    result: SendResult
-    delivered_any: bool
-    auth_refusal: str | None
-
-
-_Item = tuple[Event, bytes]
 _T = TypeVar("_T")
 
 
@@ -215,12 +183,10 @@ class DatadogSink:
             return SendResult.retry("the Datadog sink is closed")
         if not batch:
             return SendResult.success()
-        delivery = await self._off_loop(self._deliver, batch)
-        if delivery.auth_refusal is not None:
-            self._auth_refusal = delivery.auth_refusal
-        elif delivery.delivered_any:
-            self._auth_refusal = None
-        return delivery.result
+        tally = Tally()
+        items = await self._off_loop(self._encode_all, batch, tally)
+        await send_in_parts(_chunks(items), self._send_part, tally, peer="Datadog")
+        return tally.result(batch)
 
     async def healthcheck(self) -> Health:
         """Red while the last sends met a refused key; else validate the key against the site."""
@@ -256,71 +222,37 @@ class DatadogSink:
         item["message"] = orjson.dumps(event.event).decode()
         return orjson.dumps(item)
 
-    def _encode_all(self, batch: Sequence[Event], failures: dict[int, Failure]) -> list[_Item]:
-        items: list[_Item] = []
+    def _encode_all(self, batch: Sequence[Event], tally: Tally) -> list[Item]:
+        items: list[Item] = []
         for event in batch:
             try:
                 item = self.encode(event)
             except (orjson.JSONDecodeError, orjson.JSONEncodeError, KeyError, TypeError) as exc:
-                failures[event.seq] = Failure(Outcome.PERMANENT, f"cannot encode the event for Datadog: {exc}")
+                tally.fail([event], Outcome.PERMANENT, f"cannot encode the event for Datadog: {exc}")
                 continue
             if len(item) > MAX_ITEM_BYTES:
-                failures[event.seq] = Failure(
-                    Outcome.PERMANENT,
+                reason = (
                     f"the event is {len(item)} bytes once encoded, over Datadog's 1 MB per-log limit "
-                    f"({MAX_ITEM_BYTES} bytes); Datadog would truncate it",
+                    f"({MAX_ITEM_BYTES} bytes); Datadog would truncate it"
                 )
+                tally.fail([event], Outcome.PERMANENT, reason)
                 continue
             items.append((event, item))
         return items
 
-    # --- delivery (runs on the executor) ---------------------------------------------------------
+    # --- delivery ------------------------------------------------------------------------------
 
-    def _deliver(self, batch: Sequence[Event]) -> _Delivery:
-        failures: dict[int, Failure] = {}
-        pending = deque(_chunks(self._encode_all(batch, failures)))
-        delivered_any = False
-        auth_refusal: str | None = None
-        retry_after: float | None = None
-        stop: _Answer | None = None
-        while pending:
-            chunk = pending.popleft()
-            answer = self._post(chunk)
-            if answer.outcome is Outcome.SUCCESS:
-                delivered_any = True
-            elif answer.split and len(chunk) > 1:
-                # The intake names no item: halve until the offending events stand alone.
-                middle = len(chunk) // 2
-                pending.extendleft((chunk[middle:], chunk[:middle]))
-            elif answer.split:
-                event = chunk[0][0]
-                failures[event.seq] = Failure(Outcome.PERMANENT, f"Datadog refused this event: {answer.reason}")
-            else:
-                stop = answer
-                if answer.auth_refused:
-                    auth_refusal = f"Datadog refused the API key: {answer.reason}; check api_key and site"
-                for rest in (chunk, *pending):
-                    for event, _ in rest:
-                        failures[event.seq] = Failure(answer.outcome, answer.reason)
-                retry_after = answer.retry_after
-                break
-        result = self._result(batch, failures, stop, delivered_any, retry_after)
-        return _Delivery(result, delivered_any, auth_refusal)
+    async def _send_part(self, chunk: Part) -> Answer:
+        """Post one request on the executor; a refused key turns the health check red until a send succeeds."""
+        status, answer = await self._off_loop(self._post, chunk)
+        if answer.outcome is Outcome.SUCCESS:
+            self._auth_refusal = None
+        elif status in _AUTH_STATUSES:
+            self._auth_refusal = f"Datadog refused the API key: {answer.reason}; check api_key and site"
+        return answer
 
-    @staticmethod
-    def _result(
-        batch: Sequence[Event],
-        failures: dict[int, Failure],
-        stop: _Answer | None,
-        delivered_any: bool,
-        retry_after: float | None,
-    ) -> SendResult:
-        if stop is not None and not delivered_any and len(failures) == len(batch):
-            if all(f.outcome is stop.outcome and f.reason == stop.reason for f in failures.values()):
-                return SendResult(stop.outcome, stop.reason, retry_after)
-        return SendResult.partial(failures, retry_after)
-
-    def _post(self, chunk: Sequence[_Item]) -> _Answer:
+    def _post(self, chunk: Part) -> tuple[int | None, Answer]:
+        """One blocking POST of a JSON array of items, and what the answer means (runs on the executor)."""
         body = b"[" + b",".join(item for _, item in chunk) + b"]"
         if self.config.compression == "gzip":
             compressor = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
@@ -336,23 +268,23 @@ class DatadogSink:
                 preload_content=True,
             )
         except urllib3.exceptions.HTTPError as exc:
-            return _Answer(
-                Outcome.RETRY, None, f"cannot reach the Datadog intake at {self.logs_url}: {self._safe(exc)}"
-            )
+            return None, Answer.retry(f"cannot reach the Datadog intake at {self.logs_url}: {self._safe(exc)}")
         status = int(response.status)
         if 200 <= status < 300:
-            return _Answer(Outcome.SUCCESS, status, "")
+            return status, Answer.ok()
         text = self._safe(response.data.decode("utf-8", "replace").strip())
         reason = f"HTTP {status} from {self.logs_url}" + (f": {text}" if text else "")
         if status in _AUTH_STATUSES:
-            return _Answer(Outcome.RETRY, status, reason)
+            return status, Answer.retry(reason)
         if status in _SPLIT_STATUSES:
-            return _Answer(Outcome.PERMANENT, status, reason)
-        outcome = classify_http_status(status)
+            # The intake names no item: halve until the offending events stand alone.
+            return status, Answer.refused(reason)
+        if classify_http_status(status) is Outcome.PERMANENT:
+            return status, Answer.permanent(reason)
         retry_after = parse_retry_after(response.headers.get("Retry-After")) or parse_retry_after(
             response.headers.get("X-Ratelimit-Reset")
         )
-        return _Answer(outcome, status, reason, retry_after if outcome is Outcome.RETRY else None)
+        return status, Answer.retry(reason, retry_after)
 
     def _validate_key(self) -> Health:
         api = AuthenticationApi(self._client)  # type: ignore[no-untyped-call]
@@ -432,10 +364,10 @@ def _submit_log_host(client: ApiClient) -> str:
     return host
 
 
-def _chunks(items: Sequence[_Item]) -> list[list[_Item]]:
+def _chunks(items: Sequence[Item]) -> list[Part]:
     """Requests within the intake limits: at most MAX_ITEMS items and MAX_PAYLOAD_BYTES per JSON array."""
-    chunks: list[list[_Item]] = []
-    current: list[_Item] = []
+    chunks: list[Part] = []
+    current: Part = []
     size = 2  # the brackets
     for entry in items:
         extra = len(entry[1]) + (1 if current else 0)

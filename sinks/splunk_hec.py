@@ -18,7 +18,7 @@ import ssl
 import uuid
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import aiohttp
@@ -29,7 +29,6 @@ from yarl import URL
 from sinks.base import (
     Duration,
     Event,
-    Failure,
     Health,
     Outcome,
     SendResult,
@@ -38,6 +37,7 @@ from sinks.base import (
     parse_retry_after,
 )
 from sinks.errors import SinkError
+from sinks.splitting import Answer, Part, Tally, send_in_parts
 
 __all__ = ["IndexerAckOptions", "SplunkHecConfig", "SplunkHecSink", "TlsOptions"]
 
@@ -213,41 +213,6 @@ def _classify_reply(status: int, body: bytes, retry_after_header: str | None, *,
     return _Reply(_Verdict.CONFIG, f"{what}: is the url right (a HEC base URL such as https://host:8088)?", retry_after)
 
 
-# --- the tally of one send -----------------------------------------------------------------------
-
-
-@dataclass(slots=True)
-class _Tally:
-    """What happened to each event of one batch so far."""
-
-    failures: dict[int, Failure] = field(default_factory=dict)
-    retry_after: float | None = None
-    awaiting_ack: dict[int, list[Event]] = field(default_factory=dict)
-    halted: _Reply | None = None
-    """A retryable answer that stops this send: what is left is not tried against a failing peer."""
-
-    def fail(self, events: Sequence[Event], outcome: Outcome, reason: str) -> None:
-        failure = Failure(outcome, reason)
-        for event in events:
-            self.failures[event.seq] = failure
-
-    def wait_at_least(self, seconds: float | None) -> None:
-        if seconds is not None:
-            self.retry_after = seconds if self.retry_after is None else max(self.retry_after, seconds)
-
-    def result(self, batch: Sequence[Event]) -> SendResult:
-        if not self.failures:
-            return SendResult.success()
-        distinct = set(self.failures.values())
-        if len(self.failures) == len(batch) and len(distinct) == 1:
-            only = distinct.pop()
-            return SendResult(only.outcome, only.reason, self.retry_after if only.outcome is Outcome.RETRY else None)
-        return SendResult.partial(self.failures, self.retry_after)
-
-
-_Encoded = list[tuple[Event, bytes]]
-
-
 # --- the sink ------------------------------------------------------------------------------------
 
 
@@ -291,11 +256,15 @@ class SplunkHecSink:
             return SendResult.success()
         if self._closed:
             return SendResult.retry("the sink is closed")
-        tally = _Tally()
-        for source, items in self._encode(batch, tally).items():
-            await self._deliver(items, source, tally)
-        if tally.awaiting_ack:
-            await self._await_acks(tally)
+        tally = Tally()
+        awaiting: dict[int, list[Event]] = {}
+
+        async def post(part: Part) -> Answer:
+            return await self._send_part(part, awaiting)
+
+        await send_in_parts(self._encode(batch, tally), post, tally, peer="HEC")
+        if awaiting:
+            await self._await_acks(awaiting, tally)
         return tally.result(batch)
 
     async def healthcheck(self) -> Health:
@@ -340,26 +309,27 @@ class SplunkHecSink:
 
     # -- encoding --
 
-    def _encode(self, batch: Sequence[Event], tally: _Tally) -> dict[str | None, _Encoded]:
-        """Each event's bytes, grouped by the query-string `source` (raw endpoint) or in one group (event)."""
-        groups: dict[str | None, _Encoded] = {}
+    def _encode(self, batch: Sequence[Event], tally: Tally) -> list[Part]:
+        """Each event's bytes: one part for the event endpoint; for raw, one part per `source` (a query parameter)."""
+        groups: dict[str | None, Part] = {}
         raw = self.config.endpoint == "raw"
-        fixed_source = self.config.source
         meta = self._fixed_meta
         for event in batch:
             try:
-                source = fixed_source or event.source or event.stream
+                source = self._source(event)
                 if raw:
-                    encoded = orjson.dumps(event.event)
-                    groups.setdefault(source, []).append((event, encoded))
+                    groups.setdefault(source, []).append((event, orjson.dumps(event.event)))
                 else:
                     envelope = {"time": round(event.time, 3), **meta, "source": source, "event": event.event}
                     groups.setdefault(None, []).append((event, orjson.dumps(envelope)))
             except (KeyError, TypeError, ValueError, orjson.JSONEncodeError) as exc:
                 tally.fail([event], Outcome.PERMANENT, f"cannot encode the event for HEC: {_short(exc)}")
-        return groups
+        return list(groups.values())
 
-    async def _body(self, items: _Encoded) -> bytes:
+    def _source(self, event: Event) -> str:
+        return self.config.source or event.source or event.stream
+
+    async def _body(self, items: Part) -> bytes:
         body = b"\n".join(encoded for _, encoded in items)
         if self.config.compression != "gzip":
             return body
@@ -367,56 +337,33 @@ class SplunkHecSink:
             return await asyncio.to_thread(_gzip, body)
         return _gzip(body)
 
-    # -- delivery of one group --
+    # -- one request --
 
-    async def _deliver(self, items: _Encoded, source: str | None, tally: _Tally) -> None:
-        """Post the group; on refused data bisect (or cut out HEC's `invalid-event-number`) until only the
-        bad events are left; those are dead-lettered with HEC's text."""
-        parts = [items]
-        while parts:
-            part = parts.pop()
-            events = [event for event, _ in part]
-            if tally.halted is not None:
-                tally.fail(events, Outcome.RETRY, tally.halted.reason)
-                continue
-            reply = await self._post(part, source)
-            if reply.verdict is _Verdict.OK:
-                self._config_problem = None
-                if not self.config.indexer_ack.enabled:
-                    continue
+    async def _send_part(self, part: Part, awaiting: dict[int, list[Event]]) -> Answer:
+        """Post one part; remember its ackId (indexer acknowledgement) and any token/index problem."""
+        reply = await self._post(part)
+        if reply.verdict is _Verdict.OK:
+            self._config_problem = None
+            if self.config.indexer_ack.enabled:
                 if reply.ack_id is None:
                     self._warn_no_ack()
                 else:
-                    tally.awaiting_ack[reply.ack_id] = events
-            elif reply.verdict in (_Verdict.RETRY, _Verdict.CONFIG):
-                if reply.verdict is _Verdict.CONFIG:
-                    self._config_problem = reply.reason
-                tally.halted = reply
-                tally.wait_at_least(reply.retry_after)
-                tally.fail(events, Outcome.RETRY, reply.reason)
-            elif reply.verdict is _Verdict.PERMANENT:
-                tally.fail(events, Outcome.PERMANENT, reply.reason)
-            elif len(part) == 1:
-                tally.fail(events, Outcome.PERMANENT, f"HEC refused this event: {reply.reason}")
-            elif reply.bad_index is not None and 0 <= reply.bad_index < len(part):
-                bad = reply.bad_index
-                tally.fail([part[bad][0]], Outcome.PERMANENT, f"HEC refused this event: {reply.reason}")
-                # HEC may already have indexed the events before the bad one; resending them keeps
-                # delivery at-least-once whether or not it did.
-                parts.append(part[:bad] + part[bad + 1 :])
-            else:
-                middle = len(part) // 2
-                parts.append(part[middle:])
-                parts.append(part[:middle])
+                    awaiting[reply.ack_id] = [event for event, _ in part]
+            return Answer.ok()
+        if reply.verdict is _Verdict.CONFIG:
+            self._config_problem = reply.reason
+        if reply.verdict in (_Verdict.RETRY, _Verdict.CONFIG):
+            return Answer.retry(reply.reason, reply.retry_after)
+        if reply.verdict is _Verdict.SPLIT:
+            return Answer.refused(reply.reason, reply.bad_index)
+        return Answer.permanent(reply.reason)
 
-    async def _post(self, part: _Encoded, source: str | None) -> _Reply:
+    async def _post(self, part: Part) -> _Reply:
         raw = self.config.endpoint == "raw"
         url = self._base / (RAW_PATH if raw else EVENT_PATH)
         if raw:
-            query = {"channel": self.channel, **self._fixed_meta}
-            if source is not None:
-                query["source"] = source
-            url = url.with_query(query)
+            # every event of a raw part has the same source (see _encode)
+            url = url.with_query({"channel": self.channel, **self._fixed_meta, "source": self._source(part[0][0])})
         headers = {**self._headers, "Content-Type": "text/plain" if raw else "application/json"}
         try:
             body = await self._body(part)
@@ -434,13 +381,12 @@ class SplunkHecSink:
 
     # -- indexer acknowledgement --
 
-    async def _await_acks(self, tally: _Tally) -> None:
+    async def _await_acks(self, waiting: dict[int, list[Event]], tally: Tally) -> None:
         """Poll /ack every poll_interval until every ackId is confirmed or `timeout` passes; what is left
         unconfirmed is RETRY, so the engine sends it again (at-least-once)."""
         options = self.config.indexer_ack
         loop = asyncio.get_running_loop()
         deadline = loop.time() + options.timeout
-        waiting = tally.awaiting_ack
         last_problem = ""
         while waiting:
             remaining = deadline - loop.time()
