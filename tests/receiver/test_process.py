@@ -197,12 +197,14 @@ class TestRunningProcess:
 
 
 async def test_sigkill_under_load_loses_no_acknowledged_event(tmp_path: Path) -> None:
-    """Every event that got a 200 before a SIGKILL reaches the sink after a restart."""
+    """Every event that got a 200 before a SIGKILL reaches the sink after a restart, and every one of them is
+    still known to dedup: WorkOS retrying those batches after the restart delivers nothing twice."""
     port = free_port()
     config = write_config(tmp_path, port)
     server = Server(config, port, tmp_path)
     await server.ready()
     acknowledged: list[str] = []
+    acknowledged_batches: list[list[dict[str, Any]]] = []
     stop = asyncio.Event()
 
     async def client(number: int) -> None:
@@ -219,6 +221,7 @@ async def test_sigkill_under_load_loses_no_acknowledged_event(tmp_path: Path) ->
                     ) as response:
                         if response.status == 200:
                             acknowledged.extend(w["keySuffix"] for w in wrappers)
+                            acknowledged_batches.append(wrappers)
                 except aiohttp.ClientError:
                     return  # the server died under us: this batch was never acknowledged
 
@@ -239,6 +242,19 @@ async def test_sigkill_under_load_loses_no_acknowledged_event(tmp_path: Path) ->
                 break
             await asyncio.sleep(0.1)
         assert not missing, f"{len(missing)} acknowledged events lost, e.g. {sorted(missing)[:5]}"
+        delivered_before_retries = len(delivered_keys(tmp_path))
+        answers = []
+        async with aiohttp.ClientSession() as session:
+            for wrappers in acknowledged_batches:
+                async with session.post(
+                    f"http://127.0.0.1:{port}/workos", data=orjson.dumps(wrappers), headers={"Authorization": TOKEN}
+                ) as response:
+                    assert response.status == 200
+                    answers.append(await response.json())
+        assert sum(a["duplicates"] for a in answers) == len(acknowledged)
+        assert sum(a["accepted"] for a in answers) == 0
+        await asyncio.sleep(0.5)
+        assert len(delivered_keys(tmp_path)) == delivered_before_retries
     finally:
         assert restarted.kill(signal.SIGTERM) == 0
 
