@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import enum
 import re
+import ssl
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Annotated, Any, ClassVar, Protocol, runtime_checkable
 
 import orjson
-from pydantic import BaseModel, BeforeValidator, ConfigDict
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+
+from sinks.errors import SinkError
 
 __all__ = [
     "ByteSize",
@@ -28,6 +31,7 @@ __all__ = [
     "Sink",
     "SinkConfig",
     "SinkFactory",
+    "TlsOptions",
     "classify_http_status",
     "parse_duration",
     "parse_size",
@@ -88,6 +92,29 @@ class SinkConfig(BaseModel):
     """Base of every sink's own options: frozen, keyword-only, unknown keys rejected."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TlsOptions(SinkConfig):
+    """How a sink checks the certificate of the server it sends to (`tls:` of the HTTP sinks)."""
+
+    verify: bool = True
+    """Check the certificate and the host name; `false` skips both (a test peer only)."""
+    ca_file: str | None = Field(default=None, min_length=1)
+    """PEM bundle of the CA(s) that sign the server's certificate; the system store when unset."""
+
+    def client_context(self, sink: str) -> ssl.SSLContext:
+        """The client TLS context. Reads `ca_file` (a local file, no network); one that cannot be loaded is a
+        SinkError naming `sinks.<sink>.tls.ca_file`."""
+        if not self.verify:
+            context = ssl.create_default_context()
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+            return context
+        try:
+            return ssl.create_default_context(cafile=self.ca_file)
+        except (OSError, ssl.SSLError) as exc:
+            detail = (str(exc) or type(exc).__name__)[:300]
+            raise SinkError(f"sinks.{sink}.tls.ca_file: cannot load {self.ca_file!r}: {detail}") from None
 
 
 # --- what flows into a sink ----------------------------------------------------------------------

@@ -40,6 +40,7 @@ from sinks.base import (
     Outcome,
     SendResult,
     SinkConfig,
+    TlsOptions,
     classify_http_status,
     parse_retry_after,
 )
@@ -75,6 +76,7 @@ _SUBMIT_LOG = "submit_log"
 _SPLIT_STATUSES = frozenset({400, 413})
 _AUTH_STATUSES = frozenset({401, 403})
 _REASON_LIMIT = 300
+_TLS_HINT = "set tls.ca_file to the CA that signed the intake's certificate (or tls.verify: false to skip the check)"
 
 
 def _tag_list(value: object) -> object:
@@ -105,6 +107,8 @@ class DatadogConfig(SinkConfig):
     """Base URL replacing `https://http-intake.logs.<site>` (and `https://api.<site>` for the health check)."""
     timeout: Duration = 30.0
     """Seconds one HTTP request may take."""
+    tls: TlsOptions = TlsOptions()
+    """How the intake's certificate is checked (a private CA for a proxy under `endpoint`)."""
 
     @field_validator("api_key")
     @classmethod
@@ -159,6 +163,7 @@ class DatadogSink:
         self.name = name
         self.config = config
         self._key = config.api_key.get_secret_value()
+        config.tls.client_context(name)  # a CA file that cannot be loaded fails here, naming its YAML path
         self._client = ApiClient(_client_configuration(config))
         self.logs_url = _submit_log_host(self._client) + "/api/v2/logs"
         """Where log batches go (`https://http-intake.logs.<site>/api/v2/logs`, or under `endpoint`)."""
@@ -268,6 +273,8 @@ class DatadogSink:
                 preload_content=True,
             )
         except urllib3.exceptions.HTTPError as exc:
+            if _tls_failure(exc):
+                return None, Answer.retry(self._tls_reason(self.logs_url, exc))
             return None, Answer.retry(f"cannot reach the Datadog intake at {self.logs_url}: {self._safe(exc)}")
         status = int(response.status)
         if 200 <= status < 300:
@@ -300,6 +307,8 @@ class DatadogSink:
                 )
             return Health(False, f"Datadog key validation failed: HTTP {exc.status} from {self.validate_url}")
         except urllib3.exceptions.HTTPError as exc:
+            if _tls_failure(exc):
+                return Health(False, self._tls_reason(self.validate_url, exc))
             return Health(False, f"cannot reach Datadog at {self.validate_url}: {self._safe(exc)}")
         if not getattr(answer, "valid", False):
             return Health(False, f"Datadog did not confirm the API key at {self.validate_url}")
@@ -319,6 +328,10 @@ class DatadogSink:
         if self.config.compression == "gzip":
             headers["Content-Encoding"] = "gzip"
         return headers
+
+    def _tls_reason(self, url: str, exc: Exception) -> str:
+        cause = getattr(exc, "reason", None) or exc  # urllib3 wraps the SSL error when it gives up
+        return f"TLS verification of {url} failed ({self._safe(cause)}); {_TLS_HINT}"
 
     def _safe(self, value: object) -> str:
         """Text for a reason or message: shortened, and never holding the key."""
@@ -346,7 +359,16 @@ def _client_configuration(config: DatadogConfig) -> Configuration:
     configuration.retry_policy = _no_retries()
     if config.endpoint is not None:
         configuration.host = config.endpoint
+    configuration.verify_ssl = config.tls.verify
+    configuration.ssl_ca_cert = config.tls.ca_file
     return configuration
+
+
+def _tls_failure(exc: urllib3.exceptions.HTTPError) -> bool:
+    """Whether the request failed on the server's certificate (urllib3 wraps it when it gives up)."""
+    return isinstance(exc, urllib3.exceptions.SSLError) or isinstance(
+        getattr(exc, "reason", None), urllib3.exceptions.SSLError
+    )
 
 
 def _no_retries() -> urllib3.Retry:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-import ssl
 import uuid
 import zlib
 from collections.abc import Sequence
@@ -33,10 +32,10 @@ from sinks.base import (
     Outcome,
     SendResult,
     SinkConfig,
+    TlsOptions,
     classify_http_status,
     parse_retry_after,
 )
-from sinks.errors import SinkError
 from sinks.splitting import Answer, Part, Tally, send_in_parts
 
 __all__ = ["IndexerAckOptions", "SplunkHecConfig", "SplunkHecSink", "TlsOptions"]
@@ -59,14 +58,6 @@ _TEXT_LIMIT = 300
 
 
 # --- configuration -------------------------------------------------------------------------------
-
-
-class TlsOptions(SinkConfig):
-    """How the HEC certificate is verified."""
-
-    verify: bool = True
-    ca_file: str | None = Field(default=None, min_length=1)
-    """PEM bundle of the CA(s) that sign the HEC certificate; the system store when unset."""
 
 
 class IndexerAckOptions(SinkConfig):
@@ -227,7 +218,7 @@ class SplunkHecSink:
         self.channel = str(uuid.uuid4())
         """The `X-Splunk-Request-Channel` of this sink instance, sent with every request."""
         self._base = URL(config.url + "/")
-        self._ssl = _ssl_context(name, config.tls) if self._base.scheme == "https" else None
+        self._ssl = config.tls.client_context(name) if self._base.scheme == "https" else None
         self._session: aiohttp.ClientSession | None = None
         self._closed = False
         self._config_problem: str | None = None
@@ -450,19 +441,6 @@ class SplunkHecSink:
 
 
 _TLS_HINT = "set tls.ca_file to the CA that signed the HEC certificate (or tls.verify: false to skip the check)"
-
-
-def _ssl_context(name: str, tls: TlsOptions) -> ssl.SSLContext:
-    """The client TLS context; reads tls.ca_file (a local file, no network)."""
-    if not tls.verify:
-        context = ssl.create_default_context()
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-        return context
-    try:
-        return ssl.create_default_context(cafile=tls.ca_file)
-    except (OSError, ssl.SSLError) as exc:
-        raise SinkError(f"sinks.{name}.tls.ca_file: cannot load {tls.ca_file!r}: {_short(exc)}") from None
 
 
 def _gzip(body: bytes) -> bytes:

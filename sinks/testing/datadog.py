@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ssl
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -63,8 +64,11 @@ class DatadogIntake:
         port: int = 0,
         store: bool = True,
         require_gzip: bool = False,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.api_key = api_key
+        self.ssl_context = ssl_context
+        """Serve HTTPS with this server context (plain HTTP when None)."""
         self.host = host
         self.port = port
         self.store = store
@@ -114,8 +118,9 @@ class DatadogIntake:
 
     @property
     def url(self) -> str:
-        """Base URL of the intake, e.g. `http://127.0.0.1:41234`."""
-        return f"http://{self.host}:{self.port}"
+        """Base URL of the intake, e.g. `http://127.0.0.1:41234` (`https://` when serving TLS)."""
+        scheme = "https" if self.ssl_context is not None else "http"
+        return f"{scheme}://{self.host}:{self.port}"
 
     # --- lifecycle -------------------------------------------------------------------------------
 
@@ -132,7 +137,7 @@ class DatadogIntake:
         # The intake checks gzip itself, so aiohttp must hand over the body as sent.
         runner = web.AppRunner(self.app(), access_log=None, auto_decompress=False)
         await runner.setup()
-        site = web.TCPSite(runner, self.host, self.port)
+        site = web.TCPSite(runner, self.host, self.port, ssl_context=self.ssl_context)
         await site.start()
         if self.port == 0:
             self.port = int(runner.addresses[0][1])

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
 import subprocess
 import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
+import trustme
 from datadog_api_client.model_utils import data_to_dict
 from datadog_api_client.v1.api.authentication_api import AuthenticationApi
 from datadog_api_client.v2.api.logs_api import LogsApi
@@ -21,6 +24,7 @@ from pydantic import SecretStr, ValidationError
 from sinks import registry
 from sinks.base import Event, Outcome
 from sinks.datadog import MAX_ITEM_BYTES, MAX_ITEMS, MAX_PAYLOAD_BYTES, SITES, DatadogConfig, DatadogSink
+from sinks.errors import SinkError
 from sinks.testing.compliance import make_events
 from sinks.testing.datadog import DatadogIntake
 
@@ -415,3 +419,69 @@ class TestIntakeCommand:
             process.wait(10)
             if process.stdout is not None:
                 process.stdout.close()
+
+
+# --- HTTPS to the intake (a proxy or relay with a private CA under `endpoint`) --------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture
+async def tls_intake(ca: trustme.CA) -> AsyncIterator[DatadogIntake]:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(context)
+    server = DatadogIntake(API_KEY, require_gzip=True, ssl_context=context)
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+class TestTls:
+    async def test_private_ca_delivers_and_validates_over_https(
+        self, tls_intake: DatadogIntake, ca: trustme.CA, tmp_path: Path
+    ) -> None:
+        ca_file = tmp_path / "proxy-ca.pem"
+        ca.cert_pem.write_to_path(str(ca_file))
+        assert tls_intake.url.startswith("https://")
+        sink = make_sink(tls_intake, tls={"ca_file": str(ca_file)})
+        try:
+            health = await sink.healthcheck()
+            assert health.ok, health.message
+            events = make_events(25)
+            assert (await sink.send(events)).outcome is Outcome.SUCCESS
+        finally:
+            await sink.close()
+        assert [m["id"] for m in tls_intake.messages()] == [e.event["id"] for e in events]
+
+    async def test_an_unknown_ca_is_retried_with_a_hint_and_the_health_check_says_why(
+        self, tls_intake: DatadogIntake
+    ) -> None:
+        sink = make_sink(tls_intake)  # the system store does not know the test CA
+        try:
+            result = await sink.send(make_events(3))
+            health = await sink.healthcheck()
+        finally:
+            await sink.close()
+        assert result.outcome is Outcome.RETRY
+        assert "TLS verification of https://127.0.0.1" in result.reason and "tls.ca_file" in result.reason
+        assert not health.ok and "CERTIFICATE_VERIFY_FAILED" in health.message and "tls.ca_file" in health.message
+        assert API_KEY not in result.reason + health.message
+        assert tls_intake.accepted == 0
+
+    @pytest.mark.filterwarnings("ignore::urllib3.exceptions.InsecureRequestWarning")
+    async def test_verify_false_skips_the_check(self, tls_intake: DatadogIntake) -> None:
+        sink = make_sink(tls_intake, tls={"verify": False})
+        try:
+            assert (await sink.send(make_events(2))).outcome is Outcome.SUCCESS
+        finally:
+            await sink.close()
+        assert tls_intake.accepted == 2
+
+    def test_an_unreadable_ca_file_names_its_yaml_path(self, tmp_path: Path) -> None:
+        with pytest.raises(SinkError, match=r"sinks\.datadog\.tls\.ca_file: cannot load .*missing\.pem"):
+            make_sink(endpoint="https://127.0.0.1:1", tls={"ca_file": str(tmp_path / "missing.pem")})
