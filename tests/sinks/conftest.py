@@ -1,12 +1,16 @@
-"""Fixtures shared by the sink tests: a real S3 server (Ceph RGW) on loopback and a boto3 client to it."""
+"""Fixtures shared by the sink tests: a real S3 server (Ceph RGW) on loopback and a boto3 client to it, and a
+private CA for the HTTP sinks' TLS tests."""
 
 from __future__ import annotations
 
 import os
+import ssl
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+import trustme
 
 from sinks.testing.rgw import RGWServer, RGWUnavailable
 
@@ -14,6 +18,28 @@ if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
 
 REQUIRE_RGW_ENV = "LOG_BRIDGE_REQUIRE_RGW"
+
+
+@pytest.fixture(scope="session")
+def ca() -> trustme.CA:
+    """A private CA that no system store knows."""
+    return trustme.CA()
+
+
+@pytest.fixture
+def server_tls(ca: trustme.CA) -> ssl.SSLContext:
+    """A server context with a certificate for 127.0.0.1 signed by `ca`."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(context)
+    return context
+
+
+@pytest.fixture
+def ca_file(ca: trustme.CA, tmp_path: Path) -> str:
+    """`ca`'s certificate as a PEM file, for a sink's `tls.ca_file`."""
+    path = tmp_path / "private-ca.pem"
+    ca.cert_pem.write_to_path(str(path))
+    return str(path)
 
 
 @pytest.fixture(scope="session")

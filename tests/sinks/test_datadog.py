@@ -13,7 +13,6 @@ from typing import Any
 
 import orjson
 import pytest
-import trustme
 from datadog_api_client.model_utils import data_to_dict
 from datadog_api_client.v1.api.authentication_api import AuthenticationApi
 from datadog_api_client.v2.api.logs_api import LogsApi
@@ -424,16 +423,9 @@ class TestIntakeCommand:
 # --- HTTPS to the intake (a proxy or relay with a private CA under `endpoint`) --------------------------------------
 
 
-@pytest.fixture(scope="module")
-def ca() -> trustme.CA:
-    return trustme.CA()
-
-
 @pytest.fixture
-async def tls_intake(ca: trustme.CA) -> AsyncIterator[DatadogIntake]:
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert("127.0.0.1").configure_cert(context)
-    server = DatadogIntake(API_KEY, require_gzip=True, ssl_context=context)
+async def tls_intake(server_tls: ssl.SSLContext) -> AsyncIterator[DatadogIntake]:
+    server = DatadogIntake(API_KEY, require_gzip=True, ssl_context=server_tls)
     await server.start()
     try:
         yield server
@@ -442,13 +434,9 @@ async def tls_intake(ca: trustme.CA) -> AsyncIterator[DatadogIntake]:
 
 
 class TestTls:
-    async def test_private_ca_delivers_and_validates_over_https(
-        self, tls_intake: DatadogIntake, ca: trustme.CA, tmp_path: Path
-    ) -> None:
-        ca_file = tmp_path / "proxy-ca.pem"
-        ca.cert_pem.write_to_path(str(ca_file))
+    async def test_private_ca_delivers_and_validates_over_https(self, tls_intake: DatadogIntake, ca_file: str) -> None:
         assert tls_intake.url.startswith("https://")
-        sink = make_sink(tls_intake, tls={"ca_file": str(ca_file)})
+        sink = make_sink(tls_intake, tls={"ca_file": ca_file})
         try:
             health = await sink.healthcheck()
             assert health.ok, health.message

@@ -19,7 +19,6 @@ import aiohttp
 import orjson
 import pydantic
 import pytest
-import trustme
 import yaml
 from hypothesis import given
 from hypothesis import strategies as st
@@ -601,26 +600,12 @@ class TestHealth:
         assert not (await sink.healthcheck()).ok
 
 
-@pytest.fixture(scope="module")
-def ca() -> trustme.CA:
-    return trustme.CA()
-
-
 @pytest.fixture
-async def tls_peer(ca: trustme.CA) -> AsyncIterator[HecPeer]:
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert("127.0.0.1").configure_cert(context)
-    server = HecPeer(token=TOKEN, ssl_context=context)
+async def tls_peer(server_tls: ssl.SSLContext) -> AsyncIterator[HecPeer]:
+    server = HecPeer(token=TOKEN, ssl_context=server_tls)
     await server.start()
     yield server
     await server.stop()
-
-
-@pytest.fixture
-def ca_file(ca: trustme.CA, tmp_path: Path) -> str:
-    path = tmp_path / "splunk-ca.pem"
-    ca.cert_pem.write_to_path(str(path))
-    return str(path)
 
 
 class TestTls:
