@@ -41,72 +41,69 @@ def parts_of(events: Sequence[object], size: int) -> list[Part]:
     return [items[i : i + size] for i in range(0, len(items), size)]  # type: ignore[misc]
 
 
-async def test_bisection_dead_letters_only_the_bad_events_and_delivers_the_rest_once() -> None:
-    events = make_events(100, reject=[7, 63])
-    peer, tally = Peer(), Tally()
-    await send_in_parts(parts_of(events, 100), peer.post, tally, peer="Test")
-    assert sorted(peer.accepted) == [e.seq for e in events if e.action != REJECT_ACTION]
-    assert len(peer.accepted) == len(set(peer.accepted)) == 98
-    assert set(tally.failures) == {events[7].seq, events[63].seq}
-    assert {f.outcome for f in tally.failures.values()} == {Outcome.PERMANENT}
-    assert all(f.reason == "Test refused this event: invalid event" for f in tally.failures.values())
-    # two bad events among 100: at most 2 * (log2(100) + 1) refused requests plus the accepted halves
-    assert len(peer.requests) <= 30
-    result = tally.result(events)
-    assert result.outcome is Outcome.SUCCESS
-    assert result.outcome_of(events[7]) is not None and result.outcome_of(events[8]) is None
+class TestSendInParts:
+    async def test_bisection_dead_letters_only_the_bad_events_and_delivers_the_rest_once(self) -> None:
+        events = make_events(100, reject=[7, 63])
+        peer, tally = Peer(), Tally()
+        await send_in_parts(parts_of(events, 100), peer.post, tally, peer="Test")
+        assert sorted(peer.accepted) == [e.seq for e in events if e.action != REJECT_ACTION]
+        assert len(peer.accepted) == len(set(peer.accepted)) == 98
+        assert set(tally.failures) == {events[7].seq, events[63].seq}
+        assert {f.outcome for f in tally.failures.values()} == {Outcome.PERMANENT}
+        assert all(f.reason == "Test refused this event: invalid event" for f in tally.failures.values())
+        # two bad events among 100: at most 2 * (log2(100) + 1) refused requests plus the accepted halves
+        assert len(peer.requests) <= 30
+        result = tally.result(events)
+        assert result.outcome is Outcome.SUCCESS
+        assert result.outcome_of(events[7]) is not None and result.outcome_of(events[8]) is None
 
+    async def test_a_named_bad_item_is_cut_out_without_bisecting(self) -> None:
+        events = make_events(50, reject=[10, 40])
+        peer, tally = Peer(names_bad_item=True), Tally()
+        await send_in_parts(parts_of(events, 50), peer.post, tally, peer="Test")
+        assert set(tally.failures) == {events[10].seq, events[40].seq}
+        assert len(peer.requests) == 3  # refused (names 10), refused (names 39 of the rest), accepted
+        assert sorted(peer.accepted) == [e.seq for e in events if e.action != REJECT_ACTION]
 
-async def test_a_named_bad_item_is_cut_out_without_bisecting() -> None:
-    events = make_events(50, reject=[10, 40])
-    peer, tally = Peer(names_bad_item=True), Tally()
-    await send_in_parts(parts_of(events, 50), peer.post, tally, peer="Test")
-    assert set(tally.failures) == {events[10].seq, events[40].seq}
-    assert len(peer.requests) == 3  # refused (names 10), refused (names 39 of the rest), accepted
-    assert sorted(peer.accepted) == [e.seq for e in events if e.action != REJECT_ACTION]
+    async def test_a_retry_answer_halts_the_send_and_every_untried_part_is_retried_with_the_wait(self) -> None:
+        events = make_events(30)
+        peer, tally = Peer(busy=1, retry_after=7.0), Tally()
+        await send_in_parts(parts_of(events, 10), peer.post, tally, peer="Test")
+        assert peer.requests == [[e.seq for e in events[:10]]]  # nothing more is tried against a busy peer
+        result = tally.result(events)
+        assert result.outcome is Outcome.RETRY
+        assert result.reason == "peer is busy"
+        assert result.retry_after == 7.0
 
+    async def test_parts_sent_before_a_halt_count_as_delivered_and_only_the_rest_is_retried(self) -> None:
+        events = make_events(30, reject=[2])
+        peer, tally = Peer(), Tally()
 
-async def test_a_retry_answer_halts_the_send_and_every_untried_part_is_retried_with_the_wait() -> None:
-    events = make_events(30)
-    peer, tally = Peer(busy=1, retry_after=7.0), Tally()
-    await send_in_parts(parts_of(events, 10), peer.post, tally, peer="Test")
-    assert peer.requests == [[e.seq for e in events[:10]]]  # nothing more is tried against a busy peer
-    result = tally.result(events)
-    assert result.outcome is Outcome.RETRY
-    assert result.reason == "peer is busy"
-    assert result.retry_after == 7.0
+        async def busy_on_third(part: Part) -> Answer:
+            if len(peer.requests) >= 2 and part[0][0].seq == events[20].seq:
+                peer.requests.append([event.seq for event, _ in part])
+                return Answer.retry("later")
+            return await peer.post(part)
 
+        await send_in_parts(parts_of(events, 10), busy_on_third, tally, peer="Test")
+        result = tally.result(events)
+        assert result.outcome is Outcome.SUCCESS  # partial: per-event failures
+        assert {seq for seq, f in tally.failures.items() if f.outcome is Outcome.RETRY} == {e.seq for e in events[20:]}
+        assert {seq for seq, f in tally.failures.items() if f.outcome is Outcome.PERMANENT} == {events[2].seq}
+        assert sorted(peer.accepted) == [e.seq for e in events[:20] if e.action != REJECT_ACTION]
 
-async def test_parts_sent_before_a_halt_count_as_delivered_and_only_the_rest_is_retried() -> None:
-    events = make_events(30, reject=[2])
-    peer, tally = Peer(), Tally()
+    async def test_a_permanent_answer_fails_its_part_and_the_others_still_go(self) -> None:
+        events = make_events(20)
+        accepted: list[int] = []
 
-    async def busy_on_third(part: Part) -> Answer:
-        if len(peer.requests) >= 2 and part[0][0].seq == events[20].seq:
-            peer.requests.append([event.seq for event, _ in part])
-            return Answer.retry("later")
-        return await peer.post(part)
+        async def refuse_first(part: Part) -> Answer:
+            if part[0][0].seq == events[0].seq:
+                return Answer.permanent("unsupported media type")
+            accepted.extend(event.seq for event, _ in part)
+            return Answer.ok()
 
-    await send_in_parts(parts_of(events, 10), busy_on_third, tally, peer="Test")
-    result = tally.result(events)
-    assert result.outcome is Outcome.SUCCESS  # partial: per-event failures
-    assert {seq for seq, f in tally.failures.items() if f.outcome is Outcome.RETRY} == {e.seq for e in events[20:]}
-    assert {seq for seq, f in tally.failures.items() if f.outcome is Outcome.PERMANENT} == {events[2].seq}
-    assert sorted(peer.accepted) == [e.seq for e in events[:20] if e.action != REJECT_ACTION]
-
-
-async def test_a_permanent_answer_fails_its_part_and_the_others_still_go() -> None:
-    events = make_events(20)
-    accepted: list[int] = []
-
-    async def refuse_first(part: Part) -> Answer:
-        if part[0][0].seq == events[0].seq:
-            return Answer.permanent("unsupported media type")
-        accepted.extend(event.seq for event, _ in part)
-        return Answer.ok()
-
-    tally = Tally()
-    await send_in_parts(parts_of(events, 10), refuse_first, tally, peer="Test")
-    assert set(tally.failures) == {e.seq for e in events[:10]}
-    assert {f.reason for f in tally.failures.values()} == {"unsupported media type"}
-    assert accepted == [e.seq for e in events[10:]]
+        tally = Tally()
+        await send_in_parts(parts_of(events, 10), refuse_first, tally, peer="Test")
+        assert set(tally.failures) == {e.seq for e in events[:10]}
+        assert {f.reason for f in tally.failures.values()} == {"unsupported media type"}
+        assert accepted == [e.seq for e in events[10:]]
