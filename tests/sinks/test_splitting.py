@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from sinks.base import Outcome
+from sinks.base import Event, Outcome
 from sinks.splitting import Answer, Part, Tally, send_in_parts
 from sinks.testing.compliance import REJECT_ACTION, make_events
 
@@ -36,9 +36,9 @@ class Peer:
         return Answer.ok()
 
 
-def parts_of(events: Sequence[object], size: int) -> list[Part]:
-    items = [(event, b"{}") for event in events]
-    return [items[i : i + size] for i in range(0, len(items), size)]  # type: ignore[misc]
+def parts_of(events: Sequence[Event], size: int) -> list[Part]:
+    items: Part = [(event, b"{}") for event in events]
+    return [items[i : i + size] for i in range(0, len(items), size)]
 
 
 class TestSendInParts:
