@@ -1,4 +1,4 @@
-"""The `log-bridge` command: serve, validate, send-test, dlq list / dlq replay."""
+"""The `log-bridge` command: serve, validate, check, send-test, dlq list / dlq replay."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from receiver.config import Config, default_config, load_config
 from receiver.errors import ConfigError
 from receiver.journal import INTAKE, list_dead_letters, replay_dead_letters
 from receiver.logs import setup_logging
+from sinks.base import Health, Sink
 from sinks.errors import SinkError
 
 log = logging.getLogger("log_bridge")
@@ -116,6 +117,54 @@ def cmd_validate(args: argparse.Namespace) -> int:
         note = "" if feeds else " (no stream feeds it)"
         print(f"  sink {name}: type {section.type}{note}")
     return 0
+
+
+# --- check ---------------------------------------------------------------------------------------
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """Build the configured sinks and run their health checks: are they reachable, do they take these credentials."""
+    config = _load_required(args.config)
+    if config is None:
+        return 2
+    names = list(config.sinks) if not args.sink else args.sink
+    unknown = [name for name in names if name not in config.sinks]
+    if unknown:
+        print(f"log-bridge check: no sink named {', '.join(map(repr, unknown))} in the configuration", file=sys.stderr)
+        return 2
+    try:
+        results = asyncio.run(_check_sinks(config, names, args.timeout))
+    except SinkError as exc:
+        print(f"log-bridge check: {exc}", file=sys.stderr)
+        return 2
+    width = max(len(name) for name in names)
+    for name, health in results.items():
+        verdict = "ok    " if health.ok else "FAILED"
+        print(f"{verdict} {name:<{width}}  ({config.sinks[name].type}) {health.message}")
+    failed = sum(not health.ok for health in results.values())
+    print(f"{len(results) - failed} of {len(results)} sink(s) healthy")
+    return 1 if failed else 0
+
+
+async def _check_sinks(config: Config, names: list[str], limit: float) -> dict[str, Health]:
+    from receiver.delivery import build_sinks
+
+    sinks = build_sinks(config, names)
+
+    async def check(sink: Sink) -> Health:
+        try:
+            async with asyncio.timeout(limit):
+                return await sink.healthcheck()
+        except TimeoutError:
+            return Health(False, f"no answer within {limit:g}s")
+        except Exception as exc:  # a sink's bug must not hide the other sinks' results
+            return Health(False, f"health check raised {type(exc).__name__}")
+
+    try:
+        found = await asyncio.gather(*(check(sink) for sink in sinks.values()))
+    finally:
+        await asyncio.gather(*(sink.close() for sink in sinks.values()), return_exceptions=True)
+    return dict(zip(sinks, found, strict=True))
 
 
 # --- send-test -----------------------------------------------------------------------------------
@@ -263,6 +312,17 @@ def build_parser() -> argparse.ArgumentParser:
     validate = commands.add_parser("validate", help="check a configuration", description="Check a configuration.")
     validate.add_argument("--config", "-c", help=config_help)
     validate.set_defaults(func=cmd_validate)
+
+    check = commands.add_parser(
+        "check",
+        help="run the sinks' health checks",
+        description="Build the configured sinks and run their health checks (reachable, credentials accepted, "
+        "writable); exit 1 when one fails.",
+    )
+    check.add_argument("--config", "-c", help=config_help)
+    check.add_argument("--sink", action="append", help="only this sink (repeatable)")
+    check.add_argument("--timeout", type=float, default=30.0, help="seconds each check may take (default 30)")
+    check.set_defaults(func=cmd_check)
 
     send = commands.add_parser(
         "send-test",

@@ -14,7 +14,7 @@ import random
 import re
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import TypeVar
 
 from receiver.config import Config, RetryConfig, SinkSection
@@ -249,10 +249,11 @@ class SinkRunner:
         return health
 
 
-def build_sinks(config: Config) -> dict[str, Sink]:
-    """Build every configured sink (no network I/O)."""
+def build_sinks(config: Config, names: Iterable[str] | None = None) -> dict[str, Sink]:
+    """Build the configured sinks, or those named (no network I/O)."""
     sinks: dict[str, Sink] = {}
-    for name, section in config.sinks.items():
+    for name in config.sinks if names is None else names:
+        section = config.sinks[name]
         factory = registry.load(section.type)
         sinks[name] = factory(name, section.options)
     return sinks

@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from receiver.cli import sample_wrappers
+from sinks.testing.hec import HecPeer
 
 TOKEN = "Bearer process-test-secret"
 SCRIPT = Path(sys.executable).with_name("log-bridge")
@@ -96,7 +97,8 @@ def delivered_keys(tmp_path: Path) -> list[str]:
 
 class TestCommands:
     @pytest.mark.parametrize(
-        "command", [[], ["serve"], ["validate"], ["send-test"], ["dlq"], ["dlq", "list"], ["dlq", "replay"]]
+        "command",
+        [[], ["serve"], ["validate"], ["check"], ["send-test"], ["dlq"], ["dlq", "list"], ["dlq", "replay"]],
     )
     def test_help(self, command: list[str]) -> None:
         result = run_cli(*command, "--help")
@@ -134,6 +136,83 @@ class TestCommands:
         config = write_config(tmp_path, 8080)
         result = run_cli("validate", env={"LOG_BRIDGE_CONFIG": str(config)})
         assert result.returncode == 0
+
+
+class TestCheck:
+    """`log-bridge check`: every sink's health check, from a real process, against real peers."""
+
+    HEC_TOKEN = "hec-token-0123456789"  # noqa: S105 - the local peer's made-up token
+
+    @staticmethod
+    def config(tmp_path: Path, sinks: dict[str, Any]) -> Path:
+        path = write_config(tmp_path, 8080)
+        tree = yaml.safe_load(path.read_text())
+        tree["sinks"].update(sinks)
+        path.write_text(yaml.safe_dump(tree))
+        return path
+
+    @staticmethod
+    async def run(*args: str) -> tuple[int, str, str]:
+        proc = await asyncio.create_subprocess_exec(
+            str(SCRIPT), *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            env={**os.environ, "STREAM_SECRET": TOKEN},
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+        assert proc.returncode is not None
+        return proc.returncode, out.decode(), err.decode()
+
+    async def test_each_sink_is_reported_and_a_failure_is_exit_1(self, tmp_path: Path) -> None:
+        peer = HecPeer(token=self.HEC_TOKEN)
+        await peer.start()
+        try:
+            config = self.config(
+                tmp_path,
+                {
+                    "splunk": {"type": "splunk_hec", "url": peer.url, "token": self.HEC_TOKEN},
+                    "splunk-old-token": {"type": "splunk_hec", "url": peer.url, "token": "revoked-token-42"},
+                },
+            )
+            code, out, err = await self.run("check", "--config", str(config))
+            only, only_out, _ = await self.run("check", "--config", str(config), "--sink", "splunk")
+        finally:
+            await peer.stop()
+        assert code == 1, err
+        lines = {line.split()[1]: line for line in out.splitlines() if line.startswith(("ok", "FAILED"))}
+        assert lines["archive"].startswith("ok") and "(file)" in lines["archive"]
+        assert lines["splunk"].startswith("ok") and "accepts the token" in lines["splunk"]
+        assert lines["splunk-old-token"].startswith("FAILED") and "refused the token" in lines["splunk-old-token"]
+        assert "2 of 3 sink(s) healthy" in out
+        for secret in (self.HEC_TOKEN, "revoked-token-42", TOKEN):
+            assert secret not in out + err
+        assert only == 0 and "1 of 1 sink(s) healthy" in only_out and "archive" not in only_out
+
+    async def test_an_unreachable_sink_is_reported_within_the_timeout(self, tmp_path: Path) -> None:
+        port = free_port()  # nothing listens there
+        config = self.config(
+            tmp_path, {"dd": {"type": "datadog", "api_key": "k" * 32, "endpoint": f"http://127.0.0.1:{port}"}}
+        )
+        code, out, _ = await self.run("check", "--config", str(config), "--sink", "dd", "--timeout", "10")
+        assert code == 1
+        assert out.startswith("FAILED dd") and f"cannot reach Datadog at http://127.0.0.1:{port}" in out
+        assert "k" * 32 not in out
+
+    async def test_unknown_sink_and_unbuildable_sink_are_exit_2(self, tmp_path: Path) -> None:
+        config = self.config(
+            tmp_path,
+            {
+                "splunk": {
+                    "type": "splunk_hec",
+                    "url": "https://127.0.0.1:1",
+                    "token": "t",
+                    "tls": {"ca_file": "/nope.pem"},
+                }
+            },
+        )
+        code, _, err = await self.run("check", "--config", str(config), "--sink", "missing")
+        assert code == 2 and "no sink named 'missing'" in err
+        code, _, err = await self.run("check", "--config", str(config))
+        assert code == 2 and "sinks.splunk.tls.ca_file: cannot load '/nope.pem'" in err
+        assert "Traceback" not in err
 
 
 class TestRunningProcess:
