@@ -22,9 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from typing import Any
 
-import boto3
 import orjson
-from botocore.config import Config
 
 from sinks.base import Event
 from sinks.s3 import S3Sink
@@ -98,7 +96,8 @@ async def _workos_sink_rate(server: S3Server, bucket: str, events: Sequence[Even
 
 def _plain_rate(server: S3Server, bucket: str, events: Sequence[Event]) -> float:
     """A plain concurrent boto3 put loop of the same objects (same keys scheme, bodies and Content-MD5)."""
-    client = _fresh_client(server)
+    # configured like the sink's client: a pool as wide as the threads, no extra checksums, no retries
+    client = s3_client(server, max_pool_connections=CONCURRENCY, max_attempts=1)
     objects = [
         (
             f"plain/{e.timestamp[:10]}/{e.timestamp}_{e.key_suffix}.json",
@@ -120,23 +119,6 @@ def _plain_rate(server: S3Server, bucket: str, events: Sequence[Event]) -> float
             return len(objects) / (time.perf_counter() - started)
     finally:
         client.close()
-
-
-def _fresh_client(server: S3Server) -> Any:
-    """A boto3 client configured like the sink's (pool as wide as the threads, no extra checksums)."""
-    return boto3.client(
-        "s3",
-        endpoint_url=server.endpoint_url,
-        region_name=server.region,
-        aws_access_key_id=server.access_key,
-        aws_secret_access_key=server.secret_key,
-        config=Config(
-            s3={"addressing_style": "path"},
-            max_pool_connections=CONCURRENCY,
-            request_checksum_calculation="when_required",
-            retries={"total_max_attempts": 1},
-        ),
-    )
 
 
 async def _in_thread(function: Callable[..., Any], *args: Any) -> Any:

@@ -108,7 +108,7 @@ def sink_for(
     return cls(name, S3Config.model_validate(config))
 
 
-def s3_client(server: S3Server) -> S3Client:
+def s3_client(server: S3Server, *, max_pool_connections: int = 10, max_attempts: int = 2) -> S3Client:
     """A plain boto3 client for `server` that adds no checksum of its own (so Content-MD5 is all there is)."""
     client: S3Client = boto3.client(
         "s3",
@@ -118,9 +118,10 @@ def s3_client(server: S3Server) -> S3Client:
         aws_secret_access_key=server.secret_key,
         config=BotoConfig(
             s3={"addressing_style": "path"},
+            max_pool_connections=max_pool_connections,
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
-            retries={"total_max_attempts": 2, "mode": "standard"},
+            retries={"total_max_attempts": max_attempts, "mode": "standard"},
         ),
     )
     return client
