@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Annotated, Any, ClassVar, Protocol, runtime_checkable
 
-import orjson
+import msgspec
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from sinks.errors import SinkError
@@ -120,10 +120,41 @@ class TlsOptions(SinkConfig):
 # --- what flows into a sink ----------------------------------------------------------------------
 
 
-class Event:
-    """One journaled WorkOS element: the wrapper as WorkOS sent it, plus what the intake derived."""
+class _EventHead(msgspec.Struct):
+    """The fields of a WorkOS event that sinks name records by; the rest is skipped, never converted."""
 
-    __slots__ = ("_wrapper", "action", "raw", "received_at", "seq", "stream", "time")
+    id: Any = None
+    occurred_at: Any = None
+
+
+class _WrapperHead(msgspec.Struct):
+    """The wrapper's own fields and the raw bytes of its event."""
+
+    event: msgspec.Raw = msgspec.field(default_factory=lambda: _EMPTY_RAW)
+    keySuffix: Any = None  # noqa: N815 - WorkOS's field name
+    timestamp: Any = None
+    source: Any = None
+
+
+_EMPTY_RAW = msgspec.Raw(b"{}")
+_wrapper_head = msgspec.json.Decoder(_WrapperHead)
+_event_head = msgspec.json.Decoder(_EventHead)
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+class Event:
+    """One journaled WorkOS element: the wrapper exactly as WorkOS sent it, plus what the intake derived.
+
+    `raw` and `event_raw` are the bytes as received (whitespace aside): a sink embeds them as they are
+    (`orjson.Fragment(event.event_raw)`), so numbers of any size and every escape reach the destination
+    unchanged. `wrapper` and `event` are parsed views for people and tests; they hold floats where the bytes
+    hold integers beyond 64 bits, so a sink never serialises them back.
+    """
+
+    __slots__ = ("_head", "_wrapper", "action", "raw", "received_at", "seq", "stream", "time")
 
     def __init__(
         self,
@@ -138,45 +169,63 @@ class Event:
         self.seq = seq
         self.stream = stream
         self.raw = raw
-        """Compact JSON of the wrapper (`{"event": ..., "keySuffix": ..., ...}`), unknown fields kept."""
+        """The wrapper (`{"event": ..., "keySuffix": ..., ...}`) as received, on one line, unknown fields kept."""
         self.action = action
         self.time = time
         """Epoch seconds of the event's `occurred_at`, else of its receipt."""
         self.received_at = received_at
+        self._head: _WrapperHead | None = None
         self._wrapper: dict[str, Any] | None = None
 
     @property
-    def wrapper(self) -> dict[str, Any]:
-        """The wrapper object, parsed on first use."""
-        if self._wrapper is None:
-            self._wrapper = orjson.loads(self.raw)
-        return self._wrapper
+    def head(self) -> _WrapperHead:
+        """The wrapper's own fields, decoded on first use (the event itself stays raw)."""
+        if self._head is None:
+            self._head = _wrapper_head.decode(self.raw)
+        return self._head
 
     @property
-    def event(self) -> dict[str, Any]:
-        """The bare WorkOS event inside the wrapper."""
-        event: dict[str, Any] = self.wrapper["event"]
-        return event
+    def event_raw(self) -> bytes:
+        """The bare WorkOS event's bytes, exactly as received."""
+        return bytes(self.head.event)
+
+    @property
+    def event_id(self) -> str | None:
+        """The event's `id`, when it is a non-empty string."""
+        return _text(_event_head.decode(self.head.event).id)
+
+    @property
+    def occurred_at(self) -> str | None:
+        """The event's `occurred_at` string, when it has one."""
+        return _text(_event_head.decode(self.head.event).occurred_at)
 
     @property
     def key_suffix(self) -> str | None:
         """The wrapper's `keySuffix`, unique per delivered event."""
-        value = self.wrapper.get("keySuffix")
-        return value if isinstance(value, str) else None
+        return _text(self.head.keySuffix)
 
     @property
     def timestamp(self) -> str:
         """The wrapper's `timestamp` string, else the event's `occurred_at`, else the receive time (ISO-8601)."""
-        for value in (self.wrapper.get("timestamp"), self.event.get("occurred_at")):
-            if isinstance(value, str) and value:
-                return value
-        return iso_utc(self.received_at)
+        return _text(self.head.timestamp) or self.occurred_at or iso_utc(self.received_at)
 
     @property
     def source(self) -> str | None:
         """The wrapper's `source` (the WorkOS team name), when it has one."""
-        value = self.wrapper.get("source")
-        return value if isinstance(value, str) else None
+        return _text(self.head.source)
+
+    @property
+    def wrapper(self) -> dict[str, Any]:
+        """The wrapper parsed into Python values (for display and tests; never serialised back)."""
+        if self._wrapper is None:
+            self._wrapper = msgspec.json.decode(self.raw)
+        return self._wrapper
+
+    @property
+    def event(self) -> dict[str, Any]:
+        """The bare WorkOS event parsed into Python values (for display and tests; never serialised back)."""
+        event: dict[str, Any] = self.wrapper["event"]
+        return event
 
     def __repr__(self) -> str:
         return f"Event(seq={self.seq}, stream={self.stream!r}, action={self.action!r})"
