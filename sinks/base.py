@@ -120,6 +120,9 @@ class TlsOptions(SinkConfig):
 # --- what flows into a sink ----------------------------------------------------------------------
 
 
+_EMPTY_RAW = msgspec.Raw(b"{}")
+
+
 class _EventHead(msgspec.Struct):
     """The fields of a WorkOS event that sinks name records by; the rest is skipped, never converted."""
 
@@ -136,7 +139,6 @@ class _WrapperHead(msgspec.Struct):
     source: Any = None
 
 
-_EMPTY_RAW = msgspec.Raw(b"{}")
 _wrapper_head = msgspec.json.Decoder(_WrapperHead)
 _event_head = msgspec.json.Decoder(_EventHead)
 
