@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from receiver.dedup import DEFAULT_MAX_KEYS as DEFAULT_DEDUP_MAX_KEYS
 from receiver.errors import ConfigError
 from sinks import registry
 from sinks.base import ByteSize, Duration, SinkConfig
@@ -104,7 +105,10 @@ class JournalConfig(_Model):
 
     path: Path = Path("./data/journal.db")
     max_bytes: ByteSize = Field(1024**3, gt=0)
+    """Cap on the undelivered events' bytes (the backlog); dedup keys do not count."""
     dedup_window: Duration = 24 * 3600.0
+    dedup_max_keys: int = Field(DEFAULT_DEDUP_MAX_KEYS, ge=1)
+    """Keys the dedup index holds at most; past it the oldest are forgotten early (counted), never refused."""
 
 
 class AuthConfig(_Model):

@@ -2,12 +2,16 @@
 writes of concurrent requests into one transaction, so one fsync serves many acknowledgements.
 
 Tables: `batches` (the backlog: one row per accepted request, its events numbered `first_seq..last_seq`, their
-compact JSON one per line), `cursors` (the last event seq each sink is past), `dedup` (keys seen within the dedup
-window), `dead_letters` (what could not be delivered, with the reason) and `meta` (the last seq handed out, so
-numbers never go back even when the backlog empties).
+bytes as received one per line), `cursors` (the last event seq each sink is past), `dedup_log` (one row per
+accepted request with the dedup keys it brought, kept for the dedup window), `dead_letters` (what could not be
+delivered, with the reason) and `meta` (the last seq handed out, so numbers never go back even when the backlog
+empties).
 
-A row per request rather than per event keeps SQLite's work per request nearly constant: the intake's cost is
-dominated by parsing, not by the B-tree.
+A row per request rather than per event keeps SQLite's work per request nearly constant. Deduplication is
+looked up in memory (receiver.dedup) by the writer thread, in commit order; the keys reach the index only once
+their batch has committed, and are on disk in the same transaction, so a SIGKILL at any moment loses neither an
+acknowledged event nor the key that makes its retry a duplicate. The backlog cap (`max_bytes`) counts the
+undelivered events' bytes only; dedup keys have their own bound (`dedup_max_keys`).
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ from typing import Any, TypeVar
 
 import orjson
 
+from receiver.dedup import DEFAULT_MAX_KEYS as DEFAULT_DEDUP_MAX_KEYS
+from receiver.dedup import DedupIndex
 from receiver.errors import JournalClosed, JournalError, JournalFull
 from receiver.parsing import Parsed
 from sinks.base import Event
@@ -46,10 +52,10 @@ CREATE TABLE IF NOT EXISTS batches (
     data BLOB NOT NULL
 );
 CREATE TABLE IF NOT EXISTS cursors (sink TEXT PRIMARY KEY, seq INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS dedup (
-    stream TEXT NOT NULL, key TEXT NOT NULL, seen REAL NOT NULL, PRIMARY KEY (stream, key)
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS dedup_seen ON dedup (seen);
+CREATE TABLE IF NOT EXISTS dedup_log (
+    id INTEGER PRIMARY KEY, stream TEXT NOT NULL, at REAL NOT NULL, keys BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS dedup_log_at ON dedup_log (at);
 CREATE TABLE IF NOT EXISTS dead_letters (
     id INTEGER PRIMARY KEY,
     sink TEXT,
@@ -62,9 +68,9 @@ CREATE INDEX IF NOT EXISTS dead_letters_sink ON dead_letters (sink);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
 """
 
-WRITER_CACHE_KIB = 32 * 1024
-"""The writer's page cache (SQLite's default is 2 MiB). Dedup keys are random, so inserts touch index pages all
-over; a larger cache keeps more of that index in memory and saves about a quarter of the writer's CPU."""
+WRITER_CACHE_KIB = 8 * 1024
+"""The writer's page cache (SQLite's default is 2 MiB)."""
+
 
 INTAKE = "(intake)"
 """How `dlq list` names dead letters of the intake (bad input), which belong to no sink."""
@@ -112,10 +118,17 @@ _STOP = object()
 class Journal:
     """The journal of one process. Writes go through one thread (group commit); reads through another."""
 
-    def __init__(self, path: Path, *, max_bytes: int, dedup_window: float) -> None:
+    def __init__(
+        self, path: Path, *, max_bytes: int, dedup_window: float, dedup_max_keys: int = DEFAULT_DEDUP_MAX_KEYS
+    ) -> None:
         self.path = path
         self.max_bytes = max_bytes
         self.dedup_window = dedup_window
+        self.dedup = DedupIndex(dedup_window, dedup_max_keys)
+        self._pending: dict[str, set[int]] = {}
+        """Fingerprints taken by the jobs of the commit group being written (writer thread only)."""
+        self._after_commit: list[Callable[[], None]] = []
+        self._undo: list[Callable[[], None]] = []
         self._queue: queue.SimpleQueue[_Job | object] = queue.SimpleQueue()
         self._writer: threading.Thread | None = None
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="journal-read")
@@ -134,7 +147,8 @@ class Journal:
         conn = await asyncio.to_thread(connect, self.path, WRITER_CACHE_KIB)
         self._read_conn = await asyncio.to_thread(connect, self.path)
         self.last_seq = _last_seq(conn)
-        self.size_bytes = self._measure(conn)
+        self.size_bytes = _backlog_bytes(conn)
+        await asyncio.to_thread(self._load_dedup, conn, time.time())
         self._writer = threading.Thread(target=self._write_loop, args=(conn,), name="journal-write", daemon=True)
         self._writer.start()
 
@@ -193,11 +207,15 @@ class Journal:
             first = self._next_seq
             for job in jobs:
                 conn.execute("SAVEPOINT job")
+                hooks, undos = len(self._after_commit), len(self._undo)
                 try:
                     result = job.fn(conn)
                 except Exception as exc:  # one request's failure must not sink the others in the group
                     conn.execute("ROLLBACK TO job")
                     conn.execute("RELEASE job")
+                    for undo in self._undo[undos:]:
+                        undo()
+                    del self._after_commit[hooks:], self._undo[undos:]
                     outcomes.append((job, None, _map_error(exc) if isinstance(exc, sqlite3.Error) else exc))
                 else:
                     conn.execute("RELEASE job")
@@ -207,6 +225,8 @@ class Journal:
                 _store_last_seq(conn, self._next_seq - 1)
             conn.execute("COMMIT")  # synchronous=FULL: the WAL is fsynced here, once for the whole group
             self.commits += 1
+            for hook in self._after_commit:  # only now may a retry of these events be called a duplicate
+                hook()
         except sqlite3.Error as exc:
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
@@ -214,8 +234,11 @@ class Journal:
             log.error("journal commit failed", extra={"error": str(failure)})
             outcomes = [(job, None, failure) for job in jobs]
             added = False
-        self.last_seq = _last_seq(conn)
-        self.size_bytes = self._measure(conn)
+        finally:
+            self._after_commit.clear()
+            self._undo.clear()
+            self._pending.clear()
+        self.last_seq = self._next_seq - 1 if added else _last_seq(conn)
         # One wake-up of the event loop for the whole group, not one per request.
         jobs[0].loop.call_soon_threadsafe(self._settle_group, outcomes, added)
 
@@ -230,13 +253,6 @@ class Journal:
         if added:
             for signal in self._new_data:
                 signal.set()
-
-    @staticmethod
-    def _measure(conn: sqlite3.Connection) -> int:
-        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
-        pages = conn.execute("PRAGMA page_count").fetchone()[0]
-        free = conn.execute("PRAGMA freelist_count").fetchone()[0]
-        return int((pages - free) * page_size)
 
     async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         if self._closed or self._writer is None:
@@ -260,15 +276,22 @@ class Journal:
         return self.size_bytes >= self.max_bytes
 
     async def append(self, stream: str, parsed: Parsed, received_at: float) -> AppendResult:
-        """Commit one request's elements durably (one batch row, dedup keys, intake dead letters); returns
+        """Commit one request's elements durably (one batch row, its dedup keys, intake dead letters); returns
         after the fsync."""
         if self.over_cap:
             raise JournalFull(f"the journal is over its cap ({self.max_bytes} bytes)")
-        cutoff = received_at - self.dedup_window
 
         def write(conn: sqlite3.Connection) -> AppendResult:
-            fresh = _fresh_indexes(conn, stream, parsed.keys, cutoff, received_at) if self.dedup_window > 0 else None
-            count = len(parsed) if fresh is None else len(fresh)
+            fresh = None
+            if self.dedup.enabled:
+                pending = self._pending.setdefault(stream, set())
+                taken: list[int] = []
+                fresh = self.dedup.fresh(stream, parsed.keys, received_at, pending, taken)
+                self._undo.append(lambda: pending.difference_update(taken))
+            indexes = range(len(parsed)) if fresh is None else fresh
+            count = len(indexes)
+            keys: list[str] = []
+            size = 0
             if count:
                 if fresh is None:
                     raws, actions, times = parsed.raws, parsed.actions, parsed.times
@@ -278,11 +301,21 @@ class Journal:
                     times = [parsed.times[i] for i in fresh]
                 first = self._next_seq
                 self._next_seq += count
+                data = b"\n".join(raws)
                 conn.execute(
                     "INSERT INTO batches (first_seq, last_seq, stream, received_at, meta, data) "
                     "VALUES (?, ?, ?, ?, ?, ?)",
-                    (first, first + count - 1, stream, received_at, orjson.dumps([actions, times]), b"\n".join(raws)),
+                    (first, first + count - 1, stream, received_at, orjson.dumps([actions, times]), data),
                 )
+                size = len(data)
+                if self.dedup.enabled:
+                    keys = [key for key in (parsed.keys[i] for i in indexes) if key is not None]
+                    if keys:
+                        conn.execute(
+                            "INSERT INTO dedup_log (stream, at, keys) VALUES (?, ?, ?)",
+                            (stream, received_at, orjson.dumps(keys)),
+                        )
+            self._after_commit.append(lambda: self._committed(stream, keys, received_at, size))
             if parsed.rejected:
                 conn.executemany(
                     "INSERT INTO dead_letters (sink, stream, data, reason, at) VALUES (NULL, ?, ?, ?, ?)",
@@ -291,6 +324,11 @@ class Journal:
             return AppendResult(count, len(parsed) - count, len(parsed.rejected))
 
         return await self._write(write)
+
+    def _committed(self, stream: str, keys: list[str], at: float, size: int) -> None:
+        self.size_bytes += size
+        if keys:
+            self.dedup.add(stream, keys, at)
 
     async def probe(self) -> bool:
         """Whether a write commits now (readiness)."""
@@ -371,14 +409,51 @@ class Journal:
             ]
             if len(marks) == len(active_sinks):
                 mark = min(marks)
-                conn.execute("DELETE FROM batches WHERE first_seq <= ? AND last_seq <= ?", (mark, mark))
+                freed = conn.execute(
+                    "DELETE FROM batches WHERE first_seq <= ? AND last_seq <= ? RETURNING length(data)", (mark, mark)
+                ).fetchall()
+                if freed:
+                    size = sum(row[0] for row in freed)
+                    self._after_commit.append(lambda: setattr(self, "size_bytes", self.size_bytes - size))
 
         await self._write(write)
 
     async def prune_dedup(self, now: float | None = None) -> None:
-        """Forget dedup keys older than the window."""
-        cutoff = (time.time() if now is None else now) - self.dedup_window
-        await self._write(lambda conn: conn.execute("DELETE FROM dedup WHERE seen < ?", (cutoff,)))
+        """Forget dedup keys older than the window, and recount the backlog (`dlq replay` adds to it from
+        another process)."""
+        moment = time.time() if now is None else now
+
+        def write(conn: sqlite3.Connection) -> None:
+            self.dedup.expire(moment)
+            conn.execute("DELETE FROM dedup_log WHERE at < ?", (self.dedup.cutoff(moment),))
+            total = _backlog_bytes(conn)
+            self._after_commit.append(lambda: setattr(self, "size_bytes", total))
+
+        await self._write(write)
+
+    def _load_dedup(self, conn: sqlite3.Connection, now: float) -> None:
+        """Rebuild the dedup index from the keys of the window (a journal of an earlier version: from its
+        `dedup` table, which is then dropped)."""
+        if not self.dedup.enabled:
+            return
+        cutoff = self.dedup.cutoff(now)
+        if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'dedup'").fetchone():
+            conn.execute("BEGIN IMMEDIATE")
+            rows = conn.execute("SELECT stream, key, seen FROM dedup WHERE seen >= ?", (cutoff,)).fetchall()
+            conn.executemany(
+                "INSERT INTO dedup_log (stream, at, keys) VALUES (?, ?, ?)",
+                [(stream, seen, orjson.dumps([key])) for stream, key, seen in rows],
+            )
+            conn.execute("DROP TABLE dedup")
+            conn.execute("COMMIT")
+        for stream, at, keys in conn.execute(
+            "SELECT stream, at, keys FROM dedup_log WHERE at >= ? ORDER BY at", (cutoff,)
+        ):
+            self.dedup.add(stream, orjson.loads(keys), at)
+
+
+def _backlog_bytes(conn: sqlite3.Connection) -> int:
+    return int(conn.execute("SELECT total(length(data)) FROM batches").fetchone()[0])
 
 
 def _last_seq(conn: sqlite3.Connection) -> int:
@@ -388,41 +463,6 @@ def _last_seq(conn: sqlite3.Connection) -> int:
 
 def _store_last_seq(conn: sqlite3.Connection, seq: int) -> None:
     conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('last_seq', ?)", (seq,))
-
-
-_KEYS_PER_QUERY = 500
-
-
-def _fresh_indexes(
-    conn: sqlite3.Connection, stream: str, keys: Sequence[str | None], cutoff: float, now: float
-) -> list[int] | None:
-    """Indexes of the elements not seen within the window (None: all of them), and remember their keys."""
-    present = [key for key in keys if key is not None]
-    if not present:
-        return None
-    seen: set[str] = set()
-    for start in range(0, len(present), _KEYS_PER_QUERY):
-        chunk = present[start : start + _KEYS_PER_QUERY]
-        marks = ",".join("?" * len(chunk))
-        seen.update(
-            row[0]
-            for row in conn.execute(
-                f"SELECT key FROM dedup WHERE stream = ? AND seen >= ? AND key IN ({marks})",  # noqa: S608
-                (stream, cutoff, *chunk),
-            )
-        )
-    fresh: list[int] = []
-    new_keys: set[str] = set()
-    for index, key in enumerate(keys):
-        if key is None:
-            fresh.append(index)
-        elif key not in seen and key not in new_keys:
-            new_keys.add(key)
-            fresh.append(index)
-    conn.executemany(
-        "INSERT OR REPLACE INTO dedup (stream, key, seen) VALUES (?, ?, ?)", [(stream, key, now) for key in new_keys]
-    )
-    return None if len(fresh) == len(keys) else fresh
 
 
 # --- dead letters, for the CLI (a plain connection; safe while the service runs) -----------------

@@ -1,15 +1,23 @@
-"""Turning a request body into journal records: decompression with limits, JSON array / NDJSON parsing,
-and sorting each element into a deliverable record or a dead letter with its reason."""
+"""Turning a request body into journal records: decompression with limits, JSON array / NDJSON splitting,
+and sorting each element into a deliverable record or a dead letter with its reason.
+
+Elements are never re-serialised: each one is kept as the bytes that were received (only whitespace outside
+strings is removed from an element that spans lines), so numbers of any size or precision and every escape
+reach the sinks exactly as WorkOS sent them. msgspec splits a JSON array into the raw bytes of its elements and
+decodes only the few fields the receiver needs (`keySuffix`, the event's `action`, `occurred_at` and `id`).
+When the fast path refuses a body, a tolerant splitter finds the elements' boundaries so each bad element is
+dead-lettered with its reason and the good ones next to it are kept.
+"""
 
 from __future__ import annotations
 
-import json
+import re
 import zlib
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-import orjson
+import msgspec
 import zstandard
 
 from receiver.errors import BodyError
@@ -81,6 +89,9 @@ def _unzstd(body: bytes, limit: int) -> bytes:
 
 # --- parsing -------------------------------------------------------------------------------------
 
+DEFAULT_MAX_EVENTS = 100_000
+"""Elements one request may hold (`server.max_events_per_request`)."""
+
 
 @dataclass(slots=True)
 class Rejected:
@@ -88,14 +99,16 @@ class Rejected:
 
     raw: bytes
     reason: str
+    malformed: bool = False
+    """Not JSON at all (as opposed to JSON that is not a WorkOS element)."""
 
 
 @dataclass(slots=True)
 class Parsed:
     """What a body held: the deliverable elements, column by column, and the rejected ones."""
 
-    raws: list[bytes] = field(default_factory=list)
-    """Compact JSON of each wrapper."""
+    raws: list[bytes | msgspec.Raw] = field(default_factory=list)
+    """Each wrapper's bytes as received, on one line (msgspec.Raw views into the body on the fast path)."""
     actions: list[str] = field(default_factory=list)
     times: list[float] = field(default_factory=list)
     """Epoch seconds of each event's `occurred_at`, else of the receipt."""
@@ -107,126 +120,285 @@ class Parsed:
         return len(self.raws)
 
 
-def _loads(data: bytes) -> Any:
+class _Head(msgspec.Struct):
+    """The fields of an event the receiver reads; every other field is skipped (validated, not converted)."""
+
+    action: Any = None
+    occurred_at: Any = None
+    id: Any = None
+
+
+class _Element(msgspec.Struct):
+    """A wrapper (`event` + `keySuffix`), or a bare event (`action`, `occurred_at`, `id` at the top)."""
+
+    event: _Head | None | msgspec.UnsetType = msgspec.UNSET
+    keySuffix: Any = None  # noqa: N815 - WorkOS's field name
+    action: Any = None
+    occurred_at: Any = None
+    id: Any = None
+
+
+class _FastHead(msgspec.Struct):
+    """`_Head` for the fast path: msgspec parses `occurred_at` (RFC 3339) in C; anything else falls back."""
+
+    action: Any = None
+    occurred_at: datetime | None = None
+    id: Any = None
+
+
+class _FastElement(msgspec.Struct):
+    """A wrapper with an event object (the fast path; anything else falls back)."""
+
+    event: _FastHead
+    keySuffix: Any = None  # noqa: N815 - WorkOS's field name
+
+
+_split = msgspec.json.Decoder(list[msgspec.Raw]).decode
+_elements = msgspec.json.Decoder(list[_FastElement]).decode
+_element = msgspec.json.Decoder(_Element).decode
+_BOM = b"\xef\xbb\xbf"
+_JSON_SPACE = b" \t\r\n"
+_KINDS = {
+    "int": "number",
+    "float": "number",
+    "str": "string",
+    "array": "array",
+    "null": "null",
+    "bool": "boolean",
+    "object": "object",
+}
+_GOT = re.compile(r"got `([a-z]+)`")
+
+
+def _not_utf8(data: bytes) -> bool:
+    if data.isascii():
+        return False
     try:
-        return orjson.loads(data)
-    except orjson.JSONDecodeError:
-        # orjson refuses integers beyond 64 bits, which are valid JSON; the standard library takes them.
-        return json.loads(data, parse_constant=_reject_constant)
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return True
+    return False
 
 
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
+def _one_line(raw: bytes) -> bytes:
+    # A pretty-printed element: its newlines are whitespace (JSON strings cannot hold raw newlines), and the
+    # journal and NDJSON sinks keep one element per line. Only whitespace goes; values stay byte for byte.
+    if b"\n" in raw or b"\r" in raw:
+        return msgspec.json.format(raw, indent=-1)
+    return raw
 
 
-def _dumps(value: Any, _orjson_dumps: Any = orjson.dumps) -> bytes:
-    try:
-        return _orjson_dumps(value)  # type: ignore[no-any-return]
-    except TypeError:
-        return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+def parse_body(body: bytes, content_type: str, received_at: float, *, max_events: int = DEFAULT_MAX_EVENTS) -> Parsed:
+    """Split a JSON array or NDJSON body (by Content-Type, else by its first byte) into elements.
+
+    Bad elements are rejected one by one, next to the good ones. BodyError (400) when nothing in the body can
+    be taken and some of it is not JSON at all (the sender learns where), 413 for more than `max_events`."""
+    parsed = _parse(body, content_type, received_at, max_events)
+    if not parsed.raws:
+        malformed = next((item for item in parsed.rejected if item.malformed), None)
+        if malformed is not None:
+            raise BodyError(400, f"body is not valid JSON: {malformed.reason}")
+    return parsed
 
 
-def _where(exc: Exception) -> str:
-    if isinstance(exc, json.JSONDecodeError):
-        return f"line {exc.lineno} column {exc.colno}: {exc.msg}"
-    return str(exc)
-
-
-def parse_body(body: bytes, content_type: str, received_at: float) -> Parsed:
-    """Parse a JSON array or NDJSON body (by Content-Type, else by sniffing); raises BodyError(400)."""
-    text = body.strip()
+def _parse(body: bytes, content_type: str, received_at: float, max_events: int) -> Parsed:
+    text = body.strip(_JSON_SPACE)
+    if text.startswith(_BOM):  # RFC 8259 lets a parser ignore a UTF-8 byte order mark
+        text = text[len(_BOM) :].lstrip(_JSON_SPACE)
     if not text:
         raise BodyError(400, "empty body: expected a JSON array or NDJSON")
+    if text[:2] in (b"\xff\xfe", b"\xfe\xff") or b"\x00" in text[:4]:
+        raise BodyError(400, "body is not UTF-8: JSON must be sent as UTF-8 (this looks like UTF-16 or UTF-32)")
     declared = content_type.split(";", 1)[0].strip().lower()
-    if declared in NDJSON_TYPES and not text.startswith(b"["):
-        return _parse_ndjson(text, received_at)
+    if declared in NDJSON_TYPES:
+        if text.startswith(b"[") and _one_array(text):  # a JSON array sent as NDJSON: take it as the array
+            return _parse_array(text, received_at, max_events)
+        return _parse_lines(text, received_at, max_events)
     if text.startswith(b"["):
-        try:
-            value = _loads(text)
-        except ValueError as exc:
-            raise BodyError(400, f"body is not a valid JSON array: {_where(exc)}") from None
-        if not isinstance(value, list):  # pragma: no cover - a '[' start always parses to a list
-            raise BodyError(400, "expected a JSON array")
-        return _sort(value, received_at)
+        return _parse_array(text, received_at, max_events)
     if text.startswith(b"{"):
-        return _parse_ndjson(text, received_at)
+        parsed = Parsed()
+        try:  # one object, even pretty-printed over several lines, is one element
+            _element(text)
+        except (msgspec.DecodeError, RecursionError):
+            return _parse_lines(text, received_at, max_events)
+        _sort_one(text, received_at, parsed, "")
+        return parsed
     raise BodyError(400, "body is neither a JSON array nor NDJSON: it must start with '[' or '{'")
 
 
-def _parse_ndjson(text: bytes, received_at: float) -> Parsed:
-    # One object, even pretty-printed over several lines, is one element.
+def _one_array(text: bytes) -> bool:
     try:
-        whole = _loads(text)
-    except ValueError:
-        whole = None
-    if isinstance(whole, dict):
-        return _sort([whole], received_at)
+        _split(text)
+    except (msgspec.DecodeError, RecursionError):
+        return False
+    return True
+
+
+def _too_many(max_events: int) -> BodyError:
+    return BodyError(413, f"more than max_events_per_request ({max_events}) elements in one request")
+
+
+def _parse_array(text: bytes, received_at: float, max_events: int) -> Parsed:
+    parsed = _fast(text, received_at, max_events)
+    if parsed is not None:
+        return parsed
+    # The fast path refused the body: find each element's bounds and judge it alone.
     parsed = Parsed()
-    first_error = ""
-    any_json = False
+    pieces, tail_problem = _split_tolerant(text, max_events)
+    for index, piece in enumerate(pieces):
+        _sort_one(piece, received_at, parsed, f"element {index}: ", check_utf8=True)
+    if tail_problem is not None:
+        parsed.rejected.append(Rejected(*tail_problem))
+    return parsed
+
+
+def _fast(text: bytes, received_at: float, max_events: int, expected: int | None = None) -> Parsed | None:
+    """The common case in two C passes: every element a wrapper with an event object, valid UTF-8, on one
+    line. None when any element needs a closer look."""
+    if _not_utf8(text):
+        return None
+    try:
+        elements = _elements(text)
+    except (msgspec.DecodeError, RecursionError):
+        return None
+    if len(elements) > max_events:
+        raise _too_many(max_events)
+    if expected is not None and len(elements) != expected:
+        return None
+    heads = [element.event for element in elements]
+    raws: list[bytes | msgspec.Raw] = list(_split(text))
+    if b"\n" in text or b"\r" in text:
+        raws = [_one_line(bytes(raw)) for raw in raws]
+    parsed = Parsed(raws)
+    parsed.keys = [_key(element.keySuffix, element.event) for element in elements]
+    parsed.actions = [action if type(action) is str else "" for action in [head.action for head in heads]]
+    parsed.times = [
+        received_at if moment is None or moment.tzinfo is None else moment.timestamp()
+        for moment in [head.occurred_at for head in heads]
+    ]
+    return parsed
+
+
+def _key(suffix: Any, head: _Head | _FastHead | _Element) -> str | None:
+    if type(suffix) is str and suffix:
+        return suffix
+    key = head.id
+    return key if type(key) is str and key else None
+
+
+_STRUCTURE = re.compile(rb'["\[\]{},]')
+_STRING_REST = re.compile(rb'(?:[^"\\]++|\\.)*+"', re.S)
+
+
+def _split_tolerant(text: bytes, max_events: int) -> tuple[list[bytes], tuple[bytes, str, bool] | None]:
+    """The elements of a JSON array that may be broken, by bracket depth outside strings (linear); and what
+    follows the array or is left unterminated, with its reason."""
+    pieces: list[bytes] = []
+    depth = 0
+    start = pos = 1
+    end = len(text)
+
+    def add(piece: bytes) -> None:
+        pieces.append(piece)
+        if len(pieces) > max_events:
+            raise _too_many(max_events)
+
+    while True:
+        match = _STRUCTURE.search(text, pos)
+        if match is None:
+            rest = text[start:].strip(_JSON_SPACE)
+            return pieces, ((rest, "the body ends inside an element (truncated?)", True) if rest else None)
+        char = text[match.start()]
+        pos = match.end()
+        if char == 0x22:  # '"'
+            closed = _STRING_REST.match(text, pos)
+            if closed is None:
+                rest = text[start:].strip(_JSON_SPACE)
+                return pieces, (rest, "the body ends inside a string (truncated?)", True)
+            pos = closed.end()
+        elif char in b"[{":
+            depth += 1
+        elif char in b"]}":
+            if depth == 0:
+                piece = text[start : match.start()].strip(_JSON_SPACE)
+                if piece or pieces:
+                    add(piece)
+                rest = text[pos:end].strip(_JSON_SPACE)
+                return pieces, ((rest, "data after the end of the JSON array", True) if rest else None)
+            depth -= 1
+        elif depth == 0:  # ','
+            add(text[start : match.start()].strip(_JSON_SPACE))
+            start = pos
+
+
+def _parse_lines(text: bytes, received_at: float, max_events: int) -> Parsed:
+    lines = [line for line in text.split(b"\n") if line.strip(_JSON_SPACE)]
+    if len(lines) > max_events:
+        raise _too_many(max_events)
+    # The lines as one array take the fast path; its count check catches a line that holds two elements.
+    parsed = _fast(b"[" + b",".join(lines) + b"]", received_at, max_events, expected=len(lines))
+    if parsed is not None:
+        return parsed
+    check_utf8 = not text.isascii()
+    parsed = Parsed()
     for number, line in enumerate(text.split(b"\n"), start=1):
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            element = _loads(line)
-        except ValueError as exc:
-            reason = f"line {number} is not valid JSON: {_where(exc)}"
-            first_error = first_error or reason
-            parsed.rejected.append(Rejected(line, reason))
-            continue
-        any_json = True
-        _sort_one(element, received_at, parsed)
-    if not any_json:
-        raise BodyError(400, f"body is neither a JSON array nor NDJSON: {first_error}")
+        line = line.strip(_JSON_SPACE)
+        if line:
+            _sort_one(line, received_at, parsed, f"line {number}: ", check_utf8=check_utf8)
     return parsed
 
 
-def _sort(elements: list[Any], received_at: float) -> Parsed:
-    parsed = Parsed()
-    for element in elements:
-        _sort_one(element, received_at, parsed)
-    return parsed
+def _reason(exc: Exception, where: str) -> str:
+    if isinstance(exc, RecursionError):
+        return f"{where}nested too deeply"
+    message = str(exc)
+    got = _GOT.search(message)
+    if isinstance(exc, msgspec.ValidationError) and got is not None:
+        kind = _KINDS.get(got.group(1), got.group(1))
+        if "$.event" in message:
+            return f"{where}event is a JSON {kind}, not an object"
+        if message.endswith("`") or "- at `$`" in message or "at `$." not in message:
+            return f"{where}element is a JSON {kind}, not an object"
+    return f"{where}not valid JSON: {message.removeprefix('JSON is malformed: ')}"
 
 
-def _sort_one(element: Any, received_at: float, parsed: Parsed) -> None:
-    # The hot path of the intake: one call per element, so it keeps to plain lookups.
-    if type(element) is not dict:
-        parsed.rejected.append(Rejected(_dumps(element), f"element is a JSON {_kind(element)}, not an object"))
+def _sort_one(raw: bytes, received_at: float, parsed: Parsed, where: str, *, check_utf8: bool = False) -> None:
+    # The hot path of the intake: one call per element.
+    if not raw:
+        parsed.rejected.append(Rejected(raw, f"{where}empty element", True))
         return
-    event = element.get("event")
-    if event is not None or "event" in element:
-        if type(event) is not dict:
-            parsed.rejected.append(Rejected(_dumps(element), f"event is a JSON {_kind(event)}, not an object"))
+    try:
+        element = _element(raw)
+    except (msgspec.DecodeError, RecursionError) as exc:
+        parsed.rejected.append(Rejected(raw, _reason(exc, where), not isinstance(exc, msgspec.ValidationError)))
+        return
+    if check_utf8 and _not_utf8(raw):
+        parsed.rejected.append(Rejected(raw, f"{where}not valid UTF-8", True))
+        return
+    event = element.event
+    if event is None:
+        parsed.rejected.append(Rejected(raw, f"{where}event is a JSON null, not an object"))
+        return
+    raw = _one_line(raw)
+    if event is msgspec.UNSET:
+        if type(element.action) is not str:
+            parsed.rejected.append(
+                Rejected(raw, f"{where}object has no event (and is not a bare event with an action)")
+            )
             return
-        wrapper = element
-        key = element.get("keySuffix")
-    elif type(element.get("action")) is str:
-        event = element
-        wrapper = {"event": element}
+        head: _Head | _Element = element
+        raw = b'{"event":' + raw + b"}"
         key = None
     else:
-        parsed.rejected.append(
-            Rejected(_dumps(element), "object has no event (and is not a bare event with an action)")
-        )
-        return
-    if type(key) is not str or not key:
-        key = event.get("id")
-        if type(key) is not str or not key:
-            key = None
-    action = event.get("action")
-    parsed.raws.append(_dumps(wrapper))
+        head = event
+        key = element.keySuffix
+    key = _key(key, head)
+    action = head.action
+    parsed.raws.append(raw)
     parsed.actions.append(action if type(action) is str else "")
-    parsed.times.append(_epoch(event.get("occurred_at"), received_at))
+    parsed.times.append(_epoch(head.occurred_at, received_at))
     parsed.keys.append(key)
-
-
-def _kind(value: Any) -> str:
-    if value is None:
-        return "null"
-    return {bool: "boolean", int: "number", float: "number", str: "string", list: "array", dict: "object"}.get(
-        type(value), type(value).__name__
-    )
 
 
 def _epoch(value: Any, fallback: float, _parse: Any = datetime.fromisoformat) -> float:

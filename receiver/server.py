@@ -53,7 +53,10 @@ class Service:
         self.metrics = Metrics()
         self.state = State()
         self.journal = Journal(
-            config.journal.path, max_bytes=config.journal.max_bytes, dedup_window=config.journal.dedup_window
+            config.journal.path,
+            max_bytes=config.journal.max_bytes,
+            dedup_window=config.journal.dedup_window,
+            dedup_max_keys=config.journal.dedup_max_keys,
         )
         self.sinks = dict(sinks) if sinks is not None else build_sinks(config)
         self.engine: DeliveryEngine | None = None

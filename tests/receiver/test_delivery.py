@@ -136,6 +136,7 @@ class TestDeadLetters:
         batch = events(5) + events(1, action="user.deleted", prefix="bad") + events(5, prefix="m")
         await send(service, batch)
         await until(lambda: len(memory().events) == 10)
+        await until(lambda: len(list_dead_letters(service.config.journal.path, "mem")) == 1)
         (letter,) = list_dead_letters(service.config.journal.path, "mem")
         assert orjson.loads(letter.data)["keySuffix"] == "bad0"
 

@@ -194,7 +194,7 @@ class TestRefusing:
         ("body", "where"),
         [
             (b"hello world", "must start with"),
-            (b"[1, 2", "line 1 column"),
+            (b"[1, 2", "truncated"),
             (b'{"a": }', "not valid JSON"),
             (b"   ", "empty body"),
         ],
