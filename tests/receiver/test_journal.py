@@ -143,3 +143,90 @@ async def test_a_zero_window_turns_dedup_off(tmp_path: Path) -> None:
         assert (await j.append("s", batch("a"), time.time())).accepted == 1
     finally:
         await j.close()
+
+
+class TestDedupState:
+    """Dedup keys are bounded on their own, never count against the backlog cap, and survive restarts."""
+
+    async def test_keys_do_not_fill_the_backlog_cap(self, tmp_path: Path) -> None:
+        # 2 MiB of cap; 40 k unique keys (≈ 70 bytes each on disk) would fill it if keys counted.
+        j = Journal(tmp_path / "cap.db", max_bytes=2 * 1024 * 1024, dedup_window=86400)
+        await j.open()
+        try:
+            for start in range(0, 40_000, 500):
+                await j.append("s", batch(*(f"key-{start + i:08d}-{'x' * 40}" for i in range(500))), time.time())
+                rows = await j.read(0, 1_000_000)
+                await j.commit_progress("a", rows[-1][0].seq, [], ["a"])  # delivered: the backlog is empty
+            assert j.size_bytes == 0 and not j.over_cap
+            assert j.dedup.size == 40_000
+            assert (await j.append("s", batch("fresh"), time.time())).accepted == 1
+            assert (await j.append("s", batch("key-00000007-" + "x" * 40), time.time())).duplicates == 1
+        finally:
+            await j.close()
+
+    async def test_backlog_bytes_are_the_undelivered_events(self, journal: Journal) -> None:
+        await journal.append("s", batch("a", "b"), time.time())
+        rows = await journal.read(0, 10)
+        assert journal.size_bytes == sum(len(e.raw) for e, _ in rows) + 1  # the newline between them
+        await journal.commit_progress("a", rows[-1][0].seq, [], ["a"])
+        assert journal.size_bytes == 0
+
+    async def test_keys_survive_a_restart_and_expire_with_the_window(self, tmp_path: Path) -> None:
+        path = tmp_path / "keys.db"
+        now = time.time()
+        j = Journal(path, max_bytes=1 << 30, dedup_window=3600)
+        await j.open()
+        await j.append("s", batch("recent"), now - 60)
+        await j.append("s", batch("old"), now - 7200)
+        await j.close()
+        again = Journal(path, max_bytes=1 << 30, dedup_window=3600)
+        await again.open()
+        try:
+            assert again.dedup.size == 1
+            assert (await again.append("s", batch("recent"), now)).duplicates == 1
+            assert (await again.append("s", batch("old"), now)).accepted == 1
+            await again.prune_dedup(now + 3 * 3600)
+            count = await again._read(lambda c: c.execute("SELECT count(*) FROM dedup_log").fetchone()[0])
+            assert count == 0 and again.dedup.size == 0
+        finally:
+            await again.close()
+
+    async def test_a_failed_request_does_not_mark_its_keys_seen(self, journal: Journal) -> None:
+        # Two requests with the same key in one commit group; the first fails on its own.
+        poison = batch("same")
+        poison.rejected.append(Rejected(object(), "unstorable"))  # type: ignore[arg-type]
+        results = await asyncio.gather(
+            journal.append("s", poison, time.time()),
+            journal.append("s", batch("same"), time.time()),
+            return_exceptions=True,
+        )
+        assert isinstance(results[0], Exception)
+        assert results[1].accepted == 1  # type: ignore[union-attr]
+        assert (await journal.append("s", batch("same"), time.time())).duplicates == 1
+
+    async def test_the_index_is_bounded_by_max_keys(self, tmp_path: Path) -> None:
+        j = Journal(tmp_path / "bound.db", max_bytes=1 << 30, dedup_window=3600, dedup_max_keys=1000)
+        await j.open()
+        try:
+            now = time.time()
+            await j.append("s", batch(*(f"early-{i}" for i in range(800))), now - 3000)
+            await j.append("s", batch(*(f"late-{i}" for i in range(800))), now)
+            assert j.dedup.size <= 1000 and j.dedup.evicted == 800
+            assert (await j.append("s", batch("late-5"), now)).duplicates == 1
+            assert (await j.append("s", batch("early-5"), now)).accepted == 1  # forgotten early, not refused
+        finally:
+            await j.close()
+
+    async def test_keys_of_an_earlier_journal_version_are_kept(self, tmp_path: Path) -> None:
+        path = tmp_path / "old.db"
+        conn = sqlite3.connect(path)
+        conn.execute("CREATE TABLE dedup (stream TEXT, key TEXT, seen REAL, PRIMARY KEY (stream, key))")
+        conn.execute("INSERT INTO dedup VALUES ('s', 'legacy', ?)", (time.time(),))
+        conn.commit()
+        conn.close()
+        j = Journal(path, max_bytes=1 << 30, dedup_window=3600)
+        await j.open()
+        try:
+            assert (await j.append("s", batch("legacy"), time.time())).duplicates == 1
+        finally:
+            await j.close()
