@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -276,23 +277,22 @@ class TestRunningProcess:
 
 
 async def test_sigkill_under_load_loses_no_acknowledged_event(tmp_path: Path) -> None:
-    """Every event that got a 200 before a SIGKILL reaches the sink after a restart, and every one of them is
-    still known to dedup: WorkOS retrying those batches after the restart delivers nothing twice."""
+    """20 SIGKILLs under load, at random moments: every event that got a 200 reaches the sink after the last
+    restart, and every one of them is still known to dedup, so WorkOS retrying those batches after the restarts
+    delivers nothing twice."""
     port = free_port()
     config = write_config(tmp_path, port)
-    server = Server(config, port, tmp_path)
-    await server.ready()
     acknowledged: list[str] = []
     acknowledged_batches: list[list[dict[str, Any]]] = []
-    stop = asyncio.Event()
+    chance = random.Random(20)
 
-    async def client(number: int) -> None:
+    async def client(number: int, round_: int, stop: asyncio.Event) -> None:
         async with aiohttp.ClientSession() as session:
             batch = 0
             while not stop.is_set():
                 wrappers = sample_wrappers(10)
                 for index, wrapper in enumerate(wrappers):
-                    wrapper["keySuffix"] = f"c{number}-b{batch}-{index}"
+                    wrapper["keySuffix"] = f"r{round_}-c{number}-b{batch}-{index}"
                 batch += 1
                 try:
                     async with session.post(
@@ -304,12 +304,16 @@ async def test_sigkill_under_load_loses_no_acknowledged_event(tmp_path: Path) ->
                 except aiohttp.ClientError:
                     return  # the server died under us: this batch was never acknowledged
 
-    clients = [asyncio.create_task(client(n)) for n in range(8)]
-    await asyncio.sleep(2.0)
-    server.kill(signal.SIGKILL)
-    stop.set()
-    await asyncio.gather(*clients)
-    assert len(acknowledged) > 500, "the load was too light to prove anything"
+    for round_ in range(20):
+        server = Server(config, port, tmp_path)
+        await server.ready()
+        stop = asyncio.Event()
+        clients = [asyncio.create_task(client(n, round_, stop)) for n in range(8)]
+        await asyncio.sleep(0.2 + chance.random() * 0.6)
+        server.kill(signal.SIGKILL)
+        stop.set()
+        await asyncio.gather(*clients)
+    assert len(acknowledged) > 2000, "the load was too light to prove anything"
 
     restarted = Server(config, port, tmp_path)
     try:
