@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import orjson
+import zstandard
 
 from receiver.dedup import DEFAULT_MAX_KEYS as DEFAULT_DEDUP_MAX_KEYS
 from receiver.dedup import DedupIndex
@@ -71,6 +72,12 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
 WRITER_CACHE_KIB = 8 * 1024
 """The writer's page cache (SQLite's default is 2 MiB)."""
 
+
+COMPRESSION_LEVEL = 1
+"""zstd level of the stored events. Sync writes are the journal's bottleneck (every byte goes to the WAL, then to
+the database at checkpoint, each fsynced); level 1 stores WorkOS events in a fifth to an eighth of their size for
+≈ 3 µs of CPU per KiB."""
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
 INTAKE = "(intake)"
 """How `dlq list` names dead letters of the intake (bad input), which belong to no sink."""
@@ -129,6 +136,8 @@ class Journal:
         """Fingerprints taken by the jobs of the commit group being written (writer thread only)."""
         self._after_commit: list[Callable[[], None]] = []
         self._undo: list[Callable[[], None]] = []
+        self._pack = zstandard.ZstdCompressor(level=COMPRESSION_LEVEL).compress  # writer thread only
+        self._unpack = zstandard.ZstdDecompressor().decompress  # reader thread only
         self._queue: queue.SimpleQueue[_Job | object] = queue.SimpleQueue()
         self._writer: threading.Thread | None = None
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="journal-read")
@@ -301,7 +310,7 @@ class Journal:
                     times = [parsed.times[i] for i in fresh]
                 first = self._next_seq
                 self._next_seq += count
-                data = b"\n".join(raws)
+                data = self._pack(b"\n".join(raws))
                 conn.execute(
                     "INSERT INTO batches (first_seq, last_seq, stream, received_at, meta, data) "
                     "VALUES (?, ?, ?, ?, ?, ?)",
@@ -365,8 +374,10 @@ class Journal:
                 (after,),
             )
             found: list[tuple[Event, str | None]] = []
-            for first, stream, target, received_at, meta, data in rows:
+            for first, stream, target, received_at, meta, stored in rows:
                 actions, times = orjson.loads(meta)
+                # Rows are zstd frames, except those written uncompressed (`dlq replay`, earlier versions).
+                data = self._unpack(stored) if stored[:4] == _ZSTD_MAGIC else stored
                 seq = first
                 for raw, action, moment in zip(data.split(b"\n"), actions, times, strict=True):
                     if seq > after:

@@ -166,10 +166,22 @@ class TestDedupState:
 
     async def test_backlog_bytes_are_the_undelivered_events(self, journal: Journal) -> None:
         await journal.append("s", batch("a", "b"), time.time())
+        await journal.append("s", batch("c"), time.time())
         rows = await journal.read(0, 10)
-        assert journal.size_bytes == sum(len(e.raw) for e, _ in rows) + 1  # the newline between them
+        stored = await journal._read(lambda c: c.execute("SELECT sum(length(data)) FROM batches").fetchone()[0])
+        assert journal.size_bytes == stored > 0  # what the disk holds for them (compressed)
+        await journal.commit_progress("a", rows[1][0].seq, [], ["a"])
+        assert 0 < journal.size_bytes < stored
         await journal.commit_progress("a", rows[-1][0].seq, [], ["a"])
         assert journal.size_bytes == 0
+
+    async def test_rows_are_stored_compressed_and_read_back_exactly(self, journal: Journal) -> None:
+        parsed = batch("a", "b")
+        parsed.raws[1] = b'{"event":{"action":"x","n":18446744073709551616,"s":"\\u00e9"}}'
+        await journal.append("s", parsed, time.time())
+        (stored,) = await journal._read(lambda c: c.execute("SELECT data FROM batches").fetchone())
+        assert stored[:4] == b"\x28\xb5\x2f\xfd"  # a zstd frame
+        assert [e.raw for e, _ in await journal.read(0, 10)] == parsed.raws
 
     async def test_keys_survive_a_restart_and_expire_with_the_window(self, tmp_path: Path) -> None:
         path = tmp_path / "keys.db"
