@@ -120,42 +120,46 @@ class Parsed:
         return len(self.raws)
 
 
+_ABSENT = msgspec.Raw(b"")
+
+
 class _Head(msgspec.Struct):
-    """The fields of an event the receiver reads; every other field is skipped (validated, not converted)."""
+    """The fields of an event the receiver reads, kept raw: any JSON value is fine there, and a number beyond
+    the range of a double must not make a valid event a dead letter. Every other field is skipped (validated,
+    not converted)."""
 
-    action: Any = None
-    occurred_at: Any = None
-    id: Any = None
+    action: msgspec.Raw = _ABSENT
+    occurred_at: msgspec.Raw = _ABSENT
+    id: msgspec.Raw = _ABSENT
 
 
-class _Element(msgspec.Struct):
+class _Element(_Head):
     """A wrapper (`event` + `keySuffix`), or a bare event (`action`, `occurred_at`, `id` at the top)."""
 
     event: _Head | None | msgspec.UnsetType = msgspec.UNSET
-    keySuffix: Any = None  # noqa: N815 - WorkOS's field name
-    action: Any = None
-    occurred_at: Any = None
-    id: Any = None
+    keySuffix: msgspec.Raw = _ABSENT  # noqa: N815 - WorkOS's field name
 
 
 class _FastHead(msgspec.Struct):
-    """`_Head` for the fast path: msgspec parses `occurred_at` (RFC 3339) in C; anything else falls back."""
+    """`_Head` for the fast path, typed as WorkOS sends it (msgspec parses `occurred_at`, RFC 3339, in C);
+    any other type sends the body to the slow path."""
 
-    action: Any = None
+    action: str | None = None
     occurred_at: datetime | None = None
-    id: Any = None
+    id: str | None = None
 
 
 class _FastElement(msgspec.Struct):
-    """A wrapper with an event object (the fast path; anything else falls back)."""
+    """A wrapper with an event object (the fast path)."""
 
     event: _FastHead
-    keySuffix: Any = None  # noqa: N815 - WorkOS's field name
+    keySuffix: str | None = None  # noqa: N815 - WorkOS's field name
 
 
 _split = msgspec.json.Decoder(list[msgspec.Raw]).decode
 _elements = msgspec.json.Decoder(list[_FastElement]).decode
 _element = msgspec.json.Decoder(_Element).decode
+_string = msgspec.json.Decoder(str).decode
 _BOM = b"\xef\xbb\xbf"
 _JSON_SPACE = b" \t\r\n"
 _KINDS = {
@@ -207,11 +211,12 @@ def _parse(body: bytes, content_type: str, received_at: float, max_events: int) 
         text = text[len(_BOM) :].lstrip(_JSON_SPACE)
     if not text:
         raise BodyError(400, "empty body: expected a JSON array or NDJSON")
-    if text[:2] in (b"\xff\xfe", b"\xfe\xff") or b"\x00" in text[:4]:
+    # UTF-16 and UTF-32 put a NUL next to the first character ('[' or '{'); UTF-8 JSON never does.
+    if text[:2] in (b"\xff\xfe", b"\xfe\xff") or text[0] == 0 or text[1:2] == b"\x00":
         raise BodyError(400, "body is not UTF-8: JSON must be sent as UTF-8 (this looks like UTF-16 or UTF-32)")
     declared = content_type.split(";", 1)[0].strip().lower()
     if declared in NDJSON_TYPES:
-        if text.startswith(b"[") and _one_array(text):  # a JSON array sent as NDJSON: take it as the array
+        if text.startswith(b"[") and _one_array(text, max_events):  # a JSON array sent as NDJSON: the array
             return _parse_array(text, received_at, max_events)
         return _parse_lines(text, received_at, max_events)
     if text.startswith(b"["):
@@ -222,16 +227,17 @@ def _parse(body: bytes, content_type: str, received_at: float, max_events: int) 
             _element(text)
         except (msgspec.DecodeError, RecursionError):
             return _parse_lines(text, received_at, max_events)
-        _sort_one(text, received_at, parsed, "")
+        _sort_one(text, received_at, parsed, "", check_utf8=True)
         return parsed
     raise BodyError(400, "body is neither a JSON array nor NDJSON: it must start with '[' or '{'")
 
 
-def _one_array(text: bytes) -> bool:
+def _one_array(text: bytes, max_events: int) -> bool:
+    """Whether the body is one JSON array, maybe with bad elements (not NDJSON whose first line is one)."""
     try:
         _split(text)
     except (msgspec.DecodeError, RecursionError):
-        return False
+        return _split_tolerant(text, max_events)[1] is None
     return True
 
 
@@ -253,7 +259,7 @@ def _parse_array(text: bytes, received_at: float, max_events: int) -> Parsed:
     return parsed
 
 
-def _fast(text: bytes, received_at: float, max_events: int, expected: int | None = None) -> Parsed | None:
+def _fast(text: bytes, received_at: float, max_events: int, lines: list[bytes] | None = None) -> Parsed | None:
     """The common case in two C passes: every element a wrapper with an event object, valid UTF-8, on one
     line. None when any element needs a closer look."""
     if _not_utf8(text):
@@ -264,15 +270,17 @@ def _fast(text: bytes, received_at: float, max_events: int, expected: int | None
         return None
     if len(elements) > max_events:
         raise _too_many(max_events)
-    if expected is not None and len(elements) != expected:
+    raws: list[bytes | msgspec.Raw] = list(_split(text))
+    if lines is not None and (
+        len(raws) != len(lines) or any(memoryview(r) != line for r, line in zip(raws, lines, strict=True))
+    ):
         return None
     heads = [element.event for element in elements]
-    raws: list[bytes | msgspec.Raw] = list(_split(text))
     if b"\n" in text or b"\r" in text:
         raws = [_one_line(bytes(raw)) for raw in raws]
     parsed = Parsed(raws)
-    parsed.keys = [_key(element.keySuffix, element.event) for element in elements]
-    parsed.actions = [action if type(action) is str else "" for action in [head.action for head in heads]]
+    parsed.keys = [element.keySuffix or element.event.id or None for element in elements]
+    parsed.actions = [head.action or "" for head in heads]
     parsed.times = [
         received_at if moment is None or moment.tzinfo is None else moment.timestamp()
         for moment in [head.occurred_at for head in heads]
@@ -280,24 +288,28 @@ def _fast(text: bytes, received_at: float, max_events: int, expected: int | None
     return parsed
 
 
-def _key(suffix: Any, head: _Head | _FastHead | _Element) -> str | None:
-    if type(suffix) is str and suffix:
-        return suffix
-    key = head.id
-    return key if type(key) is str and key else None
+def _text(raw: msgspec.Raw) -> str | None:
+    """A head field's value when it is a non-empty JSON string."""
+    if bytes(memoryview(raw)[:1]) != b'"':
+        return None
+    return _string(raw) or None
 
 
 _STRUCTURE = re.compile(rb'["\[\]{},]')
 _STRING_REST = re.compile(rb'(?:[^"\\]++|\\.)*+"', re.S)
 
 
+_CLOSER = {ord("["): ord("]"), ord("{"): ord("}")}
+
+
 def _split_tolerant(text: bytes, max_events: int) -> tuple[list[bytes], tuple[bytes, str, bool] | None]:
-    """The elements of a JSON array that may be broken, by bracket depth outside strings (linear); and what
-    follows the array or is left unterminated, with its reason."""
+    """The elements of a JSON array that may be broken, found in one linear pass: strings are skipped, opened
+    brackets are stacked, a closer of the other kind closes through to its opener (or is ignored when there is
+    none), and only a ']' with nothing open ends the array. Also what follows the array or is left
+    unterminated, with its reason."""
     pieces: list[bytes] = []
-    depth = 0
+    stack: list[int] = []
     start = pos = 1
-    end = len(text)
 
     def add(piece: bytes) -> None:
         pieces.append(piece)
@@ -317,27 +329,29 @@ def _split_tolerant(text: bytes, max_events: int) -> tuple[list[bytes], tuple[by
                 rest = text[start:].strip(_JSON_SPACE)
                 return pieces, (rest, "the body ends inside a string (truncated?)", True)
             pos = closed.end()
-        elif char in b"[{":
-            depth += 1
-        elif char in b"]}":
-            if depth == 0:
-                piece = text[start : match.start()].strip(_JSON_SPACE)
-                if piece or pieces:
-                    add(piece)
-                rest = text[pos:end].strip(_JSON_SPACE)
-                return pieces, ((rest, "data after the end of the JSON array", True) if rest else None)
-            depth -= 1
-        elif depth == 0:  # ','
-            add(text[start : match.start()].strip(_JSON_SPACE))
-            start = pos
+        elif char in _CLOSER:
+            stack.append(_CLOSER[char])
+        elif char == 0x2C:  # ','
+            if not stack:
+                add(text[start : match.start()].strip(_JSON_SPACE))
+                start = pos
+        elif char in stack:
+            while stack.pop() != char:
+                pass
+        elif not stack and char == 0x5D:  # ']' with nothing open: the end of the array
+            piece = text[start : match.start()].strip(_JSON_SPACE)
+            if piece or pieces:
+                add(piece)
+            rest = text[pos:].strip(_JSON_SPACE)
+            return pieces, ((rest, "data after the end of the JSON array", True) if rest else None)
 
 
 def _parse_lines(text: bytes, received_at: float, max_events: int) -> Parsed:
-    lines = [line for line in text.split(b"\n") if line.strip(_JSON_SPACE)]
+    lines = [line for line in (line.strip(_JSON_SPACE) for line in text.split(b"\n")) if line]
     if len(lines) > max_events:
         raise _too_many(max_events)
-    # The lines as one array take the fast path; its count check catches a line that holds two elements.
-    parsed = _fast(b"[" + b",".join(lines) + b"]", received_at, max_events, expected=len(lines))
+    # The lines as one array take the fast path, which counts only if each element is exactly one line.
+    parsed = _fast(b"[" + b",".join(lines) + b"]", received_at, max_events, lines=lines)
     if parsed is not None:
         return parsed
     check_utf8 = not text.isascii()
@@ -382,27 +396,27 @@ def _sort_one(raw: bytes, received_at: float, parsed: Parsed, where: str, *, che
         return
     raw = _one_line(raw)
     if event is msgspec.UNSET:
-        if type(element.action) is not str:
+        action = _text(element.action)
+        if action is None:
             parsed.rejected.append(
                 Rejected(raw, f"{where}object has no event (and is not a bare event with an action)")
             )
             return
-        head: _Head | _Element = element
+        head: _Head = element
         raw = b'{"event":' + raw + b"}"
         key = None
     else:
         head = event
-        key = element.keySuffix
-    key = _key(key, head)
-    action = head.action
+        action = _text(head.action)
+        key = _text(element.keySuffix)
     parsed.raws.append(raw)
-    parsed.actions.append(action if type(action) is str else "")
-    parsed.times.append(_epoch(head.occurred_at, received_at))
-    parsed.keys.append(key)
+    parsed.actions.append(action or "")
+    parsed.times.append(_epoch(_text(head.occurred_at), received_at))
+    parsed.keys.append(key or _text(head.id))
 
 
-def _epoch(value: Any, fallback: float, _parse: Any = datetime.fromisoformat) -> float:
-    if type(value) is str and value:
+def _epoch(value: str | None, fallback: float, _parse: Any = datetime.fromisoformat) -> float:
+    if value:
         try:
             moment = _parse(value)
         except ValueError:
