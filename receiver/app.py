@@ -7,24 +7,30 @@ import asyncio
 import hmac
 import logging
 import time
+import traceback
+from collections.abc import Callable
 from typing import Any
 
 import orjson
 from aiohttp import web
 
 from receiver.config import Config, StreamConfig
+from receiver.decoding import decode_body
 from receiver.errors import BodyError, JournalClosed, JournalError, JournalFull
 from receiver.journal import Journal
 from receiver.metrics import Metrics
 from receiver.netaddr import AddressPolicy
-from receiver.parsing import Parsed, decode_body, parse_body
+from receiver.parsing import Parsed, parse_body
 
 log = logging.getLogger(__name__)
 
 RETRY_AFTER_FULL = "30"
 RETRY_AFTER_DOWN = "5"
+RETRY_AFTER_BUSY = "1"
 _INLINE_PARSE_BYTES = 256 * 1024
 """Bodies up to this size are parsed on the event loop; larger ones in a thread, so the loop stays free."""
+_INLINE_DECODE_BYTES = 16 * 1024
+"""Compressed bodies up to this size are decompressed on the event loop (a few milliseconds at most)."""
 
 
 def _answer(status: int, message: str, **headers: str) -> web.Response:
@@ -36,14 +42,80 @@ def _answer(status: int, message: str, **headers: str) -> web.Response:
     )
 
 
+class RateLimitedLog:
+    """Warnings a client can provoke, through one token bucket: `burst` at once, `rate` a second, the rest counted."""
+
+    def __init__(
+        self, logger: logging.Logger, rate: float = 2.0, burst: int = 10, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._logger = logger
+        self._rate = rate
+        self._burst = float(burst)
+        self._clock = clock
+        self._tokens = float(burst)
+        self._last = clock()
+        self.suppressed = 0
+
+    def warning(self, message: str, **extra: object) -> None:
+        """Log `message` with `extra` fields, unless over the rate."""
+        now = self._clock()
+        self._tokens = min(self._burst, self._tokens + (now - self._last) * self._rate)
+        self._last = now
+        if self._tokens < 1.0:
+            self.suppressed += 1
+            return
+        self._tokens -= 1.0
+        if self.suppressed:
+            self._logger.warning(f"{self.suppressed} similar messages suppressed", extra={"rate_limited": True})
+            self.suppressed = 0
+        self._logger.warning(message, extra=extra)
+
+
+def where_raised(exc: BaseException) -> str:
+    """The innermost frame an exception came from (`file:line in function`), without its message or values."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    if not frames:
+        return "?"
+    frame = frames[-1]
+    return f"{frame.filename}:{frame.lineno} in {frame.name}"
+
+
+class InflightBudget:
+    """Body bytes held across all requests (compressed, decompressed and while parsed), never above `limit`."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def take(self, size: int) -> bool:
+        """Reserve `size` bytes if they fit."""
+        if self.used + size > self.limit:
+            return False
+        self.used += size
+        return True
+
+    def give(self, size: int) -> None:
+        """Return bytes reserved with `take`."""
+        self.used -= size
+
+
 class Intake:
     """Accepts one stream's POSTs."""
 
-    def __init__(self, stream: StreamConfig, config: Config, journal: Journal, metrics: Metrics, state: State) -> None:
+    def __init__(
+        self,
+        stream: StreamConfig,
+        config: Config,
+        journal: Journal,
+        metrics: Metrics,
+        state: State,
+        budget: InflightBudget,
+    ) -> None:
         self.stream = stream
         self.journal = journal
         self.metrics = metrics
         self.state = state
+        self.budget = budget
         self.max_body = config.server.max_body_bytes
         self.body_timeout = config.server.body_timeout
         self.policy = AddressPolicy(config.server.allowed_networks(), config.server.proxy_networks())
@@ -60,7 +132,8 @@ class Intake:
     def _authorised(self, request: web.Request) -> bool:
         if self.auth_header is None:
             return True
-        given = request.headers.get(self.auth_header, "").encode()
+        # aiohttp decodes header bytes that are not UTF-8 with surrogateescape; this gives the bytes back.
+        given = request.headers.get(self.auth_header, "").encode("utf-8", "surrogateescape")
         # Compare against every accepted value so the time taken does not say which one nearly matched.
         matches = [hmac.compare_digest(given, value) for value in self.auth_values]
         return any(matches)
@@ -68,7 +141,17 @@ class Intake:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """The stream endpoint."""
         started = time.monotonic()
-        response = await self._handle(request)
+        try:
+            response = await self._handle(request)
+        except Exception as exc:  # a bug must not become a 500: WorkOS retries a 503, and the event is kept
+            self.state.refusals.warning(
+                "unexpected error handling a request; answered 503",
+                stream=self.stream.name,
+                error=type(exc).__name__,
+                where=where_raised(exc),
+            )
+            response = _answer(503, "internal error; retry later", **{"Retry-After": RETRY_AFTER_BUSY})
+            response.force_close()
         counter = self._requests.get(response.status)
         if counter is None:
             counter = self._requests[response.status] = self.metrics.requests.labels(self.stream.name, response.status)
@@ -80,16 +163,15 @@ class Intake:
         peer = request.transport.get_extra_info("peername") if request.transport else None
         client, allowed = self.policy.check(peer[0] if peer else None, request.headers.getall("X-Forwarded-For", []))
         if not allowed:
-            log.warning(
-                "request from an address not on the allowlist",
-                extra={"stream": self.stream.name, "client": str(client)},
+            self.state.refusals.warning(
+                "request from an address not on the allowlist", stream=self.stream.name, client=str(client)
             )
             response = _answer(403, "client address is not allowed")
             response.force_close()
             return response
         if not self._authorised(request):
-            log.warning(
-                "request without the stream's secret", extra={"stream": self.stream.name, "client": str(client)}
+            self.state.refusals.warning(
+                "request without the stream's secret", stream=self.stream.name, client=str(client)
             )
             response = _answer(401, f"missing or wrong {self.auth_header} header")
             response.force_close()
@@ -107,20 +189,53 @@ class Intake:
             return response
         if self.journal.over_cap:
             return _answer(503, "journal is over its size cap; delivery is behind", **{"Retry-After": RETRY_AFTER_FULL})
-        received_at = time.time()
+        if request.content_length == 0:
+            return _answer(400, "empty body: expected a JSON array or NDJSON")
+        # The body's bytes are reserved before it is read, so however many requests arrive at once, what they
+        # hold together stays within server.max_inflight_bytes.
+        reserved = self.max_body if request.content_length is None else request.content_length
+        if not self.budget.take(reserved):
+            return self._busy()
         try:
-            body = await self._read_body(request)
-            decoded = decode_body(body, encoding, self.max_body)
-            if len(decoded) <= _INLINE_PARSE_BYTES:
-                parsed = parse_body(decoded, request.content_type, received_at)
-            else:
-                parsed = await asyncio.to_thread(parse_body, decoded, request.content_type, received_at)
-        except BodyError as exc:
-            response = _answer(exc.status, exc.message)
-            if exc.status in (408, 413):
-                response.force_close()
-            return response
-        return await self._commit(parsed, received_at)
+            received_at = time.time()
+            try:
+                body = await self._read_body(request)
+                if encoding not in ("identity", ""):
+                    # The decompressed body may be up to max_body_bytes while the compressed one is still held.
+                    if not self.budget.take(self.max_body):
+                        return self._busy()
+                    reserved += self.max_body
+                    decoded = await self._decode(body, encoding)
+                    del body
+                    self.budget.give(reserved - len(decoded))
+                    reserved = len(decoded)
+                else:
+                    decoded = body
+                if len(decoded) <= _INLINE_PARSE_BYTES:
+                    parsed = parse_body(decoded, request.content_type, received_at)
+                else:
+                    parsed = await asyncio.to_thread(parse_body, decoded, request.content_type, received_at)
+            except BodyError as exc:
+                response = _answer(exc.status, exc.message)
+                if exc.status in (408, 413):
+                    response.force_close()
+                return response
+            return await self._commit(parsed, received_at)
+        finally:
+            self.budget.give(reserved)
+
+    def _busy(self) -> web.Response:
+        self.state.refusals.warning("too many body bytes in flight; answered 503", stream=self.stream.name)
+        response = _answer(
+            503, "too many requests in flight (server.max_inflight_bytes)", **{"Retry-After": RETRY_AFTER_BUSY}
+        )
+        response.force_close()  # the body is not read
+        return response
+
+    async def _decode(self, body: bytes, encoding: str) -> bytes:
+        if len(body) <= _INLINE_DECODE_BYTES:
+            return decode_body(body, encoding, self.max_body)
+        return await asyncio.to_thread(decode_body, body, encoding, self.max_body)
 
     async def _read_body(self, request: web.Request) -> bytes:
         chunks = bytearray()
@@ -136,6 +251,8 @@ class Intake:
             raise BodyError(408, "timed out reading the request body") from None
         except asyncio.IncompleteReadError:
             raise BodyError(400, "the body is shorter than its Content-Length") from None
+        except web.RequestPayloadError:
+            raise BodyError(400, "the body is malformed (chunked encoding) or was cut off") from None
         return bytes(chunks)
 
     async def _commit(self, parsed: Parsed, received_at: float) -> web.Response:
@@ -172,6 +289,8 @@ class State:
 
     def __init__(self) -> None:
         self.draining = False
+        self.refusals = RateLimitedLog(log)
+        """The one rate limit for lines a client can provoke (refusals, malformed requests, unexpected errors)."""
         self._ready_at = 0.0
         self._ready = False
 
@@ -179,8 +298,10 @@ class State:
 def build_app(config: Config, journal: Journal, metrics: Metrics, state: State) -> web.Application:
     """The aiohttp application (the journal must be open before it serves)."""
     app = web.Application(client_max_size=config.server.max_body_bytes + 1)
+    budget = InflightBudget(config.server.max_inflight_bytes)
+    metrics.watch_inflight(lambda: budget.used)
     for stream in config.streams:
-        intake = Intake(stream, config, journal, metrics, state)
+        intake = Intake(stream, config, journal, metrics, state, budget)
         app.router.add_post(stream.path, intake.handle)
 
     async def healthz(_: web.Request) -> web.Response:

@@ -66,6 +66,8 @@ class ServerConfig(_Model):
     port: int = Field(8443, ge=0, le=65535)
     tls: TLSConfig | None = None
     max_body_bytes: ByteSize = Field(10 * 1024 * 1024, gt=0)
+    # A parsed body takes about 20 times its bytes at its peak: 24 MiB in flight stays near 400 MiB of memory.
+    max_inflight_bytes: ByteSize = Field(24 * 1024 * 1024, gt=0, validate_default=True)
     trusted_proxies: tuple[str, ...] = ()
     allowlist: tuple[str, ...] = (WORKOS,)
     header_timeout: Duration = 10.0
@@ -85,6 +87,15 @@ class ServerConfig(_Model):
         for entry in value:
             if entry != WORKOS:
                 _network(entry)
+        return value
+
+    @field_validator("max_inflight_bytes")
+    @classmethod
+    def _check_inflight(cls, value: int, info: Any) -> int:  # pydantic.ValidationInfo
+        # A compressed body and its decompressed form are held together; one such request must always fit.
+        body = info.data.get("max_body_bytes")
+        if body is not None and value < 2 * body:
+            raise ValueError(f"must be at least twice max_body_bytes ({2 * body} bytes)")
         return value
 
     def allowed_networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:

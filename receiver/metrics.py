@@ -76,6 +76,21 @@ class Metrics:
             registry=r,
         )
 
+        self.malformed_requests = Counter(
+            "log_bridge_malformed_requests",
+            "Requests refused before routing because they are not valid HTTP/1.1 (answered 400, not logged each)",
+            registry=r,
+        )
+        self.inflight_bytes = Gauge(
+            "log_bridge_inflight_body_bytes",
+            "Body bytes reserved by requests in flight (at most server.max_inflight_bytes; beyond it, 503)",
+            registry=r,
+        )
+
+    def watch_inflight(self, used: Callable[[], float]) -> None:
+        """Read the in-flight body bytes at scrape time."""
+        self.inflight_bytes.set_function(used)
+
     def watch_journal(self, size: Callable[[], float], over_cap: Callable[[], float]) -> None:
         """Read the journal gauges at scrape time."""
         self.journal_bytes.set_function(size)

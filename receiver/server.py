@@ -8,10 +8,13 @@ import logging
 import signal
 import ssl
 from collections.abc import Mapping
+from typing import Any
 
-from aiohttp import web
+import orjson
+from aiohttp import http_exceptions, web, web_protocol
+from prometheus_client import Counter
 
-from receiver.app import State, build_app
+from receiver.app import RETRY_AFTER_BUSY, RateLimitedLog, State, build_app, where_raised
 from receiver.config import Config, TLSConfig
 from receiver.delivery import DeliveryEngine, build_sinks
 from receiver.errors import ConfigError
@@ -43,6 +46,104 @@ def server_tls_context(tls: TLSConfig) -> ssl.SSLContext:
             raise ConfigError([f"server.tls.client_ca_file: cannot load {tls.client_ca_file}: {reason}"]) from None
         context.verify_mode = ssl.CERT_REQUIRED
     return context
+
+
+MAX_HEADER_LINE = 8190
+MAX_HEADERS = 128
+"""aiohttp's own limits, stated here because they bound what a request costs before its body is read: at most
+MAX_HEADERS header fields of MAX_HEADER_LINE bytes each (about 1 MiB), else a 400."""
+
+_MALFORMED: tuple[tuple[type[BaseException], str], ...] = (
+    (http_exceptions.LineTooLong, f"a request line or header field is longer than {MAX_HEADER_LINE} bytes"),
+    (http_exceptions.BadHttpMethod, "not an HTTP/1.x request (bad method; HTTPS sent to an HTTP port?)"),
+    (http_exceptions.BadStatusLine, "malformed request line (lines must end in CRLF)"),
+    (http_exceptions.InvalidURLError, "malformed request target"),
+    (
+        http_exceptions.BadHttpMessage,
+        "malformed request headers (lines end in CRLF; no CR, LF or NUL inside a header; "
+        f"at most {MAX_HEADERS} headers)",
+    ),
+)
+"""What a malformed request is told: fixed texts, because aiohttp's own quote the offending line, secret and all."""
+
+
+class _Connection(web_protocol.RequestHandler):
+    """aiohttp's connection handler, answering a request it cannot parse without quoting it, in logs or answers."""
+
+    __slots__ = ("_refusals", "_malformed")
+
+    def __init__(self, manager: web.Server, *, refusals: RateLimitedLog, malformed: Counter, **kwargs: Any) -> None:
+        self._refusals = refusals
+        self._malformed = malformed
+        super().__init__(manager, **kwargs)
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        """The answer to a request aiohttp refused, or to a handler that failed; the connection is closed."""
+        headers: dict[str, str] = {}
+        if status >= 500:  # a 5xx is only ever a 503 that WorkOS retries
+            self.log_exception("error handling a request; answered 503", exc_info=exc)
+            status, text, headers = 503, "internal error; retry later", {"Retry-After": RETRY_AFTER_BUSY}
+        else:
+            self._malformed.inc()
+            text = next((text for kind, text in _MALFORMED if isinstance(exc, kind)), "malformed request")
+            self._refusals.warning(
+                "malformed request refused", status=status, error=type(exc).__name__, client=request.remote
+            )
+        response = web.Response(
+            status=status, body=orjson.dumps({"error": text}), content_type="application/json", headers=headers
+        )
+        response.force_close()
+        return response
+
+    def log_exception(self, *args: Any, **kwargs: Any) -> None:
+        """aiohttp's error lines, rate-limited and without their tracebacks (which may quote request bytes)."""
+        exc = kwargs.get("exc_info")
+        fields = {"error": type(exc).__name__, "where": where_raised(exc)} if isinstance(exc, BaseException) else {}
+        self._refusals.warning(str(args[0]) if args else "aiohttp error", **fields)
+
+
+class _Server(web.Server):
+    """aiohttp's low-level server, making `_Connection`s."""
+
+    def __init__(
+        self,
+        handler: Any,
+        *,
+        request_factory: Any,
+        refusals: RateLimitedLog,
+        malformed: Counter,
+        **connection: Any,
+    ) -> None:
+        super().__init__(handler, request_factory=request_factory, **connection)
+        self._connection = {**connection, "refusals": refusals, "malformed": malformed}
+
+    def __call__(self) -> web_protocol.RequestHandler:
+        return _Connection(self, loop=asyncio.get_running_loop(), **self._connection)
+
+
+class _Runner(web.AppRunner):
+    """aiohttp's application runner, serving through `_Server`."""
+
+    def __init__(self, app: web.Application, *, refusals: RateLimitedLog, malformed: Counter, **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        self._refusals = refusals
+        self._malformed = malformed
+
+    async def _make_server(self) -> web.Server:
+        made = await super()._make_server()  # starts and freezes the application, as aiohttp does
+        return _Server(
+            made.request_handler,
+            request_factory=made.request_factory,
+            refusals=self._refusals,
+            malformed=self._malformed,
+            **self._kwargs,
+        )
 
 
 class Service:
@@ -98,13 +199,18 @@ class Service:
         await self.engine.start()
         self._housekeeping = asyncio.create_task(self._prune_dedup_forever(), name="dedup-prune")
         app = build_app(self.config, self.journal, self.metrics, self.state)
-        self._runner = web.AppRunner(
+        self._runner = _Runner(
             app,
+            refusals=self.state.refusals,
+            malformed=self.metrics.malformed_requests,
             access_log=None,
             auto_decompress=False,  # the intake decompresses itself, with its own size limit
             keepalive_timeout=server.header_timeout,  # also closes a connection whose headers do not arrive
             shutdown_timeout=server.shutdown_timeout,
             lingering_time=2.0,  # after an early answer, read at most this long what the client still sends
+            max_line_size=MAX_HEADER_LINE,
+            max_field_size=MAX_HEADER_LINE,
+            max_headers=MAX_HEADERS,
         )
         await self._runner.setup()
         self._site = web.TCPSite(self._runner, server.host, server.port, ssl_context=context)
