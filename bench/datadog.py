@@ -23,14 +23,13 @@ import zlib
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any
 
-import orjson
 from datadog_api_client.model_utils import data_to_dict
 from datadog_api_client.v2.api.logs_api import LogsApi
 from datadog_api_client.v2.model.content_encoding import ContentEncoding
 from datadog_api_client.v2.model.http_log import HTTPLog
 from datadog_api_client.v2.model.http_log_item import HTTPLogItem
 
-from sinks.base import Event, Outcome
+from sinks.base import Event, Outcome, bare_event_bytes
 from sinks.datadog import GZIP_LEVEL, DatadogSink, _chunks
 from sinks.splitting import Tally
 from sinks.testing.compliance import make_events
@@ -104,7 +103,7 @@ def _model_sender(sink: DatadogSink) -> Sender:
 
     def blocking(batch: Sequence[Event]) -> None:
         items = [
-            HTTPLogItem(message=orjson.dumps(e.event).decode(), ddsource=e.source or "workos", service="audit-logs")
+            HTTPLogItem(message=e.event_raw.decode(), ddsource=e.source or "workos", service="audit-logs")
             for e in batch
         ]
         api.submit_log(body=HTTPLog(items), content_encoding=ContentEncoding.GZIP)
@@ -133,9 +132,9 @@ def _stage_costs(sink: DatadogSink) -> dict[str, float]:
         gc.collect()
         started = time.perf_counter()
         for event in events:
-            event.event  # noqa: B018 (parse the wrapper, as the first use does)
+            bare_event_bytes(event)  # decode the wrapper's head, keeping the event raw, as the first use does
         parse = min(parse, time.perf_counter() - started)
-    costs = {"parse the journaled wrapper (orjson)": parse * 1000}
+    costs = {"read the journaled wrapper's head, event kept raw (msgspec)": parse * 1000}
     costs["sink: encode log items (orjson)"] = _ms(lambda: [sink.encode(e) for e in events])
     body = b"[" + b",".join(sink.encode(e) for e in events) + b"]"
 
@@ -144,7 +143,7 @@ def _stage_costs(sink: DatadogSink) -> dict[str, float]:
         return compressor.compress(body) + compressor.flush()
 
     costs[f"gzip level {GZIP_LEVEL} ({len(body) // 1000} kB -> {len(gzip()) // 1000} kB)"] = _ms(gzip)
-    messages = [orjson.dumps(e.event).decode() for e in events]
+    messages = [e.event_raw.decode() for e in events]
 
     def models() -> HTTPLog:
         return HTTPLog([HTTPLogItem(message=m, ddsource="compliance", service="audit-logs") for m in messages])

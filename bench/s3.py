@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from typing import Any
 
-import orjson
+import msgspec
 
 from sinks.base import Event
 from sinks.s3 import S3Sink
@@ -101,7 +101,7 @@ def _plain_rate(server: S3Server, bucket: str, events: Sequence[Event]) -> float
     objects = [
         (
             f"plain/{e.timestamp[:10]}/{e.timestamp}_{e.key_suffix}.json",
-            orjson.dumps(e.event, option=orjson.OPT_INDENT_2),
+            msgspec.json.format(e.event_raw, indent=2),
         )
         for e in events
     ]

@@ -1,8 +1,9 @@
 """The Datadog sink (`type: datadog`): events go to the Datadog logs intake in WorkOS's native format.
 
-Each event becomes one log item: `message` is the JSON of the bare WorkOS event (Datadog parses it into
-attributes), with `ddsource`, `service`, and when configured `ddtags` and `hostname`, so facets and pipelines
-built on WorkOS's own Datadog stream keep working.
+Each event becomes one log item: `message` is the JSON text of the bare WorkOS event exactly as WorkOS sent
+it (Datadog parses it into attributes; numbers of any size and every escape arrive unchanged), with
+`ddsource`, `service`, and when configured `ddtags` and `hostname`, so facets and pipelines built on
+WorkOS's own Datadog stream keep working.
 
 datadog-api-client supplies the site handling (the `submit_log` operation's server list picks
 `https://http-intake.logs.<site>`), the authentication header, the validate call of the health check and the
@@ -11,7 +12,7 @@ and zlib rather than through `HTTPLog`/`HTTPLogItem` models: building and serial
 20 ms of pure Python, four times the sink's own encoding; through `LogsApi.submit_log` a send costs ~30 ms of
 CPU per 1000 events against ~9 ms here, which keeps the model path around the 30 k events/s target on two
 cores (bench/datadog.py, docs/sinks/datadog.md). The body holds the same JSON value the models serialise to
-(written compactly, in UTF-8).
+(written compactly, in UTF-8); whichever builds it, `message` is `event_raw.decode()`.
 
 Blocking work (encoding, compression, HTTP) runs on a small executor owned by the sink.
 """
@@ -41,6 +42,7 @@ from sinks.base import (
     SendResult,
     SinkConfig,
     TlsOptions,
+    bare_event_bytes,
     classify_http_status,
     parse_retry_after,
 )
@@ -224,7 +226,9 @@ class DatadogSink:
         """One log item: `{"ddsource", "service", ["ddtags",] ["hostname",] "message": <event JSON>}`."""
         item = dict(self._item_head)
         item["ddsource"] = self.config.source or event.source or "workos"
-        item["message"] = orjson.dumps(event.event).decode()
+        # The event's JSON text exactly as WorkOS sent it: re-serialising parsed values would round integers
+        # beyond 64 bits and turn 1e999 into null.
+        item["message"] = bare_event_bytes(event).decode()
         return orjson.dumps(item)
 
     def _encode_all(self, batch: Sequence[Event], tally: Tally) -> list[Item]:
@@ -232,7 +236,7 @@ class DatadogSink:
         for event in batch:
             try:
                 item = self.encode(event)
-            except (orjson.JSONDecodeError, orjson.JSONEncodeError, KeyError, TypeError) as exc:
+            except (TypeError, ValueError) as exc:  # no event, raw not JSON or not UTF-8
                 tally.fail([event], Outcome.PERMANENT, f"cannot encode the event for Datadog: {exc}")
                 continue
             if len(item) > MAX_ITEM_BYTES:

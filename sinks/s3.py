@@ -3,10 +3,11 @@
 Two layouts:
 
 - `workos` writes exactly what WorkOS's own S3 destination writes: one pretty-printed JSON file per event
-  holding the bare event, key `{prefix}YYYY-MM-DD/{timestamp}_{keySuffix}.json`. The key is a function of the
-  event alone, so a retried event overwrites (or, in a versioned bucket, re-versions) the same key.
-- `batch` writes one object per delivery batch: NDJSON of the WorkOS wrappers, optionally gzip or zstd
-  compressed, key `{prefix}{unix_ts}-{uuid}.ndjson[.gz|.zst]`.
+  holding the bare event (its bytes as received, re-indented: no value is parsed or converted), key
+  `{prefix}YYYY-MM-DD/{timestamp}_{keySuffix}.json`. The key is a function of the event alone, so a retried
+  event overwrites (or, in a versioned bucket, re-versions) the same key.
+- `batch` writes one object per delivery batch: NDJSON of the WorkOS wrappers as received, optionally gzip
+  or zstd compressed, key `{prefix}{unix_ts}-{uuid}.ndjson[.gz|.zst]`.
 
 Every PutObject carries `Content-MD5`, so Object Lock buckets accept it whatever botocore's checksum defaults
 are. boto3 calls run on an executor owned by the sink, `concurrency` threads wide; botocore's own retries are
@@ -31,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import boto3
 import botocore.session
+import msgspec
 import orjson
 import zstandard
 from botocore.config import Config as BotoConfig
@@ -44,7 +46,17 @@ from botocore.credentials import (
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 from pydantic import Field, SecretStr, field_validator, model_validator
 
-from sinks.base import Duration, Event, Failure, Health, Outcome, SendResult, SinkConfig, parse_retry_after
+from sinks.base import (
+    Duration,
+    Event,
+    Failure,
+    Health,
+    Outcome,
+    SendResult,
+    SinkConfig,
+    bare_event_bytes,
+    parse_retry_after,
+)
 
 if TYPE_CHECKING:
     from mypy_boto3_s3.client import S3Client
@@ -360,9 +372,13 @@ class S3Sink:
         match = _DATE.match(stamp)
         moment = _parse_time(stamp, event.time)
         date = match.group(1) if match else moment.strftime("%Y-%m-%d")
-        suffix = event.key_suffix or str(event.event.get("id") or f"seq-{event.seq}")
+        bare = bare_event_bytes(event)
+        if not bare.startswith(b"{"):
+            raise ValueError("the wrapper's `event` is not a JSON object")
+        suffix = event.key_suffix or event.event_id or f"seq-{event.seq}"
         key = f"{render_prefix(self.config.prefix, moment)}{date}/{stamp}_{suffix}.json"
-        body = orjson.dumps(event.event, option=orjson.OPT_INDENT_2)
+        # Re-indents the bytes as received without converting a value: numbers and escapes keep their text.
+        body = msgspec.json.format(bare, indent=2)
         return _Put(key, body, "application/json")
 
     def _batch_put(self, batch: Sequence[Event]) -> _Put:
@@ -461,7 +477,7 @@ class S3Sink:
                 continue
             try:
                 put = self._event_put(event)
-            except (KeyError, TypeError, AttributeError, orjson.JSONDecodeError) as exc:
+            except (TypeError, ValueError) as exc:  # no event object, or raw that is not JSON
                 failures[event.seq] = Failure(Outcome.PERMANENT, f"cannot encode event: {type(exc).__name__}: {exc}")
                 continue
             try:

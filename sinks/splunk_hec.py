@@ -33,6 +33,7 @@ from sinks.base import (
     SendResult,
     SinkConfig,
     TlsOptions,
+    bare_event_bytes,
     classify_http_status,
     parse_retry_after,
 )
@@ -301,19 +302,23 @@ class SplunkHecSink:
     # -- encoding --
 
     def _encode(self, batch: Sequence[Event], tally: Tally) -> list[Part]:
-        """Each event's bytes: one part for the event endpoint; for raw, one part per `source` (a query parameter)."""
+        """Each event's bytes: one part for the event endpoint; for raw, one part per `source` (a query parameter).
+
+        The bare event goes out as the bytes WorkOS sent (an `orjson.Fragment` inside the envelope, or the line
+        itself on the raw endpoint), never re-serialised from parsed values."""
         groups: dict[str | None, Part] = {}
         raw = self.config.endpoint == "raw"
         meta = self._fixed_meta
         for event in batch:
             try:
                 source = self._source(event)
+                bare = bare_event_bytes(event)  # embedded as received: numbers and escapes keep their text
                 if raw:
-                    groups.setdefault(source, []).append((event, orjson.dumps(event.event)))
+                    groups.setdefault(source, []).append((event, bare))
                 else:
-                    envelope = {"time": round(event.time, 3), **meta, "source": source, "event": event.event}
+                    envelope = {"time": round(event.time, 3), **meta, "source": source, "event": orjson.Fragment(bare)}
                     groups.setdefault(None, []).append((event, orjson.dumps(envelope)))
-            except (KeyError, TypeError, ValueError, orjson.JSONEncodeError) as exc:
+            except (TypeError, ValueError) as exc:  # no event, raw not JSON (msgspec.DecodeError is a ValueError)
                 tally.fail([event], Outcome.PERMANENT, f"cannot encode the event for HEC: {_short(exc)}")
         return list(groups.values())
 

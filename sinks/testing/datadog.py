@@ -2,7 +2,8 @@
 
 `DatadogIntake` is an aiohttp server on loopback that behaves like `http-intake.logs.<site>` for what the
 sink uses: `POST /api/v2/logs` (the `DD-API-KEY` header, gzip bodies, at most 1000 items and 5 MB
-uncompressed per request, else 413; 202 when accepted) and `GET /api/v1/validate`. It can be told to fail:
+uncompressed per request, else 413; 202 when accepted) and `GET /api/v1/validate`. It reads any strict JSON
+(numbers of any size) and keeps every item's `message` as the text that arrived. It can be told to fail:
 answer a status for the next N requests, refuse every key, or answer 400 to any request holding an item whose
 message contains a marker. Like Datadog, it accepts items over 1 MB and truncates them (counted in
 `truncated`).
@@ -21,12 +22,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
 from aiohttp import web
 from pydantic import SecretStr
 
 from sinks.base import Sink
 from sinks.testing.compliance import REJECT_ACTION, Mode
+from sinks.testing.exact import loads
 
 __all__ = ["MAX_ITEMS", "MAX_ITEM_BYTES", "MAX_PAYLOAD_BYTES", "DatadogIntake", "Harness", "IntakeRequest", "main"]
 
@@ -112,9 +113,10 @@ class DatadogIntake:
         self.refuse_keys = False
         self.fail_next(0)
 
-    def messages(self) -> list[dict[str, Any]]:
-        """The accepted items' messages parsed as JSON (the bare WorkOS events, for the Datadog sink)."""
-        return [orjson.loads(item["message"]) for item in self.logs]
+    def messages(self) -> list[Any]:
+        """The accepted items' messages parsed as JSON (the bare WorkOS events, for the Datadog sink); for
+        looking at: compare `logs[i]["message"]`, the text as it arrived, to check values exactly."""
+        return [loads(item["message"]) for item in self.logs]
 
     @property
     def url(self) -> str:
@@ -200,8 +202,8 @@ class DatadogIntake:
         if len(body) > MAX_PAYLOAD_BYTES:
             return 413, 0, len(body), ["Payload too large: over 5 MB uncompressed"]
         try:
-            parsed = orjson.loads(body)
-        except orjson.JSONDecodeError:
+            parsed = loads(body)
+        except ValueError:
             return 400, 0, len(body), ["Bad Request: body is not JSON"]
         items = parsed if isinstance(parsed, list) else [parsed]
         if len(items) > MAX_ITEMS:
@@ -214,7 +216,7 @@ class DatadogIntake:
                 return 400, len(items), len(body), ["Bad Request: rejected log"]
         for item in items if len(body) > MAX_ITEM_BYTES else ():
             message = item.get("message")
-            if isinstance(message, str) and len(orjson.dumps(item)) > MAX_ITEM_BYTES:
+            if isinstance(message, str) and len(message.encode()) > MAX_ITEM_BYTES:
                 self.truncated += 1
                 item["message"] = message[: MAX_ITEM_BYTES // 2]
         self.accepted += len(items)

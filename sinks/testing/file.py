@@ -7,11 +7,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import orjson
-
 from sinks.base import Sink
 from sinks.file import FileSink
 from sinks.testing.compliance import Mode
+from sinks.testing.exact import loads
 
 
 class Harness:
@@ -47,7 +46,7 @@ class Harness:
         if not self.directory.is_dir():
             return []
         return [
-            orjson.loads(line)["event"]
+            loads(line)["event"]
             for path in sorted(self.directory.glob("*.ndjson"))
             for line in path.read_bytes().splitlines()
         ]

@@ -7,6 +7,7 @@ blank, `time` numeric, known keys only); it answers with HEC's `{"text", "code"}
 `/services/collector/ack` and `/services/collector/health/1.0`, and can be told to fail: busy for N
 requests, any status/code, a changed or disabled token, a refused index, refused events (by action or
 predicate), withheld acknowledgements. Like Splunk, it keeps the envelopes before the one it refuses.
+It takes numbers of any size and keeps each event's bytes as they arrived (`StoredEvent.raw`).
 
 Run one by hand:  python -m sinks.testing.hec --port 8088 --token T  [--ack] [--tls-cert C --tls-key K]
 """
@@ -25,19 +26,20 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
 import orjson
 from aiohttp import web
 
 from sinks.splunk_hec import SplunkHecConfig, SplunkHecSink
 from sinks.testing.compliance import REJECT_ACTION, Mode
+from sinks.testing.exact import loads
 
-__all__ = ["Harness", "HecPeer", "StoredEvent", "parse_envelopes"]
+__all__ = ["Harness", "HecPeer", "StoredEvent", "parse_envelopes", "split_envelopes"]
 
 ENVELOPE_KEYS = frozenset({"time", "host", "source", "sourcetype", "index", "event", "fields"})
 _MAX_CONTENT_LENGTH = 800 * 1024 * 1024
 """Splunk's default `max_content_length` for HEC."""
 
-_MISSING = object()
 
 HEC_TEXT = {
     0: "Success",
@@ -68,6 +70,7 @@ class StoredEvent:
     """One event the peer indexed, with its metadata."""
 
     event: Any
+    """The event parsed (`sinks.testing.exact.loads`: for looking at; compare `raw`)."""
     time: float | None
     host: str | None
     source: str | None
@@ -76,6 +79,8 @@ class StoredEvent:
     fields: dict[str, Any] | None
     endpoint: str
     channel: str | None
+    raw: bytes
+    """The event's bytes exactly as they arrived: the envelope's `event` member, or the raw endpoint's line."""
 
 
 @dataclass(slots=True)
@@ -107,39 +112,89 @@ def _json(body: object, status: int = 200, headers: dict[str, str] | None = None
     return web.Response(body=orjson.dumps(body), status=status, content_type="application/json", headers=headers)
 
 
-def parse_envelopes(body: bytes) -> tuple[list[Any], int | None]:
-    """The JSON values concatenated in `body` (whitespace between them allowed), and the index of the first
-    one that does not parse (None when all do)."""
-    values: list[Any] = []
-    try:
-        for line in body.split(b"\n"):
-            if line.strip():
-                values.append(orjson.loads(line))
-        return values, None
-    except orjson.JSONDecodeError:
-        pass
-    # Slow path: envelopes that share a line or span lines.
-    values = []
+def split_envelopes(body: bytes) -> tuple[list[bytes], int | None]:
+    """The JSON texts concatenated in `body` (whitespace between them allowed), each as the bytes that arrived,
+    and the index of the first one that is not JSON (None when all are). Numbers of any size are taken."""
+    texts: list[bytes] = []
+    for line in body.split(b"\n"):
+        if not line.strip():
+            continue
+        try:
+            texts.append(bytes(_raw_value.decode(line)))
+        except msgspec.DecodeError:
+            break
+    else:
+        return texts, None
+    # Slow path: envelopes that share a line or span lines. json finds where each ends; msgspec then checks
+    # it is strict JSON (json's decoder also takes NaN and Infinity).
+    texts = []
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError:
-        return values, 0
+        return texts, 0
     decoder = json.JSONDecoder()
     position, end = 0, len(text)
     while True:
         while position < end and text[position] in " \t\r\n":
             position += 1
         if position >= end:
-            return values, None
+            return texts, None
+        start = position
         try:
-            value, position = decoder.raw_decode(text, position)
-        except ValueError:
-            return values, len(values)
-        values.append(value)
+            _, position = decoder.raw_decode(text, position)
+            texts.append(bytes(_raw_value.decode(text[start:position].encode())))
+        except ValueError:  # msgspec.DecodeError is one
+            return texts, len(texts)
 
 
-def _blank(value: object) -> bool:
-    return value is None or (isinstance(value, str) and not value.strip())
+def parse_envelopes(body: bytes) -> tuple[list[Any], int | None]:
+    """The JSON values concatenated in `body`, parsed (see `split_envelopes`; `loads` for the values)."""
+    texts, broken = split_envelopes(body)
+    return [loads(text) for text in texts], broken
+
+
+_UNSET: Any = msgspec.UNSET
+_NO_EVENT = msgspec.Raw(b"")
+"""Stands in for an absent `event` (told apart by identity)."""
+_NO_FIELDS = msgspec.Raw(b"null")
+
+
+class _Envelope(msgspec.Struct, forbid_unknown_fields=True):
+    """One envelope with its event kept as bytes; an unknown key or a non-object refuses it (code 6)."""
+
+    event: msgspec.Raw = msgspec.field(default_factory=lambda: _NO_EVENT)
+    time: Any = msgspec.UNSET
+    host: Any = msgspec.UNSET
+    source: Any = msgspec.UNSET
+    sourcetype: Any = msgspec.UNSET
+    index: Any = msgspec.UNSET
+    fields: msgspec.Raw = msgspec.field(default_factory=lambda: _NO_FIELDS)
+
+
+_raw_value = msgspec.json.Decoder(msgspec.Raw)
+_envelope = msgspec.json.Decoder(_Envelope)
+
+
+def _given(value: Any) -> Any:
+    return None if value is _UNSET else value
+
+
+def _record(envelope: _Envelope, channel: str | None) -> StoredEvent:
+    """What the peer keeps of an envelope it accepted (see `_check`)."""
+    raw = bytes(envelope.event)
+    when = _given(envelope.time)
+    return StoredEvent(
+        loads(raw),
+        float(when) if when is not None else None,
+        _given(envelope.host),
+        _given(envelope.source),
+        _given(envelope.sourcetype),
+        _given(envelope.index),
+        loads(bytes(envelope.fields)),
+        "event",
+        channel,
+        raw,
+    )
 
 
 def _is_time(value: object) -> bool:
@@ -354,33 +409,33 @@ class HecPeer:
         self._acks.setdefault(channel, {})[ack_id] = not self.hold_acks
         return _json({"text": "Success", "code": 0, "ackId": ack_id})
 
-    def _check(self, envelope: Any) -> int:
-        """0 when HEC would index the envelope, else the code it refuses it with."""
-        if type(envelope) is not dict or not envelope.keys() <= ENVELOPE_KEYS:
-            return 6
-        event = envelope.get("event", _MISSING)
-        if event is _MISSING:
-            return 12
-        if event is None or (type(event) is str and not event.strip()):
-            return 13
-        if "time" in envelope and not _is_time(envelope["time"]):
-            return 6
-        get = envelope.get
-        if not (
-            type(get("host", "")) is str
-            and type(get("source", "")) is str
-            and type(get("sourcetype", "")) is str
-            and type(get("index", "")) is str
+    def _check(self, text: bytes) -> tuple[int, _Envelope | None]:
+        """(0, the envelope) when HEC would index it, else (the code it refuses it with, None)."""
+        try:
+            envelope = _envelope.decode(text)
+        except msgspec.DecodeError:  # not an object, a key HEC does not know, a number out of range
+            return 6, None
+        if envelope.event is _NO_EVENT:
+            return 12, None
+        event = bytes(envelope.event)
+        if event == b"null" or (event.startswith(b'"') and not loads(event).strip()):
+            return 13, None
+        if envelope.time is not _UNSET and not _is_time(envelope.time):
+            return 6, None
+        index = envelope.index
+        if any(
+            value is not _UNSET and type(value) is not str
+            for value in (envelope.host, envelope.source, envelope.sourcetype, index)
         ):
-            return 6
-        fields = get("fields")
+            return 6, None
+        fields = loads(bytes(envelope.fields))
         if fields is not None and (not isinstance(fields, dict) or any(isinstance(v, dict) for v in fields.values())):
-            return 15
-        if self.indexes is not None and "index" in envelope and envelope["index"] not in self.indexes:
-            return 7
-        if self.reject is not None and self.reject(event):
-            return 6
-        return 0
+            return 15, None
+        if self.indexes is not None and index is not _UNSET and index not in self.indexes:
+            return 7, None
+        if self.reject is not None and self.reject(loads(event)):
+            return 6, None
+        return 0, envelope
 
     async def _handle_event(self, request: web.Request) -> web.Response:
         try:
@@ -388,34 +443,21 @@ class HecPeer:
             if isinstance(got, web.Response):
                 return got
             body, channel = got
-            envelopes, broken = parse_envelopes(body)
-            if not envelopes and broken is None:
+            texts, broken = split_envelopes(body)
+            if not texts and broken is None:
                 raise _Refusal(5)
             keep = self.keep_events or self._on_store is not None
             records: list[StoredEvent] = []
             accepted = 0
             refusal = None
-            for number, envelope in enumerate(envelopes):
-                code = self._check(envelope)
-                if code:
+            for number, text in enumerate(texts):
+                code, envelope = self._check(text)
+                if envelope is None:
                     refusal = _Refusal(code, event_number=number)
                     break
                 accepted += 1
                 if keep:
-                    when = envelope.get("time")
-                    records.append(
-                        StoredEvent(
-                            envelope["event"],
-                            float(when) if when is not None else None,
-                            envelope.get("host"),
-                            envelope.get("source"),
-                            envelope.get("sourcetype"),
-                            envelope.get("index"),
-                            envelope.get("fields"),
-                            "event",
-                            channel,
-                        )
-                    )
+                    records.append(_record(envelope, channel))
             if refusal is None and broken is not None:
                 refusal = _Refusal(6, event_number=broken)
             self._store(records, accepted)  # like Splunk, what precedes a refused envelope is indexed
@@ -440,9 +482,10 @@ class HecPeer:
                 raise _Refusal(5)
             records: list[StoredEvent] = []
             for number, line in enumerate(lines):
+                line = line.strip()
                 try:
-                    event: Any = orjson.loads(line)
-                except orjson.JSONDecodeError:
+                    event: Any = loads(line)
+                except ValueError:
                     event = line.decode("utf-8", "replace")
                 if self.reject is not None and self.reject(event):
                     self._store(records)
@@ -459,6 +502,7 @@ class HecPeer:
                         None,
                         "raw",
                         channel,
+                        line,
                     )
                 )
             self._store(records)
@@ -572,7 +616,7 @@ async def _serve(args: argparse.Namespace) -> None:
         context.load_cert_chain(args.tls_cert, args.tls_key)
 
     def show(record: StoredEvent) -> None:
-        sys.stdout.buffer.write(orjson.dumps(record.event) + b"\n")
+        sys.stdout.buffer.write(record.raw + b"\n")
 
     peer = HecPeer(
         token=args.token,

@@ -17,12 +17,12 @@ import uuid
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import boto3
-import orjson
 import zstandard
 from botocore.config import Config as BotoConfig
 from botocore.exceptions import ClientError
 
 from sinks.s3 import S3Config, S3Sink
+from sinks.testing.exact import loads
 
 if TYPE_CHECKING:
     from mypy_boto3_s3.client import S3Client
@@ -147,7 +147,7 @@ def decode_batch_object(body: bytes, content_encoding: str | None) -> list[dict[
         body = gzip.decompress(body)
     elif content_encoding == "zstd":
         body = zstandard.ZstdDecompressor().decompressobj().decompress(body)
-    return [orjson.loads(line) for line in body.splitlines() if line]
+    return [loads(line) for line in body.splitlines() if line]
 
 
 def delete_bucket(client: S3Client, bucket: str) -> None:
@@ -242,7 +242,7 @@ class Harness:
         """The bare events stored in the bucket."""
         objects = await asyncio.to_thread(read_objects, self.client, self.bucket, self.prefix)
         if self.layout == "workos":
-            return [orjson.loads(item["body"]) for item in objects.values()]
+            return [loads(item["body"]) for item in objects.values()]
         return [
             wrapper["event"]
             for item in objects.values()

@@ -16,6 +16,7 @@ import pytest
 from datadog_api_client.model_utils import data_to_dict
 from datadog_api_client.v1.api.authentication_api import AuthenticationApi
 from datadog_api_client.v2.api.logs_api import LogsApi
+from datadog_api_client.v2.model.content_encoding import ContentEncoding
 from datadog_api_client.v2.model.http_log import HTTPLog
 from datadog_api_client.v2.model.http_log_item import HTTPLogItem
 from pydantic import SecretStr, ValidationError
@@ -26,6 +27,7 @@ from sinks.datadog import MAX_ITEM_BYTES, MAX_ITEMS, MAX_PAYLOAD_BYTES, SITES, D
 from sinks.errors import SinkError
 from sinks.testing.compliance import make_events
 from sinks.testing.datadog import DatadogIntake
+from sinks.testing.exact import EXACT_LITERALS, exact_event, same_json
 
 API_KEY = "0123456789abcdef0123456789abcdef"
 
@@ -189,7 +191,7 @@ class TestEncoding:
         event = make_events(1)[0]
         item = orjson.loads(sink.encode(event))
         model = HTTPLogItem(
-            message=orjson.dumps(event.event).decode(),
+            message=event.event_raw.decode(),
             ddsource="workos",
             service="audit-logs",
             ddtags="env:prod,team:security",
@@ -211,6 +213,29 @@ class TestEncoding:
         del wrapper["source"]
         bare = Event(1, "s", orjson.dumps(wrapper), action=event.action, time=event.time, received_at=event.time)
         assert orjson.loads(make_sink().encode(bare))["ddsource"] == "workos"
+
+
+class TestExactValues:
+    async def test_the_message_datadog_receives_is_the_event_text_workos_sent(
+        self, intake: DatadogIntake, sink: DatadogSink
+    ) -> None:
+        events = [make_events(1)[0], exact_event(2)]
+        result = await sink.send(events)
+        assert result.outcome is Outcome.SUCCESS and not result.failures, result
+        assert [item["message"] for item in intake.logs] == [event.event_raw.decode() for event in events]
+        message = intake.logs[1]["message"]
+        assert all(literal.decode() in message for literal in EXACT_LITERALS)
+        assert same_json(message, events[1].event_raw)  # strict JSON, values as sent
+        assert intake.logs[1]["ddsource"] == "team-exact"
+
+    async def test_the_client_models_carry_the_same_message(self, intake: DatadogIntake, sink: DatadogSink) -> None:
+        # Whoever builds the request (here datadog-api-client's own models and serialiser), the message is
+        # the event's text as received.
+        event = exact_event()
+        api = LogsApi(sink._client)
+        item = HTTPLogItem(message=event.event_raw.decode(), ddsource="team-exact", service="audit-logs")
+        await asyncio.to_thread(api.submit_log, body=HTTPLog([item]), content_encoding=ContentEncoding.GZIP)
+        assert [logged["message"] for logged in intake.logs] == [event.event_raw.decode()]
 
 
 class TestDelivery:

@@ -9,6 +9,7 @@ import orjson
 from sinks.base import Outcome
 from sinks.file import FileSink
 from sinks.testing.compliance import make_events
+from sinks.testing.exact import EXACT_LITERALS, exact_event, same_json
 
 
 class TestFileSink:
@@ -25,6 +26,15 @@ class TestFileSink:
         lines = others[0].read_bytes().splitlines()
         assert lines == [events[0].raw, events[2].raw]
         assert orjson.loads(lines[0]) == events[0].wrapper
+
+    async def test_the_written_lines_are_the_wrappers_workos_sent(self, tmp_path: Path) -> None:
+        sink = FileSink("f", FileSink.Config(path=str(tmp_path / "out.ndjson")))
+        events = [make_events(1)[0], exact_event(2)]
+        assert (await sink.send(events)).outcome is Outcome.SUCCESS
+        lines = (tmp_path / "out.ndjson").read_bytes().splitlines()
+        assert lines == [event.raw for event in events]
+        assert all(same_json(line, event.raw) for line, event in zip(lines, events, strict=True))  # strict JSON
+        assert all(literal in lines[1] for literal in EXACT_LITERALS)
 
     async def test_appends_across_batches(self, tmp_path: Path) -> None:
         sink = FileSink("f", FileSink.Config(path=str(tmp_path / "out.ndjson")))

@@ -34,6 +34,7 @@ from sinks import registry
 from sinks.base import Event, Outcome
 from sinks.s3 import MAX_KEY_BYTES, S3Config, S3Sink, classify_error
 from sinks.testing.compliance import CHECKS, make_events, run_with_peer, unsupported
+from sinks.testing.exact import EXACT_LITERALS, exact_event, same_json
 from sinks.testing.s3 import Harness, MotoS3, decode_batch_object, delete_bucket, read_objects, s3_client
 from sinks.testing.s3 import sink_for as make_s3_sink
 
@@ -226,6 +227,19 @@ class TestWorkosLayout:
             assert objects[key]["content_type"] == "application/json"
             assert orjson.loads(objects[key]["body"]) == event.event
 
+    async def test_the_stored_file_holds_the_values_workos_sent(
+        self, make_sink: Any, moto_client: Any, bucket: str
+    ) -> None:
+        event = exact_event()
+        result = await make_sink(bucket).send([event])
+        assert result.outcome is Outcome.SUCCESS and not result.failures, result
+        stored = read_objects(moto_client, bucket)["2024-01-15/2024-01-15T10:30:00.123Z_exact0001.json"]["body"]
+        assert same_json(stored, event.event_raw)  # strict JSON, every value and escape as sent ...
+        assert stored.startswith(b'{\n  "id": "01HYEXACT0000000000000001",\n  "action"')  # ... pretty-printed
+        for literal in EXACT_LITERALS:
+            assert literal in stored
+        assert b"18446744073709551616" in stored and b"1e999" in stored
+
     async def test_key_from_the_docs_example(self, make_sink: Any, moto_client: Any, bucket: str) -> None:
         event = wrapper_event(
             event={"id": "01HY1", "action": "user.signed_in", "occurred_at": "2024-01-15T10:30:00.000Z"},
@@ -316,6 +330,15 @@ class TestBatchLayout:
             for w in decode_batch_object(item["body"], item["content_encoding"])
         ]
         assert sorted(orjson.dumps(w) for w in stored) == sorted(e.raw for b in batches for e in b)
+
+    async def test_the_stored_lines_are_the_wrappers_workos_sent(
+        self, make_sink: Any, moto_client: Any, bucket: str
+    ) -> None:
+        events = [make_events(1)[0], exact_event(2)]
+        result = await make_sink(bucket, layout="batch", compression="gzip").send(events)
+        assert result.outcome is Outcome.SUCCESS and not result.failures, result
+        (item,) = read_objects(moto_client, bucket).values()
+        assert gzip.decompress(item["body"]).splitlines() == [event.raw for event in events]
 
     async def test_each_batch_is_a_new_object(self, make_sink: Any, moto_client: Any, bucket: str) -> None:
         sink = make_sink(bucket, layout="batch")

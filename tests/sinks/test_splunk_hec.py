@@ -28,6 +28,7 @@ from sinks.base import Event, Outcome, SendResult
 from sinks.errors import SinkError
 from sinks.splunk_hec import SplunkHecConfig, SplunkHecSink
 from sinks.testing.compliance import CHECKS, REJECT_ACTION, make_events, run_check
+from sinks.testing.exact import EXACT_LITERALS, exact_event, same_json
 from sinks.testing.hec import ENVELOPE_KEYS, Harness, HecPeer, parse_envelopes
 from tests.conftest import TOKEN as SERVICE_TOKEN
 from tests.conftest import StartService
@@ -218,9 +219,18 @@ class TestEncoding:
     async def test_raw_endpoint_sends_ndjson_with_metadata_in_the_query(self, peer: HecPeer) -> None:
         sink = sink_for(peer, endpoint="raw", host="bridge-1")
         events = make_events(3)
-        other = make_events(2, start_seq=10)
-        for event in other:
-            event.wrapper["source"] = "team-b"
+        other = [  # the same kind of event from another WorkOS team: different bytes, not a mutated view
+            Event(
+                e.seq,
+                e.stream,
+                e.raw.replace(b'"source":"compliance"', b'"source":"team-b"'),
+                action=e.action,
+                time=e.time,
+                received_at=e.received_at,
+            )
+            for e in make_events(2, start_seq=10)
+        ]
+        assert [e.source for e in other] == ["team-b", "team-b"]
         try:
             assert (await sink.send(events + other)) == SendResult.success()
         finally:
@@ -240,6 +250,39 @@ class TestEncoding:
         failure = result.outcome_of(broken)
         assert failure is not None and failure.outcome is Outcome.PERMANENT and "encode" in failure.reason
         assert result.outcome_of(good[0]) is None and result.outcome_of(good[1]) is None
+
+
+class TestExactValues:
+    @pytest.mark.parametrize("compression", ["gzip", "none"])
+    @pytest.mark.parametrize("endpoint", ["event", "raw"])
+    async def test_the_event_bytes_hec_receives_are_the_bytes_workos_sent(
+        self, peer: HecPeer, endpoint: str, compression: str
+    ) -> None:
+        sink = sink_for(peer, endpoint=endpoint, compression=compression)
+        events = [make_events(1)[0], exact_event(2)]
+        try:
+            assert (await sink.send(events)) == SendResult.success()
+        finally:
+            await sink.close()
+        assert [record.raw for record in peer.events] == [event.event_raw for event in events]
+        for literal in EXACT_LITERALS:
+            assert literal in peer.events[1].raw
+        assert peer.events[1].source == "team-exact"
+        if endpoint == "event":
+            assert peer.events[1].time == 1705314600.0
+
+    async def test_the_peer_takes_what_orjson_refuses(self, peer: HecPeer) -> None:
+        event = exact_event()
+        body = b'{"time": 1, "event": ' + event.event_raw + b"}\n" + b'{"event":\n' + event.event_raw + b"}"
+        async with aiohttp.ClientSession() as session:
+            headers = {"Authorization": f"Splunk {TOKEN}"}
+            async with session.post(f"{peer.url}/services/collector/event", data=body, headers=headers) as answer:
+                assert answer.status == 200, await answer.text()
+        assert [record.raw for record in peer.events] == [event.event_raw] * 2
+        assert peer.events[0].event["metadata"]["v0"] == 18446744073709551616
+        values, broken = parse_envelopes(body)
+        assert broken is None and values[1]["event"]["metadata"]["v3"] == 123456789012345678901234567890
+        assert all(same_json(record.raw, event.event_raw) for record in peer.events)
 
 
 class TestDelivery:
@@ -696,6 +739,8 @@ class TestPeer:
             (b'{"event": "a", "fields": {"n": {"deep": 1}}}', 400, 15, 0),
             (b"[1, 2]", 400, 6, 0),
             (b'{"event": "a"} not json', 400, 6, 1),
+            (b'{"event": {"x": NaN}}', 400, 6, 0),
+            (b'{"event": "a"}\n{"event": [Infinity]}', 400, 6, 1),
             (b'{"event": "a", "time": "1705314600.5"}', 200, 0, None),
             (b'{"event": {"k": "v"}, "time": 1705314600.5, "fields": {"n": 1}}', 200, 0, None),
         ],
