@@ -9,6 +9,7 @@ import logging
 import time
 import traceback
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import orjson
@@ -118,6 +119,7 @@ class Intake:
         self.budget = budget
         self.max_body = config.server.max_body_bytes
         self.body_timeout = config.server.body_timeout
+        self.max_events = config.server.max_events_per_request
         self.policy = AddressPolicy(config.server.allowed_networks(), config.server.proxy_networks())
         self.auth_header = stream.auth.header if stream.auth else None
         self.auth_values = [v.encode() for v in stream.auth.values] if stream.auth else []
@@ -212,9 +214,11 @@ class Intake:
                 else:
                     decoded = body
                 if len(decoded) <= _INLINE_PARSE_BYTES:
-                    parsed = parse_body(decoded, request.content_type, received_at)
+                    parsed = parse_body(decoded, request.content_type, received_at, max_events=self.max_events)
                 else:
-                    parsed = await asyncio.to_thread(parse_body, decoded, request.content_type, received_at)
+                    parsed = await asyncio.to_thread(
+                        partial(parse_body, max_events=self.max_events), decoded, request.content_type, received_at
+                    )
             except BodyError as exc:
                 response = _answer(exc.status, exc.message)
                 if exc.status in (408, 413):

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from receiver.dedup import DEFAULT_MAX_KEYS as DEFAULT_DEDUP_MAX_KEYS
 from receiver.errors import ConfigError
+from receiver.parsing import DEFAULT_MAX_EVENTS
 from sinks import registry
 from sinks.base import ByteSize, Duration, SinkConfig
 from sinks.errors import SinkTypeError
@@ -66,8 +67,9 @@ class ServerConfig(_Model):
     port: int = Field(8443, ge=0, le=65535)
     tls: TLSConfig | None = None
     max_body_bytes: ByteSize = Field(10 * 1024 * 1024, gt=0)
-    # A parsed body takes about 20 times its bytes at its peak: 24 MiB in flight stays near 400 MiB of memory.
-    max_inflight_bytes: ByteSize = Field(24 * 1024 * 1024, gt=0, validate_default=True)
+    # A parsed body takes about 3 to 4 times its bytes at its peak: 64 MiB in flight stays near 250 MiB of memory.
+    max_inflight_bytes: ByteSize = Field(64 * 1024 * 1024, gt=0, validate_default=True)
+    max_events_per_request: int = Field(DEFAULT_MAX_EVENTS, ge=1)
     trusted_proxies: tuple[str, ...] = ()
     allowlist: tuple[str, ...] = (WORKOS,)
     header_timeout: Duration = 10.0

@@ -12,7 +12,7 @@ in the window (1 in 10^12 with a million keys): the price of ≈ 70 bytes per ke
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 DEFAULT_MAX_KEYS = 4_000_000
 """Keys the index holds at most by default (≈ 70 bytes of memory and ≈ 40 bytes of disk each)."""
@@ -32,6 +32,7 @@ class DedupIndex:
         self.size = 0
         self.evicted = 0
         """Keys dropped before their window ended because the index was full."""
+        self.on_evict: Callable[[int], object] = lambda count: None
 
     @property
     def enabled(self) -> bool:
@@ -90,6 +91,7 @@ class DedupIndex:
             dropped = len(self._streams[stream].pop(number))
             self.size -= dropped
             self.evicted += dropped
+            self.on_evict(dropped)
 
     def cutoff(self, now: float) -> float:
         """The oldest time whose keys the index still needs after a restart."""

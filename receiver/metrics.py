@@ -69,7 +69,17 @@ class Metrics:
             ["sink"],
             registry=r,
         )
-        self.journal_bytes = Gauge("log_bridge_journal_bytes", "Bytes the journal's live pages take", registry=r)
+        self.journal_bytes = Gauge(
+            "log_bridge_journal_bytes",
+            "Bytes the journal stores for undelivered events (compressed; what journal.max_bytes caps)",
+            registry=r,
+        )
+        self.dedup_keys = Gauge("log_bridge_dedup_keys", "Keys in the dedup index (all streams)", registry=r)
+        self.dedup_evicted = Counter(
+            "log_bridge_dedup_evicted_keys",
+            "Keys forgotten before their dedup window ended because journal.dedup_max_keys was reached",
+            registry=r,
+        )
         self.journal_over_cap = Gauge(
             "log_bridge_journal_over_cap",
             "1 while the journal is over journal.max_bytes (intake answers 503)",
@@ -91,10 +101,13 @@ class Metrics:
         """Read the in-flight body bytes at scrape time."""
         self.inflight_bytes.set_function(used)
 
-    def watch_journal(self, size: Callable[[], float], over_cap: Callable[[], float]) -> None:
+    def watch_journal(
+        self, size: Callable[[], float], over_cap: Callable[[], float], dedup_keys: Callable[[], float]
+    ) -> None:
         """Read the journal gauges at scrape time."""
         self.journal_bytes.set_function(size)
         self.journal_over_cap.set_function(over_cap)
+        self.dedup_keys.set_function(dedup_keys)
 
     def render(self) -> bytes:
         """The Prometheus text exposition."""

@@ -1,4 +1,4 @@
-"""Turning a request body into journal records: decompression with limits, JSON array / NDJSON splitting,
+"""Turning a (decompressed: receiver.decoding) request body into journal records: JSON array / NDJSON splitting,
 and sorting each element into a deliverable record or a dead letter with its reason.
 
 Elements are never re-serialised: each one is kept as the bytes that were received (only whitespace outside
@@ -12,13 +12,11 @@ dead-lettered with its reason and the good ones next to it are kept.
 from __future__ import annotations
 
 import re
-import zlib
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 import msgspec
-import zstandard
 
 from receiver.errors import BodyError
 
@@ -31,60 +29,6 @@ NDJSON_TYPES = frozenset(
         "application/jsonlines",
     }
 )
-_CHUNK = 64 * 1024
-
-
-# --- decompression -------------------------------------------------------------------------------
-
-
-def decode_body(body: bytes, encoding: str, limit: int) -> bytes:
-    """The body without its Content-Encoding, refusing (413) to grow past `limit` bytes."""
-    encoding = encoding.strip().lower()
-    if encoding in ("", "identity"):
-        return body
-    if encoding in ("gzip", "x-gzip"):
-        return _gunzip(body, limit)
-    if encoding == "zstd":
-        return _unzstd(body, limit)
-    raise BodyError(415, f"unsupported Content-Encoding {encoding[:40]!r}; use identity, gzip or zstd")
-
-
-def _too_large(limit: int) -> BodyError:
-    return BodyError(413, f"decompressed body is larger than max_body_bytes ({limit} bytes)")
-
-
-def _gunzip(body: bytes, limit: int) -> bytes:
-    out = bytearray()
-    data = body
-    try:
-        while data:  # a gzip body may hold several members
-            inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
-            chunk = inflater.decompress(data, limit + 1 - len(out))
-            out += chunk
-            while inflater.unconsumed_tail and len(out) <= limit:
-                out += inflater.decompress(inflater.unconsumed_tail, limit + 1 - len(out))
-            if len(out) > limit:
-                raise _too_large(limit)
-            if not inflater.eof:
-                raise BodyError(400, "gzip body is truncated")
-            data = inflater.unused_data
-    except zlib.error as exc:
-        raise BodyError(400, f"gzip body cannot be decompressed: {exc}") from None
-    return bytes(out)
-
-
-def _unzstd(body: bytes, limit: int) -> bytes:
-    out = bytearray()
-    try:
-        reader = zstandard.ZstdDecompressor().stream_reader(body, read_across_frames=True)
-        with reader:
-            while chunk := reader.read(_CHUNK):
-                out += chunk
-                if len(out) > limit:
-                    raise _too_large(limit)
-    except zstandard.ZstdError as exc:
-        raise BodyError(400, f"zstd body cannot be decompressed: {exc}") from None
-    return bytes(out)
 
 
 # --- parsing -------------------------------------------------------------------------------------
@@ -304,8 +248,8 @@ _CLOSER = {ord("["): ord("]"), ord("{"): ord("}")}
 
 def _split_tolerant(text: bytes, max_events: int) -> tuple[list[bytes], tuple[bytes, str, bool] | None]:
     """The elements of a JSON array that may be broken, found in one linear pass: strings are skipped, opened
-    brackets are stacked, a closer of the other kind closes through to its opener (or is ignored when there is
-    none), and only a ']' with nothing open ends the array. Also what follows the array or is left
+    brackets are stacked, a closer of the other kind closes through to its opener (or closes the innermost one
+    when there is none), a stray '}' is ignored, and only a ']' with nothing open ends the array. Also what follows the array or is left
     unterminated, with its reason."""
     pieces: list[bytes] = []
     stack: list[int] = []
@@ -338,7 +282,9 @@ def _split_tolerant(text: bytes, max_events: int) -> tuple[list[bytes], tuple[by
         elif char in stack:
             while stack.pop() != char:
                 pass
-        elif not stack and char == 0x5D:  # ']' with nothing open: the end of the array
+        elif stack:  # a closer with no opener of its kind: it closes the innermost one
+            stack.pop()
+        elif char == 0x5D:  # ']' with nothing open: the end of the array
             piece = text[start : match.start()].strip(_JSON_SPACE)
             if piece or pieces:
                 add(piece)

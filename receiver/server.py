@@ -194,7 +194,12 @@ class Service:
 
     async def _start(self, context: ssl.SSLContext | None) -> None:
         server = self.config.server
-        self.metrics.watch_journal(lambda: self.journal.size_bytes, lambda: 1.0 if self.journal.over_cap else 0.0)
+        self.metrics.watch_journal(
+            lambda: self.journal.size_bytes,
+            lambda: 1.0 if self.journal.over_cap else 0.0,
+            lambda: self.journal.dedup.size,
+        )
+        self.journal.dedup.on_evict = self.metrics.dedup_evicted.inc
         self.engine = DeliveryEngine(self.config, self.journal, self.metrics, self.sinks)
         await self.engine.start()
         self._housekeeping = asyncio.create_task(self._prune_dedup_forever(), name="dedup-prune")
