@@ -247,10 +247,10 @@ _CLOSER = {ord("["): ord("]"), ord("{"): ord("}")}
 
 
 def _split_tolerant(text: bytes, max_events: int) -> tuple[list[bytes], tuple[bytes, str, bool] | None]:
-    """The elements of a JSON array that may be broken, found in one linear pass: strings are skipped, opened
-    brackets are stacked, a closer of the other kind closes through to its opener (or closes the innermost one
-    when there is none), a stray '}' is ignored, and only a ']' with nothing open ends the array. Also what follows the array or is left
-    unterminated, with its reason."""
+    """The elements of a JSON array that may be broken, found in one linear pass; and what follows the array
+    or is left unterminated, with its reason. Strings are skipped; opened brackets are stacked; a closer of the
+    other kind closes through to its opener (or closes the innermost one when there is none); a stray '}' is
+    ignored; only a ']' with nothing open ends the array."""
     pieces: list[bytes] = []
     stack: list[int] = []
     start = pos = 1
