@@ -8,6 +8,7 @@ receiver's delivery engine; a sink never loops, sleeps or retries by itself.
 from __future__ import annotations
 
 import enum
+import json
 import re
 import ssl
 from collections.abc import Mapping, Sequence
@@ -153,8 +154,8 @@ class Event:
 
     `raw` and `event_raw` are the bytes as received (whitespace aside): a sink embeds them as they are
     (`orjson.Fragment(event.event_raw)`), so numbers of any size and every escape reach the destination
-    unchanged. `wrapper` and `event` are parsed views for people and tests; they hold floats where the bytes
-    hold integers beyond 64 bits, so a sink never serialises them back.
+    unchanged. `wrapper` and `event` are parsed views for people and tests; they hold `inf` where the bytes
+    hold `1e999` and round long decimals to doubles, so a sink never serialises them back.
     """
 
     __slots__ = ("_head", "_wrapper", "action", "raw", "received_at", "seq", "stream", "time")
@@ -221,7 +222,7 @@ class Event:
     def wrapper(self) -> dict[str, Any]:
         """The wrapper parsed into Python values (for display and tests; never serialised back)."""
         if self._wrapper is None:
-            self._wrapper = msgspec.json.decode(self.raw)
+            self._wrapper = json.loads(self.raw)  # the standard library takes numbers beyond double range
         return self._wrapper
 
     @property
