@@ -75,6 +75,7 @@ class SinkRunner:
         self.metrics = metrics
         self.active_sinks = tuple(active_sinks)
         self.wants_action = action_filter(section.include_actions, section.exclude_actions)
+        self._every_action = not section.include_actions and not section.exclude_actions
         self.cursor = 0
         self.health = Health(True, "not checked yet")
         self._read_pos = 0
@@ -97,13 +98,22 @@ class SinkRunner:
             return
         rows = await self._persist(lambda: self.journal.read(self._read_pos, limit), "read the journal")
         self._caught_up = len(rows) < limit
-        for event, target in rows:
-            self._read_pos = event.seq
-            if self._wants(event, target):
-                if not self._buffer:
-                    self._first_buffered_at = time.monotonic()
-                self._buffer.append(event)
-                self._buffered_bytes += len(event.raw)
+        if not rows:
+            return
+        self._read_pos = rows[-1][0].seq
+        if self._every_action:  # the common case: no filters, so only the stream and the target decide
+            wanted = [
+                event
+                for event, target in rows
+                if (event.stream in self.streams if target is None else target == self.name)
+            ]
+        else:
+            wanted = [event for event, target in rows if self._wants(event, target)]
+        if wanted:
+            if not self._buffer:
+                self._first_buffered_at = time.monotonic()
+            self._buffer.extend(wanted)
+            self._buffered_bytes += sum(len(event.raw) for event in wanted)
 
     def _take_batch(self) -> list[Event]:
         batch: list[Event] = []
@@ -175,7 +185,10 @@ class SinkRunner:
             self.metrics.send_seconds.labels(self.name).observe(time.monotonic() - started)
             retry: list[tuple[Event, str]] = []
             delivered = 0
-            for event in todo:
+            judged: Sequence[Event] = todo
+            if result.outcome is Outcome.SUCCESS and not result.failures:  # all delivered: no per-event look
+                delivered, judged = len(todo), ()
+            for event in judged:
                 failure = result.outcome_of(event)
                 if failure is None:
                     delivered += 1
