@@ -606,6 +606,19 @@ def _runs(values: list[float], fmt: str = "{:.2f}") -> str:
     return ", ".join(fmt.format(v) for v in values)
 
 
+def _cpu_per_request(load: Load) -> float:
+    return load.cpu_percent / 100 / load.rps if load.rps else 0.0
+
+
+def _cpu_ratios(receiver: list[Load], noop: list[Load]) -> list[float]:
+    """Per round: the no-op's CPU seconds per request over the receiver's (what the req/s ratio would be with
+    both CPU-bound on a core of their own; steadier than req/s when other work takes the server's core)."""
+    return [
+        _cpu_per_request(b) / _cpu_per_request(a) if _cpu_per_request(a) else 0.0
+        for a, b in zip(receiver, noop, strict=True)
+    ]
+
+
 def render_throughput(result: Throughput) -> str:
     """The Markdown tables: medians per server, every run's req/s, the ratios per round."""
     pairs = result.pairs
@@ -628,8 +641,8 @@ def render_throughput(result: Throughput) -> str:
     lines += [
         "",
         "| events/request | receiver / orjson no-op (median) | per round | target | met "
-        "| receiver / msgspec no-op (median) | per round |",
-        "|---:|---:|---|---:|---|---:|---|",
+        "| receiver / msgspec no-op (median) | per round | CPU per request, orjson no-op / receiver, per round |",
+        "|---:|---:|---|---:|---|---:|---|---|",
     ]
     for pair in pairs:
         target = TARGETS.get(pair.events)
@@ -638,7 +651,8 @@ def render_throughput(result: Throughput) -> str:
         lines.append(
             f"| {pair.events} | {ratio:.2f} | {_runs(pair.ratios['orjson'])} "
             f"| {'—' if target is None else f'≥ {target}'} | {met} "
-            f"| {_median(pair.ratios['msgspec']):.2f} | {_runs(pair.ratios['msgspec'])} |"
+            f"| {_median(pair.ratios['msgspec']):.2f} | {_runs(pair.ratios['msgspec'])} "
+            f"| {_runs(_cpu_ratios(pair.receiver, pair.noop['orjson']))} |"
         )
     checks = [
         f"{p.events}/request: {p.journaled:,} events journaled of {p.expected:,} answered, {p.duplicates} duplicates"

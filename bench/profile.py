@@ -28,8 +28,9 @@ TOP = 15
 _LINE = re.compile(r"^(?P<stack>.*) (?P<count>\d+)$")
 _FRAME = re.compile(r"^(?P<name>.*?) \((?P<file>[^()]*?)(?::\d+)?\)$")
 
+IDLE = "(idle: waiting for work)"
 PARTS = (
-    ("journal writer thread", ("_write_loop",), ()),
+    ("journal writer thread", ("Journal._write_loop",), ()),
     ("delivery: sink write thread", (), ("sinks/file.py",)),
     ("intake: parse", (), ("receiver/parsing.py",)),
     ("journal: loop side and reads", (), ("receiver/journal.py",)),
@@ -79,8 +80,34 @@ def _part(frames: list[str]) -> str:
     return "other (interpreter, C libraries)"
 
 
+_WAITS = (
+    "_worker (concurrent/futures/thread.py)",
+    "Journal._write_loop (receiver/journal.py)",
+    "select (selectors.py)",
+)
+"""Innermost Python frames of a thread parked waiting for work: an idle executor thread, the journal writer
+waiting on its queue, the event loop in epoll. With --native py-spy cannot tell these waits from work (the
+leaf is a libc futex or epoll_wait), so they are counted apart."""
+
+
+def _idle(frames: list[str]) -> bool:
+    leaf = frames[-1]
+    if ".py" in leaf:
+        return False
+    python = [_label(frame) for frame in frames if ".py" in frame]
+    return bool(python) and python[-1].endswith(_WAITS)
+
+
+def _self_label(frame: str) -> str:
+    label = _label(frame)
+    if label.startswith("0x") and "(libc.so.6)" in label:
+        return "libc, unsymbolised (futex: waiting for the GIL or a lock)"
+    return label
+
+
 def aggregate(raw: str) -> tuple[int, Counter[str], Counter[str]]:
-    """Samples, self time by function (the leaf frame) and samples by part, from py-spy's raw output."""
+    """Busy samples, self time by function (the leaf frame) and samples by part, from py-spy's raw output;
+    parts["(idle: waiting for work)"] counts the parked threads' samples, left out of the rest."""
     self_time: Counter[str] = Counter()
     parts: Counter[str] = Counter()
     total = 0
@@ -92,8 +119,11 @@ def aggregate(raw: str) -> tuple[int, Counter[str], Counter[str]]:
         frames = [f for f in _frames(match.group("stack")) if not f.startswith(("thread (", "process "))]
         if not frames:
             continue
+        if _idle(frames):
+            parts[IDLE] += count
+            continue
         total += count
-        self_time[_label(frames[-1])] += count
+        self_time[_self_label(frames[-1])] += count
         parts[_part(frames)] += count
     return total, self_time, parts
 
@@ -132,27 +162,40 @@ def render(profiles: list[Profile]) -> str:
     lines = [
         "### Profile (py-spy)",
         "",
-        f"`py-spy record --native -r {RATE} -F -f raw` for {SECONDS} s of the receiver (all threads, idle "
-        f"samples excluded) under wrk, file sink delivering; {pinning()}, py-spy on the load generator's core "
+        f"`py-spy record --native -r {RATE} -F -f raw` for {SECONDS} s of the receiver (all threads; "
+        f"threads parked waiting for work are counted apart, shares are of the busy samples) under wrk, file "
+        f"sink delivering; {pinning()}, py-spy on the load generator's core "
         "(its sampling stops the receiver briefly, so the req/s under the profiler is lower than in the "
         "benchmark).",
         "",
     ]
     for prof in profiles:
         lines += [
-            f"#### {prof.events} events/request ({prof.samples:,} samples, {prof.rps:,.0f} req/s under wrk "
+            f"#### {prof.events} events/request ({prof.samples:,} busy samples, {prof.rps:,.0f} req/s under wrk "
             f"during the sampled run)",
             "",
             "| part | share of samples |",
             "|---|---:|",
         ]
         for part, count in prof.parts.most_common():
-            lines.append(f"| {part} | {100 * count / prof.samples:.1f} % |")
+            if part != IDLE:
+                lines.append(f"| {part} | {100 * count / prof.samples:.1f} % |")
+        lines.append(f"| {IDLE}, not in the total | {prof.parts[IDLE]:,} samples |")
         lines += ["", f"| top {TOP} by self time | share |", "|---|---:|"]
         for name, count in prof.self_time.most_common(TOP):
             lines.append(f"| `{name}` | {100 * count / prof.samples:.1f} % |")
         lines += ["", f"Collapsed stacks: `{prof.collapsed}`.", ""]
     return "\n".join(lines)
+
+
+def from_files(runs: list[tuple[int, float]]) -> str:
+    """The Markdown again from the collapsed stacks left in /tmp: (events, req/s during the run) each."""
+    profiles = []
+    for events, rps in runs:
+        collapsed = f"/tmp/log-bridge-profile-{events}.txt"  # noqa: S108
+        total, self_time, parts = aggregate(Path(collapsed).read_text())
+        profiles.append(Profile(events, total, self_time, parts, rps, collapsed))
+    return render(profiles)
 
 
 def main(sizes: list[int]) -> None:
