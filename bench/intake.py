@@ -1,11 +1,16 @@
-"""Intake benchmark: the receiver (file sink, journal with group commit) against a no-op aiohttp handler that
-only parses the body, under the same load, at 1, 10 and 100 events per request.
+"""Intake benchmark: the receiver (file sink delivering, journal with group commit) against two no-op aiohttp
+handlers under the same load, at 1, 10 and 100 events per request, then the receiver's latency at half of its
+measured maximum under a fixed-rate (open-loop) load.
 
-Both servers run as their own processes on loopback. The load is wrk when it is installed (a Lua script makes
-every request's keySuffix values unique, so the receiver's dedup never skips a journal write), else a Python
-aiohttp load generator. Each pair is measured several times, interleaved receiver/no-op, and the medians are
-reported, because a shared 2-core machine is noisy. Run: `python -m bench.intake` (prints the section,
-including the backlog part of bench.backlog).
+The no-ops: one reads the body and `orjson.loads` it (the target's baseline); the other only splits the array
+with `msgspec.json.Decoder(list[msgspec.Raw])` (the stricter ceiling: the least work a receiver that keeps the
+elements apart can do). Every server runs as its own process on loopback, pinned to one core with `taskset`,
+and the load generator to the other (BENCH_SERVER_CPUS / BENCH_LOAD_CPUS, default 1 and 0 on a machine with 2
+or more cores). The load is wrk when it is installed (a Lua script makes every request's keySuffix values
+unique, so the receiver's dedup never skips a journal write), else a Python aiohttp load generator. Each size
+is measured REPEATS times on every server, the servers' order rotating from round to round, and ratios are
+taken within a round. Run: `python -m bench.intake` (prints the section, with the backlog part of
+bench.backlog and the dedup part of bench.dedup).
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from pathlib import Path
 import aiohttp
 import orjson
 
+from bench.openloop import OpenLoopResult, run_open_loop
 from receiver.cli import sample_wrappers
 
 SIZES = (1, 10, 100)
@@ -40,14 +46,58 @@ REPEATS = 3
 CONNECTIONS = 32
 DURATION = 8.0
 WARMUP = 2.0
-TARGETS = {10: 0.75, 100: 0.9}
-"""Required ratio receiver/no-op (req/s) by events per request."""
+TARGETS = {10: 0.9, 100: 1.0}
+"""Required ratio receiver / orjson no-op (req/s) by events per request; 1 event/request is information."""
+LATENCY_EVENTS = 10
+LATENCY_REPEATS = 3
+LATENCY_DURATION = 10.0
+LATENCY_TARGET_MS = 15.0
+"""p99 latency at half of the receiver's measured maximum load (LATENCY_EVENTS per request) must be below."""
 SECRET = "Bearer bench-secret"  # noqa: S105 - a loopback benchmark's made-up token
 STREAM_PATH = "/workos"
 _MARK = "@@KEY@@"
 
 
 # --- processes -----------------------------------------------------------------------------------
+
+
+def _cpus(variable: str, default: str) -> str | None:
+    value = os.environ.get(variable)
+    if value is not None:
+        return value or None
+    return default if (os.cpu_count() or 1) >= 2 and shutil.which("taskset") else None
+
+
+SERVER_CPUS = _cpus("BENCH_SERVER_CPUS", "1")
+"""The cores the servers under test are pinned to (taskset -c), None for no pinning."""
+LOAD_CPUS = _cpus("BENCH_LOAD_CPUS", "0")
+"""The cores the load generator is pinned to."""
+
+
+def pinned(cpus: str | None, command: list[str]) -> list[str]:
+    """`command` under `taskset -c cpus` (as is when cpus is None)."""
+    return command if cpus is None else ["taskset", "-c", cpus, *command]
+
+
+@contextlib.contextmanager
+def load_affinity() -> Iterator[None]:
+    """Pin the calling thread (the Python load generator) to LOAD_CPUS for the block."""
+    if LOAD_CPUS is None:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {int(c) for c in LOAD_CPUS.split(",")})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+def pinning() -> str:
+    """A description of the core pinning in use."""
+    if SERVER_CPUS is None or LOAD_CPUS is None:
+        return "no core pinning"
+    return f"server on core {SERVER_CPUS}, load generator on core {LOAD_CPUS} (taskset)"
 
 
 def free_port() -> int:
@@ -135,7 +185,9 @@ def receiver_process(sink: dict[str, object]) -> Iterator[Server]:
     config = receiver_config(workdir, port, sink)
     log = (workdir / "receiver.log").open("wb")
     process = subprocess.Popen(
-        [sys.executable, "-m", "receiver.cli", "serve", "--config", config, "--log-level", "warning"],
+        pinned(
+            SERVER_CPUS, [sys.executable, "-m", "receiver.cli", "serve", "--config", config, "--log-level", "warning"]
+        ),
         stdout=log,
         stderr=subprocess.STDOUT,
     )
@@ -150,17 +202,19 @@ def receiver_process(sink: dict[str, object]) -> Iterator[Server]:
 
 
 @contextlib.contextmanager
-def noop_process() -> Iterator[Server]:
-    """The no-op handler in its own process, killed on exit."""
+def noop_process(parser: str = "orjson") -> Iterator[Server]:
+    """The no-op handler (`parser`: orjson or msgspec) in its own process, killed on exit."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "bench.noop_server", "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
+        pinned(SERVER_CPUS, [sys.executable, "-m", "bench.noop_server", "--port", "0", "--parser", parser]),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
     )
     try:
         assert process.stdout is not None
         line = process.stdout.readline().decode()
         if "listening on" not in line:
             raise RuntimeError(f"the no-op server did not start: {line!r}")
-        server = Server("no-op", line.rsplit(" ", 1)[1].strip(), process)
+        server = Server(f"no-op ({parser})", line.rsplit(" ", 1)[1].strip(), process)
         wait_healthy(server.url, process)
         yield server
     finally:
@@ -344,18 +398,21 @@ def run_wrk(url: str, events: int, duration: float, workdir: Path) -> Load:
     assert wrk is not None
     script = workdir / f"post-{events}-{uuid.uuid4().hex[:8]}.lua"
     script.write_text(wrk_script(events, uuid.uuid4().hex[:12]))
-    command = [
-        wrk,
-        "-t1",
-        f"-c{CONNECTIONS}",
-        f"-d{duration:g}s",
-        "--timeout",
-        "10s",
-        "--latency",
-        "-s",
-        str(script),
-        url + STREAM_PATH,
-    ]
+    command = pinned(
+        LOAD_CPUS,
+        [
+            wrk,
+            "-t1",
+            f"-c{CONNECTIONS}",
+            f"-d{duration:g}s",
+            "--timeout",
+            "10s",
+            "--latency",
+            "-s",
+            str(script),
+            url + STREAM_PATH,
+        ],
+    )
     done = subprocess.run(command, capture_output=True, text=True, timeout=duration + 60, check=False)
     line = next((row for row in done.stdout.splitlines() if row.startswith("BENCH_RESULT ")), None)
     if line is None:
@@ -423,7 +480,8 @@ def measure(server: Server, events: int, duration: float, workdir: Path) -> Load
     else:
         who = resource.RUSAGE_SELF
         used = resource.getrusage(who)
-        load = asyncio.run(python_load(server.url, Bodies(events), duration=duration))
+        with load_affinity():
+            load = asyncio.run(python_load(server.url, Bodies(events), duration=duration))
     load.cpu_percent = 100 * (cpu_seconds(server.pid) - before) / load.seconds
     now = resource.getrusage(who)
     load.loadgen_cpu_percent = 100 * (now.ru_utime + now.ru_stime - used.ru_utime - used.ru_stime) / load.seconds
@@ -432,15 +490,17 @@ def measure(server: Server, events: int, duration: float, workdir: Path) -> Load
 
 # --- the benchmark -------------------------------------------------------------------------------
 
+NOOPS = ("orjson", "msgspec")
+
 
 @dataclass
 class Pair:
-    """Every run of one size on both servers."""
+    """Every run of one size on every server, by round."""
 
     events: int
     receiver: list[Load] = field(default_factory=list)
-    noop: list[Load] = field(default_factory=list)
-    ratios: list[float] = field(default_factory=list)
+    noop: dict[str, list[Load]] = field(default_factory=lambda: {parser: [] for parser in NOOPS})
+    ratios: dict[str, list[float]] = field(default_factory=lambda: {parser: [] for parser in NOOPS})
     journaled: int = 0
     duplicates: int = 0
     expected: int = 0
@@ -450,54 +510,129 @@ def _median(values: list[float]) -> float:
     return statistics.median(values) if values else 0.0
 
 
-def throughput() -> list[Pair]:
-    """Interleaved runs of receiver and no-op at every size; REPEATS times."""
+@dataclass
+class Latency:
+    """Fixed-rate runs at half of the receiver's measured maximum, receiver and orjson no-op alternating."""
+
+    max_rps: float
+    rate: float
+    receiver: list[OpenLoopResult] = field(default_factory=list)
+    noop: list[OpenLoopResult] = field(default_factory=list)
+
+
+@dataclass
+class Throughput:
+    """The whole intake measurement."""
+
+    pairs: list[Pair]
+    latency: Latency | None
+
+
+def _round(pair: Pair, receiver: Server, noops: dict[str, Server], order: list[Server], workdir: Path) -> None:
+    results: dict[str, Load] = {}
+    for server in order:
+        before = metrics(receiver.url)
+        load = measure(server, pair.events, DURATION, workdir)
+        results[server.name] = load
+        if server is receiver:
+            after = metrics(receiver.url)
+            pair.journaled += int(
+                after["log_bridge_events_received_total"] - before["log_bridge_events_received_total"]
+            )
+            pair.duplicates += int(
+                after.get("log_bridge_events_duplicate_total", 0) - before.get("log_bridge_events_duplicate_total", 0)
+            )
+            pair.expected += load.requests * pair.events
+            waited = wait_delivered(receiver.url)
+            load.notes.append(f"sink caught up {waited:.1f}s after the run")
+    mine = results[receiver.name]
+    pair.receiver.append(mine)
+    for parser, noop in noops.items():
+        pair.noop[parser].append(results[noop.name])
+        base = results[noop.name].rps
+        pair.ratios[parser].append(mine.rps / base if base else 0.0)
+
+
+def latency_runs(receiver: Server, noop: Server, max_rps: float) -> Latency:
+    """LATENCY_REPEATS fixed-rate runs at max_rps / 2 on the receiver and the orjson no-op, alternating."""
+    result = Latency(max_rps, max_rps / 2)
+    headers = {"Content-Type": "application/json", "Authorization": SECRET}
+    for repeat in range(LATENCY_REPEATS):
+        order = (receiver, noop) if repeat % 2 == 0 else (noop, receiver)
+        for server in order:
+            bodies = Bodies(LATENCY_EVENTS)
+            with load_affinity():
+                run = run_open_loop(
+                    server.url, STREAM_PATH, headers, bodies.next, rate=result.rate, duration=LATENCY_DURATION
+                )
+            (result.receiver if server is receiver else result.noop).append(run)
+            if server is receiver:
+                wait_delivered(receiver.url)
+    return result
+
+
+def throughput() -> Throughput:
+    """Rounds of every size on the receiver and both no-ops, the order rotating; REPEATS times. Then the
+    fixed-rate latency runs."""
     pairs = {events: Pair(events) for events in SIZES}
     workdir = Path(tempfile.mkdtemp(prefix="log-bridge-bench-load-"))
     try:
-        with receiver_process({"type": "file"}) as receiver, noop_process() as noop:
-            for server in (receiver, noop):  # warm both up (imports, first connections, the journal's pages)
+        with (
+            receiver_process({"type": "file"}) as receiver,
+            noop_process("orjson") as orjson_noop,
+            noop_process("msgspec") as msgspec_noop,
+        ):
+            servers = [receiver, orjson_noop, msgspec_noop]
+            noops = {"orjson": orjson_noop, "msgspec": msgspec_noop}
+            for server in servers:  # warm up (imports, first connections, the journal's pages)
                 measure(server, 10, WARMUP, workdir)
             wait_delivered(receiver.url)
             for repeat in range(REPEATS):
+                order = servers[repeat % 3 :] + servers[: repeat % 3]
+                if repeat % 6 >= 3:
+                    order.reverse()
                 for events in SIZES:
-                    pair = pairs[events]
-                    order = (receiver, noop) if repeat % 2 == 0 else (noop, receiver)
-                    results: dict[str, Load] = {}
-                    for server in order:
-                        before = metrics(receiver.url)
-                        load = measure(server, events, DURATION, workdir)
-                        results[server.name] = load
-                        if server is receiver:
-                            after = metrics(receiver.url)
-                            pair.journaled += int(
-                                after["log_bridge_events_received_total"] - before["log_bridge_events_received_total"]
-                            )
-                            pair.duplicates += int(
-                                after.get("log_bridge_events_duplicate_total", 0)
-                                - before.get("log_bridge_events_duplicate_total", 0)
-                            )
-                            pair.expected += load.requests * events
-                            waited = wait_delivered(receiver.url)
-                            load.notes.append(f"sink caught up {waited:.1f}s after the run")
-                    pair.receiver.append(results["receiver"])
-                    pair.noop.append(results["no-op"])
-                    pair.ratios.append(results["receiver"].rps / results["no-op"].rps if results["no-op"].rps else 0)
+                    _round(pairs[events], receiver, noops, order, workdir)
+            latency = None
+            if LATENCY_EVENTS in pairs:
+                best = _median([x.rps for x in pairs[LATENCY_EVENTS].receiver])
+                latency = latency_runs(receiver, orjson_noop, best)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    return list(pairs.values())
+    return Throughput(list(pairs.values()), latency)
 
 
-def render_throughput(pairs: list[Pair]) -> str:
-    """The Markdown table of medians, and the per-run ratios."""
+def _runs(values: list[float], fmt: str = "{:.2f}") -> str:
+    return ", ".join(fmt.format(v) for v in values)
+
+
+def _cpu_per_request(load: Load) -> float:
+    return load.cpu_percent / 100 / load.rps if load.rps else 0.0
+
+
+def _cpu_ratios(receiver: list[Load], noop: list[Load]) -> list[float]:
+    """Per round: the no-op's CPU seconds per request over the receiver's (what the req/s ratio would be with
+    both CPU-bound on a core of their own; steadier than req/s when other work takes the server's core)."""
+    return [
+        _cpu_per_request(b) / _cpu_per_request(a) if _cpu_per_request(a) else 0.0
+        for a, b in zip(receiver, noop, strict=True)
+    ]
+
+
+def render_throughput(result: Throughput) -> str:
+    """The Markdown tables: medians per server, every run's req/s, the ratios per round."""
+    pairs = result.pairs
     lines = [
-        "| events/request | server | req/s | events/s | p50 ms | p99 ms | server CPU % | load gen. CPU % | errors |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| events/request | server | req/s (median) | req/s, every run | events/s | p50 ms | p99 ms "
+        "| server CPU % | load gen. CPU % | errors |",
+        "|---:|---|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for pair in pairs:
-        for name, loads in (("receiver (file sink)", pair.receiver), ("no-op handler", pair.noop)):
+        rows = [("receiver (file sink)", pair.receiver)] + [(f"no-op, {parser}", pair.noop[parser]) for parser in NOOPS]
+        for name, loads in rows:
             lines.append(
                 f"| {pair.events} | {name} | {_median([x.rps for x in loads]):,.0f} "
+                f"| {_runs([x.rps for x in loads], '{:,.0f}')} "
                 f"| {_median([x.eps for x in loads]):,.0f} | {_median([x.p50_ms for x in loads]):.1f} "
                 f"| {_median([x.p99_ms for x in loads]):.1f} | {_median([x.cpu_percent for x in loads]):.0f} "
                 f"| {_median([x.loadgen_cpu_percent for x in loads]):.0f} "
@@ -505,50 +640,94 @@ def render_throughput(pairs: list[Pair]) -> str:
             )
     lines += [
         "",
-        "| events/request | ratio receiver/no-op (median) | per run | target | met |",
-        "|---:|---:|---|---:|---|",
+        "| events/request | receiver / orjson no-op (median) | per round | target | met "
+        "| receiver / msgspec no-op (median) | per round | CPU per request, orjson no-op / receiver, per round |",
+        "|---:|---:|---|---:|---|---:|---|---|",
     ]
     for pair in pairs:
         target = TARGETS.get(pair.events)
-        ratio = _median(pair.ratios)
-        met = "—" if target is None else ("yes" if ratio >= target else "**no**")
-        runs = ", ".join(f"{r:.2f}" for r in pair.ratios)
-        lines.append(f"| {pair.events} | {ratio:.2f} | {runs} | {'—' if target is None else f'≥ {target}'} | {met} |")
+        ratio = _median(pair.ratios["orjson"])
+        met = "— (information)" if target is None else ("yes" if ratio >= target else "**no**")
+        lines.append(
+            f"| {pair.events} | {ratio:.2f} | {_runs(pair.ratios['orjson'])} "
+            f"| {'—' if target is None else f'≥ {target}'} | {met} "
+            f"| {_median(pair.ratios['msgspec']):.2f} | {_runs(pair.ratios['msgspec'])} "
+            f"| {_runs(_cpu_ratios(pair.receiver, pair.noop['orjson']))} |"
+        )
     checks = [
         f"{p.events}/request: {p.journaled:,} events journaled of {p.expected:,} answered, {p.duplicates} duplicates"
         for p in pairs
     ]
     lines += ["", "Journal check (receiver metrics vs. requests answered): " + "; ".join(checks) + "."]
+    if result.latency is not None:
+        lines += ["", render_latency(result.latency)]
+    return "\n".join(lines)
+
+
+def render_latency(latency: Latency) -> str:
+    """The fixed-rate latency table."""
+    lines = [
+        "### Latency at half of the maximum load",
+        "",
+        f"Open-loop load (`bench/openloop.py`: Python asyncio, 64 keep-alive connections, pinned like wrk): "
+        f"requests of {LATENCY_EVENTS} events are due at a fixed {latency.rate:,.0f} req/s, half of the "
+        f"receiver's median maximum above ({latency.max_rps:,.0f} req/s), for {LATENCY_DURATION:g} s per run, "
+        f"{LATENCY_REPEATS} runs per server alternating with the orjson no-op (the generator's own floor). "
+        "Latency runs from the moment a request was due, so queueing behind a stall counts (no coordinated "
+        "omission); `gen. lag` is how late the generator itself dispatched at worst.",
+        "",
+        "| server | run | answered req/s | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms | gen. lag ms | errors |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, runs in (("receiver (file sink)", latency.receiver), ("no-op, orjson", latency.noop)):
+        for number, run in enumerate(runs, 1):
+            lines.append(
+                f"| {name} | {number} | {run.achieved:,.0f} | {run.percentile(0.5):.1f} | {run.percentile(0.9):.1f} "
+                f"| {run.percentile(0.99):.1f} | {run.percentile(0.999):.1f} | {run.percentile(1.0):.1f} "
+                f"| {run.max_lag_ms:.1f} | {run.errors} |"
+            )
+    p99s = [run.percentile(0.99) for run in latency.receiver]
+    p99 = _median(p99s)
+    floor = _median([run.percentile(0.99) for run in latency.noop])
+    met = "yes" if p99 < LATENCY_TARGET_MS else "**no**"
+    lines += [
+        "",
+        f"Receiver p99 (median of runs): **{p99:.1f} ms** (runs: {_runs(p99s, '{:.1f}')}); "
+        f"target < {LATENCY_TARGET_MS:g} ms — {met}. The no-op's p99 at the same rate: {floor:.1f} ms.",
+    ]
     return "\n".join(lines)
 
 
 async def run() -> str:
-    """The intake section (throughput, then the backlog), as Markdown."""
-    from bench import backlog
+    """The intake section (throughput and latency, then the backlog, then dedup memory and restart)."""
+    from bench import backlog, dedup
 
     cores = os.cpu_count()
-    pairs = await asyncio.to_thread(throughput)
+    result = await asyncio.to_thread(throughput)
     section = [
         "## Intake",
         "",
-        "### Receiver vs. no-op handler",
+        "### Receiver vs. no-op handlers",
         "",
-        f"Receiver (`log-bridge serve`, file sink, SQLite journal WAL + `synchronous=FULL`, group commit) and a no-op "
-        f"aiohttp handler that only reads and orjson-parses the body, each in its own process on loopback, same "
-        f"load: {load_tool()}. {REPEATS} runs of {DURATION:g} s per server and size, interleaved receiver/no-op "
-        f"(order alternating), medians reported; ratio = receiver req/s ÷ no-op req/s of the same round. "
-        f"Machine: {cores} cores, shared with the load generator (and other work), so absolute figures are noisy; "
-        f"the ratios are the figure to read. Before each run the file sink is allowed to catch up (bounded), so a "
-        f"run's delivery work does not spill into the next. Server CPU % is the server process's user + system time "
-        f"over the run (100 = one core, all threads); load gen. CPU % is the load generator's.",
+        f"Receiver (`log-bridge serve`, file sink delivering in the same process, SQLite journal WAL + "
+        f"`synchronous=FULL`, group commit, in-memory dedup) and two no-op aiohttp handlers: one reads the body "
+        f"and `orjson.loads` it (the target's baseline), one only splits it with "
+        f"`msgspec.json.Decoder(list[msgspec.Raw])` (the stricter ceiling). Each in its own process on loopback, "
+        f"{pinning()}, same load: {load_tool()}. {REPEATS} rounds of {DURATION:g} s per server and size, the "
+        f"servers' order rotating from round to round; medians and every run reported; a ratio is receiver req/s "
+        f"÷ no-op req/s of the same round. Machine: {cores} cores, shared with other work, so absolute figures "
+        f"are noisy; the ratios are the figure to read. Before each run the file sink is allowed to catch up "
+        f"(bounded), so a run's delivery work does not spill into the next. Server CPU % is the server process's "
+        f"user + system time over the run (100 = one core, all threads); load gen. CPU % is the load generator's.",
         "",
-        render_throughput(pairs),
+        render_throughput(result),
         "",
     ]
-    try:
-        section.append(await backlog.run())
-    except Exception as exc:  # the throughput figures stand on their own
-        section.append(f"### Backlog\n\nfailed: `{type(exc).__name__}: {exc}`\n")
+    for part in (backlog, dedup):
+        try:
+            section.append(await part.run())
+        except Exception as exc:  # the throughput figures stand on their own
+            section.append(f"### {part.__name__}\n\nfailed: `{type(exc).__name__}: {exc}`\n")
     return "\n".join(section)
 
 
