@@ -3,12 +3,15 @@
 
 from __future__ import annotations
 
+import decimal
+import functools
 import json
 import re
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
+import orjson
 from hypothesis import strategies as st
 
 # --- reading -----------------------------------------------------------------------------------------
@@ -22,10 +25,34 @@ def _refuse_constant(name: str) -> Any:
     raise NotStrictJSON(f"{name} is not JSON")
 
 
+_UNBOUNDED = decimal.Context(prec=decimal.MAX_PREC, Emax=decimal.MAX_EMAX, Emin=decimal.MIN_EMIN)
+
+
+@dataclass(frozen=True)
+class HugeNumber:
+    """A number whose exponent even an unbounded Decimal context refuses (1e99999999999999999999): its text."""
+
+    text: str
+
+
+def _decimal(text: str) -> Decimal | HugeNumber:
+    try:
+        return _UNBOUNDED.create_decimal(text)  # exact, whatever the exponent (the default context caps it)
+    except ArithmeticError:
+        return HugeNumber(text)
+
+
+def _int(text: str) -> int | Decimal | HugeNumber:
+    # Python refuses to convert more than 4300 digits to an int; such a number stays exact as a Decimal.
+    return int(text) if len(text) <= 4000 else _decimal(text)
+
+
 def exact_loads(text: str | bytes) -> Any:
     """JSON with numbers kept exact (ints of any size, Decimal for the rest), NaN/Infinity refused, and objects
     as lists of (key, value) pairs so that order and duplicate keys take part in comparisons."""
-    return json.loads(text, parse_float=Decimal, parse_int=int, parse_constant=_refuse_constant, object_pairs_hook=list)
+    return json.loads(
+        text, parse_float=_decimal, parse_int=_int, parse_constant=_refuse_constant, object_pairs_hook=list
+    )
 
 
 def _check_strings(value: Any) -> None:
@@ -46,9 +73,22 @@ def strict_line(line: bytes) -> Any:
     try:
         value = exact_loads(line.decode("utf-8"))
         _check_strings(value)
-    except (UnicodeError, ValueError, RecursionError) as exc:
+    except (UnicodeError, ValueError, RecursionError, ArithmeticError) as exc:
         raise NotStrictJSON(f"{type(exc).__name__}: {exc}") from None
     return value
+
+
+def check_line(line: bytes) -> None:
+    """strict_line without keeping the value: orjson (strict RFC 8259: UTF-8, no NaN, no lone surrogate) takes
+    most lines at once; what it refuses (numbers beyond double range) goes the exact way."""
+    if b"\n" not in line and b"\r" not in line:
+        try:
+            orjson.loads(line)
+        except orjson.JSONDecodeError:
+            pass
+        else:
+            return
+    strict_line(line)
 
 
 def same_value(a: Any, b: Any) -> bool:
@@ -67,21 +107,23 @@ def same_value(a: Any, b: Any) -> bool:
 _TOKEN_OR_SPACE = re.compile(rb'("(?:[^"\\\r\n]|\\[^\r\n])*")|[ \t\r\n]+')
 
 
+@functools.lru_cache(maxsize=256)
 def compact(raw: bytes) -> bytes:
     """`raw` without JSON whitespace outside strings."""
     return _TOKEN_OR_SPACE.sub(lambda m: m.group(1) or b"", raw)
 
 
-def sent_in(line: bytes, body: bytes) -> bool:
+def sent_in(line: bytes, body: bytes, squeezed: bytes | None = None) -> bool:
     """Whether `line` is bytes of `body` as sent: a slice of it, or a slice with whitespace outside strings
-    removed (an element that spanned lines), possibly a bare event wrapped as `{"event":...}`."""
+    removed (an element that spanned lines), possibly a bare event wrapped as `{"event":...}`. `squeezed`:
+    `compact(body)` when the caller keeps it."""
     candidates = [line]
     if line.startswith(b'{"event":') and line.endswith(b"}"):
         candidates.append(line[len(b'{"event":') : -1])
     if any(c in body for c in candidates):
         return True
     if b"\n" in body or b"\r" in body:
-        squeezed = compact(body)
+        squeezed = compact(body) if squeezed is None else squeezed
         return any(c in squeezed for c in candidates)
     return False
 
