@@ -320,7 +320,10 @@ def _reason(exc: Exception, where: str) -> str:
             return f"{where}event is a JSON {kind}, not an object"
         if message.endswith("`") or "- at `$`" in message or "at `$." not in message:
             return f"{where}element is a JSON {kind}, not an object"
-    return f"{where}not valid JSON: {message.removeprefix('JSON is malformed: ')}"
+    detail = message.removeprefix("JSON is malformed: ")
+    if "hex escape" in detail:  # msgspec's words for a \\u escape that is not a whole character
+        detail += " (a \\u escape that is not a whole character, such as a lone surrogate)"
+    return f"{where}not valid JSON: {detail}"
 
 
 def _sort_one(raw: bytes, received_at: float, parsed: Parsed, where: str, *, check_utf8: bool = False) -> None:

@@ -3,7 +3,7 @@ writes is the bytes WorkOS sent (numbers of any size or precision, every escape;
 for an element that spanned lines), every written line is strict one-line JSON, and a bad element is
 dead-lettered with its bytes and a reason while the good ones next to it are delivered.
 
-Tests marked `DEFECT` fail on purpose: each one pins a bug found in the intake, described in its docstring."""
+`TestDefects` pins bugs that this suite found in the rewritten intake (each docstring says what it was); all are fixed."""
 
 from __future__ import annotations
 
@@ -317,7 +317,7 @@ class TestRegressions:
         assert letter.data == array_line and "line 1" in letter.reason and "array" in letter.reason
 
 
-# --- defects found (DEFECT: these fail until the intake is fixed) ------------------------------------
+# --- defects this suite found, fixed ---------------------------------------------------------------
 
 
 class TestDefects:
@@ -333,7 +333,7 @@ class TestDefects:
     async def test_single_object_body_with_invalid_utf8_is_not_written(
         self, file_service: FileService, client, body: bytes, content_type: str | None
     ) -> None:
-        """DEFECT: a body that is one object (not NDJSON by Content-Type) skips the UTF-8 check.
+        """Was a defect: a body that is one object (not NDJSON by Content-Type) skips the UTF-8 check.
 
         parsing._parse sends a body starting with '{' that decodes as one element to `_sort_one(text, ...)`
         without `check_utf8=True`, and msgspec does not validate UTF-8 inside strings. The element is accepted
@@ -347,7 +347,7 @@ class TestDefects:
     async def test_ndjson_lines_are_not_joined_into_an_element_never_sent(
         self, file_service: FileService, client
     ) -> None:
-        """DEFECT: the NDJSON fast path joins the lines with ',' and parses them as one array; its count check
+        """Was a defect: the NDJSON fast path joins the lines with ',' and parses them as one array; its count check
         is fooled when one broken line pair merges while another line holds two elements.
 
         Line 1 `{"event":{"action":"x","a":[1` and line 2 `2]}}` are each invalid, line 3 holds two
@@ -375,7 +375,7 @@ class TestDefects:
     async def test_head_field_beyond_double_range_is_delivered(
         self, file_service: FileService, client, element: bytes
     ) -> None:
-        """DEFECT: a valid wrapper whose `event.id`, `event.occurred_at`, `event.action` or `keySuffix` is a
+        """Was a defect: a valid wrapper whose `event.id`, `event.occurred_at`, `event.action` or `keySuffix` is a
         number beyond double range (1e999) is dead-lettered with the false reason "not valid JSON: Number out
         of range - at `$.event.id`": the intake decodes these fields as `Any`, so msgspec turns the number into
         a float and refuses it. The same number anywhere else is delivered. Expected: delivered as sent (the
@@ -395,7 +395,7 @@ class TestDefects:
     async def test_unbalanced_brackets_in_one_element_cost_only_that_element(
         self, file_service: FileService, client, bad: bytes
     ) -> None:
-        """DEFECT: the tolerant splitter counts brackets without matching their kinds, and any closer at depth 0
+        """Was a defect: the tolerant splitter counts brackets without matching their kinds, and any closer at depth 0
         ends the array.
 
         `[{"event":{"action":"x"}}}, good1, good2]`: the stray '}' ends the array, good1 and good2 become one
@@ -420,7 +420,7 @@ class TestDefects:
     async def test_nul_near_the_start_is_not_taken_for_utf16(
         self, file_service: FileService, client, body: bytes
     ) -> None:
-        """DEFECT: `b"\\x00" in text[:4]` takes any body with a NUL in its first four bytes for UTF-16/32, so one
+        """Was a defect: `b"\\x00" in text[:4]` takes any body with a NUL in its first four bytes for UTF-16/32, so one
         bad first element (`{"\\x00":1}`) costs the whole batch: 400 "body is not UTF-8". UTF-16/32 JSON has NULs
         in a pattern (every other byte, or three of four) that a UTF-8 body never has at its start. Expected:
         200, the two good elements delivered, the first dead-lettered."""
@@ -429,7 +429,7 @@ class TestDefects:
         assert await file_service.written(2) == _good(2)
 
     async def test_array_declared_ndjson_with_one_bad_element(self, file_service: FileService, client) -> None:
-        """DEFECT: a JSON array sent as application/x-ndjson is taken as an array only when the whole array is
+        """Was a defect: a JSON array sent as application/x-ndjson is taken as an array only when the whole array is
         valid; with one bad element it is read as NDJSON lines, and the single line (the whole array) is
         dead-lettered with the false reason "line 1: element is a JSON array, not an object". The good elements
         are not delivered. Expected: as for application/json: 200, good ones delivered, the bad one dead-lettered."""
