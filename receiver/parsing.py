@@ -309,7 +309,10 @@ def _parse_lines(text: bytes, received_at: float, max_events: int) -> Parsed:
     return parsed
 
 
-def _reason(exc: Exception, where: str) -> str:
+_SURROGATE = re.compile(rb"\\\\u[dD][89a-fA-F]")
+
+
+def _reason(exc: Exception, where: str, raw: bytes = b"") -> str:
     if isinstance(exc, RecursionError):
         return f"{where}nested too deeply"
     message = str(exc)
@@ -321,7 +324,7 @@ def _reason(exc: Exception, where: str) -> str:
         if message.endswith("`") or "- at `$`" in message or "at `$." not in message:
             return f"{where}element is a JSON {kind}, not an object"
     detail = message.removeprefix("JSON is malformed: ")
-    if "hex escape" in detail:  # msgspec's words for a \\u escape that is not a whole character
+    if "hex escape" in detail or ("truncated" in detail and _SURROGATE.search(raw)):  # msgspec's words for it
         detail += " (a \\u escape that is not a whole character, such as a lone surrogate)"
     return f"{where}not valid JSON: {detail}"
 
@@ -334,7 +337,7 @@ def _sort_one(raw: bytes, received_at: float, parsed: Parsed, where: str, *, che
     try:
         element = _element(raw)
     except (msgspec.DecodeError, RecursionError) as exc:
-        parsed.rejected.append(Rejected(raw, _reason(exc, where), not isinstance(exc, msgspec.ValidationError)))
+        parsed.rejected.append(Rejected(raw, _reason(exc, where, raw), not isinstance(exc, msgspec.ValidationError)))
         return
     if check_utf8 and _not_utf8(raw):
         parsed.rejected.append(Rejected(raw, f"{where}not valid UTF-8", True))

@@ -3,7 +3,7 @@ writes is the bytes WorkOS sent (numbers of any size or precision, every escape;
 for an element that spanned lines), every written line is strict one-line JSON, and a bad element is
 dead-lettered with its bytes and a reason while the good ones next to it are delivered.
 
-`TestDefects` pins bugs that this suite found in the rewritten intake (each docstring says what it was); all are fixed."""
+`TestDefects` pins bugs this suite found in the rewritten intake (each docstring says what it was); all are fixed."""
 
 from __future__ import annotations
 
