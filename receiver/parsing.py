@@ -309,7 +309,7 @@ def _parse_lines(text: bytes, received_at: float, max_events: int) -> Parsed:
     return parsed
 
 
-_SURROGATE = re.compile(rb"\\\\u[dD][89a-fA-F]")
+_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
 def _reason(exc: Exception, where: str, raw: bytes = b"") -> str:
