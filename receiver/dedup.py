@@ -46,7 +46,7 @@ class DedupIndex:
         """Indexes of the elements whose key was not seen (None: all of them). Their fingerprints join
         `pending` (the keys of this commit group, not in the index yet) and are listed in `taken`."""
         prints = [None if key is None else hash(key) >> 4 for key in keys]
-        oldest = int((now - self.window) // self.span)
+        oldest = self._oldest(now)
         generations = [g for n, g in self._streams.get(stream, {}).items() if n >= oldest]
         candidates = {p for p in prints if p is not None}
         if not candidates:
@@ -81,7 +81,7 @@ class DedupIndex:
 
     def expire(self, now: float) -> None:
         """Forget the generations that ended more than a window ago."""
-        oldest = int((now - self.window) // self.span)
+        oldest = self._oldest(now)
         for generations in self._streams.values():
             for number in [n for n in generations if n < oldest]:
                 self.size -= len(generations.pop(number))
@@ -96,4 +96,8 @@ class DedupIndex:
 
     def cutoff(self, now: float) -> float:
         """The oldest time whose keys the index still needs after a restart."""
-        return (int((now - self.window) // self.span)) * self.span
+        return self._oldest(now) * self.span
+
+    def _oldest(self, now: float) -> int:
+        """The number of the oldest generation still inside the window at `now`."""
+        return int((now - self.window) // self.span)

@@ -132,7 +132,6 @@ class Journal:
     ) -> None:
         self.path = path
         self.max_bytes = max_bytes
-        self.dedup_window = dedup_window
         self.dedup = DedupIndex(dedup_window, dedup_max_keys)
         self._pending: dict[str, set[int]] = {}
         """Fingerprints taken by the jobs of the commit group being written (writer thread only)."""
