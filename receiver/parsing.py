@@ -330,7 +330,7 @@ def _reason(exc: Exception, where: str, raw: bytes = b"") -> str:
 
 
 def _sort_one(raw: bytes, received_at: float, parsed: Parsed, where: str, *, check_utf8: bool = False) -> None:
-    # The hot path of the intake: one call per element.
+    # The slow path: one element judged alone; a dead letter keeps the bytes exactly as received.
     if not raw:
         parsed.rejected.append(Rejected(raw, f"{where}empty element", True))
         return
@@ -346,7 +346,6 @@ def _sort_one(raw: bytes, received_at: float, parsed: Parsed, where: str, *, che
     if event is None:
         parsed.rejected.append(Rejected(raw, f"{where}event is a JSON null, not an object"))
         return
-    raw = _one_line(raw)
     if event is msgspec.UNSET:
         action = _text(element.action)
         if action is None:
@@ -355,12 +354,13 @@ def _sort_one(raw: bytes, received_at: float, parsed: Parsed, where: str, *, che
             )
             return
         head: _Head = element
-        raw = b'{"event":' + raw + b"}"
+        raw = b'{"event":' + _one_line(raw) + b"}"
         key = None
     else:
         head = event
         action = _text(head.action)
         key = _text(element.keySuffix)
+        raw = _one_line(raw)
     parsed.raws.append(raw)
     parsed.actions.append(action or "")
     parsed.times.append(_epoch(_text(head.occurred_at), received_at))
