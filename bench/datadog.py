@@ -29,7 +29,7 @@ from datadog_api_client.v2.model.content_encoding import ContentEncoding
 from datadog_api_client.v2.model.http_log import HTTPLog
 from datadog_api_client.v2.model.http_log_item import HTTPLogItem
 
-from sinks.base import Event, Outcome, bare_event_bytes
+from sinks.base import Event, Outcome
 from sinks.datadog import GZIP_LEVEL, DatadogSink, _chunks
 from sinks.splitting import Tally
 from sinks.testing.compliance import make_events
@@ -132,7 +132,7 @@ def _stage_costs(sink: DatadogSink) -> dict[str, float]:
         gc.collect()
         started = time.perf_counter()
         for event in events:
-            bare_event_bytes(event)  # decode the wrapper's head, keeping the event raw, as the first use does
+            _ = event.event_raw  # decode the wrapper's head, keeping the event raw, as the first use does
         parse = min(parse, time.perf_counter() - started)
     costs = {"read the journaled wrapper's head, event kept raw (msgspec)": parse * 1000}
     costs["sink: encode log items (orjson)"] = _ms(lambda: [sink.encode(e) for e in events])

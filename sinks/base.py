@@ -33,7 +33,6 @@ __all__ = [
     "SinkConfig",
     "SinkFactory",
     "TlsOptions",
-    "bare_event_bytes",
     "classify_http_status",
     "parse_duration",
     "parse_size",
@@ -190,8 +189,13 @@ class Event:
 
     @property
     def event_raw(self) -> bytes:
-        """The bare WorkOS event's bytes, exactly as received."""
-        return bytes(self.head.event)
+        """The bare WorkOS event's bytes exactly as received, for a sink to embed (`orjson.Fragment(...)`) or
+        write. ValueError when the wrapper has no `event` (nothing may be delivered as if WorkOS had sent it),
+        msgspec.DecodeError when `raw` is not JSON."""
+        head = self.head
+        if head.event is _EMPTY_RAW:
+            raise ValueError("the wrapper has no `event`")
+        return bytes(head.event)
 
     @property
     def event_id(self) -> str | None:
@@ -233,18 +237,6 @@ class Event:
 
     def __repr__(self) -> str:
         return f"Event(seq={self.seq}, stream={self.stream!r}, action={self.action!r})"
-
-
-def bare_event_bytes(event: Event) -> bytes:
-    """The bare event's bytes exactly as received, for a sink to embed (`orjson.Fragment(...)`) or write.
-
-    Raises ValueError when the wrapper has no `event` (`Event.event_raw` then stands in with `{}`, which no
-    sink should deliver as if WorkOS had sent it), and msgspec.DecodeError when `raw` is not JSON.
-    """
-    head = event.head
-    if head.event is _EMPTY_RAW:
-        raise ValueError("the wrapper has no `event`")
-    return bytes(head.event)
 
 
 def iso_utc(epoch: float) -> str:

@@ -42,7 +42,6 @@ from sinks.base import (
     SendResult,
     SinkConfig,
     TlsOptions,
-    bare_event_bytes,
     classify_http_status,
     parse_retry_after,
 )
@@ -228,7 +227,7 @@ class DatadogSink:
         item["ddsource"] = self.config.source or event.source or "workos"
         # The event's JSON text exactly as WorkOS sent it: re-serialising parsed values would round integers
         # beyond 64 bits and turn 1e999 into null.
-        item["message"] = bare_event_bytes(event).decode()
+        item["message"] = event.event_raw.decode()
         return orjson.dumps(item)
 
     def _encode_all(self, batch: Sequence[Event], tally: Tally) -> list[Item]:

@@ -54,7 +54,6 @@ from sinks.base import (
     Outcome,
     SendResult,
     SinkConfig,
-    bare_event_bytes,
     parse_retry_after,
 )
 
@@ -372,7 +371,7 @@ class S3Sink:
         match = _DATE.match(stamp)
         moment = _parse_time(stamp, event.time)
         date = match.group(1) if match else moment.strftime("%Y-%m-%d")
-        bare = bare_event_bytes(event)
+        bare = event.event_raw
         if not bare.startswith(b"{"):
             raise ValueError("the wrapper's `event` is not a JSON object")
         suffix = event.key_suffix or event.event_id or f"seq-{event.seq}"

@@ -33,7 +33,6 @@ from sinks.base import (
     SendResult,
     SinkConfig,
     TlsOptions,
-    bare_event_bytes,
     classify_http_status,
     parse_retry_after,
 )
@@ -312,7 +311,7 @@ class SplunkHecSink:
         for event in batch:
             try:
                 source = self._source(event)
-                bare = bare_event_bytes(event)  # embedded as received: numbers and escapes keep their text
+                bare = event.event_raw  # embedded as received: numbers and escapes keep their text
                 if raw:
                     groups.setdefault(source, []).append((event, bare))
                 else:
