@@ -13,7 +13,16 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from receiver.dedup import DEFAULT_MAX_KEYS as DEFAULT_DEDUP_MAX_KEYS
 from receiver.errors import ConfigError
@@ -473,6 +482,28 @@ def secret_values(config: Config, environ: Mapping[str, str] | None = None) -> l
     env = os.environ if environ is None else environ
     found.extend(env[name] for name in SECRET_ENVIRONMENT if env.get(name))
     return found
+
+
+def listen_url(host: str, port: int, *, tls: bool) -> str:
+    """`scheme://host:port`, with an IPv6 host in brackets."""
+    scheme = "https" if tls else "http"
+    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
+
+
+def load_journal_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> JournalConfig:
+    """Only the `journal` section of a configuration file (for commands that read the journal alone, so
+    variables the other sections use, such as sinks' credentials, need not be set)."""
+    try:
+        tree = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        load_config(path, environ)  # raises the same clear error the full load gives
+        raise
+    section = tree.get("journal", {}) if isinstance(tree, dict) else {}
+    expanded, errors = expand_env(section, os.environ if environ is None else environ, "journal")
+    journal, problems = validate_all(JournalConfig, expanded or {}, "journal")
+    if errors or problems or journal is None:
+        raise ConfigError(errors + problems)
+    return journal
 
 
 DEFAULT_DATA_DIR = Path("./log-bridge-data")

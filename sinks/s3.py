@@ -48,11 +48,11 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 
 from sinks.base import (
     Duration,
-    PositiveDuration,
     Event,
     Failure,
     Health,
     Outcome,
+    PositiveDuration,
     SendResult,
     SinkConfig,
     parse_retry_after,
