@@ -178,6 +178,9 @@ class SinkRunner:
         """Deliver until stopped; on stop, keep draining until the backlog is empty."""
         self.cursor = (await self.journal.cursors([self.name]))[self.name]
         self._read_pos = self.cursor
+        self._unread = await self._persist(
+            lambda: self.journal.count_after(self.cursor, self.streams, self.name), "count the backlog"
+        )
         while not self._halting:
             self._signal.clear()
             await self._fill()

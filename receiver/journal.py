@@ -79,8 +79,8 @@ COMPRESSION_LEVEL = 1
 """zstd level of the stored events. Sync writes are the journal's bottleneck (every byte goes to the WAL, then to
 the database at checkpoint, each fsynced); level 1 stores WorkOS events in a fifth to an eighth of their size for
 ≈ 3 µs of CPU per KiB."""
-PROBE_ROOM = 1024 * 1024
-"""Bytes a readiness probe writes after the disk was full: about one large request."""
+PROBE_ROOM = 256 * 1024
+"""Bytes a readiness probe writes after the disk was full: more than most requests store (compressed)."""
 MAX_GROUP_JOBS = 1024
 """Most requests one commit serves."""
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
