@@ -411,7 +411,9 @@ class DeliveryEngine:
         for task in [*pending, *tasks[1:]]:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        self.metrics.backlog.remove(name)
+        for gauge in (self.metrics.backlog, self.metrics.sink_up):
+            with contextlib.suppress(KeyError):
+                gauge.remove(name)
         await _close(self.sinks.pop(name))
 
     async def stop(self, deadline: float) -> bool:

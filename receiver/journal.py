@@ -466,11 +466,12 @@ class Journal:
         return await self._read(count)
 
     async def start_cursors(self, sinks: Sequence[str], seq: int) -> None:
-        """Put sinks that have no cursor yet at `seq` (a sink added by a reload starts at the journal's end)."""
+        """Put sinks at `seq` (a sink a reload adds starts at the journal's end, whatever cursor it had when a
+        stream last fed it)."""
         if sinks:
             await self._write(
                 lambda conn: conn.executemany(
-                    "INSERT INTO cursors (sink, seq) VALUES (?, ?) ON CONFLICT (sink) DO NOTHING",
+                    "INSERT INTO cursors (sink, seq) VALUES (?, ?) ON CONFLICT (sink) DO UPDATE SET seq = excluded.seq",
                     [(sink, seq) for sink in sinks],
                 )
             )
