@@ -9,6 +9,7 @@ job checks that the rules only look at their own release.
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ import pytest
 import yaml
 
 from .prometheus import known_metric, metric_names, run_promtool, write_rules
-from .support import NAMESPACE, Manifest, Render, kinds, only
+from .support import FIXTURES, NAMESPACE, Manifest, Render, kinds, only
 
 JOB = "log-bridge"
 ALERTS = {
@@ -409,3 +410,19 @@ class TestPromtool:
         for case in CASES.values():
             expectations = [bool(t["exp_alerts"]) for t in case["alert_rule_test"]]
             assert True in expectations and False in expectations  # each fires at one time and not at another
+
+
+class TestPrometheusRuleSchema:
+    """The rendered resource is what the Prometheus Operator accepts (its CRD's fields, nothing else)."""
+
+    SCHEMA = FIXTURES / "prometheusrule-v1.schema.json"
+
+    def test_valid(self, render: Render, kubernetes_validate: Any) -> None:
+        rule = only(render(enabled({"runbookUrl": "https://wiki.example.com/lb"})), "PrometheusRule")
+        kubernetes_validate.utils.jsonschema.validate(rule, json.loads(self.SCHEMA.read_text()))
+
+    def test_a_misspelt_field_is_refused(self, render: Render, kubernetes_validate: Any) -> None:
+        rule = copy.deepcopy(only(render(enabled()), "PrometheusRule"))
+        rule["spec"]["groups"][0]["rules"][0]["expression"] = rule["spec"]["groups"][0]["rules"][0].pop("expr")
+        with pytest.raises(kubernetes_validate.utils.jsonschema.ValidationError):
+            kubernetes_validate.utils.jsonschema.validate(rule, json.loads(self.SCHEMA.read_text()))
