@@ -426,3 +426,38 @@ class TestPrometheusRuleSchema:
         rule["spec"]["groups"][0]["rules"][0]["expression"] = rule["spec"]["groups"][0]["rules"][0].pop("expr")
         with pytest.raises(kubernetes_validate.utils.jsonschema.ValidationError):
             kubernetes_validate.utils.jsonschema.validate(rule, json.loads(self.SCHEMA.read_text()))
+
+
+def selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """Whether a Kubernetes label selector (matchLabels, matchExpressions) selects an object with these labels."""
+    if not selector["matchLabels"].items() <= labels.items():
+        return False
+    for expression in selector.get("matchExpressions", []):
+        key, operator, values = expression["key"], expression["operator"], expression.get("values", [])
+        present = key in labels
+        matched = {
+            "In": present and labels.get(key) in values,
+            "NotIn": not present or labels[key] not in values,
+            "Exists": present,
+            "DoesNotExist": not present,
+        }[operator]
+        if not matched:
+            return False
+    return True
+
+
+class TestScrapedOnce:
+    """The ServiceMonitor scrapes the pods through one Service: through both, every series (and every sum in the
+    alerts and the dashboard) would count twice, under job=<name> and job=<name>-headless."""
+
+    def test_only_the_main_service(self, render: Render) -> None:
+        manifests = render({"serviceMonitor": {"enabled": True}})
+        selector = only(manifests, "ServiceMonitor")["spec"]["selector"]
+        services = {m["metadata"]["name"]: m["metadata"]["labels"] for m in manifests if m["kind"] == "Service"}
+        assert {name for name, labels in services.items() if selects(selector, labels)} == {JOB}
+        assert JOB + "-headless" in services
+
+    def test_the_matcher_matches(self) -> None:
+        selector = {"matchLabels": {"a": "1"}, "matchExpressions": [{"key": "b", "operator": "NotIn", "values": ["x"]}]}
+        assert selects(selector, {"a": "1"}) and selects(selector, {"a": "1", "b": "y"})
+        assert not selects(selector, {"a": "1", "b": "x"}) and not selects(selector, {"a": "2"})
