@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from .prometheus import known_metric, metric_names, run_promtool, write_rules
 from .support import CHART, NAMESPACE, REPO, Render, kinds, only
@@ -17,8 +18,51 @@ DOCS_COPY = REPO / "docs" / "grafana-dashboard.json"
 CHART_COPY = CHART / "files" / "grafana-dashboard.json"
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 # Grafana's query variables and macros, replaced by what they stand for so promtool can parse the query.
-GRAFANA_MACROS = {"$__rate_interval": "1m", "$__interval": "1m", "$__range": "1h"}
+GRAFANA_MACROS = {"$__rate_interval": "2m", "$__interval": "1m", "$__range": "1h"}
 GRID_WIDTH = 24
+
+
+def _series(metric: str, values: str, **labels: str) -> dict[str, str]:
+    labels = {"namespace": NAMESPACE, "job": "log-bridge", "pod": "log-bridge-0", "instance": "10.0.0.1:8443", **labels}
+    return {"series": metric + "{" + ", ".join(f'{k}="{v}"' for k, v in labels.items()) + "}", "values": values}
+
+
+# What one pod exposes, over ten minutes of traffic.
+POD_SERIES = [
+    _series("log_bridge_events_received_total", "0+10x10", stream="workos"),
+    _series("log_bridge_requests_refused_total", "0+1x10", stream="workos", reason="unauthorised"),
+    _series("log_bridge_requests_total", "0+5x10", stream="workos", code="200"),
+    *[
+        _series("log_bridge_request_duration_seconds_bucket", f"0+{n}x10", stream="workos", le=le)
+        for le, n in [("0.01", 3), ("0.1", 5), ("+Inf", 5)]
+    ],
+    _series("log_bridge_stream_last_event_timestamp_seconds", "0+60x10", stream="workos"),
+    _series("log_bridge_sink_backlog_events", "0+3x10", sink="archive"),
+    _series("log_bridge_sink_events_delivered_total", "0+10x10", sink="archive"),
+    _series("log_bridge_sink_events_failed_total", "0+1x10", sink="archive", outcome="retry"),
+    _series("log_bridge_sink_up", "1x10", sink="archive"),
+    _series("log_bridge_events_dead_lettered_total", "0+1x10", stage="archive"),
+    *[
+        _series("log_bridge_sink_send_duration_seconds_bucket", f"0+{n}x10", sink="archive", le=le)
+        for le, n in [("0.1", 1), ("1.0", 2), ("+Inf", 2)]
+    ],
+    _series("log_bridge_journal_bytes", "0+1000x10"),
+    _series("log_bridge_journal_max_bytes", "1073741824x10"),
+    _series("log_bridge_config_reloads_total", "0x4 1x6", result="success"),
+]
+
+
+# The label values in POD_SERIES, for the legends.
+LABEL_VALUES = {
+    "stream": "workos",
+    "reason": "unauthorised",
+    "code": "200",
+    "sink": "archive",
+    "outcome": "retry",
+    "stage": "archive",
+    "pod": "log-bridge-0",
+    "result": "success",
+}
 
 
 def dashboard() -> dict[str, Any]:
@@ -131,6 +175,25 @@ class TestDashboard:
         records = [{"record": f"panel:query{i}", "expr": as_promql(e)} for i, e in enumerate(exprs(dashboard()))]
         path = write_rules(tmp_path / "dashboard.yaml", [{"name": "dashboard", "rules": records}])
         result = run_promtool("check", "rules", path)
+        assert result.returncode == 0, result.stdout + result.stderr
+
+    def test_queries_return_data(self, tmp_path: Path) -> None:
+        """On series shaped like a pod's /metrics, every query has a result, with the labels its legend shows."""
+        write_rules(tmp_path / "none.yaml", [{"name": "none", "rules": []}])
+        checks = []
+        for panel in graph_panels(dashboard()):
+            for target in panel["targets"]:
+                legend = re.findall(r"\{\{\s*(\w+)\s*\}\}", target["legendFormat"])
+                expected = "{" + ", ".join(f'{label}="{LABEL_VALUES[label]}"' for label in legend) + "}"
+                by = ", ".join(legend)
+                expr = f"group by ({by}) ({as_promql(target['expr'])})"
+                checks.append({"expr": expr, "eval_time": "5m", "exp_samples": [{"labels": expected, "value": 1}]})
+        tests = {
+            "rule_files": ["none.yaml"],
+            "tests": [{"interval": "1m", "input_series": POD_SERIES, "promql_expr_test": checks}],
+        }
+        (tmp_path / "tests.yaml").write_text(yaml.safe_dump(tests, sort_keys=False))
+        result = run_promtool("test", "rules", tmp_path / "tests.yaml")
         assert result.returncode == 0, result.stdout + result.stderr
 
     def test_a_bad_query_is_caught(self, tmp_path: Path) -> None:
