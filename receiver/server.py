@@ -9,7 +9,7 @@ import logging
 import signal
 import ssl
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from aiohttp import http_exceptions, web, web_protocol
@@ -22,6 +22,9 @@ from receiver.errors import ConfigError
 from receiver.journal import Journal
 from receiver.metrics import Metrics
 from sinks.base import Sink
+
+if TYPE_CHECKING:
+    from receiver.workos import WorkosService
 
 log = logging.getLogger(__name__)
 
@@ -168,6 +171,8 @@ class Service:
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
         self._housekeeping: asyncio.Task[None] | None = None
+        self.workos: WorkosService | None = None
+        """The WorkOS stream watch and export archive (receiver.workos.WorkosService), with a `workos:` section."""
 
     @property
     def port(self) -> int:
@@ -207,6 +212,11 @@ class Service:
         self.engine = DeliveryEngine(self.config, self.journal, self.metrics, self.sinks)
         await self.engine.start()
         self._housekeeping = asyncio.create_task(self._prune_dedup_forever(), name="dedup-prune")
+        if self.config.workos is not None:
+            from receiver.workos import WorkosService
+
+            self.workos = WorkosService(self.config, self.metrics.registry, self.sinks)
+            self.workos.start()
         app = build_app(self.config, self.journal, self.metrics, self.state)
         self._runner = _Runner(
             app,
@@ -244,6 +254,8 @@ class Service:
         if self._runner is not None:
             await self._runner.cleanup()
         drained = True
+        if self.workos is not None:
+            await self.workos.stop()
         if self.engine is not None:
             drained = await self.engine.stop(self.config.server.shutdown_timeout)
         if self._housekeeping is not None:
