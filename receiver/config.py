@@ -235,6 +235,15 @@ class WorkosConfig(_Model):
     watch: WorkosWatchConfig = WorkosWatchConfig()
     export: WorkosExportConfig | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _sdk_installed(cls, value: Any) -> Any:
+        import importlib.util
+
+        if importlib.util.find_spec("workos") is None:
+            raise ValueError("needs the workos package, which is not installed: pip install 'log-bridge[workos]'")
+        return value
+
     @field_validator("api_key")
     @classmethod
     def _key_format(cls, value: SecretStr) -> SecretStr:

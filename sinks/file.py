@@ -116,12 +116,13 @@ class FileSink:
         """Write `data` to `directory/name` through a temporary file, fsynced and renamed into place."""
         async with self._lock:
             try:
-                await asyncio.to_thread(_store_file, self.directory / name, data)
+                await asyncio.to_thread(store_file, self.directory / name, data)
             except OSError as exc:
                 raise SinkError(f"cannot write {exc.filename or name}: {exc.strerror or exc}") from None
 
 
-def _store_file(path: Path, data: bytes) -> None:
+def store_file(path: Path, data: bytes) -> None:
+    """Write `data` at `path` durably: a temporary file beside it, fsynced, renamed into place, directory fsynced."""
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.partial")
     fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
