@@ -32,7 +32,10 @@ INTENTS = (
 def add_commands(commands: Any, config_help: str) -> None:
     """Add `workos` and its actions to the `log-bridge` parser."""
     workos = commands.add_parser(
-        "workos", help="the WorkOS side: stream state, exports, Admin Portal link", description=__doc__.split("\n")[0]
+        "workos",
+        help="the WorkOS side: stream state, exports, Admin Portal link",
+        description="The WorkOS side, through its API: each organization's log stream state, one export now, "
+        "an Admin Portal link.",
     )
     actions = workos.add_subparsers(dest="workos_command", required=True, metavar="ACTION")
 

@@ -9,7 +9,8 @@ shapes the bridge uses, so the real `workos` SDK can be pointed at it through `b
   and `expire_next_urls` makes the next URLs answer 403 straight away.
 - `GET /downloads/{token}`: the CSV bytes of the export (recorded in `served`).
 - `POST /portal/generate_link`: `{link}`.
-- 401 for a wrong API key; `fail(kind, status, times, retry_after)` queues 429 (with Retry-After) or 5xx answers.
+- 401 for a wrong API key; `fail(kind, status, times, retry_after)` queues 429 (with Retry-After) or 5xx answers;
+  `hang_seconds` delays every API answer (timeouts).
 """
 
 from __future__ import annotations
@@ -69,6 +70,8 @@ class FakeWorkOS:
     requests: list[tuple[str, str, str | None]] = field(default_factory=list)
     """(method, path, Authorization header) of every request."""
     failures: dict[str, list[tuple[int, str | None]]] = field(default_factory=dict)
+    hang_seconds: float = 0.0
+    """When set, API requests (not downloads) are answered only after this long (to provoke timeouts)."""
     lock: threading.Lock = field(default_factory=threading.Lock)
     url: str = ""
     _tokens: dict[str, str] = field(default_factory=dict)
@@ -111,6 +114,8 @@ class FakeWorkOS:
         with self.lock:
             self.requests.append((request.method, request.path, request.headers.get("Authorization")))
         if not request.path.startswith("/downloads/"):
+            if self.hang_seconds:
+                await asyncio.sleep(self.hang_seconds)
             if request.headers.get("Authorization") != f"Bearer {self.api_key}":
                 return web.json_response(
                     {"message": "Could not authorize the request. Maybe your API key is invalid?"}, status=401
