@@ -209,7 +209,9 @@ async def _export(
         max_bytes=export.max_bytes if export else 256 * 2**20,
     )
     bar = ProgressBar(sys.stderr)
-    filters = Filters(actions or (export.actions if export else ()))
+    filters = (
+        Filters(actions) if export is None else Filters(actions or export.actions, export.actor_names, export.targets)
+    )
     try:
         export_id = await exporter.create(organization, start, end, filters)
         url = await exporter.wait_ready(export_id, bar)

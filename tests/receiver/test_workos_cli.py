@@ -4,7 +4,9 @@ fake WorkOS API; and a running service whose WorkOS side fails while the intake 
 from __future__ import annotations
 
 import asyncio
+import io
 import sqlite3
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -298,3 +300,29 @@ class TestService:
             f'log_bridge_workos_stream_state{{organization="{ORGANIZATION}",state="active",type="GenericHttps"}} 0.0'
             in text
         )
+
+
+class TerminalStream(io.StringIO):
+    """A text stream that says it is a terminal."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def test_export_shows_progress_on_a_terminal(
+    workos_fake: FakeWorkOS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    workos_fake.polls_until_ready = 2
+    terminal = TerminalStream()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    config = write_config(tmp_path, workos_fake)
+    output = str(tmp_path / "out.csv")
+    assert (
+        main(["workos", "export", "-c", config, "--organization", ORGANIZATION, "--from", D1, "--to", D2, "-o", output])
+        == 0
+    )
+    shown = terminal.getvalue()
+    assert "\rwaiting for WorkOS to prepare the export ... 0s" in shown
+    size = len(workos_fake.served[0][1])
+    assert f"\rdownloading [{'#' * 30}] {size / 2**20:.1f} of {size / 2**20:.1f} MiB" in shown
+    assert shown.endswith("\n")
