@@ -219,7 +219,7 @@ class WorkosExportConfig(_Model):
     actor_names: tuple[str, ...] = ()
     targets: tuple[str, ...] = ()
     timeout: Duration = Field(30 * 60.0, gt=0)
-    """How long an export may stay `pending` before the attempt is given up (retried next period)."""
+    """How long an export may stay `pending` before the attempt is given up (and retried later)."""
     max_bytes: ByteSize = Field(256 * 1024 * 1024, gt=0)
     """Cap on one downloaded CSV (it is held in memory while the sinks store it)."""
 

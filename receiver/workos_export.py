@@ -178,7 +178,7 @@ class Exporter:
             chunks.append(chunk)
             if progress is not None:
                 progress("download", size, total)
-        return b"".join(chunks)
+        return await asyncio.to_thread(b"".join, chunks)  # up to max_bytes: copied off the event loop
 
 
 @dataclass(frozen=True, slots=True)
