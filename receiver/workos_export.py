@@ -9,7 +9,7 @@ so it is not parsed into events.
 State lives in the journal's database, table `workos_exports`, one row per organization: the end of the last
 archived range, and the range being exported (with its export id) so that a restart resumes it with the same
 bounds, and so the same object keys. A range counts as archived only once every export sink has stored it.
-Ranges are `every` long on the grid the first range starts (`[now - first_range, now - settle]`); after a
+The first range is `[now - first_range, now - settle]`; the next ones are `every` long from there; after a
 downtime the missed periods are archived one after the other; nothing older than WorkOS's 90 days is asked for.
 """
 
@@ -282,7 +282,7 @@ def plan_range(
             return state.pending, None
         return None, state.pending
     if state.archived_end is None:
-        start = max(horizon - int(export.first_range), oldest)
+        start = max(int(now - export.first_range), oldest)
         return ((start, horizon) if start < horizon else None), None
     start = state.archived_end
     lost = None

@@ -22,7 +22,9 @@ from tests.workos_fake import API_KEY, FakeWorkOS
 
 HOUR = 3600
 DAY = 24 * HOUR
-T0 = 1_760_000_000 - 1_760_000_000 % DAY  # a midnight, recent enough to be in WorkOS's reach of "now" below
+T0 = 1_760_000_000 - 1_760_000_000 % DAY  # a midnight; the tests' "now" is T0 + 15 minutes (the settle time)
+FIRST = T0 + 900 - DAY
+"""Where the first range starts: now - first_range (it ends at now - settle = T0)."""
 
 
 class Clock:
@@ -106,7 +108,7 @@ class TestPlan:
         export = workos_config(workos_fake).export
         assert export is not None
         now = T0 + 900
-        assert plan_range(OrgState(), now, export) == ((T0 - DAY, T0), None)
+        assert plan_range(OrgState(), now, export) == ((FIRST, T0), None)
         assert plan_range(OrgState(archived_end=T0), now + DAY - 1, export) == (None, None)
         assert plan_range(OrgState(archived_end=T0), now + DAY, export) == ((T0, T0 + DAY), None)
         # A pending range is resumed with its own bounds, whatever the time.
@@ -128,12 +130,12 @@ class TestSchedule:
     async def test_the_first_range_is_stored_by_every_sink_as_downloaded(self, setup: Any) -> None:
         s = setup()
         wait = await s.schedule.run_due()
-        name = f"{iso(T0 - DAY)}_{iso(T0)}.csv"
+        name = f"{iso(FIRST)}_{iso(T0)}.csv"
         assert s.stored("a") == s.stored("b") == [name]
         ((export_id, data),) = s.fake.served
         for sink in ("a", "b"):
             assert (s.tmp / sink / "exports" / ORGANIZATION / name).read_bytes() == data
-        assert s.fake.exports[export_id].range_start == iso(T0 - DAY).replace("Z", ".000Z")
+        assert s.fake.exports[export_id].range_start == iso(FIRST).replace("Z", ".000Z")
         assert (await s.state.get(ORGANIZATION)) == OrgState(archived_end=T0)
         assert s.result("archived") == 1
         assert s.metrics.value(
@@ -153,7 +155,7 @@ class TestSchedule:
         assert len(s.fake.exports) == 1
         s.clock.now += 60
         await s.schedule.run_due()
-        assert s.ranges() == [(iso(T0 - DAY), iso(T0)), (iso(T0), iso(T0 + DAY))]
+        assert s.ranges() == [(iso(FIRST), iso(T0)), (iso(T0), iso(T0 + DAY))]
 
     async def test_catch_up_after_downtime_in_ranges_of_at_most_every(self, setup: Any) -> None:
         s = setup()
@@ -163,7 +165,7 @@ class TestSchedule:
         s = setup(now=T0 + 900 + 3 * DAY + 12 * HOUR)
         await s.schedule.run_due()
         ranges = s.ranges()
-        assert ranges == [(iso(T0 - DAY + k * DAY), iso(T0 + k * DAY)) for k in range(4)]
+        assert ranges == [(iso(FIRST), iso(T0))] + [(iso(T0 + k * DAY), iso(T0 + (k + 1) * DAY)) for k in range(3)]
         assert_contiguous(ranges)
         assert s.stored("a") == s.stored("b")
         assert len(s.fake.exports) == 4
@@ -179,7 +181,7 @@ class TestSchedule:
             await running
         assert s.stored() == []
         pending = await s.state.get(ORGANIZATION)
-        assert pending.pending == (T0 - DAY, T0) and pending.pending_export in s.fake.exports
+        assert pending.pending == (FIRST, T0) and pending.pending_export in s.fake.exports
         # The next process starts two hours later: the same export, the same range, the same name.
         s.fake.polls_until_ready = 1
         s.clock.now += 2 * HOUR
@@ -187,14 +189,14 @@ class TestSchedule:
         s.schedule = s.new_schedule()
         await s.schedule.run_due()
         assert len(s.fake.exports) == 1 and s.fake.count("POST", "/audit_logs/exports") == 1
-        assert s.stored("a") == s.stored("b") == [f"{iso(T0 - DAY)}_{iso(T0)}.csv"]
+        assert s.stored("a") == s.stored("b") == [f"{iso(FIRST)}_{iso(T0)}.csv"]
         assert (await s.state.get(ORGANIZATION)) == OrgState(archived_end=T0)
 
     async def test_a_failing_sink_stores_nothing_and_the_range_is_retried(self, setup: Any) -> None:
         s = setup()
         (s.tmp / "b").write_text("a file where sink b's directory should be")
         wait = await s.schedule.run_due()
-        assert s.stored("a") == [f"{iso(T0 - DAY)}_{iso(T0)}.csv"]
+        assert s.stored("a") == [f"{iso(FIRST)}_{iso(T0)}.csv"]
         assert not (s.tmp / "b").is_dir()
         assert s.result("sink_failed") == 1 and s.result("archived") == 0
         assert (await s.state.get(ORGANIZATION)).archived_end is None
@@ -204,7 +206,7 @@ class TestSchedule:
         (s.tmp / "b").unlink()
         s.clock.now += 61
         await s.schedule.run_due()
-        assert s.stored("a") == s.stored("b") == [f"{iso(T0 - DAY)}_{iso(T0)}.csv"]
+        assert s.stored("a") == s.stored("b") == [f"{iso(FIRST)}_{iso(T0)}.csv"]
         assert s.result("archived") == 1
         # The retry used the same WorkOS export (a fresh URL), and b got the bytes a got.
         assert s.fake.count("POST", "/audit_logs/exports") == 1

@@ -145,13 +145,13 @@ class TestS3OnRGW:
             await schedule.close()
             await api.close()
             await sinks["s3"].close()
-        start = int(now - 900 - day)
-        names = [f"exports/{ORGANIZATION}/{iso(start + k * day)}_{iso(start + (k + 1) * day)}.csv" for k in range(3)]
+        bounds = [int(now - day), int(now - 900), int(now - 900 + day), int(now - 900 + 2 * day)]
+        names = [f"exports/{ORGANIZATION}/{iso(a)}_{iso(b)}.csv" for a, b in zip(bounds, bounds[1:], strict=False)]
         objects = read_objects(rgw_s3_client, lock_bucket)
         assert sorted(objects) == [f"workos/{name}" for name in names]
         served = {workos_fake.exports[export_id].range_start: data for export_id, data in workos_fake.served}
         assert len(served) == 3
         for k, name in enumerate(names):
-            data = served[iso(start + k * day).replace("Z", ".000Z")]
+            data = served[iso(bounds[k]).replace("Z", ".000Z")]
             assert objects[f"workos/{name}"]["body"] == data
             assert (tmp_path / "files" / name).read_bytes() == data
