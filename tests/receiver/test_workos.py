@@ -188,6 +188,27 @@ class TestStreamState:
         assert "auth header must equal one of the stream's auth.values" in lines[1][1]
         assert "reachable from WorkOS's egress addresses" in lines[2][1]
 
+    async def test_a_stream_that_goes_away_leaves_no_stale_series(self, workos_fake: FakeWorkOS) -> None:
+        metrics = new_metrics()
+        api = api_for(workos_fake, metrics)
+        watch = StreamWatch(_config(workos_fake), api, metrics)
+        labels = {"organization": ORGANIZATION, "type": "GenericHttps", "state": "active"}
+        try:
+            await watch.check_all()
+            assert sample(metrics, "log_bridge_workos_stream_state", **labels) == 1
+            workos_fake.organizations[ORGANIZATION] = stream("active", type_="Splunk")
+            await watch.check_all()
+            assert sample(metrics, "log_bridge_workos_stream_state", **labels) is None
+            assert sample(metrics, "log_bridge_workos_stream_state", **{**labels, "type": "Splunk"}) == 1
+            workos_fake.organizations[ORGANIZATION] = None
+            await watch.check_all()
+        finally:
+            await api.close()
+        assert sample(metrics, "log_bridge_workos_stream_state", **{**labels, "type": "Splunk"}) is None
+        assert (
+            sample(metrics, "log_bridge_workos_stream_last_synced_timestamp_seconds", organization=ORGANIZATION) is None
+        )
+
     async def test_no_stream_and_other_destinations_are_reported_not_errors(
         self, workos_fake: FakeWorkOS, caplog: pytest.LogCaptureFixture
     ) -> None:
