@@ -1,4 +1,4 @@
-"""The `log-bridge` command: serve, validate, check, send-test, dlq list / dlq replay."""
+"""The `log-bridge` command: serve, validate, check, send-test, dlq list / dlq replay, workos (receiver.workos_cli)."""
 
 from __future__ import annotations
 
@@ -117,6 +117,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
         feeds = config.streams_of(name)
         note = "" if feeds else " (no stream feeds it)"
         print(f"  sink {name}: type {section.type}{note}")
+    if config.workos is not None:
+        export = config.workos.export
+        archive = f"export every {export.every:g}s to {', '.join(export.sinks)}" if export else "no export"
+        watch = f"watch every {config.workos.watch.every:g}s"
+        print(f"  workos: {len(config.workos.organizations)} organization(s), {watch}, {archive}")
     return 0
 
 
@@ -157,6 +162,10 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"{verdict} {name:<{width}}  ({config.sinks[name].type}) {health.message}")
     failed = sum(not health.ok for health in results.values())
     print(f"{len(results) - failed} of {len(results)} sink(s) healthy")
+    if config.workos is not None and not args.sink:
+        from receiver.workos_cli import check_workos
+
+        failed += check_workos(config.workos, args.timeout)
     return 1 if failed else 0
 
 
@@ -406,6 +415,10 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--config", "-c", help=config_help)
     replay.add_argument("--sink", help="only this sink's")
     replay.set_defaults(func=cmd_dlq_replay)
+
+    from receiver.workos_cli import add_commands as add_workos_commands
+
+    add_workos_commands(commands, config_help)
     return parser
 
 

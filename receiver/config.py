@@ -10,10 +10,11 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -192,6 +193,86 @@ class SinkSection(_Model):
     options: SinkConfig = SinkConfig()
 
 
+WORKOS_EXPORT_MAX_AGE = 90 * 86400.0
+"""How far back WorkOS exports reach (three months)."""
+
+
+def _organization_id(value: str) -> str:
+    if not re.fullmatch(r"org_[A-Za-z0-9]{1,64}", value):
+        raise ValueError("not a WorkOS organization id (org_ followed by letters and digits)")
+    return value
+
+
+def _within_export_reach(value: float) -> float:
+    if value > WORKOS_EXPORT_MAX_AGE:
+        raise ValueError("must be at most 90d (WorkOS exports reach three months back)")
+    return value
+
+
+_ExportSpan = Annotated[Duration, AfterValidator(_within_export_reach)]
+
+
+class WorkosWatchConfig(_Model):
+    """`workos.watch`: how often each organization's audit-log configuration is read."""
+
+    every: Duration = Field(300.0, ge=10.0)
+
+
+class WorkosExportConfig(_Model):
+    """`workos.export`: the scheduled export archive."""
+
+    every: _ExportSpan = Field(24 * 3600.0, ge=60.0)
+    first_range: _ExportSpan = Field(24 * 3600.0, gt=0)
+    settle: Duration = Field(15 * 60.0, ge=0, le=7 * 86400.0)
+    sinks: tuple[str, ...] = Field(min_length=1)
+    actions: tuple[str, ...] = ()
+    actor_names: tuple[str, ...] = ()
+    targets: tuple[str, ...] = ()
+    timeout: Duration = Field(30 * 60.0, gt=0)
+    """How long an export may stay `pending` before the attempt is given up (and retried later)."""
+    max_bytes: ByteSize = Field(256 * 1024 * 1024, gt=0)
+    """Cap on one downloaded CSV (it is held in memory while the sinks store it)."""
+
+
+class WorkosConfig(_Model):
+    """The optional `workos:` section: the WorkOS API, for the stream watch and the export archive."""
+
+    api_key: SecretStr
+    base_url: str = Field("https://api.workos.com", pattern=r"^https?://[^/\s]+")
+    organizations: tuple[Annotated[str, AfterValidator(_organization_id)], ...] = Field(min_length=1)
+    timeout: Duration = Field(30.0, ge=1.0, le=600.0)
+    """Time limit of one API request."""
+    watch: WorkosWatchConfig = WorkosWatchConfig()
+    export: WorkosExportConfig | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _sdk_installed(cls, value: Any) -> Any:
+        import importlib.util
+
+        if importlib.util.find_spec("workos") is None:
+            raise ValueError("needs the workos package, which is not installed: pip install 'log-bridge[workos]'")
+        return value
+
+    @field_validator("api_key")
+    @classmethod
+    def _key_format(cls, value: SecretStr) -> SecretStr:
+        key = value.get_secret_value()
+        if not key:
+            raise ValueError("is empty (is its environment variable set?)")
+        if not key.startswith("sk_") or any(ch.isspace() for ch in key):
+            raise ValueError("a WorkOS API key starts with sk_ (Dashboard > API Keys)")
+        return value
+
+    @field_validator("organizations")
+    @classmethod
+    def _organization_ids(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for index, organization in enumerate(value):
+            if organization in value[:index]:
+                raise ValueError(f"[{index}] {organization!r} is listed twice")
+        return value
+
+
 class Config(_Model):
     """The whole configuration file."""
 
@@ -199,6 +280,7 @@ class Config(_Model):
     journal: JournalConfig = JournalConfig()
     streams: tuple[StreamConfig, ...] = Field(min_length=1)
     sinks: dict[str, SinkSection] = Field(min_length=1)
+    workos: WorkosConfig | None = None
 
     @model_validator(mode="after")
     def _check_references(self) -> Config:
@@ -222,6 +304,25 @@ class Config(_Model):
                         f"streams[{index}].sinks[{position}]: sink {sink!r} is not defined under sinks "
                         f"(defined: {', '.join(sorted(self.sinks)) or 'none'})"
                     )
+        if problems:
+            raise ConfigError(problems)
+        return self
+
+    @model_validator(mode="after")
+    def _check_workos_sinks(self) -> Config:
+        from sinks.objects import stores_objects
+
+        export = self.workos.export if self.workos is not None else None
+        problems = []
+        for position, sink in enumerate(export.sinks if export is not None else ()):
+            where = f"workos.export.sinks[{position}]"
+            if sink not in self.sinks:
+                problems.append(f"{where}: sink {sink!r} is not defined under sinks")
+            elif not stores_objects(self.sinks[sink].type):
+                problems.append(
+                    f"{where}: sink {sink!r} (type {self.sinks[sink].type}) cannot store files; use a sink of type "
+                    "s3 or file"
+                )
         if problems:
             raise ConfigError(problems)
         return self

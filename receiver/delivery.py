@@ -96,6 +96,14 @@ class SinkRunner:
         """Events of this sink's streams in the journal after `_read_pos` (counted, then decreased as read)."""
         self._in_flight = 0
 
+    async def prime(self) -> None:
+        """Read this sink's cursor and count its backlog (before `run`, so the gauge is true from the start)."""
+        self.cursor = (await self.journal.cursors([self.name]))[self.name]
+        self._read_pos = self.cursor
+        self._unread = await self._persist(
+            lambda: self.journal.count_after(self.cursor, self.streams, self.name), "count the backlog"
+        )
+
     def owed(self) -> int:
         """Events this sink still has to deliver: unread, buffered, and being sent or retried (filtered-out
         actions count until they are read)."""
@@ -176,11 +184,6 @@ class SinkRunner:
 
     async def run(self) -> None:
         """Deliver until stopped; on stop, keep draining until the backlog is empty."""
-        self.cursor = (await self.journal.cursors([self.name]))[self.name]
-        self._read_pos = self.cursor
-        self._unread = await self._persist(
-            lambda: self.journal.count_after(self.cursor, self.streams, self.name), "count the backlog"
-        )
         while not self._halting:
             self._signal.clear()
             await self._fill()
@@ -350,7 +353,8 @@ class DeliveryEngine:
         self.metrics.backlog.labels(name).set_function(runner.owed)
         return runner
 
-    def _launch(self, runner: SinkRunner) -> None:
+    async def _launch(self, runner: SinkRunner) -> None:
+        await runner.prime()
         self._tasks[runner.name] = [
             asyncio.create_task(runner.run(), name=f"sink:{runner.name}"),
             asyncio.create_task(self._first_check(runner), name=f"health:{runner.name}"),
@@ -360,7 +364,7 @@ class DeliveryEngine:
     async def start(self) -> None:
         """Start delivering, and check each sink's health in the background (a red check does not stop intake)."""
         for runner in self.runners.values():
-            self._launch(runner)
+            await self._launch(runner)
 
     @staticmethod
     async def _first_check(runner: SinkRunner) -> None:
@@ -372,15 +376,14 @@ class DeliveryEngine:
 
     async def reconfigure(self, config: Config, built: Mapping[str, Sink]) -> None:
         """Apply a reloaded configuration: `built` holds the new sinks (added or changed). A removed sink's
-        cursor is dropped; an added one starts at the journal's end; a changed one is rebuilt at its cursor."""
+        cursor is dropped; an added one starts at the journal's end; a changed one is rebuilt at its cursor.
+        A sink no stream feeds (one only the WorkOS export archive uses) is kept unless removed or changed."""
         active = active_sinks(config)
         gone = [name for name in self.runners if name not in active or name in built]
-        for name in gone:
-            await self._retire(name, config.server.shutdown_timeout)
-        for name in [n for n in self.sinks if n not in active or n in built]:
-            sink = self.sinks.pop(name)
-            if name not in gone:  # built but never run (no stream fed it)
-                await _close(sink)
+        for name in gone:  # its sink object is kept when the configuration still has it unchanged
+            await self._retire(name, config.server.shutdown_timeout, close=name not in config.sinks or name in built)
+        for name in [n for n in self.sinks if n not in config.sinks or n in built]:
+            await _close(self.sinks.pop(name))
         added = [name for name in active if name not in self.runners and name not in gone]
         await self.journal.start_cursors(added, self.journal.last_seq)
         for name in active:
@@ -400,10 +403,10 @@ class DeliveryEngine:
         for name in active:
             if name not in self.runners:
                 self.runners[name] = runner = self._runner(name, config, active)
-                self._launch(runner)
+                await self._launch(runner)
         self.config = config
 
-    async def _retire(self, name: str, deadline: float) -> None:
+    async def _retire(self, name: str, deadline: float, close: bool) -> None:
         runner = self.runners.pop(name)
         runner.halt()
         tasks = self._tasks.pop(name, [])
@@ -414,7 +417,8 @@ class DeliveryEngine:
         for gauge in (self.metrics.backlog, self.metrics.sink_up):
             with contextlib.suppress(KeyError):
                 gauge.remove(name)
-        await _close(self.sinks.pop(name))
+        if close:
+            await _close(self.sinks.pop(name))
 
     async def stop(self, deadline: float) -> bool:
         """Let the sinks drain the backlog for up to `deadline` seconds, then close them. True if all drained."""

@@ -139,3 +139,52 @@ class Metrics:
     def render(self) -> bytes:
         """The Prometheus text exposition."""
         return generate_latest(self.registry)
+
+
+class WorkosMetrics:
+    """The metrics of the WorkOS stream watch and export archive (`workos:`), in the service's registry."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        r = registry
+        self.stream_state = Gauge(
+            "log_bridge_workos_stream_state",
+            "1 for the current state of the organization's WorkOS log stream, 0 for the other states",
+            ["organization", "type", "state"],
+            registry=r,
+        )
+        self.last_synced = Gauge(
+            "log_bridge_workos_stream_last_synced_timestamp_seconds",
+            "When WorkOS last synced events to the organization's log stream (its last_synced_at)",
+            ["organization"],
+            registry=r,
+        )
+        self.api_errors = Counter(
+            "log_bridge_workos_api_errors",
+            "Failed WorkOS API calls, by operation and reason",
+            ["operation", "reason"],
+            registry=r,
+        )
+        self.exports = Counter(
+            "log_bridge_workos_exports",
+            "Scheduled export attempts of an organization's range, by result",
+            ["organization", "result"],
+            registry=r,
+        )
+        self.export_last_success = Gauge(
+            "log_bridge_workos_export_last_success_timestamp_seconds",
+            "When an export range of the organization was last archived by every export sink",
+            ["organization"],
+            registry=r,
+        )
+        self.archived_until = Gauge(
+            "log_bridge_workos_export_archived_until_timestamp_seconds",
+            "End of the organization's last archived export range",
+            ["organization"],
+            registry=r,
+        )
+        self.stored_bytes = Counter(
+            "log_bridge_workos_export_stored_bytes",
+            "Bytes of export CSV files stored, by sink",
+            ["sink"],
+            registry=r,
+        )

@@ -22,6 +22,7 @@ class ReloadPlan:
     config: Config
     needs_restart: list[str]
     sinks_to_build: list[str]
+    """Sinks new or changed in the file (fed by a stream or not)."""
     streams: dict[str, list[str]]
     sinks: dict[str, list[str]]
 
@@ -68,4 +69,6 @@ def plan_reload(old: Config, new: Config) -> ReloadPlan:
         "removed": [name for name in old_active if name not in new_active],
         "changed": [name for name in new_active if name in old_active and config.sinks[name] != old.sinks[name]],
     }
-    return ReloadPlan(config, needs_restart, sinks["added"] + sinks["changed"], streams, sinks)
+    # Every sink new or changed in the file is built, fed by a stream or not (the WorkOS export uses sinks too).
+    build = [name for name in config.sinks if name not in old.sinks or config.sinks[name] != old.sinks[name]]
+    return ReloadPlan(config, needs_restart, build, streams, sinks)

@@ -14,7 +14,7 @@ import ssl
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from aiohttp import http_exceptions, web, web_protocol
@@ -30,6 +30,10 @@ from receiver.metrics import Metrics
 from receiver.reload import plan_reload
 from sinks.base import Sink
 from sinks.errors import SinkError
+
+if TYPE_CHECKING:
+    from receiver.metrics import WorkosMetrics
+    from receiver.workos import WorkosService
 
 log = logging.getLogger(__name__)
 
@@ -238,6 +242,9 @@ class Service:
         self._housekeeping: asyncio.Task[None] | None = None
         self._reloading = asyncio.Lock()
         scrub.register(secret_values(config))
+        self.workos: WorkosService | None = None
+        self._workos_metrics: WorkosMetrics | None = None
+        """The WorkOS stream watch and export archive (receiver.workos.WorkosService), with a `workos:` section."""
 
     @property
     def port(self) -> int:
@@ -275,6 +282,12 @@ class Service:
         self.engine = DeliveryEngine(self.config, self.journal, self.metrics, self.sinks)
         await self.engine.start()
         self._housekeeping = asyncio.create_task(self._prune_dedup_forever(), name="dedup-prune")
+        if self.config.workos is not None:
+            from receiver.workos import WorkosService
+
+            self.workos = WorkosService(self.config, self.metrics.registry, self.sinks)
+            self._workos_metrics = self.workos.metrics
+            self.workos.start()
         app = build_app(self.config, self.journal, self.metrics, self.state)
         self._runner = _Runner(
             app,
@@ -362,12 +375,30 @@ class Service:
         self.state.install(config, self.journal, self.metrics)
         if self.engine is not None:
             await self.engine.reconfigure(config, built)
+        await self._restart_workos(config, built)
         self.config = config
         for setting in plan.needs_restart:
             log.warning("reload: this setting changes only with a restart; kept as it was", extra={"setting": setting})
         log.info("configuration reloaded", extra={"path": self.path, **plan.summary()})
         self._warn_open_streams(config)
         return True
+
+    async def _restart_workos(self, config: Config, built: Mapping[str, Sink]) -> None:
+        """After a reload: restart the WorkOS watch and export when their section or their sinks changed
+        (an export in progress resumes where it was, from the journal)."""
+        export = config.workos.export if config.workos is not None else None
+        rebuilt = export is not None and any(name in built for name in export.sinks)
+        if config.workos == self.config.workos and not rebuilt:
+            return
+        if self.workos is not None:
+            await self.workos.stop()
+            self.workos = None
+        if config.workos is not None and self.engine is not None:
+            from receiver.workos import WorkosService
+
+            self.workos = WorkosService(config, self.metrics.registry, self.engine.sinks, self._workos_metrics)
+            self._workos_metrics = self.workos.metrics
+            self.workos.start()
 
     async def _prune_dedup_forever(self) -> None:
         while True:
@@ -384,6 +415,8 @@ class Service:
         if self._runner is not None:
             await self._runner.cleanup()
         drained = True
+        if self.workos is not None:
+            await self.workos.stop()
         if self.engine is not None:
             drained = await self.engine.stop(self.config.server.shutdown_timeout)
         if self._housekeeping is not None:

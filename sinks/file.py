@@ -6,12 +6,15 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+import uuid
 from collections.abc import Sequence
+from datetime import datetime
 from pathlib import Path
 
 from pydantic import Field
 
 from sinks.base import ByteSize, Event, Health, SendResult, SinkConfig
+from sinks.errors import SinkError
 
 
 class FileSink:
@@ -100,3 +103,43 @@ class FileSink:
 
     async def close(self) -> None:
         """Nothing stays open between batches."""
+
+    # --- whole files (sinks.objects.ObjectStore) ---
+
+    @property
+    def directory(self) -> Path:
+        """Where stored files go: the leading part of `path` that has no strftime field."""
+        static = self.config.path.split("%", 1)[0]
+        return Path(static if static.endswith("/") else os.path.dirname(static) or ".")
+
+    async def store_object(self, name: str, data: bytes, *, moment: datetime) -> None:
+        """Write `data` to `directory/name` through a temporary file, fsynced and renamed into place."""
+        async with self._lock:
+            try:
+                await asyncio.to_thread(store_file, self.directory / name, data)
+            except OSError as exc:
+                raise SinkError(f"cannot write {exc.filename or name}: {exc.strerror or exc}") from None
+
+
+def store_file(path: Path, data: bytes) -> None:
+    """Write `data` at `path` durably: a temporary file beside it, fsynced, renamed into place, directory fsynced."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.partial")
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)  # the new name must survive a crash too
+    finally:
+        os.close(directory)

@@ -57,6 +57,7 @@ from sinks.base import (
     SinkConfig,
     parse_retry_after,
 )
+from sinks.errors import SinkError
 
 if TYPE_CHECKING:
     from mypy_boto3_s3.client import S3Client
@@ -504,6 +505,19 @@ class S3Sink:
         for secret in self._secrets:
             text = text.replace(secret, "***")
         return text
+
+    async def store_object(self, name: str, data: bytes, *, moment: datetime) -> None:
+        """Put one file (sinks.objects.ObjectStore) at `{prefix}{name}`, with Content-MD5 and the configured
+        encryption, storage class and Object Lock; the prefix's strftime fields are filled from `moment`."""
+        if self._closed:
+            raise SinkError(f"sink {self.name!r} is closed")
+        put = _Put(f"{render_prefix(self.config.prefix, moment)}{name}", data, "text/csv")
+        try:
+            client = await self._get_client()
+            await self._run(self._put, client, put)
+        except Exception as exc:
+            _, reason, _ = self._classify(exc, put.key)
+            raise SinkError(reason) from None
 
     # --- health and shutdown ---
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +14,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from receiver.config import parse_config
 from receiver.server import Service
 from sinks.memory import MemorySink
+from tests.workos_fake import FakeWorkOS, FakeWorkOSServer
+from tests.workos_fake import stream as workos_stream
 
 TOKEN = "Bearer test-secret-0123456789"
 
@@ -25,6 +27,8 @@ BASE_CONFIG: dict[str, Any] = {
 }
 
 StartService = Callable[..., Awaitable[Service]]
+
+ORGANIZATION = "org_01EHZNVPK3SFK441A1RGBFSHRT"
 
 
 def merge(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
@@ -76,3 +80,13 @@ def scrape(text: str, name: str, **labels: str) -> float | None:
 def memory(name: str = "mem") -> MemorySink:
     """The memory sink a running service built under `name`."""
     return MemorySink.instances[name]
+
+
+@pytest.fixture
+def workos_fake() -> Iterator[FakeWorkOS]:
+    """A fake WorkOS API on loopback (tests/workos_fake.py) that knows ORGANIZATION, with an active HTTPS stream."""
+    server = FakeWorkOSServer()
+    fake = server.start()
+    fake.organizations[ORGANIZATION] = workos_stream("active", last_synced_at="2024-01-15T10:30:00.000Z")
+    yield fake
+    server.stop()

@@ -18,7 +18,8 @@ from receiver.cli import encode_body, sample_wrappers
 from receiver.config import parse_config
 from receiver.reload import plan_reload
 from receiver.server import Service
-from tests.conftest import BASE_CONFIG, TOKEN, merge, scrape
+from tests.conftest import BASE_CONFIG, ORGANIZATION, TOKEN, merge, scrape
+from tests.workos_fake import API_KEY, FakeWorkOS
 
 NEW_TOKEN = "Bearer rotated-secret-9876543210"
 
@@ -89,7 +90,7 @@ class TestPlan:
         changed["streams"] = [{**tree["streams"][0], "sinks": ["mem", "third"]}]
         plan = plan_reload(old, parse_config(changed, {}))
         assert plan.sinks == {"added": ["third"], "removed": ["other"], "changed": ["mem"]}
-        assert plan.sinks_to_build == ["third", "mem"]
+        assert plan.sinks_to_build == ["mem", "third"]  # new or changed, in file order
         assert plan.streams["changed"] == ["workos"]
 
 
@@ -244,3 +245,34 @@ class TestCertificateRotation:
             file.change({"server": {"tls": {"cert_file": str(cert2), "key_file": str(tmp_path / "broken.key")}}})
             assert not await service.reload()
             assert await self.served_name(service.port, ca) == "second"
+
+
+class TestReloadWithWorkos:
+    async def test_the_export_sink_survives_and_the_watch_restarts(
+        self, running, workos_fake: FakeWorkOS, tmp_path: Path, client: aiohttp.ClientSession
+    ) -> None:
+        tree = merge(
+            BASE_CONFIG,
+            {
+                "sinks": {"exports": {"type": "file", "path": str(tmp_path / "exports" / "events.ndjson")}},
+                "workos": {
+                    "api_key": API_KEY,
+                    "base_url": workos_fake.url,
+                    "organizations": [ORGANIZATION],
+                    "export": {"sinks": ["exports"]},
+                },
+            },
+        )
+        service, file = await running(tree)
+        first = service.workos
+        exports = service.engine.sinks["exports"]  # type: ignore[union-attr]  # no stream feeds it
+        file.change({"sinks": {"mem": {"batch": {"max_events": 9}}}})  # the workos section is unchanged
+        assert await service.reload()
+        assert service.workos is first
+        assert service.engine.sinks["exports"] is exports  # type: ignore[union-attr]
+        file.change({"workos": {"watch": {"every": "1m"}}})
+        assert await service.reload()  # the same metrics are reused: no duplicate series
+        assert service.workos is not first and service.workos is not None
+        assert service.engine.sinks["exports"] is exports  # type: ignore[union-attr]
+        text = (await (await client.get(service.url + "/metrics")).read()).decode()
+        assert "log_bridge_workos_stream_state" in text
