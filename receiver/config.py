@@ -10,7 +10,7 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -113,6 +113,33 @@ class ServerConfig(_Model):
         return [_network(entry) for entry in self.trusted_proxies]
 
 
+class DedupStoreConfig(_Model):
+    """Where dedup keys are shared: the journal alone (one replica), or a Redis every replica asks (several)."""
+
+    type: Literal["journal", "redis"] = "journal"
+    url: str | None = Field(None, validate_default=True)
+    """redis://[user:password@]host[:port][/db] or rediss:// (TLS)."""
+    password: str | None = None
+    """The password, when it is not in the URL (e.g. `${REDIS_PASSWORD}`)."""
+    key_prefix: str = Field("log-bridge:dedup:", min_length=1)
+    timeout: Duration = Field(0.25, gt=0, le=10)
+    """Longest wait for one round trip to Redis; past it the request is deduplicated locally only."""
+    ca_file: Path | None = None
+    """CA bundle that signed the Redis server's certificate (rediss://), when not a public CA."""
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: str | None, info: Any) -> str | None:  # pydantic.ValidationInfo
+        kind = info.data.get("type")
+        if kind == "redis" and not value:
+            raise ValueError("field required with type redis")
+        if kind == "journal" and value:
+            raise ValueError("only used with type redis")
+        if value and not value.startswith(("redis://", "rediss://")):  # the value itself is never repeated
+            raise ValueError("must start with redis:// or rediss:// (TLS)")
+        return value
+
+
 class JournalConfig(_Model):
     """The durable SQLite journal."""
 
@@ -122,6 +149,15 @@ class JournalConfig(_Model):
     dedup_window: Duration = 24 * 3600.0
     dedup_max_keys: int = Field(DEFAULT_DEDUP_MAX_KEYS, ge=1)
     """Keys the dedup index holds at most; past it the oldest are forgotten early (counted), never refused."""
+    dedup_store: DedupStoreConfig = DedupStoreConfig()
+
+    @model_validator(mode="after")
+    def _check_dedup_store(self) -> JournalConfig:
+        if self.dedup_store.type == "redis" and self.dedup_window <= 0:
+            raise ValueError(
+                "dedup_window must be above 0 with dedup_store type redis (its keys expire with the window)"
+            )
+        return self
 
 
 class AuthConfig(_Model):
