@@ -105,6 +105,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
     print(f"  allowlist: {', '.join(server.allowlist)}; trusted proxies: {', '.join(server.trusted_proxies) or 'none'}")
     journal = config.journal
     print(f"  journal: {journal.path} (cap {journal.max_bytes} bytes, dedup {journal.dedup_window:g}s)")
+    if journal.dedup_store.type == "redis":
+        from receiver.dedup_store import display_url
+
+        print(f"  dedup shared through redis at {display_url(journal.dedup_store.url or '')}")
     for stream in config.streams:
         auth = (
             f"secret in {stream.auth.header} ({len(stream.auth.values)} accepted value(s))"

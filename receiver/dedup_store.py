@@ -36,6 +36,9 @@ log = logging.getLogger(__name__)
 RETRY_INTERVAL = 1.0
 """Seconds between tries while the store is down (requests in between use local dedup without waiting)."""
 
+MAX_CONNECTIONS = 32
+"""Connections to Redis one process opens at most."""
+
 INSTALL_HINT = "the redis dedup store needs the `redis` package: pip install 'log-bridge[redis]'"
 
 
@@ -53,7 +56,7 @@ class RedisDedupStore:
 
     def __init__(self, config: DedupStoreConfig, window: float, on_error: Callable[[], object] = lambda: None) -> None:
         try:
-            from redis.asyncio import Redis
+            from redis.asyncio import BlockingConnectionPool, Redis
             from redis.asyncio.retry import Retry
             from redis.backoff import NoBackoff
         except ImportError:
@@ -75,7 +78,10 @@ class RedisDedupStore:
             options["ssl_check_hostname"] = True
             if config.ca_file is not None:
                 options["ssl_ca_certs"] = str(config.ca_file)
-        self._client: Redis = Redis.from_url(url, **options)
+        # At most MAX_CONNECTIONS connections however many requests run at once; a request that cannot get one in
+        # `timeout` is deduplicated locally, like any other slow answer.
+        pool = BlockingConnectionPool.from_url(url, max_connections=MAX_CONNECTIONS, timeout=config.timeout, **options)
+        self._client: Redis = Redis.from_pool(pool)
         self.down = False
         self._retry_at = 0.0
         self.errors = 0

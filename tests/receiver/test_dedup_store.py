@@ -306,7 +306,7 @@ class TestTwoReplicas:
 
 @pytest.mark.redis
 class TestCheckCommand:
-    async def run_check(self, tmp_path: Path, url: str) -> tuple[int, str]:
+    async def run_check(self, tmp_path: Path, url: str, command: str = "check") -> tuple[int, str]:
         tree = {
             **BASE_CONFIG,
             "journal": {"path": str(tmp_path / "j.db"), "dedup_store": {"type": "redis", "url": "${REDIS_URL}"}},
@@ -316,7 +316,7 @@ class TestCheckCommand:
         path.write_text(yaml.safe_dump(tree))
         env = {**os.environ, "REDIS_URL": url, "PYTHONPATH": str(REPO)}
         proc = await asyncio.create_subprocess_exec(
-            str(Path(sys.executable).with_name("log-bridge")), "check", "--config", str(path),
+            str(Path(sys.executable).with_name("log-bridge")), command, "--config", str(path),
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=env,
         )  # fmt: skip
         out, _ = await asyncio.wait_for(proc.communicate(), 60)
@@ -328,6 +328,8 @@ class TestCheckCommand:
         assert code == 0, out
         shown = f"redis://localhost:{redis_server.port}/0"
         assert f"ok     dedup store (redis) {shown} answers" in out
+        code, out = await self.run_check(tmp_path, redis_server.url, command="validate")
+        assert code == 0 and f"dedup shared through redis at {shown}" in out and PASSWORD not in out
         code, out = await self.run_check(tmp_path, redis_server.url.replace(PASSWORD, "wrong-password"))
         assert code == 1 and "FAILED dedup store" in out and "wrong-password" not in out
         redis_server.stop()
