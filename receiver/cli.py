@@ -149,7 +149,11 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(f"{len(results) - failed} of {len(results)} sink(s) healthy")
     store_ok = True
     if not args.sink and config.journal.dedup_store.type == "redis":
-        store_ok = asyncio.run(_check_dedup_store(config))
+        try:
+            store_ok = asyncio.run(_check_dedup_store(config))
+        except ConfigError as exc:  # the redis extra is not installed
+            _print_errors(exc)
+            return 2
     return 1 if failed or not store_ok else 0
 
 

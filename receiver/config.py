@@ -11,6 +11,7 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -137,6 +138,17 @@ class DedupStoreConfig(_Model):
             raise ValueError("only used with type redis")
         if value and not value.startswith(("redis://", "rediss://")):  # the value itself is never repeated
             raise ValueError("must start with redis:// or rediss:// (TLS)")
+        if value:
+            parts = urlsplit(value)
+            try:
+                parts.port  # noqa: B018 - raises on a port that is not a number from 0 to 65535
+            except ValueError:
+                raise ValueError("the port is not a number from 1 to 65535") from None
+            if not parts.hostname:
+                raise ValueError("names no host")
+            database = parts.path.strip("/")
+            if database and not database.isdigit():
+                raise ValueError("the database (the path) must be a number")
         return value
 
 

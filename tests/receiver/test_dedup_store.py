@@ -116,6 +116,18 @@ class TestConfig:
         (error,) = self.errors(self.tree({"type": "redis", "url": f"http://:{PASSWORD}@cache:6379"}))
         assert error == "journal.dedup_store.url: must start with redis:// or rediss:// (TLS)"
 
+    @pytest.mark.parametrize(
+        ("url", "message"),
+        [
+            (f"redis://:{PASSWORD}@cache:63790000", "the port is not a number from 1 to 65535"),
+            (f"rediss://:{PASSWORD}@:6380", "names no host"),
+            (f"redis://:{PASSWORD}@cache/zero", "the database (the path) must be a number"),
+        ],
+    )
+    def test_a_malformed_url_is_refused_at_load(self, url: str, message: str) -> None:
+        (error,) = self.errors(self.tree({"type": "redis", "url": url}))
+        assert error == f"journal.dedup_store.url: {message}"
+
     def test_url_without_redis_and_unknown_keys(self) -> None:
         errors = self.errors(self.tree({"url": "redis://cache", "db": 2}))
         assert errors == ["journal.dedup_store.url: only used with type redis", "journal.dedup_store.db: unknown key"]
@@ -130,6 +142,14 @@ class TestConfig:
         tree = self.tree({"type": "redis", "url": "${LOG_BRIDGE_REDIS_URL}"})
         config = parse_config(tree, {"LOG_BRIDGE_REDIS_URL": "rediss://cache:6380/1"})
         assert config.journal.dedup_store.url == "rediss://cache:6380/1"
+
+    def test_an_unreadable_ca_file_fails_the_start(self, tmp_path: Path) -> None:
+        tree = self.tree({"type": "redis", "url": "rediss://cache:6380", "ca_file": str(tmp_path / "nope.pem")})
+        with pytest.raises(ConfigError) as caught:
+            Service(parse_config(tree, {}))
+        assert caught.value.errors == [
+            f"journal.dedup_store.ca_file: cannot load {tmp_path / 'nope.pem'}: No such file or directory"
+        ]
 
     def test_the_displayed_url_has_no_password(self) -> None:
         shown = dedup_store.display_url(f"rediss://user:{PASSWORD}@cache.internal:6380/2")
