@@ -43,6 +43,34 @@ def _answer(status: int, message: str, **headers: str) -> web.Response:
     )
 
 
+def _refuse(
+    reason: str, status: int, message: str, *, close: bool = False, retry_after: str | None = None
+) -> web.Response:
+    """A refusal, labelled with its reason for `log_bridge_requests_refused_total`."""
+    response = _answer(status, message, **({"Retry-After": retry_after} if retry_after else {}))
+    response[REFUSAL] = reason
+    if close:
+        response.force_close()
+    return response
+
+
+REFUSAL = web.ResponseKey("refusal", str)
+REFUSAL_REASONS = (
+    "not_allowed",
+    "unauthorised",
+    "too_large",
+    "bad_body",
+    "unsupported",
+    "timeout",
+    "overloaded",
+    "journal_full",
+    "journal_error",
+    "shutting_down",
+    "internal_error",
+)
+"""The `reason` label values of refused requests."""
+
+
 class RateLimitedLog:
     """Warnings a client can provoke, through one token bucket: `burst` at once, `rate` a second, the rest counted."""
 
@@ -130,6 +158,8 @@ class Intake:
         self._received = metrics.received.labels(name)
         self._duplicates = metrics.duplicates.labels(name)
         self._intake_dead = metrics.dead_lettered.labels("intake")
+        self._last_event = metrics.last_event.labels(name)
+        self._refused = {reason: metrics.refused.labels(name, reason) for reason in REFUSAL_REASONS}
 
     def _authorised(self, request: web.Request) -> bool:
         if self.auth_header is None:
@@ -152,47 +182,80 @@ class Intake:
                 error=type(exc).__name__,
                 where=where_raised(exc),
             )
-            response = _answer(503, "internal error; retry later", **{"Retry-After": RETRY_AFTER_BUSY})
-            response.force_close()
+            response = _refuse(
+                "internal_error", 503, "internal error; retry later", close=True, retry_after=RETRY_AFTER_BUSY
+            )
+        self._count(response, started)
+        return response
+
+    def _count(self, response: web.StreamResponse, started: float) -> None:
+        reason = response.get(REFUSAL)
+        if reason is not None:
+            self._refused[reason].inc()
         counter = self._requests.get(response.status)
         if counter is None:
             counter = self._requests[response.status] = self.metrics.requests.labels(self.stream.name, response.status)
         counter.inc()
         self._seconds.observe(time.monotonic() - started)
-        return response
 
-    async def _handle(self, request: web.Request) -> web.StreamResponse:
+    def _screen(self, request: web.Request) -> web.Response | None:
+        """The refusal of a request from an address not allowed or without the secret, else None."""
         peer = request.transport.get_extra_info("peername") if request.transport else None
         client, allowed = self.policy.check(peer[0] if peer else None, request.headers.getall("X-Forwarded-For", []))
         if not allowed:
             self.state.refusals.warning(
                 "request from an address not on the allowlist", stream=self.stream.name, client=str(client)
             )
-            response = _answer(403, "client address is not allowed")
-            response.force_close()
-            return response
+            return _refuse("not_allowed", 403, "client address is not allowed", close=True)
         if not self._authorised(request):
             self.state.refusals.warning(
                 "request without the stream's secret", stream=self.stream.name, client=str(client)
             )
-            response = _answer(401, f"missing or wrong {self.auth_header} header")
+            return _refuse("unauthorised", 401, f"missing or wrong {self.auth_header} header", close=True)
+        return None
+
+    async def expect(self, request: web.Request) -> web.StreamResponse | None:
+        """`Expect: 100-continue`: the client is invited to send its body only once its address and secret
+        are accepted and the body would be taken; otherwise it gets the refusal at once."""
+        started = time.monotonic()
+        refusal = self._screen(request) or self._precheck(request)
+        if refusal is not None:
+            self._count(refusal, started)
+            return refusal
+        if request.headers.get("Expect", "").lower() != "100-continue":
+            response = _answer(417, "the only expectation understood is 100-continue")
             response.force_close()
+            self._count(response, started)
             return response
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0
+        return None
+
+    def _precheck(self, request: web.Request) -> web.Response | None:
+        """Refusals decided from the headers alone, before the body is read."""
         if self.state.draining:
-            return _answer(503, "shutting down", **{"Retry-After": RETRY_AFTER_DOWN})
+            return _refuse("shutting_down", 503, "shutting down", retry_after=RETRY_AFTER_DOWN)
         if request.content_length is not None and request.content_length > self.max_body:
-            response = _answer(413, f"body is larger than max_body_bytes ({self.max_body} bytes)")
-            response.force_close()
-            return response
+            return _refuse("too_large", 413, f"body is larger than max_body_bytes ({self.max_body} bytes)", close=True)
         encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
         if encoding not in ("identity", "", "gzip", "x-gzip", "zstd"):
-            response = _answer(415, "unsupported Content-Encoding; use identity, gzip or zstd")
-            response.force_close()
-            return response
+            return _refuse("unsupported", 415, "unsupported Content-Encoding; use identity, gzip or zstd", close=True)
         if self.journal.over_cap:
-            return _answer(503, "journal is over its size cap; delivery is behind", **{"Retry-After": RETRY_AFTER_FULL})
+            return _refuse(
+                "journal_full",
+                503,
+                "journal is over its size cap; delivery is behind",
+                retry_after=RETRY_AFTER_FULL,
+            )
         if request.content_length == 0:
-            return _answer(400, "empty body: expected a JSON array or NDJSON")
+            return _refuse("bad_body", 400, "empty body: expected a JSON array or NDJSON")
+        return None
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        refusal = self._screen(request) or self._precheck(request)
+        if refusal is not None:
+            return refusal
+        encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
         # The body's bytes are reserved before it is read, so however many requests arrive at once, what they
         # hold together stays within server.max_inflight_bytes.
         reserved = self.max_body if request.content_length is None else request.content_length
@@ -220,21 +283,21 @@ class Intake:
                         partial(parse_body, max_events=self.max_events), decoded, request.content_type, received_at
                     )
             except BodyError as exc:
-                response = _answer(exc.status, exc.message)
-                if exc.status in (408, 413):
-                    response.force_close()
-                return response
+                reason = {408: "timeout", 413: "too_large", 415: "unsupported"}.get(exc.status, "bad_body")
+                return _refuse(reason, exc.status, exc.message, close=exc.status in (408, 413))
             return await self._commit(parsed, received_at)
         finally:
             self.budget.give(reserved)
 
     def _busy(self) -> web.Response:
         self.state.refusals.warning("too many body bytes in flight; answered 503", stream=self.stream.name)
-        response = _answer(
-            503, "too many requests in flight (server.max_inflight_bytes)", **{"Retry-After": RETRY_AFTER_BUSY}
+        return _refuse(  # closed: the body is not read
+            "overloaded",
+            503,
+            "too many requests in flight (server.max_inflight_bytes)",
+            close=True,
+            retry_after=RETRY_AFTER_BUSY,
         )
-        response.force_close()  # the body is not read
-        return response
 
     async def _decode(self, body: bytes, encoding: str) -> bytes:
         if len(body) <= _INLINE_DECODE_BYTES:
@@ -265,12 +328,16 @@ class Intake:
             result = await self.journal.append(name, parsed, received_at)
         except JournalFull as exc:
             log.error("journal full: refusing a batch", extra={"stream": name, "error": str(exc)})
-            return _answer(503, str(exc), **{"Retry-After": RETRY_AFTER_FULL})
+            return _refuse("journal_full", 503, str(exc), retry_after=RETRY_AFTER_FULL)
         except JournalClosed:
-            return _answer(503, "shutting down", **{"Retry-After": RETRY_AFTER_DOWN})
+            return _refuse("shutting_down", 503, "shutting down", retry_after=RETRY_AFTER_DOWN)
         except JournalError as exc:
             log.error("journal write failed: refusing a batch", extra={"stream": name, "error": str(exc)})
-            return _answer(503, "the journal cannot take writes right now", **{"Retry-After": RETRY_AFTER_DOWN})
+            return _refuse(
+                "journal_error", 503, "the journal cannot take writes right now", retry_after=RETRY_AFTER_DOWN
+            )
+        if result.accepted or result.duplicates:  # WorkOS is sending: what silence alerts watch
+            self._last_event.set(received_at)
         self._received.inc(result.accepted)
         if result.duplicates:
             self._duplicates.inc(result.duplicates)
@@ -295,18 +362,40 @@ class State:
         self.draining = False
         self.refusals = RateLimitedLog(log)
         """The one rate limit for lines a client can provoke (refusals, malformed requests, unexpected errors)."""
+        self.intakes: dict[str, Intake] = {}
+        """The stream endpoints by path; replaced whole by a reload, so each request sees one configuration."""
+        self.budget = InflightBudget(0)
         self._ready_at = 0.0
         self._ready = False
+
+    def install(self, config: Config, journal: Journal, metrics: Metrics) -> None:
+        """Serve `config`'s streams from now on (requests in flight finish with the intake they started with)."""
+        self.budget.limit = config.server.max_inflight_bytes
+        self.intakes = {
+            stream.path: Intake(stream, config, journal, metrics, self, self.budget) for stream in config.streams
+        }
 
 
 def build_app(config: Config, journal: Journal, metrics: Metrics, state: State) -> web.Application:
     """The aiohttp application (the journal must be open before it serves)."""
     app = web.Application(client_max_size=config.server.max_body_bytes + 1)
-    budget = InflightBudget(config.server.max_inflight_bytes)
-    metrics.watch_inflight(lambda: budget.used)
-    for stream in config.streams:
-        intake = Intake(stream, config, journal, metrics, state, budget)
-        app.router.add_post(stream.path, intake.handle)
+    state.install(config, journal, metrics)
+    metrics.watch_inflight(lambda: state.budget.used)
+
+    def unknown(request: web.Request) -> web.Response:
+        response = _answer(404, "no stream is configured at this path")
+        response.force_close()
+        return response
+
+    async def post(request: web.Request) -> web.StreamResponse:
+        intake = state.intakes.get(request.path)
+        return unknown(request) if intake is None else await intake.handle(request)
+
+    async def expect(request: web.Request) -> web.StreamResponse | None:
+        intake = state.intakes.get(request.path)
+        return unknown(request) if intake is None else await intake.expect(request)
+
+    app.router.add_post("/{path:.*}", post, expect_handler=expect)
 
     async def healthz(_: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
@@ -322,7 +411,9 @@ def build_app(config: Config, journal: Journal, metrics: Metrics, state: State) 
             if now - state._ready_at > 1.0:  # one probe write a second at most
                 state._ready = await journal.probe()
                 state._ready_at = now
-            if not state._ready:
+            if journal.disk_full:  # a write failed for lack of space: not ready until one commits again
+                problems.append("the journal's disk is full")
+            elif not state._ready:
                 problems.append("journal is not writable")
         if problems:
             return web.json_response({"status": "unavailable", "problems": problems}, status=503)

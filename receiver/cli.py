@@ -8,6 +8,7 @@ import gzip
 import json
 import logging
 import os
+import signal
 import ssl
 import sys
 import time
@@ -18,10 +19,10 @@ from typing import Any
 
 import orjson
 
-from receiver.config import Config, default_config, load_config
-from receiver.errors import ConfigError
+from receiver.config import Config, default_config, listen_url, load_config, load_journal_config
+from receiver.errors import ConfigError, LogBridgeError
 from receiver.journal import INTAKE, list_dead_letters, replay_dead_letters
-from receiver.logs import setup_logging
+from receiver.logs import scrub, setup_logging
 from sinks.base import Health, Sink
 from sinks.errors import SinkError
 
@@ -65,7 +66,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """Run the receiver."""
     from receiver.server import serve
 
-    setup_logging(args.log_level)
+    setup_logging(args.log_level, args.debug_logger)
     try:
         config = _load(args.config, required=False)
     except ConfigError as exc:
@@ -77,12 +78,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "./log-bridge-data/); pass --config FILE for anything else"
         )
     try:
-        return asyncio.run(serve(config))
+        return asyncio.run(serve(config, _config_path(args.config), args.pid_file))
     except ConfigError as exc:
         _print_errors(exc)
         return 2
-    except (SinkError, ssl.SSLError) as exc:
-        print(f"log-bridge: cannot start: {exc}", file=sys.stderr)
+    except (LogBridgeError, SinkError, ssl.SSLError) as exc:
+        print(f"log-bridge: cannot start: {scrub(str(exc))}", file=sys.stderr)
         return 2
     except OSError as exc:  # the port is taken, a certificate file is missing, the journal's disk is unusable
         where = f" ({exc.filename})" if exc.filename else ""
@@ -96,11 +97,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
     if config is None:
         return 1
     server = config.server
-    scheme = "https" if server.tls else "http"
     print(f"configuration OK: {_config_path(args.config)}")
     print(
-        f"  listen: {scheme}://{server.host}:{server.port}"
+        f"  listen: {listen_url(server.host, server.port, tls=server.tls is not None)}"
         + (" (mTLS)" if server.tls and server.tls.client_ca_file else "")
+        + (" (IPv4 and IPv6)" if server.host == "::" else "")
     )
     print(f"  allowlist: {', '.join(server.allowlist)}; trusted proxies: {', '.join(server.trusted_proxies) or 'none'}")
     journal = config.journal
@@ -108,7 +109,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     if journal.dedup_store.type == "redis":
         from receiver.dedup_store import display_url
 
-        print(f"  dedup shared through redis at {display_url(journal.dedup_store.url or '')}")
+        print(f"  dedup shared through redis at {display_url(journal.dedup_store.url_text())}")
     for stream in config.streams:
         auth = (
             f"secret in {stream.auth.header} ({len(stream.auth.values)} accepted value(s))"
@@ -120,6 +121,19 @@ def cmd_validate(args: argparse.Namespace) -> int:
         feeds = config.streams_of(name)
         note = "" if feeds else " (no stream feeds it)"
         print(f"  sink {name}: type {section.type}{note}")
+    return 0
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    """Ask a running receiver to reload its configuration."""
+    try:
+        pid = int(Path(args.pid_file).read_text().strip())
+        os.kill(pid, signal.SIGHUP)
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc)
+        print(f"log-bridge reload: cannot signal the process in {args.pid_file}: {reason}", file=sys.stderr)
+        return 1
+    print(f"sent SIGHUP to {pid}; its log says whether the new configuration was applied")
     return 0
 
 
@@ -281,12 +295,25 @@ def cmd_send_test(args: argparse.Namespace) -> int:
 # --- dlq -----------------------------------------------------------------------------------------
 
 
+def _journal_path(given: str | None) -> Path | None:
+    """The journal a read-only command looks at: only the `journal` section is read, so the sinks'
+    credentials need not be set."""
+    path = _config_path(given)
+    try:
+        if path is None:
+            raise ConfigError([f"no configuration: pass --config FILE or set {CONFIG_ENV}"])
+        return load_journal_config(path).path
+    except ConfigError as exc:
+        _print_errors(exc)
+        return None
+
+
 def cmd_dlq_list(args: argparse.Namespace) -> int:
     """Print dead letters as JSON lines."""
-    config = _load_required(args.config)
-    if config is None:
+    journal = _journal_path(args.config)
+    if journal is None:
         return 2
-    for letter in list_dead_letters(config.journal.path, args.sink):
+    for letter in list_dead_letters(journal, args.sink):
         try:
             element: object = orjson.loads(letter.data)
         except orjson.JSONDecodeError:
@@ -364,8 +391,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="run the receiver", description="Run the receiver until SIGTERM/SIGINT.")
     serve.add_argument("--config", "-c", help=config_help + "; none: a safe local default")
-    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="log-bridge's own level; libraries log at info at most unless named with --debug-logger",
+    )
+    serve.add_argument(
+        "--debug-logger",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="also let this library logger print debug lines (e.g. botocore); repeatable; secrets are masked",
+    )
+    serve.add_argument("--pid-file", help="write the process id here (for `log-bridge reload`)")
     serve.set_defaults(func=cmd_serve)
+
+    reload = commands.add_parser(
+        "reload",
+        help="reload a running receiver's configuration",
+        description="Send SIGHUP to the receiver whose --pid-file is given: it re-reads its configuration file "
+        "and TLS files, and keeps the old configuration if the new one is invalid (its log says which).",
+    )
+    reload.add_argument("--pid-file", required=True, help="the file `serve --pid-file` wrote")
+    reload.set_defaults(func=cmd_reload)
 
     validate = commands.add_parser("validate", help="check a configuration", description="Check a configuration.")
     validate.add_argument("--config", "-c", help=config_help)

@@ -10,17 +10,26 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from receiver.dedup import DEFAULT_MAX_KEYS as DEFAULT_DEDUP_MAX_KEYS
 from receiver.errors import ConfigError
 from receiver.parsing import DEFAULT_MAX_EVENTS
 from sinks import registry
-from sinks.base import ByteSize, Duration, SinkConfig
+from sinks.base import ByteSize, Duration, PositiveDuration, SinkConfig, reject_boolean
 from sinks.errors import SinkTypeError
 
 WORKOS = "workos"
@@ -39,11 +48,18 @@ WORKOS_EGRESS = (
 )
 """WorkOS's published egress addresses for log streams and webhooks."""
 
+RESERVED_PATHS = ("/healthz", "/readyz", "/metrics")
+
 COMMON_SINK_KEYS = frozenset({"type", "include_actions", "exclude_actions", "batch", "retry"})
 
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_boolean_numbers(cls, value: object, info: ValidationInfo) -> object:
+        return reject_boolean(cls, value, info.field_name)
 
 
 def _network(value: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
@@ -66,6 +82,7 @@ class ServerConfig(_Model):
 
     host: str = "0.0.0.0"  # noqa: S104 - a service listens on every interface unless told otherwise
     port: int = Field(8443, ge=0, le=65535)
+    """0 asks the system for a free port (tests); anything else is 1-65535."""
     tls: TLSConfig | None = None
     max_body_bytes: ByteSize = Field(10 * 1024 * 1024, gt=0)
     # A parsed body takes about 3 to 4 times its bytes at its peak: 64 MiB in flight stays near 250 MiB of memory.
@@ -73,8 +90,9 @@ class ServerConfig(_Model):
     max_events_per_request: int = Field(DEFAULT_MAX_EVENTS, ge=1)
     trusted_proxies: tuple[str, ...] = ()
     allowlist: tuple[str, ...] = (WORKOS,)
-    header_timeout: Duration = 10.0
-    body_timeout: Duration = 30.0
+    header_timeout: PositiveDuration = 10.0
+    """Longest wait for a request's headers, and for a TLS handshake."""
+    body_timeout: PositiveDuration = 30.0
     shutdown_timeout: Duration = 10.0
 
     @field_validator("trusted_proxies")
@@ -118,9 +136,9 @@ class DedupStoreConfig(_Model):
     """Where dedup keys are shared: the journal alone (one replica), or a Redis every replica asks (several)."""
 
     type: Literal["journal", "redis"] = "journal"
-    url: str | None = Field(None, validate_default=True)
-    """redis://[user:password@]host[:port][/db] or rediss:// (TLS)."""
-    password: str | None = None
+    url: SecretStr | None = Field(None, validate_default=True)
+    """redis://[user:password@]host[:port][/db] or rediss:// (TLS); secret, since it may carry the password."""
+    password: SecretStr | None = None
     """The password, when it is not in the URL (e.g. `${REDIS_PASSWORD}`)."""
     key_prefix: str = Field("log-bridge:dedup:", min_length=1)
     timeout: Duration = Field(0.25, gt=0, le=10)
@@ -130,7 +148,8 @@ class DedupStoreConfig(_Model):
 
     @field_validator("url")
     @classmethod
-    def _check_url(cls, value: str | None, info: Any) -> str | None:  # pydantic.ValidationInfo
+    def _check_url(cls, secret: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
+        value = secret.get_secret_value() if secret is not None else ""
         kind = info.data.get("type")
         if kind == "redis" and not value:
             raise ValueError("field required with type redis")
@@ -149,7 +168,11 @@ class DedupStoreConfig(_Model):
             database = parts.path.strip("/")
             if database and not database.isdigit():
                 raise ValueError("the database (the path) must be a number")
-        return value
+        return secret
+
+    def url_text(self) -> str:
+        """The URL itself ('' without one)."""
+        return self.url.get_secret_value() if self.url is not None else ""
 
 
 class JournalConfig(_Model):
@@ -206,8 +229,8 @@ class BatchConfig(_Model):
 class RetryConfig(_Model):
     """Backoff between attempts (exponential, full jitter) and the attempt limit (None: for ever)."""
 
-    initial: Duration = 1.0
-    max: Duration = 60.0
+    initial: PositiveDuration = 1.0
+    max: PositiveDuration = 60.0
     max_attempts: int | None = Field(None, ge=1)
 
 
@@ -244,7 +267,7 @@ class Config(_Model):
                     f"streams[{index}].path: {stream.path!r} is already used by {seen_paths[stream.path]!r}"
                 )
             seen_paths[stream.path] = stream.name
-            if stream.path in ("/healthz", "/readyz", "/metrics"):
+            if stream.path in RESERVED_PATHS:
                 problems.append(f"streams[{index}].path: {stream.path!r} is reserved")
             for position, sink in enumerate(stream.sinks):
                 if sink not in self.sinks:
@@ -325,6 +348,79 @@ def _pydantic_errors(exc: ValidationError, prefix: str = "") -> list[str]:
 
 # --- loading -------------------------------------------------------------------------------------
 
+M = TypeVar("M", bound=BaseModel)
+
+
+def validate_all(model: type[M], data: Any, where: str) -> tuple[M | None, list[str]]:
+    """Validate `data`; on errors, validate again without the keys that failed, so the checks that span
+    several keys (which run only once every key is valid) are reported in the same run."""
+    try:
+        return model.model_validate(data), []
+    except ValidationError as exc:
+        problems = _pydantic_errors(exc, where)
+        failed = {e["loc"][0] for e in exc.errors() if e["loc"] and isinstance(e["loc"][0], str)}
+    if isinstance(data, dict) and failed and failed <= set(data):
+        try:
+            model.model_validate({key: value for key, value in data.items() if key not in failed})
+        except ValidationError as again:
+            dropped = {_location((key,), where) for key in failed}
+            problems += [p for p in _pydantic_errors(again, where) if p.split(": ", 1)[0] not in dropped]
+    return None, list(dict.fromkeys(problems))
+
+
+def _reference_problems(tree: dict[str, Any]) -> list[str]:
+    """Names, paths and sink references of the streams, checked on the raw tree so they are reported even
+    when other keys are invalid."""
+    streams, sinks = tree.get("streams"), tree.get("sinks")
+    if not isinstance(streams, list):
+        return []
+    defined = sorted(str(name) for name in sinks) if isinstance(sinks, dict) else []
+    problems: list[str] = []
+    names: set[object] = set()
+    paths: dict[object, object] = {}
+    for index, stream in enumerate(streams):
+        if not isinstance(stream, dict):
+            continue
+        name, path = stream.get("name"), stream.get("path")
+        if isinstance(name, str):
+            if name in names:
+                problems.append(f"streams[{index}].name: {name!r} is used by another stream")
+            names.add(name)
+        if isinstance(path, str):
+            if path in paths:
+                problems.append(f"streams[{index}].path: {path!r} is already used by {paths[path]!r}")
+            paths.setdefault(path, name)
+            if path in RESERVED_PATHS:
+                problems.append(f"streams[{index}].path: {path!r} is reserved")
+        wanted = stream.get("sinks")
+        for position, sink in enumerate(wanted if isinstance(wanted, list) else []):
+            if isinstance(sinks, dict) and sink not in sinks:
+                problems.append(
+                    f"streams[{index}].sinks[{position}]: sink {sink!r} is not defined under sinks "
+                    f"(defined: {', '.join(defined) or 'none'})"
+                )
+    return problems
+
+
+def _duplicate_keys(node: yaml.Node, where: str = "") -> list[str]:
+    """Keys given twice in one mapping (YAML would silently keep the last), each with its YAML path."""
+    problems: list[str] = []
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key, line = str(key_node.value), key_node.start_mark.line + 1
+            if key in seen:
+                problems.append(f"{_join(where, key)}: duplicate key (line {line}; first given at line {seen[key]})")
+            else:
+                seen[key] = line
+            problems += _duplicate_keys(value_node, _join(where, key))
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            problems += _duplicate_keys(item, f"{where}[{index}]")
+    return problems
+
 
 def _validate_sinks(raw_sinks: Any) -> tuple[dict[str, Any], list[str]]:
     """Validate each sink's own options against its type's model; the common keys stay for `Config`."""
@@ -353,12 +449,9 @@ def _validate_sinks(raw_sinks: Any) -> tuple[dict[str, Any], list[str]]:
         common = {key: value for key, value in section.items() if key in COMMON_SINK_KEYS}
         # A sink whose own options are invalid stays defined, so its common keys are still checked
         # and the streams naming it do not report it as missing.
-        options = SinkConfig()
-        try:
-            options = factory.Config.model_validate(own)
-        except ValidationError as exc:
-            errors.extend(_pydantic_errors(exc, where))
-        prepared[name] = {**common, "options": options}
+        options, problems = validate_all(factory.Config, own, where)
+        errors.extend(problems)
+        prepared[name] = {**common, "options": options or SinkConfig()}
     return prepared, errors
 
 
@@ -372,6 +465,7 @@ def parse_config(tree: Any, environ: Mapping[str, str] | None = None) -> Config:
     sinks, errors = _validate_sinks(expanded.get("sinks"))
     if "sinks" in expanded:
         expanded["sinks"] = sinks
+    errors.extend(_reference_problems(expanded))
     config: Config | None = None
     try:
         config = Config.model_validate(expanded)
@@ -379,6 +473,7 @@ def parse_config(tree: Any, environ: Mapping[str, str] | None = None) -> Config:
         errors.extend(_pydantic_errors(exc))
     except ConfigError as exc:
         errors.extend(exc.errors)
+    errors = list(dict.fromkeys(errors))
     # An unset variable is the problem to report at its path, not the empty value it left behind.
     unset = {problem.split(": ", 1)[0] for problem in env_errors}
     errors = env_errors + [problem for problem in errors if problem.split(": ", 1)[0] not in unset]
@@ -394,13 +489,75 @@ def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None 
     except OSError as exc:
         raise ConfigError([f"{path}: cannot read the file ({exc.strerror})"]) from None
     try:
+        duplicates = _duplicate_keys(yaml.compose(text, Loader=yaml.SafeLoader) or yaml.MappingNode("", []))
         tree = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or "invalid YAML"
         raise ConfigError([f"{path}: {problem}{where}"]) from None
-    return parse_config(tree, environ)
+    try:
+        config = parse_config(tree, environ)
+    except ConfigError as exc:
+        raise ConfigError(duplicates + exc.errors) from None
+    if duplicates:
+        raise ConfigError(duplicates)
+    return config
+
+
+SECRET_ENVIRONMENT = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "DD_API_KEY", "WORKOS_API_KEY")
+"""Variables libraries read credentials from by themselves; their values are masked in logs like the config's."""
+
+
+def secret_values(config: Config, environ: Mapping[str, str] | None = None) -> list[str]:
+    """Every secret the configuration holds (stream secrets, sinks' `SecretStr` options), and the credentials
+    in the environment that libraries read themselves: what the logs must never show."""
+    found: list[str] = []
+
+    def walk(value: object) -> None:
+        if isinstance(value, SecretStr):
+            found.append(value.get_secret_value())
+        elif isinstance(value, BaseModel):
+            for name in type(value).model_fields:
+                walk(getattr(value, name))
+        elif isinstance(value, tuple | list):
+            for item in value:
+                walk(item)
+        elif isinstance(value, dict):
+            for item in value.values():
+                walk(item)
+
+    walk(config)
+    found.append(urlsplit(config.journal.dedup_store.url_text()).password or "")  # the URL's password alone too
+    for stream in config.streams:
+        for value in stream.auth.values if stream.auth else ():
+            found.append(value)
+            found.append(value.split(" ", 1)[-1])  # `Bearer x`: x alone too
+    env = os.environ if environ is None else environ
+    found.extend(env[name] for name in SECRET_ENVIRONMENT if env.get(name))
+    return found
+
+
+def listen_url(host: str, port: int, *, tls: bool) -> str:
+    """`scheme://host:port`, with an IPv6 host in brackets."""
+    scheme = "https" if tls else "http"
+    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
+
+
+def load_journal_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> JournalConfig:
+    """Only the `journal` section of a configuration file (for commands that read the journal alone, so
+    variables the other sections use, such as sinks' credentials, need not be set)."""
+    try:
+        tree = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        load_config(path, environ)  # raises the same clear error the full load gives
+        raise
+    section = tree.get("journal", {}) if isinstance(tree, dict) else {}
+    expanded, errors = expand_env(section, os.environ if environ is None else environ, "journal")
+    journal, problems = validate_all(JournalConfig, expanded or {}, "journal")
+    if errors or problems or journal is None:
+        raise ConfigError(errors + problems)
+    return journal
 
 
 DEFAULT_DATA_DIR = Path("./log-bridge-data")

@@ -62,7 +62,7 @@ class RedisDedupStore:
             from redis.backoff import NoBackoff
         except ImportError:
             raise ConfigError([f"journal.dedup_store.type: {INSTALL_HINT}"]) from None
-        url = config.url or ""  # required with type redis by the config model
+        url = config.url_text()  # required with type redis by the config model
         self.where = display_url(url)
         self.prefix = config.key_prefix
         self.timeout = config.timeout
@@ -74,7 +74,7 @@ class RedisDedupStore:
             "retry": Retry(NoBackoff(), 0),  # the timeout bounds the whole call, so no retry inside it
         }
         if config.password is not None:
-            options["password"] = config.password
+            options["password"] = config.password.get_secret_value()
         if url.startswith("rediss://"):
             options["ssl_check_hostname"] = True
             if config.ca_file is not None:

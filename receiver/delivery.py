@@ -31,6 +31,11 @@ JOURNAL_RETRY_MAX = 5.0
 
 T = TypeVar("T")
 
+BACKLOG_REFRESH = 1.0
+"""How often a sink's backlog count is checked against the journal's end."""
+BACKLOG_RECOUNT = 30.0
+"""How often it is recounted even when the journal did not grow."""
+
 IDLE_POLL = 1.0
 """How often an idle sink looks at the journal anyway: `dlq replay` writes from another process."""
 
@@ -84,7 +89,34 @@ class SinkRunner:
         self._first_buffered_at = 0.0
         self._signal = journal.subscribe()
         self._stopping = False
+        self._halting = False
+        self._halted = asyncio.Event()
         self._caught_up = False
+        self._unread = 0
+        """Events of this sink's streams in the journal after `_read_pos` (counted, then decreased as read)."""
+        self._in_flight = 0
+
+    def owed(self) -> int:
+        """Events this sink still has to deliver: unread, buffered, and being sent or retried (filtered-out
+        actions count until they are read)."""
+        return self._unread + len(self._buffer) + self._in_flight
+
+    async def count_forever(self, every: float = BACKLOG_RECOUNT) -> None:
+        """Keep `_unread` true: recount when the journal grew, and every `every` seconds anyway (`dlq replay`
+        writes from another process)."""
+        counted_seq = -1
+        counted_at = 0.0
+        while True:
+            last_seq, position = self.journal.last_seq, self._read_pos
+            if last_seq != counted_seq or time.monotonic() - counted_at >= every:
+                try:
+                    unread = await self.journal.count_after(position, self.streams, self.name)
+                except JournalError:
+                    unread = None
+                if unread is not None and position == self._read_pos:  # no read in between: the count holds
+                    self._unread = unread
+                    counted_seq, counted_at = last_seq, time.monotonic()
+            await asyncio.sleep(BACKLOG_REFRESH)
 
     def _wants(self, event: Event, target: str | None) -> bool:
         if target is not None:
@@ -101,6 +133,10 @@ class SinkRunner:
         if not rows:
             return
         self._read_pos = rows[-1][0].seq
+        matched = sum(
+            1 for event, target in rows if (event.stream in self.streams if target is None else target == self.name)
+        )
+        self._unread = max(0, self._unread - matched)
         if self._every_action:  # the common case: no filters, so only the stream and the target decide
             wanted = [
                 event
@@ -142,10 +178,12 @@ class SinkRunner:
         """Deliver until stopped; on stop, keep draining until the backlog is empty."""
         self.cursor = (await self.journal.cursors([self.name]))[self.name]
         self._read_pos = self.cursor
-        while True:
+        self._unread = await self._persist(
+            lambda: self.journal.count_after(self.cursor, self.streams, self.name), "count the backlog"
+        )
+        while not self._halting:
             self._signal.clear()
             await self._fill()
-            self.metrics.backlog.labels(self.name).set(max(0, self.journal.last_seq - self.cursor))
             if self._buffer and (self._batch_ready() or not self._caught_up):
                 await self._deliver(self._take_batch())
                 continue
@@ -169,7 +207,22 @@ class SinkRunner:
         self._stopping = True
         self._signal.set()
 
+    def halt(self) -> None:
+        """Stop after the send in progress, without waiting out a backoff; what is not committed stays in the
+        journal at this sink's cursor (a reload rebuilding the sink resends it: a duplicate, never a loss)."""
+        self._halting = True
+        self._halted.set()
+        self._signal.set()
+
     async def _deliver(self, batch: list[Event]) -> None:
+        self._in_flight = len(batch)
+        try:
+            await self._settle(batch)
+        finally:
+            self._in_flight = 0
+
+    async def _settle(self, batch: list[Event]) -> None:
+        """Send until every event is delivered or dead-lettered, then commit the cursor past them."""
         policy = self.section.retry
         todo = batch
         dead: list[tuple[Event, str]] = []
@@ -220,8 +273,12 @@ class SinkRunner:
                     "reason": reason,
                 },
             )
-            await asyncio.sleep(delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._halted.wait(), delay)
+            if self._halting:
+                return  # nothing committed: the events stay owed at this sink's cursor
             todo = [event for event, _ in retry]
+            self._in_flight = len(todo)
         if dead:
             self.metrics.dead_lettered.labels(self.name).inc(len(dead))
             log.error("events dead-lettered", extra={"sink": self.name, "events": len(dead), "reason": dead[0][1]})
@@ -276,19 +333,34 @@ class DeliveryEngine:
     """All the sink runners of one process."""
 
     def __init__(self, config: Config, journal: Journal, metrics: Metrics, sinks: Mapping[str, Sink]) -> None:
-        active = [name for name in config.sinks if config.streams_of(name)]
-        self.runners = {
-            name: SinkRunner(name, sinks[name], config.sinks[name], config.streams_of(name), journal, metrics, active)
-            for name in active
-        }
+        self.config = config
+        self.journal = journal
+        self.metrics = metrics
         self.sinks = dict(sinks)
-        self._tasks: list[asyncio.Task[None]] = []
+        self.runners: dict[str, SinkRunner] = {}
+        self._tasks: dict[str, list[asyncio.Task[None]]] = {}
+        active = active_sinks(config)
+        for name in active:
+            self.runners[name] = self._runner(name, config, active)
+
+    def _runner(self, name: str, config: Config, active: Sequence[str]) -> SinkRunner:
+        runner = SinkRunner(
+            name, self.sinks[name], config.sinks[name], config.streams_of(name), self.journal, self.metrics, active
+        )
+        self.metrics.backlog.labels(name).set_function(runner.owed)
+        return runner
+
+    def _launch(self, runner: SinkRunner) -> None:
+        self._tasks[runner.name] = [
+            asyncio.create_task(runner.run(), name=f"sink:{runner.name}"),
+            asyncio.create_task(self._first_check(runner), name=f"health:{runner.name}"),
+            asyncio.create_task(runner.count_forever(), name=f"backlog:{runner.name}"),
+        ]
 
     async def start(self) -> None:
         """Start delivering, and check each sink's health in the background (a red check does not stop intake)."""
         for runner in self.runners.values():
-            self._tasks.append(asyncio.create_task(runner.run(), name=f"sink:{runner.name}"))
-            self._tasks.append(asyncio.create_task(self._first_check(runner), name=f"health:{runner.name}"))
+            self._launch(runner)
 
     @staticmethod
     async def _first_check(runner: SinkRunner) -> None:
@@ -298,21 +370,77 @@ class DeliveryEngine:
         else:
             log.error("sink health check failed", extra={"sink": runner.name, "detail": health.message})
 
+    async def reconfigure(self, config: Config, built: Mapping[str, Sink]) -> None:
+        """Apply a reloaded configuration: `built` holds the new sinks (added or changed). A removed sink's
+        cursor is dropped; an added one starts at the journal's end; a changed one is rebuilt at its cursor."""
+        active = active_sinks(config)
+        gone = [name for name in self.runners if name not in active or name in built]
+        for name in gone:
+            await self._retire(name, config.server.shutdown_timeout)
+        for name in [n for n in self.sinks if n not in active or n in built]:
+            sink = self.sinks.pop(name)
+            if name not in gone:  # built but never run (no stream fed it)
+                await _close(sink)
+        added = [name for name in active if name not in self.runners and name not in gone]
+        await self.journal.start_cursors(added, self.journal.last_seq)
+        for name in active:
+            if name in self.runners:
+                runner = self.runners[name]
+                runner.streams = frozenset(config.streams_of(name))
+                runner.active_sinks = tuple(active)
+        removed = [name for name in gone if name not in active]
+        if removed:
+            owed = await self.journal.drop_cursors(removed)
+            for name in removed:
+                log.warning(
+                    "sink removed: its undelivered events are no longer owed to it",
+                    extra={"sink": name, "undelivered_events": owed.get(name, 0)},
+                )
+        self.sinks.update(built)
+        for name in active:
+            if name not in self.runners:
+                self.runners[name] = runner = self._runner(name, config, active)
+                self._launch(runner)
+        self.config = config
+
+    async def _retire(self, name: str, deadline: float) -> None:
+        runner = self.runners.pop(name)
+        runner.halt()
+        tasks = self._tasks.pop(name, [])
+        done, pending = await asyncio.wait(tasks[:1], timeout=max(deadline, 1.0))
+        for task in [*pending, *tasks[1:]]:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for gauge in (self.metrics.backlog, self.metrics.sink_up):
+            with contextlib.suppress(KeyError):
+                gauge.remove(name)
+        await _close(self.sinks.pop(name))
+
     async def stop(self, deadline: float) -> bool:
         """Let the sinks drain the backlog for up to `deadline` seconds, then close them. True if all drained."""
         for runner in self.runners.values():
             runner.stop()
-        done, pending = await asyncio.wait(self._tasks, timeout=deadline) if self._tasks else (set(), set())
-        for task in pending:
+        runs = [tasks[0] for tasks in self._tasks.values()]
+        others = [task for tasks in self._tasks.values() for task in tasks[1:]]
+        done, pending = await asyncio.wait(runs, timeout=deadline) if runs else (set(), set())
+        for task in [*pending, *others]:
             task.cancel()
-        if pending:
-            await asyncio.gather(*pending, return_exceptions=True)
+        await asyncio.gather(*pending, *others, return_exceptions=True)
         for task in done:
             if not task.cancelled() and task.exception() is not None:
                 log.error("sink runner failed", extra={"task": task.get_name(), "error": repr(task.exception())})
         for sink in self.sinks.values():
-            try:
-                await sink.close()
-            except Exception:
-                log.exception("closing a sink failed")
-        return not [t for t in pending if t.get_name().startswith("sink:")]
+            await _close(sink)
+        return not pending
+
+
+async def _close(sink: Sink) -> None:
+    try:
+        await sink.close()
+    except Exception:
+        log.exception("closing a sink failed")
+
+
+def active_sinks(config: Config) -> list[str]:
+    """The sinks some stream feeds, in configuration order."""
+    return [name for name in config.sinks if config.streams_of(name)]

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
+import os
 import queue
 import sqlite3
 import threading
@@ -27,7 +29,7 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import IO, TYPE_CHECKING, Any, TypeVar
 
 import orjson
 import zstandard
@@ -80,6 +82,8 @@ COMPRESSION_LEVEL = 1
 """zstd level of the stored events. Sync writes are the journal's bottleneck (every byte goes to the WAL, then to
 the database at checkpoint, each fsynced); level 1 stores WorkOS events in a fifth to an eighth of their size for
 ≈ 3 µs of CPU per KiB."""
+PROBE_ROOM = 256 * 1024
+"""Bytes a readiness probe writes after the disk was full: more than most requests store (compressed)."""
 MAX_GROUP_JOBS = 1024
 """Most requests one commit serves."""
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
@@ -101,11 +105,53 @@ def connect(path: Path, cache_kib: int | None = None) -> sqlite3.Connection:
     return conn
 
 
+def _lock_exclusively(path: Path) -> IO[bytes]:
+    """Hold `<journal>.lock` for the life of the process: two services on one journal would each keep their
+    own dedup index and sequence, so the second is refused."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = (path.parent / (path.name + ".lock")).open("a+b")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise JournalError(
+            f"cannot open the journal {path}: another log-bridge process is serving from it (it holds {path.name}.lock)"
+        ) from None
+    return handle
+
+
+def _open_problem(exc: OSError | sqlite3.Error, path: Path) -> str:
+    """Why a journal could not be opened, in one line, with the next step where it is clear."""
+    if (
+        isinstance(exc, PermissionError)
+        or "readonly" in str(exc)
+        or (isinstance(exc, sqlite3.Error) and not os.access(path.parent, os.W_OK))
+    ):
+        return (
+            f"permission denied (log-bridge runs as UID {os.getuid()}; it needs to write in {path.parent}, "
+            "for the database and its -wal and -shm files)"
+        )
+    if isinstance(exc, OSError):
+        where = f" ({exc.filename})" if exc.filename else ""
+        return f"{exc.strerror or exc}{where}"
+    code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
+    if code in (sqlite3.SQLITE_NOTADB, sqlite3.SQLITE_CORRUPT):
+        return f"the file is not a log-bridge journal or is damaged ({exc}); move it aside to start a new one"
+    if code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+        return f"the database is locked by another process ({exc})"
+    if code == sqlite3.SQLITE_FULL:
+        return "the disk is full"
+    return str(exc)
+
+
 def _map_error(exc: sqlite3.Error) -> JournalError:
-    text = str(exc).lower()
-    if "full" in text:
-        return JournalFull("the journal's disk is full")
+    if getattr(exc, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_FULL:  # the primary code of an extended one
+        return DiskFull("the journal's disk is full")
     return JournalError(f"journal write failed: {exc}")
+
+
+class DiskFull(JournalFull):
+    """A write failed because the journal's file system has no room."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,6 +197,9 @@ class Journal:
         self.size_bytes = 0
         self.last_seq = 0
         self.commits = 0
+        self._lock: IO[bytes] | None = None
+        self.disk_full = False
+        """Set when a write fails for lack of space; cleared only when a write commits again (readiness)."""
         self._new_data: list[asyncio.Event] = []
         self._next_seq = 1
         self.shared: RedisDedupStore | None = None
@@ -158,13 +207,25 @@ class Journal:
 
     # --- life cycle --------------------------------------------------------------------------------
 
-    async def open(self) -> None:
-        """Create or open the database and start the writer thread."""
-        conn = await asyncio.to_thread(connect, self.path, WRITER_CACHE_KIB)
-        self._read_conn = await asyncio.to_thread(connect, self.path)
-        self.last_seq = _last_seq(conn)
-        self.size_bytes = _backlog_bytes(conn)
-        await asyncio.to_thread(self._load_dedup, conn, time.time())
+    async def open(self, exclusive: bool = False) -> None:
+        """Create or open the database and start the writer thread; with `exclusive`, refuse a journal another
+        process serves from. Raises JournalError naming the path and the reason."""
+        conn = None
+        try:
+            if exclusive:
+                self._lock = await asyncio.to_thread(_lock_exclusively, self.path)
+            conn = await asyncio.to_thread(connect, self.path, WRITER_CACHE_KIB)
+            self._read_conn = await asyncio.to_thread(connect, self.path)
+            self.last_seq = _last_seq(conn)
+            self.size_bytes = _backlog_bytes(conn)
+            await asyncio.to_thread(self._load_dedup, conn, time.time())
+        except (OSError, sqlite3.Error) as exc:
+            for opened in (conn, self._read_conn):
+                if opened is not None:
+                    opened.close()
+            self._read_conn = None
+            self._release_lock()
+            raise JournalError(f"cannot open the journal {self.path}: {_open_problem(exc, self.path)}") from None
         self._writer = threading.Thread(target=self._write_loop, args=(conn,), name="journal-write", daemon=True)
         self._writer.start()
 
@@ -180,6 +241,12 @@ class Journal:
             conn = self._read_conn
             await asyncio.get_running_loop().run_in_executor(self._reader, conn.close)
         self._reader.shutdown(wait=True)
+        self._release_lock()
+
+    def _release_lock(self) -> None:
+        if self._lock is not None:
+            self._lock.close()  # closing the descriptor releases the lock
+            self._lock = None
 
     def subscribe(self) -> asyncio.Event:
         """An event set whenever new rows are committed (the delivery engine waits on it)."""
@@ -240,7 +307,9 @@ class Journal:
                     for undo in self._undo[undos:]:
                         undo()
                     del self._after_commit[hooks:], self._undo[undos:]
-                    outcomes.append((job, None, _map_error(exc) if isinstance(exc, sqlite3.Error) else exc))
+                    failure = _map_error(exc) if isinstance(exc, sqlite3.Error) else exc
+                    self.disk_full = self.disk_full or isinstance(failure, DiskFull)
+                    outcomes.append((job, None, failure))
                 else:
                     conn.execute("RELEASE job")
                     outcomes.append((job, result, None))
@@ -249,6 +318,8 @@ class Journal:
                 _store_last_seq(conn, self._next_seq - 1)
             conn.execute("COMMIT")  # synchronous=FULL: the WAL is fsynced here, once for the whole group
             self.commits += 1
+            if any(error is None for _, _, error in outcomes):
+                self.disk_full = False
             for hook in self._after_commit:  # only now may a retry of these events be called a duplicate
                 hook()
         except sqlite3.Error as exc:
@@ -256,6 +327,7 @@ class Journal:
                 conn.execute("ROLLBACK")
             failure = _map_error(exc)
             log.error("journal commit failed", extra={"error": str(failure)})
+            self.disk_full = self.disk_full or isinstance(failure, DiskFull)
             outcomes = [(job, None, failure) for job in jobs]
             added = False
         finally:
@@ -368,11 +440,17 @@ class Journal:
             self.dedup.add(stream, keys, at)
 
     async def probe(self) -> bool:
-        """Whether a write commits now (readiness)."""
+        """Whether a write commits now (readiness). After the disk was full, the probe writes PROBE_ROOM
+        bytes, so readiness returns only when there is room for requests again, not just for a probe."""
+        room = b"\0" * PROBE_ROOM if self.disk_full else b""
+
+        def write(conn: sqlite3.Connection) -> None:
+            conn.execute("INSERT OR REPLACE INTO meta VALUES ('probe', ?)", (room or time.time(),))
+
         try:
-            await self._write(
-                lambda conn: conn.execute("INSERT OR REPLACE INTO meta VALUES ('probe', ?)", (time.time(),))
-            )
+            await self._write(write)
+            if room:
+                await self._write(lambda conn: conn.execute("DELETE FROM meta WHERE key = 'probe'"))
         except JournalError:
             return False
         return True
@@ -388,6 +466,45 @@ class Journal:
             return {name: int(found.get(name, 0)) for name in names}
 
         return await self._read(read)
+
+    async def count_after(self, after: int, streams: Iterable[str], sink: str) -> int:
+        """Events after `after` that `sink` is to be given: those of `streams`, and those replayed for it."""
+        names = sorted(streams)
+        marks = ",".join("?" * len(names))  # placeholders only: the names are bound parameters
+        query = (
+            "SELECT coalesce(sum(last_seq - max(first_seq, ?1 + 1) + 1), 0) FROM batches "  # noqa: S608
+            "WHERE first_seq >= coalesce((SELECT max(first_seq) FROM batches WHERE first_seq <= ?1), 0) "
+            f"AND last_seq > ?1 AND (target = ?2 OR (target IS NULL AND stream IN ({marks})))"
+        )
+
+        def count(conn: sqlite3.Connection) -> int:
+            row = conn.execute(query, (after, sink, *names)).fetchone()
+            return int(row[0])
+
+        return await self._read(count)
+
+    async def start_cursors(self, sinks: Sequence[str], seq: int) -> None:
+        """Put sinks at `seq` (a sink a reload adds starts at the journal's end, whatever cursor it had when a
+        stream last fed it)."""
+        if sinks:
+            await self._write(
+                lambda conn: conn.executemany(
+                    "INSERT INTO cursors (sink, seq) VALUES (?, ?) ON CONFLICT (sink) DO UPDATE SET seq = excluded.seq",
+                    [(sink, seq) for sink in sinks],
+                )
+            )
+
+    async def drop_cursors(self, sinks: Sequence[str]) -> dict[str, int]:
+        """Forget removed sinks' cursors; returns how many events each was still owed (per its cursor)."""
+
+        def write(conn: sqlite3.Connection) -> dict[str, int]:
+            owed = {}
+            for sink in sinks:
+                row = conn.execute("DELETE FROM cursors WHERE sink = ? RETURNING seq", (sink,)).fetchone()
+                owed[sink] = max(0, self.last_seq - int(row[0])) if row else 0
+            return owed
+
+        return await self._write(write)
 
     async def read(self, after: int, limit: int) -> list[tuple[Event, str | None]]:
         """At least `limit` events after `after` (whole batch rows, so possibly more), in order, whatever their

@@ -103,6 +103,33 @@ class Metrics:
             registry=r,
         )
 
+        self.refused = Counter(
+            "log_bridge_requests_refused",
+            "Requests to stream endpoints refused, by stream and reason (not_allowed, unauthorised, too_large, "
+            "bad_body, unsupported, timeout, overloaded, journal_full, journal_error, shutting_down, internal_error)",
+            ["stream", "reason"],
+            registry=r,
+        )
+        self.last_event = Gauge(
+            "log_bridge_stream_last_event_timestamp_seconds",
+            "When the stream's last request with events was acknowledged (Unix time; alert on silence)",
+            ["stream"],
+            registry=r,
+        )
+        self.journal_max_bytes = Gauge(
+            "log_bridge_journal_max_bytes", "journal.max_bytes: the cap of log_bridge_journal_bytes", registry=r
+        )
+        self.reloads = Counter(
+            "log_bridge_config_reloads", "Configuration reloads (SIGHUP), by result", ["result"], registry=r
+        )
+        self.last_reload = Gauge(
+            "log_bridge_config_last_reload_success_timestamp_seconds",
+            "When the configuration in use was loaded (start or last successful reload; Unix time)",
+            registry=r,
+        )
+        for result in ("success", "failure"):
+            self.reloads.labels(result)
+
     def watch_inflight(self, used: Callable[[], float]) -> None:
         """Read the in-flight body bytes at scrape time."""
         self.inflight_bytes.set_function(used)

@@ -11,19 +11,21 @@ import enum
 import json
 import re
 import ssl
+import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Annotated, Any, ClassVar, Protocol, runtime_checkable
 
 import msgspec
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator
 
 from sinks.errors import SinkError
 
 __all__ = [
     "ByteSize",
     "Duration",
+    "PositiveDuration",
     "Event",
     "Failure",
     "Health",
@@ -56,9 +58,35 @@ def parse_duration(value: object) -> float:
         seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
     else:
         raise ValueError("expected a duration such as 500ms, 1s, 24h or a number of seconds")
+    if seconds != seconds or seconds in (float("inf"), float("-inf")):
+        raise ValueError("a duration must be a finite number of seconds")
     if seconds < 0:
         raise ValueError("a duration cannot be negative")
     return seconds
+
+
+def _positive_duration(value: object) -> float:
+    seconds = parse_duration(value)
+    if seconds <= 0:
+        raise ValueError("must be more than 0 (0 would turn this protection off)")
+    return seconds
+
+
+def _is_number(annotation: object) -> bool:
+    """Whether a field's type is a number (int or float, or an optional one), bool excluded."""
+    if annotation in (int, float):
+        return True
+    args = typing.get_args(annotation)
+    return bool(args) and all(arg in (int, float, type(None)) for arg in args) and type(None) in args
+
+
+def reject_boolean(model: type[BaseModel], value: object, field: str | None) -> object:
+    """The body of a `field_validator("*", mode="before")`: YAML's `true` is not the number 1."""
+    if isinstance(value, bool) and field is not None:
+        info = model.model_fields.get(field)
+        if info is not None and _is_number(info.annotation):
+            raise ValueError("expected a number, not a boolean")
+    return value
 
 
 def parse_size(value: object) -> int:
@@ -85,6 +113,9 @@ def parse_size(value: object) -> int:
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 """Seconds; YAML may say `500ms`, `1s`, `24h` or a number."""
 
+PositiveDuration = Annotated[float, BeforeValidator(_positive_duration)]
+"""A duration that must be more than 0 (a timeout: 0 would wait for ever, or not at all)."""
+
 ByteSize = Annotated[int, BeforeValidator(parse_size)]
 """Bytes; YAML may say `10MiB` or a number."""
 
@@ -93,6 +124,11 @@ class SinkConfig(BaseModel):
     """Base of every sink's own options: frozen, keyword-only, unknown keys rejected."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_boolean_numbers(cls, value: object, info: ValidationInfo) -> object:
+        return reject_boolean(cls, value, info.field_name)
 
 
 class TlsOptions(SinkConfig):

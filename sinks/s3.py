@@ -52,6 +52,7 @@ from sinks.base import (
     Failure,
     Health,
     Outcome,
+    PositiveDuration,
     SendResult,
     SinkConfig,
     parse_retry_after,
@@ -124,7 +125,7 @@ class S3Config(SinkConfig):
     storage_class: str | None = None
     object_lock: ObjectLock | None = None
     concurrency: int = Field(default=16, ge=1, le=256)
-    timeout: Duration = 30.0
+    timeout: PositiveDuration = 30.0
     """Connect and read timeout of one S3 request."""
 
     @field_validator("bucket")
@@ -167,23 +168,26 @@ class S3Config(SinkConfig):
 
     @model_validator(mode="after")
     def _consistent(self) -> S3Config:
+        problems: list[str] = []  # every inconsistency at once, not one a run
         if (self.access_key_id is None) != (self.secret_access_key is None):
-            raise ValueError("access_key_id and secret_access_key go together")
+            problems.append("access_key_id and secret_access_key go together")
         if self.session_token is not None and self.access_key_id is None:
-            raise ValueError("session_token needs access_key_id and secret_access_key")
+            problems.append("session_token needs access_key_id and secret_access_key")
         if self.kms_key_id is not None and self.server_side_encryption not in ("aws:kms", "aws:kms:dsse"):
-            raise ValueError("kms_key_id needs server_side_encryption: aws:kms")
+            problems.append("kms_key_id needs server_side_encryption: aws:kms")
         if self.layout == "workos" and self.prefix and not self.prefix.endswith("/"):
             # WorkOS's bucket path is a folder: `{bucketPath}/YYYY-MM-DD/...`; say so rather than guess.
-            raise ValueError(f"in the workos layout the prefix is a folder: end it with '/' ({self.prefix}/)")
+            problems.append(f"in the workos layout the prefix is a folder: end it with '/' ({self.prefix}/)")
         if self.layout == "workos" and "compression" in self.model_fields_set and self.compression != "none":
-            raise ValueError("compression applies to layout: batch only (the workos layout writes plain JSON)")
+            problems.append("compression applies to layout: batch only (the workos layout writes plain JSON)")
         if self.role_arn is None and (self.external_id is not None or self.sts_endpoint_url is not None):
-            raise ValueError("external_id and sts_endpoint_url need role_arn")
+            problems.append("external_id and sts_endpoint_url need role_arn")
         # botocore refreshes assumed-role credentials 15 minutes before they expire: shorter sessions would be
         # renewed on every request.
         if not 1800 <= self.role_duration <= 43200:
-            raise ValueError("role_duration must be between 30m and 12h")
+            problems.append("role_duration must be between 30m and 12h")
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
 
 

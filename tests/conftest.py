@@ -9,6 +9,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from receiver.config import parse_config
 from receiver.server import Service
@@ -61,6 +62,15 @@ async def client() -> AsyncIterator[aiohttp.ClientSession]:
     """An HTTP client session."""
     async with aiohttp.ClientSession() as session:
         yield session
+
+
+def scrape(text: str, name: str, **labels: str) -> float | None:
+    """The value of one sample in a Prometheus exposition (None when absent)."""
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return float(sample.value)
+    return None
 
 
 def memory(name: str = "mem") -> MemorySink:

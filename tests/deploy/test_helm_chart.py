@@ -22,7 +22,10 @@ from .support import CHART, FIXTURES, NAMESPACE, RELEASE, SCENARIOS, Manifest, R
 from .support import scenario_id as _scenario_id
 
 KUBERNETES_VERSIONS = ["1.30.0", "1.37.0"]  # oldest supported (Chart.yaml kubeVersion) and current
-CUSTOM_RESOURCE_SCHEMAS = {("monitoring.coreos.com/v1", "ServiceMonitor"): FIXTURES / "servicemonitor-v1.schema.json"}
+CUSTOM_RESOURCE_SCHEMAS = {
+    ("monitoring.coreos.com/v1", "ServiceMonitor"): FIXTURES / "servicemonitor-v1.schema.json",
+    ("monitoring.coreos.com/v1", "PrometheusRule"): FIXTURES / "prometheusrule-v1.schema.json",
+}
 FULLNAME = "log-bridge"  # release "log-bridge" + chart "log-bridge" collapse into one name
 SCENARIO_IDS = [_scenario_id(p) for p in SCENARIOS]
 SECRET_ENV = ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "DD_API_KEY", "LOG_BRIDGE_TOKEN", "SPLUNK_HEC_TOKEN"]

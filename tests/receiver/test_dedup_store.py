@@ -26,8 +26,9 @@ import yaml
 
 from receiver import dedup_store
 from receiver.cli import sample_wrappers
-from receiver.config import parse_config
+from receiver.config import parse_config, secret_values
 from receiver.errors import ConfigError
+from receiver.reload import plan_reload
 from receiver.server import Service
 from sinks.memory import MemorySink
 from tests.conftest import BASE_CONFIG, TOKEN, StartService
@@ -141,7 +142,14 @@ class TestConfig:
     def test_url_from_the_environment(self) -> None:
         tree = self.tree({"type": "redis", "url": "${LOG_BRIDGE_REDIS_URL}"})
         config = parse_config(tree, {"LOG_BRIDGE_REDIS_URL": "rediss://cache:6380/1"})
-        assert config.journal.dedup_store.url == "rediss://cache:6380/1"
+        assert config.journal.dedup_store.url_text() == "rediss://cache:6380/1"
+        assert "cache:6380" not in repr(config)  # a SecretStr: the URL may carry the password
+
+    def test_the_password_is_scrubbed_from_logs(self) -> None:
+        url = f"rediss://user:{PASSWORD}@cache:6380/1"
+        config = parse_config(self.tree({"type": "redis", "url": url, "password": "other-password-42"}), {})
+        secrets = secret_values(config, {})
+        assert {PASSWORD, url, "other-password-42"} <= set(secrets)
 
     def test_an_unreadable_ca_file_fails_the_start(self, tmp_path: Path) -> None:
         tree = self.tree({"type": "redis", "url": "rediss://cache:6380", "ca_file": str(tmp_path / "nope.pem")})
@@ -150,6 +158,13 @@ class TestConfig:
         assert caught.value.errors == [
             f"journal.dedup_store.ca_file: cannot load {tmp_path / 'nope.pem'}: No such file or directory"
         ]
+
+    def test_a_reload_keeps_the_store_until_a_restart(self) -> None:
+        old = parse_config(BASE_CONFIG, {})
+        new = parse_config(self.tree({"type": "redis", "url": "redis://cache"}), {})
+        plan = plan_reload(old, new)
+        assert plan.needs_restart == ["journal.dedup_store"]
+        assert plan.config.journal.dedup_store.type == "journal"
 
     def test_the_displayed_url_has_no_password(self) -> None:
         shown = dedup_store.display_url(f"rediss://user:{PASSWORD}@cache.internal:6380/2")

@@ -178,3 +178,12 @@ The Redis URL's environment variable (dedup.redis), from dedup.redis.existingSec
       {{- end }}
 {{- end }}
 {{- end }}
+
+{{/*
+Seconds in a Prometheus duration with one unit ("90s", "30m", "6h", "2d", "1w"); values.schema.json enforces the form.
+*/}}
+{{- define "log-bridge.durationSeconds" -}}
+{{- $number := regexFind "^[0-9]+" . }}
+{{- $unit := trimPrefix $number . }}
+{{- mul ($number | int) (get (dict "s" 1 "m" 60 "h" 3600 "d" 86400 "w" 604800) $unit) }}
+{{- end }}

@@ -1,0 +1,463 @@
+"""The chart's PrometheusRule: rendered by Helm, checked by `promtool check rules`, and evaluated by
+`promtool test rules` on series written here, so that each alert is seen firing when it should and staying quiet
+when it should not.
+
+Series carry the labels the chart's ServiceMonitor gives them (namespace, job, pod, instance); a series of another
+job checks that the rules only look at their own release.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from .prometheus import known_metric, metric_names, run_promtool, write_rules
+from .support import FIXTURES, NAMESPACE, Manifest, Render, kinds, only
+
+JOB = "log-bridge"
+ALERTS = {
+    "LogBridgeSinkDown": "sinkDown",
+    "LogBridgeSinkBacklogGrowing": "sinkBacklogGrowing",
+    "LogBridgeEventsDeadLettered": "deadLetters",
+    "LogBridgeJournalNearlyFull": "journalNearlyFull",
+    "LogBridgeStreamSilent": "streamSilent",
+    "LogBridgeRequestsUnauthorised": "requestsUnauthorised",
+    "LogBridgeRequestsRefused": "requestsRefused",
+    "LogBridgeConfigReloadFailed": "configReloadFailed",
+}
+
+
+def enabled(extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Values with the PrometheusRule on (and the extra prometheusRule values)."""
+    return {"metrics": {"prometheusRule": {"enabled": True, **(extra or {})}}}
+
+
+def groups(manifests: list[Manifest]) -> list[dict[str, Any]]:
+    """The rule groups of the rendered PrometheusRule."""
+    found: list[dict[str, Any]] = only(manifests, "PrometheusRule")["spec"]["groups"]
+    return found
+
+
+def rules(manifests: list[Manifest]) -> list[dict[str, Any]]:
+    """Every rule of the rendered PrometheusRule."""
+    return [rule for group in groups(manifests) for rule in group["rules"]]
+
+
+def series(metric: str, value: str, **labels: str) -> dict[str, str]:
+    """An input series of a pod of this release (pod log-bridge-0 unless given)."""
+    labels = {"namespace": NAMESPACE, "job": JOB, "pod": "log-bridge-0", "instance": "10.0.0.1:8443", **labels}
+    inner = ", ".join(f'{k}="{v}"' for k, v in labels.items())
+    return {"series": f"{metric}{{{inner}}}", "values": value}
+
+
+def target(**labels: str) -> dict[str, str]:
+    """The labels of a series of a pod of this release, as an alert carries them."""
+    return {"namespace": NAMESPACE, "job": JOB, "pod": "log-bridge-0", "instance": "10.0.0.1:8443", **labels}
+
+
+def stream_target(**labels: str) -> dict[str, str]:
+    """The labels a per-stream alert carries (summed or maxed over the pods)."""
+    return {"namespace": NAMESPACE, "job": JOB, **labels}
+
+
+def fires(alert: str, at: str, *expected: tuple[dict[str, str], str]) -> dict[str, Any]:
+    """An alert_rule_test: at `at` exactly these alerts fire (labels, summary); none if none given."""
+    return {
+        "eval_time": at,
+        "alertname": alert,
+        "exp_alerts": [
+            {"exp_labels": {"severity": SEVERITY[alert], **labels}, "exp_annotations": {"summary": summary}}
+            for labels, summary in expected
+        ],
+    }
+
+
+SEVERITY = {
+    "LogBridgeSinkDown": "critical",
+    "LogBridgeSinkBacklogGrowing": "warning",
+    "LogBridgeEventsDeadLettered": "warning",
+    "LogBridgeJournalNearlyFull": "warning",
+    "LogBridgeStreamSilent": "critical",
+    "LogBridgeRequestsUnauthorised": "warning",
+    "LogBridgeRequestsRefused": "critical",
+    "LogBridgeConfigReloadFailed": "warning",
+}
+
+
+def sawtooth(low: int, high: int, count: int) -> str:
+    """A gauge that swings between two values every sample (a healthy sink's backlog between batches)."""
+    return " ".join(str(low if i % 2 else high) for i in range(count))
+
+
+# One promtool test group per alert: the series, then evaluations where it must and must not fire.
+CASES: dict[str, dict[str, Any]] = {
+    "LogBridgeSinkDown": {
+        "interval": "1m",
+        "input_series": [
+            series("log_bridge_sink_up", "1x4 0x14 1x20", sink="splunk"),  # down from 5m to 18m
+            series("log_bridge_sink_up", "1x40", sink="archive"),
+            series("log_bridge_sink_up", "0x40", sink="splunk", job="other-release"),
+        ],
+        "alert_rule_test": [
+            fires("LogBridgeSinkDown", "14m"),  # down 9 minutes: not yet
+            fires("LogBridgeSinkDown", "16m", (target(sink="splunk"), "Sink splunk of log-bridge-0 is down")),
+            fires("LogBridgeSinkDown", "25m"),  # back up
+        ],
+    },
+    "LogBridgeSinkBacklogGrowing": {
+        "interval": "1m",
+        "input_series": [
+            series("log_bridge_sink_backlog_events", "0+10x90", sink="s3"),  # 10 more events every minute
+            series("log_bridge_sink_backlog_events", sawtooth(400, 600, 91), sink="splunk"),  # busy but keeping up
+            series("log_bridge_sink_backlog_events", "0x10 10000-1000x10 0x70", sink="datadog"),  # a burst, drained
+            series("log_bridge_sink_backlog_events", "5000x90", sink="archive"),  # stuck but not growing
+            series("log_bridge_sink_backlog_events", "0+10x90", sink="s3", job="other-release"),
+        ],
+        "alert_rule_test": [
+            fires("LogBridgeSinkBacklogGrowing", "30m"),
+            fires(
+                "LogBridgeSinkBacklogGrowing",
+                "60m",
+                (target(sink="s3"), "Backlog of sink s3 on log-bridge-0 grew by 300 events in 30m"),
+            ),
+        ],
+    },
+    "LogBridgeEventsDeadLettered": {
+        "interval": "1m",
+        "input_series": [
+            series("log_bridge_events_dead_lettered_total", "0x5 3x40", stage="intake"),  # 3 at 6m
+            series("log_bridge_events_dead_lettered_total", "_x20 1x30", stage="s3"),  # first appears at 20m, with 1
+            # A restarted pod: its counter starts again at 0 under a new instance.
+            series("log_bridge_events_dead_lettered_total", "0x50", stage="intake", instance="10.0.0.2:8443"),
+            series("log_bridge_events_dead_lettered_total", "0x5 3x40", stage="intake", job="other-release"),
+        ],
+        "alert_rule_test": [
+            fires("LogBridgeEventsDeadLettered", "5m"),
+            fires(
+                "LogBridgeEventsDeadLettered",
+                "8m",
+                (target(stage="intake"), "Events dead-lettered by intake on log-bridge-0"),
+            ),
+            fires(
+                "LogBridgeEventsDeadLettered",
+                "22m",
+                (target(stage="s3"), "Events dead-lettered by s3 on log-bridge-0"),
+            ),
+            fires("LogBridgeEventsDeadLettered", "35m"),  # nothing added in the last 10 minutes
+        ],
+    },
+    "LogBridgeJournalNearlyFull": {
+        "interval": "1m",
+        "input_series": [
+            series("log_bridge_journal_bytes", "50+2x30"),  # over 80 % from 16m
+            series("log_bridge_journal_max_bytes", "100x30"),
+            series("log_bridge_journal_bytes", "70x30", pod="log-bridge-1", instance="10.0.0.3:8443"),
+            series("log_bridge_journal_max_bytes", "100x30", pod="log-bridge-1", instance="10.0.0.3:8443"),
+        ],
+        "alert_rule_test": [
+            fires("LogBridgeJournalNearlyFull", "20m"),  # over 80 % for 4 minutes: not yet
+            fires("LogBridgeJournalNearlyFull", "22m", (target(), "Journal of log-bridge-0 is 94% full")),
+        ],
+    },
+    "LogBridgeStreamSilent": {
+        "interval": "10m",
+        "input_series": [
+            # Events until 1h, then silence.
+            series("log_bridge_stream_last_event_timestamp_seconds", "600+600x5 3600x60", stream="quiet"),
+            # Events until 2h on pod 0; the pod then restarts (new instance) and reports 0 (none since it started).
+            series("log_bridge_stream_last_event_timestamp_seconds", "600+600x11", stream="restarted"),
+            series(
+                "log_bridge_stream_last_event_timestamp_seconds",
+                "_x12 0x60",
+                stream="restarted",
+                instance="10.0.0.4:8443",
+            ),
+            # WorkOS reaches pod 1 only: pod 0 has never seen an event on this stream.
+            series("log_bridge_stream_last_event_timestamp_seconds", "0x72", stream="busy"),
+            series(
+                "log_bridge_stream_last_event_timestamp_seconds",
+                "0+600x72",
+                stream="busy",
+                pod="log-bridge-1",
+                instance="10.0.0.5:8443",
+            ),
+            series("log_bridge_stream_last_event_timestamp_seconds", "0x72", stream="quiet", job="other-release"),
+        ],
+        "alert_rule_test": [
+            fires("LogBridgeStreamSilent", "6h50m"),  # quiet: 5h50m without an event
+            fires(
+                "LogBridgeStreamSilent",
+                "7h10m",
+                (stream_target(stream="quiet"), "No event on stream quiet for more than 6h"),
+            ),
+            fires(
+                "LogBridgeStreamSilent",
+                "8h10m",
+                (stream_target(stream="quiet"), "No event on stream quiet for more than 6h"),
+                (stream_target(stream="restarted"), "No event on stream restarted for more than 6h"),
+            ),
+        ],
+    },
+    "LogBridgeRequestsUnauthorised": {
+        "interval": "1m",
+        "input_series": [
+            series("log_bridge_requests_refused_total", "0+2x40", stream="workos", reason="unauthorised"),
+            series(
+                "log_bridge_requests_refused_total",
+                "0+1x40",
+                stream="workos",
+                reason="unauthorised",
+                pod="log-bridge-1",
+                instance="10.0.0.3:8443",
+            ),
+            series("log_bridge_requests_refused_total", "0 5x40", stream="workos", reason="not_allowed"),  # a burst
+            series("log_bridge_requests_refused_total", "0+1x40", stream="workos", reason="too_large"),
+            series("log_bridge_requests_refused_total", "0+2x40", stream="workos", reason="unauthorised", job="x"),
+        ],
+        "alert_rule_test": [
+            fires("LogBridgeRequestsUnauthorised", "10m"),
+            fires(
+                "LogBridgeRequestsUnauthorised",
+                "20m",
+                (
+                    stream_target(stream="workos", reason="unauthorised"),
+                    "Requests to stream workos refused as unauthorised",
+                ),
+            ),
+        ],
+    },
+    "LogBridgeRequestsRefused": {
+        "interval": "1m",
+        "input_series": [
+            series("log_bridge_requests_refused_total", "0+1x40", stream="workos", reason="too_large"),
+            series("log_bridge_requests_refused_total", "0 4x40", stream="workos", reason="journal_full"),  # a burst
+            series("log_bridge_requests_refused_total", "0+2x40", stream="workos", reason="unauthorised"),
+            series("log_bridge_requests_refused_total", "0+1x40", stream="workos", reason="bad_body", job="x"),
+        ],
+        "alert_rule_test": [
+            fires("LogBridgeRequestsRefused", "10m"),
+            fires(
+                "LogBridgeRequestsRefused",
+                "20m",
+                (stream_target(stream="workos", reason="too_large"), "Requests to stream workos refused as too_large"),
+            ),
+        ],
+    },
+    "LogBridgeConfigReloadFailed": {
+        "interval": "1m",
+        "input_series": [
+            # Pod 0: started at 1m (load counted as a success), reloaded fine at 5m, failed at 8m, fixed at 30m.
+            series("log_bridge_config_reloads_total", "0x40", result="success"),
+            series("log_bridge_config_reloads_total", "0x7 1x40", result="failure"),
+            series("log_bridge_config_last_reload_success_timestamp_seconds", "60x4 300x25 1800x20"),
+            # Pod 1: its first reload fails; the failure series appears with it and there is no success time.
+            series(
+                "log_bridge_config_reloads_total",
+                "_x9 1x40",
+                result="failure",
+                pod="log-bridge-1",
+                instance="10.0.0.3:8443",
+            ),
+            # Pod 2: a failed reload, then a good one, a minute later.
+            series("log_bridge_config_reloads_total", "0x9 1x40", result="failure", pod="log-bridge-2", instance="i2"),
+            series(
+                "log_bridge_config_last_reload_success_timestamp_seconds",
+                "60x10 660x40",
+                pod="log-bridge-2",
+                instance="i2",
+            ),
+            series("log_bridge_config_reloads_total", "0x7 1x40", result="failure", job="other-release"),
+        ],
+        "alert_rule_test": [
+            fires("LogBridgeConfigReloadFailed", "7m"),  # the good reload at 5m does not alert
+            fires(
+                "LogBridgeConfigReloadFailed",
+                "12m",
+                (target(), "Config reload failed on log-bridge-0"),
+                (target(pod="log-bridge-1", instance="10.0.0.3:8443"), "Config reload failed on log-bridge-1"),
+            ),
+            fires(
+                "LogBridgeConfigReloadFailed",
+                "35m",
+                (target(pod="log-bridge-1", instance="10.0.0.3:8443"), "Config reload failed on log-bridge-1"),
+            ),
+        ],
+    },
+}
+
+
+def only_summaries(groups_: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The groups with each alert's annotations cut to its summary (promtool compares annotations exactly)."""
+    cut = copy.deepcopy(groups_)
+    for group in cut:
+        for rule in group["rules"]:
+            if "alert" in rule:
+                rule["annotations"] = {"summary": rule["annotations"]["summary"]}
+    return cut
+
+
+class TestPrometheusRule:
+    """What the chart renders for the alerts."""
+
+    def test_off_by_default(self, render: Render) -> None:
+        assert "PrometheusRule" not in kinds(render())
+
+    def test_every_alert_with_severity_and_runbook(self, render: Render) -> None:
+        alerts = {rule["alert"]: rule for rule in rules(render(enabled())) if "alert" in rule}
+        assert set(alerts) == set(ALERTS)
+        for name, rule in alerts.items():
+            assert rule["labels"]["severity"] == SEVERITY[name]
+            assert {"summary", "description", "runbook"} <= set(rule["annotations"]), name
+            assert len(rule["annotations"]["runbook"]) > 40, name
+            assert "runbook_url" not in rule["annotations"]
+
+    def test_only_log_bridge_metrics(self, render: Render) -> None:
+        """Every series a rule reads is one the receiver exposes (or a rule of the group records)."""
+        all_rules = rules(render(enabled()))
+        recorded = {rule["record"] for rule in all_rules if "record" in rule}
+        for rule in all_rules:
+            names = metric_names(rule["expr"])
+            assert names, rule["expr"]
+            unknown = {n for n in names if n not in recorded and not known_metric(n)}
+            assert unknown == set(), rule.get("alert", rule.get("record"))
+
+    def test_alerts_can_be_turned_off_and_tuned(self, render: Render) -> None:
+        values = enabled(
+            {
+                "alerts": {"sinkDown": {"enabled": False}, "streamSilent": {"after": "90m", "severity": "page"}},
+                "alertLabels": {"team": "security"},
+                "runbookUrl": "https://wiki.example.com/log-bridge/",
+                "labels": {"release": "kube-prometheus-stack"},
+                "namespace": "monitoring",
+                "selector": 'cluster="prod"',
+            }
+        )
+        manifests = render(values)
+        rule = only(manifests, "PrometheusRule")
+        assert rule["metadata"]["namespace"] == "monitoring"
+        assert rule["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+        alerts = {r["alert"]: r for r in rules(manifests) if "alert" in r}
+        assert "LogBridgeSinkDown" not in alerts
+        silent = alerts["LogBridgeStreamSilent"]
+        assert "[90m]" in silent["expr"] and silent["expr"].endswith("> 5400")
+        assert silent["labels"] == {"severity": "page", "team": "security"}
+        assert silent["annotations"]["runbook_url"] == "https://wiki.example.com/log-bridge#logbridgestreamsilent"
+        for r in rules(manifests):
+            assert 'namespace="audit"' not in r["expr"]
+            assert 'cluster="prod"' in r["expr"]
+
+    @pytest.mark.parametrize(
+        "values",
+        [
+            {"alerts": {"streamSilent": {"after": "6 hours"}}},
+            {"alerts": {"journalNearlyFull": {"ratio": 80}}},
+            {"alerts": {"sinkDown": {"for": "10"}}},
+            {"alerts": {"silence": {}}},
+        ],
+    )
+    def test_schema_refuses(self, helm: Any, chart: Any, values: dict[str, Any]) -> None:
+        with pytest.raises(helm.HelmValuesError):
+            chart.validate_schema(enabled(values))
+
+
+class TestPromtool:
+    """The rules as Prometheus reads and evaluates them."""
+
+    def test_check_rules(self, render: Render, tmp_path: Path) -> None:
+        path = write_rules(tmp_path / "rules.yaml", groups(render(enabled())))
+        result = run_promtool("check", "rules", path)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert f"SUCCESS: {len(rules(render(enabled())))} rules found" in result.stdout
+
+    def test_check_rules_refuses_a_broken_rule(self, render: Render, tmp_path: Path) -> None:
+        """promtool really checks: a rule with a PromQL syntax error is refused."""
+        broken = copy.deepcopy(groups(render(enabled())))
+        broken[0]["rules"][0]["expr"] = "log_bridge_sink_up{ == 0"
+        result = run_promtool("check", "rules", write_rules(tmp_path / "rules.yaml", broken))
+        assert result.returncode != 0
+
+    @pytest.mark.parametrize("alert", list(CASES))
+    def test_fires_and_stays_quiet(self, render: Render, tmp_path: Path, alert: str) -> None:
+        write_rules(tmp_path / "rules.yaml", only_summaries(groups(render(enabled()))))
+        (tmp_path / "tests.yaml").write_text(
+            yaml.safe_dump(
+                {"rule_files": ["rules.yaml"], "evaluation_interval": "1m", "tests": [CASES[alert]]}, sort_keys=False
+            )
+        )
+        result = run_promtool("test", "rules", tmp_path / "tests.yaml")
+        assert result.returncode == 0, result.stdout + result.stderr
+
+    def test_a_wrong_expectation_fails(self, render: Render, tmp_path: Path) -> None:
+        """promtool really evaluates: expecting the sink-down alert while the sink is up fails."""
+        case = copy.deepcopy(CASES["LogBridgeSinkDown"])
+        case["alert_rule_test"] = [
+            fires("LogBridgeSinkDown", "16m", (target(sink="archive"), "Sink archive of log-bridge-0 is down"))
+        ]
+        write_rules(tmp_path / "rules.yaml", only_summaries(groups(render(enabled()))))
+        (tmp_path / "tests.yaml").write_text(
+            yaml.safe_dump({"rule_files": ["rules.yaml"], "tests": [case]}, sort_keys=False)
+        )
+        assert run_promtool("test", "rules", tmp_path / "tests.yaml").returncode != 0
+
+    def test_every_alert_is_tested(self) -> None:
+        tested = {t["alertname"] for case in CASES.values() for t in case["alert_rule_test"]}
+        assert tested == set(ALERTS)
+        for case in CASES.values():
+            expectations = [bool(t["exp_alerts"]) for t in case["alert_rule_test"]]
+            assert True in expectations and False in expectations  # each fires at one time and not at another
+
+
+class TestPrometheusRuleSchema:
+    """The rendered resource is what the Prometheus Operator accepts (its CRD's fields, nothing else)."""
+
+    SCHEMA = FIXTURES / "prometheusrule-v1.schema.json"
+
+    def test_valid(self, render: Render, kubernetes_validate: Any) -> None:
+        rule = only(render(enabled({"runbookUrl": "https://wiki.example.com/lb"})), "PrometheusRule")
+        kubernetes_validate.utils.jsonschema.validate(rule, json.loads(self.SCHEMA.read_text()))
+
+    def test_a_misspelt_field_is_refused(self, render: Render, kubernetes_validate: Any) -> None:
+        rule = copy.deepcopy(only(render(enabled()), "PrometheusRule"))
+        rule["spec"]["groups"][0]["rules"][0]["expression"] = rule["spec"]["groups"][0]["rules"][0].pop("expr")
+        with pytest.raises(kubernetes_validate.utils.jsonschema.ValidationError):
+            kubernetes_validate.utils.jsonschema.validate(rule, json.loads(self.SCHEMA.read_text()))
+
+
+def selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """Whether a Kubernetes label selector (matchLabels, matchExpressions) selects an object with these labels."""
+    if not selector["matchLabels"].items() <= labels.items():
+        return False
+    for expression in selector.get("matchExpressions", []):
+        key, operator, values = expression["key"], expression["operator"], expression.get("values", [])
+        present = key in labels
+        matched = {
+            "In": present and labels.get(key) in values,
+            "NotIn": not present or labels[key] not in values,
+            "Exists": present,
+            "DoesNotExist": not present,
+        }[operator]
+        if not matched:
+            return False
+    return True
+
+
+class TestScrapedOnce:
+    """The ServiceMonitor scrapes the pods through one Service: through both, every series (and every sum in the
+    alerts and the dashboard) would count twice, under job=<name> and job=<name>-headless."""
+
+    def test_only_the_main_service(self, render: Render) -> None:
+        manifests = render({"serviceMonitor": {"enabled": True}})
+        selector = only(manifests, "ServiceMonitor")["spec"]["selector"]
+        services = {m["metadata"]["name"]: m["metadata"]["labels"] for m in manifests if m["kind"] == "Service"}
+        assert {name for name, labels in services.items() if selects(selector, labels)} == {JOB}
+        assert JOB + "-headless" in services
+
+    def test_the_matcher_matches(self) -> None:
+        selector = {"matchLabels": {"a": "1"}, "matchExpressions": [{"key": "b", "operator": "NotIn", "values": ["x"]}]}
+        assert selects(selector, {"a": "1"}) and selects(selector, {"a": "1", "b": "y"})
+        assert not selects(selector, {"a": "1", "b": "x"}) and not selects(selector, {"a": "2"})

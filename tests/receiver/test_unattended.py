@@ -1,0 +1,527 @@
+"""Left running unattended: SIGHUP, dual-stack listening, truthful backlog, no credential in any log line,
+one-line start-up errors, every validation problem at once, bounded TLS handshakes, 100-continue after the
+checks, readiness while the disk is full, journal-only commands without the sinks' credentials."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import trustme
+import yaml
+from aiohttp import web
+
+from receiver.cli import encode_body, sample_wrappers
+from tests.conftest import TOKEN, StartService, scrape
+from tests.receiver.test_process import SCRIPT, Server, free_port, run_cli, write_config
+from tests.receiver.test_process import TOKEN as PROCESS_TOKEN
+
+AUTH = {"Authorization": TOKEN}
+
+
+def body(count: int = 3) -> tuple[bytes, dict[str, str]]:
+    data, content_type = encode_body(sample_wrappers(count), "json")
+    return data, {**AUTH, "Content-Type": content_type}
+
+
+async def metrics_text(url: str) -> str:
+    async with aiohttp.ClientSession() as session, session.get(url + "/metrics") as response:
+        return await response.text()
+
+
+class TestSighup:
+    async def test_hangup_reloads_and_never_stops_the_process(self, tmp_path: Path) -> None:
+        port = free_port()
+        config = write_config(tmp_path, port)
+        pid_file = tmp_path / "serve.pid"
+        log = (tmp_path / "serve.log").open("ab")
+        proc = subprocess.Popen(
+            [str(SCRIPT), "serve", "--config", str(config), "--pid-file", str(pid_file)],
+            cwd=tmp_path,
+            stdout=log,
+            stderr=log,
+            env={**os.environ, "STREAM_SECRET": PROCESS_TOKEN},
+        )
+        try:
+            server = Server.__new__(Server)
+            server.proc, server.port = proc, port
+            await server.ready()
+            url = f"http://127.0.0.1:{port}"
+            for _ in range(3):
+                proc.send_signal(signal.SIGHUP)
+                await asyncio.sleep(0.3)
+                assert proc.poll() is None, "SIGHUP stopped log-bridge"
+            # `log-bridge reload` with a new secret in the file: the new one is accepted from then on.
+            tree = yaml.safe_load(config.read_text())
+            tree["streams"][0]["auth"]["values"] = ["Bearer after-reload-secret"]
+            config.write_text(yaml.safe_dump(tree))
+            assert run_cli("reload", "--pid-file", str(pid_file)).returncode == 0
+            data, _ = encode_body(sample_wrappers(2), "json")
+            async with aiohttp.ClientSession() as session:
+                for _ in range(50):
+                    async with session.post(
+                        url + "/workos", data=data, headers={"Authorization": "Bearer after-reload-secret"}
+                    ) as response:
+                        if response.status == 200:
+                            break
+                    await asyncio.sleep(0.1)
+                assert response.status == 200
+            text = await metrics_text(url)
+            assert scrape(text, "log_bridge_config_reloads_total", result="success") == 4
+            assert (scrape(text, "log_bridge_config_last_reload_success_timestamp_seconds") or 0) > time.time() - 60
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=30) == 0
+            log.close()
+        lines = (tmp_path / "serve.log").read_text()
+        assert lines.count("SIGHUP: reloading the configuration") == 4
+        assert not pid_file.exists()
+
+
+class TestDualStack:
+    @pytest.fixture
+    def ipv6(self) -> None:
+        if not socket.has_ipv6:
+            pytest.skip("no IPv6 on this machine")
+        try:
+            with socket.socket(socket.AF_INET6) as probe:
+                probe.bind(("::1", 0))
+        except OSError:
+            pytest.skip("no IPv6 loopback on this machine")
+
+    async def test_unspecified_ipv6_takes_both_families(self, ipv6: None, start_service: StartService) -> None:
+        service = await start_service({"server": {"host": "::", "allowlist": ["127.0.0.1/32", "::1/128"]}})
+        data, headers = body()
+        async with aiohttp.ClientSession() as session:
+            for host in ("127.0.0.1", "[::1]"):
+                async with session.post(f"http://{host}:{service.port}/workos", data=data, headers=headers) as r:
+                    assert r.status == 200, host
+        assert service.url == f"http://[::]:{service.port}"
+
+    async def test_ipv4_mapped_peers_are_checked_as_ipv4(self, ipv6: None, start_service: StartService) -> None:
+        service = await start_service({"server": {"host": "::", "allowlist": ["10.0.0.0/8"]}})
+        data, headers = body()
+        async with aiohttp.ClientSession() as session:
+            async with session.post(f"http://127.0.0.1:{service.port}/workos", data=data, headers=headers) as r:
+                assert r.status == 403
+        allowed = await start_service({"server": {"host": "::", "allowlist": ["127.0.0.0/8"]}})
+        async with aiohttp.ClientSession() as session:
+            async with session.post(f"http://127.0.0.1:{allowed.port}/workos", data=data, headers=headers) as r:
+                assert r.status == 200  # ::ffff:127.0.0.1 is 127.0.0.1
+
+    async def test_ipv4_any_stays_ipv4_only(self, ipv6: None, start_service: StartService) -> None:
+        service = await start_service({"server": {"host": "0.0.0.0"}})
+        with pytest.raises(OSError):
+            await asyncio.open_connection("::1", service.port)
+
+    def test_validate_prints_a_bracketed_ipv6_url(self, tmp_path: Path) -> None:
+        config = write_config(tmp_path, 8443)
+        tree = yaml.safe_load(config.read_text())
+        tree["server"]["host"] = "::"
+        config.write_text(yaml.safe_dump(tree))
+        result = run_cli("validate", "--config", str(config))
+        assert result.returncode == 0, result.stderr
+        assert "listen: http://[::]:8443 (IPv4 and IPv6)" in result.stdout
+
+
+class TestBacklogWhileRetrying:
+    async def test_the_gauge_counts_what_the_sink_still_owes(self, start_service: StartService) -> None:
+        service = await start_service({"sinks": {"mem": {"fail": "retry", "retry": {"initial": "1s", "max": "2s"}}}})
+        async with aiohttp.ClientSession() as session:
+            for count in (60, 200):
+                data, headers = body(count)
+                async with session.post(service.url + "/workos", data=data, headers=headers) as response:
+                    assert response.status == 200
+                await asyncio.sleep(1.5)  # the sink is backing off meanwhile
+            text = await metrics_text(service.url)
+        assert scrape(text, "log_bridge_sink_backlog_events", sink="mem") == 260
+        # Another stream's events are not this sink's backlog.
+        assert service.journal.last_seq == 260
+
+
+class TestNoSecretInLogs:
+    SECRETS = {
+        "AWS_ACCESS_KEY_ID": "AKIAZZZZEXAMPLE12345",
+        "AWS_SECRET_ACCESS_KEY": "wJalrXUtnFEMIexamplesecretkey0123456789",
+        "AWS_SESSION_TOKEN": "FwoGZXIvYXdzEXAMPLESESSIONTOKENvalue0123456789abcdef",
+    }
+
+    @pytest.fixture
+    async def s3_endpoint(self) -> Iterator[str]:
+        """An HTTP server that answers every S3 request 500 (botocore still logs what it sent)."""
+
+        async def refuse(_: web.Request) -> web.Response:
+            return web.Response(status=500, text="<Error><Code>InternalError</Code></Error>")
+
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", refuse)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        yield f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
+        await runner.cleanup()
+
+    @pytest.mark.parametrize("named", [False, True], ids=["debug", "debug-botocore-named"])
+    async def test_debug_logs_hold_no_credential(self, tmp_path: Path, s3_endpoint: str, named: bool) -> None:
+        port = free_port()
+        config = write_config(tmp_path, port)
+        tree = yaml.safe_load(config.read_text())
+        tree["sinks"]["archive"] = {
+            "type": "s3",
+            "bucket": "audit",
+            "endpoint_url": s3_endpoint,
+            "region": "us-east-1",
+            "access_key_id": "${AWS_ACCESS_KEY_ID}",
+            "secret_access_key": "${AWS_SECRET_ACCESS_KEY}",
+            "session_token": "${AWS_SESSION_TOKEN}",
+            "retry": {"initial": "100ms", "max": "200ms"},
+        }
+        config.write_text(yaml.safe_dump(tree))
+        extra = ["--debug-logger", "botocore", "--debug-logger", "urllib3"] if named else []
+        log_path = tmp_path / "serve.log"
+        with log_path.open("ab") as log:
+            proc = subprocess.Popen(
+                [str(SCRIPT), "serve", "--config", str(config), "--log-level", "debug", *extra],
+                cwd=tmp_path,
+                stdout=log,
+                stderr=log,
+                env={**os.environ, "STREAM_SECRET": PROCESS_TOKEN, **self.SECRETS},
+            )
+            server = Server.__new__(Server)
+            server.proc, server.port = proc, port
+            try:
+                await server.ready()
+                data, content_type = encode_body(sample_wrappers(2), "json")
+                async with aiohttp.ClientSession() as session:
+                    async with session.post(
+                        f"http://127.0.0.1:{port}/workos",
+                        data=data,
+                        headers={"Authorization": PROCESS_TOKEN, "Content-Type": content_type},
+                    ) as response:
+                        assert response.status == 200
+                    unauthorised = {"Authorization": PROCESS_TOKEN + "x"}
+                    async with session.post(f"http://127.0.0.1:{port}/workos", data=data, headers=unauthorised):
+                        pass
+                deadline = time.monotonic() + 20
+                while "send failed, will retry" not in log_path.read_text() and time.monotonic() < deadline:
+                    await asyncio.sleep(0.1)
+            finally:
+                proc.send_signal(signal.SIGTERM)
+                await asyncio.to_thread(proc.wait, 30)  # the loop keeps serving the S3 endpoint meanwhile
+        text = log_path.read_text()
+        assert "send failed, will retry" in text
+        if named:
+            assert '"logger":"botocore' in text  # the named library did print its debug lines
+        for secret in [*self.SECRETS.values(), PROCESS_TOKEN, PROCESS_TOKEN.split(" ", 1)[1]]:
+            assert secret not in text
+
+
+class TestStartupFailures:
+    @staticmethod
+    def serve(config: Path, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(SCRIPT), "serve", "--config", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "STREAM_SECRET": PROCESS_TOKEN},
+            **kwargs,
+        )
+
+    @staticmethod
+    def with_journal(tmp_path: Path, journal: Path) -> Path:
+        config = write_config(tmp_path, free_port())
+        tree = yaml.safe_load(config.read_text())
+        tree["journal"]["path"] = str(journal)
+        config.write_text(yaml.safe_dump(tree))
+        return config
+
+    @staticmethod
+    def one_line(result: subprocess.CompletedProcess[str]) -> str:
+        assert result.returncode == 2, result.stderr
+        assert "Traceback" not in result.stderr
+        lines = [line for line in result.stderr.splitlines() if '"level"' not in line]
+        assert len(lines) == 1, result.stderr
+        return lines[0]
+
+    def test_a_path_under_a_file(self, tmp_path: Path) -> None:
+        (tmp_path / "afile").write_text("x")
+        line = self.one_line(self.serve(self.with_journal(tmp_path, tmp_path / "afile" / "journal.db")))
+        assert line.startswith(f"log-bridge: cannot start: cannot open the journal {tmp_path}/afile/journal.db")
+
+    def test_a_corrupt_database(self, tmp_path: Path) -> None:
+        journal = tmp_path / "journal.db"
+        journal.write_bytes(b"this is not an sqlite database" * 200)
+        line = self.one_line(self.serve(self.with_journal(tmp_path, journal)))
+        assert str(journal) in line
+        assert "not a log-bridge journal or is damaged" in line
+
+    def test_a_directory_it_may_not_write(self, tmp_path: Path) -> None:
+        if os.getuid() != 0 or shutil.which("setpriv") is None:
+            pytest.skip("needs root and setpriv to run the service without the right to override permissions")
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o700)
+        os.chown(locked, 65534, 65534)  # another user's directory
+        config = self.with_journal(tmp_path, locked / "journal.db")
+        result = subprocess.run(
+            [
+                "setpriv",
+                "--bounding-set",
+                "-dac_override,-dac_read_search",
+                str(SCRIPT),
+                "serve",
+                "--config",
+                str(config),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "STREAM_SECRET": PROCESS_TOKEN},
+        )
+        line = self.one_line(result)
+        assert str(locked / "journal.db") in line
+        assert f"permission denied (log-bridge runs as UID {os.getuid()}; it needs to write in {locked}" in line
+
+    async def test_a_journal_another_process_serves(self, tmp_path: Path) -> None:
+        journal = tmp_path / "shared.db"
+        first_config = self.with_journal(tmp_path, journal)
+        server = Server(first_config, yaml.safe_load(first_config.read_text())["server"]["port"], tmp_path)
+        try:
+            await server.ready()
+            second = tmp_path / "second"
+            second.mkdir()
+            line = self.one_line(await asyncio.to_thread(self.serve, self.with_journal(second, journal)))
+            assert "another log-bridge process is serving from it" in line
+        finally:
+            assert server.kill(signal.SIGTERM) == 0
+
+
+class TestValidateEverythingAtOnce:
+    def test_one_run_lists_every_problem(self, tmp_path: Path) -> None:
+        config = tmp_path / "config.yaml"
+        config.write_text(
+            """
+server:
+  port: 8443
+  header_timeout: 0
+  body_timeout: .inf
+streams:
+  - {name: a, path: /a, sinks: [archive, missing]}
+  - {name: b, path: /a, sinks: [archive]}
+sinks:
+  archive:
+    type: s3
+    bucket: audit
+    timeout: .nan
+    access_key_id: AKIAEXAMPLEEXAMPLE12
+    layout: workos
+    compression: gzip
+"""
+        )
+        result = run_cli("validate", "--config", str(config))
+        assert result.returncode == 1
+        for expected in (
+            "server.header_timeout: must be more than 0",
+            "server.body_timeout: a duration must be a finite number of seconds",
+            "sinks.archive.timeout: a duration must be a finite number of seconds",
+            "streams[0].sinks[1]: sink 'missing' is not defined under sinks",
+            "streams[1].path: '/a' is already used by 'a'",
+            "sinks.archive: access_key_id and secret_access_key go together",
+            "compression applies to layout: batch only",
+        ):
+            assert expected in result.stderr, (expected, result.stderr)
+        assert "AKIAEXAMPLEEXAMPLE12" not in result.stderr
+
+    @pytest.mark.parametrize(
+        ("server", "expected"),
+        [
+            ("header_timeout: 0", "server.header_timeout: must be more than 0"),
+            ("header_timeout: .nan", "server.header_timeout: a duration must be a finite number"),
+            ("body_timeout: 0", "server.body_timeout: must be more than 0"),
+            ("body_timeout: .inf", "server.body_timeout: a duration must be a finite number"),
+            ("port: true", "server.port: expected a number, not a boolean"),
+            ("max_events_per_request: yes", "server.max_events_per_request: expected a number, not a boolean"),
+            ("port: 70000", "server.port: Input should be less than or equal to 65535"),
+            ("port: 1\n  port: 2", "server.port: duplicate key (line 4; first given at line 3)"),
+        ],
+    )
+    def test_values_that_turn_protections_off_are_refused(self, tmp_path: Path, server: str, expected: str) -> None:
+        config = tmp_path / "config.yaml"
+        config.write_text(
+            f"\nserver:\n  {server}\nstreams: [{{name: a, path: /a, sinks: [s]}}]\n"
+            f"sinks: {{s: {{type: file, path: {tmp_path}/out.ndjson}}}}\n"
+        )
+        result = run_cli("validate", "--config", str(config))
+        assert result.returncode == 1
+        assert expected in result.stderr, result.stderr
+
+
+class TestTlsHandshake:
+    async def test_a_stalled_handshake_is_closed_after_header_timeout(
+        self, start_service: StartService, tmp_path: Path
+    ) -> None:
+        ca = trustme.CA()
+        issued = ca.issue_cert("127.0.0.1")
+        cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
+        issued.cert_chain_pems[0].write_to_path(str(cert))
+        issued.private_key_pem.write_to_path(str(key))
+        service = await start_service(
+            {"server": {"header_timeout": "1s", "tls": {"cert_file": str(cert), "key_file": str(key)}}}
+        )
+        reader, writer = await asyncio.open_connection("127.0.0.1", service.port)  # TCP only: no ClientHello
+        started = time.monotonic()
+        closed = await asyncio.wait_for(reader.read(1), timeout=20)
+        took = time.monotonic() - started
+        writer.close()
+        assert closed == b""
+        assert took < 5, f"held a silent TLS connection {took:.1f} s"
+        context = ssl.create_default_context()
+        ca.configure_trust(context)
+        async with aiohttp.ClientSession() as session, session.get(service.url + "/healthz", ssl=context) as r:
+            assert r.status == 200
+
+
+class TestExpectContinue:
+    @staticmethod
+    async def exchange(port: int, headers: str) -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        data, _ = encode_body(sample_wrappers(2), "json")
+        writer.write(
+            f"POST /workos HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(data)}\r\n"
+            f"Expect: 100-continue\r\n{headers}\r\n".encode()
+        )
+        await writer.drain()
+        first = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=5)
+        if first.startswith(b"HTTP/1.1 100"):
+            writer.write(data)
+            first += await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=5)
+        writer.close()
+        return first
+
+    async def test_refused_clients_are_not_invited_to_upload(self, start_service: StartService) -> None:
+        service = await start_service()
+        wrong = await self.exchange(service.port, "Authorization: Bearer wrong\r\n")
+        assert wrong.startswith(b"HTTP/1.1 401"), wrong
+        right = await self.exchange(service.port, f"Authorization: {TOKEN}\r\n")
+        assert right.startswith(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200"), right
+        elsewhere = await start_service({"server": {"allowlist": ["10.0.0.0/8"]}})
+        refused = await self.exchange(elsewhere.port, f"Authorization: {TOKEN}\r\n")
+        assert refused.startswith(b"HTTP/1.1 403"), refused
+        text = await metrics_text(elsewhere.url)
+        assert scrape(text, "log_bridge_requests_refused_total", stream="workos", reason="not_allowed") == 1
+
+
+@contextlib.contextmanager
+def small_disk(where: Path, size: str) -> Iterator[Path]:
+    where.mkdir()
+    try:
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], check=True, capture_output=True
+        )
+    except (OSError, subprocess.CalledProcessError) as exc:
+        if os.environ.get("LOG_BRIDGE_REQUIRE_TMPFS"):
+            raise
+        pytest.skip(f"cannot mount a small tmpfs here: {exc}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+class TestReadinessWhileTheDiskIsFull:
+    async def test_not_ready_from_the_first_failed_write_until_one_commits(
+        self, start_service: StartService, tmp_path: Path
+    ) -> None:
+        with small_disk(tmp_path / "disk", "8m") as disk:
+            filler = disk / "filler"
+            service = await start_service(
+                {"journal": {"path": str(disk / "journal.db")}, "sinks": {"mem": {"fail": "retry"}}}
+            )
+            async with aiohttp.ClientSession() as session:
+                assert (await session.get(service.url + "/readyz")).status == 200
+                filler.write_bytes(os.urandom(1024) * (1024 * 7))  # most of the room
+                statuses = []
+                for _ in range(200):
+                    data, headers = body(50)
+                    async with session.post(service.url + "/workos", data=data, headers=headers) as response:
+                        statuses.append(response.status)
+                    if response.status == 503:
+                        break
+                assert statuses[-1] == 503, statuses
+                probes = []
+                for _ in range(27):
+                    async with session.get(service.url + "/readyz") as response:
+                        probes.append((response.status, (await response.json()).get("problems")))
+                    await asyncio.sleep(0.05)
+                assert {status for status, _ in probes} == {503}, probes
+                assert probes[0][1] == ["the journal's disk is full"]
+                filler.unlink()
+                for _ in range(30):  # one probe write a second at most
+                    await asyncio.sleep(0.2)
+                    async with session.get(service.url + "/readyz") as response:
+                        if response.status == 200:
+                            break
+                assert response.status == 200, await response.text()
+                data, headers = body(5)
+                async with session.post(service.url + "/workos", data=data, headers=headers) as response:
+                    assert response.status == 200
+            await service.stop()
+
+
+class TestJournalOnlyCommands:
+    def test_dlq_list_needs_no_sink_credentials(self, tmp_path: Path) -> None:
+        config = write_config(tmp_path, free_port())
+        tree = yaml.safe_load(config.read_text())
+        tree["sinks"]["archive"] = {
+            "type": "s3",
+            "bucket": "audit",
+            "access_key_id": "${UNSET_ACCESS_KEY_FOR_TEST}",
+            "secret_access_key": "${UNSET_SECRET_KEY_FOR_TEST}",
+        }
+        config.write_text(yaml.safe_dump(tree))
+        result = run_cli("dlq", "list", "--config", str(config))
+        assert result.returncode == 0, result.stderr
+        assert result.stdout == ""
+        # The journal section itself is still checked.
+        tree["journal"]["path"] = "${UNSET_JOURNAL_FOR_TEST}"
+        config.write_text(yaml.safe_dump(tree))
+        result = run_cli("dlq", "list", "--config", str(config))
+        assert result.returncode == 2
+        assert "journal.path: environment variable UNSET_JOURNAL_FOR_TEST is not set" in result.stderr
+
+
+class TestStreamMetrics:
+    async def test_last_event_time_and_refusals_by_reason(self, start_service: StartService) -> None:
+        service = await start_service()
+        before = time.time()
+        async with aiohttp.ClientSession() as session:
+            data, headers = body()
+            async with session.post(service.url + "/workos", data=data, headers=headers) as response:
+                assert response.status == 200
+            for extra, status in (
+                ({"Authorization": "Bearer nope"}, 401),
+                ({"Content-Encoding": "br"}, 415),
+            ):
+                async with session.post(service.url + "/workos", data=data, headers={**headers, **extra}) as r:
+                    assert r.status == status
+            async with session.post(service.url + "/workos", data=b"not json at all", headers=headers) as response:
+                assert response.status == 400
+            text = await metrics_text(service.url)
+        last = scrape(text, "log_bridge_stream_last_event_timestamp_seconds", stream="workos")
+        assert last is not None and before - 1 <= last <= time.time()
+        for reason, count in (("unauthorised", 1), ("unsupported", 1), ("bad_body", 1), ("not_allowed", 0)):
+            assert scrape(text, "log_bridge_requests_refused_total", stream="workos", reason=reason) == count
+        assert scrape(text, "log_bridge_journal_max_bytes") == 1024**3
