@@ -7,7 +7,11 @@
 # Stage 1 builds a virtual environment with log-bridge and every optional sink dependency. All of them ship
 # binary wheels for this Python, so no compiler is needed; if one ever does not, install build-essential here,
 # never in the final stage.
-FROM python:3.13-slim-trixie AS build
+#
+# BASE is the image both stages start from; it only changes where the official image cannot be pulled (the test
+# suite builds on a Debian base it makes itself: tests/deploy/test_image.py).
+ARG BASE=python:3.13-slim-trixie
+FROM ${BASE} AS build
 
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1 \
@@ -23,7 +27,7 @@ RUN /opt/venv/bin/pip install --no-cache-dir '.[all]' \
     && /opt/venv/bin/python -m compileall -q /opt/venv
 
 # Stage 2: the runtime. Only the interpreter, the virtual environment and an unprivileged user.
-FROM python:3.13-slim-trixie
+FROM ${BASE}
 
 LABEL org.opencontainers.image.title="log-bridge" \
       org.opencontainers.image.description="Receives WorkOS audit-log streams, journals them durably and delivers them to file, S3, Splunk HEC and Datadog." \

@@ -1,4 +1,5 @@
-# log-bridge: `make run` starts a local receiver, `make test` runs the whole suite, `make bench` the benchmarks.
+# log-bridge: `make run` starts a local receiver, `make test` runs the whole suite, `make bench` the benchmarks,
+# `make image` builds the image with docker (when its daemon answers), else podman or buildah; ENGINE=... to choose.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -6,7 +7,7 @@ STAMP := $(VENV)/.installed
 # `make run` needs only what serving needs (every sink's SDK, no test or deploy-check tools).
 RUN_STAMP := $(VENV)/.installed-run
 
-.PHONY: run test bench lint clean
+.PHONY: run test bench lint clean image
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,3 +39,14 @@ lint: $(STAMP)
 
 clean:
 	rm -rf $(VENV) data log-bridge-data .pytest_cache .mypy_cache .ruff_cache
+
+# The image: ENGINE may carry global options (ENGINE="podman --runtime runc"), BASE replaces the base image of both
+# stages (the Dockerfile's default: python:3.13-slim-trixie), BUILD_FLAGS are added to the build command.
+ENGINE ?= $(shell if docker info >/dev/null 2>&1; then echo docker; else command -v podman || command -v buildah; fi)
+IMAGE ?= log-bridge:latest
+BASE ?=
+BUILD_FLAGS ?=
+
+image:
+	@test -n "$(ENGINE)" || { echo "make image: none of docker, podman or buildah is installed" >&2; exit 1; }
+	$(ENGINE) build $(if $(BASE),--build-arg BASE=$(BASE)) $(BUILD_FLAGS) -t $(IMAGE) .

@@ -1,4 +1,5 @@
-"""The `log-bridge` command: serve, validate, check, send-test, dlq list / dlq replay, workos (receiver.workos_cli)."""
+"""The `log-bridge` command: serve, reload, validate, check, send-test, drain, dlq list / dlq replay, workos
+(receiver.workos_cli)."""
 
 from __future__ import annotations
 
@@ -106,6 +107,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
     print(f"  allowlist: {', '.join(server.allowlist)}; trusted proxies: {', '.join(server.trusted_proxies) or 'none'}")
     journal = config.journal
     print(f"  journal: {journal.path} (cap {journal.max_bytes} bytes, dedup {journal.dedup_window:g}s)")
+    if journal.dedup_store.type == "redis":
+        from receiver.dedup_store import display_url
+
+        print(f"  dedup shared through redis at {display_url(journal.dedup_store.url_text())}")
     for stream in config.streams:
         auth = (
             f"secret in {stream.auth.header} ({len(stream.auth.values)} accepted value(s))"
@@ -166,7 +171,33 @@ def cmd_check(args: argparse.Namespace) -> int:
         from receiver.workos_cli import check_workos
 
         failed += check_workos(config.workos, args.timeout)
-    return 1 if failed else 0
+    store_ok = True
+    if not args.sink and config.journal.dedup_store.type == "redis":
+        try:
+            store_ok = asyncio.run(_check_dedup_store(config))
+        except ConfigError as exc:  # the redis extra is not installed
+            _print_errors(exc)
+            return 2
+    return 1 if failed or not store_ok else 0
+
+
+async def _check_dedup_store(config: Config) -> bool:
+    """Ping the shared dedup store and print the verdict."""
+    from receiver.dedup_store import RedisDedupStore
+
+    store = RedisDedupStore(config.journal.dedup_store, config.journal.dedup_window)
+    try:
+        problem = await store.ping()
+    finally:
+        await store.close()
+    if problem is None:
+        print(f"ok     dedup store (redis) {store.where} answers: deduplication is shared between replicas")
+    else:
+        print(
+            f"FAILED dedup store (redis) {store.where}: {problem}; "
+            "the intake deduplicates locally only while it does not answer"
+        )
+    return problem is None
 
 
 async def _check_sinks(config: Config, names: list[str], limit: float) -> dict[str, Health]:
@@ -329,6 +360,34 @@ def cmd_dlq_replay(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- drain -------------------------------------------------------------------------------------
+
+
+def cmd_drain(args: argparse.Namespace) -> int:
+    """Deliver what the journal holds, then exit: 0 when everything is delivered, 1 with what is left."""
+    from receiver.drain import drain
+
+    setup_logging("warning")
+    config = _load_required(args.config)
+    if config is None:
+        return 2
+    if not Path(config.journal.path).exists():
+        print(f"log-bridge drain: no journal at {config.journal.path}", file=sys.stderr)
+        return 2
+    try:
+        left = asyncio.run(drain(config, args.timeout))
+    except (SinkError, ssl.SSLError) as exc:
+        print(f"log-bridge drain: cannot start: {exc}", file=sys.stderr)
+        return 2
+    if not left:
+        print(f"drained: every event in {config.journal.path} is delivered (dead letters: `log-bridge dlq list`)")
+        return 0
+    print(f"not drained within {args.timeout:g}s; left in {config.journal.path}:")
+    for item in left:
+        print(f"  {item.sink}: {item.events} event(s) ({item.health})")
+    return 1
+
+
 # --- the parser ----------------------------------------------------------------------------------
 
 
@@ -396,6 +455,17 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("--insecure", action="store_true", help="do not verify the https certificate")
     send.add_argument("--timeout", type=float, default=30.0)
     send.set_defaults(func=cmd_send_test)
+
+    drain = commands.add_parser(
+        "drain",
+        help="deliver a journal's backlog, then exit",
+        description="Deliver everything in the journal to its sinks, without listening; exit 0 when all is "
+        "delivered, 1 with what is left per sink when the timeout ends first. For the volume of a replica that is "
+        "gone; never on a journal a running `serve` uses.",
+    )
+    drain.add_argument("--config", "-c", help=config_help)
+    drain.add_argument("--timeout", type=float, default=300.0, help="seconds to keep trying (default 300)")
+    drain.set_defaults(func=cmd_drain)
 
     dlq = commands.add_parser("dlq", help="dead letters: list or replay", description="Inspect or replay dead letters.")
     dlq_commands = dlq.add_subparsers(dest="dlq_command", required=True, metavar="ACTION")

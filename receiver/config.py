@@ -10,7 +10,8 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
@@ -132,6 +133,49 @@ class ServerConfig(_Model):
         return [_network(entry) for entry in self.trusted_proxies]
 
 
+class DedupStoreConfig(_Model):
+    """Where dedup keys are shared: the journal alone (one replica), or a Redis every replica asks (several)."""
+
+    type: Literal["journal", "redis"] = "journal"
+    url: SecretStr | None = Field(None, validate_default=True)
+    """redis://[user:password@]host[:port][/db] or rediss:// (TLS); secret, since it may carry the password."""
+    password: SecretStr | None = None
+    """The password, when it is not in the URL (e.g. `${REDIS_PASSWORD}`)."""
+    key_prefix: str = Field("log-bridge:dedup:", min_length=1)
+    timeout: Duration = Field(0.25, gt=0, le=10)
+    """Longest wait for one round trip to Redis; past it the request is deduplicated locally only."""
+    ca_file: Path | None = None
+    """CA bundle that signed the Redis server's certificate (rediss://), when not a public CA."""
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, secret: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
+        value = secret.get_secret_value() if secret is not None else ""
+        kind = info.data.get("type")
+        if kind == "redis" and not value:
+            raise ValueError("field required with type redis")
+        if kind == "journal" and value:
+            raise ValueError("only used with type redis")
+        if value and not value.startswith(("redis://", "rediss://")):  # the value itself is never repeated
+            raise ValueError("must start with redis:// or rediss:// (TLS)")
+        if value:
+            parts = urlsplit(value)
+            try:
+                parts.port  # noqa: B018 - raises on a port that is not a number from 0 to 65535
+            except ValueError:
+                raise ValueError("the port is not a number from 1 to 65535") from None
+            if not parts.hostname:
+                raise ValueError("names no host")
+            database = parts.path.strip("/")
+            if database and not database.isdigit():
+                raise ValueError("the database (the path) must be a number")
+        return secret
+
+    def url_text(self) -> str:
+        """The URL itself ('' without one)."""
+        return self.url.get_secret_value() if self.url is not None else ""
+
+
 class JournalConfig(_Model):
     """The durable SQLite journal."""
 
@@ -141,6 +185,15 @@ class JournalConfig(_Model):
     dedup_window: Duration = 24 * 3600.0
     dedup_max_keys: int = Field(DEFAULT_DEDUP_MAX_KEYS, ge=1)
     """Keys the dedup index holds at most; past it the oldest are forgotten early (counted), never refused."""
+    dedup_store: DedupStoreConfig = DedupStoreConfig()
+
+    @model_validator(mode="after")
+    def _check_dedup_store(self) -> JournalConfig:
+        if self.dedup_store.type == "redis" and self.dedup_window <= 0:
+            raise ValueError(
+                "dedup_window must be above 0 with dedup_store type redis (its keys expire with the window)"
+            )
+        return self
 
 
 class AuthConfig(_Model):
@@ -576,6 +629,7 @@ def secret_values(config: Config, environ: Mapping[str, str] | None = None) -> l
                 walk(item)
 
     walk(config)
+    found.append(urlsplit(config.journal.dedup_store.url_text()).password or "")  # the URL's password alone too
     for stream in config.streams:
         for value in stream.auth.values if stream.auth else ():
             found.append(value)

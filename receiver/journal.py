@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import IO, TYPE_CHECKING, Any, TypeVar
 
 import orjson
 import zstandard
@@ -39,6 +39,9 @@ from receiver.dedup import DedupIndex
 from receiver.errors import JournalClosed, JournalError, JournalFull
 from receiver.parsing import Parsed
 from sinks.base import Event
+
+if TYPE_CHECKING:
+    from receiver.dedup_store import RedisDedupStore
 
 log = logging.getLogger(__name__)
 
@@ -199,6 +202,8 @@ class Journal:
         """Set when a write fails for lack of space; cleared only when a write commits again (readiness)."""
         self._new_data: list[asyncio.Event] = []
         self._next_seq = 1
+        self.shared: RedisDedupStore | None = None
+        """The dedup store shared with other replicas (journal.dedup_store), consulted besides the local index."""
 
     # --- life cycle --------------------------------------------------------------------------------
 
@@ -371,6 +376,9 @@ class Journal:
         after the fsync."""
         if self.over_cap:
             raise JournalFull(f"the journal is over its cap ({self.max_bytes} bytes)")
+        shared = self.shared if self.dedup.enabled else None
+        elsewhere = await shared.seen(stream, parsed.keys) if shared is not None else frozenset()
+        committed: list[str] = []
 
         def write(conn: sqlite3.Connection) -> AppendResult:
             fresh = None
@@ -379,6 +387,12 @@ class Journal:
                 taken: list[int] = []
                 fresh = self.dedup.fresh(stream, parsed.keys, received_at, pending, taken)
                 self._undo.append(lambda: pending.difference_update(taken))
+                if elsewhere:  # seen by another replica within the window: a duplicate here too
+                    fresh = [
+                        i
+                        for i in (range(len(parsed)) if fresh is None else fresh)
+                        if parsed.keys[i] is None or parsed.keys[i] not in elsewhere
+                    ]
             indexes = range(len(parsed)) if fresh is None else fresh
             count = len(indexes)
             keys: list[str] = []
@@ -406,6 +420,7 @@ class Journal:
                             "INSERT INTO dedup_log (stream, at, keys) VALUES (?, ?, ?)",
                             (stream, received_at, orjson.dumps(keys)),
                         )
+            committed[:] = keys
             self._after_commit.append(lambda: self._committed(stream, keys, received_at, size))
             if parsed.rejected:
                 conn.executemany(
@@ -414,7 +429,10 @@ class Journal:
                 )
             return AppendResult(count, len(parsed) - count, len(parsed.rejected))
 
-        return await self._write(write)
+        result = await self._write(write)
+        if shared is not None and committed:  # only now, after the commit: a failure here can cause a duplicate,
+            await shared.mark(stream, committed)  # never a loss
+        return result
 
     def _committed(self, stream: str, keys: list[str], at: float, size: int) -> None:
         self.size_bytes += size

@@ -96,6 +96,12 @@ class Metrics:
             "Body bytes reserved by requests in flight (at most server.max_inflight_bytes; beyond it, 503)",
             registry=r,
         )
+        self.dedup_store_errors = Counter(
+            "log_bridge_dedup_store_errors",
+            "Calls to the shared dedup store (journal.dedup_store) that failed or timed out; the request was "
+            "deduplicated locally only",
+            registry=r,
+        )
 
         self.refused = Counter(
             "log_bridge_requests_refused",

@@ -9,10 +9,10 @@ from receiver.config import Config
 
 RESTART_ONLY = {
     "server": ("host", "port", "header_timeout"),
-    "journal": ("path", "dedup_window", "dedup_max_keys"),
+    "journal": ("path", "dedup_window", "dedup_max_keys", "dedup_store"),
 }
-"""Settings a running process keeps until it restarts: the listening socket and its timeouts, the journal file
-and the dedup index built from it."""
+"""Settings a running process keeps until it restarts: the listening socket and its timeouts, the journal file,
+the dedup index built from it and the shared dedup store it connects to."""
 
 
 @dataclass(frozen=True)

@@ -234,6 +234,12 @@ class Service:
             dedup_window=config.journal.dedup_window,
             dedup_max_keys=config.journal.dedup_max_keys,
         )
+        if config.journal.dedup_store.type == "redis":
+            from receiver.dedup_store import RedisDedupStore
+
+            self.journal.shared = RedisDedupStore(
+                config.journal.dedup_store, config.journal.dedup_window, self.metrics.dedup_store_errors.inc
+            )
         self.sinks = dict(sinks) if sinks is not None else build_sinks(config)
         self.engine: DeliveryEngine | None = None
         self.tls: ServerTls | None = None
@@ -314,6 +320,8 @@ class Service:
         await self._site.start()
         self.metrics.last_reload.set(time.time())
         log.info("listening", extra={"url": self.url, "streams": [s.path for s in self.config.streams]})
+        if self.journal.shared is not None and await self.journal.shared.probe():  # a failure is logged there
+            log.info("dedup store reachable: deduplication is shared", extra={"store": self.journal.shared.where})
         self._warn_open_streams(self.config)
 
     @staticmethod
@@ -409,21 +417,24 @@ class Service:
             await asyncio.sleep(DEDUP_PRUNE_INTERVAL)
 
     async def stop(self) -> bool:
-        """Refuse new batches (503), finish requests in flight, let sinks drain up to the deadline, close.
+        """Refuse new batches (503), let sinks drain up to the deadline, finish requests in flight, close.
         Returns whether every sink drained; what did not stays in the journal for the next start."""
-        self.state.draining = True
-        if self._runner is not None:
-            await self._runner.cleanup()
+        self.state.draining = True  # from now on /readyz answers 503 and the stream endpoints refuse batches
+        # The listener stays up while the sinks drain, so probes and scrapes see "shutting down", not a refusal.
         drained = True
         if self.workos is not None:
             await self.workos.stop()
         if self.engine is not None:
             drained = await self.engine.stop(self.config.server.shutdown_timeout)
+        if self._runner is not None:
+            await self._runner.cleanup()
         if self._housekeeping is not None:
             self._housekeeping.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._housekeeping
         await self.journal.close()
+        if self.journal.shared is not None:
+            await self.journal.shared.close()
         log.info("stopped", extra={"drained": drained})
         return drained
 

@@ -499,6 +499,12 @@ class TestNotes:
         notes = render_files(scenario("ingress-tls"))["log-bridge/templates/NOTES.txt"]
         assert "https://audit-logs.example.com" in notes
 
+    def test_warns_about_replicas_that_deduplicate_alone(self, render_files: Any) -> None:
+        warning = "more than one replica without dedup.redis"
+        assert warning in render_files(scenario("hpa"))["log-bridge/templates/NOTES.txt"]
+        assert warning not in render_files(scenario("replicas-redis"))["log-bridge/templates/NOTES.txt"]
+        assert warning not in render_files()["log-bridge/templates/NOTES.txt"]
+
     def test_warns_when_the_client_address_is_lost(self, render_files: Any) -> None:
         notes = render_files({"service": {"type": "LoadBalancer"}})["log-bridge/templates/NOTES.txt"]
         assert "externalTrafficPolicy" in notes and "WARNING" in notes
@@ -579,3 +585,109 @@ class TestValuesSchema:
             nested = schema["properties"][key]
             if isinstance(value, dict) and nested.get("additionalProperties") is False:
                 assert set(value) <= set(nested["properties"]), key
+
+
+class TestShutdown:
+    """The grace period follows config.server.shutdown_timeout: delivery after intake stops, then requests in flight."""
+
+    @pytest.mark.parametrize(("shutdown", "grace"), [(None, 35), ("30s", 75), ("2m", 255), (45, 105), ("1500ms", 19)])
+    def test_grace_period_is_derived(self, render: Render, shutdown: Any, grace: int) -> None:
+        values = {} if shutdown is None else {"config": {"server": {"shutdown_timeout": shutdown}}}
+        pod = statefulset(render(values))["spec"]["template"]["spec"]
+        assert pod["terminationGracePeriodSeconds"] == grace
+
+    def test_an_explicit_grace_period_wins(self, render: Render) -> None:
+        pod = statefulset(render({"terminationGracePeriodSeconds": 300}))["spec"]["template"]["spec"]
+        assert pod["terminationGracePeriodSeconds"] == 300
+
+    def test_readiness_probe_is_readyz(self, render: Render) -> None:
+        """/readyz turns 503 the moment SIGTERM arrives, so the Service stops sending before intake stops."""
+        probe = container(render())["readinessProbe"]
+        assert probe["httpGet"]["path"] == "/readyz" and probe["periodSeconds"] <= 5
+
+
+class TestReplicas:
+    def test_autoscaling_keeps_two_replicas_and_a_budget_by_default(self, chart: Any, render: Render) -> None:
+        assert chart.values["autoscaling"]["minReplicas"] >= 2
+        manifests = render({"autoscaling": {"enabled": True}})
+        assert only(manifests, "HorizontalPodAutoscaler")["spec"]["minReplicas"] == 2
+        assert only(manifests, "PodDisruptionBudget")["spec"]["minAvailable"] == 1
+
+
+class TestSharedDedup:
+    """dedup.redis: journal.dedup_store in the config, the URL from a Secret."""
+
+    def test_off_by_default(self, render: Render) -> None:
+        manifests = render()
+        assert "dedup_store" not in rendered_config(manifests)["journal"]
+        assert "LOG_BRIDGE_REDIS_URL" not in env_by_name(manifests)
+
+    def test_url_in_the_chart_secret(self, render: Render) -> None:
+        url = "rediss://:s3cret@redis.audit.svc:6380/0"
+        manifests = render({"dedup": {"redis": {"enabled": True, "url": url}}})
+        assert rendered_config(manifests)["journal"]["dedup_store"] == {
+            "type": "redis",
+            "url": "${LOG_BRIDGE_REDIS_URL}",
+            "key_prefix": "log-bridge:dedup:",
+            "timeout": "250ms",
+        }
+        ref = env_by_name(manifests)["LOG_BRIDGE_REDIS_URL"]["valueFrom"]["secretKeyRef"]
+        assert ref == {"name": FULLNAME, "key": "LOG_BRIDGE_REDIS_URL"}  # not optional: the config needs it
+        assert base64.b64decode(only(manifests, "Secret")["data"]["LOG_BRIDGE_REDIS_URL"]).decode() == url
+        assert "s3cret" not in only(manifests, "ConfigMap")["data"]["config.yaml"]
+        other = render({"dedup": {"redis": {"enabled": True, "url": url.replace("s3cret", "rotated")}}})
+        assert pod_annotations(other)["checksum/dedup"] != pod_annotations(manifests)["checksum/dedup"]
+
+    def test_url_from_an_existing_secret(self, render: Render) -> None:
+        manifests = render(scenario("replicas-redis"))
+        ref = env_by_name(manifests)["LOG_BRIDGE_REDIS_URL"]["valueFrom"]["secretKeyRef"]
+        assert ref == {"name": "log-bridge-redis", "key": "url"}
+        assert "LOG_BRIDGE_REDIS_URL" not in only(manifests, "Secret")["data"]
+        assert rendered_config(manifests)["journal"]["dedup_store"]["key_prefix"] == "audit:log-bridge:dedup:"
+
+    @pytest.mark.parametrize(
+        ("values", "message"),
+        [
+            ({"dedup": {"redis": {"enabled": True}}}, "dedup.redis.enabled needs dedup.redis.url or"),
+            (
+                {"dedup": {"redis": {"enabled": True, "url": "redis://r"}}, "secrets": {"existingSecret": "creds"}},
+                "set dedup.redis.existingSecret",
+            ),
+        ],
+    )
+    def test_incomplete_settings_fail(self, helm: ModuleType, render: Render, values: Any, message: str) -> None:
+        with pytest.raises(helm.HelmError, match=message):
+            render(values)
+
+    def test_schema_refuses_a_non_redis_url(self, helm: ModuleType, chart: Any) -> None:
+        with pytest.raises(helm.HelmValuesError):
+            chart.validate_schema({"dedup": {"redis": {"url": "http://redis:6379"}}})
+
+
+class TestDrainJob:
+    """drainJob.claimName: a Job that mounts a claim left behind and runs `log-bridge drain` on it."""
+
+    def test_not_rendered_by_default(self, render: Render) -> None:
+        assert "Job" not in kinds(render())
+
+    def test_mounts_the_claim_and_drains_it(self, render: Render) -> None:
+        manifests = render(scenario("replicas-redis"))
+        job = only(manifests, "Job")
+        pod = job["spec"]["template"]["spec"]
+        (main,) = pod["containers"]
+        assert main["command"] == ["log-bridge", "drain"]
+        assert main["args"] == ["--config", "/etc/log-bridge/config.yaml", "--timeout", "3600"]
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        assert volumes["journal"]["persistentVolumeClaim"] == {"claimName": "journal-log-bridge-3"}
+        assert volumes["config"]["configMap"]["name"] == FULLNAME
+        mounts = {m["name"]: m["mountPath"] for m in main["volumeMounts"]}
+        assert mounts["journal"] == "/var/lib/log-bridge" and mounts["tmp"] == "/tmp"
+        assert pod["restartPolicy"] == "Never" and main["securityContext"]["readOnlyRootFilesystem"] is True
+        assert pod["securityContext"]["fsGroup"] == 10001
+        # The same environment as the replicas, so the same config resolves (the Redis URL included).
+        env = {e["name"] for e in main["env"]}
+        assert set(env_by_name(manifests)) - {"LOG_BRIDGE_CONFIG"} <= env
+        # Its pods are not selected by the Service or the budget: they must never receive WorkOS traffic.
+        selector = only(manifests, "Service", name=FULLNAME)["spec"]["selector"]
+        labels = job["spec"]["template"]["metadata"]["labels"]
+        assert not all(labels.get(k) == v for k, v in selector.items())

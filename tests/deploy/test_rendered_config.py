@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from .support import SCENARIOS, Render, load_values, only, scenario_id, tool_path
+from .support import REPO, SCENARIOS, Render, load_values, only, scenario_id, tool_path
 
 SCENARIO_IDS = [scenario_id(p) for p in SCENARIOS]
 
@@ -26,7 +26,9 @@ def pod_environment(render: Render, values: dict[str, object]) -> tuple[str, dic
     sts = only(manifests, "StatefulSet")
     (container,) = sts["spec"]["template"]["spec"]["containers"]
     for entry in container["env"]:
-        if "valueFrom" in entry:
+        if entry["name"].endswith("REDIS_URL"):  # a URL the config checks the shape of
+            environ[entry["name"]] = "rediss://:dummy-password@redis.audit.svc:6380/0"
+        elif "valueFrom" in entry:
             environ[entry["name"]] = f"dummy-{entry['name'].lower()}-0123456789"
         elif entry["name"] != "LOG_BRIDGE_CONFIG":
             environ[entry["name"]] = entry["value"]
@@ -39,7 +41,7 @@ def validate(config: Path, environ: dict[str, str]) -> subprocess.CompletedProce
         [tool_path("log-bridge"), "validate", "--config", str(config)],
         capture_output=True,
         text=True,
-        env=environ,
+        env={**environ, "PYTHONPATH": str(REPO)},  # this checkout's code, wherever the package is installed from
         timeout=120,
         check=False,
     )

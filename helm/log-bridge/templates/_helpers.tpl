@@ -107,6 +107,12 @@ The log-bridge configuration as YAML: values.config, with server.tls filled in w
 {{- $_ := set $server "tls" $tls }}
 {{- $_ := set $config "server" $server }}
 {{- end }}
+{{- if .Values.dedup.redis.enabled }}
+{{- $journal := get $config "journal" | default dict }}
+{{- $store := dict "type" "redis" "url" "${LOG_BRIDGE_REDIS_URL}" "key_prefix" .Values.dedup.redis.keyPrefix "timeout" .Values.dedup.redis.timeout }}
+{{- $_ := set $journal "dedup_store" $store }}
+{{- $_ := set $config "journal" $journal }}
+{{- end }}
 {{- toYaml $config }}
 {{- end }}
 
@@ -120,6 +126,57 @@ Probe: the values' probe with the port and scheme filled in.
 {{- $_ := set $probe.httpGet "scheme" (get $probe.httpGet "scheme" | default (include "log-bridge.scheme" .root)) }}
 {{- end }}
 {{- toYaml $probe }}
+{{- end }}
+
+{{/*
+Seconds of a log-bridge duration (a number of seconds, or "500ms", "10s", "5m", "1h", "1d"), rounded up.
+*/}}
+{{- define "log-bridge.seconds" -}}
+{{- if kindIs "string" . }}
+{{- $text := trim . }}
+{{- $units := dict "ms" 0.001 "s" 1.0 "m" 60.0 "h" 3600.0 "d" 86400.0 "" 1.0 }}
+{{- mulf (regexFind "^[0-9.]+" $text | float64) (get $units (regexFind "(ms|s|m|h|d)$" $text)) | ceil | int }}
+{{- else }}
+{{- . | float64 | ceil | int }}
+{{- end }}
+{{- end }}
+
+{{/*
+terminationGracePeriodSeconds: the value when set, else 2 x server.shutdown_timeout (delivery once intake stops,
+then the requests still in flight) + 15 s for the preStop pause and the exit.
+*/}}
+{{- define "log-bridge.terminationGracePeriodSeconds" -}}
+{{- if kindIs "invalid" .Values.terminationGracePeriodSeconds }}
+{{- $server := .Values.config.server | default dict }}
+{{- $shutdown := include "log-bridge.seconds" (get $server "shutdown_timeout" | default 10) | int }}
+{{- add (mul 2 $shutdown) 15 }}
+{{- else }}
+{{- .Values.terminationGracePeriodSeconds }}
+{{- end }}
+{{- end }}
+
+{{/*
+The Redis URL's environment variable (dedup.redis), from dedup.redis.existingSecret or the chart's Secret.
+*/}}
+{{- define "log-bridge.redisEnv" -}}
+{{- if .Values.dedup.redis.enabled }}
+{{- if and (not .Values.dedup.redis.existingSecret) (not .Values.dedup.redis.url) }}
+{{- fail "dedup.redis.enabled needs dedup.redis.url or dedup.redis.existingSecret" }}
+{{- end }}
+{{- if and (not .Values.dedup.redis.existingSecret) .Values.secrets.existingSecret }}
+{{- fail "dedup.redis.url is stored in the chart's Secret, which secrets.existingSecret turns off: set dedup.redis.existingSecret" }}
+{{- end }}
+- name: LOG_BRIDGE_REDIS_URL
+  valueFrom:
+    secretKeyRef:
+      {{- if .Values.dedup.redis.existingSecret }}
+      name: {{ .Values.dedup.redis.existingSecret }}
+      key: {{ .Values.dedup.redis.existingSecretKey }}
+      {{- else }}
+      name: {{ include "log-bridge.fullname" . }}
+      key: LOG_BRIDGE_REDIS_URL
+      {{- end }}
+{{- end }}
 {{- end }}
 
 {{/*

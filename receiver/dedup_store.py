@@ -1,0 +1,165 @@
+"""The shared dedup store: a Redis that every replica asks, so a WorkOS retry landing on another replica is still
+answered as a duplicate.
+
+The journal stays the authority: a request's keys are looked up here before its batch is written, and marked
+here only after the batch committed locally (`Journal.append`). A failure in between leaves a key unmarked, which
+can cause a duplicate on another replica, never a loss. When Redis does not answer within `timeout`, the request
+is deduplicated by the local index alone; the failure is counted, logged once per outage, and the next tries are
+spaced out (`RETRY_INTERVAL`) so a dead store costs at most one timeout now and then, not one per request.
+
+Keys are `key_prefix` + the stream's name + a 128-bit BLAKE2b digest of the keySuffix: a fixed size in Redis
+whatever the client sent, and nothing of the event in the store. Each expires with the dedup window (TTL).
+
+The client is redis-py's asyncio one, on the event loop: the journal's writer thread serves every request's
+commit, and a network round trip there would hold all of them up whenever Redis is slow.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import math
+import ssl
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+from receiver.config import DedupStoreConfig
+from receiver.errors import ConfigError
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
+log = logging.getLogger(__name__)
+
+RETRY_INTERVAL = 1.0
+"""Seconds between tries while the store is down (requests in between use local dedup without waiting)."""
+
+MAX_CONNECTIONS = 32
+"""Connections to Redis one process opens at most."""
+
+INSTALL_HINT = "the redis dedup store needs the `redis` package: pip install 'log-bridge[redis]'"
+
+
+def display_url(url: str) -> str:
+    """The URL without its credentials, for logs and `check`."""
+    parts = urlsplit(url)
+    host = parts.hostname or "?"
+    host = f"[{host}]" if ":" in host else host
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{host}{port}{parts.path}"
+
+
+class RedisDedupStore:
+    """Keys seen by any replica, in Redis, with the window as their TTL."""
+
+    def __init__(self, config: DedupStoreConfig, window: float, on_error: Callable[[], object] = lambda: None) -> None:
+        try:
+            from redis.asyncio import BlockingConnectionPool, Redis
+            from redis.asyncio.retry import Retry
+            from redis.backoff import NoBackoff
+        except ImportError:
+            raise ConfigError([f"journal.dedup_store.type: {INSTALL_HINT}"]) from None
+        url = config.url_text()  # required with type redis by the config model
+        self.where = display_url(url)
+        self.prefix = config.key_prefix
+        self.timeout = config.timeout
+        self.ttl_ms = max(1, math.ceil(window * 1000))
+        self.on_error = on_error
+        options: dict[str, Any] = {
+            "socket_timeout": config.timeout,
+            "socket_connect_timeout": config.timeout,
+            "retry": Retry(NoBackoff(), 0),  # the timeout bounds the whole call, so no retry inside it
+        }
+        if config.password is not None:
+            options["password"] = config.password.get_secret_value()
+        if url.startswith("rediss://"):
+            options["ssl_check_hostname"] = True
+            if config.ca_file is not None:
+                try:  # read now, so a wrong file fails the start instead of every connection
+                    ssl.create_default_context(cafile=str(config.ca_file))
+                except (OSError, ssl.SSLError) as exc:
+                    reason = getattr(exc, "strerror", None) or getattr(exc, "reason", None) or type(exc).__name__
+                    raise ConfigError(
+                        [f"journal.dedup_store.ca_file: cannot load {config.ca_file}: {reason}"]
+                    ) from None
+                options["ssl_ca_certs"] = str(config.ca_file)
+        # At most MAX_CONNECTIONS connections however many requests run at once; a request that cannot get one in
+        # `timeout` is deduplicated locally, like any other slow answer.
+        pool = BlockingConnectionPool.from_url(url, max_connections=MAX_CONNECTIONS, timeout=config.timeout, **options)
+        self._client: Redis = Redis.from_pool(pool)
+        self.down = False
+        self._retry_at = 0.0
+        self.errors = 0
+
+    def _key(self, stream: str, key: str) -> str:
+        digest = hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
+        return f"{self.prefix}{stream}:{digest}"
+
+    async def seen(self, stream: str, keys: Sequence[str | None]) -> frozenset[str]:
+        """The keys another replica (or this one) marked within the window; empty when the store is down."""
+        wanted = list(dict.fromkeys(key for key in keys if key is not None))
+        if not wanted or not self._may_try():
+            return frozenset()
+        found = await self._call(self._client.mget([self._key(stream, key) for key in wanted]))
+        if found is None:
+            return frozenset()
+        return frozenset(key for key, value in zip(wanted, found, strict=True) if value is not None)
+
+    async def mark(self, stream: str, keys: Sequence[str]) -> bool:
+        """Mark keys of a committed batch as seen, in one pipelined round trip; whether the store took them."""
+        if not keys or not self._may_try():
+            return False
+        pipe = self._client.pipeline(transaction=False)
+        for key in keys:
+            pipe.set(self._key(stream, key), b"1", px=self.ttl_ms)
+        return await self._call(pipe.execute()) is not None
+
+    async def ping(self) -> str | None:
+        """None when the store answers, else why not (for `check` and start-up)."""
+        try:
+            async with asyncio.timeout(self.timeout):
+                await self._client.ping()
+        except Exception as exc:
+            return _reason(exc, self.timeout)
+        return None
+
+    async def probe(self) -> bool:
+        """Whether the store answers a PING (a failure counts and logs like any other)."""
+        return await self._call(self._client.ping()) is not None
+
+    async def close(self) -> None:
+        """Close the connections."""
+        await self._client.aclose()
+
+    def _may_try(self) -> bool:
+        return not self.down or time.monotonic() >= self._retry_at
+
+    async def _call(self, operation: Any) -> Any:
+        try:
+            async with asyncio.timeout(self.timeout):
+                result = await operation
+        except Exception as exc:  # any failure of the store only costs deduplication, never the request
+            self.errors += 1
+            self.on_error()
+            self._retry_at = time.monotonic() + RETRY_INTERVAL
+            if not self.down:
+                self.down = True
+                log.warning(
+                    "dedup store unavailable: deduplicating locally only until it answers",
+                    extra={"store": self.where, "error": _reason(exc, self.timeout)},
+                )
+            return None
+        if self.down:
+            self.down = False
+            log.info("dedup store answers again: deduplication is shared again", extra={"store": self.where})
+        return result
+
+
+def _reason(exc: BaseException, timeout: float) -> str:
+    if isinstance(exc, TimeoutError):
+        return f"no answer within {timeout:g}s"
+    # redis-py's messages name the host and port, never the password; the type says what kind of failure.
+    return f"{type(exc).__name__}: {exc}"[:300]

@@ -1,0 +1,195 @@
+"""No stranded journals: SIGTERM keeps delivering (readiness 503 at once), and `log-bridge drain` empties a journal
+left behind, against a real Splunk HEC peer on loopback and real `log-bridge` processes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import yaml
+
+from receiver.cli import sample_wrappers
+from sinks.testing.hec import HecPeer
+
+from .redis_server import free_port
+
+TOKEN = "Bearer drain-test-secret"
+HEC_TOKEN = "drain-hec-token-0123456789"  # noqa: S105 - the local peer's made-up token
+SCRIPT = Path(sys.executable).with_name("log-bridge")
+REPO = Path(__file__).resolve().parents[2]
+ENV = {**os.environ, "STREAM_SECRET": TOKEN, "PYTHONPATH": str(REPO)}
+"""The checkout under test goes first on the processes' path, ahead of wherever the package is installed from."""
+
+
+def write_config(tmp_path: Path, port: int, hec_url: str, shutdown_timeout: str) -> Path:
+    fast_retry = {"initial": "50ms", "max": "200ms"}
+    config = {
+        "server": {
+            "host": "127.0.0.1",
+            "port": port,
+            "allowlist": ["127.0.0.1/32"],
+            "shutdown_timeout": shutdown_timeout,
+        },
+        "journal": {"path": str(tmp_path / "journal.db")},
+        "streams": [
+            {
+                "name": "workos",
+                "path": "/workos",
+                "auth": {"values": ["${STREAM_SECRET}"]},
+                "sinks": ["archive", "splunk"],
+            }
+        ],
+        "sinks": {
+            "archive": {"type": "file", "path": str(tmp_path / "out" / "events.ndjson"), "batch": {"max_wait": "20ms"}},
+            "splunk": {
+                "type": "splunk_hec",
+                "url": hec_url,
+                "token": HEC_TOKEN,
+                "batch": {"max_wait": "20ms"},
+                "retry": fast_retry,
+            },
+        },
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+async def run_cli(*args: str, timeout: float = 60) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        str(SCRIPT), *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=ENV
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+class Serve:
+    """A `log-bridge serve` process."""
+
+    def __init__(self, config: Path, port: int, log: Path) -> None:
+        self.base = f"http://127.0.0.1:{port}"
+        self.log = log.open("ab")
+        self.proc = subprocess.Popen(
+            [str(SCRIPT), "serve", "--config", str(config)], stdout=self.log, stderr=self.log, env=ENV
+        )
+
+    async def ready(self, session: aiohttp.ClientSession) -> None:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, "log-bridge serve exited"
+            try:
+                async with session.get(self.base + "/readyz") as response:
+                    if response.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.05)
+        raise AssertionError("log-bridge serve did not become ready")
+
+    async def post(self, session: aiohttp.ClientSession, wrappers: list[dict[str, Any]]) -> tuple[int, Any]:
+        async with session.post(
+            self.base + "/workos", data=orjson.dumps(wrappers), headers={"Authorization": TOKEN}
+        ) as response:
+            return response.status, await response.json()
+
+    async def wait(self, timeout: float) -> int:
+        deadline = time.monotonic() + timeout
+        while self.proc.poll() is None:
+            assert time.monotonic() < deadline, "log-bridge serve did not exit"
+            await asyncio.sleep(0.05)
+        self.log.close()
+        return self.proc.returncode
+
+
+async def peer_holds(peer: HecPeer, count: int, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while peer.event_count < count and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+
+
+class TestSigterm:
+    async def test_readiness_is_503_at_once_and_delivery_goes_on_after_intake_stops(self, tmp_path: Path) -> None:
+        peer = HecPeer(token=HEC_TOKEN)
+        await peer.start()
+        port = free_port()
+        serve = Serve(write_config(tmp_path, port, peer.url, "10s"), port, tmp_path / "serve.log")
+        try:
+            async with aiohttp.ClientSession() as session:
+                await serve.ready(session)
+                peer.busy()  # Splunk is down when the pod is told to stop: the backlog is still there
+                status, _ = await serve.post(session, sample_wrappers(20))
+                assert status == 200
+                serve.proc.send_signal(signal.SIGTERM)
+                signalled = time.monotonic()
+                await asyncio.sleep(0.3)
+                async with session.get(serve.base + "/readyz") as ready:
+                    assert ready.status == 503
+                    assert (await ready.json())["problems"] == ["shutting down"]
+                async with session.get(serve.base + "/healthz") as health:
+                    assert health.status == 200
+                status, answer = await serve.post(session, sample_wrappers(1))
+                assert status == 503 and answer == {"error": "shutting down"}
+                await asyncio.sleep(0.5)
+                assert serve.proc.poll() is None  # still delivering
+                peer.recover()
+                code = await serve.wait(15)
+                stopped_after = time.monotonic() - signalled
+        finally:
+            await peer.stop()
+        assert code == 0
+        assert peer.event_count == 20
+        assert stopped_after < 10  # it left as soon as the backlog was delivered, within shutdown_timeout
+        assert b'"drained":true' in (tmp_path / "serve.log").read_bytes()
+
+
+class TestDrain:
+    async def test_drain_delivers_what_a_stopped_replica_left(self, tmp_path: Path) -> None:
+        peer = HecPeer(token=HEC_TOKEN)
+        await peer.start()
+        port = free_port()
+        config = write_config(tmp_path, port, peer.url, "1s")
+        serve = Serve(config, port, tmp_path / "serve.log")
+        try:
+            async with aiohttp.ClientSession() as session:
+                await serve.ready(session)
+                peer.busy()
+                for _ in range(3):
+                    assert (await serve.post(session, sample_wrappers(10)))[0] == 200
+                serve.proc.send_signal(signal.SIGTERM)
+                assert await serve.wait(15) == 0  # gave up after shutdown_timeout: the backlog stays on the volume
+            assert peer.event_count == 0
+
+            code, out, err = await run_cli("drain", "--config", str(config), "--timeout", "1")
+            assert code == 1, out + err
+            assert out.splitlines()[0] == f"not drained within 1s; left in {tmp_path / 'journal.db'}:"
+            (left,) = out.splitlines()[1:]  # the file sink delivered everything: only Splunk is listed
+            assert left.startswith("  splunk: 30 event(s) (send failed, retrying: ")
+            assert HEC_TOKEN not in out + err and "Traceback" not in err
+
+            peer.recover()
+            started = time.monotonic()
+            code, out, err = await run_cli("drain", "--config", str(config), "--timeout", "30")
+            assert code == 0, out + err
+            assert out.startswith("drained: every event in") and time.monotonic() - started < 15
+            assert peer.event_count == 30
+            code, out, _ = await run_cli("drain", "--config", str(config), "--timeout", "5")
+            assert code == 0 and peer.event_count == 30  # nothing is sent twice
+        finally:
+            await peer.stop()
+        lines = (tmp_path / "out" / "events.ndjson").read_bytes().splitlines()
+        assert len(lines) == 30
+
+    async def test_drain_without_a_journal_is_a_clear_error(self, tmp_path: Path) -> None:
+        config = write_config(tmp_path, 8080, "http://127.0.0.1:1", "1s")
+        code, _, err = await run_cli("drain", "--config", str(config))
+        assert code == 2 and err.strip() == f"log-bridge drain: no journal at {tmp_path / 'journal.db'}"
+        assert not (tmp_path / "journal.db").exists()
