@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
 import time
@@ -160,6 +161,10 @@ class Intake:
         self._intake_dead = metrics.dead_lettered.labels("intake")
         self._last_event = metrics.last_event.labels(name)
         self._refused = {reason: metrics.refused.labels(name, reason) for reason in REFUSAL_REASONS}
+        self.inflight = 0
+        """Requests being handled (a reload waits for those on a stream it changed before settling its events)."""
+        self.idle = asyncio.Event()
+        self.idle.set()
 
     def _authorised(self, request: web.Request) -> bool:
         if self.auth_header is None:
@@ -173,6 +178,8 @@ class Intake:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """The stream endpoint."""
         started = time.monotonic()
+        self.inflight += 1
+        self.idle.clear()
         try:
             response = await self._handle(request)
         except Exception as exc:  # a bug must not become a 500: WorkOS retries a 503, and the event is kept
@@ -185,6 +192,10 @@ class Intake:
             response = _refuse(
                 "internal_error", 503, "internal error; retry later", close=True, retry_after=RETRY_AFTER_BUSY
             )
+        finally:
+            self.inflight -= 1
+            if not self.inflight:
+                self.idle.set()
         self._count(response, started)
         return response
 
@@ -222,6 +233,8 @@ class Intake:
         if refusal is not None:
             self._count(refusal, started)
             return refusal
+        if request.version < (1, 1):  # HTTP/1.0 has no 1xx answers: the expectation is ignored (RFC 9110 10.1.1)
+            return None
         if request.headers.get("Expect", "").lower() != "100-continue":
             response = _answer(417, "the only expectation understood is 100-continue")
             response.force_close()
@@ -325,7 +338,7 @@ class Intake:
     async def _commit(self, parsed: Parsed, received_at: float) -> web.Response:
         name = self.stream.name
         try:
-            result = await self.journal.append(name, parsed, received_at)
+            result = await self.journal.append(name, parsed, received_at, scope=self.stream.path)
         except JournalFull as exc:
             log.error("journal full: refusing a batch", extra={"stream": name, "error": str(exc)})
             return _refuse("journal_full", 503, str(exc), retry_after=RETRY_AFTER_FULL)
@@ -368,12 +381,20 @@ class State:
         self._ready_at = 0.0
         self._ready = False
 
-    def install(self, config: Config, journal: Journal, metrics: Metrics) -> None:
-        """Serve `config`'s streams from now on (requests in flight finish with the intake they started with)."""
+    def install(self, config: Config, journal: Journal, metrics: Metrics) -> dict[str, Intake]:
+        """Serve `config`'s streams from now on (requests in flight finish with the intake they started with);
+        returns the intakes replaced."""
         self.budget.limit = config.server.max_inflight_bytes
+        replaced = self.intakes
         self.intakes = {
             stream.path: Intake(stream, config, journal, metrics, self, self.budget) for stream in config.streams
         }
+        kept = {stream.name for stream in config.streams}
+        for intake in replaced.values():
+            if intake.stream.name not in kept:  # a removed stream is not "silent": it is gone
+                with contextlib.suppress(KeyError):
+                    metrics.last_event.remove(intake.stream.name)
+        return replaced
 
 
 def build_app(config: Config, journal: Journal, metrics: Metrics, state: State) -> web.Application:

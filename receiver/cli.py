@@ -3,15 +3,21 @@
 
 from __future__ import annotations
 
+import signal
+import sys
+
+_HANGUPS: list[int] = []
+"""SIGHUPs that arrived while `serve` was starting; applied as one reload once it serves."""
+if sys.argv[1:2] == ["serve"] and hasattr(signal, "SIGHUP"):  # as early as the program can: a HUP never kills
+    signal.signal(signal.SIGHUP, lambda signum, _frame: _HANGUPS.append(signum))
+
 import argparse
 import asyncio
 import gzip
 import json
 import logging
 import os
-import signal
 import ssl
-import sys
 import time
 import uuid
 from collections.abc import Sequence
@@ -79,7 +85,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "./log-bridge-data/); pass --config FILE for anything else"
         )
     try:
-        return asyncio.run(serve(config, _config_path(args.config), args.pid_file))
+        return asyncio.run(serve(config, _config_path(args.config), args.pid_file, early_hangups=_HANGUPS))
     except ConfigError as exc:
         _print_errors(exc)
         return 2

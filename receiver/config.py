@@ -450,6 +450,8 @@ def _pydantic_errors(exc: ValidationError, prefix: str = "") -> list[str]:
 # --- loading -------------------------------------------------------------------------------------
 
 M = TypeVar("M", bound=BaseModel)
+_STAND_INS: dict[Any, Any] = {str: "stand-in", int: 1, float: 1.0}
+"""Values put in place of a required key that failed, only to let the other checks of its section run."""
 
 
 def validate_all(model: type[M], data: Any, where: str) -> tuple[M | None, list[str]]:
@@ -461,8 +463,13 @@ def validate_all(model: type[M], data: Any, where: str) -> tuple[M | None, list[
         problems = _pydantic_errors(exc, where)
         failed = {e["loc"][0] for e in exc.errors() if e["loc"] and isinstance(e["loc"][0], str)}
     if isinstance(data, dict) and failed and failed <= set(data):
+        rest = {key: value for key, value in data.items() if key not in failed}
+        for key in failed:  # a required key that failed gets a stand-in, so the checks across keys still run
+            field = model.model_fields.get(str(key))
+            if field is not None and field.is_required() and field.annotation in _STAND_INS:
+                rest[key] = _STAND_INS[field.annotation]
         try:
-            model.model_validate({key: value for key, value in data.items() if key not in failed})
+            model.model_validate(rest)
         except ValidationError as again:
             dropped = {_location((key,), where) for key in failed}
             problems += [p for p in _pydantic_errors(again, where) if p.split(": ", 1)[0] not in dropped]
@@ -592,6 +599,11 @@ def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None 
     try:
         duplicates = _duplicate_keys(yaml.compose(text, Loader=yaml.SafeLoader) or yaml.MappingNode("", []))
         tree = yaml.safe_load(text)
+    except RecursionError:
+        raise ConfigError([f"{path}: an alias refers to itself (or the document nests too deeply)"]) from None
+    except (ValueError, TypeError, OverflowError) as exc:  # an explicit tag (`!!int abc`) that does not convert
+        del exc  # its message quotes the value, which may be a secret
+        raise ConfigError([f"{path}: a value with an explicit YAML tag (such as !!int) does not convert"]) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""

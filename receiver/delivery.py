@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import fnmatch
 import logging
+import math
 import random
 import re
 import time
@@ -76,6 +77,9 @@ class SinkRunner:
         self.sink = sink
         self.section = section
         self.streams = frozenset(streams)
+        self.legacy: dict[str, float] = {}
+        """Streams that fed this sink until a reload: their events up to the seq given (inf until the requests
+        in flight on them have finished) are still this sink's."""
         self.journal = journal
         self.metrics = metrics
         self.active_sinks = tuple(active_sinks)
@@ -93,20 +97,44 @@ class SinkRunner:
         self._halted = asyncio.Event()
         self._caught_up = False
         self._unread = 0
-        """Events of this sink's streams in the journal after `_read_pos` (counted, then decreased as read)."""
+        """Events this sink is owed in the journal after `_read_pos` (counted, then decreased as read); with
+        action filters, only those the filters let through."""
+        self._counted_upto = 0
+        """With action filters: the journal seq up to which `_unread` has been counted."""
         self._in_flight = 0
 
     async def prime(self) -> None:
         """Read this sink's cursor and count its backlog (before `run`, so the gauge is true from the start)."""
         self.cursor = (await self.journal.cursors([self.name]))[self.name]
         self._read_pos = self.cursor
-        self._unread = await self._persist(
-            lambda: self.journal.count_after(self.cursor, self.streams, self.name), "count the backlog"
-        )
+        if self._every_action:
+            self._unread = await self._persist(
+                lambda: self.journal.count_after(self.cursor, self.streams | set(self.legacy), self.name),
+                "count the backlog",
+            )
+        else:
+            self._counted_upto = self.cursor
+            await self._count_new()
+
+    async def _count_new(self) -> None:
+        """With action filters: add the wanted events the journal gained since the last count (actions are
+        read, not the events' bytes), so the backlog never counts an event the filters will skip."""
+        upto = self.journal.last_seq
+        if upto <= self._counted_upto:
+            return
+        rows = await self.journal.scan_actions(self._counted_upto, upto)
+        floor = max(self._counted_upto, self._read_pos)  # what was read meanwhile is not unread
+        added = 0
+        for first, stream, target, actions in rows:
+            for offset, action in enumerate(actions):
+                seq = first + offset
+                if floor < seq <= upto and self._wants_parts(stream, target, seq, action):
+                    added += 1
+        self._unread += added
+        self._counted_upto = max(upto, self._read_pos)
 
     def owed(self) -> int:
-        """Events this sink still has to deliver: unread, buffered, and being sent or retried (filtered-out
-        actions count until they are read)."""
+        """Events this sink still has to deliver: unread, buffered, and being sent or retried."""
         return self._unread + len(self._buffer) + self._in_flight
 
     async def count_forever(self, every: float = BACKLOG_RECOUNT) -> None:
@@ -115,10 +143,15 @@ class SinkRunner:
         counted_seq = -1
         counted_at = 0.0
         while True:
+            if not self._every_action:
+                with contextlib.suppress(JournalError):
+                    await self._count_new()
+                await asyncio.sleep(BACKLOG_REFRESH)
+                continue
             last_seq, position = self.journal.last_seq, self._read_pos
             if last_seq != counted_seq or time.monotonic() - counted_at >= every:
                 try:
-                    unread = await self.journal.count_after(position, self.streams, self.name)
+                    unread = await self.journal.count_after(position, self.streams | set(self.legacy), self.name)
                 except JournalError:
                     unread = None
                 if unread is not None and position == self._read_pos:  # no read in between: the count holds
@@ -126,10 +159,27 @@ class SinkRunner:
                     counted_seq, counted_at = last_seq, time.monotonic()
             await asyncio.sleep(BACKLOG_REFRESH)
 
-    def _wants(self, event: Event, target: str | None) -> bool:
+    def _wants_parts(self, stream: str, target: str | None, seq: int, action: str) -> bool:
         if target is not None:
             return target == self.name
-        return event.stream in self.streams and self.wants_action(event.action)
+        if stream not in self.streams:
+            until = self.legacy.get(stream)
+            if until is None or seq > until:
+                return False
+        return self.wants_action(action)
+
+    def _mine(self, event: Event, target: str | None) -> bool:
+        """Whether the event is for this sink: replayed for it, from a stream that feeds it, or from a stream
+        that fed it until a reload (accepted before the reload took effect)."""
+        if target is not None:
+            return target == self.name
+        if event.stream in self.streams:
+            return True
+        until = self.legacy.get(event.stream)
+        return until is not None and event.seq <= until
+
+    def _wants(self, event: Event, target: str | None) -> bool:
+        return self._mine(event, target) and (target is not None or self.wants_action(event.action))
 
     async def _fill(self) -> None:
         """Read more rows into the buffer; sets `_caught_up` when the journal has nothing more."""
@@ -141,6 +191,25 @@ class SinkRunner:
         if not rows:
             return
         self._read_pos = rows[-1][0].seq
+        if not self._every_action:
+            wanted = [event for event, target in rows if self._wants(event, target)]
+            counted = sum(1 for event in wanted if event.seq <= self._counted_upto)
+            self._unread = max(0, self._unread - counted)
+            self._counted_upto = max(self._counted_upto, self._read_pos)
+            self.legacy = {name: until for name, until in self.legacy.items() if until > self._read_pos}
+        elif self.legacy:
+            self._unread = max(0, self._unread - sum(1 for event, target in rows if self._mine(event, target)))
+            wanted = [event for event, target in rows if self._wants(event, target)]
+            self.legacy = {name: until for name, until in self.legacy.items() if until > self._read_pos}
+        else:
+            wanted = self._select(rows)
+        if wanted:
+            if not self._buffer:
+                self._first_buffered_at = time.monotonic()
+            self._buffer.extend(wanted)
+            self._buffered_bytes += sum(len(event.raw) for event in wanted)
+
+    def _select(self, rows: list[tuple[Event, str | None]]) -> list[Event]:
         matched = sum(
             1 for event, target in rows if (event.stream in self.streams if target is None else target == self.name)
         )
@@ -153,11 +222,7 @@ class SinkRunner:
             ]
         else:
             wanted = [event for event, target in rows if self._wants(event, target)]
-        if wanted:
-            if not self._buffer:
-                self._first_buffered_at = time.monotonic()
-            self._buffer.extend(wanted)
-            self._buffered_bytes += sum(len(event.raw) for event in wanted)
+        return wanted
 
     def _take_batch(self) -> list[Event]:
         batch: list[Event] = []
@@ -379,6 +444,12 @@ class DeliveryEngine:
         cursor is dropped; an added one starts at the journal's end; a changed one is rebuilt at its cursor.
         A sink no stream feeds (one only the WorkOS export archive uses) is kept unless removed or changed."""
         active = active_sinks(config)
+        before = self.config
+        owed = {name: runner.owed() for name, runner in self.runners.items()}
+        legacy = {name: dict(runner.legacy) for name, runner in self.runners.items()}
+        for name in active:  # acknowledged under streams that no longer feed the sink: still owed by it
+            dropped = set(before.streams_of(name)) - set(config.streams_of(name)) if name in before.sinks else set()
+            legacy.setdefault(name, {}).update(dict.fromkeys(dropped, math.inf))
         gone = [name for name in self.runners if name not in active or name in built]
         for name in gone:  # its sink object is kept when the configuration still has it unchanged
             await self._retire(name, config.server.shutdown_timeout, close=name not in config.sinks or name in built)
@@ -390,10 +461,11 @@ class DeliveryEngine:
             if name in self.runners:
                 runner = self.runners[name]
                 runner.streams = frozenset(config.streams_of(name))
+                runner.legacy = legacy[name]
                 runner.active_sinks = tuple(active)
         removed = [name for name in gone if name not in active]
         if removed:
-            owed = await self.journal.drop_cursors(removed)
+            await self.journal.drop_cursors(removed)
             for name in removed:
                 log.warning(
                     "sink removed: its undelivered events are no longer owed to it",
@@ -403,8 +475,28 @@ class DeliveryEngine:
         for name in active:
             if name not in self.runners:
                 self.runners[name] = runner = self._runner(name, config, active)
+                runner.legacy = legacy.get(name, {})
                 await self._launch(runner)
         self.config = config
+        await self.journal.free_passed(active)  # a removed sink may have been the one holding rows back
+
+    def owed_elsewhere(self) -> dict[str, dict[str, float]]:
+        """Each sink's streams that fed it until a reload, and up to which seq (inf: still settling)."""
+        return {name: dict(runner.legacy) for name, runner in self.runners.items() if runner.legacy}
+
+    def carry(self, legacy: Mapping[str, Mapping[str, float]]) -> None:
+        """Give the runners (before they start) what earlier configurations left them owing."""
+        for name, streams in legacy.items():
+            if name in self.runners:
+                self.runners[name].legacy.update(streams)
+
+    def close_legacy(self, streams: Iterable[str], until: int) -> None:
+        """The requests in flight on `streams` when a reload stopped them feeding some sinks have finished:
+        those sinks still owe their events up to `until`, and no later ones."""
+        for runner in self.runners.values():
+            for name in streams:
+                if runner.legacy.get(name) == math.inf:
+                    runner.legacy[name] = until
 
     async def _retire(self, name: str, deadline: float, close: bool) -> None:
         runner = self.runners.pop(name)

@@ -109,7 +109,8 @@ def _lock_exclusively(path: Path) -> IO[bytes]:
     """Hold `<journal>.lock` for the life of the process: two services on one journal would each keep their
     own dedup index and sequence, so the second is refused."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle = (path.parent / (path.name + ".lock")).open("a+b")
+    real = path.resolve()  # the same database reached through a symlink takes the same lock
+    handle = (real.parent / (real.name + ".lock")).open("a+b")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -120,6 +121,13 @@ def _lock_exclusively(path: Path) -> IO[bytes]:
     return handle
 
 
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except OSError:  # a directory it may not search: the directory is the problem
+        return False
+
+
 def _open_problem(exc: OSError | sqlite3.Error, path: Path) -> str:
     """Why a journal could not be opened, in one line, with the next step where it is clear."""
     if (
@@ -127,6 +135,13 @@ def _open_problem(exc: OSError | sqlite3.Error, path: Path) -> str:
         or "readonly" in str(exc)
         or (isinstance(exc, sqlite3.Error) and not os.access(path.parent, os.W_OK))
     ):
+        files = [path, *(path.with_name(path.name + end) for end in ("-wal", "-shm", ".lock"))]
+        theirs = [str(f) for f in files if _exists(f) and not os.access(f, os.R_OK | os.W_OK)]
+        if theirs:
+            return (
+                f"permission denied (log-bridge runs as UID {os.getuid()}; it cannot write {', '.join(theirs)}: "
+                "make them its own, or writable by it)"
+            )
         return (
             f"permission denied (log-bridge runs as UID {os.getuid()}; it needs to write in {path.parent}, "
             "for the database and its -wal and -shm files)"
@@ -168,6 +183,9 @@ class _Job:
     fn: Callable[[sqlite3.Connection], Any]
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future[Any]
+    proves_room: bool = False
+    """A request's batch or a readiness probe with room: its commit shows the disk has space again (a cursor
+    update or a prune writes too little to say so)."""
 
 
 _STOP = object()
@@ -198,6 +216,8 @@ class Journal:
         self.last_seq = 0
         self.commits = 0
         self._lock: IO[bytes] | None = None
+        self.dedup_scopes: dict[str, str] = {}
+        """Stream name -> dedup scope (its path), for keys stored by name by earlier versions."""
         self.disk_full = False
         """Set when a write fails for lack of space; cleared only when a write commits again (readiness)."""
         self._new_data: list[asyncio.Event] = []
@@ -318,7 +338,7 @@ class Journal:
                 _store_last_seq(conn, self._next_seq - 1)
             conn.execute("COMMIT")  # synchronous=FULL: the WAL is fsynced here, once for the whole group
             self.commits += 1
-            if any(error is None for _, _, error in outcomes):
+            if any(error is None and job.proves_room for job, _, error in outcomes):
                 self.disk_full = False
             for hook in self._after_commit:  # only now may a retry of these events be called a duplicate
                 hook()
@@ -350,12 +370,12 @@ class Journal:
             for signal in self._new_data:
                 signal.set()
 
-    async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+    async def _write(self, fn: Callable[[sqlite3.Connection], T], proves_room: bool = False) -> T:
         if self._closed or self._writer is None:
             raise JournalClosed("the journal is closed")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
-        self._queue.put(_Job(fn, loop, future))
+        self._queue.put(_Job(fn, loop, future, proves_room))
         return await future
 
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
@@ -371,21 +391,23 @@ class Journal:
         """Whether the backlog is over `max_bytes`."""
         return self.size_bytes >= self.max_bytes
 
-    async def append(self, stream: str, parsed: Parsed, received_at: float) -> AppendResult:
+    async def append(self, stream: str, parsed: Parsed, received_at: float, scope: str | None = None) -> AppendResult:
         """Commit one request's elements durably (one batch row, its dedup keys, intake dead letters); returns
-        after the fsync."""
+        after the fsync. Keys are deduplicated within `scope` (the stream's path: renaming a stream keeps its
+        keys), by default the stream's name."""
         if self.over_cap:
             raise JournalFull(f"the journal is over its cap ({self.max_bytes} bytes)")
+        scope = scope or stream
         shared = self.shared if self.dedup.enabled else None
-        elsewhere = await shared.seen(stream, parsed.keys) if shared is not None else frozenset()
+        elsewhere = await shared.seen(scope, parsed.keys) if shared is not None else frozenset()
         committed: list[str] = []
 
         def write(conn: sqlite3.Connection) -> AppendResult:
             fresh = None
             if self.dedup.enabled:
-                pending = self._pending.setdefault(stream, set())
+                pending = self._pending.setdefault(scope, set())
                 taken: list[int] = []
-                fresh = self.dedup.fresh(stream, parsed.keys, received_at, pending, taken)
+                fresh = self.dedup.fresh(scope, parsed.keys, received_at, pending, taken)
                 self._undo.append(lambda: pending.difference_update(taken))
                 if elsewhere:  # seen by another replica within the window: a duplicate here too
                     fresh = [
@@ -418,10 +440,10 @@ class Journal:
                     if keys:
                         conn.execute(
                             "INSERT INTO dedup_log (stream, at, keys) VALUES (?, ?, ?)",
-                            (stream, received_at, orjson.dumps(keys)),
+                            (scope, received_at, orjson.dumps(keys)),
                         )
             committed[:] = keys
-            self._after_commit.append(lambda: self._committed(stream, keys, received_at, size))
+            self._after_commit.append(lambda: self._committed(scope, keys, received_at, size))
             if parsed.rejected:
                 conn.executemany(
                     "INSERT INTO dead_letters (sink, stream, data, reason, at) VALUES (NULL, ?, ?, ?, ?)",
@@ -429,9 +451,9 @@ class Journal:
                 )
             return AppendResult(count, len(parsed) - count, len(parsed.rejected))
 
-        result = await self._write(write)
+        result = await self._write(write, proves_room=True)
         if shared is not None and committed:  # only now, after the commit: a failure here can cause a duplicate,
-            await shared.mark(stream, committed)  # never a loss
+            await shared.mark(scope, committed)  # never a loss
         return result
 
     def _committed(self, stream: str, keys: list[str], at: float, size: int) -> None:
@@ -448,7 +470,7 @@ class Journal:
             conn.execute("INSERT OR REPLACE INTO meta VALUES ('probe', ?)", (room or time.time(),))
 
         try:
-            await self._write(write)
+            await self._write(write, proves_room=bool(room))
             if room:
                 await self._write(lambda conn: conn.execute("DELETE FROM meta WHERE key = 'probe'"))
         except JournalError:
@@ -464,6 +486,35 @@ class Journal:
         def read(conn: sqlite3.Connection) -> dict[str, int]:
             found = dict(conn.execute("SELECT sink, seq FROM cursors").fetchall())
             return {name: int(found.get(name, 0)) for name in names}
+
+        return await self._read(read)
+
+    async def load_meta(self, key: str) -> Any:
+        """A JSON value kept in the journal's `meta` table (None when absent)."""
+
+        def read(conn: sqlite3.Connection) -> Any:
+            row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+            return orjson.loads(row[0]) if row else None
+
+        return await self._read(read)
+
+    async def store_meta(self, key: str, value: Any) -> None:
+        """Keep a JSON value in the `meta` table."""
+        data = orjson.dumps(value)
+        await self._write(lambda conn: conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, data)))
+
+    async def scan_actions(self, after: int, upto: int) -> list[tuple[int, str, str | None, list[str]]]:
+        """(first seq, stream, target, actions) of the batch rows holding events in (after, upto]: the
+        actions only, without reading or decompressing the events."""
+
+        def read(conn: sqlite3.Connection) -> list[tuple[int, str, str | None, list[str]]]:
+            rows = conn.execute(
+                "SELECT first_seq, stream, target, meta FROM batches "
+                "WHERE first_seq >= coalesce((SELECT max(first_seq) FROM batches WHERE first_seq <= ?1), 0) "
+                "AND last_seq > ?1 AND first_seq <= ?2 ORDER BY first_seq",
+                (after, upto),
+            )
+            return [(first, stream, target, orjson.loads(meta)[0]) for first, stream, target, meta in rows]
 
         return await self._read(read)
 
@@ -556,23 +607,32 @@ class Journal:
                 "INSERT INTO cursors (sink, seq) VALUES (?, ?) ON CONFLICT (sink) DO UPDATE SET seq = excluded.seq",
                 (sink, seq),
             )
-            marks = [
-                row[0]
-                for row in conn.execute(
-                    f"SELECT seq FROM cursors WHERE sink IN ({','.join('?' * len(active_sinks))})",  # noqa: S608
-                    tuple(active_sinks),
-                )
-            ]
-            if len(marks) == len(active_sinks):
-                mark = min(marks)
-                freed = conn.execute(
-                    "DELETE FROM batches WHERE first_seq <= ? AND last_seq <= ? RETURNING length(data)", (mark, mark)
-                ).fetchall()
-                if freed:
-                    size = sum(row[0] for row in freed)
-                    self._after_commit.append(lambda: setattr(self, "size_bytes", self.size_bytes - size))
+            self._free_passed(conn, active_sinks)
 
         await self._write(write)
+
+    def _free_passed(self, conn: sqlite3.Connection, active_sinks: Sequence[str]) -> None:
+        """Delete the batch rows every active sink is past (all of them when no sink is active)."""
+        marks = [
+            row[0]
+            for row in conn.execute(
+                f"SELECT seq FROM cursors WHERE sink IN ({','.join('?' * len(active_sinks))})",  # noqa: S608
+                tuple(active_sinks),
+            )
+        ]
+        if len(marks) != len(active_sinks):
+            return
+        mark = min(marks) if marks else self._next_seq
+        freed = conn.execute(
+            "DELETE FROM batches WHERE first_seq <= ? AND last_seq <= ? RETURNING length(data)", (mark, mark)
+        ).fetchall()
+        if freed:
+            size = sum(row[0] for row in freed)
+            self._after_commit.append(lambda: setattr(self, "size_bytes", self.size_bytes - size))
+
+    async def free_passed(self, active_sinks: Sequence[str]) -> None:
+        """Free what the active sinks are all past (after a reload removed a sink that was behind)."""
+        await self._write(lambda conn: self._free_passed(conn, active_sinks))
 
     async def prune_dedup(self, now: float | None = None) -> None:
         """Forget dedup keys older than the window, and recount the backlog (`dlq replay` adds to it from
@@ -605,7 +665,8 @@ class Journal:
         for stream, at, keys in conn.execute(
             "SELECT stream, at, keys FROM dedup_log WHERE at >= ? ORDER BY at", (cutoff,)
         ):
-            self.dedup.add(stream, orjson.loads(keys), at)
+            # Rows written before keys were scoped by stream path name the stream: map them to its path.
+            self.dedup.add(self.dedup_scopes.get(stream, stream), orjson.loads(keys), at)
 
 
 def _backlog_bytes(conn: sqlite3.Connection) -> int:

@@ -33,6 +33,10 @@ _CREDENTIAL = re.compile(
     r"([^\s'\"\\,;&}]+)"
 )
 """A header or field whose name says it holds a credential: its value is masked (the name is kept)."""
+_CREDENTIAL_ELEMENT = re.compile(
+    r"(?i)(<(SecretAccessKey|SessionToken|AccessKeyId|Token|Password|ClientSecret)>)[^<]*(</\2>)"
+)
+"""A credential in XML (an STS reply botocore prints at debug): the element's text is masked."""
 _AWS_KEY_ID = re.compile(r"\b(?:AKIA|ASIA)[A-Z0-9]{16}\b")
 
 
@@ -54,6 +58,7 @@ class Scrubber:
         if self._secrets is not None:
             text = self._secrets.sub(MASK, text)
         text = _CREDENTIAL.sub(lambda m: m.group(1) + MASK, text)
+        text = _CREDENTIAL_ELEMENT.sub(lambda m: m.group(1) + MASK + m.group(3), text)
         return _AWS_KEY_ID.sub(MASK, text)
 
 

@@ -20,7 +20,7 @@ import orjson
 from aiohttp import http_exceptions, web, web_protocol
 from prometheus_client import Counter
 
-from receiver.app import RETRY_AFTER_BUSY, RateLimitedLog, State, build_app, where_raised
+from receiver.app import RETRY_AFTER_BUSY, Intake, RateLimitedLog, State, build_app, where_raised
 from receiver.config import Config, TLSConfig, listen_url, load_config, secret_values
 from receiver.delivery import DeliveryEngine, build_sinks
 from receiver.errors import ConfigError, LogBridgeError
@@ -28,6 +28,7 @@ from receiver.journal import Journal
 from receiver.logs import scrub
 from receiver.metrics import Metrics
 from receiver.reload import plan_reload
+from receiver.routing import OWED, ROUTING, carried_over, routing_of, stored
 from sinks.base import Sink
 from sinks.errors import SinkError
 
@@ -59,11 +60,16 @@ class ServerTls:
 
 def listen_socket(host: str, port: int) -> socket.socket:
     """A listening TCP socket; `::` (or another unspecified IPv6 address) takes IPv4 too (dual stack), so
-    IPv4 peers arrive as IPv4-mapped addresses, which the allowlist checks as IPv4."""
-    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[
-        0
-    ]
-    sock = socket.socket(family, kind, proto)
+    IPv4 peers arrive as IPv4-mapped addresses, which the allowlist checks as IPv4. An empty host is every
+    interface. Raises LogBridgeError naming the address."""
+    if host == "":
+        host = "::" if _ipv6_available() else "0.0.0.0"  # noqa: S104
+    try:
+        found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, kind, proto, _, address = found[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as exc:
+        raise LogBridgeError(f"cannot listen on {_where(host, port)}: {exc.strerror or exc}") from None
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if family == socket.AF_INET6 and ipaddress.ip_address(str(address[0]).split("%")[0]).is_unspecified:
@@ -71,10 +77,24 @@ def listen_socket(host: str, port: int) -> socket.socket:
         sock.bind(address)
         sock.listen(LISTEN_BACKLOG)
         sock.setblocking(False)
-    except BaseException:
+    except OSError as exc:
         sock.close()
-        raise
+        raise LogBridgeError(f"cannot listen on {_where(host, port)}: {exc.strerror or exc}") from None
     return sock
+
+
+def _where(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _ipv6_available() -> bool:
+    if not socket.has_ipv6:
+        return False
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM):
+            return True
+    except OSError:
+        return False
 
 
 class _Site(web.SockSite):
@@ -240,6 +260,7 @@ class Service:
             self.journal.shared = RedisDedupStore(
                 config.journal.dedup_store, config.journal.dedup_window, self.metrics.dedup_store_errors.inc
             )
+        self.journal.dedup_scopes = {stream.name: stream.path for stream in config.streams}
         self.sinks = dict(sinks) if sinks is not None else build_sinks(config)
         self.engine: DeliveryEngine | None = None
         self.tls: ServerTls | None = None
@@ -247,6 +268,7 @@ class Service:
         self._site: web.BaseSite | None = None
         self._housekeeping: asyncio.Task[None] | None = None
         self._reloading = asyncio.Lock()
+        self._settling: list[asyncio.Task[None]] = []
         scrub.register(secret_values(config))
         self.workos: WorkosService | None = None
         self._workos_metrics: WorkosMetrics | None = None
@@ -286,6 +308,14 @@ class Service:
         self.metrics.journal_max_bytes.set_function(lambda: self.journal.max_bytes)
         self.journal.dedup.on_evict = self.metrics.dedup_evicted.inc
         self.engine = DeliveryEngine(self.config, self.journal, self.metrics, self.sinks)
+        owed = carried_over(
+            await self.journal.load_meta(ROUTING),
+            await self.journal.load_meta(OWED),
+            self.config,
+            self.journal.last_seq,
+        )
+        self.engine.carry(owed)
+        await self._store_routing()
         await self.engine.start()
         self._housekeeping = asyncio.create_task(self._prune_dedup_forever(), name="dedup-prune")
         if self.config.workos is not None:
@@ -380,16 +410,39 @@ class Service:
         if self.tls is not None and fresh_tls is not None:
             self.tls.current = fresh_tls
         self.journal.max_bytes = config.journal.max_bytes
-        self.state.install(config, self.journal, self.metrics)
+        # Delivery first: a sink the new streams feed must exist (at the journal's end) before they are served.
         if self.engine is not None:
             await self.engine.reconfigure(config, built)
+        replaced = self.state.install(config, self.journal, self.metrics)
+        moved = {name for name in {s.name for s in self.config.streams} if plan.streams_changed_sinks(name)}
+        if moved and self.engine is not None:
+            self._settling.append(asyncio.create_task(self._settle_streams(replaced, moved)))
         await self._restart_workos(config, built)
         self.config = config
+        await self._store_routing()
         for setting in plan.needs_restart:
             log.warning("reload: this setting changes only with a restart; kept as it was", extra={"setting": setting})
         log.info("configuration reloaded", extra={"path": self.path, **plan.summary()})
         self._warn_open_streams(config)
         return True
+
+    async def _store_routing(self) -> None:
+        """Record the routing in use and what sinks still owe from earlier ones (read at the next start)."""
+        if self.engine is not None:
+            await self.journal.store_meta(ROUTING, routing_of(self.config))
+            await self.journal.store_meta(OWED, stored(self.engine.owed_elsewhere()))
+
+    async def _settle_streams(self, replaced: Mapping[str, Intake], streams: set[str]) -> None:
+        """Once the requests in flight on streams a reload removed or re-routed have finished, their sinks of
+        before owe their events up to the journal's end then, and no later ones."""
+        waiting = [intake for intake in replaced.values() if intake.stream.name in streams]
+        longest = self.config.server.body_timeout + self.config.server.header_timeout + 5
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.gather(*(intake.idle.wait() for intake in waiting)), longest)
+        if self.engine is not None:
+            self.engine.close_legacy(streams, self.journal.last_seq)
+            with contextlib.suppress(LogBridgeError):
+                await self._store_routing()
 
     async def _restart_workos(self, config: Config, built: Mapping[str, Sink]) -> None:
         """After a reload: restart the WorkOS watch and export when their section or their sinks changed
@@ -439,7 +492,9 @@ class Service:
         return drained
 
 
-async def serve(config: Config, path: str | None = None, pid_file: str | None = None) -> int:
+async def serve(
+    config: Config, path: str | None = None, pid_file: str | None = None, early_hangups: list[int] | None = None
+) -> int:
     """Run until SIGTERM or SIGINT, then stop cleanly; SIGHUP reloads `path`. Returns the exit status."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -456,6 +511,8 @@ async def serve(config: Config, path: str | None = None, pid_file: str | None = 
     # young generation less often (the intake allocates many short-lived objects per request).
     gc.freeze()
     gc.set_threshold(GC_YOUNG_THRESHOLD, 50, 100)
+    if early_hangups:  # HUPs during start-up: the file may have changed meanwhile
+        hangups.set()
     stopping = asyncio.create_task(stop.wait())
     while not stop.is_set():
         hangup = asyncio.create_task(hangups.wait())
@@ -467,6 +524,9 @@ async def serve(config: Config, path: str | None = None, pid_file: str | None = 
         hangup.cancel()
     log.info("stopping: refusing new batches, draining sinks")
     await service.stop()
+    # From here the loop's handler goes away with the loop; a HUP must still not kill the process.
+    loop.remove_signal_handler(signal.SIGHUP)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     if pid_file is not None:
         with contextlib.suppress(OSError):
             await asyncio.to_thread(Path(pid_file).unlink)
