@@ -30,8 +30,7 @@ from datadog_api_client.v2.model.http_log import HTTPLog
 from datadog_api_client.v2.model.http_log_item import HTTPLogItem
 
 from sinks.base import Event, Outcome
-from sinks.datadog import GZIP_LEVEL, DatadogSink, _chunks
-from sinks.splitting import Tally
+from sinks.datadog import GZIP_LEVEL, DatadogSink
 from sinks.testing.compliance import make_events
 
 TARGET = 30_000
@@ -154,16 +153,15 @@ def _stage_costs(sink: DatadogSink) -> dict[str, float]:
     return costs
 
 
-def _profile_send(sink: DatadogSink) -> list[tuple[str, float]]:
-    """Top functions (own time, ms per 1000 events) of the sink's blocking send path."""
+async def _profile_send(sink: DatadogSink) -> list[tuple[str, float]]:
+    """Top functions (own time, ms per 1000 events) of the sink's send path (encoding, compression, HTTP)."""
     events = make_events(5 * BATCH)
     gc.collect()
     profile = cProfile.Profile()
     profile.enable()
-    tally = Tally()
-    answers = [sink._post(chunk)[1] for chunk in _chunks(sink._encode_all(events, tally))]
+    result = await sink.send(events)
     profile.disable()
-    assert not tally.failures and all(answer.outcome is Outcome.SUCCESS for answer in answers)
+    assert result.outcome is Outcome.SUCCESS and not result.failures
     rows: list[tuple[str, float]] = []
     for (filename, line, name), row in pstats.Stats(profile).stats.items():  # type: ignore[attr-defined]
         label = f"{os.path.basename(filename)}:{line}({name})" if line else name
@@ -194,7 +192,7 @@ async def run() -> str:
             label = f"client models: `LogsApi.submit_log(HTTPLog([...]))`, {concurrency} in flight"
             rows.append((label, await _measure(models, EVENTS // 2, BATCH, concurrency)))
         costs = _stage_costs(sink)
-        profile = _profile_send(sink)
+        profile = await _profile_send(sink)
         delivered = _accepted(url) - before
     finally:
         await sink.close()

@@ -48,10 +48,12 @@ async def start_service(tmp_path: Path) -> AsyncIterator[StartService]:
         service = Service(parse_config(tree, environ or {}))
         await service.start()
         running.append(service)
+        _STARTED.append(service)
         return service
 
     yield start
     for service in running:
+        _STARTED.remove(service)
         if not service.state.draining:
             await service.stop()
 
@@ -63,6 +65,14 @@ async def client() -> AsyncIterator[aiohttp.ClientSession]:
         yield session
 
 
+_STARTED: list[Service] = []
+"""Services started by `start_service`, newest last (the memory sinks of a test live in them)."""
+
+
 def memory(name: str = "mem") -> MemorySink:
-    """The memory sink a running service built under `name`."""
-    return MemorySink.instances[name]
+    """The memory sink the most recently started service built under `name`."""
+    for service in reversed(_STARTED):
+        sink = service.sinks.get(name)
+        if isinstance(sink, MemorySink):
+            return sink
+    raise LookupError(f"no running service has a memory sink named {name!r}")
