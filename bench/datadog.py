@@ -1,7 +1,7 @@
 """Benchmark of the Datadog sink: events/s into the local Datadog intake with gzip, and what
 datadog-api-client's models would cost on the same path.
 
-The intake runs in its own process (`python -m sinks.testing.datadog --no-store --require-gzip`) so that
+The intake runs in its own process (`python -m tests.peers.datadog --no-store --require-gzip`) so that
 its decompression and parsing do not share the sink's interpreter lock. Every rate is the best of three runs
 (the machine is shared); the CPU column is this process's CPU time (event loop and sink threads, not the
 intake), which other load disturbs less than wall time. Run: `python -m bench.datadog`.
@@ -46,7 +46,7 @@ Sender = Callable[[Sequence[Event]], Awaitable[None]]
 
 def _start_intake() -> tuple[subprocess.Popen[str], str]:
     process = subprocess.Popen(
-        [sys.executable, "-m", "sinks.testing.datadog", "--port", "0", "--api-key", API_KEY]
+        [sys.executable, "-m", "tests.peers.datadog", "--port", "0", "--api-key", API_KEY]
         + ["--no-store", "--require-gzip"],
         stdout=subprocess.PIPE,
         text=True,
@@ -205,7 +205,7 @@ async def run() -> str:
     lines = [
         "### Datadog sink",
         "",
-        f"Events/s into the local Datadog intake (`sinks.testing.datadog` in its own process, gzip required), "
+        f"Events/s into the local Datadog intake (`tests.peers.datadog` in its own process, gzip required), "
         f"{os.cpu_count()} CPU cores, best of {RUNS} runs. Target: >= {TARGET:,} events/s with gzip — "
         f"**{'met' if sink_best >= TARGET else 'NOT met'}** (best {sink_best:,.0f}). "
         f"The intake accepted {delivered:,} of the {expected:,} events sent.",

@@ -9,8 +9,14 @@ import pytest
 from sinks import registry
 from sinks.testing.compliance import CHECKS, Harness, run_with_peer, unsupported
 
-HARNESS_MODULES = {"splunk_hec": "sinks.testing.hec"}
-"""Harness modules not named after their sink type."""
+HARNESS_MODULES = {
+    "splunk_hec": "tests.peers.hec",
+    "datadog": "tests.peers.datadog",
+    "s3": "tests.peers.s3",
+    "syslog": "tests.peers.syslog",
+    "http": "tests.peers.http_forward",
+}
+"""Harness modules of the sinks whose peers are test equipment (tests/peers, not shipped)."""
 
 
 def harness_module(type_name: str) -> str:

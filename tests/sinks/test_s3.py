@@ -35,8 +35,8 @@ from sinks.base import Event, Outcome
 from sinks.s3 import MAX_KEY_BYTES, S3Config, S3Sink, classify_error
 from sinks.testing.compliance import CHECKS, make_events, run_with_peer, unsupported
 from sinks.testing.exact import EXACT_LITERALS, exact_event, same_json
-from sinks.testing.s3 import Harness, MotoS3, decode_batch_object, delete_bucket, read_objects, s3_client
-from sinks.testing.s3 import sink_for as make_s3_sink
+from tests.peers.s3 import Harness, MotoS3, decode_batch_object, delete_bucket, read_objects, s3_client
+from tests.peers.s3 import sink_for as make_s3_sink
 
 SECRET = "s3cr3t-value-never-logged"
 
@@ -562,7 +562,7 @@ async def test_compliance_batch_layout(check: str) -> None:
     # The workos layout on moto runs in tests/sinks/test_compliance.py with every other sink.
     harness = Harness("batch")
     if unsupported(check, harness):
-        pytest.skip(f"the S3 harness cannot produce {check!r} (see sinks/testing/s3.py)")
+        pytest.skip(f"the S3 harness cannot produce {check!r} (see tests/peers/s3.py)")
     await run_with_peer(check, harness)
 
 
@@ -694,7 +694,7 @@ class TestRGW:
     async def test_compliance_on_rgw(self, rgw_server: Any, check: str, layout: str) -> None:
         harness = Harness(layout, server=rgw_server)  # type: ignore[arg-type]
         if unsupported(check, harness):
-            pytest.skip(f"the S3 harness cannot produce {check!r} (see sinks/testing/s3.py)")
+            pytest.skip(f"the S3 harness cannot produce {check!r} (see tests/peers/s3.py)")
         await run_with_peer(check, harness)
 
 

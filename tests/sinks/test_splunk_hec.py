@@ -1,4 +1,4 @@
-"""The splunk_hec sink against the local HEC peer (sinks.testing.hec), on loopback."""
+"""The splunk_hec sink against the local HEC peer (tests.peers.hec), on loopback."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from sinks.errors import SinkError
 from sinks.splunk_hec import SplunkHecConfig, SplunkHecSink
 from sinks.testing.compliance import CHECKS, REJECT_ACTION, make_events, run_check, settle
 from sinks.testing.exact import EXACT_LITERALS, exact_event, same_json
-from sinks.testing.hec import ENVELOPE_KEYS, Harness, HecPeer, parse_envelopes
+from tests.peers.hec import ENVELOPE_KEYS, Harness, HecPeer, parse_envelopes
 from tests.conftest import TOKEN as SERVICE_TOKEN
 from tests.conftest import StartService
 
@@ -852,7 +852,7 @@ def free_port() -> Iterator[int]:
 class TestCommandLine:
     async def test_python_dash_m_serves_hec(self, free_port: int) -> None:
         process = subprocess.Popen(
-            [sys.executable, "-m", "sinks.testing.hec", "--port", str(free_port), "--token", "cli-token", "--print"],
+            [sys.executable, "-m", "tests.peers.hec", "--port", str(free_port), "--token", "cli-token", "--print"],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
