@@ -213,11 +213,13 @@ class SyslogNg(SyslogServer):
                 ("msg", "MSG"),
             )  # fmt: skip
         )
-        template = f"$(format-json {pairs} --pair sd_id=${{.SDATA.workos@32473.id}} --pair sd_key=${{.SDATA.workos@32473.keySuffix}})\\n"
+        sd = "${.SDATA.workos@32473"
+        template = f"$(format-json {pairs} --pair sd_id={sd}.id}} --pair sd_key={sd}.keySuffix}})\\n"
         conf = self.directory / "syslog-ng.conf"
         conf.write_text(
             "@version: 3.38\n"
-            "options { keep-hostname(yes); chain-hostnames(no); use-dns(no); stats_freq(0); frac-digits(3); log-msg-size(1048576); };\n"
+            "options { keep-hostname(yes); chain-hostnames(no); use-dns(no); stats_freq(0); frac-digits(3);"
+            " log-msg-size(1048576); };\n"
             f"source s_net {{ {source}; }};\n"
             f'destination d_file {{ file("{self.output}" template("{template}")); }};\n'
             "log { source(s_net); destination(d_file); };\n"

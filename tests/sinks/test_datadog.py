@@ -26,8 +26,8 @@ from sinks.base import Event, Outcome
 from sinks.datadog import MAX_ITEM_BYTES, MAX_ITEMS, MAX_PAYLOAD_BYTES, SITES, DatadogConfig, DatadogSink
 from sinks.errors import SinkError
 from sinks.testing.compliance import make_events
-from tests.peers.datadog import DatadogIntake
 from sinks.testing.exact import EXACT_LITERALS, exact_event, same_json
+from tests.peers.datadog import DatadogIntake
 
 API_KEY = "0123456789abcdef0123456789abcdef"
 

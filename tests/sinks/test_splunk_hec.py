@@ -29,9 +29,9 @@ from sinks.errors import SinkError
 from sinks.splunk_hec import SplunkHecConfig, SplunkHecSink
 from sinks.testing.compliance import CHECKS, REJECT_ACTION, make_events, run_check, settle
 from sinks.testing.exact import EXACT_LITERALS, exact_event, same_json
-from tests.peers.hec import ENVELOPE_KEYS, Harness, HecPeer, parse_envelopes
 from tests.conftest import TOKEN as SERVICE_TOKEN
 from tests.conftest import StartService
+from tests.peers.hec import ENVELOPE_KEYS, Harness, HecPeer, parse_envelopes
 
 TOKEN = "11111111-2222-3333-4444-555555555555"
 
