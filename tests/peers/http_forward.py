@@ -2,7 +2,8 @@
 
 The collector reads JSON arrays or NDJSON (gzip; aiohttp's server refuses zstd itself), checks a bearer token,
 stores the elements' bytes, and can be told to answer 503 (retry), 422 (permanent) or 400 to any request holding
-a REJECT_ACTION event (so the sink must bisect). It can echo the request's headers in an error body, to prove the sink scrubs them.
+a REJECT_ACTION event (so the sink must bisect). It can echo the request's headers in an error body, to prove
+the sink scrubs them.
 """
 
 from __future__ import annotations
