@@ -12,7 +12,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Self
 
 if TYPE_CHECKING:
     from sinks.base import Event
@@ -54,13 +54,13 @@ class Verdict:
         return _OK
 
     @classmethod
-    def retry(cls, reason: str, retry_after: float | None = None, *, config_problem: bool = False) -> Verdict:
-        """Not delivered now; try again later."""
+    def retry(cls, reason: str, retry_after: float | None = None, *, config_problem: bool = False) -> Self:
+        """Not delivered now; try again later (for a SendResult: the whole batch)."""
         return cls(Outcome.RETRY, reason, retry_after, config_problem=config_problem)
 
     @classmethod
-    def permanent(cls, reason: str) -> Verdict:
-        """Never deliverable as it is: dead-letter it."""
+    def permanent(cls, reason: str) -> Self:
+        """Never deliverable as it is: dead-letter it (for a SendResult: the whole batch)."""
         return cls(Outcome.PERMANENT, reason)
 
     @classmethod
@@ -95,16 +95,6 @@ class SendResult(Verdict):
         if verdict.outcome is Outcome.SUCCESS:
             return _SUCCESS
         return cls(verdict.outcome, verdict.reason, verdict.retry_after, config_problem=verdict.config_problem)
-
-    @classmethod
-    def retry(cls, reason: str, retry_after: float | None = None, *, config_problem: bool = False) -> SendResult:
-        """Nothing (known to be) delivered; try the whole batch again later."""
-        return cls(Outcome.RETRY, reason, retry_after, config_problem=config_problem)
-
-    @classmethod
-    def permanent(cls, reason: str) -> SendResult:
-        """The whole batch can never be delivered; dead-letter it."""
-        return cls(Outcome.PERMANENT, reason)
 
     @classmethod
     def partial(cls, failures: Mapping[int, Verdict]) -> SendResult:
