@@ -41,3 +41,36 @@ async def test_compliance(type_name: str, check: str) -> None:
     if unsupported(check, harness):
         pytest.skip(f"the {type_name} sink's peer cannot produce a {check} failure")
     await run_with_peer(check, harness)
+
+
+def test_the_checks_still_fail_a_bad_sink_under_python_O() -> None:
+    """The checks raise ComplianceError explicitly, so `python -O` (which strips `assert`) keeps them."""
+    program = """
+import asyncio
+from sinks.base import SendResult
+from sinks.testing.compliance import ComplianceError, run_with_peer
+from sinks.testing.memory import Harness
+
+class Losing(Harness):
+    def build(self):
+        sink = super().build()
+        async def send(batch):  # claims delivery, keeps nothing
+            return SendResult.success()
+        sink.send = send
+        return sink
+
+try:
+    asyncio.run(run_with_peer("success", Losing()))
+except ComplianceError as exc:
+    print("caught:", exc)
+else:
+    raise SystemExit("a sink that loses every event passed")
+"""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    result = subprocess.run([sys.executable, "-O", "-c", program], cwd=root, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr + result.stdout
+    assert "caught: the peer did not store every event exactly once" in result.stdout
