@@ -50,13 +50,13 @@ def compress(body: bytes, encoding: Compression, level: int | None = None) -> by
     return body
 
 
-def scrub(value: object, secrets: Iterable[str]) -> str:
-    """Text for a reason, message or log line: every secret replaced by `***`, shortened to TEXT_LIMIT."""
+def scrub(value: object, secrets: Iterable[str], limit: int | None = TEXT_LIMIT) -> str:
+    """Text for a reason, message or log line: every secret replaced by `***`, shortened to `limit`."""
     text = str(value) or type(value).__name__
     for secret in secrets:
         if secret:
             text = text.replace(secret, "***")
-    return text if len(text) <= TEXT_LIMIT else text[:TEXT_LIMIT] + "…"
+    return text if limit is None or len(text) <= limit else text[:limit] + "…"
 
 
 def parse_retry_after(value: str | None) -> float | None:

@@ -492,7 +492,7 @@ class S3Sink:
         )
 
     def _scrub(self, text: str) -> str:
-        return scrub(text, self._secrets)
+        return scrub(text, self._secrets, limit=None)  # a reason names a whole key (up to 1024 bytes)
 
     # --- health and shutdown ---
 

@@ -681,9 +681,12 @@ class TestRGW:
     async def test_wrong_keys_are_retry_and_fail_the_health_check(self, rgw_server: Any, rgw_bucket: str) -> None:
         sink = sink_for(rgw_server, rgw_bucket, secret_access_key=SECRET)
         try:
-            result = await sink.send(make_events(3))
-            assert result.outcome is Outcome.RETRY
-            assert re.search("SignatureDoesNotMatch|AccessDenied|InvalidAccessKeyId", result.reason)
+            events = make_events(3)
+            result = await sink.send(events)
+            for event in events:
+                verdict = result.outcome_of(event)
+                assert verdict is not None and verdict.outcome is Outcome.RETRY and verdict.config_problem
+                assert re.search("SignatureDoesNotMatch|AccessDenied|InvalidAccessKeyId", verdict.reason)
             health = await sink.healthcheck()
             assert not health.ok and rgw_bucket in health.message and SECRET not in health.message
         finally:
