@@ -3,24 +3,23 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 
 import pytest
 
 from sinks import registry
 from sinks.testing.compliance import CHECKS, Harness, run_with_peer, unsupported
 
-HARNESS_MODULES = {
-    "splunk_hec": "tests.peers.hec",
-    "datadog": "tests.peers.datadog",
-    "s3": "tests.peers.s3",
-    "syslog": "tests.peers.syslog",
-    "http": "tests.peers.http_forward",
-}
-"""Harness modules of the sinks whose peers are test equipment (tests/peers, not shipped)."""
+HARNESS_MODULES = {"splunk_hec": "tests.peers.hec", "http": "tests.peers.http_forward"}
+"""Harness modules not named after their sink type."""
 
 
 def harness_module(type_name: str) -> str:
-    return HARNESS_MODULES.get(type_name, f"sinks.testing.{type_name}")
+    """`tests.peers.<type>` (test equipment, not shipped), else the shipped `sinks.testing.<type>`."""
+    if type_name in HARNESS_MODULES:
+        return HARNESS_MODULES[type_name]
+    peer = f"tests.peers.{type_name}"
+    return peer if importlib.util.find_spec(peer) is not None else f"sinks.testing.{type_name}"
 
 
 def harness_for(type_name: str) -> Harness:
