@@ -934,3 +934,40 @@ class TestThroughTheService:
         (letter,) = list_dead_letters(path, "splunk")
         assert orjson.loads(letter.data)["keySuffix"] == "k13"
         assert "code 6" in letter.reason and "Invalid data format" in letter.reason
+
+    async def test_indexer_acknowledgement_is_awaited_by_the_engine(
+        self, ack_peer: HecPeer, start_service: StartService
+    ) -> None:
+        """The sink answers PENDING until the indexers confirm; the engine asks again without using attempts."""
+        from receiver.journal import list_dead_letters
+
+        splunk = {
+            "type": "splunk_hec",
+            "url": ack_peer.url,
+            "token": "${HEC_TOKEN}",
+            "indexer_ack": {"enabled": True, "poll_interval": "30ms", "timeout": "10s"},
+            "batch": {"max_wait": "20ms"},
+            "retry": {"initial": "10ms", "max": "50ms", "max_attempts": 1},
+        }
+        stream = {"name": "workos", "path": "/workos", "auth": {"values": [SERVICE_TOKEN]}, "sinks": ["splunk"]}
+        service = await start_service({"streams": [stream], "sinks": {"splunk": splunk}}, environ={"HEC_TOKEN": TOKEN})
+        ack_peer.hold_acks = True
+        asyncio.get_running_loop().call_later(0.3, ack_peer.release_acks)
+        wrappers = [{"event": {"id": f"evt_{i}", "action": "a"}, "keySuffix": f"k{i}"} for i in range(20)]
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(
+                service.url + "/workos", data=orjson.dumps(wrappers), headers={"Authorization": SERVICE_TOKEN}
+            ) as response,
+        ):
+            assert response.status == 200
+        deadline = time.monotonic() + 10
+        text = ""
+        while 'log_bridge_sink_events_delivered_total{sink="splunk"} 20.0' not in text:
+            assert time.monotonic() < deadline, (ack_peer.stats(), text)
+            await asyncio.sleep(0.02)
+            text = service.metrics.render().decode()
+        assert ack_peer.ack_queries >= 3  # asked while held, and once after the release
+        assert ack_peer.event_count == 20  # posted once: PENDING events are not sent again
+        assert 'outcome="retry",sink="splunk"' not in text
+        assert list_dead_letters(service.config.journal.path) == []
