@@ -234,7 +234,7 @@ class TestTwoReplicas:
         try:
             assert keys.keys("log-bridge:dedup:*") == []
             assert (await post(client, b, batch))["accepted"] == self.EVENTS
-            marked = keys.keys("log-bridge:dedup:workos:*")
+            marked = keys.keys("log-bridge:dedup:/workos:*")
             assert len(marked) == self.EVENTS
             ttl = keys.pttl(marked[0])
             assert WINDOW * 1000 - 10_000 < ttl <= WINDOW * 1000  # the key expires with the dedup window
