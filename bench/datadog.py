@@ -1,7 +1,7 @@
 """Benchmark of the Datadog sink: events/s into the local Datadog intake with gzip, and what
 datadog-api-client's models would cost on the same path.
 
-The intake runs in its own process (`python -m sinks.testing.datadog --no-store --require-gzip`) so that
+The intake runs in its own process (`python -m tests.peers.datadog --no-store --require-gzip`) so that
 its decompression and parsing do not share the sink's interpreter lock. Every rate is the best of three runs
 (the machine is shared); the CPU column is this process's CPU time (event loop and sink threads, not the
 intake), which other load disturbs less than wall time. Run: `python -m bench.datadog`.
@@ -30,8 +30,7 @@ from datadog_api_client.v2.model.http_log import HTTPLog
 from datadog_api_client.v2.model.http_log_item import HTTPLogItem
 
 from sinks.base import Event, Outcome
-from sinks.datadog import GZIP_LEVEL, DatadogSink, _chunks
-from sinks.splitting import Tally
+from sinks.datadog import GZIP_LEVEL, DatadogSink
 from sinks.testing.compliance import make_events
 
 TARGET = 30_000
@@ -47,7 +46,7 @@ Sender = Callable[[Sequence[Event]], Awaitable[None]]
 
 def _start_intake() -> tuple[subprocess.Popen[str], str]:
     process = subprocess.Popen(
-        [sys.executable, "-m", "sinks.testing.datadog", "--port", "0", "--api-key", API_KEY]
+        [sys.executable, "-m", "tests.peers.datadog", "--port", "0", "--api-key", API_KEY]
         + ["--no-store", "--require-gzip"],
         stdout=subprocess.PIPE,
         text=True,
@@ -154,16 +153,15 @@ def _stage_costs(sink: DatadogSink) -> dict[str, float]:
     return costs
 
 
-def _profile_send(sink: DatadogSink) -> list[tuple[str, float]]:
-    """Top functions (own time, ms per 1000 events) of the sink's blocking send path."""
+async def _profile_send(sink: DatadogSink) -> list[tuple[str, float]]:
+    """Top functions (own time, ms per 1000 events) of the sink's send path (encoding, compression, HTTP)."""
     events = make_events(5 * BATCH)
     gc.collect()
     profile = cProfile.Profile()
     profile.enable()
-    tally = Tally()
-    answers = [sink._post(chunk)[1] for chunk in _chunks(sink._encode_all(events, tally))]
+    result = await sink.send(events)
     profile.disable()
-    assert not tally.failures and all(answer.outcome is Outcome.SUCCESS for answer in answers)
+    assert result.outcome is Outcome.SUCCESS and not result.failures
     rows: list[tuple[str, float]] = []
     for (filename, line, name), row in pstats.Stats(profile).stats.items():  # type: ignore[attr-defined]
         label = f"{os.path.basename(filename)}:{line}({name})" if line else name
@@ -194,7 +192,7 @@ async def run() -> str:
             label = f"client models: `LogsApi.submit_log(HTTPLog([...]))`, {concurrency} in flight"
             rows.append((label, await _measure(models, EVENTS // 2, BATCH, concurrency)))
         costs = _stage_costs(sink)
-        profile = _profile_send(sink)
+        profile = await _profile_send(sink)
         delivered = _accepted(url) - before
     finally:
         await sink.close()
@@ -207,7 +205,7 @@ async def run() -> str:
     lines = [
         "### Datadog sink",
         "",
-        f"Events/s into the local Datadog intake (`sinks.testing.datadog` in its own process, gzip required), "
+        f"Events/s into the local Datadog intake (`tests.peers.datadog` in its own process, gzip required), "
         f"{os.cpu_count()} CPU cores, best of {RUNS} runs. Target: >= {TARGET:,} events/s with gzip — "
         f"**{'met' if sink_best >= TARGET else 'NOT met'}** (best {sink_best:,.0f}). "
         f"The intake accepted {delivered:,} of the {expected:,} events sent.",

@@ -27,7 +27,7 @@ import msgspec
 from sinks.base import Event
 from sinks.s3 import S3Sink
 from sinks.testing.compliance import make_events
-from sinks.testing.s3 import MotoS3, S3Server, delete_bucket, s3_client, sink_for
+from tests.peers.s3 import MotoS3, S3Server, delete_bucket, s3_client, sink_for
 
 BATCH_EVENTS = 1000
 BATCH_ROUNDS = 30
@@ -41,9 +41,9 @@ TARGET_RATIO = 0.80
 def _start_server(stack: ExitStack) -> tuple[S3Server, str]:
     """RGW if it can run here, else moto (named in the result)."""
     try:
-        from sinks.testing.rgw import RGWServer, RGWUnavailable  # written alongside this sink
+        from tests.peers.rgw import RGWServer, RGWUnavailable  # written alongside this sink
     except ImportError as exc:
-        reason = f"sinks.testing.rgw is missing ({exc})"
+        reason = f"tests.peers.rgw is missing ({exc})"
     else:
         rgw = RGWServer()
         try:

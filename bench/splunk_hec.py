@@ -1,7 +1,7 @@
 """Benchmark of the splunk_hec sink: events/s delivered into the local HEC peer, batches of 1000.
 
 The peer is part of the measurement, so it is measured both in the sink's process (sharing its event loop)
-and in a separate process (`python -m sinks.testing.hec`), where sink and peer each get a core.
+and in a separate process (`python -m tests.peers.hec`), where sink and peer each get a core.
 Run: python -m bench.splunk_hec
 """
 
@@ -23,7 +23,7 @@ import orjson
 from sinks.base import Event, Outcome
 from sinks.splunk_hec import SplunkHecConfig, SplunkHecSink
 from sinks.testing.compliance import make_events
-from sinks.testing.hec import HecPeer
+from tests.peers.hec import HecPeer
 
 TARGET = 50_000
 BATCH = 1000
@@ -84,7 +84,7 @@ async def _separate_process() -> AsyncIterator[tuple[str, None]]:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     process = await asyncio.create_subprocess_exec(
-        *[sys.executable, "-m", "sinks.testing.hec", "--port", str(port), "--token", TOKEN],
+        *[sys.executable, "-m", "tests.peers.hec", "--port", str(port), "--token", TOKEN],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -153,7 +153,7 @@ async def run() -> str:
     lines = [
         "### Splunk HEC sink (`splunk_hec`)",
         "",
-        f"Events delivered into the local HEC peer (`sinks.testing.hec`, which parses and validates every "
+        f"Events delivered into the local HEC peer (`tests.peers.hec`, which parses and validates every "
         f"envelope): {BATCHES} batches of {BATCH} WorkOS events to the event endpoint, one batch in flight (as the "
         f"delivery engine sends them), best of {REPEATS} runs; gzip at level 1. The peer's count of stored events "
         f"is checked after every run. {os.cpu_count()} cores, shared with other work.",
@@ -170,7 +170,7 @@ async def run() -> str:
         "",
         f"Target: ≥ {TARGET:,} events/s — {met} (best {best.rate:,.0f} events/s: {best.peer}, {best.compression}). "
         "With the peer in the same process, sink and peer share one event loop and the CPU column covers both; "
-        "in a separate process (`python -m sinks.testing.hec`) each has its own core and the CPU columns split "
+        "in a separate process (`python -m tests.peers.hec`) each has its own core and the CPU columns split "
         "the cost, but each batch then waits on a hand-off between two processes. Wall-clock figures move with "
         "the load on the shared machine; the CPU columns are the steadier measure.",
         "",

@@ -30,8 +30,8 @@ from receiver.dedup import DEFAULT_MAX_KEYS as DEFAULT_DEDUP_MAX_KEYS
 from receiver.errors import ConfigError
 from receiver.parsing import DEFAULT_MAX_EVENTS
 from sinks import registry
-from sinks.base import ByteSize, Duration, PositiveDuration, SinkConfig, reject_boolean
 from sinks.errors import SinkTypeError
+from sinks.fields import ByteSize, Duration, PositiveDuration, SinkConfig, reject_boolean
 
 WORKOS = "workos"
 """The allowlist entry that stands for WorkOS's published egress addresses."""

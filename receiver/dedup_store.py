@@ -7,7 +7,7 @@ can cause a duplicate on another replica, never a loss. When Redis does not answ
 is deduplicated by the local index alone; the failure is counted, logged once per outage, and the next tries are
 spaced out (`RETRY_INTERVAL`) so a dead store costs at most one timeout now and then, not one per request.
 
-Keys are `key_prefix` + the stream's name + a 128-bit BLAKE2b digest of the keySuffix: a fixed size in Redis
+Keys are `key_prefix` + the stream's path + a 128-bit BLAKE2b digest of the keySuffix: a fixed size in Redis
 whatever the client sent, and nothing of the event in the store. Each expires with the dedup window (TTL).
 
 The client is redis-py's asyncio one, on the event loop: the journal's writer thread serves every request's

@@ -87,6 +87,9 @@ class SinkRunner:
         self._every_action = not section.include_actions and not section.exclude_actions
         self.cursor = 0
         self.health = Health(True, "not checked yet")
+        self._config_problem: str | None = None
+        """The last configuration problem a send met (a refused token, a wrong URL): health stays red with it
+        until a send succeeds, whatever the sink's own check says."""
         self._read_pos = 0
         self._buffer: deque[Event] = deque()
         self._buffered_bytes = 0
@@ -295,8 +298,10 @@ class SinkRunner:
         todo = batch
         dead: list[tuple[Event, str]] = []
         attempt = 0
+        pending_only = False
         while todo:
-            attempt += 1
+            if not pending_only:  # asking again about events awaiting the peer's confirmation is no new attempt
+                attempt += 1
             started = time.monotonic()
             try:
                 result = await self.sink.send(todo)
@@ -305,47 +310,62 @@ class SinkRunner:
                 result = SendResult.retry(f"sink error: {type(exc).__name__}")
             self.metrics.send_seconds.labels(self.name).observe(time.monotonic() - started)
             retry: list[tuple[Event, str]] = []
+            pending: list[Event] = []
             delivered = 0
+            problem: str | None = None
             judged: Sequence[Event] = todo
             if result.outcome is Outcome.SUCCESS and not result.failures:  # all delivered: no per-event look
                 delivered, judged = len(todo), ()
             for event in judged:
-                failure = result.outcome_of(event)
-                if failure is None:
+                verdict = result.outcome_of(event)
+                if verdict is None:
                     delivered += 1
-                elif failure.outcome is Outcome.PERMANENT:
-                    dead.append((event, failure.reason or "permanent failure"))
+                elif verdict.outcome is Outcome.PERMANENT:
+                    dead.append((event, verdict.reason or "permanent failure"))
+                elif verdict.outcome is Outcome.PENDING:
+                    pending.append(event)
                 else:
-                    retry.append((event, failure.reason or "retryable failure"))
+                    retry.append((event, verdict.reason or "retryable failure"))
+                    if verdict.config_problem and problem is None:
+                        problem = verdict.reason
             self.metrics.delivered.labels(self.name).inc(delivered)
-            permanent = len(todo) - delivered - len(retry)
+            permanent = len(todo) - delivered - len(retry) - len(pending)
             if permanent:
                 self.metrics.failed.labels(self.name, "permanent").inc(permanent)
-            if not retry:
+            if not retry and not pending:
+                self._config_problem = None
                 self._set_health(Health(True, "last send succeeded"))
                 break
-            self.metrics.failed.labels(self.name, "retry").inc(len(retry))
-            reason = retry[0][1]
-            self._set_health(Health(False, f"send failed, retrying: {reason}"))
-            if policy.max_attempts is not None and attempt >= policy.max_attempts:
-                dead.extend((event, f"gave up after {attempt} attempts: {why}") for event, why in retry)
-                break
-            delay = max(backoff(attempt, policy), result.retry_after or 0.0)
-            log.warning(
-                "send failed, will retry",
-                extra={
-                    "sink": self.name,
-                    "events": len(retry),
-                    "attempt": attempt,
-                    "delay_s": round(delay, 3),
-                    "reason": reason,
-                },
-            )
+            pending_only = not retry
+            delay = result.retry_after or 0.0
+            if retry:
+                self.metrics.failed.labels(self.name, "retry").inc(len(retry))
+                reason = retry[0][1]
+                if problem is not None:
+                    self._config_problem = problem
+                self._set_health(Health(False, f"send failed, retrying: {reason}"))
+                if policy.max_attempts is not None and attempt >= policy.max_attempts:
+                    dead.extend((event, f"gave up after {attempt} attempts: {why}") for event, why in retry)
+                    retry = []
+                    if not pending:
+                        break
+                else:
+                    delay = max(backoff(attempt, policy), delay)
+                    log.warning(
+                        "send failed, will retry",
+                        extra={
+                            "sink": self.name,
+                            "events": len(retry),
+                            "attempt": attempt,
+                            "delay_s": round(delay, 3),
+                            "reason": reason,
+                        },
+                    )
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._halted.wait(), delay)
             if self._halting:
                 return  # nothing committed: the events stay owed at this sink's cursor
-            todo = [event for event, _ in retry]
+            todo = [event for event, _ in retry] + pending
             self._in_flight = len(todo)
         if dead:
             self.metrics.dead_lettered.labels(self.name).inc(len(dead))
@@ -383,6 +403,8 @@ class SinkRunner:
             health = await self.sink.healthcheck()
         except Exception as exc:
             health = Health(False, f"health check raised {type(exc).__name__}")
+        if health.ok and self._config_problem is not None:
+            health = Health(False, f"last send failed: {self._config_problem} (red until a send succeeds)")
         self._set_health(health)
         return health
 

@@ -5,7 +5,9 @@ LogBridgeError
 ├── JournalError         the journal cannot take a write
 │   ├── JournalFull      over `journal.max_bytes` (or the disk is full)
 │   └── JournalClosed    shutting down
-└── BodyError            a request body that cannot be read; carries the HTTP status to answer
+├── BodyError            a request body that cannot be read; carries the HTTP status to answer
+└── SinkError            a sink cannot be built or loaded (raised by `sinks`; re-exported by sinks.errors)
+    └── SinkTypeError    unknown sink type, or its optional dependency is missing
 """
 
 from __future__ import annotations
@@ -42,3 +44,11 @@ class BodyError(LogBridgeError):
         self.status = status
         self.message = message
         super().__init__(message)
+
+
+class SinkError(LogBridgeError):
+    """A sink that cannot be built (a TLS file that cannot be read, ...); the message names its YAML path."""
+
+
+class SinkTypeError(SinkError):
+    """A sink type that cannot be loaded: unknown, or its extra is not installed."""

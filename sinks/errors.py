@@ -1,15 +1,8 @@
-"""Errors raised by sinks and the sink registry.
-
-SinkError
-└── SinkTypeError      unknown sink type, or its optional dependency is missing
-"""
+"""The sink errors, defined with the rest of the hierarchy under `LogBridgeError` in receiver.errors (a module
+with no imports, so sinks depend on nothing else of the receiver)."""
 
 from __future__ import annotations
 
+from receiver.errors import LogBridgeError, SinkError, SinkTypeError
 
-class SinkError(Exception):
-    """Base of the sink errors; its message is safe to show (it names no secret)."""
-
-
-class SinkTypeError(SinkError):
-    """A sink type that cannot be loaded: unknown, or its extra is not installed."""
+__all__ = ["LogBridgeError", "SinkError", "SinkTypeError"]

@@ -57,38 +57,31 @@ class FileSink:
         groups: dict[str, list[bytes]] = {}
         for event in batch:
             groups.setdefault(self._path_for(event), []).append(event.raw)
+        limit = self.config.max_file_bytes
         for name, lines in groups.items():
             path = Path(name)
             path.parent.mkdir(parents=True, exist_ok=True)
-            data = b"\n".join(lines) + b"\n"
-            if self.config.max_file_bytes is not None:
-                self._rotate_if_full(path, len(data), self.config.max_file_bytes)
-            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+            if limit is None:
+                _append(path, b"\n".join(lines) + b"\n")
+                continue
             try:
-                view = memoryview(data)
-                while view:
-                    written = os.write(fd, view)
-                    view = view[written:]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-
-    def _rotate_if_full(self, path: Path, incoming: int, limit: int) -> None:
-        try:
-            size = path.stat().st_size
-        except FileNotFoundError:
-            return
-        if size == 0 or size + incoming <= limit:
-            return
-        number = 1
-        while (rotated := path.with_name(f"{path.stem}.{number}{path.suffix}")).exists():
-            number += 1
-        os.rename(path, rotated)
-        directory = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)  # the rename itself must survive a crash
-        finally:
-            os.close(directory)
+                size = path.stat().st_size
+            except FileNotFoundError:
+                size = 0
+            chunk: list[bytes] = []
+            for line in lines:
+                # Fill the file up to the limit, then rotate: only an event larger than the limit by itself
+                # makes a file exceed it (alone in its file).
+                if size and size + len(line) + 1 > limit:
+                    if chunk:
+                        _append(path, b"\n".join(chunk) + b"\n")
+                        chunk = []
+                    _rotate(path)
+                    size = 0
+                chunk.append(line)
+                size += len(line) + 1
+            if chunk:
+                _append(path, b"\n".join(chunk) + b"\n")
 
     async def healthcheck(self) -> Health:
         """The directory of today's file exists (or can be made) and is writable."""
@@ -141,5 +134,30 @@ def store_file(path: Path, data: bytes) -> None:
     directory = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(directory)  # the new name must survive a crash too
+    finally:
+        os.close(directory)
+
+
+def _append(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+    try:
+        view = memoryview(data)
+        while view:
+            written = os.write(fd, view)
+            view = view[written:]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _rotate(path: Path) -> None:
+    """Rename the full file to `<name>.<n><suffix>` (the first free n) and make the rename durable."""
+    number = 1
+    while (rotated := path.with_name(f"{path.stem}.{number}{path.suffix}")).exists():
+        number += 1
+    os.rename(path, rotated)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)  # the rename itself must survive a crash
     finally:
         os.close(directory)

@@ -18,10 +18,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import gzip
 import hashlib
+import queue
 import re
-import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -34,7 +33,6 @@ import boto3
 import botocore.session
 import msgspec
 import orjson
-import zstandard
 from botocore.config import Config as BotoConfig
 from botocore.credentials import (
     AssumeRoleCredentialFetcher,
@@ -46,18 +44,11 @@ from botocore.credentials import (
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 from pydantic import Field, SecretStr, field_validator, model_validator
 
-from sinks.base import (
-    Duration,
-    Event,
-    Failure,
-    Health,
-    Outcome,
-    PositiveDuration,
-    SendResult,
-    SinkConfig,
-    parse_retry_after,
-)
+from sinks.base import Event, Health, SendResult, SinkConfig
 from sinks.errors import SinkError
+from sinks.fields import Compression, HttpUrl, PositiveDuration, Secret
+from sinks.http_client import compress, parse_retry_after, scrub
+from sinks.outcome import Outcome, Verdict
 
 if TYPE_CHECKING:
     from mypy_boto3_s3.client import S3Client
@@ -86,6 +77,20 @@ _OBJECT_ERRORS = frozenset(
 # service are the problem and every put would fail the same way).
 _LOCAL_ERRORS = _OBJECT_ERRORS | {"BadDigest", "InvalidDigest", "RequestTimeout"}
 
+# Errors a configuration fix cures: retried, and the sink is unhealthy until a send succeeds.
+_CONFIG_ERRORS = frozenset(
+    {
+        "AccessDenied",
+        "NoSuchBucket",
+        "InvalidAccessKeyId",
+        "SignatureDoesNotMatch",
+        "ExpiredToken",
+        "InvalidToken",
+        "PermanentRedirect",
+        "AuthorizationHeaderMalformed",
+    }
+)
+
 _DATE = re.compile(r"^(\d{4}-\d{2}-\d{2})")
 
 _STORAGE_CLASS = re.compile(r"^[A-Z][A-Z0-9_]*$")
@@ -108,19 +113,19 @@ class S3Config(SinkConfig):
     prefix: str = ""
     """Key prefix; strftime fields (`%Y/%m/%d/`) are filled from the event time (workos) or write time (batch)."""
     layout: Literal["workos", "batch"] = "workos"
-    compression: Literal["none", "gzip", "zstd"] = "gzip"
+    compression: Compression = "gzip"
     """Batch layout only."""
     region: str | None = None
-    endpoint_url: str | None = None
+    endpoint_url: HttpUrl | None = None
     addressing_style: Literal["auto", "path", "virtual"] = "auto"
-    access_key_id: SecretStr | None = None
-    secret_access_key: SecretStr | None = None
-    session_token: SecretStr | None = None
+    access_key_id: Secret | None = None
+    secret_access_key: Secret | None = None
+    session_token: Secret | None = None
     role_arn: str | None = None
     external_id: str | None = None
     role_session_name: str = Field(default="log-bridge", min_length=2, max_length=64)
-    role_duration: Duration = 3600.0
-    sts_endpoint_url: str | None = None
+    role_duration: PositiveDuration = 3600.0
+    sts_endpoint_url: HttpUrl | None = None
     server_side_encryption: Literal["AES256", "aws:kms", "aws:kms:dsse"] | None = None
     kms_key_id: str | None = None
     storage_class: str | None = None
@@ -146,25 +151,11 @@ class S3Config(SinkConfig):
             raise ValueError(f"prefix is too long: keys are limited to {MAX_KEY_BYTES} bytes")
         return value
 
-    @field_validator("endpoint_url", "sts_endpoint_url")
-    @classmethod
-    def _url(cls, value: str | None) -> str | None:
-        if value is not None and not re.match(r"^https?://[^/\s]+", value):
-            raise ValueError("expected an http:// or https:// URL")
-        return value
-
     @field_validator("storage_class")
     @classmethod
     def _storage_class(cls, value: str | None) -> str | None:
         if value is not None and not _STORAGE_CLASS.match(value):
             raise ValueError("expected a storage class name such as STANDARD or STANDARD_IA")
-        return value
-
-    @field_validator("access_key_id", "secret_access_key", "session_token")
-    @classmethod
-    def _not_empty(cls, value: SecretStr | None) -> SecretStr | None:
-        if value is not None and not value.get_secret_value():
-            raise ValueError("is empty (is its environment variable set?)")
         return value
 
     @model_validator(mode="after")
@@ -200,8 +191,8 @@ def render_prefix(prefix: str, moment: datetime) -> str:
 # --- classification ------------------------------------------------------------------------------
 
 
-def classify_error(exc: BaseException) -> tuple[Outcome, str, float | None]:
-    """(outcome, reason, retry_after) for an exception raised by a boto3 call.
+def classify_error(exc: BaseException) -> Verdict:
+    """The verdict on an exception raised by a boto3 call.
 
     Only errors specific to one object are PERMANENT. Throttling, 5xx, timeouts, connection problems and the
     errors a configuration fix cures (AccessDenied, NoSuchBucket, bad or expired credentials, wrong region)
@@ -219,13 +210,15 @@ def classify_error(exc: BaseException) -> tuple[Outcome, str, float | None]:
         label = code or f"HTTP {status}"
         reason = f"{operation}: {label} ({status})" + (f": {message}" if message else "")
         if code in _OBJECT_ERRORS:
-            return Outcome.PERMANENT, reason, None
-        return Outcome.RETRY, reason, retry_after
+            return Verdict.permanent(reason)
+        fixable = code in _CONFIG_ERRORS or status in (301, 401, 403)
+        return Verdict.retry(reason, retry_after, config_problem=fixable)
     if isinstance(exc, NoCredentialsError):
-        return Outcome.RETRY, "no AWS credentials found (set access_key_id/secret_access_key or the AWS chain)", None
+        reason = "no AWS credentials found (set access_key_id/secret_access_key or the AWS chain)"
+        return Verdict.retry(reason, config_problem=True)
     if isinstance(exc, BotoCoreError):
-        return Outcome.RETRY, f"{type(exc).__name__}: {exc}", None
-    return Outcome.RETRY, f"unexpected {type(exc).__name__}: {exc}", None
+        return Verdict.retry(f"{type(exc).__name__}: {exc}")
+    return Verdict.retry(f"unexpected {type(exc).__name__}: {exc}")
 
 
 def _error_code(exc: BaseException) -> str | None:
@@ -283,7 +276,6 @@ class S3Sink:
         where = config.endpoint_url or (f"AWS S3 ({config.region})" if config.region else "AWS S3")
         self._where = f"bucket {config.bucket!r} at {where}"
         self._suffix = {"none": ".ndjson", "gzip": ".ndjson.gz", "zstd": ".ndjson.zst"}[config.compression]
-        self._local = threading.local()  # a ZstdCompressor is not thread-safe: one per executor thread
 
     def __repr__(self) -> str:
         return f"S3Sink(name={self.name!r}, {self._where}, layout={self.config.layout!r})"
@@ -391,15 +383,9 @@ class S3Sink:
         prefix = render_prefix(self.config.prefix, datetime.fromtimestamp(now, UTC))
         key = f"{prefix}{int(now)}-{uuid.uuid4()}{self._suffix}"
         body = b"\n".join(event.raw for event in batch) + b"\n"
-        encoding: str | None = None
-        if self.config.compression == "gzip":
-            body, encoding = gzip.compress(body, compresslevel=6, mtime=0), "gzip"
-        elif self.config.compression == "zstd":
-            compressor = getattr(self._local, "zstd", None)
-            if compressor is None:
-                compressor = self._local.zstd = zstandard.ZstdCompressor(level=3)
-            body, encoding = compressor.compress(body), "zstd"
-        return _Put(key, body, "application/x-ndjson", encoding)
+        encoding = self.config.compression
+        body = compress(body, encoding, 6 if encoding == "gzip" else None)
+        return _Put(key, body, "application/x-ndjson", None if encoding == "none" else encoding)
 
     def content_md5(self, body: bytes) -> str:
         """The Content-MD5 header value for `body` (tests override this to prove the store checks it)."""
@@ -441,8 +427,9 @@ class S3Sink:
         try:
             client = await self._get_client()
         except Exception as exc:  # credentials or session setup: fixable, so RETRY
-            _, reason, retry_after = classify_error(exc)
-            return SendResult.retry(self._scrub(f"{self._where}: {reason}"), retry_after)
+            verdict = classify_error(exc)
+            reason = self._scrub(f"{self._where}: {verdict.reason}")
+            return SendResult.retry(reason, verdict.retry_after, config_problem=verdict.config_problem)
         if self.config.layout == "batch":
             return await self._run(self._send_batch, client, batch)
         return await self._send_events(client, batch)
@@ -452,59 +439,64 @@ class S3Sink:
         try:
             self._put(client, put)
         except Exception as exc:
-            outcome, reason, retry_after = self._classify(exc, put.key)
-            if outcome is Outcome.PERMANENT:
-                return SendResult.permanent(reason)
-            return SendResult.retry(reason, retry_after)
+            return SendResult.of(self._classify(exc, put.key))
         return SendResult.success()
 
     async def _send_events(self, client: S3Client, batch: Sequence[Event]) -> SendResult:
-        failures: dict[int, Failure] = {}
-        state = _Progress(len(batch))
+        # Each event keeps its own verdict: a reason names only that event's key, never another's.
+        todo: queue.SimpleQueue[Event] = queue.SimpleQueue()
+        for event in batch:
+            todo.put(event)
+        failures: dict[int, Verdict] = {}
+        stop: list[Verdict] = []
         workers = min(self.config.concurrency, len(batch))
-        await asyncio.gather(*(self._run(self._events_worker, client, batch, state, failures) for _ in range(workers)))
-        if not failures:
-            return SendResult.success()
-        if len(failures) == len(batch) and all(f.outcome is Outcome.RETRY for f in failures.values()):
-            first = failures[batch[0].seq]
-            return SendResult.retry(first.reason, state.retry_after)
-        return SendResult.partial(failures, state.retry_after)
+        await asyncio.gather(*(self._run(self._events_worker, client, todo, stop, failures) for _ in range(workers)))
+        return SendResult.collect(batch, failures)
 
     def _events_worker(
-        self, client: S3Client, batch: Sequence[Event], state: _Progress, failures: dict[int, Failure]
+        self, client: S3Client, todo: queue.SimpleQueue[Event], stop: list[Verdict], failures: dict[int, Verdict]
     ) -> None:
-        """Put events until none are left; after a failure that is not about one object, stop putting."""
-        while (index := state.next()) is not None:
-            event = batch[index]
-            if state.stopped is not None:
-                failures[event.seq] = Failure(Outcome.RETRY, f"not attempted: {state.stopped}")
+        """Put events until none are left; after a failure that is not about one object, stop putting: the
+        events left are RETRY `not attempted: <why>` (a reason that names no other event's key)."""
+        while True:
+            try:
+                event = todo.get_nowait()
+            except queue.Empty:
+                return
+            if stop:
+                failures[event.seq] = stop[0]
                 continue
             try:
                 put = self._event_put(event)
             except (TypeError, ValueError) as exc:  # no event object, or raw that is not JSON
-                failures[event.seq] = Failure(Outcome.PERMANENT, f"cannot encode event: {type(exc).__name__}: {exc}")
+                failures[event.seq] = Verdict.permanent(f"cannot encode event: {type(exc).__name__}: {exc}")
                 continue
             try:
                 self._put(client, put)
             except Exception as exc:
-                outcome, reason, retry_after = self._classify(exc, put.key)
-                failures[event.seq] = Failure(outcome, reason)
-                if retry_after is not None:
-                    state.retry_after = max(state.retry_after or 0.0, retry_after)
-                if outcome is Outcome.RETRY and _error_code(exc) not in _LOCAL_ERRORS:
-                    state.stopped = reason
+                failures[event.seq] = self._classify(exc, put.key)
+                if failures[event.seq].outcome is Outcome.RETRY and _error_code(exc) not in _LOCAL_ERRORS:
+                    why = self._classify(exc, "")
+                    stop.append(
+                        Verdict.retry(
+                            f"not attempted: {why.reason}", why.retry_after, config_problem=why.config_problem
+                        )
+                    )
 
-    def _classify(self, exc: BaseException, key: str) -> tuple[Outcome, str, float | None]:
+    def _classify(self, exc: BaseException, key: str) -> Verdict:
         if isinstance(exc, _KeyTooLong):
-            return Outcome.PERMANENT, str(exc), None
-        outcome, reason, retry_after = classify_error(exc)
+            return Verdict.permanent(str(exc))
+        verdict = classify_error(exc)
         where = f"{self._where}, key {key!r}" if key else self._where
-        return outcome, self._scrub(f"{where}: {reason}"), retry_after
+        return Verdict(
+            verdict.outcome,
+            self._scrub(f"{where}: {verdict.reason}"),
+            verdict.retry_after,
+            config_problem=verdict.config_problem,
+        )
 
     def _scrub(self, text: str) -> str:
-        for secret in self._secrets:
-            text = text.replace(secret, "***")
-        return text
+        return scrub(text, self._secrets, limit=None)  # a reason names a whole key (up to 1024 bytes)
 
     async def store_object(self, name: str, data: bytes, *, moment: datetime) -> None:
         """Put one file (sinks.objects.ObjectStore) at `{prefix}{name}`, with Content-MD5 and the configured
@@ -516,8 +508,7 @@ class S3Sink:
             client = await self._get_client()
             await self._run(self._put, client, put)
         except Exception as exc:
-            _, reason, _ = self._classify(exc, put.key)
-            raise SinkError(reason) from None
+            raise SinkError(self._classify(exc, put.key).reason or "the put failed") from None
 
     # --- health and shutdown ---
 
@@ -533,8 +524,7 @@ class S3Sink:
             client = await self._get_client()
             await self._run(self._put, client, probe)
         except Exception as exc:
-            _, reason, _ = self._classify(exc, key)
-            return Health(False, f"cannot write to {reason}")
+            return Health(False, f"cannot write to {self._classify(exc, key).reason}")
         elapsed = time.monotonic() - started
         try:
             await self._run(lambda: client.delete_object(Bucket=self.config.bucket, Key=key))
@@ -551,24 +541,6 @@ class S3Sink:
         if client is not None:
             await self._run(client.close)
         await asyncio.to_thread(self._executor.shutdown, True, cancel_futures=True)
-
-
-class _Progress:
-    """Shared by the worker threads of one workos-layout send."""
-
-    def __init__(self, count: int) -> None:
-        self._lock = threading.Lock()
-        self._next = 0
-        self._count = count
-        self.stopped: str | None = None
-        self.retry_after: float | None = None
-
-    def next(self) -> int | None:
-        with self._lock:
-            if self._next >= self._count:
-                return None
-            index, self._next = self._next, self._next + 1
-            return index
 
 
 class _KeyTooLong(Exception):

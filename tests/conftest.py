@@ -53,10 +53,12 @@ async def start_service(tmp_path: Path) -> AsyncIterator[StartService]:
         service = Service(parse_config(tree, environ or {}))
         await service.start()
         running.append(service)
+        _STARTED.append(service)
         return service
 
     yield start
     for service in running:
+        _STARTED.remove(service)
         if not service.state.draining:
             await service.stop()
 
@@ -77,9 +79,18 @@ def scrape(text: str, name: str, **labels: str) -> float | None:
     return None
 
 
+_STARTED: list[Service] = []
+"""Services started by `start_service`, newest last (the memory sinks of a test live in them)."""
+
+
 def memory(name: str = "mem") -> MemorySink:
-    """The memory sink a running service built under `name`."""
-    return MemorySink.instances[name]
+    """The memory sink the most recently started service built under `name`."""
+    for service in reversed(_STARTED):
+        sinks = service.engine.sinks if service.engine is not None else service.sinks  # a reload replaces them
+        sink = sinks.get(name)
+        if isinstance(sink, MemorySink):
+            return sink
+    raise LookupError(f"no running service has a memory sink named {name!r}")
 
 
 @pytest.fixture

@@ -76,6 +76,7 @@ class TestExamples:
             "DD_API_KEY": "k",
             "AWS_ACCESS_KEY_ID": "a",
             "AWS_SECRET_ACCESS_KEY": "s",
+            "FORWARD_TOKEN": "f",
         }
         load_config(ROOT / "examples" / name, environ)
 

@@ -30,8 +30,7 @@ from receiver.config import parse_config, secret_values
 from receiver.errors import ConfigError
 from receiver.reload import plan_reload
 from receiver.server import Service
-from sinks.memory import MemorySink
-from tests.conftest import BASE_CONFIG, TOKEN, StartService
+from tests.conftest import BASE_CONFIG, TOKEN, StartService, memory
 
 from .redis_server import RedisServer
 
@@ -76,12 +75,12 @@ async def delivered(names: list[str], expected: int, timeout: float = 10) -> Cou
     """keySuffix -> how many times the replicas' sinks got it, once they hold `expected` events in total."""
     deadline = time.monotonic() + timeout
     while True:
-        events = [event for name in names for event in MemorySink.instances[name].events]
+        events = [event for name in names for event in memory(name).events]
         if len(events) >= expected or time.monotonic() > deadline:
             break
         await asyncio.sleep(0.02)
     await asyncio.sleep(0.1)  # anything beyond `expected` arrives too
-    events = [event for name in names for event in MemorySink.instances[name].events]
+    events = [event for name in names for event in memory(name).events]
     return Counter(orjson.loads(event.raw)["keySuffix"] for event in events)
 
 
@@ -235,7 +234,7 @@ class TestTwoReplicas:
         try:
             assert keys.keys("log-bridge:dedup:*") == []
             assert (await post(client, b, batch))["accepted"] == self.EVENTS
-            marked = keys.keys("log-bridge:dedup:workos:*")
+            marked = keys.keys("log-bridge:dedup:/workos:*")
             assert len(marked) == self.EVENTS
             ttl = keys.pttl(marked[0])
             assert WINDOW * 1000 - 10_000 < ttl <= WINDOW * 1000  # the key expires with the dedup window

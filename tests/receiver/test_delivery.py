@@ -277,3 +277,36 @@ class TestJournalTrouble:
         assert failures["left"] == 0 and len(memory().events) == 3
         await send(service, events(2, prefix="later"))
         await until(lambda: len(memory().events) == 5)
+
+
+class TestSinkHealth:
+    async def test_a_configuration_problem_keeps_the_sink_red_until_a_send_succeeds(
+        self, start_service: StartService
+    ) -> None:
+        slow = {"fail": "config", "retry": {"initial": "1s", "max": "1s"}}
+        service = await start_service({"sinks": {"mem": slow}})
+        assert service.engine is not None
+        runner = service.engine.runners["mem"]
+        await send(service, events(2))
+        await until(lambda: not runner.health.ok and "configuration problem" in runner.health.message)
+        memory().fail = "none"  # fixed outside; the sink's own check turns green at once
+        assert (await memory().healthcheck()).ok
+        health = await runner.check_health()
+        assert not health.ok and "until a send succeeds" in health.message and "configuration" in health.message
+        assert 'log_bridge_sink_up{sink="mem"} 0.0' in service.metrics.render().decode()
+        await until(lambda: len(memory().events) == 2)  # the engine's next attempt delivers
+        assert (await runner.check_health()).ok
+
+    async def test_pending_events_are_asked_about_again_without_using_attempts(
+        self, start_service: StartService
+    ) -> None:
+        sink = {"pending_asks": 3, "retry": {"initial": "10ms", "max": "20ms", "max_attempts": 1}}
+        service = await start_service({"sinks": {"mem": sink}})
+        await send(service, events(5))
+        await until(lambda: len(memory().events) == 5)
+        assert sorted(keys()) == [f"k{i}" for i in range(5)]
+        assert len(memory().batch_sizes) == 4  # three PENDING answers, then delivered
+        text = service.metrics.render().decode()
+        assert 'outcome="retry",sink="mem"' not in text  # PENDING is no failed send
+        assert list_dead_letters(service.config.journal.path) == []  # and max_attempts: 1 was never used up
+        assert service.engine is not None and service.engine.runners["mem"].health.ok

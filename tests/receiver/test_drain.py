@@ -17,7 +17,7 @@ import orjson
 import yaml
 
 from receiver.cli import sample_wrappers
-from sinks.testing.hec import HecPeer
+from tests.peers.hec import HecPeer
 
 from .redis_server import free_port
 

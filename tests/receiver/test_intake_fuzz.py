@@ -443,7 +443,8 @@ async def test_twenty_thousand_mutated_bodies(start_service: StartService) -> No
         await asyncio.gather(*(_send(session, url, i, results) for i in range(WORKERS)))
     sent_at = time.monotonic()
 
-    sink = MemorySink.instances["mem"]
+    sink = service.sinks["mem"]
+    assert isinstance(sink, MemorySink)
     expected = sum(s.answer["accepted"] for s in results.values() if s.status == 200)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + 30

@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from receiver.cli import sample_wrappers
-from sinks.testing.hec import HecPeer
+from tests.peers.hec import HecPeer
 
 TOKEN = "Bearer process-test-secret"
 SCRIPT = Path(sys.executable).with_name("log-bridge")

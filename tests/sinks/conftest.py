@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import pytest
 import trustme
 
-from sinks.testing.rgw import RGWServer, RGWUnavailable
+from tests.peers.rgw import RGWServer, RGWUnavailable
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client

@@ -51,6 +51,30 @@ class TestFileSink:
         assert all(f.stat().st_size <= 2048 for f in files)
         assert sum(len(f.read_bytes().splitlines()) for f in files) == 30
 
+    async def test_a_batch_larger_than_the_room_left_is_split_across_files(self, tmp_path: Path) -> None:
+        limit = 2048
+        sink = FileSink("f", FileSink.Config(path=str(tmp_path / "out.ndjson"), max_file_bytes=limit))
+        events = make_events(40)  # about 12 KiB in one batch: more than five files' worth
+        assert (await sink.send(events)).outcome is Outcome.SUCCESS
+        await sink.send(make_events(7))
+        files = sorted(tmp_path.glob("out*.ndjson"))
+        assert len(files) >= 6
+        assert all(f.stat().st_size <= limit for f in files), [f.stat().st_size for f in files]
+        lines = [line for f in files for line in f.read_bytes().splitlines()]
+        assert len(lines) == 47 and lines[:40] == [e.raw for e in events]  # in order, none lost or doubled
+
+    async def test_only_an_event_larger_than_the_limit_makes_a_file_exceed_it(self, tmp_path: Path) -> None:
+        limit = 1000
+        sink = FileSink("f", FileSink.Config(path=str(tmp_path / "out.ndjson"), max_file_bytes=limit))
+        small = make_events(2)
+        big = exact_event(3, event_raw=b'{"id":"big","action":"a","blob":"' + b"x" * 1500 + b'"}')
+        assert (await sink.send([small[0], big, small[1]])).outcome is Outcome.SUCCESS
+        files = sorted(tmp_path.glob("out*.ndjson"))
+        sizes = {f: f.stat().st_size for f in files}
+        oversized = [f for f, size in sizes.items() if size > limit]
+        assert len(oversized) == 1 and oversized[0].read_bytes() == big.raw + b"\n"
+        assert sum(len(f.read_bytes().splitlines()) for f in files) == 3
+
     async def test_unwritable_path_is_retry_with_reason(self, tmp_path: Path) -> None:
         (tmp_path / "blocked").write_text("a file, not a directory")
         sink = FileSink("f", FileSink.Config(path=str(tmp_path / "blocked" / "x.ndjson")))

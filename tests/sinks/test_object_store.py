@@ -19,9 +19,9 @@ from sinks.errors import SinkError
 from sinks.file import FileSink
 from sinks.objects import ObjectStore, stores_objects
 from sinks.s3 import S3Sink
-from sinks.testing.s3 import delete_bucket, read_objects
-from sinks.testing.s3 import sink_for as make_s3_sink
 from tests.conftest import ORGANIZATION
+from tests.peers.s3 import delete_bucket, read_objects
+from tests.peers.s3 import sink_for as make_s3_sink
 from tests.receiver.test_workos import Metrics
 from tests.workos_fake import API_KEY, FakeWorkOS
 

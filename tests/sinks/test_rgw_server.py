@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from sinks.testing import rgw
-from sinks.testing.rgw import RGWServer, RGWUnavailable, missing_binaries, reap_stale_daemons
+from tests.peers import rgw
+from tests.peers.rgw import RGWServer, RGWUnavailable, missing_binaries, reap_stale_daemons
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client

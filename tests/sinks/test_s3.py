@@ -35,8 +35,8 @@ from sinks.base import Event, Outcome
 from sinks.s3 import MAX_KEY_BYTES, S3Config, S3Sink, classify_error
 from sinks.testing.compliance import CHECKS, make_events, run_with_peer, unsupported
 from sinks.testing.exact import EXACT_LITERALS, exact_event, same_json
-from sinks.testing.s3 import Harness, MotoS3, decode_batch_object, delete_bucket, read_objects, s3_client
-from sinks.testing.s3 import sink_for as make_s3_sink
+from tests.peers.s3 import Harness, MotoS3, decode_batch_object, delete_bucket, read_objects, s3_client
+from tests.peers.s3 import sink_for as make_s3_sink
 
 SECRET = "s3cr3t-value-never-logged"
 
@@ -428,20 +428,43 @@ class TestClassification:
         ],
     )
     def test_table(self, error: Exception, outcome: Outcome) -> None:
-        got, reason, _ = classify_error(error)
-        assert got is outcome and reason
+        verdict = classify_error(error)
+        assert verdict.outcome is outcome and verdict.reason
 
     def test_retry_after_is_kept(self) -> None:
-        assert classify_error(client_error("SlowDown", 503, {"retry-after": "7"}))[2] == 7.0
+        assert classify_error(client_error("SlowDown", 503, {"retry-after": "7"})).retry_after == 7.0
 
     async def test_missing_bucket_is_retry_and_stops_the_batch(self, make_sink: Any, moto: MotoS3) -> None:
         sink = make_sink("no-such-bucket-here", access_key_id="AKIAID", secret_access_key=SECRET, concurrency=4)
         requests = await capture_puts(sink)
-        result = await sink.send(make_events(40))
-        assert result.outcome is Outcome.RETRY and not result.failures
-        assert "NoSuchBucket" in result.reason and "no-such-bucket-here" in result.reason
-        assert moto.endpoint_url in result.reason and SECRET not in result.reason
+        events = make_events(40)
+        result = await sink.send(events)
+        verdicts = [result.outcome_of(event) for event in events]
+        assert all(v is not None and v.outcome is Outcome.RETRY for v in verdicts)
+        reasons = [v.reason for v in verdicts if v is not None]
+        assert all("NoSuchBucket" in r and "no-such-bucket-here" in r for r in reasons)
+        assert all(moto.endpoint_url in r and SECRET not in r for r in reasons)
         assert len(requests) <= 4  # the puts after the first failure are not attempted
+
+    async def test_each_dead_letter_reason_names_its_own_key_or_says_not_attempted(
+        self, make_sink: Any, moto: MotoS3
+    ) -> None:
+        sink = make_sink("no-such-bucket-here", concurrency=4)
+        events = make_events(40)
+        result = await sink.send(events)
+        tried = untried = 0
+        for event in events:
+            verdict = result.outcome_of(event)
+            assert verdict is not None and verdict.outcome is Outcome.RETRY
+            others = [e.key_suffix for e in events if e is not event]
+            assert not [suffix for suffix in others if suffix and suffix in verdict.reason], verdict.reason
+            if verdict.reason.startswith("not attempted: "):
+                untried += 1
+                assert "key " not in verdict.reason
+            else:
+                tried += 1
+                assert event.key_suffix is not None and event.key_suffix in verdict.reason
+        assert 1 <= tried <= 4 and tried + untried == 40
 
     async def test_batch_layout_missing_bucket_is_retry(self, make_sink: Any) -> None:
         result = await make_sink("no-such-bucket-here", layout="batch").send(make_events(3))
@@ -450,8 +473,10 @@ class TestClassification:
     async def test_unreachable_endpoint_is_retry(self, moto: MotoS3, bucket: str) -> None:
         sink = sink_for(moto, bucket, endpoint_url="http://127.0.0.1:9", timeout=2)
         try:
-            result = await sink.send(make_events(3))
-            assert result.outcome is Outcome.RETRY and "127.0.0.1:9" in result.reason
+            events = make_events(3)
+            result = await sink.send(events)
+            verdicts = [result.outcome_of(event) for event in events]
+            assert all(v is not None and v.outcome is Outcome.RETRY and "127.0.0.1:9" in v.reason for v in verdicts)
             health = await sink.healthcheck()
             assert not health.ok and "127.0.0.1:9" in health.message
         finally:
@@ -466,8 +491,10 @@ class TestClassification:
         monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
         monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
         sink = make_sink(bucket, access_key_id=None, secret_access_key=None)
-        result = await sink.send(make_events(2))
-        assert result.outcome is Outcome.RETRY and "credentials" in result.reason
+        events = make_events(2)
+        result = await sink.send(events)
+        verdicts = [result.outcome_of(event) for event in events]
+        assert all(v is not None and v.outcome is Outcome.RETRY and "credentials" in v.reason for v in verdicts)
 
 
 # --- health, credentials, close ------------------------------------------------------------------
@@ -535,7 +562,7 @@ async def test_compliance_batch_layout(check: str) -> None:
     # The workos layout on moto runs in tests/sinks/test_compliance.py with every other sink.
     harness = Harness("batch")
     if unsupported(check, harness):
-        pytest.skip(f"the S3 harness cannot produce {check!r} (see sinks/testing/s3.py)")
+        pytest.skip(f"the S3 harness cannot produce {check!r} (see tests/peers/s3.py)")
     await run_with_peer(check, harness)
 
 
@@ -654,9 +681,12 @@ class TestRGW:
     async def test_wrong_keys_are_retry_and_fail_the_health_check(self, rgw_server: Any, rgw_bucket: str) -> None:
         sink = sink_for(rgw_server, rgw_bucket, secret_access_key=SECRET)
         try:
-            result = await sink.send(make_events(3))
-            assert result.outcome is Outcome.RETRY
-            assert re.search("SignatureDoesNotMatch|AccessDenied|InvalidAccessKeyId", result.reason)
+            events = make_events(3)
+            result = await sink.send(events)
+            for event in events:
+                verdict = result.outcome_of(event)
+                assert verdict is not None and verdict.outcome is Outcome.RETRY and verdict.config_problem
+                assert re.search("SignatureDoesNotMatch|AccessDenied|InvalidAccessKeyId", verdict.reason)
             health = await sink.healthcheck()
             assert not health.ok and rgw_bucket in health.message and SECRET not in health.message
         finally:
@@ -667,7 +697,7 @@ class TestRGW:
     async def test_compliance_on_rgw(self, rgw_server: Any, check: str, layout: str) -> None:
         harness = Harness(layout, server=rgw_server)  # type: ignore[arg-type]
         if unsupported(check, harness):
-            pytest.skip(f"the S3 harness cannot produce {check!r} (see sinks/testing/s3.py)")
+            pytest.skip(f"the S3 harness cannot produce {check!r} (see tests/peers/s3.py)")
         await run_with_peer(check, harness)
 
 

@@ -9,7 +9,7 @@ requests, any status/code, a changed or disabled token, a refused index, refused
 predicate), withheld acknowledgements. Like Splunk, it keeps the envelopes before the one it refuses.
 It takes numbers of any size and keeps each event's bytes as they arrived (`StoredEvent.raw`).
 
-Run one by hand:  python -m sinks.testing.hec --port 8088 --token T  [--ack] [--tls-cert C --tls-key K]
+Run one by hand:  python -m tests.peers.hec --port 8088 --token T  [--ack] [--tls-cert C --tls-key K]
 """
 
 from __future__ import annotations
@@ -644,8 +644,8 @@ async def _serve(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m sinks.testing.hec --port 8088 --token T`: a local HEC to point a splunk_hec sink at."""
-    parser = argparse.ArgumentParser(prog="python -m sinks.testing.hec", description=__doc__.splitlines()[0])
+    """`python -m tests.peers.hec --port 8088 --token T`: a local HEC to point a splunk_hec sink at."""
+    parser = argparse.ArgumentParser(prog="python -m tests.peers.hec", description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8088)
     parser.add_argument("--token", required=True, help="the HEC token the peer accepts")

@@ -501,7 +501,7 @@ def _exit_on_signal(signum: int, frame: object) -> None:
 
 
 def main() -> None:
-    """Run a server by hand until Ctrl-C: ``python -m sinks.testing.rgw``; prints the endpoint and the keys."""
+    """Run a server by hand until Ctrl-C: ``python -m tests.peers.rgw``; prints the endpoint and the keys."""
     signal.signal(signal.SIGTERM, _exit_on_signal)  # so `kill` stops the daemons too, even during start()
     server = RGWServer()
     try:

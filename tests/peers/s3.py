@@ -1,6 +1,6 @@
 """A local S3 peer for the `s3` sink: moto's S3 server on loopback, plus the compliance `Harness`.
 
-The harness can also drive any other S3-compatible server (e.g. the Ceph RGW of `sinks.testing.rgw`):
+The harness can also drive any other S3-compatible server (e.g. the Ceph RGW of `tests.peers.rgw`):
 pass it an object with `endpoint_url`, `access_key`, `secret_key` and `region`.
 
 Modes: "retry" removes the bucket, so puts get `NoSuchBucket` (a configuration problem, hence RETRY) until

@@ -8,7 +8,7 @@ answer a status for the next N requests, refuse every key, or answer 400 to any 
 message contains a marker. Like Datadog, it accepts items over 1 MB and truncates them (counted in
 `truncated`).
 
-Run one by hand with `python -m sinks.testing.datadog --port 9999 --api-key K`, then point a sink at it with
+Run one by hand with `python -m tests.peers.datadog --port 9999 --api-key K`, then point a sink at it with
 `endpoint: http://127.0.0.1:9999`.
 """
 
@@ -284,8 +284,8 @@ class Harness:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """`python -m sinks.testing.datadog --port 9999 --api-key K`: serve until interrupted."""
-    parser = argparse.ArgumentParser(prog="python -m sinks.testing.datadog", description=__doc__.split("\n\n")[0])
+    """`python -m tests.peers.datadog --port 9999 --api-key K`: serve until interrupted."""
+    parser = argparse.ArgumentParser(prog="python -m tests.peers.datadog", description=__doc__.split("\n\n")[0])
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=9999, help="port (0 picks a free one; default 9999)")
     parser.add_argument("--api-key", default="test-api-key", help="the only DD-API-KEY accepted")

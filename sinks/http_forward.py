@@ -1,0 +1,119 @@
+"""The HTTP forward sink (`type: http`): POSTs batches to any HTTP(S) collector — Cribl, a Sumo Logic HTTP
+source, a Logstash or Vector http input, another log-bridge — as a JSON array or NDJSON of the WorkOS wrappers
+(or of the bare events), exactly the bytes WorkOS sent.
+
+Answers (sinks.http_client.classify_status): 2xx delivered; 408, 429, 5xx and connection errors retried (with
+`Retry-After`); 400 and 413 split through the shared bisection until the refused events stand alone; 401, 403,
+404, 405, 407, 421 and 3xx retried as a configuration problem (a token or URL fix must not cost data); any other
+4xx permanent.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Literal
+
+from pydantic import SecretStr, field_validator
+
+from sinks.base import Event, Health, SendResult, SinkConfig
+from sinks.fields import Compression, HttpUrl, PositiveDuration, TlsOptions
+from sinks.http_client import HttpClient, classify_status
+from sinks.outcome import Verdict
+from sinks.splitting import Item, Part, Verdicts, fail, send_in_parts
+
+__all__ = ["HttpForwardConfig", "HttpForwardSink"]
+
+_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+_RESERVED = frozenset({"content-length", "content-encoding", "content-type", "host", "transfer-encoding"})
+_CONTENT_TYPES = {"json_array": "application/json", "ndjson": "application/x-ndjson"}
+
+
+class HttpForwardConfig(SinkConfig):
+    """The options of an `http` sink."""
+
+    url: HttpUrl
+    encoding: Literal["json_array", "ndjson"] = "json_array"
+    payload: Literal["wrapper", "event"] = "wrapper"
+    """`wrapper`: `{"event": ..., "keySuffix": ..., ...}` as WorkOS sent it; `event`: the bare WorkOS event."""
+    headers: dict[str, SecretStr] = {}
+    """Extra request headers; values are secrets (kept out of logs, reasons and health messages)."""
+    compression: Compression = "none"
+    timeout: PositiveDuration = 30.0
+    """Limit on one HTTP request."""
+    tls: TlsOptions = TlsOptions()
+
+    @field_validator("headers")
+    @classmethod
+    def _headers(cls, value: dict[str, SecretStr]) -> dict[str, SecretStr]:
+        for name, secret in value.items():
+            if not _TOKEN.match(name):
+                raise ValueError(f"{name!r} is not a valid header name")
+            if name.lower() in _RESERVED:
+                raise ValueError(f"{name} is set by the sink (see encoding and compression)")
+            text = secret.get_secret_value()
+            if not text.strip() or "\r" in text or "\n" in text:
+                raise ValueError(f"the value of {name} is empty or holds a line break (is its variable set?)")
+        return {name: SecretStr(secret.get_secret_value().strip()) for name, secret in value.items()}
+
+
+class HttpForwardSink:
+    """Posts each batch as one request (split only when the endpoint refuses its data)."""
+
+    Config = HttpForwardConfig
+
+    def __init__(self, name: str, config: HttpForwardConfig) -> None:
+        self.name = name
+        self.config = config
+        secrets = [value.get_secret_value() for value in config.headers.values()]
+        self._http = HttpClient(
+            name,
+            peer="the HTTP endpoint",
+            timeout=config.timeout,
+            tls=config.tls,
+            https=config.url.startswith("https:"),
+            secrets=secrets,
+        )
+        self._headers = {name: value.get_secret_value() for name, value in config.headers.items()}
+        self._headers["Content-Type"] = _CONTENT_TYPES[config.encoding]
+        self._headers.setdefault("User-Agent", "log-bridge")
+
+    def __repr__(self) -> str:
+        return f"HttpForwardSink(name={self.name!r}, url={self.config.url!r}, encoding={self.config.encoding!r})"
+
+    async def send(self, batch: Sequence[Event]) -> SendResult:
+        """Post the batch; split a refused request down to the events at fault."""
+        verdicts: Verdicts = {}
+        items: list[Item] = []
+        for event in batch:
+            try:
+                bare = event.event_raw  # refuses a wrapper without an event: nothing is sent as if WorkOS had
+                items.append((event, bare if self.config.payload == "event" else event.raw))
+            except (TypeError, ValueError) as exc:
+                fail(verdicts, [event], Verdict.permanent(f"cannot encode the event: {self._http.scrub(exc)}"))
+        if items:
+            await send_in_parts([items], self._post, verdicts, peer="the HTTP endpoint")
+        return SendResult.collect(batch, verdicts)
+
+    async def healthcheck(self) -> Health:
+        """A HEAD request: the endpoint is reachable over TLS and does not refuse the credentials."""
+        reply = await self._http.request("HEAD", self.config.url, None, self._headers)
+        if isinstance(reply, Verdict):
+            return Health(False, reply.reason)
+        if reply.status in (401, 403, 407):
+            return Health(False, f"{self._http.describe(reply, self.config.url)}; check the headers")
+        return Health(True, f"{self.config.url} answers ({reply.status}); credentials are checked by the first send")
+
+    async def close(self) -> None:
+        """Close the connections; safe to call twice."""
+        await self._http.close()
+
+    async def _post(self, part: Part) -> Verdict:
+        if self.config.encoding == "ndjson":
+            body = b"\n".join(encoded for _, encoded in part) + b"\n"
+        else:
+            body = b"[" + b",".join(encoded for _, encoded in part) + b"]"
+        reply = await self._http.post(self.config.url, body, self._headers, compression=self.config.compression)
+        if isinstance(reply, Verdict):
+            return reply
+        return classify_status(reply.status, self._http.describe(reply, self.config.url), reply.retry_after)

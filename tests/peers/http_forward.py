@@ -1,0 +1,110 @@
+"""A local HTTP collector for the `http` sink (aiohttp on loopback) and the compliance `Harness`.
+
+The collector reads JSON arrays or NDJSON (gzip; aiohttp's server refuses zstd itself), checks a bearer token,
+stores the elements' bytes, and can be told to answer 503 (retry), 422 (permanent) or 400 to any request holding
+a REJECT_ACTION event (so the sink must bisect). It can echo the request's headers in an error body, to prove
+the sink scrubs them.
+"""
+
+from __future__ import annotations
+
+import gzip
+from typing import Any
+
+import msgspec
+import orjson
+from aiohttp import web
+
+from sinks.base import Sink
+from sinks.http_forward import HttpForwardConfig, HttpForwardSink
+from sinks.testing.compliance import REJECT_ACTION, Mode
+from sinks.testing.exact import loads
+
+TOKEN = "Bearer collector-secret-0123456789"
+
+
+class Collector:
+    """An HTTP collector on 127.0.0.1."""
+
+    def __init__(self, token: str = TOKEN) -> None:
+        self.token = token
+        self.mode: Mode = "ok"
+        self.status: int | None = None
+        """Answer every request with this status (and the request's headers as the body), when set."""
+        self.stored: list[bytes] = []
+        self.requests: list[dict[str, str]] = []
+        self._runner: web.AppRunner | None = None
+        self.url = ""
+
+    async def start(self) -> None:
+        """Listen on a free port."""
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_route("*", "/ingest", self._handle)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.url = f"http://127.0.0.1:{port}/ingest"
+
+    async def stop(self) -> None:
+        """Stop listening."""
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        self.requests.append(dict(request.headers))
+        if request.method == "HEAD":
+            return web.Response(status=405)
+        if self.status is not None:
+            return web.Response(status=self.status, body=orjson.dumps({str(k): v for k, v in request.headers.items()}))
+        if request.headers.get("Authorization") != self.token:
+            return web.Response(status=401, text="bad token")
+        body = await request.read()  # aiohttp may have undone the Content-Encoding already: look at the bytes
+        encoding = request.headers.get("Content-Encoding")
+        if encoding == "gzip" and body.startswith(b"\x1f\x8b"):
+            body = gzip.decompress(body)
+        if request.headers.get("Content-Type") == "application/x-ndjson":
+            elements = [line for line in body.split(b"\n") if line]
+        else:
+            elements = [bytes(raw) for raw in msgspec.json.decode(body, type=list[msgspec.Raw])]
+        if self.mode == "retry":
+            return web.Response(status=503, headers={"Retry-After": "1"}, text="busy")
+        if self.mode == "permanent":
+            return web.Response(status=422, text="unprocessable")
+        if self.mode == "partial" and any(REJECT_ACTION.encode() in element for element in elements):
+            return web.Response(status=400, text="an element is invalid")
+        self.stored.extend(elements)
+        return web.json_response({"accepted": len(elements)})
+
+
+class Harness:
+    """The http sink against the local collector; every failure mode is supported."""
+
+    supports = frozenset({"retry", "permanent", "partial"})
+
+    def __init__(self) -> None:
+        self.collector = Collector()
+
+    async def start(self) -> None:
+        """Start the collector."""
+        await self.collector.start()
+
+    async def stop(self) -> None:
+        """Stop the collector."""
+        await self.collector.stop()
+
+    def build(self) -> Sink:
+        """An http sink pointed at the collector."""
+        config = HttpForwardConfig.model_validate(
+            {"url": self.collector.url, "headers": {"Authorization": TOKEN}, "compression": "gzip"}
+        )
+        return HttpForwardSink("forward", config)
+
+    def set_mode(self, mode: Mode) -> None:
+        """How the collector answers from now on."""
+        self.collector.mode = mode
+
+    async def received(self) -> list[dict[str, Any]]:
+        """The bare events stored."""
+        return [loads(element)["event"] for element in self.collector.stored]
