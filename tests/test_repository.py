@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import shlex
+import os
 import subprocess
 from pathlib import Path
 
@@ -72,12 +73,14 @@ class TestDocs:
 def make_commands(target: str, tmp_path: Path) -> list[list[str]]:
     """The commands `make TARGET` would run on a machine without a venv yet (make -n: nothing is run)."""
     result = subprocess.run(
-        ["make", "-n", target, f"VENV={tmp_path / 'venv'}"],
+        ["make", "--no-print-directory", "-n", target, f"VENV={tmp_path / 'venv'}"],
         cwd=REPO,
         capture_output=True,
         text=True,
         timeout=30,
         check=True,
+        # Run from `make test` too: a make started by make would print its directory and inherit its flags.
+        env={k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")},
     )
     return [shlex.split(line) for line in result.stdout.splitlines() if line.strip()]
 
