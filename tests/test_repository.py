@@ -3,9 +3,9 @@ serving needs."""
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
-import os
 import subprocess
 from pathlib import Path
 
