@@ -14,38 +14,10 @@ import yaml
 
 from receiver.cli import encode_body, sample_wrappers
 from receiver.config import parse_config
-from receiver.server import Service
 from tests.conftest import BASE_CONFIG, TOKEN, merge, scrape
+from tests.receiver.test_reload import running, wait_for
 
-
-class ConfigFile:
-    """A configuration file a service was started from, rewritten by the test."""
-
-    def __init__(self, tmp_path: Path, tree: dict[str, Any]) -> None:
-        self.path = tmp_path / "config.yaml"
-        self.tree = merge(tree, {"journal": {"path": str(tmp_path / "journal.db")}})
-        self.write(self.tree)
-
-    def write(self, tree: dict[str, Any]) -> None:
-        self.tree = tree
-        self.path.write_text(yaml.safe_dump(tree))
-
-
-@pytest.fixture
-async def running(tmp_path: Path):  # type: ignore[no-untyped-def]
-    services: list[Service] = []
-
-    async def start(tree: dict[str, Any]) -> tuple[Service, ConfigFile]:
-        file = ConfigFile(tmp_path, tree)
-        service = Service(parse_config(yaml.safe_load(file.path.read_text()), {}), path=str(file.path))
-        await service.start()
-        services.append(service)
-        return service, file
-
-    yield start
-    for service in services:
-        if not service.state.draining:
-            await service.stop()
+__all__ = ["running"]  # the fixture, shared with test_reload
 
 
 async def post(session: aiohttp.ClientSession, url: str, wrappers: list[dict[str, Any]]) -> int:
@@ -53,14 +25,6 @@ async def post(session: aiohttp.ClientSession, url: str, wrappers: list[dict[str
     async with session.post(url, data=body, headers={"Authorization": TOKEN, "Content-Type": content_type}) as r:
         await r.read()
         return r.status
-
-
-async def wait_for(condition: Any, timeout: float = 10.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not condition():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.02)
 
 
 def actions(count: int, action: str) -> list[dict[str, Any]]:

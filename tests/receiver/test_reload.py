@@ -54,7 +54,8 @@ async def running(tmp_path: Path):  # type: ignore[no-untyped-def]
 
     yield start
     for service in services:
-        await service.stop()
+        if not service.state.draining:
+            await service.stop()
 
 
 async def post(
