@@ -38,7 +38,7 @@ import aiohttp
 import orjson
 
 from bench.openloop import OpenLoopResult, run_open_loop
-from receiver.cli import sample_wrappers
+from receiver.samples import sample_wrappers
 
 SIZES = (1, 10, 100)
 """Events per request."""

@@ -30,10 +30,10 @@ _FRAME = re.compile(r"^(?P<name>.*?) \((?P<file>[^()]*?)(?::\d+)?\)$")
 
 IDLE = "(idle: waiting for work)"
 PARTS = (
-    ("journal writer thread", ("Journal._write_loop",), ()),
+    ("journal writer thread", ("Journal._write_loop", "GroupWriter._write_loop"), ()),
     ("delivery: sink write thread", (), ("sinks/file.py",)),
     ("intake: parse", (), ("receiver/parsing.py",)),
-    ("journal: loop side and reads", (), ("receiver/journal.py",)),
+    ("journal: loop side and reads", (), ("receiver/journal/",)),
     ("delivery: engine", (), ("receiver/delivery.py", "sinks/")),
     ("intake: handler, auth, metrics", (), ("receiver/app.py", "receiver/netaddr.py", "receiver/metrics.py")),
     ("aiohttp", (), ("aiohttp/",)),
@@ -82,7 +82,7 @@ def _part(frames: list[str]) -> str:
 
 _WAITS = (
     "_worker (concurrent/futures/thread.py)",
-    "Journal._write_loop (receiver/journal.py)",
+    "GroupWriter._write_loop (receiver/journal/writer.py)",
     "select (selectors.py)",
 )
 """Innermost Python frames of a thread parked waiting for work: an idle executor thread, the journal writer

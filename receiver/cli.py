@@ -19,18 +19,18 @@ import logging
 import os
 import ssl
 import time
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import orjson
 
 from receiver.config import Config, default_config, listen_url, load_config, load_journal_config
 from receiver.errors import ConfigError, LogBridgeError
+from receiver.health import check_sinks
 from receiver.journal import INTAKE, list_dead_letters, replay_dead_letters
 from receiver.logs import scrub, setup_logging
-from sinks.base import Health, Sink
+from receiver.samples import encode_body, sample_wrappers
+from receiver.send import Unreachable, post
 from sinks.errors import SinkError
 
 log = logging.getLogger("log_bridge")
@@ -163,7 +163,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"log-bridge check: no sink named {', '.join(map(repr, unknown))} in the configuration", file=sys.stderr)
         return 2
     try:
-        results = asyncio.run(_check_sinks(config, names, args.timeout))
+        results = asyncio.run(check_sinks(config, names, args.timeout))
     except SinkError as exc:
         print(f"log-bridge check: {exc}", file=sys.stderr)
         return 2
@@ -206,71 +206,11 @@ async def _check_dedup_store(config: Config) -> bool:
     return problem is None
 
 
-async def _check_sinks(config: Config, names: list[str], limit: float) -> dict[str, Health]:
-    from receiver.delivery import build_sinks
-
-    sinks = build_sinks(config, names)
-
-    async def check(sink: Sink) -> Health:
-        try:
-            async with asyncio.timeout(limit):
-                return await sink.healthcheck()
-        except TimeoutError:
-            return Health(False, f"no answer within {limit:g}s")
-        except Exception as exc:  # a sink's bug must not hide the other sinks' results
-            return Health(False, f"health check raised {type(exc).__name__}")
-
-    try:
-        found = await asyncio.gather(*(check(sink) for sink in sinks.values()))
-    finally:
-        await asyncio.gather(*(sink.close() for sink in sinks.values()), return_exceptions=True)
-    return dict(zip(sinks, found, strict=True))
-
-
 # --- send-test -----------------------------------------------------------------------------------
-
-ACTIONS = ("user.signed_in", "user.signed_out", "role.assigned", "api_key.created", "user.deleted", "group.updated")
-
-
-def sample_wrappers(count: int, source: str = "log-bridge-test") -> list[dict[str, Any]]:
-    """Realistic WorkOS wrappers with unique ids and keySuffixes."""
-    now = time.time()
-    wrappers = []
-    for index in range(count):
-        moment = now - (count - index) * 0.001
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(moment)) + f".{int(moment * 1000) % 1000:03d}Z"
-        wrappers.append(
-            {
-                "event": {
-                    "id": "01" + uuid.uuid4().hex[:24].upper(),
-                    "action": ACTIONS[index % len(ACTIONS)],
-                    "actor": {"id": f"user_{uuid.uuid4().hex[:20]}", "type": "user", "name": "Test User"},
-                    "targets": [{"id": f"team_{index % 7}", "type": "team"}],
-                    "context": {"location": "198.51.100.7", "user_agent": "log-bridge send-test"},
-                    "occurred_at": stamp,
-                    "version": 1,
-                    "metadata": {"test": True},
-                },
-                "keySuffix": uuid.uuid4().hex,
-                "timestamp": stamp,
-                "source": source,
-            }
-        )
-    return wrappers
-
-
-def encode_body(wrappers: Sequence[object], fmt: str) -> tuple[bytes, str]:
-    """The body and its Content-Type, as WorkOS sends them."""
-    if fmt == "ndjson":
-        return b"".join(orjson.dumps(w) + b"\n" for w in wrappers), "application/x-ndjson"
-    return orjson.dumps(list(wrappers)), "application/json"
 
 
 def cmd_send_test(args: argparse.Namespace) -> int:
     """Post sample events to a running receiver."""
-    import urllib.error
-    import urllib.request
-
     body, content_type = encode_body(sample_wrappers(args.count), args.format)
     headers = {"Content-Type": content_type, "User-Agent": "log-bridge send-test"}
     if args.gzip:
@@ -285,24 +225,13 @@ def cmd_send_test(args: argparse.Namespace) -> int:
             )
             return 2
         headers[name.strip()] = value.strip()
-    if not args.url.startswith(("http://", "https://")):
-        print("log-bridge send-test: URL must start with http:// or https://", file=sys.stderr)
-        return 2
-    context = None
-    if args.url.startswith("https://"):
-        context = ssl.create_default_context(cafile=args.cafile)
-        if args.insecure:
-            context.check_hostname = False
-            context.verify_mode = ssl.CERT_NONE
-    request = urllib.request.Request(args.url, data=body, headers=headers, method="POST")  # noqa: S310 - scheme checked
     try:
-        with urllib.request.urlopen(request, timeout=args.timeout, context=context) as response:  # noqa: S310
-            status, text = response.status, response.read().decode("utf-8", "replace")
-    except urllib.error.HTTPError as exc:
-        status, text = exc.code, exc.read().decode("utf-8", "replace")
-    except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
-        print(f"log-bridge send-test: cannot reach {args.url}: {reason}", file=sys.stderr)
+        status, text = post(args.url, body, headers, timeout=args.timeout, cafile=args.cafile, insecure=args.insecure)
+    except ValueError as exc:  # not an http(s) URL
+        print(f"log-bridge send-test: {exc}", file=sys.stderr)
+        return 2
+    except Unreachable as exc:
+        print(f"log-bridge send-test: cannot reach {args.url}: {exc}", file=sys.stderr)
         return 1
     print(f"{status} {text}")
     return 0 if 200 <= status < 300 else 1

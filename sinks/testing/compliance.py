@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from collections.abc import Sequence
 from typing import Any, Literal, Protocol
 
 import orjson
 
+from receiver.samples import sample_wrappers
 from sinks.base import Event, Health, Outcome, SendResult, Sink
 from sinks.outcome import Verdict
 
@@ -53,24 +53,12 @@ class Harness(Protocol):
 def make_events(count: int, *, start_seq: int = 1, stream: str = "workos", reject: Sequence[int] = ()) -> list[Event]:
     """Realistic journaled events; those at the indexes in `reject` carry REJECT_ACTION."""
     now = time.time()
+    wrappers = sample_wrappers(count, "compliance", actions=("user.signed_in",), start=now - 60)
     events = []
-    for index in range(count):
-        action = REJECT_ACTION if index in reject else "user.signed_in"
-        occurred = now - 60 + index / 1000
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(occurred)) + f".{int(occurred * 1000) % 1000:03d}Z"
-        wrapper = {
-            "event": {
-                "id": f"01HY{uuid.uuid4().hex[:22].upper()}",
-                "action": action,
-                "actor": {"id": f"user_{index}", "type": "user"},
-                "targets": [{"id": "team_1", "type": "team"}],
-                "context": {"location": "192.0.2.10", "user_agent": "Chrome/124.0"},
-                "occurred_at": stamp,
-            },
-            "keySuffix": uuid.uuid4().hex,
-            "timestamp": stamp,
-            "source": "compliance",
-        }
+    for index, wrapper in enumerate(wrappers):
+        if index in reject:
+            wrapper["event"]["action"] = REJECT_ACTION
+        action, occurred = wrapper["event"]["action"], now - 60 + index * 0.001
         events.append(
             Event(start_seq + index, stream, orjson.dumps(wrapper), action=action, time=occurred, received_at=now)
         )

@@ -12,8 +12,8 @@ import aiohttp
 import pytest
 import yaml
 
-from receiver.cli import encode_body, sample_wrappers
 from receiver.config import parse_config
+from receiver.samples import encode_body, sample_wrappers
 from tests.conftest import BASE_CONFIG, TOKEN, merge, scrape
 from tests.receiver.test_reload import running, wait_for
 

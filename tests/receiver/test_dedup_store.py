@@ -25,10 +25,10 @@ import trustme
 import yaml
 
 from receiver import dedup_store
-from receiver.cli import sample_wrappers
 from receiver.config import parse_config, secret_values
 from receiver.errors import ConfigError
 from receiver.reload import plan_reload
+from receiver.samples import sample_wrappers
 from receiver.server import Service
 from tests.conftest import BASE_CONFIG, TOKEN, StartService, memory
 

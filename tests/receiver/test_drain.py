@@ -16,7 +16,7 @@ import aiohttp
 import orjson
 import yaml
 
-from receiver.cli import sample_wrappers
+from receiver.samples import sample_wrappers
 from tests.peers.hec import HecPeer
 
 from .redis_server import free_port

@@ -20,8 +20,8 @@ import pytest
 import yaml
 import zstandard
 
-from receiver.cli import encode_body, sample_wrappers
 from receiver.logs import JsonFormatter
+from receiver.samples import encode_body, sample_wrappers
 from receiver.server import Service
 from tests.conftest import TOKEN, StartService
 from tests.receiver.test_process import TOKEN as PROCESS_TOKEN

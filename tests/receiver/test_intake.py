@@ -17,8 +17,8 @@ import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from receiver.cli import encode_body, sample_wrappers
 from receiver.journal import list_dead_letters
+from receiver.samples import encode_body, sample_wrappers
 from receiver.server import Service, server_tls_context
 from tests.conftest import TOKEN, StartService, memory
 

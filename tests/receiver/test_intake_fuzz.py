@@ -26,8 +26,8 @@ from typing import Any
 import aiohttp
 import orjson
 
-from receiver.cli import sample_wrappers
 from receiver.journal import list_dead_letters
+from receiver.samples import sample_wrappers
 from sinks.memory import MemorySink
 from tests.conftest import TOKEN, StartService
 from tests.receiver.jsontext import NotStrictJSON, check_line, compact, sent_in

@@ -12,6 +12,7 @@ import pytest
 from receiver.errors import JournalClosed, JournalFull
 from receiver.journal import INTAKE, Journal, list_dead_letters, replay_dead_letters
 from receiver.parsing import Parsed, Rejected
+from sinks.base import Event
 
 
 def batch(*keys: str | None, rejected: list[Rejected] | None = None) -> Parsed:
@@ -242,3 +243,56 @@ class TestDedupState:
             assert (await j.append("s", batch("legacy"), time.time())).duplicates == 1
         finally:
             await j.close()
+
+
+class TestDeadLetterReplay:
+    """Dead letters carry their action and time, so replay writes them back exactly as intake wrote them."""
+
+    async def test_replay_puts_back_the_recorded_action_and_time_through_the_batch_statement(
+        self, journal: Journal
+    ) -> None:
+        await journal.append("workos", batch("k1"), time.time())
+        (event, _), *_ = await journal.read(0, 10)
+        # what the element says is not what is replayed: the recorded action and time are
+        moved = Event(event.seq, event.stream, event.raw, action="recorded.action", time=1234.5, received_at=1.0)
+        await journal.commit_progress("s3", event.seq, [(moved, "HTTP 400")], ["s3"])
+        assert replay_dead_letters(journal.path) == 1
+        replayed = [pair for pair in await journal.read(event.seq, 10)]
+        assert [(e.raw, e.action, e.time, target) for e, target in replayed] == [
+            (event.raw, "recorded.action", 1234.5, "s3")
+        ]
+        (stored,) = await journal._read(lambda c: c.execute("SELECT data FROM batches").fetchone())
+        assert stored[:4] == b"\x28\xb5\x2f\xfd"  # compressed like every intake batch, one write path
+
+    async def test_an_earlier_journal_gains_the_column_and_its_old_rows_still_replay(self, tmp_path: Path) -> None:
+        path = tmp_path / "old.db"
+        conn = sqlite3.connect(path)
+        conn.executescript(
+            "CREATE TABLE dead_letters (id INTEGER PRIMARY KEY, sink TEXT, stream TEXT NOT NULL, data BLOB NOT NULL, "
+            "reason TEXT NOT NULL, at REAL NOT NULL);"
+        )
+        wrapped = b'{"event":{"id":"01A","action":"user.deleted","occurred_at":"2024-01-15T10:30:00.000Z"}}'
+        bare = b'{"id":"01B","action":"role.assigned","occurred_at":"2024-01-15T10:30:01Z"}'
+        conn.executemany(
+            "INSERT INTO dead_letters (sink, stream, data, reason, at) VALUES (?, 'workos', ?, 'HTTP 400', 1.0)",
+            [("s3", wrapped), ("s3", bare), ("s3", b"not json")],
+        )
+        conn.commit()
+        conn.close()
+        before = time.time()
+        assert replay_dead_letters(path) == 3
+        journal = Journal(path, max_bytes=1 << 30, dedup_window=3600)
+        await journal.open()
+        try:
+            columns = await journal._read(lambda c: [r[1] for r in c.execute("PRAGMA table_info(dead_letters)")])
+            assert "meta" in columns
+            events = [event for event, _ in await journal.read(0, 10)]
+        finally:
+            await journal.close()
+        assert [(e.raw, e.action) for e in events] == [
+            (wrapped, "user.deleted"),
+            (bare, "role.assigned"),
+            (b"not json", ""),
+        ]
+        assert events[0].time == 1705314600.0 and events[1].time == 1705314601.0
+        assert events[2].time >= before  # nothing to read a time from: the replay's

@@ -18,7 +18,7 @@ import orjson
 import pytest
 import yaml
 
-from receiver.cli import sample_wrappers
+from receiver.samples import sample_wrappers
 from tests.peers.hec import HecPeer
 
 TOKEN = "Bearer process-test-secret"

@@ -21,8 +21,8 @@ from pathlib import Path
 import orjson
 import pytest
 
-from receiver.cli import sample_wrappers
 from receiver.journal import INTAKE, list_dead_letters
+from receiver.samples import sample_wrappers
 from receiver.server import Service
 from tests.conftest import TOKEN, StartService, memory
 

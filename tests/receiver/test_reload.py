@@ -14,9 +14,9 @@ import pytest
 import trustme
 import yaml
 
-from receiver.cli import encode_body, sample_wrappers
 from receiver.config import parse_config
 from receiver.reload import plan_reload
+from receiver.samples import encode_body, sample_wrappers
 from receiver.server import Service
 from tests.conftest import BASE_CONFIG, ORGANIZATION, TOKEN, merge, scrape
 from tests.workos_fake import API_KEY, FakeWorkOS

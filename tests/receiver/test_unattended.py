@@ -23,7 +23,7 @@ import trustme
 import yaml
 from aiohttp import web
 
-from receiver.cli import encode_body, sample_wrappers
+from receiver.samples import encode_body, sample_wrappers
 from tests.conftest import TOKEN, StartService, scrape
 from tests.receiver.test_process import SCRIPT, Server, free_port, run_cli, write_config
 from tests.receiver.test_process import TOKEN as PROCESS_TOKEN

@@ -57,7 +57,10 @@ class TestFileSink:
         events = make_events(40)  # about 12 KiB in one batch: more than five files' worth
         assert (await sink.send(events)).outcome is Outcome.SUCCESS
         await sink.send(make_events(7))
-        files = sorted(tmp_path.glob("out*.ndjson"))
+        # rotated files in rotation order (out.1, out.2, ..., out.10), the current one last
+        files = sorted(
+            tmp_path.glob("out*.ndjson"), key=lambda f: int(f.suffixes[0][1:]) if len(f.suffixes) > 1 else 1e9
+        )
         assert len(files) >= 6
         assert all(f.stat().st_size <= limit for f in files), [f.stat().st_size for f in files]
         lines = [line for f in files for line in f.read_bytes().splitlines()]

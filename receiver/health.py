@@ -1,0 +1,31 @@
+"""Running the configured sinks' health checks (`log-bridge check`)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from receiver.config import Config
+from sinks.base import Health, Sink
+
+
+async def check_sinks(config: Config, names: list[str], limit: float) -> dict[str, Health]:
+    """Build the sinks named and run their health checks concurrently, each within `limit` seconds; a check
+    that hangs or raises is a failed check, never an exception that hides the others' results."""
+    from receiver.delivery import build_sinks
+
+    sinks = build_sinks(config, names)
+
+    async def check(sink: Sink) -> Health:
+        try:
+            async with asyncio.timeout(limit):
+                return await sink.healthcheck()
+        except TimeoutError:
+            return Health(False, f"no answer within {limit:g}s")
+        except Exception as exc:  # a sink's bug must not hide the other sinks' results
+            return Health(False, f"health check raised {type(exc).__name__}")
+
+    try:
+        found = await asyncio.gather(*(check(sink) for sink in sinks.values()))
+    finally:
+        await asyncio.gather(*(sink.close() for sink in sinks.values()), return_exceptions=True)
+    return dict(zip(sinks, found, strict=True))

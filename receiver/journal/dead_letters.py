@@ -1,0 +1,103 @@
+"""Dead letters, for `log-bridge dlq list` and `dlq replay`: a plain connection of their own, safe while the
+service runs (replay takes the sequence numbers under the database's write lock, as the writer thread does)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import orjson
+import zstandard
+
+from receiver.journal.schema import COMPRESSION_LEVEL, INTAKE, connect, insert_batch, last_seq, store_last_seq
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """One dead-lettered element."""
+
+    id: int
+    sink: str
+    stream: str
+    data: bytes
+    reason: str
+    at: float
+
+
+def list_dead_letters(path: Path, sink: str | None = None) -> list[DeadLetter]:
+    """Dead letters, oldest first; `sink` may be a sink's name or INTAKE."""
+    if not path.exists():
+        return []
+    conn = connect(path)
+    try:
+        query = "SELECT id, sink, stream, data, reason, at FROM dead_letters"
+        params: tuple[Any, ...] = ()
+        if sink == INTAKE:
+            query += " WHERE sink IS NULL"
+        elif sink is not None:
+            query += " WHERE sink = ?"
+            params = (sink,)
+        rows = conn.execute(query + " ORDER BY id", params).fetchall()
+    finally:
+        conn.close()
+    return [DeadLetter(r[0], r[1] or INTAKE, r[2], bytes(r[3]), r[4], r[5]) for r in rows]
+
+
+def replay_dead_letters(path: Path, sink: str | None = None) -> int:
+    """Put sinks' dead letters back into the backlog, each for the sink that failed it. Intake dead letters
+    (bad input) stay: they are not events. Returns how many were put back."""
+    if not path.exists():
+        return 0
+    conn = connect(path)
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        query = "SELECT id, sink, stream, data, meta FROM dead_letters WHERE sink IS NOT NULL"
+        params: tuple[Any, ...] = ()
+        if sink:
+            query, params = query + " AND sink = ?", (sink,)
+        now = time.time()
+        rows = conn.execute(query + " ORDER BY id", params).fetchall()
+        pack = zstandard.ZstdCompressor(level=COMPRESSION_LEVEL).compress
+        seq = last_seq(conn)
+        for _id, target, stream, data, meta in rows:
+            action, moment = _action_and_time(meta, bytes(data), now)
+            seq += 1
+            insert_batch(conn, pack, seq, stream, target, now, [bytes(data)], [action], [moment])
+        store_last_seq(conn, seq)
+        conn.executemany("DELETE FROM dead_letters WHERE id = ?", [(row[0],) for row in rows])
+        conn.execute("COMMIT")
+    finally:
+        conn.close()
+    return len(rows)
+
+
+class _Head(msgspec.Struct):
+    action: str = ""
+    occurred_at: str = ""
+
+
+class _Element(msgspec.Struct):
+    event: _Head | None = None
+    action: str = ""
+    occurred_at: str = ""
+
+
+def _action_and_time(meta: bytes | None, raw: bytes, now: float) -> tuple[str, float]:
+    """What the dead letter recorded; for a row of an earlier version (no `meta`), read from the element."""
+    if meta is not None:
+        action, moment = orjson.loads(meta)
+        return str(action), float(moment)
+    try:
+        element = msgspec.json.decode(raw, type=_Element)
+    except msgspec.DecodeError:
+        return "", now
+    head = element.event or _Head(element.action, element.occurred_at)
+    try:
+        when = datetime.fromisoformat(head.occurred_at)
+    except ValueError:
+        return head.action, now
+    return head.action, (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()

@@ -1,0 +1,180 @@
+"""The journal's schema, its migrations and the SQL statements more than one part of the journal runs, named once:
+the batch INSERT serves intake and `dlq replay` alike, so a replayed event is stored exactly as a received one."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+import orjson
+
+from receiver.errors import JournalError, JournalFull
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS batches (
+    first_seq INTEGER PRIMARY KEY,
+    last_seq INTEGER NOT NULL,
+    stream TEXT NOT NULL,
+    target TEXT,
+    received_at REAL NOT NULL,
+    meta BLOB NOT NULL,
+    data BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS cursors (sink TEXT PRIMARY KEY, seq INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS dedup_log (
+    id INTEGER PRIMARY KEY, stream TEXT NOT NULL, at REAL NOT NULL, keys BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS dedup_log_at ON dedup_log (at);
+CREATE TABLE IF NOT EXISTS dead_letters (
+    id INTEGER PRIMARY KEY,
+    sink TEXT,
+    stream TEXT NOT NULL,
+    data BLOB NOT NULL,
+    reason TEXT NOT NULL,
+    at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS dead_letters_sink ON dead_letters (sink);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
+"""
+
+MIGRATIONS = (("dead_letters", "meta", "ALTER TABLE dead_letters ADD COLUMN meta BLOB"),)
+"""(table, column, statement) applied to a journal of an earlier version that lacks the column. `dead_letters.meta`
+holds `[action, time]` of a sink's dead letter, what replay needs to put it back without parsing it."""
+
+COMPRESSION_LEVEL = 1
+"""zstd level of the stored events. Sync writes are the journal's bottleneck (every byte goes to the WAL, then to
+the database at checkpoint, each fsynced); level 1 stores WorkOS events in a fifth to an eighth of their size for
+≈ 3 µs of CPU per KiB."""
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+INTAKE = "(intake)"
+"""How `dlq list` names dead letters of the intake (bad input), which belong to no sink."""
+
+
+def connect(path: Path, cache_kib: int | None = None) -> sqlite3.Connection:
+    """A connection with the journal's durability settings and schema (migrated to this version)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30.0)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("PRAGMA busy_timeout=30000")
+    if cache_kib is not None:
+        conn.execute(f"PRAGMA cache_size=-{int(cache_kib)}")
+    conn.executescript(SCHEMA)
+    _migrate(conn)
+    return conn
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    for table, column, statement in MIGRATIONS:
+        if column not in {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}:
+            try:
+                conn.execute(statement)
+            except sqlite3.OperationalError as exc:  # another process added it meanwhile
+                if "duplicate column" not in str(exc):
+                    raise
+
+
+INSERT_BATCH = (
+    "INSERT INTO batches (first_seq, last_seq, stream, target, received_at, meta, data) VALUES (?, ?, ?, ?, ?, ?, ?)"
+)
+INSERT_DEAD_LETTER = "INSERT INTO dead_letters (sink, stream, data, reason, at, meta) VALUES (?, ?, ?, ?, ?, ?)"
+
+
+def insert_batch(
+    conn: sqlite3.Connection,
+    pack: Callable[[bytes], bytes],
+    first: int,
+    stream: str,
+    target: str | None,
+    received_at: float,
+    raws: Sequence[bytes],
+    actions: Sequence[str],
+    times: Sequence[float],
+) -> int:
+    """Store events `first..first+len(raws)-1` as one batch row (their bytes packed by `pack`), for every sink of
+    `stream` (target None) or for the one sink `target`; returns the bytes stored."""
+    data = pack(b"\n".join(raws))
+    meta = orjson.dumps([list(actions), list(times)])
+    conn.execute(INSERT_BATCH, (first, first + len(raws) - 1, stream, target, received_at, meta, data))
+    return len(data)
+
+
+def insert_dead_letters(
+    conn: sqlite3.Connection,
+    sink: str | None,
+    stream: str,
+    at: float,
+    letters: Iterable[tuple[bytes, str, tuple[str, float] | None]],
+) -> None:
+    """Dead-letter elements: (bytes, reason, (action, time) or None for bad input, which is no event)."""
+    conn.executemany(
+        INSERT_DEAD_LETTER,
+        [
+            (sink, stream, raw, reason, at, None if head is None else orjson.dumps(list(head)))
+            for raw, reason, head in letters
+        ],
+    )
+
+
+def backlog_bytes(conn: sqlite3.Connection) -> int:
+    return int(conn.execute("SELECT total(length(data)) FROM batches").fetchone()[0])
+
+
+def last_seq(conn: sqlite3.Connection) -> int:
+    row = conn.execute("SELECT value FROM meta WHERE key = 'last_seq'").fetchone()
+    return int(row[0]) if row else 0
+
+
+def store_last_seq(conn: sqlite3.Connection, seq: int) -> None:
+    conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('last_seq', ?)", (seq,))
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except OSError:  # a directory it may not search: the directory is the problem
+        return False
+
+
+def open_problem(exc: OSError | sqlite3.Error, path: Path) -> str:
+    """Why a journal could not be opened, in one line, with the next step where it is clear."""
+    if (
+        isinstance(exc, PermissionError)
+        or "readonly" in str(exc)
+        or (isinstance(exc, sqlite3.Error) and not os.access(path.parent, os.W_OK))
+    ):
+        files = [path, *(path.with_name(path.name + end) for end in ("-wal", "-shm", ".lock"))]
+        theirs = [str(f) for f in files if _exists(f) and not os.access(f, os.R_OK | os.W_OK)]
+        if theirs:
+            return (
+                f"permission denied (log-bridge runs as UID {os.getuid()}; it cannot write {', '.join(theirs)}: "
+                "make them its own, or writable by it)"
+            )
+        return (
+            f"permission denied (log-bridge runs as UID {os.getuid()}; it needs to write in {path.parent}, "
+            "for the database and its -wal and -shm files)"
+        )
+    if isinstance(exc, OSError):
+        where = f" ({exc.filename})" if exc.filename else ""
+        return f"{exc.strerror or exc}{where}"
+    code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
+    if code in (sqlite3.SQLITE_NOTADB, sqlite3.SQLITE_CORRUPT):
+        return f"the file is not a log-bridge journal or is damaged ({exc}); move it aside to start a new one"
+    if code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+        return f"the database is locked by another process ({exc})"
+    if code == sqlite3.SQLITE_FULL:
+        return "the disk is full"
+    return str(exc)
+
+
+def map_error(exc: sqlite3.Error) -> JournalError:
+    if getattr(exc, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_FULL:  # the primary code of an extended one
+        return DiskFull("the journal's disk is full")
+    return JournalError(f"journal write failed: {exc}")
+
+
+class DiskFull(JournalFull):
+    """A write failed because the journal's file system has no room."""
