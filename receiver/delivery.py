@@ -410,13 +410,9 @@ class SinkRunner:
 
 
 def build_sinks(config: Config, names: Iterable[str] | None = None) -> dict[str, Sink]:
-    """Build the configured sinks, or those named (no network I/O)."""
-    sinks: dict[str, Sink] = {}
-    for name in config.sinks if names is None else names:
-        section = config.sinks[name]
-        factory = registry.load(section.type)
-        sinks[name] = factory(name, section.options)
-    return sinks
+    """Build the configured sinks, or those named, through the registry (no network I/O)."""
+    wanted = config.sinks if names is None else names
+    return registry.build({name: (config.sinks[name].type, config.sinks[name].options) for name in wanted})
 
 
 class DeliveryEngine:

@@ -5,11 +5,12 @@ entry-point group `log_bridge.sinks`. A sink class carries its config model as `
 from __future__ import annotations
 
 import importlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import cast
 
-from sinks.base import SinkConfig, SinkFactory
+from sinks.base import Sink, SinkConfig, SinkFactory
 from sinks.errors import SinkTypeError
 
 ENTRY_POINT_GROUP = "log_bridge.sinks"
@@ -85,3 +86,8 @@ def record(type_name: str) -> SinkType:
 def load(type_name: str) -> SinkFactory:
     """The sink class for `type_name`; a friendly error names a missing extra or an unknown type."""
     return record(type_name).load()
+
+
+def build(sinks: Mapping[str, tuple[str, SinkConfig]]) -> dict[str, Sink]:
+    """Build sinks from `name -> (type, validated options)` (no network I/O: a sink connects when used)."""
+    return {name: load(type_name)(name, options) for name, (type_name, options) in sinks.items()}

@@ -155,7 +155,7 @@ class TestReload:
         await wait_for(lambda: len(late.events) == 2)  # type: ignore[attr-defined]
         await asyncio.sleep(0.2)
         assert len(late.events) == 2  # type: ignore[attr-defined]  # not the 5 from before it was added
-        assert service.engine.runners["mem"].owed() == 7  # type: ignore[union-attr]  # still owed, retrying
+        await wait_for(lambda: service.engine.runners["mem"].owed() == 7)  # type: ignore[union-attr]  # still owed
 
     async def test_reload_under_load_fails_no_request_and_loses_no_event(self, running, tmp_path: Path) -> None:
         out = tmp_path / "out"

@@ -145,8 +145,13 @@ class TestBacklogWhileRetrying:
                 async with session.post(service.url + "/workos", data=data, headers=headers) as response:
                     assert response.status == 200
                 await asyncio.sleep(1.5)  # the sink is backing off meanwhile
-            text = await metrics_text(service.url)
+            for _ in range(50):  # recounted every second
+                text = await metrics_text(service.url)
+                if scrape(text, "log_bridge_sink_backlog_events", sink="mem") == 260:
+                    break
+                await asyncio.sleep(0.2)
         assert scrape(text, "log_bridge_sink_backlog_events", sink="mem") == 260
+        assert service.engine is not None and service.engine.runners["mem"]._in_flight > 0  # still retrying
         # Another stream's events are not this sink's backlog.
         assert service.journal.last_seq == 260
 
