@@ -337,26 +337,9 @@ class Config(_Model):
 
     @model_validator(mode="after")
     def _check_references(self) -> Config:
-        problems = []
-        seen_paths: dict[str, str] = {}
-        seen_names: set[str] = set()
-        for index, stream in enumerate(self.streams):
-            if stream.name in seen_names:
-                problems.append(f"streams[{index}].name: {stream.name!r} is used by another stream")
-            seen_names.add(stream.name)
-            if stream.path in seen_paths:
-                problems.append(
-                    f"streams[{index}].path: {stream.path!r} is already used by {seen_paths[stream.path]!r}"
-                )
-            seen_paths[stream.path] = stream.name
-            if stream.path in RESERVED_PATHS:
-                problems.append(f"streams[{index}].path: {stream.path!r} is reserved")
-            for position, sink in enumerate(stream.sinks):
-                if sink not in self.sinks:
-                    problems.append(
-                        f"streams[{index}].sinks[{position}]: sink {sink!r} is not defined under sinks "
-                        f"(defined: {', '.join(sorted(self.sinks)) or 'none'})"
-                    )
+        # The same checks `parse_config` runs on the raw tree (so they are reported beside every other problem).
+        streams = [{"name": s.name, "path": s.path, "sinks": list(s.sinks)} for s in self.streams]
+        problems = _reference_problems({"streams": streams, "sinks": self.sinks})
         if problems:
             raise ConfigError(problems)
         return self

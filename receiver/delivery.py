@@ -131,7 +131,7 @@ class SinkRunner:
         for first, stream, target, actions in rows:
             for offset, action in enumerate(actions):
                 seq = first + offset
-                if floor < seq <= upto and self._wants_parts(stream, target, seq, action):
+                if floor < seq <= upto and self._wants(stream, target, seq, action):
                     added += 1
         self._unread += added
         self._counted_upto = max(upto, self._read_pos)
@@ -162,27 +162,19 @@ class SinkRunner:
                     counted_seq, counted_at = last_seq, time.monotonic()
             await asyncio.sleep(BACKLOG_REFRESH)
 
-    def _wants_parts(self, stream: str, target: str | None, seq: int, action: str) -> bool:
+    def _owns(self, stream: str, target: str | None, seq: int) -> bool:
+        """Whether an event is this sink's: replayed for it, from a stream that feeds it, or from a stream that
+        fed it until a reload (accepted before the reload took effect)."""
         if target is not None:
             return target == self.name
-        if stream not in self.streams:
-            until = self.legacy.get(stream)
-            if until is None or seq > until:
-                return False
-        return self.wants_action(action)
-
-    def _mine(self, event: Event, target: str | None) -> bool:
-        """Whether the event is for this sink: replayed for it, from a stream that feeds it, or from a stream
-        that fed it until a reload (accepted before the reload took effect)."""
-        if target is not None:
-            return target == self.name
-        if event.stream in self.streams:
+        if stream in self.streams:
             return True
-        until = self.legacy.get(event.stream)
-        return until is not None and event.seq <= until
+        until = self.legacy.get(stream)
+        return until is not None and seq <= until
 
-    def _wants(self, event: Event, target: str | None) -> bool:
-        return self._mine(event, target) and (target is not None or self.wants_action(event.action))
+    def _wants(self, stream: str, target: str | None, seq: int, action: str) -> bool:
+        """Whether the sink is to be given the event: its own, and let through by the action filters."""
+        return self._owns(stream, target, seq) and (target is not None or self.wants_action(action))
 
     async def _fill(self) -> None:
         """Read more rows into the buffer; sets `_caught_up` when the journal has nothing more."""
@@ -195,37 +187,27 @@ class SinkRunner:
             return
         self._read_pos = rows[-1][0].seq
         if not self._every_action:
-            wanted = [event for event, target in rows if self._wants(event, target)]
+            wanted = [event for event, target in rows if self._wants(event.stream, target, event.seq, event.action)]
             counted = sum(1 for event in wanted if event.seq <= self._counted_upto)
             self._unread = max(0, self._unread - counted)
             self._counted_upto = max(self._counted_upto, self._read_pos)
-            self.legacy = {name: until for name, until in self.legacy.items() if until > self._read_pos}
         elif self.legacy:
-            self._unread = max(0, self._unread - sum(1 for event, target in rows if self._mine(event, target)))
-            wanted = [event for event, target in rows if self._wants(event, target)]
-            self.legacy = {name: until for name, until in self.legacy.items() if until > self._read_pos}
-        else:
-            wanted = self._select(rows)
-        if wanted:
-            if not self._buffer:
-                self._first_buffered_at = time.monotonic()
-            self._buffer.extend(wanted)
-            self._buffered_bytes += sum(len(event.raw) for event in wanted)
-
-    def _select(self, rows: list[tuple[Event, str | None]]) -> list[Event]:
-        matched = sum(
-            1 for event, target in rows if (event.stream in self.streams if target is None else target == self.name)
-        )
-        self._unread = max(0, self._unread - matched)
-        if self._every_action:  # the common case: no filters, so only the stream and the target decide
+            wanted = [event for event, target in rows if self._owns(event.stream, target, event.seq)]
+            self._unread = max(0, self._unread - len(wanted))
+        else:  # the common case: no filters and no reload to settle, so only the stream and the target decide
             wanted = [
                 event
                 for event, target in rows
                 if (event.stream in self.streams if target is None else target == self.name)
             ]
-        else:
-            wanted = [event for event, target in rows if self._wants(event, target)]
-        return wanted
+            self._unread = max(0, self._unread - len(wanted))
+        if self.legacy:
+            self.legacy = {name: until for name, until in self.legacy.items() if until > self._read_pos}
+        if wanted:
+            if not self._buffer:
+                self._first_buffered_at = time.monotonic()
+            self._buffer.extend(wanted)
+            self._buffered_bytes += sum(len(event.raw) for event in wanted)
 
     def _take_batch(self) -> list[Event]:
         batch: list[Event] = []

@@ -26,15 +26,9 @@ class ReloadPlan:
     streams: dict[str, list[str]]
     sinks: dict[str, list[str]]
 
-    old: Config | None = None
-
-    def streams_changed_sinks(self, name: str) -> bool:
-        """Whether the stream `name` of the running configuration is gone, or feeds other sinks now."""
-        if self.old is None:
-            return False
-        before = next((s for s in self.old.streams if s.name == name), None)
-        after = next((s for s in self.config.streams if s.name == name), None)
-        return before is not None and (after is None or set(after.sinks) != set(before.sinks))
+    moved: frozenset[str] = frozenset()
+    """Streams of the running configuration that are gone, or feed other sinks now: the sinks they fed still
+    owe what they brought."""
 
     def summary(self) -> dict[str, Any]:
         """The changes, for the log line that reports the reload."""
@@ -81,4 +75,6 @@ def plan_reload(old: Config, new: Config) -> ReloadPlan:
     }
     # Every sink new or changed in the file is built, fed by a stream or not (the WorkOS export uses sinks too).
     build = [name for name in config.sinks if name not in old.sinks or config.sinks[name] != old.sinks[name]]
-    return ReloadPlan(config, needs_restart, build, streams, sinks, old)
+    routes = {s.name: set(s.sinks) for s in config.streams}
+    moved = frozenset(s.name for s in old.streams if routes.get(s.name) != set(s.sinks))
+    return ReloadPlan(config, needs_restart, build, streams, sinks, moved)

@@ -268,7 +268,7 @@ class Service:
         self._site: web.BaseSite | None = None
         self._housekeeping: asyncio.Task[None] | None = None
         self._reloading = asyncio.Lock()
-        self._settling: list[asyncio.Task[None]] = []
+        self._settling: set[asyncio.Task[None]] = set()
         scrub.register(secret_values(config))
         self.workos: WorkosService | None = None
         self._workos_metrics: WorkosMetrics | None = None
@@ -414,9 +414,10 @@ class Service:
         if self.engine is not None:
             await self.engine.reconfigure(config, built)
         replaced = self.state.install(config, self.journal, self.metrics)
-        moved = {name for name in {s.name for s in self.config.streams} if plan.streams_changed_sinks(name)}
-        if moved and self.engine is not None:
-            self._settling.append(asyncio.create_task(self._settle_streams(replaced, moved)))
+        if plan.moved and self.engine is not None:
+            settle = asyncio.create_task(self._settle_streams(replaced, plan.moved))
+            self._settling.add(settle)
+            settle.add_done_callback(self._settling.discard)
         await self._restart_workos(config, built)
         self.config = config
         await self._store_routing()
@@ -432,7 +433,7 @@ class Service:
             await self.journal.store_meta(ROUTING, routing_of(self.config))
             await self.journal.store_meta(OWED, stored(self.engine.owed_elsewhere()))
 
-    async def _settle_streams(self, replaced: Mapping[str, Intake], streams: set[str]) -> None:
+    async def _settle_streams(self, replaced: Mapping[str, Intake], streams: frozenset[str]) -> None:
         """Once the requests in flight on streams a reload removed or re-routed have finished, their sinks of
         before owe their events up to the journal's end then, and no later ones."""
         waiting = [intake for intake in replaced.values() if intake.stream.name in streams]
@@ -473,6 +474,8 @@ class Service:
         """Refuse new batches (503), let sinks drain up to the deadline, finish requests in flight, close.
         Returns whether every sink drained; what did not stays in the journal for the next start."""
         self.state.draining = True  # from now on /readyz answers 503 and the stream endpoints refuse batches
+        for settle in list(self._settling):  # what a reload left settling is in the journal: the next start reads it
+            settle.cancel()
         # The listener stays up while the sinks drain, so probes and scrapes see "shutting down", not a refusal.
         drained = True
         if self.workos is not None:

@@ -21,6 +21,7 @@ from receiver.dedup import DedupIndex
 from receiver.errors import JournalClosed, JournalError, JournalFull
 from receiver.journal.schema import (
     COMPRESSION_LEVEL,
+    ROWS_AFTER,
     ZSTD_MAGIC,
     backlog_bytes,
     connect,
@@ -261,9 +262,8 @@ class Journal(GroupWriter):
 
         def read(conn: sqlite3.Connection) -> list[tuple[int, str, str | None, list[str]]]:
             rows = conn.execute(
-                "SELECT first_seq, stream, target, meta FROM batches "
-                "WHERE first_seq >= coalesce((SELECT max(first_seq) FROM batches WHERE first_seq <= ?1), 0) "
-                "AND last_seq > ?1 AND first_seq <= ?2 ORDER BY first_seq",
+                f"SELECT first_seq, stream, target, meta FROM batches WHERE {ROWS_AFTER} "  # noqa: S608
+                "AND first_seq <= ?2 ORDER BY first_seq",
                 (after, upto),
             )
             return [(first, stream, target, orjson.loads(meta)[0]) for first, stream, target, meta in rows]
@@ -276,8 +276,7 @@ class Journal(GroupWriter):
         marks = ",".join("?" * len(names))  # placeholders only: the names are bound parameters
         query = (
             "SELECT coalesce(sum(last_seq - max(first_seq, ?1 + 1) + 1), 0) FROM batches "  # noqa: S608
-            "WHERE first_seq >= coalesce((SELECT max(first_seq) FROM batches WHERE first_seq <= ?1), 0) "
-            f"AND last_seq > ?1 AND (target = ?2 OR (target IS NULL AND stream IN ({marks})))"
+            f"WHERE {ROWS_AFTER} AND (target = ?2 OR (target IS NULL AND stream IN ({marks})))"
         )
 
         def count(conn: sqlite3.Connection) -> int:
@@ -297,17 +296,11 @@ class Journal(GroupWriter):
                 )
             )
 
-    async def drop_cursors(self, sinks: Sequence[str]) -> dict[str, int]:
-        """Forget removed sinks' cursors; returns how many events each was still owed (per its cursor)."""
-
-        def write(conn: sqlite3.Connection) -> dict[str, int]:
-            owed = {}
-            for sink in sinks:
-                row = conn.execute("DELETE FROM cursors WHERE sink = ? RETURNING seq", (sink,)).fetchone()
-                owed[sink] = max(0, self.last_seq - int(row[0])) if row else 0
-            return owed
-
-        return await self._write(write)
+    async def drop_cursors(self, sinks: Sequence[str]) -> None:
+        """Forget removed sinks' cursors (what they owed is theirs no more)."""
+        await self._write(
+            lambda conn: conn.executemany("DELETE FROM cursors WHERE sink = ?", [(sink,) for sink in sinks])
+        )
 
     async def read(self, after: int, limit: int) -> list[tuple[Event, str | None]]:
         """At least `limit` events after `after` (whole batch rows, so possibly more), in order, whatever their
@@ -316,9 +309,8 @@ class Journal(GroupWriter):
 
         def read(conn: sqlite3.Connection) -> list[tuple[Event, str | None]]:
             rows = conn.execute(
-                "SELECT first_seq, stream, target, received_at, meta, data FROM batches "
-                "WHERE first_seq >= coalesce((SELECT max(first_seq) FROM batches WHERE first_seq <= ?1), 0) "
-                "AND last_seq > ?1 ORDER BY first_seq",
+                f"SELECT first_seq, stream, target, received_at, meta, data FROM batches WHERE {ROWS_AFTER} "  # noqa: S608
+                "ORDER BY first_seq",
                 (after,),
             )
             found: list[tuple[Event, str | None]] = []

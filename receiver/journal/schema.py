@@ -77,6 +77,10 @@ def _migrate(conn: sqlite3.Connection) -> None:
                     raise
 
 
+ROWS_AFTER = "first_seq >= coalesce((SELECT max(first_seq) FROM batches WHERE first_seq <= ?1), 0) AND last_seq > ?1"
+"""The batch rows holding events after seq ?1: the row ?1 falls in and those after it, found through the
+primary key (a row per request, its events numbered first_seq..last_seq)."""
+
 INSERT_BATCH = (
     "INSERT INTO batches (first_seq, last_seq, stream, target, received_at, meta, data) VALUES (?, ?, ?, ?, ?, ?, ?)"
 )
