@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -9,6 +10,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from receiver.config import parse_config
@@ -68,6 +70,22 @@ async def client() -> AsyncIterator[aiohttp.ClientSession]:
     """An HTTP client session."""
     async with aiohttp.ClientSession() as session:
         yield session
+
+
+@contextlib.asynccontextmanager
+async def http_peer(answer: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> AsyncIterator[str]:
+    """A loopback HTTP server answering every request through `answer` (a stand-in S3, STS or HEC);
+    yields its base URL."""
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", answer)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
+    finally:
+        await runner.cleanup()
 
 
 def scrape(text: str, name: str, **labels: str) -> float | None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -14,10 +16,33 @@ import yaml
 
 from receiver.config import parse_config
 from receiver.samples import encode_body, sample_wrappers
-from tests.conftest import BASE_CONFIG, TOKEN, merge, scrape
+from tests.conftest import BASE_CONFIG, TOKEN, http_peer, merge, scrape
 from tests.receiver.test_reload import running, wait_for
 
 __all__ = ["running"]  # the fixture, shared with test_reload
+
+
+ROOT = Path(__file__).resolve().parents[2]
+THIS_TREE = {**os.environ, "PYTHONPATH": str(ROOT)}
+"""The environment that makes a `python -m receiver.cli` child run this checkout's code."""
+
+
+def serve_command(config: Path, *extra: str) -> list[str]:
+    """`log-bridge serve` of this checkout, on `config`."""
+    return [sys.executable, "-m", "receiver.cli", "serve", "--config", str(config), *extra]
+
+
+def memory_config(tmp_path: Path, host: str = "127.0.0.1", port: int = 0, **server: Any) -> Path:
+    """A configuration with one stream into a memory sink, journal under `tmp_path`; its path."""
+    config = {
+        "server": {"host": host, "port": port, "allowlist": ["127.0.0.1/32"], **server},
+        "journal": {"path": str(tmp_path / "journal.db")},
+        "streams": [{"name": "w", "path": "/w", "auth": {"values": [TOKEN]}, "sinks": ["m"]}],
+        "sinks": {"m": {"type": "memory"}},
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
 
 
 async def post(session: aiohttp.ClientSession, url: str, wrappers: list[dict[str, Any]]) -> int:
@@ -149,24 +174,15 @@ class TestProcess:
     def test_a_hangup_during_start_up_does_not_kill_the_process(self, tmp_path: Path) -> None:
         """SIGHUP while `log-bridge serve` is still starting (its own code running, before serve() installs
         the handler) kills it with no log line (exit -SIGHUP): a HUP must never stop the service."""
-        import os
         import signal
         import subprocess
-        import sys
         import time
 
-        root = Path(__file__).resolve().parents[2]
-        config = {
-            "server": {"host": "127.0.0.1", "port": 0, "allowlist": ["127.0.0.1/32"], "shutdown_timeout": "2s"},
-            "journal": {"path": str(tmp_path / "journal.db")},
-            "streams": [{"name": "w", "path": "/w", "auth": {"values": [TOKEN]}, "sinks": ["m"]}],
-            "sinks": {"m": {"type": "memory"}},
-        }
-        (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+        config = memory_config(tmp_path, shutdown_timeout="2s")
         proc = subprocess.Popen(
-            [sys.executable, "-m", "receiver.cli", "serve", "--config", str(tmp_path / "config.yaml")],
+            serve_command(config),
             cwd=tmp_path,
-            env={**os.environ, "PYTHONPATH": str(root)},
+            env=THIS_TREE,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )
@@ -273,23 +289,13 @@ class TestRemovedSinkFreesTheJournal:
 def serve_once(tmp_path: Path, host: str, port: int, seconds: float = 20) -> tuple[int | None, str]:
     """Run `log-bridge serve` (this tree's code) on host:port; its exit status (None: still running after
     `seconds`, then stopped) and stderr."""
-    import os
     import signal
     import subprocess
-    import sys
 
-    root = Path(__file__).resolve().parents[2]
-    config = {
-        "server": {"host": host, "port": port, "allowlist": ["127.0.0.1/32"], "shutdown_timeout": "1s"},
-        "journal": {"path": str(tmp_path / "journal.db")},
-        "streams": [{"name": "w", "path": "/w", "auth": {"values": [TOKEN]}, "sinks": ["m"]}],
-        "sinks": {"m": {"type": "memory"}},
-    }
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "receiver.cli", "serve", "--config", str(tmp_path / "config.yaml")],
+        serve_command(memory_config(tmp_path, host, port, shutdown_timeout="1s")),
         cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": str(root)},
+        env=THIS_TREE,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
@@ -335,7 +341,6 @@ class TestReadinessOnAFullDisk:
         """On a full disk, the dedup prune (every 60 s) or any sink's cursor update commits and clears the
         "disk full" mark, so /readyz answers 200 again (its small probe fits) while every request still gets
         503 journal_full: readiness flaps, the defect the PROBE_ROOM write was meant to prevent."""
-        import os
 
         from tests.receiver.test_unattended import small_disk
 
@@ -377,16 +382,13 @@ class TestJournalLock:
     def test_a_journal_file_owned_by_another_user_is_named(self, tmp_path: Path) -> None:
         """In a writable directory, a journal (and lock file) left by a root run makes start-up as another UID
         say "it needs to write in <dir>", the one thing that is already writable, instead of naming the files."""
-        import os
         import shutil
         import subprocess
-        import sys
 
         if os.getuid() != 0 or shutil.which("setpriv") is None:
             pytest.skip("needs root and setpriv to run as another user")
         import tempfile
 
-        root = Path(__file__).resolve().parents[2]
         tmp_path = Path(tempfile.mkdtemp(dir="/tmp"))  # pytest's own tmp_path is readable by root alone
         os.chmod(tmp_path, 0o755)  # noqa: S103 - another user must reach the files
         data = tmp_path / "data"
@@ -394,18 +396,14 @@ class TestJournalLock:
         os.chmod(data, 0o777)  # noqa: S103 - a directory anyone may write in
         (data / "journal.db").write_bytes(b"")
         (data / "journal.db.lock").write_bytes(b"")
-        config = {
-            "server": {"host": "127.0.0.1", "port": 0, "allowlist": ["127.0.0.1/32"]},
-            "journal": {"path": str(data / "journal.db")},
-            "streams": [{"name": "w", "path": "/w", "auth": {"values": [TOKEN]}, "sinks": ["m"]}],
-            "sinks": {"m": {"type": "memory"}},
-        }
-        (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+        config = memory_config(tmp_path)
+        tree = yaml.safe_load(config.read_text())
+        tree["journal"]["path"] = str(data / "journal.db")
+        config.write_text(yaml.safe_dump(tree))
         result = subprocess.run(
-            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-m", "receiver.cli"]
-            + ["serve", "--config", str(tmp_path / "config.yaml")],
+            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *serve_command(config)],
             cwd=tmp_path,
-            env={**os.environ, "PYTHONPATH": str(root)},
+            env=THIS_TREE,
             capture_output=True,
             text=True,
             timeout=30,
@@ -433,10 +431,8 @@ class TestAssumedRoleCredentialsInDebugLogs:
         """With `--debug-logger botocore` and `role_arn`, botocore prints the STS reply body; its XML
         <SecretAccessKey> and <SessionToken> are not credential-shaped to the scrubber (no `name: value`), so
         the assumed role's secret key and session token appear in the log."""
-        import os
         import signal
         import subprocess
-        import sys
         import time
 
         from aiohttp import web
@@ -447,57 +443,47 @@ class TestAssumedRoleCredentialsInDebugLogs:
                 return web.Response(text=self.REPLY, content_type="text/xml")
             return web.Response(status=500, text="<Error><Code>InternalError</Code></Error>")
 
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", answer)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        endpoint = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
-        root = Path(__file__).resolve().parents[2]
-        config = {
-            "server": {"host": "127.0.0.1", "port": 0, "allowlist": ["127.0.0.1/32"], "shutdown_timeout": "1s"},
-            "journal": {"path": str(tmp_path / "journal.db")},
-            "streams": [{"name": "w", "path": "/w", "auth": {"values": [TOKEN]}, "sinks": ["s3"]}],
-            "sinks": {
-                "s3": {
-                    "type": "s3",
-                    "bucket": "audit",
-                    "endpoint_url": endpoint,
-                    "sts_endpoint_url": endpoint,
-                    "region": "us-east-1",
-                    "role_arn": "arn:aws:iam::123456789012:role/audit-writer",
-                    "access_key_id": "${AWS_ACCESS_KEY_ID}",
-                    "secret_access_key": "${AWS_SECRET_ACCESS_KEY}",
-                }
-            },
-        }
-        (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
-        log_path = tmp_path / "serve.log"
-        env = {
-            **os.environ,
-            "PYTHONPATH": str(root),
-            "AWS_ACCESS_KEY_ID": "AKIAZZZZEXAMPLE12345",
-            "AWS_SECRET_ACCESS_KEY": "wJalrXUtnFEMIexamplesecretkey0123456789",
-        }
-        with log_path.open("ab") as log:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "receiver.cli", "serve", "--config", str(tmp_path / "config.yaml")]
-                + ["--log-level", "debug", "--debug-logger", "botocore"],
-                cwd=tmp_path,
-                stdout=log,
-                stderr=log,
-                env=env,
-            )
-            try:
-                deadline = time.monotonic() + 20
-                while "AssumeRoleResponse" not in log_path.read_text() and time.monotonic() < deadline:
-                    assert proc.poll() is None, log_path.read_text()[-2000:]
-                    await asyncio.sleep(0.1)
-            finally:
-                proc.send_signal(signal.SIGTERM)
-                await asyncio.to_thread(proc.wait, 30)
-                await runner.cleanup()
+        async with http_peer(answer) as endpoint:
+            config = {
+                "server": {"host": "127.0.0.1", "port": 0, "allowlist": ["127.0.0.1/32"], "shutdown_timeout": "1s"},
+                "journal": {"path": str(tmp_path / "journal.db")},
+                "streams": [{"name": "w", "path": "/w", "auth": {"values": [TOKEN]}, "sinks": ["s3"]}],
+                "sinks": {
+                    "s3": {
+                        "type": "s3",
+                        "bucket": "audit",
+                        "endpoint_url": endpoint,
+                        "sts_endpoint_url": endpoint,
+                        "region": "us-east-1",
+                        "role_arn": "arn:aws:iam::123456789012:role/audit-writer",
+                        "access_key_id": "${AWS_ACCESS_KEY_ID}",
+                        "secret_access_key": "${AWS_SECRET_ACCESS_KEY}",
+                    }
+                },
+            }
+            (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+            log_path = tmp_path / "serve.log"
+            env = {
+                **THIS_TREE,
+                "AWS_ACCESS_KEY_ID": "AKIAZZZZEXAMPLE12345",
+                "AWS_SECRET_ACCESS_KEY": "wJalrXUtnFEMIexamplesecretkey0123456789",
+            }
+            with log_path.open("ab") as log:
+                proc = subprocess.Popen(
+                    serve_command(tmp_path / "config.yaml", "--log-level", "debug", "--debug-logger", "botocore"),
+                    cwd=tmp_path,
+                    stdout=log,
+                    stderr=log,
+                    env=env,
+                )
+                try:
+                    deadline = time.monotonic() + 20
+                    while "AssumeRoleResponse" not in log_path.read_text() and time.monotonic() < deadline:
+                        assert proc.poll() is None, log_path.read_text()[-2000:]
+                        await asyncio.sleep(0.1)
+                finally:
+                    proc.send_signal(signal.SIGTERM)
+                    await asyncio.to_thread(proc.wait, 30)
         text = log_path.read_text()
         assert "AssumeRoleResponse" in text  # botocore did print the STS reply
         leaked = [
@@ -539,26 +525,17 @@ class TestProcessShutdown:
     def test_a_hangup_during_shutdown_does_not_kill_the_process(self, tmp_path: Path) -> None:
         """HUPs arriving while `log-bridge serve` finishes a SIGTERM: once the event loop closes, SIGHUP is back
         to its default action and the process dies of it (exit -SIGHUP / 129) instead of exiting 0."""
-        import os
         import signal
         import subprocess
-        import sys
         import time
 
-        root = Path(__file__).resolve().parents[2]
-        config = {
-            "server": {"host": "127.0.0.1", "port": 0, "allowlist": ["127.0.0.1/32"], "shutdown_timeout": "2s"},
-            "journal": {"path": str(tmp_path / "journal.db")},
-            "streams": [{"name": "w", "path": "/w", "auth": {"values": [TOKEN]}, "sinks": ["m"]}],
-            "sinks": {"m": {"type": "memory"}},
-        }
-        (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+        config = memory_config(tmp_path, shutdown_timeout="2s")
         log_path = tmp_path / "serve.log"
         with log_path.open("ab") as log:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "receiver.cli", "serve", "--config", str(tmp_path / "config.yaml")],
+                serve_command(config),
                 cwd=tmp_path,
-                env={**os.environ, "PYTHONPATH": str(root)},
+                env=THIS_TREE,
                 stdout=subprocess.DEVNULL,
                 stderr=log,
             )
@@ -608,14 +585,7 @@ class TestNewStreamDuringReload:
             await asyncio.sleep(3)  # a slow indexer: the send in progress holds the reload
             return web.json_response({"text": "Success", "code": 0})
 
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", slow_hec)
-        hec = web.AppRunner(app)
-        await hec.setup()
-        site = web.TCPSite(hec, "127.0.0.1", 0)
-        await site.start()
-        url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
-        try:
+        async with http_peer(slow_hec) as url:
             tree = merge(
                 BASE_CONFIG,
                 {
@@ -658,5 +628,3 @@ class TestNewStreamDuringReload:
             await asyncio.sleep(1)
             expected = 5 if status == 200 else 0
             assert len(late.sink.events) == expected, f"answered {status}, {len(late.sink.events)} delivered"  # type: ignore[attr-defined]
-        finally:
-            await hec.cleanup()

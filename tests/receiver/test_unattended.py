@@ -24,7 +24,7 @@ import yaml
 from aiohttp import web
 
 from receiver.samples import encode_body, sample_wrappers
-from tests.conftest import TOKEN, StartService, scrape
+from tests.conftest import TOKEN, StartService, http_peer, scrape
 from tests.receiver.test_process import SCRIPT, Server, free_port, run_cli, write_config
 from tests.receiver.test_process import TOKEN as PROCESS_TOKEN
 
@@ -170,14 +170,8 @@ class TestNoSecretInLogs:
         async def refuse(_: web.Request) -> web.Response:
             return web.Response(status=500, text="<Error><Code>InternalError</Code></Error>")
 
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", refuse)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        yield f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
-        await runner.cleanup()
+        async with http_peer(refuse) as url:
+            yield url
 
     @pytest.mark.parametrize("named", [False, True], ids=["debug", "debug-botocore-named"])
     async def test_debug_logs_hold_no_credential(self, tmp_path: Path, s3_endpoint: str, named: bool) -> None:
