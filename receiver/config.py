@@ -17,7 +17,6 @@ import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
-    ConfigDict,
     Field,
     SecretStr,
     ValidationError,
@@ -31,7 +30,7 @@ from receiver.errors import ConfigError
 from receiver.parsing import DEFAULT_MAX_EVENTS
 from sinks import registry
 from sinks.errors import SinkTypeError
-from sinks.fields import ByteSize, Duration, PositiveDuration, SinkConfig, reject_boolean
+from sinks.fields import ByteSize, ConfigModel, Duration, PositiveDuration, SinkConfig
 
 WORKOS = "workos"
 """The allowlist entry that stands for WorkOS's published egress addresses."""
@@ -54,13 +53,7 @@ RESERVED_PATHS = ("/healthz", "/readyz", "/metrics")
 COMMON_SINK_KEYS = frozenset({"type", "include_actions", "exclude_actions", "batch", "retry"})
 
 
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    @field_validator("*", mode="before")
-    @classmethod
-    def _no_boolean_numbers(cls, value: object, info: ValidationInfo) -> object:
-        return reject_boolean(cls, value, info.field_name)
+_Model = ConfigModel
 
 
 def _network(value: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:

@@ -38,6 +38,7 @@ __all__ = [
     "parse_duration",
     "parse_size",
     "reject_boolean",
+    "ConfigModel",
 ]
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
@@ -146,8 +147,9 @@ Compression = Literal["none", "gzip", "zstd"]
 """A request or object body encoding (see sinks.http_client.compress)."""
 
 
-class SinkConfig(BaseModel):
-    """Base of every sink's own options: frozen, keyword-only, unknown keys rejected."""
+class ConfigModel(BaseModel):
+    """Base of every configuration model (the receiver's sections and the sinks' options): frozen,
+    keyword-only, unknown keys rejected, and YAML's `true` never taken for the number 1."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -155,6 +157,10 @@ class SinkConfig(BaseModel):
     @classmethod
     def _no_boolean_numbers(cls, value: object, info: ValidationInfo) -> object:
         return reject_boolean(cls, value, info.field_name)
+
+
+class SinkConfig(ConfigModel):
+    """Base of every sink's own options."""
 
 
 class TlsOptions(SinkConfig):
