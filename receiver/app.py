@@ -318,6 +318,15 @@ class Intake:
         return await asyncio.to_thread(decode_body, body, encoding, self.max_body)
 
     async def _read_body(self, request: web.Request) -> bytes:
+        content = request.content
+        if content.is_eof() and not content.exception():
+            # The whole body came with the headers (the common case): no wait, so no timer to arm.
+            body = content.read_nowait()
+            if request.content_length is not None and len(body) != request.content_length:
+                raise BodyError(400, "the body is shorter than its Content-Length")
+            if len(body) > self.max_body:
+                raise BodyError(413, f"body is larger than max_body_bytes ({self.max_body} bytes)")
+            return body
         chunks = bytearray()
         try:
             async with asyncio.timeout(self.body_timeout):

@@ -181,25 +181,33 @@ class SinkRunner:
         limit = max(2 * self.section.batch.max_events, 256)
         if len(self._buffer) >= self.section.batch.max_events:
             return
-        rows = await self._persist(lambda: self.journal.read(self._read_pos, limit), "read the journal")
-        self._caught_up = len(rows) < limit
+        rows = await self._persist(lambda: self.journal.read_rows(self._read_pos, limit), "read the journal")
+        self._caught_up = sum(len(row.events) for row in rows) < limit
         if not rows:
             return
-        self._read_pos = rows[-1][0].seq
+        self._read_pos = rows[-1].events[-1].seq
+        wanted: list[Event] = []
+        size = 0
         if not self._every_action:
-            wanted = [event for event, target in rows if self._wants(event.stream, target, event.seq, event.action)]
+            wanted = [
+                event
+                for row in rows
+                for event in row.events
+                if self._wants(row.stream, row.target, event.seq, event.action)
+            ]
             counted = sum(1 for event in wanted if event.seq <= self._counted_upto)
             self._unread = max(0, self._unread - counted)
             self._counted_upto = max(self._counted_upto, self._read_pos)
+            size = sum(len(event.raw) for event in wanted)
         elif self.legacy:
-            wanted = [event for event, target in rows if self._owns(event.stream, target, event.seq)]
+            wanted = [event for row in rows for event in row.events if self._owns(row.stream, row.target, event.seq)]
             self._unread = max(0, self._unread - len(wanted))
-        else:  # the common case: no filters and no reload to settle, so only the stream and the target decide
-            wanted = [
-                event
-                for event, target in rows
-                if (event.stream in self.streams if target is None else target == self.name)
-            ]
+            size = sum(len(event.raw) for event in wanted)
+        else:  # the common case: no filters and no reload to settle, so a whole row is this sink's or not
+            for row in rows:
+                if row.stream in self.streams if row.target is None else row.target == self.name:
+                    wanted += row.events
+                    size += row.size
             self._unread = max(0, self._unread - len(wanted))
         if self.legacy:
             self.legacy = {name: until for name, until in self.legacy.items() if until > self._read_pos}
@@ -207,12 +215,17 @@ class SinkRunner:
             if not self._buffer:
                 self._first_buffered_at = time.monotonic()
             self._buffer.extend(wanted)
-            self._buffered_bytes += sum(len(event.raw) for event in wanted)
+            self._buffered_bytes += size
 
     def _take_batch(self) -> list[Event]:
-        batch: list[Event] = []
-        size = 0
         limits = self.section.batch
+        if len(self._buffer) <= limits.max_events and self._buffered_bytes <= limits.max_bytes:
+            batch = list(self._buffer)  # all of it fits (the common case once caught up)
+            self._buffer.clear()
+            self._buffered_bytes = 0
+            return batch
+        batch = []
+        size = 0
         while self._buffer and len(batch) < limits.max_events:
             event = self._buffer[0]
             if batch and size + len(event.raw) > limits.max_bytes:

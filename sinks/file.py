@@ -35,7 +35,9 @@ class FileSink:
         """Expanded paths by whole second of event time: strftime fields are never finer than a second."""
 
     def _path_for(self, event: Event) -> str:
-        second = int(event.time // 1)
+        return self._path_for_second(int(event.time // 1))
+
+    def _path_for_second(self, second: int) -> str:
         path = self._paths.get(second)
         if path is None:
             if len(self._paths) > 4096:
@@ -55,8 +57,12 @@ class FileSink:
 
     def _write(self, batch: Sequence[Event]) -> None:
         groups: dict[str, list[bytes]] = {}
-        for event in batch:
-            groups.setdefault(self._path_for(event), []).append(event.raw)
+        seconds = {int(event.time // 1) for event in batch}
+        if len(seconds) == 1 or len({self._path_for_second(second) for second in seconds}) == 1:
+            groups[self._path_for_second(seconds.pop())] = [event.raw for event in batch]  # one file (the usual)
+        else:
+            for event in batch:
+                groups.setdefault(self._path_for(event), []).append(event.raw)
         limit = self.config.max_file_bytes
         for name, lines in groups.items():
             path = Path(name)

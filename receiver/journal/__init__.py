@@ -18,7 +18,7 @@ Modules: `schema` (tables, migrations, the shared statements), `writer` (the gro
 """
 
 from receiver.journal.dead_letters import DeadLetter, list_dead_letters, replay_dead_letters
-from receiver.journal.facade import PROBE_ROOM, WRITER_CACHE_KIB, AppendResult, Journal
+from receiver.journal.facade import PROBE_ROOM, WRITER_CACHE_KIB, AppendResult, Journal, Row
 from receiver.journal.schema import COMPRESSION_LEVEL, INTAKE, SCHEMA, DiskFull, connect
 from receiver.journal.writer import MAX_GROUP_JOBS
 
@@ -33,6 +33,7 @@ __all__ = [
     "DeadLetter",
     "DiskFull",
     "Journal",
+    "Row",
     "connect",
     "list_dead_letters",
     "replay_dead_letters",

@@ -9,7 +9,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, TypeVar
 
@@ -21,11 +21,13 @@ from receiver.dedup import DedupIndex
 from receiver.errors import JournalClosed, JournalError, JournalFull
 from receiver.journal.schema import (
     COMPRESSION_LEVEL,
+    INSERT_BATCH,
+    INSERT_DEAD_LETTER,
     ROWS_AFTER,
     ZSTD_MAGIC,
     backlog_bytes,
+    batch_row,
     connect,
-    insert_batch,
     insert_dead_letters,
     last_seq,
     open_problem,
@@ -61,6 +63,34 @@ def _lock_exclusively(path: Path) -> IO[bytes]:
             f"cannot open the journal {path}: another log-bridge process is serving from it (it holds {path.name}.lock)"
         ) from None
     return handle
+
+
+@dataclass(slots=True)
+class _Batch:
+    """One request's batch on its way to the writer thread."""
+
+    stream: str
+    scope: str
+    parsed: Parsed
+    received_at: float
+    elsewhere: frozenset[str]
+    """Keys another replica has seen (journal.dedup_store)."""
+    keys: list[str] = field(default_factory=list)
+    """The keys stored with it (set by the writer)."""
+    size: int = 0
+    """Bytes stored (set by the writer)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    """The events of one batch row past a read's start, with what they share."""
+
+    stream: str
+    target: str | None
+    """The one sink they were replayed for, or None: for every sink of the stream."""
+    events: list[Event]
+    size: int
+    """Bytes of the events."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,25 +190,25 @@ class Journal(GroupWriter):
         scope = scope or stream
         shared = self.shared if self.dedup.enabled else None
         elsewhere = await shared.seen(scope, parsed.keys) if shared is not None else frozenset()
-        committed: list[str] = []
+        batch = _Batch(stream, scope, parsed, received_at, elsewhere)
+        result: AppendResult = await self._write_batch(batch)
+        if shared is not None and batch.keys:  # only now, after the commit: a failure here can cause a duplicate,
+            await shared.mark(scope, batch.keys)  # never a loss
+        return result
 
-        def write(conn: sqlite3.Connection) -> AppendResult:
-            fresh = None
-            if self.dedup.enabled:
-                pending = self._pending.setdefault(scope, set())
-                taken: list[int] = []
-                fresh = self.dedup.fresh(scope, parsed.keys, received_at, pending, taken)
-                self._undo.append(lambda: pending.difference_update(taken))
-                if elsewhere:  # seen by another replica within the window: a duplicate here too
-                    fresh = [
-                        i
-                        for i in (range(len(parsed)) if fresh is None else fresh)
-                        if parsed.keys[i] is None or parsed.keys[i] not in elsewhere
-                    ]
+    def _write_batches(self, conn: sqlite3.Connection, batches: list[_Batch]) -> list[AppendResult]:
+        """Requests' batches in one INSERT per table: a batch row each, their keys in one `dedup_log` row per
+        scope, the intake's dead letters (writer thread, in commit order, so a key in two of them is a duplicate
+        in the second)."""
+        rows: list[tuple[int, int, str, str | None, float, bytes, bytes]] = []
+        letters: list[tuple[None, str, bytes, str, float, None]] = []
+        logged: dict[str, tuple[float, list[str]]] = {}
+        results: list[AppendResult] = []
+        for batch in batches:
+            parsed, at = batch.parsed, batch.received_at
+            fresh = self._fresh(batch) if self.dedup.enabled else None
             indexes = range(len(parsed)) if fresh is None else fresh
             count = len(indexes)
-            keys: list[str] = []
-            size = 0
             if count:
                 if fresh is None:
                     raws, actions, times = parsed.raws, parsed.actions, parsed.times
@@ -186,33 +216,50 @@ class Journal(GroupWriter):
                     raws = [parsed.raws[i] for i in fresh]
                     actions = [parsed.actions[i] for i in fresh]
                     times = [parsed.times[i] for i in fresh]
-                first = self._next_seq
+                rows.append(batch_row(self._pack, self._next_seq, batch.stream, None, at, raws, actions, times))
                 self._next_seq += count
-                size = insert_batch(conn, self._pack, first, stream, None, received_at, raws, actions, times)
+                batch.size = len(rows[-1][6])
                 if self.dedup.enabled:
-                    keys = [key for key in (parsed.keys[i] for i in indexes) if key is not None]
-                    if keys:
-                        conn.execute(
-                            "INSERT INTO dedup_log (stream, at, keys) VALUES (?, ?, ?)",
-                            (scope, received_at, orjson.dumps(keys)),
-                        )
-            committed[:] = keys
-            self._after_commit.append(lambda: self._committed(scope, keys, received_at, size))
-            if parsed.rejected:
-                insert_dead_letters(
-                    conn, None, stream, received_at, [(item.raw, item.reason, None) for item in parsed.rejected]
-                )
-            return AppendResult(count, len(parsed) - count, len(parsed.rejected))
+                    batch.keys = [key for key in (parsed.keys[i] for i in indexes) if key is not None]
+                    if batch.keys:
+                        latest, keys = logged.setdefault(batch.scope, (at, []))
+                        keys += batch.keys
+                        # The row's time is its latest key's: pruned no earlier than any key in it is due.
+                        logged[batch.scope] = (max(latest, at), keys)
+            letters.extend((None, batch.stream, item.raw, item.reason, at, None) for item in parsed.rejected)
+            results.append(AppendResult(count, len(parsed) - count, len(parsed.rejected)))
+        conn.executemany(INSERT_BATCH, rows)
+        if logged:
+            conn.executemany(
+                "INSERT INTO dedup_log (stream, at, keys) VALUES (?, ?, ?)",
+                [(scope, at, orjson.dumps(keys)) for scope, (at, keys) in logged.items()],
+            )
+        if letters:
+            conn.executemany(INSERT_DEAD_LETTER, letters)
+        self._after_commit.append(lambda: self._committed(batches))
+        return results
 
-        result = await self._write(write, proves_room=True)
-        if shared is not None and committed:  # only now, after the commit: a failure here can cause a duplicate,
-            await shared.mark(scope, committed)  # never a loss
-        return result
+    def _fresh(self, batch: _Batch) -> list[int] | None:
+        """Indexes of a batch's elements not seen before (None: all), their keys pending until the commit."""
+        pending = self._pending.setdefault(batch.scope, set())
+        taken: list[int] = []
+        fresh = self.dedup.fresh(batch.scope, batch.parsed.keys, batch.received_at, pending, taken)
+        if taken:
+            self._undo.append(lambda: pending.difference_update(taken))
+        if batch.elsewhere:  # seen by another replica within the window: a duplicate here too
+            keys = batch.parsed.keys
+            fresh = [
+                i
+                for i in (range(len(keys)) if fresh is None else fresh)
+                if keys[i] is None or keys[i] not in batch.elsewhere
+            ]
+        return fresh
 
-    def _committed(self, stream: str, keys: list[str], at: float, size: int) -> None:
-        self.size_bytes += size
-        if keys:
-            self.dedup.add(stream, keys, at)
+    def _committed(self, batches: list[_Batch]) -> None:
+        for batch in batches:
+            self.size_bytes += batch.size
+            if batch.keys:
+                self.dedup.add(batch.scope, batch.keys, batch.received_at)
 
     async def probe(self) -> bool:
         """Whether a write commits now (readiness). After the disk was full, the probe writes PROBE_ROOM
@@ -306,26 +353,36 @@ class Journal(GroupWriter):
         """At least `limit` events after `after` (whole batch rows, so possibly more), in order, whatever their
         stream, each with its target: the one sink a replayed event is meant for, or None when it is for every
         sink of its stream."""
+        return [(event, row.target) for row in await self.read_rows(after, limit) for event in row.events]
 
-        def read(conn: sqlite3.Connection) -> list[tuple[Event, str | None]]:
+    async def read_rows(self, after: int, limit: int) -> list[Row]:
+        """`read`, batch row by batch row: what a row's events share is given once, for the reader to decide
+        on a whole row at a time."""
+
+        def read(conn: sqlite3.Connection) -> list[Row]:
             rows = conn.execute(
                 f"SELECT first_seq, stream, target, received_at, meta, data FROM batches WHERE {ROWS_AFTER} "  # noqa: S608
                 "ORDER BY first_seq",
                 (after,),
             )
-            found: list[tuple[Event, str | None]] = []
+            found: list[Row] = []
+            count = 0
             for first, stream, target, received_at, meta, stored in rows:
                 actions, times = orjson.loads(meta)
                 # Rows are zstd frames, except those written uncompressed (`dlq replay`, earlier versions).
                 data = self._unpack(stored) if stored[:4] == ZSTD_MAGIC else stored
-                seq = first
-                for raw, action, moment in zip(data.split(b"\n"), actions, times, strict=True):
-                    if seq > after:
-                        found.append(
-                            (Event(seq, stream, raw, action=action, time=moment, received_at=received_at), target)
-                        )
-                    seq += 1
-                if len(found) >= limit:
+                raws = data.split(b"\n")
+                skip = max(0, after + 1 - first)  # the row `after` falls in: only its events past `after`
+                events = [
+                    Event(seq, stream, raw, action=action, time=moment, received_at=received_at)
+                    for seq, raw, action, moment in zip(
+                        range(first + skip, first + len(raws)), raws[skip:], actions[skip:], times[skip:], strict=True
+                    )
+                ]
+                if events:
+                    found.append(Row(stream, target, events, sum(map(len, raws[skip:]))))
+                    count += len(events)
+                if count >= limit:
                     break
             return found
 

@@ -87,8 +87,7 @@ INSERT_BATCH = (
 INSERT_DEAD_LETTER = "INSERT INTO dead_letters (sink, stream, data, reason, at, meta) VALUES (?, ?, ?, ?, ?, ?)"
 
 
-def insert_batch(
-    conn: sqlite3.Connection,
+def batch_row(
     pack: Callable[[bytes], bytes],
     first: int,
     stream: str,
@@ -97,13 +96,11 @@ def insert_batch(
     raws: Sequence[bytes],
     actions: Sequence[str],
     times: Sequence[float],
-) -> int:
-    """Store events `first..first+len(raws)-1` as one batch row (their bytes packed by `pack`), for every sink of
-    `stream` (target None) or for the one sink `target`; returns the bytes stored."""
-    data = pack(b"\n".join(raws))
+) -> tuple[int, int, str, str | None, float, bytes, bytes]:
+    """The `batches` row (INSERT_BATCH's parameters) of events `first..first+len(raws)-1`, their bytes packed by
+    `pack`, for every sink of `stream` (target None) or for the one sink `target`."""
     meta = orjson.dumps([list(actions), list(times)])
-    conn.execute(INSERT_BATCH, (first, first + len(raws) - 1, stream, target, received_at, meta, data))
-    return len(data)
+    return (first, first + len(raws) - 1, stream, target, received_at, meta, pack(b"\n".join(raws)))
 
 
 def insert_dead_letters(

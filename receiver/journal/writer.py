@@ -27,12 +27,15 @@ MAX_GROUP_JOBS = 1024
 
 @dataclass(slots=True)
 class _Job:
-    fn: Callable[[sqlite3.Connection], Any]
+    fn: Callable[[sqlite3.Connection], Any] | None
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future[Any]
     proves_room: bool = False
     """A request's batch or a readiness probe with room: its commit shows the disk has space again (a cursor
     update or a prune writes too little to say so)."""
+    bulk: Any = None
+    """A request's batch (the façade's): written together with the batches queued next to it, in one statement
+    per table rather than one per request; `fn` is then unused."""
 
 
 _STOP = object()
@@ -116,24 +119,14 @@ class GroupWriter:
             index = 0
             # Jobs queued while the group is written join it before the commit: one fsync for them too.
             while index < len(jobs) or self._take_queued(jobs):
-                job = jobs[index]
-                index += 1
-                conn.execute("SAVEPOINT job")
-                hooks, undos = len(self._after_commit), len(self._undo)
-                try:
-                    result = job.fn(conn)
-                except Exception as exc:  # one request's failure must not sink the others in the group
-                    conn.execute("ROLLBACK TO job")
-                    conn.execute("RELEASE job")
-                    for undo in self._undo[undos:]:
-                        undo()
-                    del self._after_commit[hooks:], self._undo[undos:]
-                    failure = map_error(exc) if isinstance(exc, sqlite3.Error) else exc
-                    self.disk_full = self.disk_full or isinstance(failure, DiskFull)
-                    outcomes.append((job, None, failure))
+                end = index + 1
+                if jobs[index].bulk is not None:  # this batch and those queued right after it, written at once
+                    while end < len(jobs) and jobs[end].bulk is not None:
+                        end += 1
+                    self._run_bulk(conn, jobs[index:end], outcomes)
                 else:
-                    conn.execute("RELEASE job")
-                    outcomes.append((job, result, None))
+                    self._in_savepoint(conn, [jobs[index]], outcomes)
+                index = end
             added = self._next_seq != first
             if added:
                 store_last_seq(conn, self._next_seq - 1)
@@ -159,6 +152,52 @@ class GroupWriter:
         # One wake-up of the event loop for the whole group, not one per request.
         jobs[0].loop.call_soon_threadsafe(self._settle_group, outcomes, added)
 
+    def _run_bulk(
+        self, conn: sqlite3.Connection, run: list[_Job], outcomes: list[tuple[_Job, Any, BaseException | None]]
+    ) -> None:
+        """Write a run of batches with one statement per table; if that fails, each batch again on its own, so
+        one request's failure does not sink the others."""
+        if len(run) > 1 and self._in_savepoint(conn, run, outcomes, fail=False):
+            return
+        for job in run:
+            self._in_savepoint(conn, [job], outcomes)
+
+    def _in_savepoint(
+        self,
+        conn: sqlite3.Connection,
+        jobs: list[_Job],
+        outcomes: list[tuple[_Job, Any, BaseException | None]],
+        fail: bool = True,
+    ) -> bool:
+        """Run jobs (one closure, or batches) in a savepoint; on failure roll back to it and undo their side
+        effects, and with `fail` record the failure as their outcome. Whether they succeeded."""
+        conn.execute("SAVEPOINT job")
+        hooks, undos, seq = len(self._after_commit), len(self._undo), self._next_seq
+        try:
+            if jobs[0].bulk is None:
+                results = [jobs[0].fn(conn)]  # type: ignore[misc]
+            else:
+                results = self._write_batches(conn, [job.bulk for job in jobs])
+        except Exception as exc:  # one request's failure must not sink the others in the group
+            conn.execute("ROLLBACK TO job")
+            conn.execute("RELEASE job")
+            for undo in reversed(self._undo[undos:]):
+                undo()
+            del self._after_commit[hooks:], self._undo[undos:]
+            self._next_seq = seq
+            if fail:
+                failure = map_error(exc) if isinstance(exc, sqlite3.Error) else exc
+                self.disk_full = self.disk_full or isinstance(failure, DiskFull)
+                outcomes.extend((job, None, failure) for job in jobs)
+            return False
+        conn.execute("RELEASE job")
+        outcomes.extend(zip(jobs, results, [None] * len(jobs), strict=True))
+        return True
+
+    def _write_batches(self, conn: sqlite3.Connection, batches: list[Any]) -> list[Any]:
+        """Write requests' batches (the façade's `bulk` jobs); their results in order (writer thread)."""
+        raise NotImplementedError
+
     def _settle_group(self, outcomes: list[tuple[_Job, Any, BaseException | None]], added: bool) -> None:
         for job, result, error in outcomes:
             if job.future.done():
@@ -172,9 +211,16 @@ class GroupWriter:
                 signal.set()
 
     async def _write(self, fn: Callable[[sqlite3.Connection], T], proves_room: bool = False) -> T:
+        return await self._enqueue(fn, proves_room, None)  # type: ignore[no-any-return]
+
+    async def _write_batch(self, batch: Any) -> Any:
+        """Queue one request's batch for `_write_batches`; its result once committed."""
+        return await self._enqueue(None, True, batch)
+
+    async def _enqueue(self, fn: Callable[[sqlite3.Connection], Any] | None, proves_room: bool, bulk: Any) -> Any:
         if self._closed or self._writer is None:
             raise JournalClosed("the journal is closed")
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[T] = loop.create_future()
-        self._queue.put(_Job(fn, loop, future, proves_room))
+        future: asyncio.Future[Any] = loop.create_future()
+        self._queue.put(_Job(fn, loop, future, proves_room, bulk))
         return await future
