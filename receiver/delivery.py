@@ -181,7 +181,9 @@ class SinkRunner:
         limit = max(2 * self.section.batch.max_events, 256)
         if len(self._buffer) >= self.section.batch.max_events:
             return
-        rows = await self._persist(lambda: self.journal.read_rows(self._read_pos, limit), "read the journal")
+        rows = self.journal.recent_rows(self._read_pos, limit)
+        if rows is None:  # behind the events kept in memory, or after rows another process wrote
+            rows = await self._persist(lambda: self.journal.read_rows(self._read_pos, limit), "read the journal")
         self._caught_up = sum(len(row.events) for row in rows) < limit
         if not rows:
             return

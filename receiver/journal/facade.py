@@ -4,12 +4,16 @@ cursors, progress), over the group-commit writer and one reader thread."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
+import logging
 import sqlite3
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, TypeVar
 
@@ -41,9 +45,17 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
+log = logging.getLogger("receiver.journal")
+
 WRITER_CACHE_KIB = 8 * 1024
 """The writer's page cache (SQLite's default is 2 MiB)."""
 
+
+CHECKPOINT_EVERY = 1.0
+"""Seconds between WAL checkpoints (when something was committed)."""
+
+RECENT_BYTES = 8 * 1024 * 1024
+"""Bytes of the newest committed events kept in memory, for sinks that are caught up to take without a read."""
 
 PROBE_ROOM = 256 * 1024
 """Bytes a readiness probe writes after the disk was full: more than most requests store (compressed)."""
@@ -79,6 +91,8 @@ class _Batch:
     """The keys stored with it (set by the writer)."""
     size: int = 0
     """Bytes stored (set by the writer)."""
+    row: tuple[int, Sequence[bytes], Sequence[str], Sequence[float]] | None = None
+    """The events stored, as (first seq, raws, actions, times) (set by the writer)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +136,10 @@ class Journal(GroupWriter):
         self._lock: IO[bytes] | None = None
         self.dedup_scopes: dict[str, str] = {}
         """Stream name -> dedup scope (its path), for keys stored by name by earlier versions."""
+        self._checkpoints: asyncio.Task[None] | None = None
+        self._recent: deque[Row] = deque()
+        """The rows committed last by this process, oldest first (event loop only)."""
+        self._recent_bytes = 0
         self.shared: RedisDedupStore | None = None
         """The dedup store shared with other replicas (journal.dedup_store), consulted besides the local index."""
 
@@ -134,7 +152,7 @@ class Journal(GroupWriter):
         try:
             if exclusive:
                 self._lock = await asyncio.to_thread(_lock_exclusively, self.path)
-            conn = await asyncio.to_thread(connect, self.path, WRITER_CACHE_KIB)
+            conn = await asyncio.to_thread(partial(connect, self.path, WRITER_CACHE_KIB, checkpoints=False))
             self._read_conn = await asyncio.to_thread(connect, self.path)
             self.last_seq = last_seq(conn)
             self.size_bytes = backlog_bytes(conn)
@@ -147,12 +165,37 @@ class Journal(GroupWriter):
             self._release_lock()
             raise JournalError(f"cannot open the journal {self.path}: {open_problem(exc, self.path)}") from None
         self._start_writer(conn)
+        self._checkpoints = asyncio.create_task(self._checkpoint_forever(), name="journal-checkpoint")
+
+    async def _checkpoint_forever(self) -> None:
+        """Copy the WAL into the database every CHECKPOINT_EVERY seconds when something was committed, from
+        the reader's connection: the writer's commits never do it (SQLite's automatic checkpoint would run
+        inside a commit, with an fsync of the database, and hold back every request of that group)."""
+        done = self.commits
+        problem = None
+        while True:
+            await asyncio.sleep(CHECKPOINT_EVERY)
+            if self.commits == done:
+                continue
+            done = self.commits
+            try:
+                await self._read(lambda conn: conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone())
+            except sqlite3.Error as exc:  # a full disk: the WAL keeps the data; try again later
+                if str(exc) != problem:
+                    log.warning("journal checkpoint failed; will retry", extra={"error": str(exc)})
+                problem = str(exc)
+            else:
+                problem = None
 
     async def close(self) -> None:
         """Finish queued writes, then close both connections."""
         if self._closed:
             return
         self._closed = True
+        if self._checkpoints is not None:
+            self._checkpoints.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._checkpoints
         await self._stop_writer()
         if self._read_conn is not None:
             conn = self._read_conn
@@ -217,6 +260,7 @@ class Journal(GroupWriter):
                     actions = [parsed.actions[i] for i in fresh]
                     times = [parsed.times[i] for i in fresh]
                 rows.append(batch_row(self._pack, self._next_seq, batch.stream, None, at, raws, actions, times))
+                batch.row = (self._next_seq, raws, actions, times)
                 self._next_seq += count
                 batch.size = len(rows[-1][6])
                 if self.dedup.enabled:
@@ -260,6 +304,45 @@ class Journal(GroupWriter):
             self.size_bytes += batch.size
             if batch.keys:
                 self.dedup.add(batch.scope, batch.keys, batch.received_at)
+            if batch.row is not None:  # the events as a read would give them back, for the sinks caught up
+                first, raws, actions, times = batch.row
+                at = batch.received_at
+                events = [
+                    Event(seq, batch.stream, bytes(raw), action=action, time=moment, received_at=at)
+                    for seq, raw, action, moment in zip(
+                        range(first, first + len(raws)), raws, actions, times, strict=True
+                    )
+                ]
+                self._published.append(Row(batch.stream, None, events, sum(map(len, raws))))
+
+    def _publish(self, published: list[Row]) -> None:
+        self._recent.extend(published)
+        self._recent_bytes += sum(row.size for row in published)
+        while self._recent_bytes > RECENT_BYTES and len(self._recent) > 1:
+            self._recent_bytes -= self._recent.popleft().size
+
+    def recent_rows(self, after: int, limit: int) -> list[Row] | None:
+        """What `read_rows` would give, from the rows this process committed last (kept in memory, up to
+        RECENT_BYTES): None when they do not hold the event after `after`, for the caller to read the journal.
+        Only contiguous rows are given: rows another process wrote (`dlq replay`) are read from the journal."""
+        recent = self._recent
+        index = len(recent) - 1
+        while index >= 0 and recent[index].events[0].seq > after + 1:  # sinks caught up ask for the newest
+            index -= 1
+        if index < 0 or recent[index].events[-1].seq <= after:
+            return None
+        row = recent[index]
+        if row.events[0].seq <= after:  # the row `after` falls in: only its events past `after`
+            events = row.events[after + 1 - row.events[0].seq :]
+            row = Row(row.stream, row.target, events, sum(len(event.raw) for event in events))
+        found = [row]
+        count = len(row.events)
+        for following in range(index + 1, len(recent)):
+            if count >= limit or recent[following].events[0].seq != found[-1].events[-1].seq + 1:
+                break
+            found.append(recent[following])
+            count += len(recent[following].events)
+        return found
 
     async def probe(self) -> bool:
         """Whether a write commits now (readiness). After the disk was full, the probe writes PROBE_ROOM

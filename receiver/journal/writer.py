@@ -58,6 +58,8 @@ class GroupWriter:
         self.disk_full = False
         """Set when a write fails for lack of space; cleared only when a write commits again (readiness)."""
         self._new_data: list[asyncio.Event] = []
+        self._published: list[Any] = []
+        """What the group's commit hooks hand to the event loop (`_publish`), with the group's outcomes."""
         self._next_seq = 1
 
     def _start_writer(self, conn: sqlite3.Connection) -> None:
@@ -148,9 +150,10 @@ class GroupWriter:
             self._after_commit.clear()
             self._undo.clear()
             self._group_ended()
+            published, self._published = self._published, []
         self.last_seq = self._next_seq - 1 if added else last_seq(conn)
         # One wake-up of the event loop for the whole group, not one per request.
-        jobs[0].loop.call_soon_threadsafe(self._settle_group, outcomes, added)
+        jobs[0].loop.call_soon_threadsafe(self._settle_group, outcomes, added, published)
 
     def _run_bulk(
         self, conn: sqlite3.Connection, run: list[_Job], outcomes: list[tuple[_Job, Any, BaseException | None]]
@@ -198,7 +201,14 @@ class GroupWriter:
         """Write requests' batches (the façade's `bulk` jobs); their results in order (writer thread)."""
         raise NotImplementedError
 
-    def _settle_group(self, outcomes: list[tuple[_Job, Any, BaseException | None]], added: bool) -> None:
+    def _publish(self, published: list[Any]) -> None:
+        """Take what a group's commit hooks published (event loop)."""
+
+    def _settle_group(
+        self, outcomes: list[tuple[_Job, Any, BaseException | None]], added: bool, published: list[Any]
+    ) -> None:
+        if published:
+            self._publish(published)
         for job, result, error in outcomes:
             if job.future.done():
                 continue

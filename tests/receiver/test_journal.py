@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from receiver.errors import JournalClosed, JournalFull
-from receiver.journal import INTAKE, Journal, list_dead_letters, replay_dead_letters
+from receiver.journal import INTAKE, Journal, Row, list_dead_letters, replay_dead_letters
 from receiver.parsing import Parsed, Rejected
 from sinks.base import Event
 
@@ -296,3 +296,130 @@ class TestDeadLetterReplay:
         ]
         assert events[0].time == 1705314600.0 and events[1].time == 1705314601.0
         assert events[2].time >= before  # nothing to read a time from: the replay's
+
+
+def _rows(rows: list[Row]) -> list[tuple[str, str | None, list[tuple[int, bytes, str, float, float]], int]]:
+    return [
+        (row.stream, row.target, [(e.seq, e.raw, e.action, e.time, e.received_at) for e in row.events], row.size)
+        for row in rows
+    ]
+
+
+class TestRecentRows:
+    """The rows a process committed last are kept in memory for sinks that are caught up: they must be what a
+    read of the journal gives, and never stand in for rows they do not hold."""
+
+    async def test_every_start_gives_what_the_journal_read_gives(self, journal: Journal) -> None:
+        for size in (3, 1, 5, 2):
+            await journal.append("s", batch(*(f"k{size}-{i}" for i in range(size))), time.time())
+        await journal.append("s", batch("dup-0", "k3-0", "fresh"), time.time())  # a duplicate is not stored
+        for after in range(journal.last_seq + 1):
+            for limit in (1, 2, 4, 100):
+                recent = journal.recent_rows(after, limit)
+                if after == journal.last_seq:
+                    assert recent is None  # nothing held after the end: the journal is asked
+                    continue
+                assert recent is not None
+                assert _rows(recent) == _rows(await journal.read_rows(after, limit)), (after, limit)
+
+    async def test_rows_another_process_wrote_are_read_from_the_journal(self, journal: Journal) -> None:
+        await journal.append("workos", batch("a", "b"), time.time())
+        (event, _), *_ = await journal.read(0, 10)
+        await journal.commit_progress("s3", event.seq, [(event, "HTTP 400")], ["s3"])
+        assert replay_dead_letters(journal.path) == 1  # another process: seq 3, not in this one's memory
+        await journal.append("workos", batch("c"), time.time())  # seq 4
+        assert journal.recent_rows(2, 10) is None  # seq 3 is not held: read it
+        rows = await journal.read_rows(2, 10)
+        assert [(row.target, [e.seq for e in row.events]) for row in rows] == [("s3", [3]), (None, [4])]
+        recent = journal.recent_rows(0, 10)
+        assert recent is not None and [e.seq for row in recent for e in row.events] == [1, 2]  # stops at the gap
+
+    async def test_memory_is_bounded(self, journal: Journal, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setattr("receiver.journal.facade.RECENT_BYTES", 1000)
+        for i in range(50):
+            await journal.append("s", batch(*(f"m{i}-{j}" for j in range(3))), time.time())
+        held = journal.recent_rows(journal.last_seq - 1, 10)
+        assert held is not None and [e.seq for row in held for e in row.events] == [journal.last_seq]
+        assert journal.recent_rows(0, 10) is None  # the oldest rows were let go: the journal has them
+        assert journal._recent_bytes <= 1000 + max(row.size for row in journal._recent)
+
+
+class TestGroupedWrites:
+    """Batches queued together are written with one statement per table; one that fails does not sink the
+    others."""
+
+    async def test_a_failing_batch_fails_alone_and_the_others_commit(
+        self, journal: Journal, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        write = journal._write_batches
+
+        def refuse_bad(conn: sqlite3.Connection, batches: list) -> list:  # type: ignore[type-arg]
+            if any(b.parsed.keys == ["bad"] for b in batches):
+                raise sqlite3.OperationalError("simulated failure of one request's insert")
+            return write(conn, batches)
+
+        monkeypatch.setattr(journal, "_write_batches", refuse_bad)
+        results = await asyncio.gather(
+            *(journal.append("s", batch(key), time.time()) for key in ("a", "b", "bad", "c", "a")),
+            return_exceptions=True,
+        )
+        assert [type(r).__name__ if isinstance(r, BaseException) else r.accepted for r in results] == [
+            1,
+            1,
+            "JournalError",
+            1,
+            0,  # "a" again, in the same group: a duplicate of the first, whose keys were not undone
+        ]
+        assert [e.raw for e, _ in await journal.read(0, 10)] == [batch(k).raws[0] for k in ("a", "b", "c")]
+        assert [e.seq for e, _ in await journal.read(0, 10)] == [1, 2, 3]  # no gap where "bad" was undone
+        again = await journal.append("s", batch("bad2", "c"), time.time())
+        assert (again.accepted, again.duplicates) == (1, 1)
+
+    async def test_one_dedup_log_row_per_group_keeps_every_key(self, tmp_path: Path) -> None:
+        path = tmp_path / "g.db"
+        j = Journal(path, max_bytes=1 << 30, dedup_window=3600)
+        await j.open()
+        await asyncio.gather(*(j.append("s", batch(f"g{i}", f"h{i}"), time.time()) for i in range(40)))
+        rows = await j._read(lambda c: c.execute("SELECT count(*) FROM dedup_log").fetchone()[0])
+        await j.close()
+        assert rows < 40  # grouped
+        again = Journal(path, max_bytes=1 << 30, dedup_window=3600)
+        await again.open()
+        try:
+            result = await again.append("s", batch(*(f"g{i}" for i in range(40)), "new"), time.time())
+            assert (result.accepted, result.duplicates) == (1, 40)
+        finally:
+            await again.close()
+
+
+def _in_database_file(path: Path) -> int:
+    """Batch rows in the database file itself, without its WAL (what checkpoints have copied so far)."""
+    conn = sqlite3.connect(f"file:{path}?immutable=1", uri=True)
+    try:
+        return int(conn.execute("SELECT count(*) FROM batches").fetchone()[0])
+    except sqlite3.OperationalError:  # not even the schema has been copied yet
+        return 0
+    finally:
+        conn.close()
+
+
+class TestCheckpoints:
+    """The WAL is copied into the database off the commit path: a commit never waits for a checkpoint."""
+
+    async def test_commits_never_checkpoint_and_the_journal_does_it_in_the_background(
+        self, journal: Journal, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        assert await journal._write(lambda c: c.execute("PRAGMA wal_autocheckpoint").fetchone()[0]) == 0
+        monkeypatch.setattr("receiver.journal.facade.CHECKPOINT_EVERY", 3600.0)  # the next wait: past the test
+        await asyncio.sleep(1.2)  # the task now sleeps an hour
+        for i in range(40):  # ≈ 1,000 pages of WAL: SQLite's own default would have checkpointed in a commit
+            await journal.append("s", batch(*(f"c{i}-{j}" for j in range(100))), time.time())
+        assert _in_database_file(journal.path) == 0
+
+    async def test_the_background_checkpoint_copies_what_was_committed(self, journal: Journal) -> None:
+        for i in range(5):
+            await journal.append("s", batch(f"d{i}"), time.time())
+        deadline = time.monotonic() + 10
+        while _in_database_file(journal.path) < 5 and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        assert _in_database_file(journal.path) == 5
