@@ -13,7 +13,6 @@ from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, TypeVar
 
@@ -152,7 +151,7 @@ class Journal(GroupWriter):
         try:
             if exclusive:
                 self._lock = await asyncio.to_thread(_lock_exclusively, self.path)
-            conn = await asyncio.to_thread(partial(connect, self.path, WRITER_CACHE_KIB, checkpoints=False))
+            conn = await asyncio.to_thread(connect, self.path, WRITER_CACHE_KIB)
             self._read_conn = await asyncio.to_thread(connect, self.path)
             self.last_seq = last_seq(conn)
             self.size_bytes = backlog_bytes(conn)
@@ -169,23 +168,24 @@ class Journal(GroupWriter):
 
     async def _checkpoint_forever(self) -> None:
         """Copy the WAL into the database every CHECKPOINT_EVERY seconds when something was committed, from
-        the reader's connection: the writer's commits never do it (SQLite's automatic checkpoint would run
-        inside a commit, with an fsync of the database, and hold back every request of that group)."""
+        the reader's connection, so the checkpoint SQLite runs inside a commit once the WAL holds 1,000 pages
+        (which restarts the WAL: without it the file grows for as long as writes keep coming) has only the last
+        few pages to copy, and the requests of that group wait for little more than its fsync."""
         done = self.commits
-        problem = None
+        failed = False
         while True:
             await asyncio.sleep(CHECKPOINT_EVERY)
-            if self.commits == done:
+            if self.commits == done and not failed:
                 continue
             done = self.commits
             try:
                 await self._read(lambda conn: conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone())
             except sqlite3.Error as exc:  # a full disk: the WAL keeps the data; try again later
-                if str(exc) != problem:
+                if not failed:
                     log.warning("journal checkpoint failed; will retry", extra={"error": str(exc)})
-                problem = str(exc)
+                failed = True
             else:
-                problem = None
+                failed = False
 
     async def close(self) -> None:
         """Finish queued writes, then close both connections."""

@@ -53,16 +53,13 @@ INTAKE = "(intake)"
 """How `dlq list` names dead letters of the intake (bad input), which belong to no sink."""
 
 
-def connect(path: Path, cache_kib: int | None = None, *, checkpoints: bool = True) -> sqlite3.Connection:
-    """A connection with the journal's durability settings and schema (migrated to this version); without
-    `checkpoints`, its commits never copy the WAL into the database (another connection does)."""
+def connect(path: Path, cache_kib: int | None = None) -> sqlite3.Connection:
+    """A connection with the journal's durability settings and schema (migrated to this version)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30.0)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")
     conn.execute("PRAGMA busy_timeout=30000")
-    if not checkpoints:
-        conn.execute("PRAGMA wal_autocheckpoint=0")
     if cache_kib is not None:
         conn.execute(f"PRAGMA cache_size=-{int(cache_kib)}")
     conn.executescript(SCHEMA)
