@@ -92,7 +92,7 @@ def child_memory(mode: str, keys: int) -> dict[str, float]:
     return {
         "bytes": after - before,
         "keys": index.size,
-        "generations": sum(len(g) for g in index._streams.values()),
+        "generations": sum(len(state.generations()) for state in index._streams.values()),
     }
 
 

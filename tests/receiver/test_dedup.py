@@ -1,0 +1,337 @@
+"""The dedup index on its own: keys found across the current and sealed generations, the window's bounds,
+eviction, late keys, fingerprints of negative hashes, a restart's bulk load, and a property test against a
+reference model (key -> when it was seen)."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from receiver import dedup
+from receiver.dedup import FINGERPRINT, GENERATIONS, DedupIndex
+from receiver.journal import Journal
+from tests.receiver.test_journal import batch
+
+WINDOW = 12.0
+"""With 12 generations, one second each: generation n holds the keys seen in [n, n + 1)."""
+
+
+def fresh(index: DedupIndex, keys: list[str | None], now: float, stream: str = "s") -> list[int]:
+    """Indexes of the fresh elements (all of them spelled out)."""
+    found = index.fresh(stream, keys, now, set(), [])
+    return list(range(len(keys))) if found is None else found
+
+
+def seen(index: DedupIndex, keys: list[str], now: float, stream: str = "s") -> list[str]:
+    """The keys the index calls duplicates at `now`."""
+    new = set(fresh(index, list(keys), now, stream))
+    return [key for i, key in enumerate(keys) if i not in new]
+
+
+def spread(index: DedupIndex, count: int, start: float, stream: str = "s") -> list[str]:
+    """Add `count` keys, 10 per call, evenly over the window from `start`; returns them."""
+    keys = [f"{stream}-key-{i}" for i in range(count)]
+    for i in range(0, count, 10):
+        index.add(stream, keys[i : i + 10], start + WINDOW * i / count)
+    return keys
+
+
+class TestFingerprints:
+    def test_a_negative_hash_gives_an_unsigned_60_bit_fingerprint(self) -> None:
+        key = next(k for k in (f"neg-{i}" for i in itertools.count()) if hash(k) < 0)
+        taken: list[int] = []
+        DedupIndex(WINDOW, 100).fresh("s", [key], 0.0, set(), taken)
+        assert taken == [hash(key) & FINGERPRINT] and 0 <= taken[0] < 1 << 60
+
+    def test_keys_of_negative_and_positive_hashes_are_found_once_sealed(self) -> None:
+        keys = [f"sign-{i}" for i in range(200)]
+        assert any(hash(k) < 0 for k in keys) and any(hash(k) > 0 for k in keys)
+        index = DedupIndex(WINDOW, 1000)
+        index.add("s", keys, 0.5)
+        index.add("s", ["later"], 3.5)  # generation 0 is sealed
+        assert seen(index, keys + ["never"], 4.0) == keys
+
+
+class TestLookup:
+    def test_keys_of_sealed_and_current_generations_are_found(self) -> None:
+        index = DedupIndex(WINDOW, 100_000)
+        keys = spread(index, 5000, 0.0)  # 12 generations, 11 of them sealed, the buckets split many times
+        assert index.size == 5000
+        assert seen(index, keys, WINDOW) == keys
+        assert fresh(index, [f"other-{i}" for i in range(500)], WINDOW) == list(range(500))
+
+    def test_a_key_twice_in_one_call_the_second_is_the_duplicate(self) -> None:
+        index = DedupIndex(WINDOW, 100)
+        pending: set[int] = set()
+        taken: list[int] = []
+        assert index.fresh("s", ["a", "b", "a", None, None], 1.0, pending, taken) == [0, 1, 3, 4]
+        assert sorted(taken) == sorted(hash(k) & FINGERPRINT for k in ("a", "b")) and set(taken) == pending
+
+    def test_pending_keys_are_duplicates_before_they_are_added(self) -> None:
+        index = DedupIndex(WINDOW, 100)
+        pending: set[int] = set()
+        assert index.fresh("s", ["a"], 1.0, pending, []) is None
+        assert index.fresh("s", ["a", "b"], 1.0, pending, []) == [1]
+
+    def test_streams_are_apart(self) -> None:
+        index = DedupIndex(WINDOW, 100)
+        index.add("s", ["a"], 0.5)
+        index.add("s", ["b"], 5.5)
+        assert seen(index, ["a", "b"], 6.0, "t") == []
+        assert seen(index, ["a", "b"], 6.0, "s") == ["a", "b"]
+
+
+class TestWindow:
+    @pytest.mark.parametrize("expired", [False, True], ids=["lookup only", "after expire"])
+    def test_a_key_is_remembered_a_window_and_forgotten_a_generation_later(self, expired: bool) -> None:
+        index = DedupIndex(WINDOW, 100)
+        index.add("s", ["k"], 5.5)  # generation 5
+        index.add("s", ["newer"], 17.25)  # generation 17: 5 is sealed
+        for now, remembered in [(17.5, True), (17.99, True), (18.0, False), (18.5, False)]:
+            if expired:
+                index.expire(now)
+            assert seen(index, ["k"], now) == (["k"] if remembered else []), now
+        assert index.size == (1 if expired else 2)
+        assert index.cutoff(18.0) == 6.0
+
+    def test_the_window_moves_with_the_newest_key(self) -> None:
+        index = DedupIndex(WINDOW, 100)
+        index.add("s", ["old"], 0.5)
+        index.add("s", ["mid"], 6.5)
+        index.add("s", ["new"], 13.0)  # generation 13: generation 0 is out of every window from now on
+        assert index.size == 2 and seen(index, ["old", "mid", "new"], 13.0) == ["mid", "new"]
+
+    def test_keys_older_than_a_window_before_the_newest_are_ignored(self) -> None:
+        index = DedupIndex(WINDOW, 100)
+        index.add("s", ["new"], 20.5)
+        index.add("s", ["ancient"], 5.5)
+        assert index.size == 1 and seen(index, ["ancient"], 6.0) == []
+
+
+class TestSealing:
+    """A generation that is no longer the newest moves into the sorted buckets."""
+
+    def test_late_keys_join_their_sealed_generation_once(self) -> None:
+        index = DedupIndex(WINDOW, 100)
+        index.add("s", ["a"], 3.5)
+        index.add("s", ["b"], 4.5)  # generation 3 sealed
+        index.add("s", ["c", "a"], 3.9)  # received before b, committed after it
+        assert index.size == 3
+        assert seen(index, ["a", "c"], 15.99) == ["a", "c"]
+        assert seen(index, ["a", "c"], 16.0) == []
+
+    def test_a_slot_is_clean_before_it_is_reused(self) -> None:
+        index = DedupIndex(WINDOW, 100)
+        index.add("s", ["k"], 0.5)  # generation 0, slot 0
+        index.add("s", ["x"], 1.5)  # sealed
+        index.expire(13.0)  # gone
+        index.add("s", ["y"], 16.5)  # generation 16: slot 0 again
+        index.add("s", ["z"], 17.5)  # sealed
+        assert index.size == 2 and seen(index, ["k", "y", "z"], 17.5) == ["y", "z"]
+
+    def test_fingerprints_on_bucket_edges_are_found_after_the_buckets_split(self) -> None:
+        stream = dedup._Stream()
+        edges = [(j << 50) + d for j in range(1, 1 << 10) for d in (-1, 0, 1)]  # around every edge of ≤ 1024 buckets
+        stream.seal(0, edges)
+        for number in range(1, GENERATIONS + 1):  # 16 buckets become 128: edges move at every split
+            stream.seal(number, [hash(f"g{number}-{i}") & FINGERPRINT for i in range(1200)])
+        assert len(stream.buckets) == 128 and sum(stream.counts) == len(edges) + 1200 * GENERATIONS
+        assert sorted(stream.sealed(edges, 0)) == sorted(edges)
+        assert all(list(bucket) == sorted(bucket) for bucket in stream.buckets)
+        assert stream.sealed([(j << 50) + 2 for j in range(1, 1 << 10)], 0) == []
+
+
+class TestEviction:
+    def test_the_oldest_generation_goes_first_and_is_counted(self) -> None:
+        index = DedupIndex(WINDOW, 25)
+        evictions: list[int] = []
+        index.on_evict = evictions.append
+        index.add("s", [f"a{i}" for i in range(10)], 1.5)
+        index.add("t", [f"b{i}" for i in range(10)], 2.5)
+        index.add("s", [f"c{i}" for i in range(10)], 3.5)  # 30 > 25: generation 1 of s goes
+        assert (index.size, index.evicted, evictions) == (20, 10, [10])
+        assert seen(index, ["a0", "c0"], 4.0) == ["c0"] and seen(index, ["b0"], 4.0, "t") == ["b0"]
+        index.add("s", [f"d{i}" for i in range(10)], 4.5)  # 30 again: t's generation 2 goes
+        assert (index.size, index.evicted, evictions) == (20, 20, [10, 10])
+        assert seen(index, ["c0", "d0"], 5.0) == ["c0", "d0"] and seen(index, ["b0"], 5.0, "t") == []
+        index.add("s", [f"e{i}" for i in range(10)], 5.5)  # and s's sealed generation 3
+        assert (index.size, index.evicted, evictions) == (20, 30, [10, 10, 10])
+        assert seen(index, ["c0", "d0", "e0"], 6.0) == ["d0", "e0"]
+
+    def test_a_generation_larger_than_the_bound_is_dropped_whole(self) -> None:
+        index = DedupIndex(WINDOW, 5)
+        index.add("s", [f"k{i}" for i in range(8)], 1.0)
+        assert (index.size, index.evicted) == (0, 8)
+        assert seen(index, ["k1"], 1.5) == []
+
+
+class TestBulkLoad:
+    """What `Journal._load_dedup` does at start: every generation of the window added in time order."""
+
+    def test_every_key_of_the_window_is_found_after_a_bulk_load(self) -> None:
+        index = DedupIndex(WINDOW, 100_000)
+        keys = spread(index, 20_000, 0.25)
+        assert index.size == 20_000 and seen(index, keys, WINDOW + 0.25) == keys
+
+    async def test_a_restart_rebuilds_every_generation(self, tmp_path: Path) -> None:
+        path = tmp_path / "j.db"
+        now, window = time.time(), 3600.0
+        journal = Journal(path, max_bytes=1 << 30, dedup_window=window)
+        span, first = journal.dedup.span, int((now - window) // journal.dedup.span) + 1  # a generation of margin
+        keys = {n: [f"restart-{n}-{i}" for i in range(100)] for n in range(first, first + GENERATIONS)}
+        await journal.open()
+        try:
+            for n, some in keys.items():  # a request in the middle of each generation of the window
+                await journal.append("s", batch(*some), min(n * span + span / 2, now))
+        finally:
+            await journal.close()
+        again = Journal(path, max_bytes=1 << 30, dedup_window=window)
+        await again.open()
+        try:
+            assert again.dedup.size == 100 * GENERATIONS
+            assert len(again.dedup._streams["s"].generations()) == GENERATIONS
+            result = await again.append("s", batch(*itertools.chain(*keys.values()), "new"), time.time())
+            assert (result.accepted, result.duplicates) == (1, 100 * GENERATIONS)
+        finally:
+            await again.close()
+
+
+# --- the reference model -------------------------------------------------------------------------------------
+
+STREAMS = ("s", "s", "s", "t")
+"""Mostly one stream, so its keys meet again; a second one for the scoping and the eviction order."""
+KEYS = [f"m{i}" for i in range(4)]
+EIGHTHS = st.integers(0, 7).map(lambda n: n / 8)
+"""Lateness below one generation, in exact binary fractions (a time on a generation's edge is exact)."""
+
+operations = st.lists(
+    st.one_of(
+        st.tuples(st.just("advance"), st.sampled_from([0.125, 0.5]) | st.integers(1, 20).map(float)),
+        st.tuples(
+            st.sampled_from(["request", "failed request"]),
+            st.sampled_from(STREAMS),
+            st.lists(st.one_of(st.none(), st.sampled_from(KEYS)), max_size=6),
+            EIGHTHS,
+        ),
+        st.tuples(st.just("add"), st.sampled_from(STREAMS), st.lists(st.sampled_from(KEYS), max_size=4), EIGHTHS),
+        st.tuples(st.just("expire"), EIGHTHS),
+    ),
+    min_size=20,
+    max_size=120,
+)
+
+
+class Model:
+    """What the index must answer: (stream, key, generation) -> the last time added, as the index holds them."""
+
+    def __init__(self, max_keys: int) -> None:
+        self.max_keys = max_keys
+        self.held: dict[tuple[str, str, int], float] = {}
+        self.last: dict[tuple[str, str], float] = {}
+        """The last time each key was added, evicted or not: a key unseen for 13/12 of the window is fresh."""
+        self.newest: dict[str, int] = {}
+        self.clock = float("-inf")
+        """The latest time the index was told (by add or expire): the window ends there at the earliest."""
+        self.evicted = 0
+
+    def add(self, stream: str, keys: list[str], at: float) -> None:
+        number = int(at // 1.0)
+        newest = self.newest.get(stream, number)
+        if number < newest - GENERATIONS:
+            return
+        self.clock = max(self.clock, at)
+        if number > newest:
+            self._drop(lambda s, n: s == stream and n < number - GENERATIONS)
+        self.newest[stream] = max(newest, number)
+        for key in keys:
+            self.held[(stream, key, number)] = max(at, self.held.get((stream, key, number), at))
+            self.last[(stream, key)] = max(at, self.last.get((stream, key), at))
+        while len(self.held) > self.max_keys:
+            oldest = min((n, s) for s, _, n in self.held)
+            self.evicted += self._drop(lambda s, n, oldest=oldest: (n, s) == oldest)
+
+    def expire(self, now: float) -> None:
+        self.clock = max(self.clock, now)
+        self._drop(lambda s, n: n < int((now - WINDOW) // 1.0))
+
+    def _drop(self, which: Callable[[str, int], bool]) -> int:
+        gone = [entry for entry in self.held if which(entry[0], entry[2])]
+        for entry in gone:
+            del self.held[entry]
+        return len(gone)
+
+    def must_be_duplicate(self, stream: str, key: str, now: float) -> bool:
+        """Held, and seen at most a window before `now` and before the latest time the index was told (an add or an
+        expire at a later time moves the window on)."""
+        return any(
+            max(now, self.clock) - at <= WINDOW for (s, k, _), at in self.held.items() if (s, k) == (stream, key)
+        )
+
+    def must_be_fresh(self, stream: str, key: str, now: float) -> bool:
+        """Never seen, or not for 13/12 of the window."""
+        at = self.last.get((stream, key))
+        return at is None or now - at > WINDOW * 13 / 12
+
+
+class TestAgainstAModel:
+    @settings(max_examples=300, deadline=None)
+    @given(operations=operations, max_keys=st.sampled_from([4, 12, 1000]))
+    def test_the_index_answers_as_the_model_allows(self, operations: list[tuple[Any, ...]], max_keys: int) -> None:
+        with mock.patch.object(dedup, "BUCKET_KEYS", 2):  # tiny buckets: the few keys split them over and over
+            self.run(operations, max_keys)
+
+    def run(self, operations: list[tuple[Any, ...]], max_keys: int) -> None:
+        index = DedupIndex(WINDOW, max_keys)
+        model = Model(max_keys)
+        clock = 0.0
+        for operation in operations:
+            kind = operation[0]
+            if kind == "advance":
+                clock += operation[1]
+            elif kind == "expire":
+                now = clock - operation[1]
+                index.expire(now)
+                model.expire(now)
+            else:
+                _, stream, keys, late = operation
+                at = clock - late  # received a little before what was added already
+                if kind == "add":
+                    index.add(stream, keys, at)
+                    model.add(stream, keys, at)
+                else:
+                    self.request(index, model, stream, keys, at, committed=kind == "request")
+            assert index.size == len(model.held)
+            assert index.evicted == model.evicted
+
+    def request(
+        self, index: DedupIndex, model: Model, stream: str, keys: list[str | None], at: float, committed: bool
+    ) -> None:
+        """What `Journal.append` does: look the keys up, then add the fresh ones once committed."""
+        taken: list[int] = []
+        answer = index.fresh(stream, keys, at, set(), taken)
+        fresh = set(range(len(keys))) if answer is None else set(answer)
+        earlier: set[str] = set()
+        for i, key in enumerate(keys):
+            if key is None:
+                assert i in fresh
+            elif key in earlier:
+                assert i not in fresh, f"{key} twice in one request"
+            else:
+                earlier.add(key)
+                if model.must_be_duplicate(stream, key, at):
+                    assert i not in fresh, f"{key} seen within the window, called fresh at {at}"
+                if model.must_be_fresh(stream, key, at):
+                    assert i in fresh, f"{key} not seen for 13/12 of the window, called a duplicate at {at}"
+        added = [key for i, key in enumerate(keys) if i in fresh and key is not None]
+        assert sorted(taken) == sorted(hash(key) & FINGERPRINT for key in added)
+        if committed:
+            index.add(stream, added, at)
+            model.add(stream, added, at)
