@@ -106,6 +106,23 @@ class Row:
     """Bytes of the events."""
 
 
+def _row(
+    stream: str,
+    target: str | None,
+    first: int,
+    raws: Sequence[bytes],
+    actions: Sequence[str],
+    times: Sequence[float],
+    received_at: float,
+) -> Row:
+    """The Row of events `first..`: what a read of the journal gives and what a commit publishes alike."""
+    events = [
+        Event(seq, stream, bytes(raw), action=action, time=moment, received_at=received_at)
+        for seq, raw, action, moment in zip(range(first, first + len(raws)), raws, actions, times, strict=True)
+    ]
+    return Row(stream, target, events, sum(map(len, raws)))
+
+
 @dataclass(frozen=True, slots=True)
 class AppendResult:
     """What one request's batch became."""
@@ -234,7 +251,7 @@ class Journal(GroupWriter):
         shared = self.shared if self.dedup.enabled else None
         elsewhere = await shared.seen(scope, parsed.keys) if shared is not None else frozenset()
         batch = _Batch(stream, scope, parsed, received_at, elsewhere)
-        result: AppendResult = await self._write_batch(batch)
+        result: AppendResult = await self._write_batch(self._write_batches, batch)
         if shared is not None and batch.keys:  # only now, after the commit: a failure here can cause a duplicate,
             await shared.mark(scope, batch.keys)  # never a loss
         return result
@@ -306,14 +323,7 @@ class Journal(GroupWriter):
                 self.dedup.add(batch.scope, batch.keys, batch.received_at)
             if batch.row is not None:  # the events as a read would give them back, for the sinks caught up
                 first, raws, actions, times = batch.row
-                at = batch.received_at
-                events = [
-                    Event(seq, batch.stream, bytes(raw), action=action, time=moment, received_at=at)
-                    for seq, raw, action, moment in zip(
-                        range(first, first + len(raws)), raws, actions, times, strict=True
-                    )
-                ]
-                self._published.append(Row(batch.stream, None, events, sum(map(len, raws))))
+                self._published.append(_row(batch.stream, None, first, raws, actions, times, batch.received_at))
 
     def _publish(self, published: list[Row]) -> None:
         self._recent.extend(published)
@@ -456,15 +466,10 @@ class Journal(GroupWriter):
                 data = self._unpack(stored) if stored[:4] == ZSTD_MAGIC else stored
                 raws = data.split(b"\n")
                 skip = max(0, after + 1 - first)  # the row `after` falls in: only its events past `after`
-                events = [
-                    Event(seq, stream, raw, action=action, time=moment, received_at=received_at)
-                    for seq, raw, action, moment in zip(
-                        range(first + skip, first + len(raws)), raws[skip:], actions[skip:], times[skip:], strict=True
-                    )
-                ]
-                if events:
-                    found.append(Row(stream, target, events, sum(map(len, raws[skip:]))))
-                    count += len(events)
+                row = _row(stream, target, first + skip, raws[skip:], actions[skip:], times[skip:], received_at)
+                if row.events:
+                    found.append(row)
+                    count += len(row.events)
                 if count >= limit:
                     break
             return found

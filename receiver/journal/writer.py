@@ -20,6 +20,7 @@ from receiver.journal.schema import DiskFull, last_seq, map_error, store_last_se
 log = logging.getLogger("receiver.journal")
 
 T = TypeVar("T")
+B = TypeVar("B")
 
 MAX_GROUP_JOBS = 1024
 """Most requests one commit serves."""
@@ -27,15 +28,17 @@ MAX_GROUP_JOBS = 1024
 
 @dataclass(slots=True)
 class _Job:
-    fn: Callable[[sqlite3.Connection], Any] | None
+    fn: Callable[..., Any]
+    """What the job runs on the writer's connection: `fn(conn)`, or for a batch `fn(conn, batches)` with the
+    batches of every job of a run."""
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future[Any]
     proves_room: bool = False
     """A request's batch or a readiness probe with room: its commit shows the disk has space again (a cursor
     update or a prune writes too little to say so)."""
     bulk: Any = None
-    """A request's batch (the façade's): written together with the batches queued next to it, in one statement
-    per table rather than one per request; `fn` is then unused."""
+    """A request's batch: written by `fn` together with the batches queued next to it, in one statement per
+    table rather than one per request."""
 
 
 _STOP = object()
@@ -123,7 +126,7 @@ class GroupWriter:
             while index < len(jobs) or self._take_queued(jobs):
                 end = index + 1
                 if jobs[index].bulk is not None:  # this batch and those queued right after it, written at once
-                    while end < len(jobs) and jobs[end].bulk is not None:
+                    while end < len(jobs) and jobs[end].bulk is not None and jobs[end].fn == jobs[index].fn:
                         end += 1
                     self._run_bulk(conn, jobs[index:end], outcomes)
                 else:
@@ -178,9 +181,9 @@ class GroupWriter:
         hooks, undos, seq = len(self._after_commit), len(self._undo), self._next_seq
         try:
             if jobs[0].bulk is None:
-                results = [jobs[0].fn(conn)]  # type: ignore[misc]
+                results = [jobs[0].fn(conn)]
             else:
-                results = self._write_batches(conn, [job.bulk for job in jobs])
+                results = jobs[0].fn(conn, [job.bulk for job in jobs])
         except Exception as exc:  # one request's failure must not sink the others in the group
             conn.execute("ROLLBACK TO job")
             conn.execute("RELEASE job")
@@ -196,10 +199,6 @@ class GroupWriter:
         conn.execute("RELEASE job")
         outcomes.extend(zip(jobs, results, [None] * len(jobs), strict=True))
         return True
-
-    def _write_batches(self, conn: sqlite3.Connection, batches: list[Any]) -> list[Any]:
-        """Write requests' batches (the façade's `bulk` jobs); their results in order (writer thread)."""
-        raise NotImplementedError
 
     def _publish(self, published: list[Any]) -> None:
         """Take what a group's commit hooks published (event loop)."""
@@ -223,11 +222,12 @@ class GroupWriter:
     async def _write(self, fn: Callable[[sqlite3.Connection], T], proves_room: bool = False) -> T:
         return await self._enqueue(fn, proves_room, None)  # type: ignore[no-any-return]
 
-    async def _write_batch(self, batch: Any) -> Any:
-        """Queue one request's batch for `_write_batches`; its result once committed."""
-        return await self._enqueue(None, True, batch)
+    async def _write_batch(self, fn: Callable[[sqlite3.Connection, list[B]], list[Any]], batch: B) -> Any:
+        """Queue one request's batch, for `fn` to write with the batches queued next to it (its results in the
+        batches' order); this batch's result once committed."""
+        return await self._enqueue(fn, True, batch)
 
-    async def _enqueue(self, fn: Callable[[sqlite3.Connection], Any] | None, proves_room: bool, bulk: Any) -> Any:
+    async def _enqueue(self, fn: Callable[..., Any], proves_room: bool, bulk: Any) -> Any:
         if self._closed or self._writer is None:
             raise JournalClosed("the journal is closed")
         loop = asyncio.get_running_loop()
