@@ -7,6 +7,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from datadog_api_client.v2.model.http_log import HTTPLog
 from datadog_api_client.v2.model.http_log_item import HTTPLogItem
 from pydantic import SecretStr, ValidationError
 
-from sinks import registry
+from sinks import http_client, registry
 from sinks.base import Event, Outcome
 from sinks.datadog import MAX_ITEM_BYTES, MAX_ITEMS, MAX_PAYLOAD_BYTES, SITES, DatadogConfig, DatadogSink
 from sinks.errors import SinkError
@@ -358,21 +359,23 @@ class TestDelivery:
         finally:
             await sink.close()
 
-    async def test_send_does_not_block_the_loop(self, intake: DatadogIntake, sink: DatadogSink) -> None:
-        ticks = 0
+    async def test_send_does_not_block_the_loop(
+        self, intake: DatadogIntake, sink: DatadogSink, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        # Compressing a large body takes milliseconds: it must run on another thread than the event loop's.
+        # Asserted on the threads themselves, not on loop ticks, which a busy machine thins out as well.
+        threads: list[tuple[int, int]] = []
+        real = http_client.compress
 
-        async def ticker() -> None:
-            nonlocal ticks
-            while True:
-                ticks += 1
-                await asyncio.sleep(0.001)
+        def compress(body: bytes, *args: Any) -> bytes:
+            threads.append((len(body), threading.get_ident()))
+            return real(body, *args)
 
-        task = asyncio.create_task(ticker())
-        try:
-            await sink.send(make_events(3000))
-        finally:
-            task.cancel()
-        assert ticks > 5
+        monkeypatch.setattr(http_client, "compress", compress)
+        result = await sink.send(make_events(3000))
+        assert result.outcome is Outcome.SUCCESS and intake.accepted == 3000
+        large = [thread for size, thread in threads if size >= http_client.THREAD_BYTES]
+        assert large and threading.get_ident() not in large
 
     async def test_closed_sink_retries(self, sink: DatadogSink) -> None:
         await sink.close()
