@@ -1,16 +1,17 @@
-"""Intake benchmark: the receiver (file sink delivering, journal with group commit) against two no-op aiohttp
+"""Intake benchmark: the receiver (file sink delivering, journal with group commit) against three no-op
 handlers under the same load, at 1, 10 and 100 events per request, then the receiver's latency at half of its
 measured maximum under a fixed-rate (open-loop) load.
 
-The no-ops: one reads the body and `orjson.loads` it (the target's baseline); the other only splits the array
-with `msgspec.json.Decoder(list[msgspec.Raw])` (the stricter ceiling: the least work a receiver that keeps the
-elements apart can do). Every server runs as its own process on loopback, pinned to one core with `taskset`,
-and the load generator to the other (BENCH_SERVER_CPUS / BENCH_LOAD_CPUS, default 1 and 0 on a machine with 2
-or more cores). The load is wrk when it is installed (a Lua script makes every request's keySuffix values
-unique, so the receiver's dedup never skips a journal write), else a Python aiohttp load generator. Each size
-is measured REPEATS times on every server, the servers' order rotating from round to round, and ratios are
-taken within a round. Run: `python -m bench.intake` (prints the section, with the backlog part of
-bench.backlog and the dedup part of bench.dedup).
+The no-ops: one reads the body and `orjson.loads` it (the target's baseline); another only splits the array with
+`msgspec.json.Decoder(list[msgspec.Raw])` (the stricter ceiling: the least work a receiver that keeps the elements
+apart can do); the third is the orjson one without aiohttp's web framework (a bare asyncio protocol on aiohttp's C
+request parser), which shows how much of the baseline is the framework. Every server runs as its own process on
+loopback, pinned to one core with `taskset`, and the load generator to the other (BENCH_SERVER_CPUS /
+BENCH_LOAD_CPUS, default 1 and 0 on a machine with 2 or more cores). The load is wrk when it is installed (a Lua
+script makes every request's keySuffix values unique, so the receiver's dedup never skips a journal write), else a
+Python aiohttp load generator. Each size is measured REPEATS times on every server, the servers' order rotating
+from round to round, and ratios are taken within a round. Run: `python -m bench.intake` (prints the section, with
+the backlog part of bench.backlog and the dedup part of bench.dedup).
 """
 
 from __future__ import annotations
@@ -202,10 +203,12 @@ def receiver_process(sink: dict[str, object]) -> Iterator[Server]:
 
 
 @contextlib.contextmanager
-def noop_process(parser: str = "orjson") -> Iterator[Server]:
-    """The no-op handler (`parser`: orjson or msgspec) in its own process, killed on exit."""
+def noop_process(parser: str = "orjson", front: str = "aiohttp") -> Iterator[Server]:
+    """The no-op handler (`parser`: orjson or msgspec; `front`: aiohttp.web or bare, bench.noop_server) in its
+    own process, killed on exit."""
+    command = [sys.executable, "-m", "bench.noop_server", "--port", "0", "--parser", parser, "--front", front]
     process = subprocess.Popen(
-        pinned(SERVER_CPUS, [sys.executable, "-m", "bench.noop_server", "--port", "0", "--parser", parser]),
+        pinned(SERVER_CPUS, command),
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
     )
@@ -214,7 +217,7 @@ def noop_process(parser: str = "orjson") -> Iterator[Server]:
         line = process.stdout.readline().decode()
         if "listening on" not in line:
             raise RuntimeError(f"the no-op server did not start: {line!r}")
-        server = Server(f"no-op ({parser})", line.rsplit(" ", 1)[1].strip(), process)
+        server = Server(f"no-op ({parser}, {front})", line.rsplit(" ", 1)[1].strip(), process)
         wait_healthy(server.url, process)
         yield server
     finally:
@@ -490,7 +493,10 @@ def measure(server: Server, events: int, duration: float, workdir: Path) -> Load
 
 # --- the benchmark -------------------------------------------------------------------------------
 
-NOOPS = ("orjson", "msgspec")
+NOOPS = {"orjson": ("orjson", "aiohttp"), "msgspec": ("msgspec", "aiohttp"), "bare": ("orjson", "bare")}
+"""The no-ops by name: (parser, front) of bench.noop_server. `bare` is the orjson no-op without aiohttp's web
+framework: how much of the baseline is the framework, which the receiver pays as well."""
+NOOP_LABELS = {"orjson": "no-op, orjson", "msgspec": "no-op, msgspec", "bare": "no-op, orjson, bare protocol"}
 
 
 @dataclass
@@ -572,24 +578,23 @@ def latency_runs(receiver: Server, noop: Server, max_rps: float) -> Latency:
 
 
 def throughput() -> Throughput:
-    """Rounds of every size on the receiver and both no-ops, the order rotating; REPEATS times. Then the
+    """Rounds of every size on the receiver and every no-op, the order rotating; REPEATS times. Then the
     fixed-rate latency runs."""
     pairs = {events: Pair(events) for events in SIZES}
     workdir = Path(tempfile.mkdtemp(prefix="log-bridge-bench-load-"))
     try:
-        with (
-            receiver_process({"type": "file"}) as receiver,
-            noop_process("orjson") as orjson_noop,
-            noop_process("msgspec") as msgspec_noop,
-        ):
-            servers = [receiver, orjson_noop, msgspec_noop]
-            noops = {"orjson": orjson_noop, "msgspec": msgspec_noop}
+        with contextlib.ExitStack() as stack:
+            receiver = stack.enter_context(receiver_process({"type": "file"}))
+            noops = {name: stack.enter_context(noop_process(*spec)) for name, spec in NOOPS.items()}
+            orjson_noop = noops["orjson"]
+            servers = [receiver, *noops.values()]
             for server in servers:  # warm up (imports, first connections, the journal's pages)
                 measure(server, 10, WARMUP, workdir)
             wait_delivered(receiver.url)
             for repeat in range(REPEATS):
-                order = servers[repeat % 3 :] + servers[: repeat % 3]
-                if repeat % 6 >= 3:
+                turn = repeat % len(servers)
+                order = servers[turn:] + servers[:turn]
+                if repeat % (2 * len(servers)) >= len(servers):
                     order.reverse()
                 for events in SIZES:
                     _round(pairs[events], receiver, noops, order, workdir)
@@ -628,7 +633,7 @@ def render_throughput(result: Throughput) -> str:
         "|---:|---|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for pair in pairs:
-        rows = [("receiver (file sink)", pair.receiver)] + [(f"no-op, {parser}", pair.noop[parser]) for parser in NOOPS]
+        rows = [("receiver (file sink)", pair.receiver)] + [(NOOP_LABELS[name], pair.noop[name]) for name in NOOPS]
         for name, loads in rows:
             lines.append(
                 f"| {pair.events} | {name} | {_median([x.rps for x in loads]):,.0f} "
@@ -641,8 +646,10 @@ def render_throughput(result: Throughput) -> str:
     lines += [
         "",
         "| events/request | receiver / orjson no-op (median) | per round | target | met "
-        "| receiver / msgspec no-op (median) | per round | CPU per request, orjson no-op / receiver, per round |",
-        "|---:|---:|---|---:|---|---:|---|---|",
+        "| receiver / msgspec no-op (median) | per round | receiver / bare no-op (median) | per round "
+        "| CPU per request, orjson no-op / receiver, per round "
+        "| CPU per request, bare no-op / orjson no-op, per round |",
+        "|---:|---:|---|---:|---|---:|---|---:|---|---|---|",
     ]
     for pair in pairs:
         target = TARGETS.get(pair.events)
@@ -652,7 +659,9 @@ def render_throughput(result: Throughput) -> str:
             f"| {pair.events} | {ratio:.2f} | {_runs(pair.ratios['orjson'])} "
             f"| {'—' if target is None else f'≥ {target}'} | {met} "
             f"| {_median(pair.ratios['msgspec']):.2f} | {_runs(pair.ratios['msgspec'])} "
-            f"| {_runs(_cpu_ratios(pair.receiver, pair.noop['orjson']))} |"
+            f"| {_median(pair.ratios['bare']):.2f} | {_runs(pair.ratios['bare'])} "
+            f"| {_runs(_cpu_ratios(pair.receiver, pair.noop['orjson']))} "
+            f"| {_runs(_cpu_ratios(pair.noop['orjson'], pair.noop['bare']))} |"
         )
     checks = [
         f"{p.events}/request: {p.journaled:,} events journaled of {p.expected:,} answered, {p.duplicates} duplicates"
@@ -710,9 +719,11 @@ async def run() -> str:
         "### Receiver vs. no-op handlers",
         "",
         f"Receiver (`log-bridge serve`, file sink delivering in the same process, SQLite journal WAL + "
-        f"`synchronous=FULL`, group commit, in-memory dedup) and two no-op aiohttp handlers: one reads the body "
-        f"and `orjson.loads` it (the target's baseline), one only splits it with "
-        f"`msgspec.json.Decoder(list[msgspec.Raw])` (the stricter ceiling). Each in its own process on loopback, "
+        f"`synchronous=FULL`, group commit, in-memory dedup) and three no-op handlers: two on aiohttp's web "
+        f"framework, like the receiver — one reads the body and `orjson.loads` it (the target's baseline), one "
+        f"only splits it with `msgspec.json.Decoder(list[msgspec.Raw])` (the stricter ceiling) — and the orjson "
+        f"one on a bare `asyncio.Protocol` feeding aiohttp's C request parser (`--front bare`: what the web "
+        f"framework itself costs). Each in its own process on loopback, "
         f"{pinning()}, same load: {load_tool()}. {REPEATS} rounds of {DURATION:g} s per server and size, the "
         f"servers' order rotating from round to round; medians and every run reported; a ratio is receiver req/s "
         f"÷ no-op req/s of the same round. Machine: {cores} cores, shared with other work, so absolute figures "
