@@ -189,7 +189,7 @@ class SinkRunner:
             return
         self._read_pos = rows[-1].events[-1].seq
         wanted: list[Event] = []
-        size = 0
+        size: int | None = None  # bytes of `wanted`: known per row in the common case, else summed once below
         if not self._every_action:
             wanted = [
                 event
@@ -200,12 +200,11 @@ class SinkRunner:
             counted = sum(1 for event in wanted if event.seq <= self._counted_upto)
             self._unread = max(0, self._unread - counted)
             self._counted_upto = max(self._counted_upto, self._read_pos)
-            size = sum(len(event.raw) for event in wanted)
         elif self.legacy:
             wanted = [event for row in rows for event in row.events if self._owns(row.stream, row.target, event.seq)]
             self._unread = max(0, self._unread - len(wanted))
-            size = sum(len(event.raw) for event in wanted)
         else:  # the common case: no filters and no reload to settle, so a whole row is this sink's or not
+            size = 0
             for row in rows:
                 if row.stream in self.streams if row.target is None else row.target == self.name:
                     wanted += row.events
@@ -217,7 +216,7 @@ class SinkRunner:
             if not self._buffer:
                 self._first_buffered_at = time.monotonic()
             self._buffer.extend(wanted)
-            self._buffered_bytes += size
+            self._buffered_bytes += sum(len(event.raw) for event in wanted) if size is None else size
 
     def _take_batch(self) -> list[Event]:
         limits = self.section.batch
