@@ -184,10 +184,10 @@ class SinkRunner:
         rows = self.journal.recent_rows(self._read_pos, limit)
         if rows is None:  # behind the events kept in memory, or after rows another process wrote
             rows = await self._persist(lambda: self.journal.read_rows(self._read_pos, limit), "read the journal")
-        self._caught_up = sum(len(row.events) for row in rows) < limit
+        self._caught_up = sum(row.count for row in rows) < limit
         if not rows:
             return
-        self._read_pos = rows[-1].events[-1].seq
+        self._read_pos = rows[-1].last
         wanted: list[Event] = []
         size: int | None = None  # bytes of `wanted`: known per row in the common case, else summed once below
         if not self._every_action:

@@ -59,6 +59,9 @@ class Parsed:
     keys: list[str | None] = field(default_factory=list)
     """Each element's dedup key: `keySuffix`, else the event's `id`."""
     rejected: list[Rejected] = field(default_factory=list)
+    held: int = 0
+    """Bytes of the body the raws are views into (0 when they are bytes of their own): what keeping any of them
+    keeps alive."""
 
     def __len__(self) -> int:
         return len(self.raws)
@@ -220,9 +223,10 @@ def _fast(text: bytes, received_at: float, max_events: int, lines: list[bytes] |
     ):
         return None
     heads = [element.event for element in elements]
+    held = len(text)
     if b"\n" in text or b"\r" in text:
-        raws = [_one_line(bytes(raw)) for raw in raws]
-    parsed = Parsed(raws)
+        raws, held = [_one_line(bytes(raw)) for raw in raws], 0
+    parsed = Parsed(raws, held=held)
     parsed.keys = [element.keySuffix or element.event.id or None for element in elements]
     parsed.actions = [head.action or "" for head in heads]
     parsed.times = [

@@ -74,7 +74,7 @@ def replay_dead_letters(path: Path, sink: str | None = None) -> int:
         for _id, target, stream, data, meta in rows:
             action, moment = _action_and_time(meta, bytes(data), now)
             seq += 1
-            conn.execute(INSERT_BATCH, batch_row(pack, seq, stream, target, now, [bytes(data)], [action], [moment]))
+            conn.execute(INSERT_BATCH, batch_row(pack, seq, stream, target, now, bytes(data), [action], [moment]))
         store_last_seq(conn, seq)
         conn.executemany("DELETE FROM dead_letters WHERE id = ?", [(row[0],) for row in rows])
         conn.execute("COMMIT")

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, TypeVar
 
+import msgspec
 import orjson
 import zstandard
 
@@ -54,7 +55,8 @@ CHECKPOINT_EVERY = 1.0
 """Seconds between WAL checkpoints (when something was committed)."""
 
 RECENT_BYTES = 8 * 1024 * 1024
-"""Bytes of the newest committed events kept in memory, for sinks that are caught up to take without a read."""
+"""Bytes of the newest committed events kept in memory, for sinks that are caught up to take without a read
+(what they keep alive stays within twice that: see Row)."""
 
 PROBE_ROOM = 256 * 1024
 """Bytes a readiness probe writes after the disk was full: more than most requests store (compressed)."""
@@ -90,37 +92,79 @@ class _Batch:
     """The keys stored with it (set by the writer)."""
     size: int = 0
     """Bytes stored (set by the writer)."""
-    row: tuple[int, Sequence[bytes], Sequence[str], Sequence[float]] | None = None
-    """The events stored, as (first seq, raws, actions, times) (set by the writer)."""
+    row: Row | None = None
+    """The events stored, for the sinks caught up once committed (set by the writer)."""
 
 
-@dataclass(frozen=True, slots=True)
 class Row:
-    """The events of one batch row past a read's start, with what they share."""
+    """The events of one batch row past a read's start, with what they share.
 
-    stream: str
-    target: str | None
-    """The one sink they were replayed for, or None: for every sink of the stream."""
-    events: list[Event]
-    size: int
-    """Bytes of the events."""
+    A row a commit publishes (`Row.deferred`) makes its events only when a sink first asks for them: a sink that
+    is caught up takes them, but the rows a sink that is behind will read from SQLite instead, or that no sink
+    takes during an outage, are let go without an `Event` ever made for them. Until then it holds the elements
+    as the intake parsed them, views into the request body when the body is not more than twice their size
+    (the usual case: every element kept), else copies: what a held row keeps alive stays within twice its
+    `size`, so the RECENT_BYTES bound holds for memory too."""
+
+    __slots__ = ("_events", "_source", "count", "first", "size", "stream", "target")
+
+    def __init__(self, stream: str, target: str | None, events: list[Event], size: int) -> None:
+        self.stream = stream
+        self.target = target
+        """The one sink they were replayed for, or None: for every sink of the stream."""
+        self.size = size
+        """Bytes of the events."""
+        self.first = events[0].seq if events else 0
+        """The first event's seq."""
+        self.count = len(events)
+        self._events = events
+        self._source: tuple[Sequence[bytes | msgspec.Raw], Sequence[str], Sequence[float], float] | None = None
+        """What a deferred row's events are made of, until they are."""
+
+    @classmethod
+    def deferred(
+        cls,
+        stream: str,
+        first: int,
+        raws: Sequence[bytes | msgspec.Raw],
+        actions: Sequence[str],
+        times: Sequence[float],
+        received_at: float,
+        size: int,
+    ) -> Row:
+        """The row of events `first..` (`size` bytes, in `raws`), made into events on first use."""
+        row = cls.__new__(cls)
+        row.stream, row.target, row.first, row.count, row.size = stream, None, first, len(raws), size
+        row._events, row._source = [], (raws, actions, times, received_at)
+        return row
+
+    @property
+    def last(self) -> int:
+        """The last event's seq."""
+        return self.first + self.count - 1
+
+    @property
+    def events(self) -> list[Event]:
+        """The events, made on first use for a row a commit published (event loop only)."""
+        if self._source is not None:
+            self._events = _events(self.stream, self.first, *self._source)
+            self._source = None
+        return self._events
 
 
-def _row(
+def _events(
     stream: str,
-    target: str | None,
     first: int,
-    raws: Sequence[bytes],
+    raws: Sequence[bytes | msgspec.Raw],
     actions: Sequence[str],
     times: Sequence[float],
     received_at: float,
-) -> Row:
-    """The Row of events `first..`: what a read of the journal gives and what a commit publishes alike."""
-    events = [
+) -> list[Event]:
+    """The events `first..` of a batch row: what a read of the journal gives and what a commit publishes alike."""
+    return [
         Event(seq, stream, bytes(raw), action=action, time=moment, received_at=received_at)
         for seq, raw, action, moment in zip(range(first, first + len(raws)), raws, actions, times, strict=True)
     ]
-    return Row(stream, target, events, sum(map(len, raws)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -276,8 +320,12 @@ class Journal(GroupWriter):
                     raws = [parsed.raws[i] for i in fresh]
                     actions = [parsed.actions[i] for i in fresh]
                     times = [parsed.times[i] for i in fresh]
-                rows.append(batch_row(self._pack, self._next_seq, batch.stream, None, at, raws, actions, times))
-                batch.row = (self._next_seq, raws, actions, times)
+                lines = b"\n".join(raws)
+                rows.append(batch_row(self._pack, self._next_seq, batch.stream, None, at, lines, actions, times))
+                size = len(lines) - count + 1
+                if 2 * size < parsed.held:  # views keeping a body twice their size alive (duplicates, padding)
+                    raws = [bytes(raw) for raw in raws]
+                batch.row = Row.deferred(batch.stream, self._next_seq, raws, actions, times, at, size)
                 self._next_seq += count
                 batch.size = len(rows[-1][6])
                 if self.dedup.enabled:
@@ -322,8 +370,7 @@ class Journal(GroupWriter):
             if batch.keys:
                 self.dedup.add(batch.scope, batch.keys, batch.received_at)
             if batch.row is not None:  # the events as a read would give them back, for the sinks caught up
-                first, raws, actions, times = batch.row
-                self._published.append(_row(batch.stream, None, first, raws, actions, times, batch.received_at))
+                self._published.append(batch.row)
 
     def _publish(self, published: list[Row]) -> None:
         self._recent.extend(published)
@@ -337,21 +384,21 @@ class Journal(GroupWriter):
         Only contiguous rows are given: rows another process wrote (`dlq replay`) are read from the journal."""
         recent = self._recent
         index = len(recent) - 1
-        while index >= 0 and recent[index].events[0].seq > after + 1:  # sinks caught up ask for the newest
+        while index >= 0 and recent[index].first > after + 1:  # sinks caught up ask for the newest
             index -= 1
-        if index < 0 or recent[index].events[-1].seq <= after:
+        if index < 0 or recent[index].last <= after:
             return None
         row = recent[index]
-        if row.events[0].seq <= after:  # the row `after` falls in: only its events past `after`
-            events = row.events[after + 1 - row.events[0].seq :]
+        if row.first <= after:  # the row `after` falls in: only its events past `after`
+            events = row.events[after + 1 - row.first :]
             row = Row(row.stream, row.target, events, sum(len(event.raw) for event in events))
         found = [row]
-        count = len(row.events)
+        count = row.count
         for following in range(index + 1, len(recent)):
-            if count >= limit or recent[following].events[0].seq != found[-1].events[-1].seq + 1:
+            if count >= limit or recent[following].first != found[-1].last + 1:
                 break
             found.append(recent[following])
-            count += len(recent[following].events)
+            count += recent[following].count
         return found
 
     async def probe(self) -> bool:
@@ -466,7 +513,9 @@ class Journal(GroupWriter):
                 data = self._unpack(stored) if stored[:4] == ZSTD_MAGIC else stored
                 raws = data.split(b"\n")
                 skip = max(0, after + 1 - first)  # the row `after` falls in: only its events past `after`
-                row = _row(stream, target, first + skip, raws[skip:], actions[skip:], times[skip:], received_at)
+                kept = raws[skip:]
+                events = _events(stream, first + skip, kept, actions[skip:], times[skip:], received_at)
+                row = Row(stream, target, events, sum(map(len, kept)))
                 if row.events:
                     found.append(row)
                     count += len(row.events)

@@ -93,14 +93,15 @@ def batch_row(
     stream: str,
     target: str | None,
     received_at: float,
-    raws: Sequence[bytes],
+    lines: bytes,
     actions: Sequence[str],
     times: Sequence[float],
 ) -> tuple[int, int, str, str | None, float, bytes, bytes]:
-    """The `batches` row (INSERT_BATCH's parameters) of events `first..first+len(raws)-1`, their bytes packed by
-    `pack`, for every sink of `stream` (target None) or for the one sink `target`."""
+    """The `batches` row (INSERT_BATCH's parameters) of events `first..first+len(actions)-1`: `lines` holds
+    their bytes, one event a line (`b"\\n".join`), packed by `pack`; for every sink of `stream` (target None) or
+    for the one sink `target`."""
     meta = orjson.dumps([list(actions), list(times)])
-    return (first, first + len(raws) - 1, stream, target, received_at, meta, pack(b"\n".join(raws)))
+    return (first, first + len(actions) - 1, stream, target, received_at, meta, pack(lines))
 
 
 def insert_dead_letters(

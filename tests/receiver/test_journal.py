@@ -6,13 +6,14 @@ import asyncio
 import contextlib
 import sqlite3
 import time
+import tracemalloc
 from pathlib import Path
 
 import pytest
 
 from receiver.errors import JournalClosed, JournalError, JournalFull
 from receiver.journal import INTAKE, Journal, Row, list_dead_letters, replay_dead_letters
-from receiver.parsing import Parsed, Rejected
+from receiver.parsing import Parsed, Rejected, parse_body
 from sinks.base import Event
 from tests.receiver.test_unattended import small_disk
 
@@ -344,6 +345,40 @@ class TestRecentRows:
         assert held is not None and [e.seq for row in held for e in row.events] == [journal.last_seq]
         assert journal.recent_rows(0, 10) is None  # the oldest rows were let go: the journal has them
         assert journal._recent_bytes <= 1000 + max(row.size for row in journal._recent)
+
+    async def test_held_rows_keep_their_events_not_the_request_bodies(self, journal: Journal) -> None:
+        # The fast parse keeps each element as a view into its body. A row held for the sinks must not keep a
+        # body much larger than its events alive, or a window of small rows could hold as many large bodies:
+        # those of retried batches (all but one element a duplicate) and those padded with whitespace.
+        pad = "p" * 900
+        seen = [f'{{"event":{{"action":"a"}},"keySuffix":"seen-{i}","pad":"{pad}"}}' for i in range(1000)]
+        first = parse_body(("[" + ",".join(seen) + "]").encode(), "application/json", time.time())
+        assert (await journal.append("s", first, time.time())).accepted == 1000
+        del first
+        sent = []
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            for n in range(40):  # ~1 MB each, with one new event of ~50 bytes in it
+                new = f'{{"event":{{"action":"a"}},"keySuffix":"new-{n}"}}'
+                if n % 2:
+                    body = ("[" + ",".join([*seen, new]) + "]").encode()
+                else:
+                    body = ("[" + new + " " * 1_000_000 + "]").encode()
+                result = await journal.append("s", parse_body(body, "application/json", time.time()), time.time())
+                assert result.accepted == 1 and result.duplicates == (1000 if n % 2 else 0)
+                sent.append(new.encode())
+                del body
+            held = tracemalloc.get_traced_memory()[0] - before
+        finally:
+            tracemalloc.stop()
+        assert len(journal._recent) == 41
+        assert held < 4 * 1024 * 1024, held  # the 40 bodies are 40 MB
+        # Nothing asked for them yet: no event was made; a sink that asks gets them exactly.
+        assert all(row._source is not None for row in journal._recent)
+        recent = journal.recent_rows(1000, 100)
+        assert recent is not None and [e.raw for row in recent for e in row.events] == sent
+        assert all(type(e.raw) is bytes for row in recent for e in row.events)
 
 
 class TestGroupedWrites:
