@@ -96,6 +96,10 @@ class _Batch:
     """The events stored, for the sinks caught up once committed (set by the writer)."""
 
 
+_Source = tuple[Sequence[bytes | msgspec.Raw], Sequence[str], Sequence[float], float]
+"""A batch row's elements as the intake parsed them: (raws, actions, times, received_at)."""
+
+
 class Row:
     """The events of one batch row past a read's start, with what they share.
 
@@ -118,24 +122,16 @@ class Row:
         """The first event's seq."""
         self.count = len(events)
         self._events = events
-        self._source: tuple[Sequence[bytes | msgspec.Raw], Sequence[str], Sequence[float], float] | None = None
+        self._source: _Source | None = None
         """What a deferred row's events are made of, until they are."""
 
     @classmethod
-    def deferred(
-        cls,
-        stream: str,
-        first: int,
-        raws: Sequence[bytes | msgspec.Raw],
-        actions: Sequence[str],
-        times: Sequence[float],
-        received_at: float,
-        size: int,
-    ) -> Row:
-        """The row of events `first..` (`size` bytes, in `raws`), made into events on first use."""
+    def deferred(cls, stream: str, first: int, source: _Source, size: int) -> Row:
+        """The row of events `first..` (`size` bytes) whose `source` is (raws, actions, times, received_at), made
+        into events on first use."""
         row = cls.__new__(cls)
-        row.stream, row.target, row.first, row.count, row.size = stream, None, first, len(raws), size
-        row._events, row._source = [], (raws, actions, times, received_at)
+        row.stream, row.target, row.first, row.count, row.size = stream, None, first, len(source[0]), size
+        row._events, row._source = [], source
         return row
 
     @property
@@ -325,7 +321,7 @@ class Journal(GroupWriter):
                 size = len(lines) - count + 1
                 if 2 * size < parsed.held:  # views keeping a body twice their size alive (duplicates, padding)
                     raws = [bytes(raw) for raw in raws]
-                batch.row = Row.deferred(batch.stream, self._next_seq, raws, actions, times, at, size)
+                batch.row = Row.deferred(batch.stream, self._next_seq, (raws, actions, times, at), size)
                 self._next_seq += count
                 batch.size = len(rows[-1][6])
                 if self.dedup.enabled:
