@@ -55,8 +55,18 @@ CHECKPOINT_EVERY = 1.0
 """Seconds between WAL checkpoints (when something was committed)."""
 
 RECENT_BYTES = 8 * 1024 * 1024
-"""Bytes of the newest committed events kept in memory, for sinks that are caught up to take without a read
-(what they keep alive stays within twice that: see Row)."""
+"""Memory the newest committed rows may take, for sinks that are caught up to take without a read: each row is
+charged its events' bytes plus ROW_COST and EVENT_COST an event (`Row.cost`), so many tiny rows stay within it."""
+
+ROW_COST = 640
+"""Bytes a held row costs besides its events' bytes (the Row, its lists, the source tuple; measured ≈ 600)."""
+
+EVENT_COST = 160
+"""Bytes each held event costs besides its bytes (its `Event` and `bytes` object once made; ≈ 130–150)."""
+
+DEFER_MAX_EVENTS = 2048
+"""A published row of more events makes them in the writer thread at once: making 100 k `Event`s on the event
+loop when a sink first asks would hold it for 30–60 ms; 2,048 take ≈ 1 ms."""
 
 PROBE_ROOM = 256 * 1024
 """Bytes a readiness probe writes after the disk was full: more than most requests store (compressed)."""
@@ -107,8 +117,8 @@ class Row:
     is caught up takes them, but the rows a sink that is behind will read from SQLite instead, or that no sink
     takes during an outage, are let go without an `Event` ever made for them. Until then it holds the elements
     as the intake parsed them, views into the request body when the body is not more than twice their size
-    (the usual case: every element kept), else copies: what a held row keeps alive stays within twice its
-    `size`, so the RECENT_BYTES bound holds for memory too."""
+    (the usual case: every element kept), else copies: what a held row keeps alive stays within about twice
+    its `cost`, so the RECENT_BYTES bound holds for memory too."""
 
     __slots__ = ("_events", "_source", "count", "first", "size", "stream", "target")
 
@@ -133,6 +143,11 @@ class Row:
         row.stream, row.target, row.first, row.count, row.size = stream, None, first, len(source[0]), size
         row._events, row._source = [], source
         return row
+
+    @property
+    def cost(self) -> int:
+        """What holding the row takes, for the RECENT_BYTES bound."""
+        return self.size + ROW_COST + EVENT_COST * self.count
 
     @property
     def last(self) -> int:
@@ -310,8 +325,8 @@ class Journal(GroupWriter):
             indexes = range(len(parsed)) if fresh is None else fresh
             count = len(indexes)
             if count:
-                if fresh is None:
-                    raws, actions, times = parsed.raws, parsed.actions, parsed.times
+                if fresh is None:  # copies: the row outlives the call, whatever its caller does with `parsed`
+                    raws, actions, times = list(parsed.raws), list(parsed.actions), list(parsed.times)
                 else:
                     raws = [parsed.raws[i] for i in fresh]
                     actions = [parsed.actions[i] for i in fresh]
@@ -319,9 +334,13 @@ class Journal(GroupWriter):
                 lines = b"\n".join(raws)
                 rows.append(batch_row(self._pack, self._next_seq, batch.stream, None, at, lines, actions, times))
                 size = len(lines) - count + 1
-                if 2 * size < parsed.held:  # views keeping a body twice their size alive (duplicates, padding)
-                    raws = [bytes(raw) for raw in raws]
-                batch.row = Row.deferred(batch.stream, self._next_seq, (raws, actions, times, at), size)
+                if count > DEFER_MAX_EVENTS:
+                    events = _events(batch.stream, self._next_seq, raws, actions, times, at)
+                    batch.row = Row(batch.stream, None, events, size)
+                else:
+                    if 2 * size < parsed.held:  # views keeping a body twice their size alive (duplicates, padding)
+                        raws = [bytes(raw) for raw in raws]
+                    batch.row = Row.deferred(batch.stream, self._next_seq, (raws, actions, times, at), size)
                 self._next_seq += count
                 batch.size = len(rows[-1][6])
                 if self.dedup.enabled:
@@ -370,9 +389,9 @@ class Journal(GroupWriter):
 
     def _publish(self, published: list[Row]) -> None:
         self._recent.extend(published)
-        self._recent_bytes += sum(row.size for row in published)
+        self._recent_bytes += sum(row.cost for row in published)
         while self._recent_bytes > RECENT_BYTES and len(self._recent) > 1:
-            self._recent_bytes -= self._recent.popleft().size
+            self._recent_bytes -= self._recent.popleft().cost
 
     def recent_rows(self, after: int, limit: int) -> list[Row] | None:
         """What `read_rows` would give, from the rows this process committed last (kept in memory, up to

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import sqlite3
 import time
 import tracemalloc
@@ -344,7 +345,7 @@ class TestRecentRows:
         held = journal.recent_rows(journal.last_seq - 1, 10)
         assert held is not None and [e.seq for row in held for e in row.events] == [journal.last_seq]
         assert journal.recent_rows(0, 10) is None  # the oldest rows were let go: the journal has them
-        assert journal._recent_bytes <= 1000 + max(row.size for row in journal._recent)
+        assert journal._recent_bytes <= 1000 + max(row.cost for row in journal._recent)
 
     async def test_held_rows_keep_their_events_not_the_request_bodies(self, journal: Journal) -> None:
         # The fast parse keeps each element as a view into its body. A row held for the sinks must not keep a
@@ -379,6 +380,43 @@ class TestRecentRows:
         recent = journal.recent_rows(1000, 100)
         assert recent is not None and [e.raw for row in recent for e in row.events] == sent
         assert all(type(e.raw) is bytes for row in recent for e in row.events)
+
+    async def test_many_tiny_rows_stay_in_bounds(self, journal: Journal, monkeypatch: pytest.MonkeyPatch) -> None:
+        # One 12-byte event a request: a row's own objects weigh far more than its bytes, and are charged.
+        monkeypatch.setattr("receiver.journal.facade.RECENT_BYTES", 50_000)
+        for _ in range(100):
+            await journal.append("s", parse_body(b'[{"event":{}}]', "application/json", time.time()), time.time())
+        gc.collect()
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            for _ in range(60):  # 3,000 rows: uncharged, 12 bytes each, the window would keep them all (≈ 2 MB)
+                bodies = [parse_body(b'[{"event":{}}]', "application/json", time.time()) for _ in range(50)]
+                await asyncio.gather(*(journal.append("s", parsed, time.time()) for parsed in bodies))
+            del bodies
+            gc.collect()
+            held = tracemalloc.get_traced_memory()[0] - before
+        finally:
+            tracemalloc.stop()
+        assert held < 3 * 50_000, (held, len(journal._recent))
+
+    async def test_a_parsed_body_changed_after_append_does_not_change_what_sinks_get(self, journal: Journal) -> None:
+        parsed = batch("a", "b")
+        await journal.append("s", parsed, time.time())
+        journaled = _rows(await journal.read_rows(0, 10))
+        parsed.raws[0], parsed.actions[0] = b'{"event":{"action":"changed"}}', "changed"
+        recent = journal.recent_rows(0, 10)
+        assert recent is not None and _rows(recent) == journaled
+
+    async def test_large_rows_are_made_in_the_writer(self, journal: Journal, monkeypatch: pytest.MonkeyPatch) -> None:
+        # Making a large row's events on the event loop when a sink first asks would hold the loop (100 k events:
+        # 30-60 ms), so those are made at the commit, as a read would make them.
+        monkeypatch.setattr("receiver.journal.facade.DEFER_MAX_EVENTS", 3)
+        await journal.append("s", batch("a", "b", "c"), time.time())
+        await journal.append("s", batch("d", "e", "f", "g"), time.time())
+        assert [row._source is None for row in journal._recent] == [False, True]
+        recent = journal.recent_rows(0, 10)
+        assert recent is not None and _rows(recent) == _rows(await journal.read_rows(0, 10))
 
 
 class TestGroupedWrites:
