@@ -11,7 +11,7 @@ import time
 import traceback
 from collections.abc import Callable
 from functools import partial
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 from aiohttp import web
@@ -35,27 +35,50 @@ _INLINE_DECODE_BYTES = 16 * 1024
 """Compressed bodies up to this size are decompressed on the event loop (a few milliseconds at most)."""
 
 
-def _answer(status: int, message: str, **headers: str) -> web.Response:
-    return web.Response(
-        status=status,
-        body=orjson.dumps({"error": message}),
-        content_type="application/json",
-        headers=headers or None,
+class Answer:
+    """What an endpoint answers, whichever front serves the connection: a status, a JSON body and extra
+    headers; `refusal` labels a refused request for `log_bridge_requests_refused_total`, `close` ends the
+    connection after the answer."""
+
+    __slots__ = ("status", "body", "headers", "refusal", "close")
+
+    def __init__(
+        self,
+        status: int,
+        body: bytes,
+        headers: dict[str, str] | None = None,
+        refusal: str | None = None,
+        close: bool = False,
+    ) -> None:
+        self.status = status
+        self.body = body
+        self.headers = headers
+        self.refusal = refusal
+        self.close = close
+
+
+def web_response(answer: Answer) -> web.Response:
+    """An answer as aiohttp's response."""
+    response = web.Response(
+        status=answer.status, body=answer.body, content_type="application/json", headers=answer.headers
     )
-
-
-def _refuse(
-    reason: str, status: int, message: str, *, close: bool = False, retry_after: str | None = None
-) -> web.Response:
-    """A refusal, labelled with its reason for `log_bridge_requests_refused_total`."""
-    response = _answer(status, message, **({"Retry-After": retry_after} if retry_after else {}))
-    response[REFUSAL] = reason
-    if close:
+    if answer.close:
         response.force_close()
     return response
 
 
-REFUSAL = web.ResponseKey("refusal", str)
+def _answer(status: int, message: str, **headers: str) -> Answer:
+    return Answer(status, orjson.dumps({"error": message}), headers or None)
+
+
+def _refuse(reason: str, status: int, message: str, *, close: bool = False, retry_after: str | None = None) -> Answer:
+    """A refusal, labelled with its reason for `log_bridge_requests_refused_total`."""
+    headers = {"Retry-After": retry_after} if retry_after else None
+    return Answer(status, orjson.dumps({"error": message}), headers, reason, close)
+
+
+NO_STREAM = Answer(404, orjson.dumps({"error": "no stream is configured at this path"}), close=True)
+
 REFUSAL_REASONS = (
     "not_allowed",
     "unauthorised",
@@ -129,6 +152,75 @@ class InflightBudget:
         self.used -= size
 
 
+class RequestHead(Protocol):
+    """What the intake reads of a request: where it came from, its headers, then its body."""
+
+    peer: str | None
+    """The connection's peer address."""
+    content_length: int | None
+    content_type: str
+    encoding: str
+    """Content-Encoding, stripped and lower-cased ("identity" when absent)."""
+
+    def header_bytes(self, name: str) -> bytes:
+        """A header's value as sent (the first, if repeated; empty when absent)."""
+
+    def forwarded(self) -> list[str]:
+        """Every X-Forwarded-For value, in order."""
+
+    async def body(self, max_body: int, within: float) -> bytes:
+        """The whole body; BodyError 400 (cut short), 408 (not within `within` seconds) or 413 (over `max_body`)."""
+
+
+class WebHead:
+    """An aiohttp request, as the intake reads it."""
+
+    __slots__ = ("_request", "peer", "content_length", "content_type", "encoding")
+
+    def __init__(self, request: web.Request) -> None:
+        self._request = request
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        self.peer: str | None = peer[0] if peer else None
+        self.content_length = request.content_length
+        self.content_type = request.content_type
+        self.encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+
+    def header_bytes(self, name: str) -> bytes:
+        # aiohttp decodes header bytes that are not UTF-8 with surrogateescape; this gives the bytes back.
+        return self._request.headers.get(name, "").encode("utf-8", "surrogateescape")
+
+    def forwarded(self) -> list[str]:
+        return self._request.headers.getall("X-Forwarded-For", [])
+
+    async def body(self, max_body: int, within: float) -> bytes:
+        request = self._request
+        content = request.content
+        if content.is_eof() and not content.exception():
+            # The whole body came with the headers (the common case): no wait, so no timer to arm.
+            body = content.read_nowait()
+            if request.content_length is not None and len(body) != request.content_length:
+                raise BodyError(400, "the body is shorter than its Content-Length")
+            if len(body) > max_body:
+                raise BodyError(413, f"body is larger than max_body_bytes ({max_body} bytes)")
+            return body
+        chunks = bytearray()
+        try:
+            async with asyncio.timeout(within):
+                if request.content_length is not None:  # already checked against the limit
+                    return await request.content.readexactly(request.content_length)
+                async for chunk in request.content.iter_any():
+                    chunks += chunk
+                    if len(chunks) > max_body:
+                        raise BodyError(413, f"body is larger than max_body_bytes ({max_body} bytes)")
+        except TimeoutError:
+            raise BodyError(408, "timed out reading the request body") from None
+        except asyncio.IncompleteReadError:
+            raise BodyError(400, "the body is shorter than its Content-Length") from None
+        except web.RequestPayloadError:
+            raise BodyError(400, "the body is malformed (chunked encoding) or was cut off") from None
+        return bytes(chunks)
+
+
 class Intake:
     """Accepts one stream's POSTs."""
 
@@ -166,22 +258,25 @@ class Intake:
         self.idle = asyncio.Event()
         self.idle.set()
 
-    def _authorised(self, request: web.Request) -> bool:
+    def _authorised(self, head: RequestHead) -> bool:
         if self.auth_header is None:
             return True
-        # aiohttp decodes header bytes that are not UTF-8 with surrogateescape; this gives the bytes back.
-        given = request.headers.get(self.auth_header, "").encode("utf-8", "surrogateescape")
+        given = head.header_bytes(self.auth_header)
         # Compare against every accepted value so the time taken does not say which one nearly matched.
         matches = [hmac.compare_digest(given, value) for value in self.auth_values]
         return any(matches)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        """The stream endpoint."""
+        """The stream endpoint, for aiohttp."""
+        return web_response(await self.serve(WebHead(request)))
+
+    async def serve(self, head: RequestHead) -> Answer:
+        """One stream POST, from either front: screened, read, parsed, committed, counted."""
         started = time.monotonic()
         self.inflight += 1
         self.idle.clear()
         try:
-            response = await self._handle(request)
+            answer = await self._handle(head)
         except Exception as exc:  # a bug must not become a 500: WorkOS retries a 503, and the event is kept
             self.state.refusals.warning(
                 "unexpected error handling a request; answered 503",
@@ -189,36 +284,34 @@ class Intake:
                 error=type(exc).__name__,
                 where=where_raised(exc),
             )
-            response = _refuse(
+            answer = _refuse(
                 "internal_error", 503, "internal error; retry later", close=True, retry_after=RETRY_AFTER_BUSY
             )
         finally:
             self.inflight -= 1
             if not self.inflight:
                 self.idle.set()
-        self._count(response, started)
-        return response
+        self._count(answer, started)
+        return answer
 
-    def _count(self, response: web.StreamResponse, started: float) -> None:
-        reason = response.get(REFUSAL)
-        if reason is not None:
-            self._refused[reason].inc()
-        counter = self._requests.get(response.status)
+    def _count(self, answer: Answer, started: float) -> None:
+        if answer.refusal is not None:
+            self._refused[answer.refusal].inc()
+        counter = self._requests.get(answer.status)
         if counter is None:
-            counter = self._requests[response.status] = self.metrics.requests.labels(self.stream.name, response.status)
+            counter = self._requests[answer.status] = self.metrics.requests.labels(self.stream.name, answer.status)
         counter.inc()
         self._seconds.observe(time.monotonic() - started)
 
-    def _screen(self, request: web.Request) -> web.Response | None:
+    def _screen(self, head: RequestHead) -> Answer | None:
         """The refusal of a request from an address not allowed or without the secret, else None."""
-        peer = request.transport.get_extra_info("peername") if request.transport else None
-        client, allowed = self.policy.check(peer[0] if peer else None, request.headers.getall("X-Forwarded-For", []))
+        client, allowed = self.policy.check(head.peer, head.forwarded())
         if not allowed:
             self.state.refusals.warning(
                 "request from an address not on the allowlist", stream=self.stream.name, client=str(client)
             )
             return _refuse("not_allowed", 403, "client address is not allowed", close=True)
-        if not self._authorised(request):
+        if not self._authorised(head):
             self.state.refusals.warning(
                 "request without the stream's secret", stream=self.stream.name, client=str(client)
             )
@@ -229,29 +322,29 @@ class Intake:
         """`Expect: 100-continue`: the client is invited to send its body only once its address and secret
         are accepted and the body would be taken; otherwise it gets the refusal at once."""
         started = time.monotonic()
-        refusal = self._screen(request) or self._precheck(request)
+        head = WebHead(request)
+        refusal = self._screen(head) or self._precheck(head)
         if refusal is not None:
             self._count(refusal, started)
-            return refusal
+            return web_response(refusal)
         if request.version < (1, 1):  # HTTP/1.0 has no 1xx answers: the expectation is ignored (RFC 9110 10.1.1)
             return None
         if request.headers.get("Expect", "").lower() != "100-continue":
-            response = _answer(417, "the only expectation understood is 100-continue")
-            response.force_close()
-            self._count(response, started)
-            return response
+            answer = _answer(417, "the only expectation understood is 100-continue")
+            answer.close = True
+            self._count(answer, started)
+            return web_response(answer)
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         request.writer.output_size = 0
         return None
 
-    def _precheck(self, request: web.Request) -> web.Response | None:
+    def _precheck(self, head: RequestHead) -> Answer | None:
         """Refusals decided from the headers alone, before the body is read."""
         if self.state.draining:
             return _refuse("shutting_down", 503, "shutting down", retry_after=RETRY_AFTER_DOWN)
-        if request.content_length is not None and request.content_length > self.max_body:
+        if head.content_length is not None and head.content_length > self.max_body:
             return _refuse("too_large", 413, f"body is larger than max_body_bytes ({self.max_body} bytes)", close=True)
-        encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
-        if encoding not in ("identity", "", "gzip", "x-gzip", "zstd"):
+        if head.encoding not in ("identity", "", "gzip", "x-gzip", "zstd"):
             return _refuse("unsupported", 415, "unsupported Content-Encoding; use identity, gzip or zstd", close=True)
         if self.journal.over_cap:
             return _refuse(
@@ -260,24 +353,24 @@ class Intake:
                 "journal is over its size cap; delivery is behind",
                 retry_after=RETRY_AFTER_FULL,
             )
-        if request.content_length == 0:
+        if head.content_length == 0:
             return _refuse("bad_body", 400, "empty body: expected a JSON array or NDJSON")
         return None
 
-    async def _handle(self, request: web.Request) -> web.StreamResponse:
-        refusal = self._screen(request) or self._precheck(request)
+    async def _handle(self, head: RequestHead) -> Answer:
+        refusal = self._screen(head) or self._precheck(head)
         if refusal is not None:
             return refusal
-        encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+        encoding = head.encoding
         # The body's bytes are reserved before it is read, so however many requests arrive at once, what they
         # hold together stays within server.max_inflight_bytes.
-        reserved = self.max_body if request.content_length is None else request.content_length
+        reserved = self.max_body if head.content_length is None else head.content_length
         if not self.budget.take(reserved):
             return self._busy()
         try:
             received_at = time.time()
             try:
-                body = await self._read_body(request)
+                body = await head.body(self.max_body, self.body_timeout)
                 if encoding not in ("identity", ""):
                     # The decompressed body may be up to max_body_bytes while the compressed one is still held.
                     if not self.budget.take(self.max_body):
@@ -290,10 +383,10 @@ class Intake:
                 else:
                     decoded = body
                 if len(decoded) <= _INLINE_PARSE_BYTES:
-                    parsed = parse_body(decoded, request.content_type, received_at, max_events=self.max_events)
+                    parsed = parse_body(decoded, head.content_type, received_at, max_events=self.max_events)
                 else:
                     parsed = await asyncio.to_thread(
-                        partial(parse_body, max_events=self.max_events), decoded, request.content_type, received_at
+                        partial(parse_body, max_events=self.max_events), decoded, head.content_type, received_at
                     )
             except BodyError as exc:
                 reason = {408: "timeout", 413: "too_large", 415: "unsupported"}.get(exc.status, "bad_body")
@@ -302,7 +395,7 @@ class Intake:
         finally:
             self.budget.give(reserved)
 
-    def _busy(self) -> web.Response:
+    def _busy(self) -> Answer:
         self.state.refusals.warning("too many body bytes in flight; answered 503", stream=self.stream.name)
         return _refuse(  # closed: the body is not read
             "overloaded",
@@ -317,34 +410,7 @@ class Intake:
             return decode_body(body, encoding, self.max_body)
         return await asyncio.to_thread(decode_body, body, encoding, self.max_body)
 
-    async def _read_body(self, request: web.Request) -> bytes:
-        content = request.content
-        if content.is_eof() and not content.exception():
-            # The whole body came with the headers (the common case): no wait, so no timer to arm.
-            body = content.read_nowait()
-            if request.content_length is not None and len(body) != request.content_length:
-                raise BodyError(400, "the body is shorter than its Content-Length")
-            if len(body) > self.max_body:
-                raise BodyError(413, f"body is larger than max_body_bytes ({self.max_body} bytes)")
-            return body
-        chunks = bytearray()
-        try:
-            async with asyncio.timeout(self.body_timeout):
-                if request.content_length is not None:  # already checked against the limit
-                    return await request.content.readexactly(request.content_length)
-                async for chunk in request.content.iter_any():
-                    chunks += chunk
-                    if len(chunks) > self.max_body:
-                        raise BodyError(413, f"body is larger than max_body_bytes ({self.max_body} bytes)")
-        except TimeoutError:
-            raise BodyError(408, "timed out reading the request body") from None
-        except asyncio.IncompleteReadError:
-            raise BodyError(400, "the body is shorter than its Content-Length") from None
-        except web.RequestPayloadError:
-            raise BodyError(400, "the body is malformed (chunked encoding) or was cut off") from None
-        return bytes(chunks)
-
-    async def _commit(self, parsed: Parsed, received_at: float) -> web.Response:
+    async def _commit(self, parsed: Parsed, received_at: float) -> Answer:
         name = self.stream.name
         try:
             result = await self.journal.append(name, parsed, received_at, scope=self.stream.path)
@@ -369,11 +435,10 @@ class Intake:
                 "elements dead-lettered at intake",
                 extra={"stream": name, "elements": result.dead_lettered, "reason": parsed.rejected[0].reason},
             )
-        return web.Response(
-            body=orjson.dumps(
-                {"accepted": result.accepted, "duplicates": result.duplicates, "dead_lettered": result.dead_lettered}
-            ),
-            content_type="application/json",
+        return Answer(
+            200,
+            b'{"accepted":%d,"duplicates":%d,"dead_lettered":%d}'
+            % (result.accepted, result.duplicates, result.dead_lettered),
         )
 
 
@@ -413,9 +478,7 @@ def build_app(config: Config, journal: Journal, metrics: Metrics, state: State) 
     metrics.watch_inflight(lambda: state.budget.used)
 
     def unknown(request: web.Request) -> web.Response:
-        response = _answer(404, "no stream is configured at this path")
-        response.force_close()
-        return response
+        return web_response(NO_STREAM)
 
     async def post(request: web.Request) -> web.StreamResponse:
         intake = state.intakes.get(request.path)

@@ -12,7 +12,7 @@ import signal
 import socket
 import ssl
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +24,7 @@ from receiver.app import RETRY_AFTER_BUSY, Intake, RateLimitedLog, State, build_
 from receiver.config import Config, TLSConfig, listen_url, load_config, secret_values
 from receiver.delivery import DeliveryEngine, build_sinks
 from receiver.errors import ConfigError, LogBridgeError
+from receiver.front import MAX_HEADER_LINE, Front
 from receiver.journal import Journal
 from receiver.logs import scrub
 from receiver.metrics import Metrics
@@ -98,19 +99,26 @@ def _ipv6_available() -> bool:
 
 
 class _Site(web.SockSite):
-    """aiohttp's socket site, with the TLS handshake bounded by `server.header_timeout`."""
+    """aiohttp's socket site, with the TLS handshake bounded by `server.header_timeout`, whose connections
+    start with `protocol` (the stream front, which hands what it does not serve to the runner's server)."""
 
-    def __init__(self, runner: web.BaseRunner, sock: socket.socket, *, handshake_timeout: float, **kwargs: Any):
+    def __init__(
+        self,
+        runner: web.BaseRunner,
+        sock: socket.socket,
+        *,
+        handshake_timeout: float,
+        protocol: Callable[[], asyncio.Protocol],
+        **kwargs: Any,
+    ):
         super().__init__(runner, sock, **kwargs)
         self._handshake_timeout = handshake_timeout
+        self._protocol = protocol
 
     async def start(self) -> None:
         await web.BaseSite.start(self)
-        server = self._runner.server
-        if server is None:
-            raise RuntimeError("the runner is not set up")
         self._server = await asyncio.get_running_loop().create_server(
-            server,
+            self._protocol,
             sock=self._sock,
             ssl=self._ssl_context,
             backlog=self._backlog,
@@ -141,7 +149,6 @@ def server_tls_context(tls: TLSConfig) -> ssl.SSLContext:
 
 LISTEN_BACKLOG = 1024
 
-MAX_HEADER_LINE = 8190
 MAX_HEADERS = 128
 """aiohttp's own limits, stated here because they bound what a request costs before its body is read: at most
 MAX_HEADERS header fields of MAX_HEADER_LINE bytes each (about 1 MiB), else a 400."""
@@ -265,6 +272,7 @@ class Service:
         self.engine: DeliveryEngine | None = None
         self.tls: ServerTls | None = None
         self._runner: web.AppRunner | None = None
+        self._front: Front | None = None
         self._site: web.BaseSite | None = None
         self._housekeeping: asyncio.Task[None] | None = None
         self._reloading = asyncio.Lock()
@@ -339,10 +347,15 @@ class Service:
             max_headers=MAX_HEADERS,
         )
         await self._runner.setup()
+        aiohttp_server = self._runner.server
+        if aiohttp_server is None:
+            raise RuntimeError("the runner is not set up")
+        self._front = Front(self.state, aiohttp_server, self.state.budget, idle_timeout=server.header_timeout)
         sock = listen_socket(server.host, server.port)
         self._site = _Site(
             self._runner,
             sock,
+            protocol=self._front,
             ssl_context=self.tls.listening if self.tls else None,
             handshake_timeout=server.header_timeout,
             backlog=LISTEN_BACKLOG,
@@ -484,6 +497,8 @@ class Service:
             drained = await self.engine.stop(self.config.server.shutdown_timeout)
         if self._runner is not None:
             await self._runner.cleanup()
+        if self._front is not None:
+            await self._front.shutdown(self.config.server.shutdown_timeout)
         if self._housekeeping is not None:
             self._housekeeping.cancel()
             with contextlib.suppress(asyncio.CancelledError):
