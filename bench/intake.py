@@ -718,12 +718,12 @@ async def run() -> str:
         "",
         "### Receiver vs. no-op handlers",
         "",
-        f"Receiver (`log-bridge serve`, file sink delivering in the same process, SQLite journal WAL + "
-        f"`synchronous=FULL`, group commit, in-memory dedup) and three no-op handlers: two on aiohttp's web "
-        f"framework, like the receiver — one reads the body and `orjson.loads` it (the target's baseline), one "
-        f"only splits it with `msgspec.json.Decoder(list[msgspec.Raw])` (the stricter ceiling) — and the orjson "
-        f"one on a bare `asyncio.Protocol` feeding aiohttp's C request parser (`--front bare`: what the web "
-        f"framework itself costs). Each in its own process on loopback, "
+        f"Receiver (`log-bridge serve`, its stream front serving the POSTs (receiver/front.py), file sink "
+        f"delivering in the same process, SQLite journal WAL + `synchronous=FULL`, group commit, in-memory dedup) "
+        f"and three no-op handlers: two on aiohttp's web framework — one reads the body and `orjson.loads` it "
+        f"(the target's baseline), one only splits it with `msgspec.json.Decoder(list[msgspec.Raw])` (the "
+        f"stricter ceiling) — and the orjson one on a bare `asyncio.Protocol` feeding aiohttp's C request parser "
+        f"(`--front bare`: what the web framework itself costs). Each in its own process on loopback, "
         f"{pinning()}, same load: {load_tool()}. {REPEATS} rounds of {DURATION:g} s per server and size, the "
         f"servers' order rotating from round to round; medians and every run reported; a ratio is receiver req/s "
         f"÷ no-op req/s of the same round. Machine: {cores} cores, shared with other work, so absolute figures "

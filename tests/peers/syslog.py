@@ -121,7 +121,9 @@ class SyslogServer:
         """Every message the server parsed and wrote, as the fields it parsed."""
         if not self.output.exists():
             return []
-        return [json.loads(line) for line in self.output.read_text().splitlines() if line.strip()]
+        # The server may be writing a line as it is read: only lines it has ended count.
+        complete = self.output.read_text().rpartition("\n")[0]
+        return [json.loads(line) for line in complete.splitlines() if line.strip()]
 
     def sink(self, name: str = "siem", **options: Any) -> SyslogSink:
         """A syslog sink pointed at this server."""
