@@ -266,6 +266,10 @@ class Intake:
         matches = [hmac.compare_digest(given, value) for value in self.auth_values]
         return any(matches)
 
+    def admits(self, head: RequestHead) -> bool:
+        """Whether the request's address and secret are accepted (what `_screen` decides, without its log line)."""
+        return self.policy.check(head.peer, head.forwarded())[1] and self._authorised(head)
+
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """The stream endpoint, for aiohttp."""
         return web_response(await self.serve(WebHead(request)))

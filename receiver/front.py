@@ -37,6 +37,19 @@ SWEEP_SECONDS = 0.5
 _HEAD_BYTES = bytes(range(0x20, 0x7F)) + b"\t\r\n"
 _TOKEN = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 _REFUSED_FIELDS = frozenset((b"transfer-encoding", b"expect", b"upgrade"))
+_SINGLETON_FIELDS = (
+    b"content-length",
+    b"content-location",
+    b"content-range",
+    b"content-type",
+    b"etag",
+    b"host",
+    b"max-forwards",
+    b"server",
+    b"transfer-encoding",
+    b"user-agent",
+)
+"""The fields aiohttp's (strict) request parser refuses to see twice: a request repeating one goes there."""
 _DEFAULT_TYPE = "application/octet-stream"  # what aiohttp reports when a request has no Content-Type
 
 
@@ -56,7 +69,8 @@ class FrontHead:
         self._body = b""
 
     def header_bytes(self, name: str) -> bytes:
-        values = self._fields.get(name.lower().encode("ascii"))
+        # A name beyond ASCII (the configuration does not check auth.header) is no field this front parsed.
+        values = self._fields.get(name.lower().encode("ascii", "replace"))
         return values[0] if values else b""
 
     def forwarded(self) -> list[str]:
@@ -91,6 +105,8 @@ def parse_head(head: bytes, peer: str | None) -> tuple[str, FrontHead] | None:
         return None
     if not _REFUSED_FIELDS.isdisjoint(fields):
         return None
+    if b"host" not in fields or any(len(fields.get(name, ())) > 1 for name in _SINGLETON_FIELDS):
+        return None  # aiohttp answers 400: an HTTP/1.1 request has exactly one Host (RFC 9112 3.2)
     connection = fields.get(b"connection")
     if connection is not None and any(value.lower() != b"keep-alive" for value in connection):
         return None
@@ -179,7 +195,7 @@ class Front:
 class FrontConnection(asyncio.Protocol):
     """One connection, while this front serves it."""
 
-    __slots__ = ("front", "transport", "peer", "buffer", "task", "since", "paused", "eof", "reserved")
+    __slots__ = ("front", "transport", "peer", "buffer", "task", "since", "paused", "eof", "reserved", "writing_paused")
 
     def __init__(self, front: Front) -> None:
         self.front = front
@@ -193,6 +209,8 @@ class FrontConnection(asyncio.Protocol):
         self.eof = False
         self.reserved = 0
         """Budget bytes held for a body on its way."""
+        self.writing_paused = False
+        """The transport's buffer of answers is full (the client does not read them): nothing more is served."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport = cast(asyncio.Transport, transport)
@@ -206,16 +224,30 @@ class FrontConnection(asyncio.Protocol):
         else:
             self.buffer = data
             self.since = time.monotonic()
-        if self.task is None:
+        if self.task is None and not self.writing_paused:
             self._next()
-        elif len(self.buffer) > self.front.taken_bytes + MAX_HEAD and not self.paused:
+        if (self.task is not None or self.writing_paused) and not self.paused and len(self.buffer) > self._ahead():
             self.paused = True  # a client sending ahead of its answers waits
             self.transport.pause_reading()
+
+    def _ahead(self) -> int:
+        """The most a client may send ahead of its answers before it is no longer read."""
+        return self.front.taken_bytes + MAX_HEAD
+
+    def pause_writing(self) -> None:
+        self.writing_paused = True
+
+    def resume_writing(self) -> None:
+        self.writing_paused = False
+        if self.task is None and not self.transport.is_closing():
+            self._proceed()
 
     def eof_received(self) -> bool | None:
         self.eof = True
         if self.task is not None:
-            return True  # the answer being made is still written; the connection closes after it
+            # The answer being made is still written; the connection closes after it. Not over TLS, where the
+            # transport closes anyway and logs a warning for every True returned.
+            return self.transport.get_extra_info("ssl_object") is None
         if self.buffer:
             return self._hand_off().eof_received()
         return None
@@ -250,8 +282,11 @@ class FrontConnection(asyncio.Protocol):
             return
         if len(buffer) < total:  # the rest of the body is on its way: its bytes are held meanwhile
             if not self.reserved:
-                if not self.front.budget.take(length):
-                    self._hand_off()  # aiohttp's path answers 503 "too many requests in flight"
+                # Only a request from an allowed address with the secret may hold budget while its body comes;
+                # any other goes to aiohttp, which refuses it at once (403, 401), or answers 503 "too many
+                # requests in flight".
+                if not intake.admits(head) or not self.front.budget.take(length):
+                    self._hand_off()
                     return
                 self.reserved = length
             return
@@ -273,11 +308,24 @@ class FrontConnection(asyncio.Protocol):
         if answer.close or self.eof:
             self.close()
             return
-        if self.paused:
-            self.paused = False
-            transport.resume_reading()
+        self._proceed()
+
+    def _proceed(self) -> None:
+        """After an answer: serve the next request, and read on while what is read ahead stays within bounds,
+        unless the client does not read its answers."""
+        transport = self.transport
+        if self.writing_paused:
+            if not self.paused:
+                self.paused = True
+                transport.pause_reading()
+            return
         if self.buffer:
             self._next()
+            if transport.get_protocol() is not self:
+                return  # handed to aiohttp, reading resumed
+        if self.paused and len(self.buffer) <= self._ahead():
+            self.paused = False
+            transport.resume_reading()
 
     def sweep(self, now: float) -> None:
         """Hand a stalled request to aiohttp; close a connection idle for longer than the keep-alive timeout."""
@@ -305,6 +353,8 @@ class FrontConnection(asyncio.Protocol):
         handler = front.fallback()
         transport.set_protocol(handler)
         handler.connection_made(transport)
+        if self.writing_paused:  # the transport tells a protocol once; aiohttp's must know it is to wait
+            handler.pause_writing()
         if self.paused:
             self.paused = False
             transport.resume_reading()

@@ -495,10 +495,15 @@ class Service:
             await self.workos.stop()
         if self.engine is not None:
             drained = await self.engine.stop(self.config.server.shutdown_timeout)
-        if self._runner is not None:
-            await self._runner.cleanup()
+        # No new connections; then the front's own finish (what it hands to aiohttp meanwhile, aiohttp's
+        # shutdown then finishes too); then aiohttp's: a connection handed to aiohttp after its shutdown
+        # began would be closed by nobody.
+        if self._site is not None and self._runner is not None and self._site in self._runner.sites:
+            await self._site.stop()
         if self._front is not None:
             await self._front.shutdown(self.config.server.shutdown_timeout)
+        if self._runner is not None:
+            await self._runner.cleanup()
         if self._housekeeping is not None:
             self._housekeeping.cancel()
             with contextlib.suppress(asyncio.CancelledError):

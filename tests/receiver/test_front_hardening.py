@@ -1,0 +1,255 @@
+"""What no client can do through the stream front (receiver/front.py): hold the body budget without the secret,
+make it buffer without bound, get past it a head aiohttp refuses, outlive a stop, or flood the log."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import ssl
+from pathlib import Path
+
+import pytest
+import trustme
+
+from receiver.server import Service
+from tests.conftest import TOKEN, StartService
+from tests.receiver.test_front import batch, closed, essence, post, responses
+from tests.receiver.test_front import pair as pair  # the fixture
+
+
+class TestBudgetBeforeScreening:
+    async def test_a_stranger_cannot_take_the_body_budget(self, start_service: StartService) -> None:
+        """Heads announcing a 256 KiB body, from an address not on the allowlist and without the secret, must
+        not hold any of server.max_inflight_bytes: with the shipped defaults (64 MiB), 256 such connections
+        would otherwise turn every request of the real sender into a 503 for as long as they are renewed."""
+        service = await start_service()  # defaults: max_body_bytes 10 MiB, max_inflight_bytes 64 MiB
+        limit = service.state.budget.limit
+        head = b"POST /workos HTTP/1.1\r\nHost: receiver\r\nContent-Length: 262144\r\n\r\n"
+        strangers: list[asyncio.StreamWriter] = []
+        try:
+            for _ in range(limit // 262144):
+                _, writer = await asyncio.open_connection("127.0.0.1", service.port, local_addr=("127.0.0.2", 0))
+                writer.write(head)
+                strangers.append(writer)
+            await asyncio.sleep(0.2)
+            held = service.state.budget.used
+            answer = await responses(service.port, post(batch(3)))  # the allowed sender, with its secret
+        finally:
+            for writer in strangers:
+                await closed(writer)
+        # (bytes of the budget held by the strangers, what the allowed sender is answered)
+        assert (held, essence(answer[0])[0]) == (0, 200), answer[0][:200]
+
+
+class TestPipelining:
+    @pytest.mark.parametrize("front_serves", [True, False], ids=["front", "aiohttp-only"])
+    async def test_a_client_sending_ahead_is_not_read_without_bound(
+        self, start_service: StartService, front_serves: bool
+    ) -> None:
+        """A client that pipelines requests faster than they are answered (and does not read the answers) must
+        be pushed back by TCP: what the server holds for the connection (requests read ahead, answers not yet
+        sent) stays bounded. The front's own limit is TAKEN_BYTES + MAX_HEAD (272 KiB) of read-ahead."""
+        service = await start_service()
+        assert service._front is not None
+        if not front_serves:
+            service._front.taken_bytes = 0  # every connection goes to aiohttp: the behaviour before the front
+        one = post(b"x")  # answered 400 (neither JSON nor NDJSON) without closing, and without the journal
+        data = one * (16 * 1024 * 1024 // len(one))  # 16 MiB of requests in one write
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", service.port))
+        _, writer = await asyncio.open_connection(sock=sock)
+        writer.write(data)
+        held = 0
+        for _ in range(30):
+            await asyncio.sleep(0.1)
+            for connection in service._front.connections:
+                held = max(held, len(connection.buffer) + connection.transport.get_write_buffer_size())
+            for handler in service._runner.server._connections:  # type: ignore[union-attr]
+                if handler.transport is not None:
+                    held = max(held, handler.transport.get_write_buffer_size())
+        writer.transport.abort()
+        assert held < 1024 * 1024, f"{held} bytes held for one client"
+
+
+class TestTlsCloseNotify:
+    async def test_a_tls_client_closing_its_side_provokes_no_unlimited_log_line(
+        self, start_service: StartService, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """Any client (no secret needed) that sends a request and then TLS close_notify makes eof_received
+        return True, which asyncio's SSL transport logs as a warning, once per connection, past the
+        rate-limited log the service uses for lines a client can provoke."""
+        ca = trustme.CA()
+        cert = ca.issue_cert("127.0.0.1")
+        cert.cert_chain_pems[0].write_to_path(str(tmp_path / "tls.crt"))
+        cert.private_key_pem.write_to_path(str(tmp_path / "tls.key"))
+        tls = {"cert_file": str(tmp_path / "tls.crt"), "key_file": str(tmp_path / "tls.key")}
+        service = await start_service({"server": {"tls": tls}})
+        context = ssl.create_default_context()
+        ca.configure_trust(context)
+        port = service.port
+
+        def send_and_close_notify() -> None:
+            with socket.create_connection(("127.0.0.1", port)) as raw:
+                with context.wrap_socket(raw, server_hostname="127.0.0.1") as tls_socket:
+                    tls_socket.sendall(post(b"[]").replace(TOKEN.encode(), b"Bearer wrong-secret-000000000"))
+                    with contextlib.suppress(OSError):
+                        tls_socket.unwrap()  # close_notify, while the answer is being made
+
+        caplog.set_level(logging.WARNING, logger="asyncio")
+        for _ in range(30):
+            await asyncio.to_thread(send_and_close_notify)
+        await asyncio.sleep(0.3)
+        lines = [r for r in caplog.records if r.name == "asyncio"]
+        assert not lines, f"{len(lines)} asyncio warnings, e.g. {lines[0].getMessage()!r}"
+
+
+class TestSoundChecks:
+    """Checks that pass: kept to show what was probed."""
+
+    async def test_a_reload_is_seen_by_the_front(self, tmp_path: Path) -> None:
+        import yaml
+
+        from receiver.config import load_config
+        from tests.conftest import BASE_CONFIG, merge
+
+        tree = merge(BASE_CONFIG, {"journal": {"path": str(tmp_path / "j.db")}})
+        path = tmp_path / "config.yaml"
+        path.write_text(yaml.safe_dump(tree))
+        service = Service(load_config(path), path=str(path))
+        await service.start()
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", service.port)  # a keep-alive connection
+            assert essence((await responses(service.port, post(batch(1))))[0])[0] == 200
+            new = "Bearer rotated-secret-9876543210"
+            tree["streams"][0]["auth"]["values"] = [new]
+            tree["streams"].append({"name": "two", "path": "/two", "sinks": ["mem"]})
+            path.write_text(yaml.safe_dump(tree))
+            assert await service.reload()
+            assert essence((await responses(service.port, post(batch(1, 5))))[0])[0] == 401
+            answer = await responses(service.port, post(batch(1, 6)).replace(TOKEN.encode(), new.encode()))
+            assert essence(answer[0])[0] == 200
+            assert essence((await responses(service.port, post(batch(1, 7), path="/two")))[0])[0] == 200
+            assert service._front is not None and service._front.handed_off == 0
+            await closed(writer)
+        finally:
+            await service.stop()
+
+    async def test_many_pipelined_requests_are_all_answered_in_order(self, start_service: StartService) -> None:
+        service = await start_service()
+        data = post(b"x") * 5000 + post(batch(1)) + b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+        answers = await responses(service.port, data, 5002)
+        assert [essence(a)[0] for a in answers] == [400] * 5000 + [200, 200]
+        assert essence(answers[-1])[1] == b'{"status": "ok"}'
+
+
+_BASE = post(batch(1, 900)).replace(f"Authorization: {TOKEN}\r\n".encode(), b"")
+_AUTH_CASES = {
+    "right then wrong": [f"Authorization: {TOKEN}", "Authorization: Bearer wrong"],
+    "wrong then right": ["Authorization: Bearer wrong", f"Authorization: {TOKEN}"],
+    "right then empty": [f"Authorization: {TOKEN}", "authorization:"],
+    "padded with tabs": [f"Authorization:\t {TOKEN} \t"],
+    "upper-case name": [f"AUTHORIZATION: {TOKEN}"],
+    "secret then a comma": [f"Authorization: {TOKEN},"],
+    "split over two fields": ["Authorization: Bearer", "Authorization: test-secret-0123456789"],
+    "forwarded for, untrusted peer": [f"Authorization: {TOKEN}", "X-Forwarded-For: 127.0.0.1"],
+    "empty forwarded for": [f"Authorization: {TOKEN}", "X-Forwarded-For:"],
+}
+
+
+@pytest.mark.parametrize("fields", list(_AUTH_CASES.values()), ids=list(_AUTH_CASES))
+async def test_auth_edge_cases_answer_as_aiohttp(pair: tuple[Service, Service], fields: list[str]) -> None:
+    served, aiohttp_only = pair
+    head, _, body = _BASE.partition(b"\r\n\r\n")
+    data = head + b"".join(b"\r\n" + f.encode() for f in fields) + b"\r\n\r\n" + body
+    for source in ("127.0.0.1", "127.0.0.3"):
+        mine = await responses(served.port, data, source=source)
+        theirs = await responses(aiohttp_only.port, data, source=source)
+        assert essence(mine[0])[:2] == essence(theirs[0])[:2], (source, mine[0][:80], theirs[0][:80])
+
+
+_HOST_CASES = {
+    "no Host": post(batch(1, 950)).replace(b"Host: receiver\r\n", b""),
+    "two Hosts": post(batch(1, 951), "Host: elsewhere"),
+    "two Content-Types": post(batch(1, 952), "Content-Type: application/json", "Content-Type: application/x-ndjson"),
+    "two User-Agents": post(batch(1, 953), "User-Agent: a", "User-Agent: b"),
+    "an empty Host": post(batch(1, 954)).replace(b"Host: receiver\r\n", b"Host:\r\n"),
+    "a Host with a comma": post(batch(1, 955)).replace(b"Host: receiver\r\n", b"Host: a, b\r\n"),
+}
+
+
+@pytest.mark.parametrize("data", list(_HOST_CASES.values()), ids=list(_HOST_CASES))
+async def test_heads_aiohttp_refuses_are_refused_by_the_front_too(pair: tuple[Service, Service], data: bytes) -> None:
+    """aiohttp's strict request parser answers 400 to an HTTP/1.1 request without a Host, or with a singleton
+    field (Host, Content-Type, User-Agent, ...) repeated (RFC 9112 3.2, RFC 9110 5.3); the front must not
+    commit such a request's events instead."""
+    served, aiohttp_only = pair
+    mine = await responses(served.port, data)
+    theirs = await responses(aiohttp_only.port, data)
+    assert essence(mine[0])[:2] == essence(theirs[0])[:2], (mine[0][:300], theirs[0][:300])
+
+
+async def test_a_head_trickled_a_byte_at_a_time_is_cut_off(start_service: StartService) -> None:
+    """Sound: the front hands the slow head to aiohttp after STALL_SECONDS, whose keep-alive timer (from the
+    hand-off) then closes it: a slowloris lasts at most about STALL_SECONDS + SWEEP_SECONDS + header_timeout."""
+    import time
+
+    service = await start_service({"server": {"header_timeout": "2s"}})
+    reader, writer = await asyncio.open_connection("127.0.0.1", service.port)
+    data = post(batch(1))
+    started = time.monotonic()
+    gone = None
+    for index in range(40):
+        try:
+            writer.write(data[index : index + 1])
+            await writer.drain()
+        except ConnectionError:
+            gone = time.monotonic() - started
+            break
+        if reader.at_eof() or writer.transport.is_closing():
+            gone = time.monotonic() - started
+            break
+        with contextlib.suppress(TimeoutError):
+            if await asyncio.wait_for(reader.read(1024), 0.9) == b"":
+                gone = time.monotonic() - started
+                break
+    await closed(writer)
+    assert gone is not None and gone < 5, gone
+
+
+async def test_stop_leaves_no_connection_open(start_service: StartService) -> None:
+    """A keep-alive connection of the front that sends a request for aiohttp while aiohttp's server is
+    shutting down (Service.stop: runner.cleanup, which waits for a slow aiohttp request, then Front.shutdown) is
+    handed to that server after its shutdown began; nobody closes it then: it outlives Service.stop."""
+    service = await start_service({"server": {"shutdown_timeout": "2s"}})
+    # A slow request on aiohttp's side, which aiohttp's shutdown waits for.
+    _, slow = await asyncio.open_connection("127.0.0.1", service.port)
+    slow.write(post(b"[]", "Transfer-Encoding: chunked", length=False).split(b"\r\n\r\n")[0] + b"\r\n\r\n1\r\n[\r\n")
+    await slow.drain()
+    # A keep-alive connection the front serves.
+    reader, writer = await asyncio.open_connection("127.0.0.1", service.port)
+    writer.write(post(batch(1)))
+    assert (await asyncio.wait_for(reader.readuntil(b"}"), 5)).startswith(b"HTTP/1.1 200 ")
+    await asyncio.sleep(0.1)
+    stopping = asyncio.create_task(service.stop())
+    for _ in range(200):  # until aiohttp's shutdown has begun (the sinks drained, the site closed)
+        if service._runner is not None and service._runner.server is not None and not service._runner.sites:
+            break
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.1)
+    with contextlib.suppress(ConnectionError):
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        await writer.drain()
+    await asyncio.wait_for(stopping, 15)
+    with contextlib.suppress(TimeoutError, asyncio.IncompleteReadError, ConnectionError):
+        await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 0.5)  # an answer to the GET, maybe
+    rest = b"?"
+    with contextlib.suppress(TimeoutError, ConnectionError):
+        rest = await asyncio.wait_for(reader.read(), 1.5)
+    open_after_stop = rest == b"?"
+    await closed(writer)
+    await closed(slow)
+    assert not open_after_stop, "a connection is still open 1.5 s after Service.stop returned"
