@@ -21,7 +21,7 @@ from email.utils import formatdate
 from http import HTTPStatus
 from typing import cast
 
-from receiver.app import Answer, InflightBudget, Intake, State
+from receiver.app import Answer, InflightBudget, Intake, State, where_raised
 
 TAKEN_BYTES = 256 * 1024
 """The largest body this front reads itself (larger ones stream through aiohttp, which pauses the reading)."""
@@ -177,7 +177,16 @@ class Front:
             await asyncio.sleep(SWEEP_SECONDS)
             now = time.monotonic()
             for connection in list(self.connections):
-                connection.sweep(now)
+                try:
+                    connection.sweep(now)
+                except Exception as exc:  # one connection's failure must not end every connection's timeouts
+                    self.state.refusals.warning(
+                        "stream front: a connection failed its timeout check; closed",
+                        error=type(exc).__name__,
+                        where=where_raised(exc),
+                    )
+                    self.connections.discard(connection)
+                    connection.transport.abort()
 
     async def shutdown(self, grace: float) -> None:
         """Let the requests being served finish (up to `grace` seconds), then close every connection."""

@@ -253,3 +253,30 @@ async def test_stop_leaves_no_connection_open(start_service: StartService) -> No
     await closed(writer)
     await closed(slow)
     assert not open_after_stop, "a connection is still open 1.5 s after Service.stop returned"
+
+
+async def test_a_connection_failing_its_timeout_check_does_not_stop_the_others(
+    start_service: StartService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sweep that closes idle connections outlives a connection whose check fails (that one is closed)."""
+    from receiver import front
+
+    service = await start_service({"server": {"header_timeout": "700ms"}})
+    original = front.FrontConnection.sweep
+    failing: list[object] = []
+
+    def sweep(self: front.FrontConnection, now: float) -> None:
+        if self in failing:
+            raise RuntimeError("a bug")
+        original(self, now)
+
+    monkeypatch.setattr(front.FrontConnection, "sweep", sweep)
+    broken_reader, broken = await asyncio.open_connection("127.0.0.1", service.port)
+    await asyncio.sleep(0.05)
+    assert service._front is not None
+    failing.extend(service._front.connections)
+    reader, writer = await asyncio.open_connection("127.0.0.1", service.port)
+    for stream in (broken_reader, reader):  # both closed: the failing one at once, the other when idle
+        assert await asyncio.wait_for(stream.read(), 5) == b""
+    await closed(writer)
+    await closed(broken)
