@@ -67,6 +67,19 @@ async def closed(writer: asyncio.StreamWriter) -> None:
         await writer.wait_closed()
 
 
+async def tls_service(start_service: StartService, tmp_path: Path) -> tuple[Service, ssl.SSLContext]:
+    """A service over TLS (a trustme certificate for 127.0.0.1), and a client context that trusts it."""
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    cert.cert_chain_pems[0].write_to_path(str(tmp_path / "tls.crt"))
+    cert.private_key_pem.write_to_path(str(tmp_path / "tls.key"))
+    tls = {"cert_file": str(tmp_path / "tls.crt"), "key_file": str(tmp_path / "tls.key")}
+    service = await start_service({"server": {"tls": tls}})
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    return service, context
+
+
 async def budget_returned(service: Service) -> bool:
     """Whether the body budget is all given back within a second."""
     for _ in range(50):
@@ -287,14 +300,7 @@ class TestConnections:
         await closed(writer)
 
     async def test_tls_connections_are_served_here(self, start_service: StartService, tmp_path: Path) -> None:
-        ca = trustme.CA()
-        cert = ca.issue_cert("127.0.0.1")
-        cert.cert_chain_pems[0].write_to_path(str(tmp_path / "tls.crt"))
-        cert.private_key_pem.write_to_path(str(tmp_path / "tls.key"))
-        tls = {"cert_file": str(tmp_path / "tls.crt"), "key_file": str(tmp_path / "tls.key")}
-        service = await start_service({"server": {"tls": tls}})
-        context = ssl.create_default_context()
-        ca.configure_trust(context)
+        service, context = await tls_service(start_service, tmp_path)
         async with aiohttp.ClientSession() as session:
             for number in range(3):
                 async with session.post(

@@ -7,15 +7,13 @@ import asyncio
 import contextlib
 import logging
 import socket
-import ssl
 from pathlib import Path
 
 import pytest
-import trustme
 
 from receiver.server import Service
 from tests.conftest import TOKEN, StartService
-from tests.receiver.test_front import batch, closed, essence, post, responses
+from tests.receiver.test_front import batch, closed, essence, post, responses, tls_service
 from tests.receiver.test_front import pair as pair  # the fixture
 
 
@@ -82,14 +80,7 @@ class TestTlsCloseNotify:
         """Any client (no secret needed) that sends a request and then TLS close_notify makes eof_received
         return True, which asyncio's SSL transport logs as a warning, once per connection, past the
         rate-limited log the service uses for lines a client can provoke."""
-        ca = trustme.CA()
-        cert = ca.issue_cert("127.0.0.1")
-        cert.cert_chain_pems[0].write_to_path(str(tmp_path / "tls.crt"))
-        cert.private_key_pem.write_to_path(str(tmp_path / "tls.key"))
-        tls = {"cert_file": str(tmp_path / "tls.crt"), "key_file": str(tmp_path / "tls.key")}
-        service = await start_service({"server": {"tls": tls}})
-        context = ssl.create_default_context()
-        ca.configure_trust(context)
+        service, context = await tls_service(start_service, tmp_path)
         port = service.port
 
         def send_and_close_notify() -> None:
