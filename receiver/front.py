@@ -21,7 +21,7 @@ from email.utils import formatdate
 from http import HTTPStatus
 from typing import cast
 
-from receiver.app import Answer, InflightBudget, Intake, State, where_raised
+from receiver.app import Answer, Intake, State, where_raised
 
 TAKEN_BYTES = 256 * 1024
 """The largest body this front reads itself (larger ones stream through aiohttp, which pauses the reading)."""
@@ -151,14 +151,13 @@ class Front:
         self,
         state: State,
         fallback: Callable[[], asyncio.Protocol],
-        budget: InflightBudget,
         *,
         idle_timeout: float,
         taken_bytes: int = TAKEN_BYTES,
     ) -> None:
         self.state = state
         self.fallback = fallback
-        self.budget = budget
+        self.budget = state.budget  # one for the process: a reload changes its limit, not the object
         self.idle_timeout = idle_timeout
         self.taken_bytes = taken_bytes
         self.clock = _Clock()
@@ -204,7 +203,7 @@ class Front:
 class FrontConnection(asyncio.Protocol):
     """One connection, while this front serves it."""
 
-    __slots__ = ("front", "transport", "peer", "buffer", "task", "since", "paused", "eof", "reserved", "writing_paused")
+    __slots__ = ("front", "transport", "peer", "buffer", "task", "since", "paused", "eof", "waiting", "writing_paused")
 
     def __init__(self, front: Front) -> None:
         self.front = front
@@ -216,8 +215,9 @@ class FrontConnection(asyncio.Protocol):
         """When the connection last became idle, or the request being read began."""
         self.paused = False
         self.eof = False
-        self.reserved = 0
-        """Budget bytes held for a body on its way."""
+        self.waiting: tuple[Intake, FrontHead, int, int] | None = None
+        """A request whose body is on its way: its intake, head, where its body starts and its length (the
+        bytes it holds of the budget meanwhile)."""
         self.writing_paused = False
         """The transport's buffer of answers is full (the client does not read them): nothing more is served."""
 
@@ -267,42 +267,51 @@ class FrontConnection(asyncio.Protocol):
         # A request being served is not cancelled: its events are committed, only the answer is lost.
 
     def _release(self) -> None:
-        if self.reserved:
-            self.front.budget.give(self.reserved)
-            self.reserved = 0
+        if self.waiting is not None:
+            self.front.budget.give(self.waiting[3])
+            self.waiting = None
 
     def _next(self) -> None:
+        request = self.waiting or self._head()
+        if request is None:
+            return
+        intake, head, start, length = request
         buffer = self.buffer
-        end = buffer.find(b"\r\n\r\n", 0, MAX_HEAD)
-        if end < 0:
-            if len(buffer) >= MAX_HEAD:
-                self._hand_off()
-            return  # the head is on its way
-        parsed = parse_head(buffer[:end], self.peer)
-        intake = None if parsed is None else self.front.state.intakes.get(parsed[0])
-        if parsed is None or intake is None:
-            self._hand_off()
-            return
-        head = parsed[1]
-        length = head.content_length or 0
-        total = end + 4 + length
-        if not length or length > self.front.taken_bytes or length > intake.max_body:
-            self._hand_off()
-            return
-        if len(buffer) < total:  # the rest of the body is on its way: its bytes are held meanwhile
-            if not self.reserved:
+        if len(buffer) < start + length:  # the rest of the body is on its way: its bytes are held meanwhile
+            if self.waiting is None:
                 # Only a request from an allowed address with the secret may hold budget while its body comes;
                 # any other goes to aiohttp, which refuses it at once (403, 401), or answers 503 "too many
                 # requests in flight".
                 if not intake.admits(head) or not self.front.budget.take(length):
                     self._hand_off()
                     return
-                self.reserved = length
+                self.waiting = request
             return
         self._release()
-        head._body = buffer[end + 4 : total]
-        self.buffer = buffer[total:]
+        head._body = buffer[start : start + length]
+        self.buffer = buffer[start + length :]
         self.task = asyncio.get_running_loop().create_task(self._serve(intake, head))
+
+    def _head(self) -> tuple[Intake, FrontHead, int, int] | None:
+        """The request the buffer starts with, when this front takes it: its intake, head, where its body starts
+        and its length. None when its head is still on its way, or when the connection went to aiohttp."""
+        buffer = self.buffer
+        end = buffer.find(b"\r\n\r\n", 0, MAX_HEAD)
+        if end < 0:
+            if len(buffer) >= MAX_HEAD:
+                self._hand_off()
+            return None  # the head is on its way
+        parsed = parse_head(buffer[:end], self.peer)
+        intake = None if parsed is None else self.front.state.intakes.get(parsed[0])
+        if parsed is None or intake is None:
+            self._hand_off()
+            return None
+        head = parsed[1]
+        length = head.content_length or 0
+        if not length or length > self.front.taken_bytes or length > intake.max_body:
+            self._hand_off()
+            return None
+        return intake, head, end + 4, length
 
     async def _serve(self, intake: Intake, head: FrontHead) -> None:
         try:

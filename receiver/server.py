@@ -350,7 +350,7 @@ class Service:
         aiohttp_server = self._runner.server
         if aiohttp_server is None:
             raise RuntimeError("the runner is not set up")
-        self._front = Front(self.state, aiohttp_server, self.state.budget, idle_timeout=server.header_timeout)
+        self._front = Front(self.state, aiohttp_server, idle_timeout=server.header_timeout)
         sock = listen_socket(server.host, server.port)
         self._site = _Site(
             self._runner,
