@@ -1,0 +1,208 @@
+"""Where the receiver's CPU per request goes, stage by stage: the receiver as it ships (file sink delivering),
+then the same process with a stage taken away, and the orjson no-op, all under the same wrk load, the servers'
+order rotating from round to round. The CPU counted is the server process's (every thread, user + system) from
+the start of a run until the sink has caught up, over the requests served.
+
+The variants (`python -m bench.stages --serve VARIANT --config ...` starts one; each replaces one method before
+the service starts, so the rest of the process is the receiver's own code):
+- `full`: the receiver as it ships.
+- `no-delivery`: the journal as it ships, no sink runner taking rows (delivery's cost is `full` minus this).
+- `no-journal`: `Journal.append` acknowledges at once: the front, authentication, parsing, metrics and answer.
+- `segment`: an experiment for the journal's next design, not the product: `Journal.append` deduplicates with
+  the real index, then hands the kept elements (zstd level 1) to a thread that appends every queued request to
+  one file with one `os.write` and one `fdatasync`, and wakes the loop once per group. No delivery, no
+  recovery: it shows what the hot path of an append-only segment journal would cost in this process.
+
+Not part of `make bench`; run by hand: `python -m bench.stages [EVENTS [ROUNDS]]` (default 10 events a request,
+6 rounds of 4 s). Prints Markdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import queue
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import zstandard
+
+from bench.intake import (
+    SERVER_CPUS,
+    Server,
+    cpu_seconds,
+    free_port,
+    measure,
+    noop_process,
+    pinned,
+    pinning,
+    receiver_config,
+    stop_process,
+    wait_delivered,
+    wait_healthy,
+)
+
+VARIANTS = ("full", "no-delivery", "no-journal", "segment")
+DELIVERING = ("full",)
+"""Variants whose sink catches up after a run (the CPU until then is counted)."""
+DURATION = 4.0
+
+
+# --- the variants, in the server process ------------------------------------------------------
+
+
+def _no_delivery() -> None:
+    from receiver import delivery
+
+    async def run(self: Any) -> None:
+        await asyncio.Event().wait()
+
+    delivery.SinkRunner.run = run  # type: ignore[method-assign]
+
+
+def _no_journal() -> None:
+    from receiver.journal import facade
+
+    async def append(self: Any, stream: str, parsed: Any, received_at: float, scope: str | None = None) -> Any:
+        return facade.AppendResult(len(parsed), 0, len(parsed.rejected))
+
+    facade.Journal.append = append  # type: ignore[method-assign]
+
+
+def _segment() -> None:
+    from receiver.journal import facade
+
+    def write_groups(jobs: queue.SimpleQueue[Any], fd: int) -> None:
+        pack = zstandard.ZstdCompressor(level=1).compress
+        while True:
+            group = [jobs.get()]
+            with contextlib.suppress(queue.Empty):
+                while True:
+                    group.append(jobs.get_nowait())
+            os.write(fd, b"".join(pack(data) for data, _, _ in group))
+            os.fdatasync(fd)
+            group[0][1].call_soon_threadsafe(settle, group)
+
+    def settle(group: list[Any]) -> None:
+        for _, _, future in group:
+            if not future.done():
+                future.set_result(None)
+
+    async def append(self: Any, stream: str, parsed: Any, received_at: float, scope: str | None = None) -> Any:
+        if not hasattr(self, "_segment_jobs"):
+            self._segment_jobs = queue.SimpleQueue()
+            fd = os.open(f"{self.path}.segment", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            threading.Thread(target=write_groups, args=(self._segment_jobs, fd), daemon=True).start()
+        scope = scope or stream
+        fresh = self.dedup.fresh(scope, parsed.keys, received_at, set(), [])
+        kept = range(len(parsed)) if fresh is None else fresh
+        keys = [parsed.keys[i] for i in kept]
+        meta = orjson.dumps([[parsed.actions[i] for i in kept], [parsed.times[i] for i in kept], keys])
+        data = b"\n".join([*(parsed.raws[i] for i in kept), meta, b""])
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._segment_jobs.put((data, loop, future))
+        await future
+        self.dedup.add(scope, [key for key in keys if key is not None], received_at)
+        return facade.AppendResult(len(kept), len(parsed) - len(kept), len(parsed.rejected))
+
+    facade.Journal.append = append  # type: ignore[method-assign]
+
+
+_PATCHES = {"full": lambda: None, "no-delivery": _no_delivery, "no-journal": _no_journal, "segment": _segment}
+
+
+def serve(variant: str, argv: list[str]) -> None:
+    """Start `log-bridge serve` (argv) with the variant's stage replaced."""
+    _PATCHES[variant]()
+    from receiver.cli import main
+
+    sys.argv = ["log-bridge", "serve", *argv]
+    main()
+
+
+# --- the measurement --------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def variant_process(variant: str) -> Iterator[Server]:
+    """The receiver variant in a temporary directory (file sink), killed on exit."""
+    workdir = Path(tempfile.mkdtemp(prefix="log-bridge-stages-"))
+    port = free_port()
+    sink = {"type": "file", "path": str(workdir / "events" / "%Y-%m-%d.ndjson")}
+    config = receiver_config(workdir, port, sink)
+    command = [sys.executable, "-m", "bench.stages", "--serve", variant, "--config", config, "--log-level", "warning"]
+    with (workdir / "receiver.log").open("wb") as log:
+        process = subprocess.Popen(pinned(SERVER_CPUS, command), stdout=log, stderr=subprocess.STDOUT)
+        try:
+            server = Server(variant, f"http://127.0.0.1:{port}", process)
+            wait_healthy(server.url, process)
+            yield server
+        finally:
+            stop_process(process)
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def run(events: int, rounds: int) -> dict[str, list[float]]:
+    """CPU µs per request of every variant and of the orjson no-op, by round."""
+    results: dict[str, list[float]] = {}
+    workdir = Path(tempfile.mkdtemp(prefix="log-bridge-stages-load-"))
+    try:
+        with contextlib.ExitStack() as stack:
+            servers = [stack.enter_context(variant_process(variant)) for variant in VARIANTS]
+            servers.append(stack.enter_context(noop_process("orjson", "aiohttp")))
+            for server in servers:
+                results[server.name] = []
+                measure(server, events, 2, workdir)  # warm up
+                if server.name in DELIVERING:
+                    wait_delivered(server.url)
+            for turn in range(rounds):
+                shift = turn % len(servers)
+                for server in servers[shift:] + servers[:shift]:
+                    before = cpu_seconds(server.pid)
+                    load = measure(server, events, DURATION, workdir)
+                    if server.name in DELIVERING:
+                        wait_delivered(server.url)
+                    results[server.name].append(1e6 * (cpu_seconds(server.pid) - before) / max(load.requests, 1))
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return results
+
+
+def render(events: int, results: dict[str, list[float]]) -> str:
+    """Markdown: every run, the median, and the no-op's CPU per request over the variant's."""
+    noop = statistics.median(next(runs for name, runs in results.items() if name.startswith("no-op")))
+    lines = [
+        f"CPU per request at {events} events/request (µs, server process, until the sink caught up); "
+        f"{pinning()}, wrk; {len(next(iter(results.values())))} rounds of {DURATION:g} s, order rotating.",
+        "",
+        "| server | every run | median | no-op / it |",
+        "|---|---|---:|---:|",
+    ]
+    for name, runs in results.items():
+        median = statistics.median(runs)
+        every = ", ".join(f"{value:.0f}" for value in runs)
+        lines.append(f"| {name} | {every} | {median:.0f} | {noop / median:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str]) -> None:
+    if argv[:1] == ["--serve"]:
+        serve(argv[1], argv[2:])
+        return
+    events = int(argv[0]) if argv else 10
+    rounds = int(argv[1]) if len(argv) > 1 else 6
+    print(render(events, run(events, rounds)))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
