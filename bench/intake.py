@@ -31,7 +31,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -176,9 +176,16 @@ class Server:
         return self.process.pid
 
 
+RECEIVER = (sys.executable, "-m", "receiver.cli")
+"""How a receiver process is started (its `serve` arguments follow)."""
+
+
 @contextlib.contextmanager
-def receiver_process(sink: dict[str, object]) -> Iterator[Server]:
-    """`log-bridge serve` in a temporary directory (journal, sink output, log), killed on exit."""
+def receiver_process(
+    sink: dict[str, object], *, launcher: Sequence[str] = RECEIVER, name: str = "receiver"
+) -> Iterator[Server]:
+    """`log-bridge serve` (run by `launcher`) in a temporary directory (journal, sink output, log), killed on
+    exit."""
     workdir = Path(tempfile.mkdtemp(prefix="log-bridge-bench-"))
     port = free_port()
     if sink.get("type") == "file":
@@ -186,14 +193,12 @@ def receiver_process(sink: dict[str, object]) -> Iterator[Server]:
     config = receiver_config(workdir, port, sink)
     log = (workdir / "receiver.log").open("wb")
     process = subprocess.Popen(
-        pinned(
-            SERVER_CPUS, [sys.executable, "-m", "receiver.cli", "serve", "--config", config, "--log-level", "warning"]
-        ),
+        pinned(SERVER_CPUS, [*launcher, "serve", "--config", config, "--log-level", "warning"]),
         stdout=log,
         stderr=subprocess.STDOUT,
     )
     try:
-        server = Server("receiver", f"http://127.0.0.1:{port}", process)
+        server = Server(name, f"http://127.0.0.1:{port}", process)
         wait_healthy(server.url, process)
         yield server
     finally:

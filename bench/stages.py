@@ -25,11 +25,9 @@ import os
 import queue
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,18 +35,13 @@ import orjson
 import zstandard
 
 from bench.intake import (
-    SERVER_CPUS,
     Server,
     cpu_seconds,
-    free_port,
     measure,
     noop_process,
-    pinned,
     pinning,
-    receiver_config,
-    stop_process,
+    receiver_process,
     wait_delivered,
-    wait_healthy,
 )
 
 VARIANTS = ("full", "no-delivery", "no-journal", "segment")
@@ -122,34 +115,21 @@ _PATCHES = {"full": lambda: None, "no-delivery": _no_delivery, "no-journal": _no
 
 
 def serve(variant: str, argv: list[str]) -> None:
-    """Start `log-bridge serve` (argv) with the variant's stage replaced."""
+    """Run `log-bridge` with `argv` (`serve ...`) and the variant's stage replaced."""
     _PATCHES[variant]()
     from receiver.cli import main
 
-    sys.argv = ["log-bridge", "serve", *argv]
+    sys.argv = ["log-bridge", *argv]
     main()
 
 
 # --- the measurement --------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def variant_process(variant: str) -> Iterator[Server]:
-    """The receiver variant in a temporary directory (file sink), killed on exit."""
-    workdir = Path(tempfile.mkdtemp(prefix="log-bridge-stages-"))
-    port = free_port()
-    sink = {"type": "file", "path": str(workdir / "events" / "%Y-%m-%d.ndjson")}
-    config = receiver_config(workdir, port, sink)
-    command = [sys.executable, "-m", "bench.stages", "--serve", variant, "--config", config, "--log-level", "warning"]
-    with (workdir / "receiver.log").open("wb") as log:
-        process = subprocess.Popen(pinned(SERVER_CPUS, command), stdout=log, stderr=subprocess.STDOUT)
-        try:
-            server = Server(variant, f"http://127.0.0.1:{port}", process)
-            wait_healthy(server.url, process)
-            yield server
-        finally:
-            stop_process(process)
-            shutil.rmtree(workdir, ignore_errors=True)
+def variant_process(variant: str) -> contextlib.AbstractContextManager[Server]:
+    """The receiver variant (file sink), as bench.intake starts the receiver."""
+    launcher = (sys.executable, "-m", "bench.stages", "--serve", variant)
+    return receiver_process({"type": "file"}, launcher=launcher, name=variant)
 
 
 def run(events: int, rounds: int) -> dict[str, list[float]]:
