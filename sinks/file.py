@@ -1,9 +1,11 @@
 """The file sink: one compact JSON line per event (the wrapper as WorkOS sent it), fsynced before a batch
-counts as delivered. `path` may hold strftime fields, expanded with the event's time in UTC."""
+counts as delivered. `path` may hold strftime fields, expanded with the event's time in UTC. A line a crash or
+a full disk left without its newline is cut off before the next write (its events are written again whole)."""
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 import time
 import uuid
@@ -70,10 +72,7 @@ class FileSink:
             if limit is None:
                 _append(path, b"\n".join(lines) + b"\n")
                 continue
-            try:
-                size = path.stat().st_size
-            except FileNotFoundError:
-                size = 0
+            size = _whole_lines(path)
             chunk: list[bytes] = []
             for line in lines:
                 # Fill the file up to the limit, then rotate: only an event larger than the limit by itself
@@ -144,9 +143,29 @@ def store_file(path: Path, data: bytes) -> None:
         os.close(directory)
 
 
-def _append(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+TAIL_CHUNK = 64 * 1024
+
+
+def _whole_lines(path: Path) -> int:
+    """Cut a torn last line off the file (before its size decides a rotation); its size then (0: none)."""
     try:
+        fd = os.open(path, os.O_RDWR)
+    except FileNotFoundError:
+        return 0
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return _cut_torn_line(fd)
+    finally:
+        os.close(fd)
+
+
+def _append(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o640)
+    try:
+        # Held while the file is checked and written: another sink appending to the same file must not take
+        # a line it is still writing for a torn one.
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        _cut_torn_line(fd)
         view = memoryview(data)
         while view:
             written = os.write(fd, view)
@@ -154,6 +173,25 @@ def _append(path: Path, data: bytes) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _cut_torn_line(fd: int) -> int:
+    """Cut off a last line without its newline: a write the process did not finish (killed, or a full disk).
+    Its events were never counted delivered, so they are written again whole; the file keeps whole lines.
+    The file's size after."""
+    end = os.fstat(fd).st_size
+    if not end or os.pread(fd, 1, end - 1) == b"\n":
+        return end
+    cut = end
+    while cut > 0:
+        start = max(0, cut - TAIL_CHUNK)
+        newline = os.pread(fd, cut - start, start).rfind(b"\n")
+        if newline >= 0:
+            cut = start + newline + 1
+            break
+        cut = start
+    os.ftruncate(fd, cut)
+    return cut
 
 
 def _rotate(path: Path) -> None:

@@ -42,6 +42,20 @@ class TestFileSink:
         await sink.send(make_events(3))
         assert len((tmp_path / "out.ndjson").read_bytes().splitlines()) == 5
 
+    async def test_a_line_a_crash_cut_short_is_replaced_by_the_whole_events(self, tmp_path: Path) -> None:
+        path = tmp_path / "out.ndjson"
+        sink = FileSink("f", FileSink.Config(path=str(path)))
+        first, resent = make_events(2), make_events(3, start_seq=10)
+        await sink.send(first)
+        whole = path.read_bytes()
+        for torn in (resent[0].raw[:7], b'{"event":{"pad":"' + b"x" * 200_000):  # within a read, and longer
+            path.write_bytes(whole + torn)  # the process was killed inside a write
+            assert (await sink.send(resent)).outcome is Outcome.SUCCESS
+            assert path.read_bytes().splitlines() == [e.raw for e in first + resent]
+        path.write_bytes(b"no newline at all")
+        await sink.send(resent)
+        assert path.read_bytes().splitlines() == [e.raw for e in resent]
+
     async def test_rotation_at_max_file_bytes(self, tmp_path: Path) -> None:
         sink = FileSink("f", FileSink.Config(path=str(tmp_path / "out.ndjson"), max_file_bytes="2KiB"))
         for _ in range(10):
