@@ -14,8 +14,10 @@ import math
 import random
 import re
 import time
+from bisect import bisect_right
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from itertools import accumulate, islice
 from typing import TypeVar
 
 from receiver.config import Config, RetryConfig, SinkSection
@@ -87,6 +89,8 @@ class SinkRunner:
         self._every_action = not section.include_actions and not section.exclude_actions
         self.cursor = 0
         self.health = Health(True, "not checked yet")
+        self._health_seen = 0
+        """Health updates so far: a check that a send's answer overtook does not overwrite it."""
         self._config_problem: str | None = None
         """The last configuration problem a send met (a refused token, a wrong URL): health stays red with it
         until a send succeeds, whatever the sink's own check says."""
@@ -225,14 +229,18 @@ class SinkRunner:
             self._buffer.clear()
             self._buffered_bytes = 0
             return batch
-        batch = []
-        size = 0
-        while self._buffer and len(batch) < limits.max_events:
-            event = self._buffer[0]
-            if batch and size + len(event.raw) > limits.max_bytes:
-                break
-            size += len(event.raw)
-            batch.append(self._buffer.popleft())
+        # The first max_events, cut to max_bytes (at least one event): whole-list steps, not a loop of pops,
+        # which cost ≈ 0.8 µs an event when the buffer holds more than a batch (a sink catching up).
+        batch = list(islice(self._buffer, limits.max_events))
+        sizes = [len(event.raw) for event in batch]
+        size = sum(sizes)
+        if size > limits.max_bytes:
+            ends = list(accumulate(sizes))
+            count = max(1, bisect_right(ends, limits.max_bytes))
+            del batch[count:]
+            size = ends[count - 1]
+        for _ in range(len(batch)):
+            self._buffer.popleft()
         self._buffered_bytes -= size
         if self._buffer:
             self._first_buffered_at = time.monotonic()
@@ -391,17 +399,20 @@ class SinkRunner:
 
     def _set_health(self, health: Health) -> None:
         self.health = health
+        self._health_seen += 1
         self.metrics.sink_up.labels(self.name).set(1 if health.ok else 0)
 
     async def check_health(self) -> Health:
-        """Run the sink's health check and record it."""
+        """Run the sink's health check and record it, unless a send answered meanwhile (that is newer)."""
+        seen = self._health_seen
         try:
             health = await self.sink.healthcheck()
         except Exception as exc:
             health = Health(False, f"health check raised {type(exc).__name__}")
         if health.ok and self._config_problem is not None:
             health = Health(False, f"last send failed: {self._config_problem} (red until a send succeeds)")
-        self._set_health(health)
+        if self._health_seen == seen:
+            self._set_health(health)
         return health
 
 
