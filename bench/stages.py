@@ -8,10 +8,6 @@ the service starts, so the rest of the process is the receiver's own code):
 - `full`: the receiver as it ships.
 - `no-delivery`: the journal as it ships, no sink runner taking rows (delivery's cost is `full` minus this).
 - `no-journal`: `Journal.append` acknowledges at once: the front, authentication, parsing, metrics and answer.
-- `segment`: an experiment for the journal's next design, not the product: `Journal.append` deduplicates with
-  the real index, then hands the kept elements (zstd level 1) to a thread that appends every queued request to
-  one file with one `os.write` and one `fdatasync`, and wakes the loop once per group. No delivery, no
-  recovery: it shows what the hot path of an append-only segment journal would cost in this process.
 
 Not part of `make bench`; run by hand: `python -m bench.stages [EVENTS [ROUNDS]]` (default 10 events a request,
 6 rounds of 4 s). Prints Markdown.
@@ -21,18 +17,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import queue
 import shutil
 import statistics
 import sys
 import tempfile
-import threading
 from pathlib import Path
 from typing import Any
-
-import orjson
-import zstandard
 
 from bench.intake import (
     Server,
@@ -44,7 +34,7 @@ from bench.intake import (
     wait_delivered,
 )
 
-VARIANTS = ("full", "no-delivery", "no-journal", "segment")
+VARIANTS = ("full", "no-delivery", "no-journal")
 DELIVERING = ("full",)
 """Variants whose sink catches up after a run (the CPU until then is counted)."""
 DURATION = 4.0
@@ -71,47 +61,7 @@ def _no_journal() -> None:
     facade.Journal.append = append  # type: ignore[method-assign]
 
 
-def _segment() -> None:
-    from receiver.journal import facade
-
-    def write_groups(jobs: queue.SimpleQueue[Any], fd: int) -> None:
-        pack = zstandard.ZstdCompressor(level=1).compress
-        while True:
-            group = [jobs.get()]
-            with contextlib.suppress(queue.Empty):
-                while True:
-                    group.append(jobs.get_nowait())
-            os.write(fd, b"".join(pack(data) for data, _, _ in group))
-            os.fdatasync(fd)
-            group[0][1].call_soon_threadsafe(settle, group)
-
-    def settle(group: list[Any]) -> None:
-        for _, _, future in group:
-            if not future.done():
-                future.set_result(None)
-
-    async def append(self: Any, stream: str, parsed: Any, received_at: float, scope: str | None = None) -> Any:
-        if not hasattr(self, "_segment_jobs"):
-            self._segment_jobs = queue.SimpleQueue()
-            fd = os.open(f"{self.path}.segment", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-            threading.Thread(target=write_groups, args=(self._segment_jobs, fd), daemon=True).start()
-        scope = scope or stream
-        fresh = self.dedup.fresh(scope, parsed.keys, received_at, set(), [])
-        kept = range(len(parsed)) if fresh is None else fresh
-        keys = [parsed.keys[i] for i in kept]
-        meta = orjson.dumps([[parsed.actions[i] for i in kept], [parsed.times[i] for i in kept], keys])
-        data = b"\n".join([*(parsed.raws[i] for i in kept), meta, b""])
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
-        self._segment_jobs.put((data, loop, future))
-        await future
-        self.dedup.add(scope, [key for key in keys if key is not None], received_at)
-        return facade.AppendResult(len(kept), len(parsed) - len(kept), len(parsed.rejected))
-
-    facade.Journal.append = append  # type: ignore[method-assign]
-
-
-_PATCHES = {"full": lambda: None, "no-delivery": _no_delivery, "no-journal": _no_journal, "segment": _segment}
+_PATCHES = {"full": lambda: None, "no-delivery": _no_delivery, "no-journal": _no_journal}
 
 
 def serve(variant: str, argv: list[str]) -> None:

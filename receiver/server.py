@@ -299,7 +299,7 @@ class Service:
         """Open the journal, start delivery, then listen; on a failure, undo what was started."""
         server = self.config.server
         self.tls = ServerTls(server.tls) if server.tls else None
-        await self.journal.open(exclusive=True)
+        await self.journal.open()
         try:
             await self._start()
         except BaseException:

@@ -1,20 +1,22 @@
-"""The durable journal: SQLite in WAL mode with `synchronous=FULL`, written by one thread that groups the
-writes of concurrent requests into one transaction, so one fsync serves many acknowledgements.
+"""The durable journal: the events in append-only segment files (`<journal>.segments/`), everything else in
+SQLite (WAL mode, `synchronous=FULL`), all written by one thread that groups the writes of concurrent requests,
+so one `fdatasync` serves many acknowledgements.
 
-Tables: `batches` (the backlog: one row per accepted request, its events numbered `first_seq..last_seq`, their
-bytes as received one per line), `cursors` (the last event seq each sink is past), `dedup_log` (one row per
-accepted request with the dedup keys it brought, kept for the dedup window), `dead_letters` (what could not be
-delivered, with the reason) and `meta` (the last seq handed out, so numbers never go back even when the backlog
-empties).
+Segments (receiver.journal.segments) hold the backlog: one record per accepted request, its events numbered
+`first..last`, their bytes as received one per line (zstd), with their actions, times and dedup keys. A segment
+every active sink is past is unlinked whole. SQLite holds `cursors` (the last event seq each sink is past),
+`dedup_log` (the dedup keys of delivered records, copied as delivery passes them, kept for the dedup window),
+`dead_letters` (what could not be delivered, with the reason), `replays` (dead letters `dlq replay` put back,
+until the service appends them) and `meta`.
 
-A row per request rather than per event keeps SQLite's work per request nearly constant. Deduplication is
-looked up in memory (receiver.dedup) by the writer thread, in commit order; the keys reach the index only once
-their batch has committed, and are on disk in the same transaction, so a SIGKILL at any moment loses neither an
-acknowledged event nor the key that makes its retry a duplicate. The backlog cap (`max_bytes`) counts the
-undelivered events' bytes only; dedup keys have their own bound (`dedup_max_keys`).
+Deduplication is looked up in memory (receiver.dedup) by the writer thread, in commit order; the keys reach the
+index only once their record is durable, and are on disk in the same record, so a SIGKILL at any moment loses
+neither an acknowledged event nor the key that makes its retry a duplicate. The backlog cap (`max_bytes`)
+counts the undelivered records' bytes only; dedup keys have their own bound (`dedup_max_keys`).
 
-Modules: `schema` (tables, migrations, the shared statements), `writer` (the group-commit thread), `facade` (the
-`Journal` the intake and the delivery engine use), `dead_letters` (`dlq list` / `dlq replay`).
+Modules: `segments` (the event files), `schema` (tables, migrations, the shared statements), `writer` (the
+group-commit thread), `facade` (the `Journal` the intake and the delivery engine use), `dead_letters` (`dlq
+list` / `dlq replay`).
 """
 
 from receiver.journal.dead_letters import DeadLetter, list_dead_letters, replay_dead_letters

@@ -1,5 +1,6 @@
 """Dead letters, for `log-bridge dlq list` and `dlq replay`: a plain connection of their own, safe while the
-service runs (replay takes the sequence numbers under the database's write lock, as the writer thread does)."""
+service runs. Replay moves them to the `replays` table in one transaction; the service appends them to its
+segments (within a second while it runs, else when it next starts), each for the sink that failed it."""
 
 from __future__ import annotations
 
@@ -11,17 +12,8 @@ from typing import Any
 
 import msgspec
 import orjson
-import zstandard
 
-from receiver.journal.schema import (
-    COMPRESSION_LEVEL,
-    INSERT_BATCH,
-    INTAKE,
-    batch_row,
-    connect,
-    last_seq,
-    store_last_seq,
-)
+from receiver.journal.schema import INTAKE, connect
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,8 +48,8 @@ def list_dead_letters(path: Path, sink: str | None = None) -> list[DeadLetter]:
 
 
 def replay_dead_letters(path: Path, sink: str | None = None) -> int:
-    """Put sinks' dead letters back into the backlog, each for the sink that failed it. Intake dead letters
-    (bad input) stay: they are not events. Returns how many were put back."""
+    """Put sinks' dead letters back into the backlog (through `replays`), each for the sink that failed it.
+    Intake dead letters (bad input) stay: they are not events. Returns how many were put back."""
     if not path.exists():
         return 0
     conn = connect(path)
@@ -69,13 +61,11 @@ def replay_dead_letters(path: Path, sink: str | None = None) -> int:
             query, params = query + " AND sink = ?", (sink,)
         now = time.time()
         rows = conn.execute(query + " ORDER BY id", params).fetchall()
-        pack = zstandard.ZstdCompressor(level=COMPRESSION_LEVEL).compress
-        seq = last_seq(conn)
+        moved = []
         for _id, target, stream, data, meta in rows:
             action, moment = _action_and_time(meta, bytes(data), now)
-            seq += 1
-            conn.execute(INSERT_BATCH, batch_row(pack, seq, stream, target, now, bytes(data), [action], [moment]))
-        store_last_seq(conn, seq)
+            moved.append((target, stream, bytes(data), action, moment))
+        conn.executemany("INSERT INTO replays (target, stream, data, action, time) VALUES (?, ?, ?, ?, ?)", moved)
         conn.executemany("DELETE FROM dead_letters WHERE id = ?", [(row[0],) for row in rows])
         conn.execute("COMMIT")
     finally:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import logging
 import sqlite3
@@ -25,18 +26,17 @@ from receiver.dedup import DedupIndex
 from receiver.errors import JournalClosed, JournalError, JournalFull
 from receiver.journal.schema import (
     COMPRESSION_LEVEL,
-    INSERT_BATCH,
     INSERT_DEAD_LETTER,
-    ROWS_AFTER,
     ZSTD_MAGIC,
-    backlog_bytes,
-    batch_row,
+    DiskFull,
     connect,
     insert_dead_letters,
     last_seq,
     open_problem,
+    store_last_seq,
 )
-from receiver.journal.writer import GroupWriter
+from receiver.journal.segments import SEGMENT_BYTES, Record, SegmentLog, record_meta
+from receiver.journal.writer import GroupWriter, _Job
 from receiver.parsing import Parsed
 from sinks.base import Event
 
@@ -51,8 +51,11 @@ WRITER_CACHE_KIB = 8 * 1024
 """The writer's page cache (SQLite's default is 2 MiB)."""
 
 
-CHECKPOINT_EVERY = 1.0
-"""Seconds between WAL checkpoints (when something was committed)."""
+MAINTAIN_EVERY = 1.0
+"""Seconds between WAL checkpoints (when something was committed) and looks for what `dlq replay` put back."""
+
+REPLAY_ROWS = 1000
+"""Replayed dead letters appended to the journal per write."""
 
 RECENT_BYTES = 8 * 1024 * 1024
 """Memory the newest committed rows may take, for sinks that are caught up to take without a read: each row is
@@ -102,6 +105,8 @@ class _Batch:
     """The keys stored with it (set by the writer)."""
     size: int = 0
     """Bytes stored (set by the writer)."""
+    record: int = -1
+    """Its record's index in the group's records, when it has one (set by the writer)."""
     row: Row | None = None
     """The events stored, for the sinks caught up once committed (set by the writer)."""
 
@@ -178,6 +183,22 @@ def _events(
     ]
 
 
+@dataclass(slots=True)
+class _Replay:
+    """Dead letters `dlq replay` put back, on their way to the segments: (id, target, stream, data, action,
+    time) each."""
+
+    rows: list[tuple[int, str, str, bytes, str, float]]
+    received_at: float
+
+
+def _deleting_replays(ids: list[int]) -> Callable[[sqlite3.Connection], None]:
+    def delete(conn: sqlite3.Connection) -> None:
+        conn.executemany("DELETE FROM replays WHERE id = ?", [(i,) for i in ids])
+
+    return delete
+
+
 @dataclass(frozen=True, slots=True)
 class AppendResult:
     """What one request's batch became."""
@@ -202,12 +223,20 @@ class Journal(GroupWriter):
         self._pack = zstandard.ZstdCompressor(level=COMPRESSION_LEVEL).compress  # writer thread only
         self._unpack = zstandard.ZstdDecompressor().decompress  # reader thread only
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="journal-read")
+        self.segments = SegmentLog(path.with_name(path.name + ".segments"))
+        self._mark = 0
+        """The seq every active sink is past, as last committed: records at or before it are delivered."""
+        self._group_mark = 0
+        """The mark as the commit group being written moves it (writer thread)."""
         self._read_conn: sqlite3.Connection | None = None
         self.size_bytes = 0
         self._lock: IO[bytes] | None = None
         self.dedup_scopes: dict[str, str] = {}
         """Stream name -> dedup scope (its path), for keys stored by name by earlier versions."""
-        self._checkpoints: asyncio.Task[None] | None = None
+        self._maintenance: asyncio.Task[None] | None = None
+        self._ingesting = asyncio.Lock()
+        self._replayed: set[int] = set()
+        """Ids of `replays` rows appended but not yet deleted there."""
         self._recent: deque[Row] = deque()
         """The rows committed last by this process, oldest first (event loop only)."""
         self._recent_bytes = 0
@@ -216,19 +245,30 @@ class Journal(GroupWriter):
 
     # --- life cycle --------------------------------------------------------------------------------
 
-    async def open(self, exclusive: bool = False) -> None:
-        """Create or open the database and start the writer thread; with `exclusive`, refuse a journal another
-        process serves from. Raises JournalError naming the path and the reason."""
+    async def open(self) -> None:
+        """Create or open the database and the segments and start the writer thread; a journal another process
+        has open is refused (only one process may append to the segments). Raises JournalError naming the path
+        and the reason."""
         conn = None
         try:
-            if exclusive:
-                self._lock = await asyncio.to_thread(_lock_exclusively, self.path)
+            self._lock = await asyncio.to_thread(_lock_exclusively, self.path)
+            # Beside the database itself, however it is reached (a symlink): one journal, one set of segments.
+            real = self.path.resolve()
+            self.segments = SegmentLog(real.with_name(real.name + ".segments"))
             conn = await asyncio.to_thread(connect, self.path, WRITER_CACHE_KIB)
             self._read_conn = await asyncio.to_thread(connect, self.path)
-            self.last_seq = last_seq(conn)
-            self.size_bytes = backlog_bytes(conn)
-            await asyncio.to_thread(self._load_dedup, conn, time.time())
+            metas = await asyncio.to_thread(self._open_segments, conn)
+            mark = conn.execute("SELECT value FROM meta WHERE key = 'mark'").fetchone()
+            self._mark = int(mark[0]) if mark else 0
+            cursors = conn.execute("SELECT coalesce(max(seq), 0) FROM cursors").fetchone()[0]
+            # Numbers never go back, even past records a damaged disk lost: nothing may reuse a seq a cursor or
+            # the mark has passed (a sink would skip the event).
+            self._next_seq = max(self.segments.last_seq, last_seq(conn), self._mark, int(cursors)) + 1
+            self.last_seq = self._next_seq - 1
+            self.size_bytes = self.segments.bytes_after(self._mark)
+            await asyncio.to_thread(self._load_dedup, conn, time.time(), metas)
         except (OSError, sqlite3.Error) as exc:
+            self.segments.close()
             for opened in (conn, self._read_conn):
                 if opened is not None:
                     opened.close()
@@ -236,38 +276,72 @@ class Journal(GroupWriter):
             self._release_lock()
             raise JournalError(f"cannot open the journal {self.path}: {open_problem(exc, self.path)}") from None
         self._start_writer(conn)
-        self._checkpoints = asyncio.create_task(self._checkpoint_forever(), name="journal-checkpoint")
+        self._maintenance = asyncio.create_task(self._maintain_forever(), name="journal-maintenance")
 
-    async def _checkpoint_forever(self) -> None:
-        """Copy the WAL into the database every CHECKPOINT_EVERY seconds when something was committed, from
-        the reader's connection, so the checkpoint SQLite runs inside a commit once the WAL holds 1,000 pages
-        (which restarts the WAL: without it the file grows for as long as writes keep coming) has only the last
-        few pages to copy, and the requests of that group wait for little more than its fsync."""
-        done = self.commits
+    def _open_segments(self, conn: sqlite3.Connection) -> list[Record]:
+        """Open the segments, moving in the batch rows of an earlier version's journal (kept under their seqs,
+        so the cursors still point where they did). Every record's meta, for the dedup index."""
+        legacy = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'batches'").fetchone()
+        rows = []
+        if legacy:
+            rows = conn.execute(
+                "SELECT first_seq, stream, target, received_at, meta, data FROM batches ORDER BY first_seq"
+            ).fetchall()
+        floor = rows[0][0] - 1 if rows else last_seq(conn)
+        metas = self.segments.open(floor)
+        if legacy:
+            records: list[tuple[int, int, int, bytes, bytes]] = []
+            held = 0
+            moved = self.segments.last_seq
+            for first, stream, target, received_at, meta, data in rows:
+                actions, times = orjson.loads(meta)
+                if first <= moved:  # moved already, by an open that stopped before dropping the table
+                    continue
+                route = self.segments.route(stream, target)
+                meta_bytes = record_meta(stream, target, received_at, actions, times)
+                records.append((first, first + len(actions) - 1, route, meta_bytes, data))
+                held += len(data)
+                if held >= SEGMENT_BYTES:
+                    self.segments.append(records)
+                    records, held = [], 0
+            if records:
+                self.segments.append(records)
+            conn.execute("DROP TABLE batches")  # only once its rows are durable in the segments
+            store_last_seq(conn, max(last_seq(conn), self.segments.last_seq))
+        return metas
+
+    async def _maintain_forever(self) -> None:
+        """Every MAINTAIN_EVERY seconds: append what `dlq replay` put back, and copy the WAL into the database
+        when something was committed (from the reader's connection, so the checkpoint SQLite runs inside a
+        commit once the WAL holds 1,000 pages has only the last few pages to copy)."""
+        done = -1
         failed = False
         while True:
-            await asyncio.sleep(CHECKPOINT_EVERY)
-            if self.commits == done and not failed:
-                continue
-            done = self.commits
             try:
-                await self._read(lambda conn: conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone())
-            except sqlite3.Error as exc:  # a full disk: the WAL keeps the data; try again later
-                if not failed:
-                    log.warning("journal checkpoint failed; will retry", extra={"error": str(exc)})
-                failed = True
-            else:
-                failed = False
+                await self.ingest_replays()
+            except (JournalError, sqlite3.Error) as exc:
+                log.warning("journal: cannot take replayed dead letters yet; will retry", extra={"error": str(exc)})
+            if self.commits != done or failed:
+                done = self.commits
+                try:
+                    await self._read(lambda conn: conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone())
+                except sqlite3.Error as exc:  # a full disk: the WAL keeps the data; try again later
+                    if not failed:
+                        log.warning("journal checkpoint failed; will retry", extra={"error": str(exc)})
+                    failed = True
+                else:
+                    failed = False
+            await asyncio.sleep(MAINTAIN_EVERY)
 
     async def close(self) -> None:
         """Finish queued writes, then close both connections."""
         if self._closed:
             return
         self._closed = True
-        if self._checkpoints is not None:
-            self._checkpoints.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._checkpoints
+        if self._maintenance is not None:
+            self._maintenance.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):  # its own failure is not the close's
+                await self._maintenance
         await self._stop_writer()
         if self._read_conn is not None:
             conn = self._read_conn
@@ -277,6 +351,10 @@ class Journal(GroupWriter):
 
     def _group_ended(self) -> None:
         self._pending.clear()
+        self._group_mark = 0
+
+    def _writer_closed(self) -> None:
+        self.segments.close()
 
     def _release_lock(self) -> None:
         if self._lock is not None:
@@ -306,62 +384,133 @@ class Journal(GroupWriter):
         shared = self.shared if self.dedup.enabled else None
         elsewhere = await shared.seen(scope, parsed.keys) if shared is not None else frozenset()
         batch = _Batch(stream, scope, parsed, received_at, elsewhere)
-        result: AppendResult = await self._write_batch(self._write_batches, batch)
+        store = self._store_rejects(stream, received_at, parsed.rejected) if parsed.rejected else None
+        result: AppendResult = await self._write_batch(batch, store)
         if shared is not None and batch.keys:  # only now, after the commit: a failure here can cause a duplicate,
             await shared.mark(scope, batch.keys)  # never a loss
         return result
 
-    def _write_batches(self, conn: sqlite3.Connection, batches: list[_Batch]) -> list[AppendResult]:
-        """Requests' batches in one INSERT per table: a batch row each, their keys in one `dedup_log` row per
-        scope, the intake's dead letters (writer thread, in commit order, so a key in two of them is a duplicate
-        in the second)."""
-        rows: list[tuple[int, int, str, str | None, float, bytes, bytes]] = []
-        letters: list[tuple[None, str, bytes, str, float, None]] = []
-        logged: dict[str, tuple[float, list[str]]] = {}
-        results: list[AppendResult] = []
-        for batch in batches:
-            parsed, at = batch.parsed, batch.received_at
-            fresh = self._fresh(batch) if self.dedup.enabled else None
-            indexes = range(len(parsed)) if fresh is None else fresh
-            count = len(indexes)
-            if count:
-                if fresh is None:  # copies: the row outlives the call, whatever its caller does with `parsed`
-                    raws, actions, times = list(parsed.raws), list(parsed.actions), list(parsed.times)
-                else:
-                    raws = [parsed.raws[i] for i in fresh]
-                    actions = [parsed.actions[i] for i in fresh]
-                    times = [parsed.times[i] for i in fresh]
-                lines = b"\n".join(raws)
-                rows.append(batch_row(self._pack, self._next_seq, batch.stream, None, at, lines, actions, times))
-                size = len(lines) - count + 1
-                if count > DEFER_MAX_EVENTS:
-                    events = _events(batch.stream, self._next_seq, raws, actions, times, at)
-                    batch.row = Row(batch.stream, None, events, size)
-                else:
-                    if 2 * size < parsed.held:  # views keeping a body twice their size alive (duplicates, padding)
-                        raws = [bytes(raw) for raw in raws]
-                    batch.row = Row.deferred(batch.stream, self._next_seq, (raws, actions, times, at), size)
-                self._next_seq += count
-                batch.size = len(rows[-1][6])
-                if self.dedup.enabled:
-                    batch.keys = [key for key in (parsed.keys[i] for i in indexes) if key is not None]
-                    if batch.keys:
-                        latest, keys = logged.setdefault(batch.scope, (at, []))
-                        keys += batch.keys
-                        # The row's time is its latest key's: pruned no earlier than any key in it is due.
-                        logged[batch.scope] = (max(latest, at), keys)
-            letters.extend((None, batch.stream, item.raw, item.reason, at, None) for item in parsed.rejected)
-            results.append(AppendResult(count, len(parsed) - count, len(parsed.rejected)))
-        conn.executemany(INSERT_BATCH, rows)
-        if logged:
-            conn.executemany(
-                "INSERT INTO dedup_log (stream, at, keys) VALUES (?, ?, ?)",
-                [(scope, at, orjson.dumps(keys)) for scope, (at, keys) in logged.items()],
-            )
-        if letters:
+    @staticmethod
+    def _store_rejects(stream: str, at: float, rejected: Sequence[Any]) -> Callable[[sqlite3.Connection], None]:
+        """What stores the intake's dead letters of a request, in its group's transaction (before its events
+        are appended: a request whose events fail is answered 503 and retried, and its dead letters are then
+        stored again, never lost)."""
+        letters = [(None, stream, item.raw, item.reason, at, None) for item in rejected]
+
+        def store(conn: sqlite3.Connection) -> None:
             conn.executemany(INSERT_DEAD_LETTER, letters)
-        self._after_commit.append(lambda: self._committed(batches))
-        return results
+
+        return store
+
+    def _append_batches(self, jobs: list[_Job], outcomes: list[tuple[_Job, Any, BaseException | None]]) -> bool:
+        """The group's batches as records, appended with one write and one fdatasync (writer thread, in commit
+        order, so a key in two of them is a duplicate in the second)."""
+        records: list[tuple[int, int, int, bytes, bytes]] = []
+        kept: list[tuple[_Job, Any]] = []
+        first = self._next_seq
+        for job in jobs:
+            undos, seq, held = len(self._undo), self._next_seq, len(records)
+            try:
+                if isinstance(job.bulk, _Replay):
+                    result: Any = self._replay_records(job.bulk, records)
+                else:
+                    result = self._record(job.bulk, records)
+            except Exception as exc:  # one request's failure must not sink the others in the group
+                for undo in reversed(self._undo[undos:]):
+                    undo()
+                del self._undo[undos:], records[held:]
+                self._next_seq = seq
+                failure = exc if isinstance(exc, JournalError) else JournalError(f"journal write failed: {exc}")
+                outcomes.append((job, None, failure))
+                continue
+            kept.append((job, result))
+        self._undo.clear()
+        if records:
+            try:
+                sizes = self.segments.append(records)
+            except OSError as exc:
+                self._next_seq = first
+                full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+                failure = (
+                    DiskFull("the journal's disk is full") if full else JournalError(f"journal write failed: {exc}")
+                )
+                log.error("journal write failed", extra={"error": str(failure)})
+                self.disk_full = self.disk_full or full
+                outcomes.extend((job, None, failure) for job, _ in kept)
+                return False
+            self.disk_full = False
+            self.size_bytes += sum(sizes)
+            self.last_seq = self._next_seq - 1
+        batches = [job.bulk for job, _ in kept if isinstance(job.bulk, _Batch)]
+        for batch in batches:
+            if batch.record >= 0:
+                batch.size = sizes[batch.record]
+        self._committed(batches)
+        outcomes.extend((job, result, None) for job, result in kept)
+        return bool(records)
+
+    def _record(self, batch: _Batch, records: list[tuple[int, int, int, bytes, bytes]]) -> AppendResult:
+        """Add a request's record (its events not seen before) to the group's; what the request became."""
+        parsed, at = batch.parsed, batch.received_at
+        fresh = self._fresh(batch) if self.dedup.enabled else None
+        indexes = range(len(parsed)) if fresh is None else fresh
+        count = len(indexes)
+        if count:
+            if fresh is None:  # copies: the row outlives the call, whatever its caller does with `parsed`
+                raws, actions, times = list(parsed.raws), list(parsed.actions), list(parsed.times)
+            else:
+                raws = [parsed.raws[i] for i in fresh]
+                actions = [parsed.actions[i] for i in fresh]
+                times = [parsed.times[i] for i in fresh]
+            if self.dedup.enabled:
+                batch.keys = [key for key in (parsed.keys[i] for i in indexes) if key is not None]
+            lines = b"\n".join(raws)
+            first = self._next_seq
+            meta = record_meta(batch.stream, None, at, actions, times, batch.scope, batch.keys)
+            route = self.segments.route(batch.stream, None)
+            batch.record = len(records)
+            records.append((first, first + count - 1, route, meta, self._pack(lines)))
+            size = len(lines) - count + 1
+            if count > DEFER_MAX_EVENTS:
+                batch.row = Row(batch.stream, None, _events(batch.stream, first, raws, actions, times, at), size)
+            else:
+                if 2 * size < parsed.held:  # views keeping a body twice their size alive (duplicates, padding)
+                    raws = [bytes(raw) for raw in raws]
+                batch.row = Row.deferred(batch.stream, first, (raws, actions, times, at), size)
+            self._next_seq += count
+        return AppendResult(count, len(parsed) - count, len(parsed.rejected))
+
+    def _replay_records(self, replay: _Replay, records: list[tuple[int, int, int, bytes, bytes]]) -> int:
+        """Add a record for each replayed dead letter, for the sink that failed it."""
+        for _, target, stream, data, action, moment in replay.rows:
+            meta = record_meta(stream, target, replay.received_at, [action], [moment])
+            records.append(
+                (self._next_seq, self._next_seq, self.segments.route(stream, target), meta, self._pack(data))
+            )
+            self._next_seq += 1
+        return len(replay.rows)
+
+    async def ingest_replays(self) -> int:
+        """Append what `dlq replay` put back (the `replays` table, written by another process) to the
+        journal, then delete it there; how many. A crash in between replays them again: a duplicate, never a
+        loss."""
+        moved = 0
+        async with self._ingesting:
+            while True:
+                rows = await self._read(
+                    lambda conn: conn.execute(
+                        "SELECT id, target, stream, data, action, time FROM replays ORDER BY id LIMIT ?", (REPLAY_ROWS,)
+                    ).fetchall()
+                )
+                if not rows:
+                    return moved
+                fresh = [(i, t, s, bytes(d), a, m) for i, t, s, d, a, m in rows if i not in self._replayed]
+                if fresh:  # those appended already wait only for their delete (it failed before)
+                    await self._enqueue(None, True, _Replay(fresh, time.time()))
+                    self._replayed.update(row[0] for row in fresh)
+                await self._write(_deleting_replays([row[0] for row in rows]))
+                self._replayed.difference_update(row[0] for row in rows)
+                moved += len(fresh)
 
     def _fresh(self, batch: _Batch) -> list[int] | None:
         """Indexes of a batch's elements not seen before (None: all), their keys pending until the commit."""
@@ -381,7 +530,6 @@ class Journal(GroupWriter):
 
     def _committed(self, batches: list[_Batch]) -> None:
         for batch in batches:
-            self.size_bytes += batch.size
             if batch.keys:
                 self.dedup.add(batch.scope, batch.keys, batch.received_at)
             if batch.row is not None:  # the events as a read would give them back, for the sinks caught up
@@ -459,33 +607,27 @@ class Journal(GroupWriter):
         await self._write(lambda conn: conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, data)))
 
     async def scan_actions(self, after: int, upto: int) -> list[tuple[int, str, str | None, list[str]]]:
-        """(first seq, stream, target, actions) of the batch rows holding events in (after, upto]: the
-        actions only, without reading or decompressing the events."""
+        """(first seq, stream, target, actions) of the records holding events in (after, upto]: the actions
+        only, without decompressing the events."""
 
-        def read(conn: sqlite3.Connection) -> list[tuple[int, str, str | None, list[str]]]:
-            rows = conn.execute(
-                f"SELECT first_seq, stream, target, meta FROM batches WHERE {ROWS_AFTER} "  # noqa: S608
-                "AND first_seq <= ?2 ORDER BY first_seq",
-                (after, upto),
-            )
-            return [(first, stream, target, orjson.loads(meta)[0]) for first, stream, target, meta in rows]
+        def read() -> list[tuple[int, str, str | None, list[str]]]:
+            found = self.segments.read(after, upto - after, skip_to=self._mark, upto=upto)
+            return [(record.first, record.stream, record.target, record.actions) for record in found]
 
-        return await self._read(read)
+        return await self._in_reader(read)
 
     async def count_after(self, after: int, streams: Iterable[str], sink: str) -> int:
         """Events after `after` that `sink` is to be given: those of `streams`, and those replayed for it."""
-        names = sorted(streams)
-        marks = ",".join("?" * len(names))  # placeholders only: the names are bound parameters
-        query = (
-            "SELECT coalesce(sum(last_seq - max(first_seq, ?1 + 1) + 1), 0) FROM batches "  # noqa: S608
-            f"WHERE {ROWS_AFTER} AND (target = ?2 OR (target IS NULL AND stream IN ({marks})))"
-        )
+        names = frozenset(streams)
+        return await self._in_reader(lambda: self.segments.count_after(after, names, sink, skip_to=self._mark))
 
-        def count(conn: sqlite3.Connection) -> int:
-            row = conn.execute(query, (after, sink, *names)).fetchone()
-            return int(row[0])
-
-        return await self._read(count)
+    async def _in_reader(self, fn: Callable[[], T]) -> T:
+        if self._read_conn is None:
+            raise JournalClosed("the journal is closed")
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._reader, fn)
+        except (OSError, ValueError, zstandard.ZstdError) as exc:  # the disk failed, or changed a record
+            raise JournalError(f"journal read failed: {exc}") from None
 
     async def start_cursors(self, sinks: Sequence[str], seq: int) -> None:
         """Put sinks at `seq` (a sink a reload adds starts at the journal's end, whatever cursor it had when a
@@ -511,34 +653,37 @@ class Journal(GroupWriter):
         return [(event, row.target) for row in await self.read_rows(after, limit) for event in row.events]
 
     async def read_rows(self, after: int, limit: int) -> list[Row]:
-        """`read`, batch row by batch row: what a row's events share is given once, for the reader to decide
-        on a whole row at a time."""
+        """`read`, record by record (a request's events): what a record's events share is given once, for the
+        reader to decide on a whole row at a time."""
 
-        def read(conn: sqlite3.Connection) -> list[Row]:
-            rows = conn.execute(
-                f"SELECT first_seq, stream, target, received_at, meta, data FROM batches WHERE {ROWS_AFTER} "  # noqa: S608
-                "ORDER BY first_seq",
-                (after,),
-            )
+        def read() -> list[Row]:
             found: list[Row] = []
-            count = 0
-            for first, stream, target, received_at, meta, stored in rows:
-                actions, times = orjson.loads(meta)
-                # Rows are zstd frames, except those written uncompressed (`dlq replay`, earlier versions).
-                data = self._unpack(stored) if stored[:4] == ZSTD_MAGIC else stored
+            for record in self.segments.read(after, limit, skip_to=self._mark):
+                # Records are zstd frames, except rows an earlier version wrote uncompressed (`dlq replay`).
+                try:
+                    data = self._unpack(record.data) if record.data[:4] == ZSTD_MAGIC else record.data
+                except zstandard.ZstdError as exc:  # changed on the disk since it was checked at open
+                    log.error(
+                        "journal: a damaged record cannot be read; its events are skipped",
+                        extra={"first_seq": record.first, "last_seq": record.last, "error": str(exc)},
+                    )
+                    continue
                 raws = data.split(b"\n")
-                skip = max(0, after + 1 - first)  # the row `after` falls in: only its events past `after`
+                skip = max(0, after + 1 - record.first)  # the record `after` falls in: only its events past it
                 kept = raws[skip:]
-                events = _events(stream, first + skip, kept, actions[skip:], times[skip:], received_at)
-                row = Row(stream, target, events, sum(map(len, kept)))
-                if row.events:
-                    found.append(row)
-                    count += len(row.events)
-                if count >= limit:
-                    break
+                events = _events(
+                    record.stream,
+                    record.first + skip,
+                    kept,
+                    record.actions[skip:],
+                    record.times[skip:],
+                    record.received_at,
+                )
+                if events:
+                    found.append(Row(record.stream, record.target, events, sum(map(len, kept))))
             return found
 
-        return await self._read(read)
+        return await self._in_reader(read)
 
     async def commit_progress(
         self,
@@ -563,7 +708,9 @@ class Journal(GroupWriter):
         await self._write(write)
 
     def _free_passed(self, conn: sqlite3.Connection, active_sinks: Sequence[str]) -> None:
-        """Delete the batch rows every active sink is past (all of them when no sink is active)."""
+        """Move the mark to the seq every active sink is past (the journal's end when no sink is active): the
+        dedup keys of the records it passes go to `dedup_log` in this transaction (a few records a delivered
+        batch, never a whole segment at once), and the segments it passed are unlinked once it has committed."""
         marks = [
             row[0]
             for row in conn.execute(
@@ -573,34 +720,64 @@ class Journal(GroupWriter):
         ]
         if len(marks) != len(active_sinks):
             return
-        mark = min(marks) if marks else self._next_seq
-        freed = conn.execute(
-            "DELETE FROM batches WHERE first_seq <= ? AND last_seq <= ? RETURNING length(data)", (mark, mark)
-        ).fetchall()
-        if freed:
-            size = sum(row[0] for row in freed)
-            self._after_commit.append(lambda: setattr(self, "size_bytes", self.size_bytes - size))
+        floor = max(self._mark, self._group_mark)  # a cursor commit earlier in this group may have moved it
+        mark = max(min(marks) if marks else self._next_seq - 1, floor)
+        if mark > floor:  # kept: at the next start, no cursor says which sinks are active
+            if self.dedup.enabled:
+                self._keep_keys(conn, floor, mark)
+            conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('mark', ?)", (mark,))
+            self._group_mark = mark
+        passed = self.segments.passed(mark)
+
+        def moved() -> None:
+            self._mark = max(self._mark, mark)
+            if passed:
+                self.segments.drop(passed)
+            self.size_bytes = self.segments.bytes_after(self._mark)
+
+        self._after_commit.append(moved)
+
+    def _keep_keys(self, conn: sqlite3.Connection, after: int, upto: int) -> None:
+        """Copy the dedup keys still in the window of the records the mark passes, (after, upto], into
+        `dedup_log`, one row per scope. Keys that cannot be read (a disk error) are logged and let go: a
+        retry of their events may then be delivered again, and delivery goes on."""
+        try:
+            records = self.segments.metas(after, upto)
+        except (OSError, ValueError, zstandard.ZstdError) as exc:  # the disk failed or changed them
+            log.error("journal: cannot read delivered records' dedup keys", extra={"error": str(exc)})
+            return
+        cutoff = self.dedup.cutoff(time.time())
+        logged: dict[str, tuple[float, list[str]]] = {}
+        for record in records:
+            if record.keys and record.received_at >= cutoff and record.scope is not None:
+                latest, keys = logged.setdefault(record.scope, (record.received_at, []))
+                keys += record.keys
+                logged[record.scope] = (max(latest, record.received_at), keys)
+        if logged:
+            conn.executemany(
+                "INSERT INTO dedup_log (stream, at, keys) VALUES (?, ?, ?)",
+                [(scope, at, orjson.dumps(keys)) for scope, (at, keys) in logged.items()],
+            )
 
     async def free_passed(self, active_sinks: Sequence[str]) -> None:
         """Free what the active sinks are all past (after a reload removed a sink that was behind)."""
         await self._write(lambda conn: self._free_passed(conn, active_sinks))
 
     async def prune_dedup(self, now: float | None = None) -> None:
-        """Forget dedup keys older than the window, and recount the backlog (`dlq replay` adds to it from
-        another process)."""
+        """Forget dedup keys older than the window, and recount the backlog."""
         moment = time.time() if now is None else now
 
         def write(conn: sqlite3.Connection) -> None:
             self.dedup.expire(moment)
             conn.execute("DELETE FROM dedup_log WHERE at < ?", (self.dedup.cutoff(moment),))
-            total = backlog_bytes(conn)
-            self._after_commit.append(lambda: setattr(self, "size_bytes", total))
+            self._after_commit.append(lambda: setattr(self, "size_bytes", self.segments.bytes_after(self._mark)))
 
         await self._write(write)
 
-    def _load_dedup(self, conn: sqlite3.Connection, now: float) -> None:
-        """Rebuild the dedup index from the keys of the window (a journal of an earlier version: from its
-        `dedup` table, which is then dropped)."""
+    def _load_dedup(self, conn: sqlite3.Connection, now: float, metas: Sequence[Record]) -> None:
+        """Rebuild the dedup index from the keys of the window: those of delivered records (`dedup_log`; a
+        journal of an earlier version: its `dedup` table, which is then dropped), then those of the records
+        not delivered yet (the segments)."""
         if not self.dedup.enabled:
             return
         cutoff = self.dedup.cutoff(now)
@@ -618,3 +795,6 @@ class Journal(GroupWriter):
         ):
             # Rows written before keys were scoped by stream path name the stream: map them to its path.
             self.dedup.add(self.dedup_scopes.get(stream, stream), orjson.loads(keys), at)
+        for record in metas:  # those the mark passed have theirs in dedup_log
+            if record.keys and record.scope is not None and record.received_at >= cutoff and record.last > self._mark:
+                self.dedup.add(record.scope, record.keys, record.received_at)

@@ -1,11 +1,11 @@
-"""The journal's schema, its migrations and the SQL statements more than one part of the journal runs, named once:
-the batch INSERT serves intake and `dlq replay` alike, so a replayed event is stored exactly as a received one."""
+"""The journal's SQLite schema (everything but the events, which are in the segments), its migrations and the
+SQL statements more than one part of the journal runs, named once."""
 
 from __future__ import annotations
 
 import os
 import sqlite3
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable
 from pathlib import Path
 
 import orjson
@@ -13,15 +13,6 @@ import orjson
 from receiver.errors import JournalError, JournalFull
 
 SCHEMA = """
-CREATE TABLE IF NOT EXISTS batches (
-    first_seq INTEGER PRIMARY KEY,
-    last_seq INTEGER NOT NULL,
-    stream TEXT NOT NULL,
-    target TEXT,
-    received_at REAL NOT NULL,
-    meta BLOB NOT NULL,
-    data BLOB NOT NULL
-);
 CREATE TABLE IF NOT EXISTS cursors (sink TEXT PRIMARY KEY, seq INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS dedup_log (
     id INTEGER PRIMARY KEY, stream TEXT NOT NULL, at REAL NOT NULL, keys BLOB NOT NULL
@@ -37,16 +28,25 @@ CREATE TABLE IF NOT EXISTS dead_letters (
 );
 CREATE INDEX IF NOT EXISTS dead_letters_sink ON dead_letters (sink);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS replays (
+    id INTEGER PRIMARY KEY,
+    target TEXT NOT NULL,
+    stream TEXT NOT NULL,
+    data BLOB NOT NULL,
+    action TEXT NOT NULL,
+    time REAL NOT NULL
+);
 """
+"""`replays` holds the dead letters `dlq replay` put back, until the service appends them to the segments (it
+runs in another process, and only the service writes the segments)."""
 
 MIGRATIONS = (("dead_letters", "meta", "ALTER TABLE dead_letters ADD COLUMN meta BLOB"),)
 """(table, column, statement) applied to a journal of an earlier version that lacks the column. `dead_letters.meta`
 holds `[action, time]` of a sink's dead letter, what replay needs to put it back without parsing it."""
 
 COMPRESSION_LEVEL = 1
-"""zstd level of the stored events. Sync writes are the journal's bottleneck (every byte goes to the WAL, then to
-the database at checkpoint, each fsynced); level 1 stores WorkOS events in a fifth to an eighth of their size for
-≈ 3 µs of CPU per KiB."""
+"""zstd level of the stored events: level 1 stores WorkOS events in a fifth to an eighth of their size for
+≈ 3 µs of CPU per KiB, so the backlog cap holds five to eight times more events."""
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
 INTAKE = "(intake)"
@@ -77,31 +77,7 @@ def _migrate(conn: sqlite3.Connection) -> None:
                     raise
 
 
-ROWS_AFTER = "first_seq >= coalesce((SELECT max(first_seq) FROM batches WHERE first_seq <= ?1), 0) AND last_seq > ?1"
-"""The batch rows holding events after seq ?1: the row ?1 falls in and those after it, found through the
-primary key (a row per request, its events numbered first_seq..last_seq)."""
-
-INSERT_BATCH = (
-    "INSERT INTO batches (first_seq, last_seq, stream, target, received_at, meta, data) VALUES (?, ?, ?, ?, ?, ?, ?)"
-)
 INSERT_DEAD_LETTER = "INSERT INTO dead_letters (sink, stream, data, reason, at, meta) VALUES (?, ?, ?, ?, ?, ?)"
-
-
-def batch_row(
-    pack: Callable[[bytes], bytes],
-    first: int,
-    stream: str,
-    target: str | None,
-    received_at: float,
-    lines: bytes,
-    actions: Sequence[str],
-    times: Sequence[float],
-) -> tuple[int, int, str, str | None, float, bytes, bytes]:
-    """The `batches` row (INSERT_BATCH's parameters) of events `first..first+len(actions)-1`: `lines` holds
-    their bytes, one event a line (`b"\\n".join`), packed by `pack`; for every sink of `stream` (target None) or
-    for the one sink `target`."""
-    meta = orjson.dumps([list(actions), list(times)])
-    return (first, first + len(actions) - 1, stream, target, received_at, meta, pack(lines))
 
 
 def insert_dead_letters(
@@ -119,10 +95,6 @@ def insert_dead_letters(
             for raw, reason, head in letters
         ],
     )
-
-
-def backlog_bytes(conn: sqlite3.Connection) -> int:
-    return int(conn.execute("SELECT total(length(data)) FROM batches").fetchone()[0])
 
 
 def last_seq(conn: sqlite3.Connection) -> int:

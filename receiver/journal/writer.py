@@ -1,6 +1,7 @@
 """The group-commit writer: one thread runs every write of the process, and gathers the writes queued meanwhile
-into one transaction, so one fsync (`synchronous=FULL`) serves many acknowledgements. Each write runs in its own
-savepoint: one request's failure does not sink the others in its group."""
+into one group. A group's SQLite writes (cursors, dead letters, meta) share one transaction and one fsync,
+each in its own savepoint, so one request's failure does not sink the others; then its requests' batches are
+appended to the segment files (receiver.journal.segments) with one write and one `fdatasync`."""
 
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from receiver.errors import JournalClosed
-from receiver.journal.schema import DiskFull, last_seq, map_error, store_last_seq
+from receiver.errors import JournalClosed, JournalError
+from receiver.journal.schema import DiskFull, map_error
 
 log = logging.getLogger("receiver.journal")
 
@@ -28,17 +29,16 @@ MAX_GROUP_JOBS = 1024
 
 @dataclass(slots=True)
 class _Job:
-    fn: Callable[..., Any]
-    """What the job runs on the writer's connection: `fn(conn)`, or for a batch `fn(conn, batches)` with the
-    batches of every job of a run."""
+    fn: Callable[[sqlite3.Connection], Any] | None
+    """What the job runs on the writer's connection, `fn(conn)`: for a batch, what it stores in SQLite besides
+    its events (the intake's dead letters), or None."""
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future[Any]
     proves_room: bool = False
     """A request's batch or a readiness probe with room: its commit shows the disk has space again (a cursor
     update or a prune writes too little to say so)."""
     bulk: Any = None
-    """A request's batch: written by `fn` together with the batches queued next to it, in one statement per
-    table rather than one per request."""
+    """A request's batch: appended to the segments together with the batches of its group."""
 
 
 _STOP = object()
@@ -96,10 +96,13 @@ class GroupWriter:
                 self._run_group(conn, jobs)
         finally:
             conn.close()
+            self._writer_closed()
 
-    def _take_queued(self, jobs: list[_Job]) -> bool:
-        """Add the jobs queued by now to the group; whether any were added."""
-        taken = False
+    def _writer_closed(self) -> None:
+        """After the last group (writer thread)."""
+
+    def _take_queued(self, jobs: list[_Job]) -> None:
+        """Add the jobs queued by now to the group."""
         while not self._stop_seen and len(jobs) < MAX_GROUP_JOBS:
             try:
                 more = self._queue.get_nowait()
@@ -109,96 +112,96 @@ class GroupWriter:
                 self._stop_seen = True
                 break
             jobs.append(more)  # type: ignore[arg-type]
-            taken = True
-        return taken
 
     def _run_group(self, conn: sqlite3.Connection, jobs: list[_Job]) -> None:
         outcomes: list[tuple[_Job, Any, BaseException | None]] = []
+        stores = [job for job in jobs if job.fn is not None]
+        refused: set[int] = set()
+        """Batches whose SQLite part failed: their events are not appended."""
         added = False
         try:
+            if stores:
+                refused = self._run_transaction(conn, stores, outcomes)
+            appends = [job for job in jobs if job.bulk is not None and id(job) not in refused]
+            added = bool(appends) and self._append_batches(appends, outcomes)
+        except Exception:  # a bug or an unforeseen error: answer the group, and keep the writer alive
+            log.exception("journal group failed")
+            settled = {id(job) for job, _, _ in outcomes}
+            failure = JournalError("journal write failed: internal error")
+            outcomes.extend((job, None, failure) for job in jobs if id(job) not in settled)
+        finally:
+            self._group_ended()
+            published, self._published = self._published, []
+        # One wake-up of the event loop for the whole group, not one per request.
+        jobs[0].loop.call_soon_threadsafe(self._settle_group, outcomes, added, published)
+
+    def _run_transaction(
+        self, conn: sqlite3.Connection, jobs: list[_Job], outcomes: list[tuple[_Job, Any, BaseException | None]]
+    ) -> set[int]:
+        """The group's SQLite writes in one transaction; the ids of the batches whose part failed."""
+        refused: set[int] = set()
+        try:
             conn.execute("BEGIN IMMEDIATE")
-            # Sequence numbers come from the database under its write lock, so another process (`dlq replay`)
-            # writing to the same journal never hands out the same numbers.
-            self._next_seq = last_seq(conn) + 1
-            first = self._next_seq
-            index = 0
-            # Jobs queued while the group is written join it before the commit: one fsync for them too.
-            while index < len(jobs) or self._take_queued(jobs):
-                end = index + 1
-                if jobs[index].bulk is not None:  # this batch and those queued right after it, written at once
-                    while end < len(jobs) and jobs[end].bulk is not None and jobs[end].fn == jobs[index].fn:
-                        end += 1
-                    self._run_bulk(conn, jobs[index:end], outcomes)
-                else:
-                    self._in_savepoint(conn, [jobs[index]], outcomes)
-                index = end
-            added = self._next_seq != first
-            if added:
-                store_last_seq(conn, self._next_seq - 1)
+            for job in jobs:
+                if not self._in_savepoint(conn, job, outcomes):
+                    refused.add(id(job))
             conn.execute("COMMIT")  # synchronous=FULL: the WAL is fsynced here, once for the whole group
             self.commits += 1
             if any(error is None and job.proves_room for job, _, error in outcomes):
                 self.disk_full = False
-            for hook in self._after_commit:  # only now may a retry of these events be called a duplicate
-                hook()
+            for hook in self._after_commit:  # what is committed stays so: a hook that fails is logged only
+                try:
+                    hook()
+                except Exception:
+                    log.exception("journal: an after-commit step failed")
         except sqlite3.Error as exc:
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
             failure = map_error(exc)
             log.error("journal commit failed", extra={"error": str(failure)})
             self.disk_full = self.disk_full or isinstance(failure, DiskFull)
-            outcomes = [(job, None, failure) for job in jobs]
-            added = False
+            done = {id(job) for job in jobs}
+            outcomes[:] = [outcome for outcome in outcomes if id(outcome[0]) not in done]
+            outcomes.extend((job, None, failure) for job in jobs)
+            refused = done
         finally:
             self._after_commit.clear()
             self._undo.clear()
-            self._group_ended()
-            published, self._published = self._published, []
-        self.last_seq = self._next_seq - 1 if added else last_seq(conn)
-        # One wake-up of the event loop for the whole group, not one per request.
-        jobs[0].loop.call_soon_threadsafe(self._settle_group, outcomes, added, published)
-
-    def _run_bulk(
-        self, conn: sqlite3.Connection, run: list[_Job], outcomes: list[tuple[_Job, Any, BaseException | None]]
-    ) -> None:
-        """Write a run of batches with one statement per table; if that fails, each batch again on its own, so
-        one request's failure does not sink the others."""
-        if len(run) > 1 and self._in_savepoint(conn, run, outcomes, fail=False):
-            return
-        for job in run:
-            self._in_savepoint(conn, [job], outcomes)
+        return refused
 
     def _in_savepoint(
-        self,
-        conn: sqlite3.Connection,
-        jobs: list[_Job],
-        outcomes: list[tuple[_Job, Any, BaseException | None]],
-        fail: bool = True,
+        self, conn: sqlite3.Connection, job: _Job, outcomes: list[tuple[_Job, Any, BaseException | None]]
     ) -> bool:
-        """Run jobs (one closure, or batches) in a savepoint; on failure roll back to it and undo their side
-        effects, and with `fail` record the failure as their outcome. Whether they succeeded."""
+        """Run a job in a savepoint; on failure roll back to it, undo its side effects and record the failure
+        as its outcome. A job that is no batch has its result recorded. Whether it succeeded."""
+        fn = job.fn
+        if fn is None:
+            return True
         conn.execute("SAVEPOINT job")
-        hooks, undos, seq = len(self._after_commit), len(self._undo), self._next_seq
+        hooks, undos = len(self._after_commit), len(self._undo)
         try:
-            if jobs[0].bulk is None:
-                results = [jobs[0].fn(conn)]
-            else:
-                results = jobs[0].fn(conn, [job.bulk for job in jobs])
+            result = fn(conn)
         except Exception as exc:  # one request's failure must not sink the others in the group
             conn.execute("ROLLBACK TO job")
             conn.execute("RELEASE job")
             for undo in reversed(self._undo[undos:]):
                 undo()
             del self._after_commit[hooks:], self._undo[undos:]
-            self._next_seq = seq
-            if fail:
-                failure = map_error(exc) if isinstance(exc, sqlite3.Error) else exc
-                self.disk_full = self.disk_full or isinstance(failure, DiskFull)
-                outcomes.extend((job, None, failure) for job in jobs)
+            failure = map_error(exc) if isinstance(exc, sqlite3.Error) else exc
+            if isinstance(exc, OSError):
+                failure = JournalError(f"journal write failed: {exc}")
+            self.disk_full = self.disk_full or isinstance(failure, DiskFull)
+            outcomes.append((job, None, failure))
             return False
         conn.execute("RELEASE job")
-        outcomes.extend(zip(jobs, results, [None] * len(jobs), strict=True))
+        if job.bulk is None:
+            outcomes.append((job, result, None))
         return True
+
+    def _append_batches(self, jobs: list[_Job], outcomes: list[tuple[_Job, Any, BaseException | None]]) -> bool:
+        """Append the group's batches to the segments and record their outcomes (writer thread); whether any
+        event was added."""
+        raise NotImplementedError
 
     def _publish(self, published: list[Any]) -> None:
         """Take what a group's commit hooks published (event loop)."""
@@ -222,12 +225,12 @@ class GroupWriter:
     async def _write(self, fn: Callable[[sqlite3.Connection], T], proves_room: bool = False) -> T:
         return await self._enqueue(fn, proves_room, None)  # type: ignore[no-any-return]
 
-    async def _write_batch(self, fn: Callable[[sqlite3.Connection, list[B]], list[Any]], batch: B) -> Any:
-        """Queue one request's batch, for `fn` to write with the batches queued next to it (its results in the
-        batches' order); this batch's result once committed."""
-        return await self._enqueue(fn, True, batch)
+    async def _write_batch(self, batch: B, store: Callable[[sqlite3.Connection], Any] | None) -> Any:
+        """Queue one request's batch, appended with the batches of its group (and `store` run in the group's
+        transaction before, when given); this batch's result once durable."""
+        return await self._enqueue(store, True, batch)
 
-    async def _enqueue(self, fn: Callable[..., Any], proves_room: bool, bulk: Any) -> Any:
+    async def _enqueue(self, fn: Callable[..., Any] | None, proves_room: bool, bulk: Any) -> Any:
         if self._closed or self._writer is None:
             raise JournalClosed("the journal is closed")
         loop = asyncio.get_running_loop()

@@ -350,7 +350,7 @@ class TestReadinessOnAFullDisk:
             )
             async with aiohttp.ClientSession() as session:
                 (disk / "filler").write_bytes(os.urandom(1024) * (1024 * 7))
-                for _ in range(200):
+                for _ in range(2000):
                     if await post(session, service.url + "/workos", sample_wrappers(50)) == 503:
                         break
                 assert service.journal.disk_full

@@ -256,4 +256,4 @@ class TestSchedule:
         finally:
             conn.close()
         assert rows == [(ORGANIZATION, T0, None)]
-        assert {"batches", "cursors", "workos_exports"} <= tables
+        assert {"cursors", "workos_exports"} <= tables

@@ -1,0 +1,474 @@
+"""Append-only segment files: the journal's events.
+
+Each accepted request is one record, appended to the newest segment; the writer thread appends the records of
+a commit group with one write and makes them durable with one `fdatasync`, so a request costs no B-tree insert,
+no second copy at a checkpoint and no delete once delivered: a segment every active sink is past is unlinked
+whole. A new segment is fsynced into its directory before its first record is acknowledged.
+
+A record is HEAD (magic, CRC-32 of the rest, first seq, meta length, data length), then its meta (JSON: stream,
+target, received_at, actions, times, dedup scope, dedup keys; a zstd frame of its own, so it is read without
+the events) and its data (the events' bytes, one a line, a zstd frame). A crash can leave only the last
+records of the newest segment torn: at open the newest segment is cut back to the end of its last whole record
+(what was cut was never acknowledged). Damaged bytes that whole records follow (damage on the disk, not a torn
+write) are skipped and reported, the records after them kept; so is damage at the end of an older segment.
+
+The index of every record (seqs, end offset, route) is kept in memory in arrays, ≈ 36 bytes a record: a read
+at a cursor is a bisect and one `pread`. Writes come from the writer thread only; reads (the reader thread, the
+event loop) see a record once it is durable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import struct
+import threading
+import zlib
+from array import array
+from bisect import bisect_right
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import orjson
+import zstandard
+
+from receiver.journal.schema import COMPRESSION_LEVEL
+
+log = logging.getLogger("receiver.journal")
+
+MAGIC = b"LBJ1"
+HEAD = struct.Struct("<4sIQII")
+"""magic, CRC-32 of everything after it, first seq, meta length, data length."""
+_CHECKED = struct.Struct("<QII")
+"""The part of HEAD the CRC covers, before the meta and the data."""
+
+SEGMENT_BYTES = 4 * 1024 * 1024
+"""A segment takes records until it holds this many bytes; the next group starts a new one. What a delivered
+segment holds stays on disk until the segment is full and every sink is past it."""
+
+_NAME = re.compile(r"^(\d{20})\.seg$")
+
+
+@dataclass(slots=True)
+class Record:
+    """One request's events as stored."""
+
+    first: int
+    stream: str
+    target: str | None
+    """The one sink they were replayed for, or None: for every sink of the stream."""
+    received_at: float
+    actions: list[str]
+    times: list[float]
+    scope: str | None
+    """The dedup scope of `keys`."""
+    keys: list[str]
+    data: bytes
+    """The events' bytes, one a line, as stored (a zstd frame, or plain)."""
+
+    @property
+    def last(self) -> int:
+        return self.first + len(self.actions) - 1
+
+
+def record_meta(
+    stream: str,
+    target: str | None,
+    received_at: float,
+    actions: Sequence[str],
+    times: Sequence[float],
+    scope: str | None = None,
+    keys: Sequence[str] = (),
+) -> bytes:
+    """A record's meta, as `Record` reads it back: JSON, as a zstd frame (its keys and times are as large as the
+    compressed events, or larger at 100 events a request; a frame is a fifth to a tenth of that)."""
+    return _codecs().compress(orjson.dumps([stream, target, received_at, actions, times, scope, keys]))
+
+
+def _record(first: int, meta: bytes, data: bytes) -> Record:
+    stream, target, received_at, actions, times, scope, keys = orjson.loads(_codecs().decompress(meta))
+    return Record(first, stream, target, received_at, actions, times, scope, keys, data)
+
+
+class _Codecs(threading.local):
+    """A zstd compressor and decompressor for each thread (neither may be shared between threads)."""
+
+    def __init__(self) -> None:
+        self.compress = zstandard.ZstdCompressor(level=COMPRESSION_LEVEL).compress
+        self.decompress = zstandard.ZstdDecompressor().decompress
+
+
+_CODECS = _Codecs()
+
+
+def _codecs() -> _Codecs:
+    return _CODECS
+
+
+class Segment:
+    """One segment file and the index of its durable records."""
+
+    __slots__ = ("base", "counts", "ends", "firsts", "lasts", "path", "routes", "size", "starts")
+
+    def __init__(self, path: Path, base: int) -> None:
+        self.path = path
+        self.base = base
+        """The first seq it may hold (its name)."""
+        self.firsts = array("q")
+        self.lasts = array("q")
+        self.starts = array("q")
+        self.ends = array("q")
+        """Record i spans starts[i] to ends[i] (a damaged record between two is not indexed)."""
+        self.routes = array("I")
+        """Each record's (stream, target), as an id of SegmentLog.routes."""
+        self.counts: dict[int, int] = {}
+        """Events by route id."""
+        self.size = 0
+        """Bytes of whole, durable records."""
+
+    def _add(self, first: int, last: int, start: int, end: int, route: int) -> None:
+        self.firsts.append(first)
+        self.lasts.append(last)
+        self.starts.append(start)
+        self.ends.append(end)
+        self.routes.append(route)
+        self.counts[route] = self.counts.get(route, 0) + last - first + 1
+        self.size = end
+
+    @property
+    def last(self) -> int:
+        """The last seq it holds (base - 1 when empty)."""
+        return self.lasts[-1] if self.lasts else self.base - 1
+
+
+def segment_name(base: int) -> str:
+    return f"{base:020d}.seg"
+
+
+class SegmentLog:
+    """The segment files of one journal (`<journal>.segments/`)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.segments: list[Segment] = []
+        self.routes: dict[tuple[str, str | None], int] = {}
+        self._fd = -1
+        """The newest segment, open for writing (writer thread)."""
+        self._lock = threading.Lock()
+        """Held while the index changes, and while a reader takes what it will read."""
+
+    # --- open and recovery -------------------------------------------------------------------------
+
+    def open(self, floor: int) -> list[Record]:
+        """Index the segments, cutting a torn tail off the newest, and open the newest for writing (a new one
+        numbered after `floor` and every record when there is none). Returns every record's meta (data empty)
+        for the caller to rebuild what it keeps in memory (dedup keys)."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        names = sorted(
+            (int(match.group(1)), entry.name)
+            for entry in os.scandir(self.directory)
+            if (match := _NAME.match(entry.name)) and entry.is_file()
+        )
+        metas: list[Record] = []
+        for position, (base, name) in enumerate(names):
+            segment = Segment(self.directory / name, base)
+            newest = position == len(names) - 1
+            self._recover(segment, newest, metas)
+            self.segments.append(segment)
+        last = max(floor, self.segments[-1].last if self.segments else 0)
+        if not self.segments or (self.segments[-1].size >= SEGMENT_BYTES):
+            self._start(last + 1)
+        else:
+            self._fd = os.open(self.segments[-1].path, os.O_WRONLY)
+        return metas
+
+    def _recover(self, segment: Segment, newest: bool, metas: list[Record]) -> None:
+        data = segment.path.read_bytes()
+        offset, previous = 0, segment.base - 1
+        while offset < len(data):
+            found = _whole(data, offset, previous)
+            if found is not None:
+                end = offset + HEAD.size + len(found.data) + _data_size(data, offset)
+                segment._add(found.first, found.last, offset, end, self.route(found.stream, found.target))
+                found.data = b""
+                metas.append(found)
+                offset, previous = end, found.last
+                continue
+            resume = _resync(data, offset, previous)
+            if resume is not None:
+                # Bytes that whole records follow: not a torn write (one ends a file), but damage on the disk.
+                # The events in them cannot be read; those after them can.
+                log.error(
+                    "journal: a damaged record is skipped",
+                    extra={"segment": segment.path.name, "offset": offset, "bytes": resume - offset},
+                )
+                offset = resume
+                continue
+            break
+        if offset == len(data):
+            return
+        if newest:  # a write the crash interrupted: never acknowledged
+            log.warning(
+                "journal: cut a torn write off the newest segment",
+                extra={"segment": segment.path.name, "bytes": len(data) - offset},
+            )
+            fd = os.open(segment.path, os.O_WRONLY)
+            try:
+                os.ftruncate(fd, offset)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        else:
+            log.error(
+                "journal: a segment is damaged at its end; what is there cannot be read",
+                extra={"segment": segment.path.name, "offset": offset, "bytes": len(data) - offset},
+            )
+
+    def _start(self, base: int) -> None:
+        """Start a new newest segment, its name durable in the directory before anything is written to it."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        path = self.directory / segment_name(base)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+        try:
+            os.fsync(fd)
+            _fsync_directory(self.directory)
+        except OSError:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                path.unlink()
+            raise
+        self._fd = fd
+        with self._lock:
+            self.segments.append(Segment(path, base))
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    # --- writing (the writer thread) ---------------------------------------------------------------
+
+    def route(self, stream: str, target: str | None) -> int:
+        """The id of a (stream, target) pair."""
+        key = (stream, target)
+        found = self.routes.get(key)
+        if found is None:
+            with self._lock:
+                found = self.routes[key] = len(self.routes)
+        return found
+
+    def append(self, records: Sequence[tuple[int, int, int, bytes, bytes]]) -> list[int]:
+        """Append (first, last, route, meta, data) records with one write and make them durable; each one's
+        size on disk. On failure (a full disk) nothing of them stays and OSError is raised."""
+        segment = self.segments[-1]
+        if segment.size >= SEGMENT_BYTES:
+            self._start(records[0][0])
+            segment = self.segments[-1]
+        pieces: list[bytes] = []
+        sizes: list[int] = []
+        for first, _, _, meta, data in records:
+            checked = _CHECKED.pack(first, len(meta), len(data))
+            crc = zlib.crc32(data, zlib.crc32(meta, zlib.crc32(checked)))
+            pieces += (MAGIC, crc.to_bytes(4, "little"), checked, meta, data)
+            sizes.append(HEAD.size + len(meta) + len(data))
+        blob = b"".join(pieces)
+        try:
+            view = memoryview(blob)
+            offset = segment.size
+            while view:
+                written = os.pwrite(self._fd, view, offset)
+                view, offset = view[written:], offset + written
+            os.fdatasync(self._fd)
+        except OSError:
+            with contextlib.suppress(OSError):  # leave no partial record for the next group to follow
+                os.ftruncate(self._fd, segment.size)
+            raise
+        with self._lock:
+            end = segment.size
+            for (first, last, route, _, _), size in zip(records, sizes, strict=True):
+                segment._add(first, last, end, end + size, route)
+                end += size
+        return sizes
+
+    def passed(self, mark: int) -> list[Segment]:
+        """The segments, the newest aside, whose every event is at or before `mark`."""
+        return [segment for segment in self.segments[:-1] if segment.last <= mark]
+
+    def drop(self, segments: Collection[Segment]) -> None:
+        """Unlink segments (all passed). A crash before the unlink is durable brings one back: its events are
+        behind every cursor, and it is dropped again."""
+        with self._lock:
+            self.segments = [segment for segment in self.segments if segment not in segments]
+        for segment in segments:
+            try:
+                segment.path.unlink()
+            except FileNotFoundError:
+                pass
+            except OSError as exc:  # its events are delivered: the file is only space, freed at the next start
+                log.warning(
+                    "journal: cannot remove a delivered segment",
+                    extra={"segment": segment.path.name, "error": str(exc)},
+                )
+
+    # --- reading -----------------------------------------------------------------------------------
+
+    @property
+    def last_seq(self) -> int:
+        return self.segments[-1].last if self.segments else 0
+
+    def bytes_after(self, mark: int) -> int:
+        """Bytes of the records holding an event after `mark`."""
+        total = 0
+        with self._lock:
+            for segment in self.segments:
+                index = bisect_right(segment.lasts, mark)
+                if index < len(segment.lasts):
+                    total += segment.size - segment.starts[index]
+        return total
+
+    def count_after(self, after: int, streams: Collection[str], sink: str, *, skip_to: int = 0) -> int:
+        """Events after `after` that `sink` is given: those of `streams`, and those replayed for it; records
+        whose every event is at or before `skip_to` are left out, as `read` leaves them out."""
+        total = 0
+        with self._lock:
+            routes = {
+                number
+                for (stream, target), number in self.routes.items()
+                if target == sink or (target is None and stream in streams)
+            }
+            start = max(after, skip_to)
+            for segment in self.segments:
+                if not segment.lasts or segment.lasts[-1] <= start:
+                    continue
+                if segment.firsts[0] > after and segment.lasts[0] > start:
+                    total += sum(segment.counts.get(route, 0) for route in routes)
+                    continue
+                firsts, lasts, held = segment.firsts, segment.lasts, segment.routes
+                for index in range(bisect_right(lasts, start), len(lasts)):
+                    if held[index] in routes:
+                        total += lasts[index] - max(firsts[index], after + 1) + 1
+        return total
+
+    def read(self, after: int, limit: int, *, skip_to: int = 0, upto: int | None = None) -> list[Record]:
+        """Whole records holding events after `after`, in order, until they hold `limit` such events or the
+        first one past `upto`; records whose every event is at or before `skip_to` are left out (delivered)."""
+        start = max(after, skip_to)
+        plans: list[tuple[Path, int, int, list[int]]] = []
+        count = 0
+        with self._lock:
+            for segment in self.segments:
+                lasts = segment.lasts
+                index = bisect_right(lasts, start)
+                if index == len(lasts):
+                    continue
+                firsts, stop = segment.firsts, index
+                while stop < len(lasts) and count < limit and (upto is None or firsts[stop] <= upto):
+                    count += lasts[stop] - max(firsts[stop], after + 1) + 1
+                    stop += 1
+                if stop > index:
+                    begin = segment.starts[index]
+                    offsets = [at - begin for at in segment.starts[index:stop]]
+                    plans.append((segment.path, begin, segment.ends[stop - 1], offsets))
+                if count >= limit or (upto is not None and stop < len(lasts)):
+                    break
+        records: list[Record] = []
+        for path, begin, end, offsets in plans:
+            try:
+                data = _pread(path, begin, end - begin)
+            except FileNotFoundError:  # dropped meanwhile: every event in it was delivered
+                continue
+            records += _parse(data, offsets)
+        return records
+
+    def metas(self, after: int, upto: int) -> list[Record]:
+        """The records whose last event is in (after, upto], without their data (their dedup keys)."""
+        plans: list[tuple[Path, int, int, list[int]]] = []
+        with self._lock:
+            for segment in self.segments:
+                low, high = bisect_right(segment.lasts, after), bisect_right(segment.lasts, upto)
+                if high > low:
+                    begin = segment.starts[low]
+                    offsets = [at - begin for at in segment.starts[low:high]]
+                    plans.append((segment.path, begin, segment.ends[high - 1], offsets))
+        records: list[Record] = []
+        for path, begin, end, offsets in plans:
+            data = _pread(path, begin, end - begin)
+            records += [_record(r.first, r.data, b"") for r in _parse(data, offsets, meta_only=True)]
+        return records
+
+
+def _parse(data: bytes, offsets: Sequence[int], meta_only: bool = False) -> list[Record]:
+    """The records at `offsets` of bytes read from a segment (whole records, as indexed). With `meta_only`,
+    each Record's `data` holds its meta bytes instead, and nothing is decoded."""
+    records: list[Record] = []
+    for offset in offsets:
+        _, _, first, meta_size, data_size = HEAD.unpack_from(data, offset)
+        meta_at = offset + HEAD.size
+        data_at = meta_at + meta_size
+        if meta_only:
+            records.append(Record(first, "", None, 0.0, [], [], None, [], data[meta_at:data_at]))
+        else:
+            records.append(_record(first, data[meta_at:data_at], data[data_at : data_at + data_size]))
+    return records
+
+
+def _data_size(data: bytes, offset: int) -> int:
+    return int(HEAD.unpack_from(data, offset)[4])
+
+
+def _whole(data: bytes, offset: int, previous: int) -> Record | None:
+    """The record at `offset` when it is whole (its meta decoded, `data` its meta's bytes), else None."""
+    if offset + HEAD.size > len(data):
+        return None
+    magic, crc, first, meta_size, data_size = HEAD.unpack_from(data, offset)
+    end: int = offset + HEAD.size + meta_size + data_size
+    if magic != MAGIC or end > len(data) or first <= previous:
+        return None
+    meta = data[offset + HEAD.size : offset + HEAD.size + meta_size]
+    if zlib.crc32(memoryview(data)[offset + 8 : end]) != crc:
+        return None
+    try:
+        record = _record(first, meta, meta)
+    except (orjson.JSONDecodeError, ValueError, TypeError, zstandard.ZstdError):
+        return None
+    return record if record.actions else None
+
+
+def _resync(data: bytes, offset: int, previous: int) -> int | None:
+    """After a record at `offset` that is not whole: where the next whole record starts (its CRC checked, its
+    seq after `previous`), else None (what is left is a torn write, or damage, to the end)."""
+    at = data.find(MAGIC, offset + 1)
+    while at >= 0:
+        if _whole(data, at, previous) is not None:
+            return at
+        at = data.find(MAGIC, at + 1)
+    return None
+
+
+def _pread(path: Path, offset: int, size: int) -> bytes:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        chunks: list[bytes] = []
+        while size > 0:
+            chunk = os.pread(fd, size, offset)
+            if not chunk:
+                raise OSError(f"{path.name}: shorter than its index")
+            chunks.append(chunk)
+            offset += len(chunk)
+            size -= len(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def _fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

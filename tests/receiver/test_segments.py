@@ -1,0 +1,327 @@
+"""The segment files: what a crash leaves is cut back to whole records, damage is reported, a failed write
+leaves nothing behind, and a journal of an earlier version (events in SQLite) is moved in under its seqs."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sqlite3
+import time
+from pathlib import Path
+
+import orjson
+import pytest
+import zstandard
+
+from receiver.errors import JournalError
+from receiver.journal import Journal
+from receiver.journal.segments import HEAD, MAGIC
+from tests.receiver.test_journal import batch
+from tests.receiver.test_unattended import small_disk
+
+
+def segment_files(journal: Journal) -> list[Path]:
+    return sorted(journal.segments.directory.glob("*.seg"))
+
+
+async def opened(path: Path) -> Journal:
+    journal = Journal(path, max_bytes=1 << 30, dedup_window=3600)
+    await journal.open()
+    return journal
+
+
+async def three_requests(path: Path, delivered: int = 0) -> Path:
+    """A journal at `path` holding requests "a", "b" and "c" (seqs 1–3), a sink past `delivered`, closed; its
+    one segment file."""
+    journal = await opened(path)
+    for key in ("a", "b", "c"):
+        await journal.append("s", batch(key), time.time())
+    if delivered:
+        await journal.commit_progress("sink", delivered, [], ["sink"])
+    await journal.close()
+    (segment,) = segment_files(journal)
+    return segment
+
+
+class TestRecovery:
+    async def test_a_torn_write_is_cut_off_and_what_was_acknowledged_stays(self, tmp_path: Path) -> None:
+        journal = await opened(tmp_path / "j.db")
+        await journal.append("s", batch("a", "b"), time.time())
+        await journal.append("s", batch("c"), time.time())
+        await journal.close()
+        (segment,) = segment_files(journal)
+        whole = segment.read_bytes()
+        third = await opened(tmp_path / "other.db")  # a record as the writer makes it, to tear
+        await third.append("s", batch("d", "e"), time.time())
+        await third.close()
+        record = segment_files(third)[0].read_bytes()
+        for torn in (record[:10], record[: HEAD.size + 5], record[:-1]):
+            segment.write_bytes(whole + torn)  # killed inside the write of a group
+            again = await opened(tmp_path / "j.db")
+            try:
+                assert [e.raw for e, _ in await again.read(0, 10)] == batch("a", "b", "c").raws
+                assert segment.stat().st_size == len(whole)
+                assert (await again.append("s", batch("c", "d"), time.time())).accepted == 1  # c: a duplicate
+                assert [e.seq for e, _ in await again.read(0, 10)] == [1, 2, 3, 4]
+            finally:
+                await again.close()
+            segment.write_bytes(whole)
+
+    async def test_a_damaged_record_in_an_older_segment_is_reported(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        monkeypatch.setattr("receiver.journal.segments.SEGMENT_BYTES", 1)  # a segment per request
+        journal = await opened(tmp_path / "j.db")
+        for key in ("a", "b", "c"):
+            await journal.append("s", batch(key), time.time())
+        await journal.close()
+        oldest = segment_files(journal)[0]
+        damaged = bytearray(oldest.read_bytes())
+        damaged[-3] ^= 0xFF  # a flipped bit in its data: the CRC says so
+        oldest.write_bytes(bytes(damaged))
+        with caplog.at_level(logging.ERROR, logger="receiver.journal"):
+            again = await opened(tmp_path / "j.db")
+        try:
+            assert [e.raw for e, _ in await again.read(0, 10)] == batch("b", "c").raws
+            assert "a segment is damaged" in caplog.text
+            assert oldest.stat().st_size == len(damaged)  # not cut: it is not where a crash writes
+        finally:
+            await again.close()
+
+    @pytest.mark.parametrize("where", [0, 16, HEAD.size + 5], ids=["magic", "meta length", "meta"])
+    async def test_a_damaged_record_in_the_newest_segment_keeps_those_after_it(
+        self, tmp_path: Path, where: int
+    ) -> None:
+        segment = await three_requests(tmp_path / "j.db")
+        damaged = bytearray(segment.read_bytes())
+        damaged[where] ^= 0xFF  # in the first record: whole records follow it
+        segment.write_bytes(bytes(damaged))
+        again = await opened(tmp_path / "j.db")
+        try:
+            assert [e.raw for e, _ in await again.read(0, 10)] == batch("b", "c").raws
+            assert segment.stat().st_size == len(damaged)  # not taken for a torn write: nothing cut
+            await again.append("s", batch("new"), time.time())
+            assert [e.seq for e, _ in await again.read(3, 10)] == [4]
+        finally:
+            await again.close()
+
+    async def test_damage_then_a_torn_write_keeps_the_whole_records_between(self, tmp_path: Path) -> None:
+        segment = await three_requests(tmp_path / "j.db")
+        whole = bytearray(segment.read_bytes())
+        whole[HEAD.size + 5] ^= 0xFF  # the first record damaged
+        segment.write_bytes(bytes(whole) + MAGIC + b"\0" * 9)  # and a later group's write cut short
+        again = await opened(tmp_path / "j.db")
+        try:
+            assert [e.raw for e, _ in await again.read(0, 10)] == batch("b", "c").raws
+            assert segment.stat().st_size == len(whole)  # only the torn write is cut
+        finally:
+            await again.close()
+
+    async def test_numbers_never_go_back_below_the_cursors(self, tmp_path: Path) -> None:
+        segment = await three_requests(tmp_path / "j.db", delivered=3)
+        segment.write_bytes(segment.read_bytes()[:10])  # the disk lost every record
+        again = await opened(tmp_path / "j.db")
+        try:
+            await again.append("s", batch("new"), time.time())
+            cursor = (await again.cursors(["sink"]))["sink"]
+            assert [e.raw for e, _ in await again.read(cursor, 10)] == batch("new").raws
+        finally:
+            await again.close()
+
+    async def test_keys_of_delivered_records_survive_a_restart(self, tmp_path: Path) -> None:
+        journal = await opened(tmp_path / "j.db")
+        await journal.append("s", batch("delivered"), time.time())
+        await journal.append("s", batch("owed"), time.time())
+        await journal.commit_progress("sink", 1, [], ["sink"])  # the mark passes the first record only
+        logged = await journal._read(lambda c: c.execute("SELECT keys FROM dedup_log").fetchall())
+        await journal.close()
+        assert [orjson.loads(keys) for (keys,) in logged] == [["delivered"]]  # copied as delivery passed it
+        again = await opened(tmp_path / "j.db")
+        try:
+            assert again.dedup.size == 2
+            result = await again.append("s", batch("delivered", "owed", "new"), time.time())
+            assert (result.accepted, result.duplicates) == (1, 2)
+        finally:
+            await again.close()
+
+    async def test_cursor_commits_of_one_group_move_the_mark_once(self, tmp_path: Path) -> None:
+        journal = await opened(tmp_path / "j.db")
+        try:
+            for key in ("k1", "k2", "k3", "k4", "k5"):
+                await journal.append("s", batch(key), time.time())
+            await journal.start_cursors(["a", "b"], 0)
+            await journal.commit_progress("a", 5, [], ["a", "b"])
+            held = asyncio.ensure_future(journal._write(lambda conn: time.sleep(0.3)))  # the next ones queue
+            await asyncio.sleep(0.05)
+            await asyncio.gather(  # one group: b twice, then a reload's view with a alone
+                journal.commit_progress("b", 2, [], ["a", "b"]),
+                journal.commit_progress("b", 4, [], ["a", "b"]),
+                journal.commit_progress("a", 5, [], ["a"]),
+                journal.commit_progress("b", 4, [], ["a", "b"]),
+                held,
+            )
+            rows = await journal._read(lambda c: c.execute("SELECT keys FROM dedup_log").fetchall())
+            mark = await journal._read(lambda c: c.execute("SELECT value FROM meta WHERE key = 'mark'").fetchone())
+            keys = [key for (blob,) in rows for key in orjson.loads(blob)]
+            assert sorted(keys) == ["k1", "k2", "k3", "k4", "k5"]  # each copied once
+            assert mark == (5,) and journal._mark == 5  # never back to 4
+        finally:
+            await journal.close()
+
+    async def test_keys_that_cannot_be_read_do_not_stop_delivery(self, tmp_path: Path) -> None:
+        journal = await opened(tmp_path / "j.db")
+        try:
+            for key in ("a", "b"):
+                await journal.append("s", batch(key), time.time())
+            (segment,) = segment_files(journal)
+            with segment.open("r+b") as file:  # the disk changed the first record's meta after it was checked
+                file.seek(HEAD.size)
+                byte = file.read(1)
+                file.seek(HEAD.size)
+                file.write(bytes([byte[0] ^ 0xFF]))
+            await journal.commit_progress("sink", 2, [], ["sink"])
+            assert (await journal.cursors(["sink"]))["sink"] == 2
+        finally:
+            await journal.close()
+
+
+class TestSharing:
+    async def test_a_second_process_is_refused(self, tmp_path: Path) -> None:
+        journal = await opened(tmp_path / "j.db")
+        try:
+            with pytest.raises(JournalError, match="another log-bridge process"):
+                await opened(tmp_path / "j.db")
+        finally:
+            await journal.close()
+
+    async def test_a_symlinked_path_finds_the_same_segments(self, tmp_path: Path) -> None:
+        (tmp_path / "real").mkdir()
+        (tmp_path / "link").symlink_to(tmp_path / "real")
+        journal = await opened(tmp_path / "link" / "j.db")
+        await journal.append("s", batch("a"), time.time())
+        await journal.close()
+        again = await opened(tmp_path / "real" / "j.db")
+        try:
+            assert [e.raw for e, _ in await again.read(0, 10)] == batch("a").raws
+        finally:
+            await again.close()
+
+    async def test_a_segment_that_cannot_be_removed_stops_nothing(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setattr("receiver.journal.segments.SEGMENT_BYTES", 1)
+        journal = await opened(tmp_path / "j.db")
+        try:
+            await journal.append("s", batch("a"), time.time())
+            await journal.append("s", batch("b"), time.time())
+            unlink = Path.unlink
+
+            def refuse(self: Path, missing_ok: bool = False) -> None:
+                if self.suffix == ".seg":
+                    raise PermissionError(13, "Permission denied", str(self))
+                unlink(self, missing_ok)
+
+            monkeypatch.setattr(Path, "unlink", refuse)
+            await asyncio.wait_for(journal.commit_progress("sink", 2, [], ["sink"]), 5)
+            monkeypatch.setattr(Path, "unlink", unlink)
+            assert (await asyncio.wait_for(journal.append("s", batch("c"), time.time()), 5)).accepted == 1
+        finally:
+            await journal.close()
+
+
+class TestFailedWrites:
+    async def test_a_full_disk_leaves_no_partial_record(self, tmp_path: Path) -> None:
+        with small_disk(tmp_path / "disk", "16m") as disk:
+            journal = await opened(disk / "j.db")
+            try:
+                refused = 0
+                for i in range(400):  # ≈ 100 KiB a request, incompressible: more than the disk holds
+                    parsed = batch(f"k{i}")
+                    parsed.raws[0] = b'{"event":{"pad":"%s"}}' % os.urandom(75_000).hex().encode()
+                    try:
+                        await journal.append("s", parsed, time.time())
+                    except Exception:
+                        refused += 1
+                accepted = journal.last_seq
+                assert refused
+                assert all(s.path.stat().st_size == s.size for s in journal.segments.segments)
+            finally:
+                await journal.close()
+            again = await opened(disk / "j.db")
+            try:
+                assert len(await again.read(0, 1000)) == accepted  # each one whole, after a restart too
+            finally:
+                await again.close()
+
+
+def earlier_journal(path: Path, *statements: tuple[str, tuple[object, ...]]) -> None:
+    """A journal of the version that kept the events in SQLite (`batches`), with these statements run in it."""
+    conn = sqlite3.connect(path)
+    conn.executescript(
+        "CREATE TABLE batches (first_seq INTEGER PRIMARY KEY, last_seq INTEGER NOT NULL, stream TEXT NOT NULL, "
+        "target TEXT, received_at REAL NOT NULL, meta BLOB NOT NULL, data BLOB NOT NULL);"
+        "CREATE TABLE cursors (sink TEXT PRIMARY KEY, seq INTEGER NOT NULL);"
+        "CREATE TABLE meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;"
+    )
+    for statement, parameters in statements:
+        conn.execute(statement, parameters)
+    conn.commit()
+    conn.close()
+
+
+class TestEarlierVersion:
+    async def test_batch_rows_move_into_the_segments_under_their_seqs(self, tmp_path: Path) -> None:
+        path = tmp_path / "old.db"
+        lines = [b'{"event":{"action":"a","n":18446744073709551616}}', b'{"event":{"action":"b"}}']
+        pack = zstandard.ZstdCompressor(level=1).compress
+        replayed = b'{"event":{"action":"c"}}'
+        earlier_journal(
+            path,
+            (
+                "INSERT INTO batches VALUES (41, 42, 'workos', NULL, 100.0, ?, ?)",
+                (orjson.dumps([["a", "b"], [1.0, 2.0]]), pack(b"\n".join(lines))),
+            ),
+            (  # `dlq replay` of an earlier version stored rows uncompressed
+                "INSERT INTO batches VALUES (45, 45, 'workos', 's3', 200.0, ?, ?)",
+                (orjson.dumps([["c"], [3.0]]), replayed),
+            ),
+            ("INSERT INTO cursors VALUES ('file', 41)", ()),
+            ("INSERT INTO meta VALUES ('last_seq', 46)", ()),
+        )
+        journal = await opened(path)
+        try:
+            read = [(e.seq, e.raw, e.action, e.time, target) for e, target in await journal.read(0, 10)]
+            assert read == [
+                (41, lines[0], "a", 1.0, None),
+                (42, lines[1], "b", 2.0, None),
+                (45, replayed, "c", 3.0, "s3"),
+            ]
+            await journal.append("workos", batch("new"), time.time())
+            assert journal.last_seq == 47  # numbers never go back
+            assert await journal.count_after(41, ["workos"], "file") == 2
+            tables = await journal._read(lambda c: [r[0] for r in c.execute("SELECT name FROM sqlite_master")])
+            assert "batches" not in tables
+        finally:
+            await journal.close()
+
+    async def test_a_move_cut_short_is_not_made_twice(self, tmp_path: Path) -> None:
+        path = tmp_path / "old.db"
+        earlier_journal(
+            path,
+            (
+                "INSERT INTO batches VALUES (41, 42, 's', NULL, 100.0, ?, ?)",
+                (orjson.dumps([["a", "b"], [1.0, 2.0]]), b'{"n":41}\n{"n":42}'),
+            ),
+        )
+        before = path.read_bytes()
+        journal = await opened(path)  # moved in, table dropped
+        await journal.close()
+        for suffix in ("-wal", "-shm"):
+            path.with_name(path.name + suffix).unlink(missing_ok=True)
+        path.write_bytes(before)  # as if the process had stopped after the move, before the drop
+        again = await opened(path)
+        try:
+            assert [(e.seq, e.raw) for e, _ in await again.read(0, 10)] == [(41, b'{"n":41}'), (42, b'{"n":42}')]
+        finally:
+            await again.close()
