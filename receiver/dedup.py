@@ -79,6 +79,8 @@ class _Stream:
 
     def sealed(self, prints: Iterable[int], oldest: int) -> list[int]:
         """The fingerprints among `prints` held by a sealed generation numbered `oldest` or later."""
+        if not any(self.counts):  # nothing sealed yet (the first generation)
+            return []
         buckets, cells, slots = self.buckets, self.cells, self.slots
         shift, cell_shift = self.shift, self.shift - CELL_BITS
         found = []
@@ -192,8 +194,12 @@ class DedupIndex:
     ) -> list[int] | None:
         """Indexes of the elements whose key was not seen (None: all of them). Their fingerprints join
         `pending` (the keys of this commit group, not in the index yet) and are listed in `taken`."""
-        prints = [None if key is None else hash(key) & FINGERPRINT for key in keys]
-        candidates = {p for p in prints if p is not None}
+        if None in keys:
+            prints: list[int | None] = [None if key is None else hash(key) & FINGERPRINT for key in keys]
+            candidates = {p for p in prints if p is not None}
+        else:  # the usual: every element has a key
+            prints = [hash(key) & FINGERPRINT for key in keys]
+            candidates = set(prints)  # type: ignore[arg-type]
         if not candidates:
             return None
         seen = candidates & pending
@@ -220,21 +226,25 @@ class DedupIndex:
 
     def add(self, stream: str, keys: Iterable[str], at: float) -> None:
         """Remember keys seen at `at` (after the batch that holds them committed)."""
+        self.add_prints(stream, {hash(key) & FINGERPRINT for key in keys}, at)
+
+    def add_prints(self, stream: str, prints: Collection[int], at: float) -> None:
+        """`add` for keys whose fingerprints `fresh` took already (the writer hashes each key once)."""
         number = int(at // self.span)
         state = self._streams.get(stream)
         if state is None:
             state = self._streams[stream] = _Stream()
         if number == state.number:  # the common case: the newest generation
             before = len(state.current)
-            state.current.update(hash(key) & FINGERPRINT for key in keys)
+            state.current.update(prints)
             self.size += len(state.current) - before
         elif number > state.number:  # a new generation: the window moves with the newest key
             self.size -= state.drop({n for n, _ in state.generations() if n < number - GENERATIONS})
             self.size += state.seal(state.number, state.current) - len(state.current)
-            state.current, state.number = {hash(key) & FINGERPRINT for key in keys}, number
+            state.current, state.number = set(prints), number
             self.size += len(state.current)
         elif number >= state.number - GENERATIONS:  # late: received before a newer batch, committed after it
-            self.size += state.seal(number, {hash(key) & FINGERPRINT for key in keys})
+            self.size += state.seal(number, set(prints))
         if self.size > self.max_keys:
             self._evict()
 

@@ -6,17 +6,21 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import math
 import os
 import time
 import uuid
 from collections.abc import Sequence
 from datetime import datetime
+from operator import attrgetter
 from pathlib import Path
 
 from pydantic import Field
 
 from sinks.base import ByteSize, Event, Health, SendResult, SinkConfig
 from sinks.errors import SinkError
+
+_TIME = attrgetter("time")
 
 
 class FileSink:
@@ -37,7 +41,7 @@ class FileSink:
         """Expanded paths by whole second of event time: strftime fields are never finer than a second."""
 
     def _path_for(self, event: Event) -> str:
-        return self._path_for_second(int(event.time // 1))
+        return self._path_for_second(math.floor(event.time))
 
     def _path_for_second(self, second: int) -> str:
         path = self._paths.get(second)
@@ -59,7 +63,7 @@ class FileSink:
 
     def _write(self, batch: Sequence[Event]) -> None:
         groups: dict[str, list[bytes]] = {}
-        seconds = {int(event.time // 1) for event in batch}
+        seconds = set(map(math.floor, map(_TIME, batch)))  # C-level: a set comprehension costs 2x as much
         if len(seconds) == 1 or len({self._path_for_second(second) for second in seconds}) == 1:
             groups[self._path_for_second(seconds.pop())] = [event.raw for event in batch]  # one file (the usual)
         else:

@@ -103,6 +103,8 @@ class _Batch:
     """Keys another replica has seen (journal.dedup_store)."""
     keys: list[str] = field(default_factory=list)
     """The keys stored with it (set by the writer)."""
+    prints: list[int] = field(default_factory=list)
+    """Their fingerprints in the dedup index, as `fresh` took them (set by the writer)."""
     size: int = 0
     """Bytes stored (set by the writer)."""
     record: int = -1
@@ -463,7 +465,8 @@ class Journal(GroupWriter):
                 actions = [parsed.actions[i] for i in fresh]
                 times = [parsed.times[i] for i in fresh]
             if self.dedup.enabled:
-                batch.keys = [key for key in (parsed.keys[i] for i in indexes) if key is not None]
+                keys = parsed.keys if fresh is None else [parsed.keys[i] for i in fresh]
+                batch.keys = [key for key in keys if key is not None] if None in keys else list(keys)  # type: ignore[arg-type]
             lines = b"\n".join(raws)
             first = self._next_seq
             meta = record_meta(batch.stream, None, at, actions, times, batch.scope, batch.keys)
@@ -517,6 +520,7 @@ class Journal(GroupWriter):
         pending = self._pending.setdefault(batch.scope, set())
         taken: list[int] = []
         fresh = self.dedup.fresh(batch.scope, batch.parsed.keys, batch.received_at, pending, taken)
+        batch.prints = taken
         if taken:
             self._undo.append(lambda: pending.difference_update(taken))
         if batch.elsewhere:  # seen by another replica within the window: a duplicate here too
@@ -531,7 +535,7 @@ class Journal(GroupWriter):
     def _committed(self, batches: list[_Batch]) -> None:
         for batch in batches:
             if batch.keys:
-                self.dedup.add(batch.scope, batch.keys, batch.received_at)
+                self.dedup.add_prints(batch.scope, batch.prints, batch.received_at)
             if batch.row is not None:  # the events as a read would give them back, for the sinks caught up
                 self._published.append(batch.row)
 
