@@ -35,7 +35,7 @@ from receiver.journal.schema import (
     open_problem,
     store_last_seq,
 )
-from receiver.journal.segments import SEGMENT_BYTES, Record, SegmentLog, record_meta
+from receiver.journal.segments import SEGMENT_BYTES, Damaged, Record, SegmentLog, record_meta
 from receiver.journal.writer import GroupWriter, _Job
 from receiver.parsing import Parsed
 from sinks.base import Event
@@ -151,6 +151,13 @@ class Row:
         row._events, row._source = [], source
         return row
 
+    @classmethod
+    def gap(cls, stream: str, first: int, last: int) -> Row:
+        """Seqs `first..last` that hold no event to deliver (a damaged record): a reader moves past them."""
+        row = cls(stream, None, [], 0)
+        row.first, row.count = first, last - first + 1
+        return row
+
     @property
     def cost(self) -> int:
         """What holding the row takes, for the RECENT_BYTES bound."""
@@ -237,6 +244,8 @@ class Journal(GroupWriter):
         """Stream name -> dedup scope (its path), for keys stored by name by earlier versions."""
         self._maintenance: asyncio.Task[None] | None = None
         self._ingesting = asyncio.Lock()
+        self._kept_damage: set[tuple[str, int]] = set()
+        """(segment, offset) of damaged records this process has kept aside already."""
         self._replayed: set[int] = set()
         """Ids of `replays` rows appended but not yet deleted there."""
         self._recent: deque[Row] = deque()
@@ -260,6 +269,8 @@ class Journal(GroupWriter):
             conn = await asyncio.to_thread(connect, self.path, WRITER_CACHE_KIB)
             self._read_conn = await asyncio.to_thread(connect, self.path)
             metas = await asyncio.to_thread(self._open_segments, conn)
+            if self.segments.damaged:
+                await asyncio.to_thread(self._keep_opened_damage, conn)
             mark = conn.execute("SELECT value FROM meta WHERE key = 'mark'").fetchone()
             self._mark = int(mark[0]) if mark else 0
             cursors = conn.execute("SELECT coalesce(max(seq), 0) FROM cursors").fetchone()[0]
@@ -279,6 +290,13 @@ class Journal(GroupWriter):
             raise JournalError(f"cannot open the journal {self.path}: {open_problem(exc, self.path)}") from None
         self._start_writer(conn)
         self._maintenance = asyncio.create_task(self._maintain_forever(), name="journal-maintenance")
+
+    def _keep_opened_damage(self, conn: sqlite3.Connection) -> None:
+        """Keep aside what the segments' recovery found damaged (before the writer thread starts)."""
+        conn.execute("BEGIN IMMEDIATE")
+        self._keep_damage(conn, self.segments.damaged)
+        conn.execute("COMMIT")
+        self.segments.damaged.clear()
 
     def _open_segments(self, conn: sqlite3.Connection) -> list[Record]:
         """Open the segments, moving in the batch rows of an earlier version's journal (kept under their seqs,
@@ -616,7 +634,11 @@ class Journal(GroupWriter):
 
         def read() -> list[tuple[int, str, str | None, list[str]]]:
             found = self.segments.read(after, upto - after, skip_to=self._mark, upto=upto)
-            return [(record.first, record.stream, record.target, record.actions) for record in found]
+            return [
+                (record.first, record.stream, record.target, record.actions)
+                for record in found
+                if isinstance(record, Record)  # a damaged record holds nothing to deliver
+            ]
 
         return await self._in_reader(read)
 
@@ -660,17 +682,23 @@ class Journal(GroupWriter):
         """`read`, record by record (a request's events): what a record's events share is given once, for the
         reader to decide on a whole row at a time."""
 
-        def read() -> list[Row]:
+        def read() -> tuple[list[Row], list[Damaged]]:
             found: list[Row] = []
+            damaged: list[Damaged] = []
             for record in self.segments.read(after, limit, skip_to=self._mark):
+                if isinstance(record, Damaged):  # the disk changed it since it was written: kept aside, passed
+                    damaged.append(record)
+                    found.append(Row.gap(record.stream, max(record.first, after + 1), record.last))
+                    continue
                 # Records are zstd frames, except rows an earlier version wrote uncompressed (`dlq replay`).
                 try:
                     data = self._unpack(record.data) if record.data[:4] == ZSTD_MAGIC else record.data
-                except zstandard.ZstdError as exc:  # changed on the disk since it was checked at open
+                except zstandard.ZstdError as exc:  # its CRC matches: written so, which no version does
                     log.error(
-                        "journal: a damaged record cannot be read; its events are skipped",
+                        "journal: a record's events cannot be decompressed; they are skipped",
                         extra={"first_seq": record.first, "last_seq": record.last, "error": str(exc)},
                     )
+                    found.append(Row.gap(record.stream, max(record.first, after + 1), record.last))
                     continue
                 raws = data.split(b"\n")
                 skip = max(0, after + 1 - record.first)  # the record `after` falls in: only its events past it
@@ -685,9 +713,30 @@ class Journal(GroupWriter):
                 )
                 if events:
                     found.append(Row(record.stream, record.target, events, sum(map(len, kept))))
-            return found
+            return found, damaged
 
-        return await self._in_reader(read)
+        rows, damaged = await self._in_reader(read)
+        fresh = [item for item in damaged if (item.segment, item.offset) not in self._kept_damage]
+        if fresh:
+            await self._write(lambda conn: self._keep_damage(conn, fresh))
+            self._kept_damage.update((item.segment, item.offset) for item in fresh)
+        return rows
+
+    def _keep_damage(self, conn: sqlite3.Connection, damaged: Sequence[Damaged]) -> None:
+        """Keep damaged journal bytes aside as intake dead letters (not events: `dlq replay` leaves them), one
+        per place, however often it is read or the service restarts: its events cannot be delivered, but what
+        is left of them is kept, with where and why."""
+        now = time.time()
+        for item in damaged:
+            place = item.place
+            kept = "SELECT 1 FROM dead_letters WHERE sink IS NULL AND substr(reason, 1, ?) = ?"
+            if conn.execute(kept, (len(place), place)).fetchone():
+                continue
+            log.error(
+                "journal: damaged bytes kept aside as a dead letter",
+                extra={"segment": item.segment, "offset": item.offset, "bytes": len(item.raw), "why": item.why},
+            )
+            insert_dead_letters(conn, None, item.stream, now, [(item.raw, item.reason, None)])
 
     async def commit_progress(
         self,

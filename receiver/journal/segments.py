@@ -74,6 +74,32 @@ class Record:
         return self.first + len(self.actions) - 1
 
 
+@dataclass(slots=True)
+class Damaged:
+    """Bytes of a segment the disk changed after they were written: a record whose CRC-32 no longer matches
+    or whose meta cannot be read (found by a read), or bytes between whole records (found at open)."""
+
+    segment: str
+    offset: int
+    raw: bytes
+    why: str
+    first: int = 0
+    """The seqs the record held, when the index knows them (0: not known)."""
+    last: int = 0
+    stream: str = ""
+
+    @property
+    def place(self) -> str:
+        """Where the damage is: the start of its dead letter's reason, the same whichever read or start finds it."""
+        return f"journal record damaged on disk ({self.segment} at byte {self.offset})"
+
+    @property
+    def reason(self) -> str:
+        """The dead letter's reason: where the damage is, what it is, and what it cost."""
+        held = f"; its events (seqs {self.first}-{self.last}) cannot be delivered" if self.first else ""
+        return f"{self.place}: {self.why}{held}"
+
+
 def record_meta(
     stream: str,
     target: str | None,
@@ -155,6 +181,8 @@ class SegmentLog:
         self.directory = directory
         self.segments: list[Segment] = []
         self.routes: dict[tuple[str, str | None], int] = {}
+        self.damaged: list[Damaged] = []
+        """What `open` found damaged between whole records, for the journal to keep aside as dead letters."""
         self._fd = -1
         """The newest segment, open for writing (writer thread)."""
         self._lock = threading.Lock()
@@ -205,6 +233,7 @@ class SegmentLog:
                     "journal: a damaged record is skipped",
                     extra={"segment": segment.path.name, "offset": offset, "bytes": resume - offset},
                 )
+                self.damaged.append(Damaged(segment.path.name, offset, data[offset:resume], "not a whole record"))
                 offset = resume
                 continue
             break
@@ -226,6 +255,7 @@ class SegmentLog:
                 "journal: a segment is damaged at its end; what is there cannot be read",
                 extra={"segment": segment.path.name, "offset": offset, "bytes": len(data) - offset},
             )
+            self.damaged.append(Damaged(segment.path.name, offset, data[offset:], "not a whole record"))
 
     def _start(self, base: int) -> None:
         """Start a new newest segment, its name durable in the directory before anything is written to it."""
@@ -354,13 +384,18 @@ class SegmentLog:
                         total += lasts[index] - max(firsts[index], after + 1) + 1
         return total
 
-    def read(self, after: int, limit: int, *, skip_to: int = 0, upto: int | None = None) -> list[Record]:
+    def read(self, after: int, limit: int, *, skip_to: int = 0, upto: int | None = None) -> list[Record | Damaged]:
         """Whole records holding events after `after`, in order, until they hold `limit` such events or the
-        first one past `upto`; records whose every event is at or before `skip_to` are left out (delivered)."""
+        first one past `upto`; records whose every event is at or before `skip_to` are left out (delivered).
+        Each record's CRC-32 is checked again: one the disk changed since it was written comes back as
+        Damaged, never as altered events."""
         start = max(after, skip_to)
         plans: list[tuple[Path, int, int, list[int]]] = []
+        spans: list[list[tuple[int, int, int, int, str]]] = []
+        """Per plan, each record's (start, end, first, last, stream) from the index."""
         count = 0
         with self._lock:
+            streams = {number: stream for (stream, _), number in self.routes.items()}
             for segment in self.segments:
                 lasts = segment.lasts
                 index = bisect_right(lasts, start)
@@ -374,15 +409,21 @@ class SegmentLog:
                     begin = segment.starts[index]
                     offsets = [at - begin for at in segment.starts[index:stop]]
                     plans.append((segment.path, begin, segment.ends[stop - 1], offsets))
+                    spans.append(
+                        [
+                            (segment.starts[i], segment.ends[i], firsts[i], lasts[i], streams[segment.routes[i]])
+                            for i in range(index, stop)
+                        ]
+                    )
                 if count >= limit or (upto is not None and stop < len(lasts)):
                     break
-        records: list[Record] = []
-        for path, begin, end, offsets in plans:
+        records: list[Record | Damaged] = []
+        for (path, begin, end, _), held in zip(plans, spans, strict=True):
             try:
                 data = _pread(path, begin, end - begin)
             except FileNotFoundError:  # dropped meanwhile: every event in it was delivered
                 continue
-            records += _parse(data, offsets)
+            records += [_checked(path.name, data, begin, *span) for span in held]
         return records
 
     def metas(self, after: int, upto: int) -> list[Record]:
@@ -398,23 +439,46 @@ class SegmentLog:
         records: list[Record] = []
         for path, begin, end, offsets in plans:
             data = _pread(path, begin, end - begin)
-            records += [_record(r.first, r.data, b"") for r in _parse(data, offsets, meta_only=True)]
+            for first, meta in _metas(data, offsets):
+                try:
+                    records.append(_record(first, meta, b""))
+                except (orjson.JSONDecodeError, ValueError, TypeError, zstandard.ZstdError) as exc:
+                    # the disk changed it: this record's keys are let go, not those of the others
+                    log.error(
+                        "journal: a damaged record's dedup keys cannot be read",
+                        extra={"segment": path.name, "first_seq": first, "error": str(exc)},
+                    )
         return records
 
 
-def _parse(data: bytes, offsets: Sequence[int], meta_only: bool = False) -> list[Record]:
-    """The records at `offsets` of bytes read from a segment (whole records, as indexed). With `meta_only`,
-    each Record's `data` holds its meta bytes instead, and nothing is decoded."""
-    records: list[Record] = []
+def _metas(data: bytes, offsets: Sequence[int]) -> list[tuple[int, bytes]]:
+    """(first seq, meta bytes) of the records at `offsets` of bytes read from a segment, nothing decoded."""
+    found: list[tuple[int, bytes]] = []
     for offset in offsets:
-        _, _, first, meta_size, data_size = HEAD.unpack_from(data, offset)
-        meta_at = offset + HEAD.size
-        data_at = meta_at + meta_size
-        if meta_only:
-            records.append(Record(first, "", None, 0.0, [], [], None, [], data[meta_at:data_at]))
-        else:
-            records.append(_record(first, data[meta_at:data_at], data[data_at : data_at + data_size]))
-    return records
+        _, _, first, meta_size, _ = HEAD.unpack_from(data, offset)
+        found.append((first, data[offset + HEAD.size : offset + HEAD.size + meta_size]))
+    return found
+
+
+def _checked(
+    name: str, data: bytes, begin: int, start: int, end: int, first: int, last: int, stream: str
+) -> Record | Damaged:
+    """The record the index puts at `start`..`end` of its segment (`data` read from `begin`), checked as at
+    open: its head where the index says, its CRC-32, its meta readable."""
+    offset, stop = start - begin, end - begin
+    magic, crc, found, meta_size, data_size = HEAD.unpack_from(data, offset)
+    meta_at = offset + HEAD.size
+    why = None
+    if magic != MAGIC or found != first or meta_at + meta_size + data_size != stop:
+        why = "its head changed"
+    elif zlib.crc32(memoryview(data)[offset + 8 : stop]) != crc:
+        why = "its CRC-32 does not match"
+    else:
+        try:
+            return _record(first, data[meta_at : meta_at + meta_size], data[meta_at + meta_size : stop])
+        except (orjson.JSONDecodeError, ValueError, TypeError, zstandard.ZstdError):
+            why = "its meta cannot be read"
+    return Damaged(name, start, data[offset:stop], why, first, last, stream)
 
 
 def _data_size(data: bytes, offset: int) -> int:

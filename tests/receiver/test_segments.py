@@ -325,3 +325,102 @@ class TestEarlierVersion:
             assert [(e.seq, e.raw) for e, _ in await again.read(0, 10)] == [(41, b'{"n":41}'), (42, b'{"n":42}')]
         finally:
             await again.close()
+
+
+def flip(segment: Path, at: int) -> None:
+    """Change one byte of a segment in place, as a failing disk would."""
+    with segment.open("r+b") as file:
+        file.seek(at)
+        byte = file.read(1)
+        file.seek(at)
+        file.write(bytes([byte[0] ^ 0xFF]))
+
+
+async def damage_letters(journal: Journal) -> list[tuple[str | None, bytes, str]]:
+    query = "SELECT sink, data, reason FROM dead_letters WHERE reason LIKE 'journal record%'"
+    return await journal._read(lambda c: c.execute(query).fetchall())
+
+
+class TestDamageAfterStart:
+    """Bytes the disk changes while the service runs: checked again at every read, never delivered altered,
+    kept aside as a dead letter (once), and passed, so delivery goes on."""
+
+    async def test_a_record_whose_meta_changed_is_kept_aside_and_passed(self, tmp_path: Path) -> None:
+        journal = await opened(tmp_path / "j.db")
+        try:
+            for key in ("a", "b", "c"):
+                await journal.append("s", batch(key), time.time())
+            (segment,) = segment_files(journal)
+            record = segment.read_bytes()[: journal.segments.segments[0].ends[0]]
+            flip(segment, HEAD.size + 2)  # the first record's meta
+            assert [e.raw for e, _ in await journal.read(0, 10)] == batch("b", "c").raws
+            assert [e.raw for e, _ in await journal.read(0, 10)] == batch("b", "c").raws  # read again: same
+            ((sink, data, reason),) = await damage_letters(journal)  # kept once, however often read
+            assert sink is None  # an intake dead letter: not an event, `dlq replay` leaves it
+            assert len(data) == len(record) and data != record  # what is left of it, as the disk has it
+            assert "00000000000000000001.seg at byte 0" in reason and "(seqs 1-1) cannot be delivered" in reason
+        finally:
+            await journal.close()
+        again = await opened(tmp_path / "j.db")  # the recovery at open finds it too: still one dead letter
+        try:
+            assert len(await damage_letters(again)) == 1
+            assert [e.raw for e, _ in await again.read(0, 10)] == batch("b", "c").raws
+        finally:
+            await again.close()
+
+    async def test_events_the_disk_changed_are_never_delivered(self, tmp_path: Path) -> None:
+        journal = await opened(tmp_path / "j.db")
+        try:
+            await journal.append("s", batch("first"), time.time())
+            await journal.append("s", batch("second"), time.time())
+            (segment,) = segment_files(journal)
+            whole = segment.read_bytes()
+            _, _, _, meta_size, data_size = HEAD.unpack_from(whole, 0)
+            frame = whole[HEAD.size + meta_size : HEAD.size + meta_size + data_size]
+            decoder = zstandard.ZstdDecompressor()
+            original = decoder.decompress(frame)
+            changed = None  # a byte whose change still decompresses, to other events: zstd alone cannot tell
+            for at in range(len(frame) - 1, 0, -1):
+                altered = bytearray(frame)
+                altered[at] ^= 0x01
+                try:
+                    if decoder.decompress(bytes(altered)) != original:
+                        changed = at
+                        break
+                except zstandard.ZstdError:
+                    continue
+            assert changed is not None
+            flip(segment, HEAD.size + meta_size + changed)
+            assert [e.raw for e, _ in await journal.read(0, 10)] == batch("second").raws
+            ((_, _, reason),) = await damage_letters(journal)
+            assert "CRC-32 does not match" in reason
+        finally:
+            await journal.close()
+
+    async def test_bytes_damaged_between_whole_records_at_open_are_kept_aside(self, tmp_path: Path) -> None:
+        segment = await three_requests(tmp_path / "j.db")
+        flip(segment, 0)  # the first record's magic: recovery skips to the next whole record
+        again = await opened(tmp_path / "j.db")
+        try:
+            ((sink, data, reason),) = await damage_letters(again)
+            assert sink is None and "at byte 0" in reason and data[:4] != MAGIC
+        finally:
+            await again.close()
+        third = await opened(tmp_path / "j.db")  # every start finds it: kept once
+        try:
+            assert len(await damage_letters(third)) == 1
+        finally:
+            await third.close()
+
+    async def test_keys_of_the_records_next_to_a_damaged_meta_are_kept(self, tmp_path: Path) -> None:
+        journal = await opened(tmp_path / "j.db")
+        try:
+            for key in ("a", "b"):
+                await journal.append("s", batch(key), time.time())
+            (segment,) = segment_files(journal)
+            flip(segment, HEAD.size)  # the first record's meta
+            await journal.commit_progress("sink", 2, [], ["sink"])
+            logged = await journal._read(lambda c: c.execute("SELECT keys FROM dedup_log").fetchall())
+            assert [orjson.loads(keys) for (keys,) in logged] == [["b"]]
+        finally:
+            await journal.close()
