@@ -235,6 +235,13 @@ class _Runner(web.AppRunner):
         self._refusals = refusals
         self._malformed = malformed
 
+    async def finish(self, grace: float) -> None:
+        """aiohttp's cleanup, its handlers in flight given `grace` seconds (what the stop has left of its
+        shutdown_timeout) instead of the whole timeout again."""
+        # What BaseRunner.cleanup passes to its server's shutdown, where 0 would mean no limit at all.
+        self._shutdown_timeout = max(grace, 0.05)
+        await self.cleanup()
+
     async def _make_server(self) -> web.Server:
         made = await super()._make_server()  # starts and freezes the application, as aiohttp does
         return _Server(
@@ -271,7 +278,7 @@ class Service:
         self.sinks = dict(sinks) if sinks is not None else build_sinks(config)
         self.engine: DeliveryEngine | None = None
         self.tls: ServerTls | None = None
-        self._runner: web.AppRunner | None = None
+        self._runner: _Runner | None = None
         self._front: Front | None = None
         self._site: web.BaseSite | None = None
         self._housekeeping: asyncio.Task[None] | None = None
@@ -498,12 +505,15 @@ class Service:
         # No new connections; then the front's own finish (what it hands to aiohttp meanwhile, aiohttp's
         # shutdown then finishes too); then aiohttp's: a connection handed to aiohttp after its shutdown
         # began would be closed by nobody.
+        # Requests in flight share one `shutdown_timeout`, the front's and aiohttp's together.
+        loop = asyncio.get_running_loop()
+        finish_by = loop.time() + self.config.server.shutdown_timeout
         if self._site is not None and self._runner is not None and self._site in self._runner.sites:
             await self._site.stop()
         if self._front is not None:
-            await self._front.shutdown(self.config.server.shutdown_timeout)
+            await self._front.shutdown(max(0.0, finish_by - loop.time()))
         if self._runner is not None:
-            await self._runner.cleanup()
+            await self._runner.finish(max(0.0, finish_by - loop.time()))
         if self._housekeeping is not None:
             self._housekeeping.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -244,6 +245,28 @@ async def test_stop_leaves_no_connection_open(start_service: StartService) -> No
     await closed(writer)
     await closed(slow)
     assert not open_after_stop, "a connection is still open 1.5 s after Service.stop returned"
+
+
+async def test_requests_in_flight_share_one_shutdown_timeout(start_service: StartService) -> None:
+    """The front's requests in flight and aiohttp's get one `shutdown_timeout` between them, not one each: a
+    pod's grace period is derived from it (Helm: twice it, delivery then requests, plus 15 s)."""
+    service = await start_service({"server": {"shutdown_timeout": "2s"}})
+    _, slow = await asyncio.open_connection("127.0.0.1", service.port)  # aiohttp's, its body never ends
+    slow.write(post(b"[]", "Transfer-Encoding: chunked", length=False).split(b"\r\n\r\n")[0] + b"\r\n\r\n1\r\n[\r\n")
+    await slow.drain()
+    held = asyncio.ensure_future(service.journal._write(lambda conn: time.sleep(2.4)))  # commits wait
+    await asyncio.sleep(0.05)
+    reader, writer = await asyncio.open_connection("127.0.0.1", service.port)  # the front's, being served
+    writer.write(post(batch(1)))
+    await writer.drain()
+    await asyncio.sleep(0.1)
+    started = time.monotonic()
+    await asyncio.wait_for(service.stop(), 15)
+    took = time.monotonic() - started
+    await held
+    await closed(writer)
+    await closed(slow)
+    assert took < 3.3, f"stop took {took:.1f} s: the front's 2 s, then aiohttp's 2 s again"
 
 
 async def test_a_connection_failing_its_timeout_check_does_not_stop_the_others(
