@@ -211,6 +211,18 @@ class StreamConfig(_Model):
     auth: AuthConfig | None = None
     sinks: tuple[str, ...] = Field(min_length=1)
 
+    @field_validator("path")
+    @classmethod
+    def _normal_path(cls, value: str) -> str:
+        # A sender's URL parser resolves dot segments before the request is sent (WHATWG URL, RFC 3986
+        # section 5.2.4), so a path holding them, or an empty segment, would be a stream nothing ever reaches.
+        segments = value[1:].split("/")
+        if any(segment in (".", "..") for segment in segments):
+            raise ValueError("a path cannot hold '.' or '..' segments (senders resolve them away)")
+        if "" in segments[:-1]:
+            raise ValueError("a path cannot hold an empty segment ('//')")
+        return value
+
 
 class BatchConfig(_Model):
     """How the delivery engine groups events for one send."""
@@ -413,7 +425,11 @@ def _location(loc: tuple[int | str, ...], prefix: str = "") -> str:
 def _pydantic_errors(exc: ValidationError, prefix: str = "") -> list[str]:
     # Messages only: pydantic's own rendering repeats the input value, which may be a secret.
     problems = []
-    for error in exc.errors(include_input=False, include_url=False):
+    errors = exc.errors(include_input=False, include_url=False)
+    failed_items = {tuple(e["loc"][:n]) for e in errors for n, part in enumerate(e["loc"]) if isinstance(part, int)}
+    for error in errors:
+        if error["type"] == "too_short" and tuple(error["loc"]) in failed_items:
+            continue  # pydantic counts the items that failed as missing: their own errors say what is wrong
         message = error["msg"].removeprefix("Value error, ")
         if error["type"] == "extra_forbidden":
             message = "unknown key"

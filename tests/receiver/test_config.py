@@ -183,6 +183,33 @@ class TestErrors:
         problems = errors_of(minimal(streams=[stream, {**stream, "name": "b"}]))
         assert problems == ["streams[1].path: '/same' is already used by 'a'"]
 
+    @pytest.mark.parametrize(
+        ("path", "why"),
+        [
+            ("/a/../workos", "'.' or '..' segments"),
+            ("/./workos", "'.' or '..' segments"),
+            ("/workos/..", "'.' or '..' segments"),
+            ("/a//workos", "an empty segment"),
+            ("//workos", "an empty segment"),
+        ],
+    )
+    def test_a_stream_path_no_sender_can_reach_is_refused(self, path: str, why: str) -> None:
+        tree = minimal()
+        tree["streams"][0]["path"] = path
+        (problem,) = errors_of(tree)
+        assert problem.startswith("streams[0].path: ") and why in problem
+
+    @pytest.mark.parametrize("path", ["/", "/workos/", "/audit/v1.2/workos", "/a.b/c..d"])
+    def test_stream_paths_senders_keep_as_they_are_are_taken(self, path: str) -> None:
+        tree = minimal()
+        tree["streams"][0]["path"] = path
+        assert parse_config(tree, {}).streams[0].path == path
+
+    def test_a_bad_stream_is_not_also_reported_as_no_stream(self) -> None:
+        tree = minimal()
+        tree["streams"][0]["name"] = "bad name"
+        assert errors_of(tree) == ["streams[0].name: String should match pattern '^[A-Za-z0-9_.-]+$'"]
+
     def test_errors_do_not_repeat_secret_values(self) -> None:
         tree = minimal()
         tree["sinks"]["archive"]["path"] = {"secret": "hunter2-token"}
