@@ -34,6 +34,7 @@ from pathlib import Path
 import orjson
 
 from bench.intake import SERVER_CPUS, _get, free_port, pinned, receiver_config, rss_bytes, stop_process
+from receiver.dedup import STEP_KEYS
 
 KEYS = 1_000_000
 KEYS_PER_ROW = 100
@@ -93,6 +94,37 @@ def child_memory(mode: str, keys: int) -> dict[str, float]:
         "bytes": after - before,
         "keys": index.size,
         "generations": sum(len(state.generations()) for state in index._streams.values()),
+    }
+
+
+def child_pauses(keys: int) -> dict[str, float]:
+    """In this (fresh) process: a window of `keys` keys, then a second one timed request by request, as the
+    writer thread does its dedup work (`fresh`, then `add` once committed; `expire` every 60 s of event time):
+    the longest a request's dedup work held the writer while 12 generations were sealed and 12 expired."""
+    from receiver.dedup import DedupIndex
+
+    index = DedupIndex(WINDOW, 10 * keys)
+    rows = keys // KEYS_PER_ROW
+    step = WINDOW / rows
+    expire_every = max(1, int(60 / step))
+    pauses: list[float] = []
+    for row in range(2 * rows):
+        at = row * step
+        batch = _keys()
+        started = time.perf_counter()
+        index.fresh(STREAM, batch, at, set(), [])
+        index.add(STREAM, batch, at)
+        if row % expire_every == 0:
+            index.expire(at)
+        if row >= rows:
+            pauses.append(time.perf_counter() - started)
+    pauses.sort()
+    return {
+        "max": pauses[-1],
+        "p999": pauses[int(len(pauses) * 0.999)],
+        "p50": pauses[len(pauses) // 2],
+        "total": sum(pauses),
+        "requests": len(pauses),
     }
 
 
@@ -202,6 +234,7 @@ class Result:
     rss: list[dict[str, float]] = field(default_factory=list)
     traced: list[dict[str, float]] = field(default_factory=list)
     opens: list[dict[str, float]] = field(default_factory=list)
+    pauses: list[dict[str, float]] = field(default_factory=list)
     serves_full: list[Serve] = field(default_factory=list)
     serves_empty: list[Serve] = field(default_factory=list)
     build_seconds: float = 0.0
@@ -214,6 +247,7 @@ def measure() -> Result:
     for _ in range(REPEATS):
         result.rss.append(_child("memory", "rss", str(KEYS)))
         result.traced.append(_child("memory", "traced", str(KEYS)))
+        result.pauses.append(_child("pauses", str(KEYS)))
     workdir = Path(tempfile.mkdtemp(prefix="log-bridge-bench-dedup-"))
     try:
         full, empty = workdir / "full" / "journal.db", workdir / "empty" / "journal.db"
@@ -272,6 +306,15 @@ def render(result: Result) -> str:
         f"| `log-bridge serve` VmRSS once ready, 1 M keys minus empty journal | {_runs(serve_added, '{:.1f}')} "
         f"| {statistics.median(serve_added) if serve_added else 0:.1f} | | |",
         "",
+        f"The writer's dedup work per request over a second 24 h window of {KEYS:,} keys ({KEYS_PER_ROW} per "
+        f"request, `fresh` then `add`, `expire` every 60 s of event time; 12 generations sealed and 12 expired "
+        f"meanwhile), every run: longest {_runs([p['max'] * 1e3 for p in result.pauses], '{:.1f}')} ms; "
+        f"99.9th percentile {_runs([p['p999'] * 1e3 for p in result.pauses], '{:.2f}')} ms; median "
+        f"{_runs([p['p50'] * 1e6 for p in result.pauses], '{:.0f}')} µs; in all "
+        f"{_runs([p['total'] for p in result.pauses], '{:.2f}')} s for "
+        f"{int(result.pauses[0]['requests']) if result.pauses else 0:,} requests. Sealing and sweeping go a "
+        f"step of at most {STEP_KEYS:,} keys per request (a request waits at most one step).",
+        "",
         f"Restart: a journal with {KEYS:,} keys in {KEYS // KEYS_PER_ROW:,} `dedup_log` rows "
         f"({result.journal_mib:.0f} MiB, built in {result.build_seconds:.1f} s), no backlog. `Journal.open` is "
         f"timed inside a fresh process (after imports); `serve` is wall time from spawning `log-bridge serve` until "
@@ -301,6 +344,8 @@ if __name__ == "__main__":
         kind, *rest = sys.argv[2:]
         if kind == "memory":
             print(json.dumps(child_memory(rest[0], int(rest[1]))))
+        elif kind == "pauses":
+            print(json.dumps(child_pauses(int(rest[0]))))
         elif kind == "open":
             print(json.dumps(child_open(rest[0])))
         else:

@@ -851,3 +851,4 @@ class Journal(GroupWriter):
         for record in metas:  # those the mark passed have theirs in dedup_log
             if record.keys and record.scope is not None and record.received_at >= cutoff and record.last > self._mark:
                 self.dedup.add(record.scope, record.keys, record.received_at)
+        self.dedup.settle()  # at start nothing waits on the writer: seal every generation now, not step by step

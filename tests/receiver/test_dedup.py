@@ -137,16 +137,47 @@ class TestSealing:
         index.add("s", ["z"], 17.5)  # sealed
         assert index.size == 2 and seen(index, ["k", "y", "z"], 17.5) == ["y", "z"]
 
+    def test_a_generation_is_sealed_a_step_at_a_time_and_found_meanwhile(self) -> None:
+        index = DedupIndex(WINDOW, 100_000)
+        keys = [f"big-{i}" for i in range(5000)]
+        index.add("s", keys, 0.5)
+        index.add("s", ["next"], 1.5)  # generation 0 is handed over: one step of it moves, not all
+        state = index._streams["s"]
+        assert sum(state.counts) == dedup.STEP_KEYS and state.sealing[0].left == 5000 - dedup.STEP_KEYS
+        assert seen(index, keys, 1.6) == keys  # half in the buckets, half still a set: every key is found
+        for i in range(4):
+            index.add("s", [f"more-{i}"], 1.7)
+        assert not state.sealing and sum(state.counts) == 5000 and index.size == 5005
+        assert seen(index, keys, 1.8) == keys
+
+    def test_a_slot_half_swept_is_purged_before_it_is_reused(self) -> None:
+        index = DedupIndex(WINDOW, 100_000)
+        keys = [f"old-{i}" for i in range(3000)]  # generation 0, slot 0: 16 buckets
+        with mock.patch.object(dedup, "STEP_KEYS", 1):  # a step sweeps one bucket
+            index.add("s", keys, 0.5)
+            for at in (1.5, 5.5, 6.5):  # generations 1, 5 and 6 (1 and 5 sealed, which keeps the buckets)
+                index.add("s", [f"at-{at}"], at)
+            index.settle()
+            index.expire(13.0)  # generation 0 goes: its entries are dead at once, swept a bucket a step
+            index.add("s", ["y"], 16.5)  # generation 16 (slot 0), generation 1 goes too: the sweep starts again
+            assert index._streams["s"].sweep is not None
+            index.add("s", ["z"], 17.5)  # generation 16 is sealed into slot 0: generation 0's entries must be gone
+        assert seen(index, keys, 17.6) == []
+        assert seen(index, ["y", "z", "at-5.5", "at-6.5"], 17.6) == ["y", "z", "at-5.5", "at-6.5"]
+        assert index.size == 4
+
     def test_fingerprints_on_bucket_edges_are_found_after_the_buckets_split(self) -> None:
         stream = dedup._Stream()
         edges = [(j << 50) + d for j in range(1, 1 << 10) for d in (-1, 0, 1)]  # around every edge of ≤ 1024 buckets
-        stream.seal(0, edges)
+        stream.seal(0, set(edges))
         for number in range(1, GENERATIONS + 1):  # 16 buckets become 128: edges move at every split
-            stream.seal(number, [hash(f"g{number}-{i}") & FINGERPRINT for i in range(1200)])
+            stream.seal(number, {hash(f"g{number}-{i}") & FINGERPRINT for i in range(1200)})
+            stream.step(1000)  # split while a generation is half moved in
+        stream.settle()
         assert len(stream.buckets) == 128 and sum(stream.counts) == len(edges) + 1200 * GENERATIONS
-        assert sorted(stream.sealed(edges, 0)) == sorted(edges)
+        assert sorted(stream.sealed(set(edges), 0)) == sorted(edges)
         assert all(list(bucket) == sorted(bucket) for bucket in stream.buckets)
-        assert stream.sealed([(j << 50) + 2 for j in range(1, 1 << 10)], 0) == []
+        assert stream.sealed({(j << 50) + 2 for j in range(1, 1 << 10)}, 0) == []
 
 
 class TestEviction:
@@ -283,9 +314,13 @@ class Model:
 
 class TestAgainstAModel:
     @settings(max_examples=300, deadline=None)
-    @given(operations=operations, max_keys=st.sampled_from([4, 12, 1000]))
-    def test_the_index_answers_as_the_model_allows(self, operations: list[tuple[Any, ...]], max_keys: int) -> None:
-        with mock.patch.object(dedup, "BUCKET_KEYS", 2):  # tiny buckets: the few keys split them over and over
+    @given(operations=operations, max_keys=st.sampled_from([4, 12, 1000]), step=st.sampled_from([1, 3, 1024]))
+    def test_the_index_answers_as_the_model_allows(
+        self, operations: list[tuple[Any, ...]], max_keys: int, step: int
+    ) -> None:
+        # Tiny buckets: the few keys split them over and over. Tiny steps: generations are looked up while
+        # they are half sealed, and buckets while half swept.
+        with mock.patch.object(dedup, "BUCKET_KEYS", 2), mock.patch.object(dedup, "STEP_KEYS", step):
             self.run(operations, max_keys)
 
     def run(self, operations: list[tuple[Any, ...]], max_keys: int) -> None:
