@@ -322,6 +322,9 @@ class Service:
         )
         self.metrics.journal_max_bytes.set_function(lambda: self.journal.max_bytes)
         self.journal.dedup.on_evict = self.metrics.dedup_evicted.inc
+        intake_dead = self.metrics.dead_lettered.labels("intake")  # damaged journal bytes are intake dead letters
+        intake_dead.inc(self.journal.damage_kept)  # kept at open, before there was anyone to tell
+        self.journal.on_damage = intake_dead.inc
         self.engine = DeliveryEngine(self.config, self.journal, self.metrics, self.sinks)
         owed = carried_over(
             await self.journal.load_meta(ROUTING),

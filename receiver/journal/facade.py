@@ -244,8 +244,12 @@ class Journal(GroupWriter):
         """Stream name -> dedup scope (its path), for keys stored by name by earlier versions."""
         self._maintenance: asyncio.Task[None] | None = None
         self._ingesting = asyncio.Lock()
-        self._kept_damage: set[tuple[str, int]] = set()
-        """(segment, offset) of damaged records this process has kept aside already."""
+        self._kept_damage: set[str] = set()
+        """Places of damaged records this process has kept aside already."""
+        self.damage_kept = 0
+        """Dead letters of damaged journal bytes kept by this process (at open, and by reads since)."""
+        self.on_damage: Callable[[int], object] = lambda count: None
+        """Called with how many such dead letters a read kept, once they are committed (metrics)."""
         self._replayed: set[int] = set()
         """Ids of `replays` rows appended but not yet deleted there."""
         self._recent: deque[Row] = deque()
@@ -294,8 +298,9 @@ class Journal(GroupWriter):
     def _keep_opened_damage(self, conn: sqlite3.Connection) -> None:
         """Keep aside what the segments' recovery found damaged (before the writer thread starts)."""
         conn.execute("BEGIN IMMEDIATE")
-        self._keep_damage(conn, self.segments.damaged)
+        kept = self._keep_damage(conn, self.segments.damaged)
         conn.execute("COMMIT")
+        self.damage_kept += kept
         self.segments.damaged.clear()
 
     def _open_segments(self, conn: sqlite3.Connection) -> list[Record]:
@@ -716,27 +721,36 @@ class Journal(GroupWriter):
             return found, damaged
 
         rows, damaged = await self._in_reader(read)
-        fresh = [item for item in damaged if (item.segment, item.offset) not in self._kept_damage]
+        # A segment unlinked meanwhile held only what every active sink had: not damage (a reader behind the
+        # mark is a sink a reload took away).
+        fresh = [item for item in damaged if item.place not in self._kept_damage and item.last > self._mark]
         if fresh:
-            await self._write(lambda conn: self._keep_damage(conn, fresh))
-            self._kept_damage.update((item.segment, item.offset) for item in fresh)
+            kept = await self._write(lambda conn: self._keep_damage(conn, fresh))
+            self._kept_damage.update(item.place for item in fresh)
+            if kept:
+                self.damage_kept += kept
+                self.on_damage(kept)
         return rows
 
-    def _keep_damage(self, conn: sqlite3.Connection, damaged: Sequence[Damaged]) -> None:
+    def _keep_damage(self, conn: sqlite3.Connection, damaged: Sequence[Damaged]) -> int:
         """Keep damaged journal bytes aside as intake dead letters (not events: `dlq replay` leaves them), one
         per place, however often it is read or the service restarts: its events cannot be delivered, but what
         is left of them is kept, with where and why."""
-        now = time.time()
+        now, count = time.time(), 0
         for item in damaged:
             place = item.place
             kept = "SELECT 1 FROM dead_letters WHERE sink IS NULL AND substr(reason, 1, ?) = ?"
             if conn.execute(kept, (len(place), place)).fetchone():
                 continue
+            count += 1
             log.error(
                 "journal: damaged bytes kept aside as a dead letter",
                 extra={"segment": item.segment, "offset": item.offset, "bytes": len(item.raw), "why": item.why},
             )
             insert_dead_letters(conn, None, item.stream, now, [(item.raw, item.reason, None)])
+            if item.last > last_seq(conn):  # its seqs are never given to other events (the reason names them)
+                store_last_seq(conn, item.last)
+        return count
 
     async def commit_progress(
         self,

@@ -8,9 +8,12 @@ whole. A new segment is fsynced into its directory before its first record is ac
 A record is HEAD (magic, CRC-32 of the rest, first seq, meta length, data length), then its meta (JSON: stream,
 target, received_at, actions, times, dedup scope, dedup keys; a zstd frame of its own, so it is read without
 the events) and its data (the events' bytes, one a line, a zstd frame). A crash can leave only the last
-records of the newest segment torn: at open the newest segment is cut back to the end of its last whole record
-(what was cut was never acknowledged). Damaged bytes that whole records follow (damage on the disk, not a torn
-write) are skipped and reported, the records after them kept; so is damage at the end of an older segment.
+records of the newest segment torn: at open a torn tail (a record's head as written, less than the whole record
+after it) is cut off the newest segment (what was cut was never acknowledged). Any other bytes that are not a
+whole record, between records or at a segment's end, are damage on the disk: skipped, the records around them
+kept, and handed to the journal, which keeps them aside as dead letters; at the newest segment's end they stay,
+and new records go after them. Every read checks each record again (head, CRC-32, meta): one changed, cut or
+gone since it was indexed comes back as Damaged, never as altered events.
 
 The index of every record (seqs, end offset, route) is kept in memory in arrays, ≈ 36 bytes a record: a read
 at a cursor is a bisect and one `pread`. Writes come from the writer thread only; reads (the reader thread, the
@@ -76,27 +79,35 @@ class Record:
 
 @dataclass(slots=True)
 class Damaged:
-    """Bytes of a segment the disk changed after they were written: a record whose CRC-32 no longer matches
-    or whose meta cannot be read (found by a read), or bytes between whole records (found at open)."""
+    """Bytes of a segment that are not the record written there: one whose CRC-32 no longer matches, whose meta
+    cannot be read, that the file no longer holds whole or at all (found by a read), or bytes between or
+    after whole records that are not a torn write (found at open)."""
 
     segment: str
     offset: int
     raw: bytes
     why: str
     first: int = 0
-    """The seqs the record held, when the index knows them (0: not known)."""
+    """The seqs it held, as far as they are known (0: not known)."""
     last: int = 0
     stream: str = ""
 
     @property
     def place(self) -> str:
-        """Where the damage is: the start of its dead letter's reason, the same whichever read or start finds it."""
-        return f"journal record damaged on disk ({self.segment} at byte {self.offset})"
+        """Which bytes are damaged: the start of its dead letter's reason, the same whichever read or start finds
+        them (other bytes at that offset later, or a longer run, are other damage)."""
+        size = f"{len(self.raw)} bytes, CRC-32 {zlib.crc32(self.raw):08x}" if self.raw else "no bytes left"
+        return f"journal record damaged on disk ({self.segment} at byte {self.offset}, {size})"
 
     @property
     def reason(self) -> str:
         """The dead letter's reason: where the damage is, what it is, and what it cost."""
-        held = f"; its events (seqs {self.first}-{self.last}) cannot be delivered" if self.first else ""
+        if self.first and self.last:
+            held = f"; its events (seqs {self.first}-{self.last}) cannot be delivered"
+        elif self.first:
+            held = f"; its events (seqs from {self.first}) cannot be delivered"
+        else:
+            held = ""
         return f"{self.place}: {self.why}{held}"
 
 
@@ -204,7 +215,7 @@ class SegmentLog:
         for position, (base, name) in enumerate(names):
             segment = Segment(self.directory / name, base)
             newest = position == len(names) - 1
-            self._recover(segment, newest, metas)
+            self._recover(segment, 0 if newest else names[position + 1][0] - 1, metas)
             self.segments.append(segment)
         last = max(floor, self.segments[-1].last if self.segments else 0)
         if not self.segments or (self.segments[-1].size >= SEGMENT_BYTES):
@@ -213,7 +224,10 @@ class SegmentLog:
             self._fd = os.open(self.segments[-1].path, os.O_WRONLY)
         return metas
 
-    def _recover(self, segment: Segment, newest: bool, metas: list[Record]) -> None:
+    def _recover(self, segment: Segment, ceiling: int, metas: list[Record]) -> None:
+        """Index a segment's whole records; what is between or after them is damage (kept in `damaged`),
+        except the end of the newest (`ceiling` 0, else the last seq the segment may hold) when it is a write
+        cut short, never acknowledged: that is cut off."""
         data = segment.path.read_bytes()
         offset, previous = 0, segment.base - 1
         while offset < len(data):
@@ -233,13 +247,16 @@ class SegmentLog:
                     "journal: a damaged record is skipped",
                     extra={"segment": segment.path.name, "offset": offset, "bytes": resume - offset},
                 )
-                self.damaged.append(Damaged(segment.path.name, offset, data[offset:resume], "not a whole record"))
+                after = _whole(data, resume, previous)
+                last = after.first - 1 if after is not None else 0
+                why = "not a whole record"
+                self.damaged.append(Damaged(segment.path.name, offset, data[offset:resume], why, previous + 1, last))
                 offset = resume
                 continue
             break
         if offset == len(data):
             return
-        if newest:  # a write the crash interrupted: never acknowledged
+        if not ceiling and _torn(data, offset, previous):  # a write the crash interrupted: never acknowledged
             log.warning(
                 "journal: cut a torn write off the newest segment",
                 extra={"segment": segment.path.name, "bytes": len(data) - offset},
@@ -250,12 +267,16 @@ class SegmentLog:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        else:
+        else:  # written whole once (or not by this journal): kept, and new records go after it
             log.error(
                 "journal: a segment is damaged at its end; what is there cannot be read",
                 extra={"segment": segment.path.name, "offset": offset, "bytes": len(data) - offset},
             )
-            self.damaged.append(Damaged(segment.path.name, offset, data[offset:], "not a whole record"))
+            first, last = _seqs_held(data, offset, previous)
+            self.damaged.append(
+                Damaged(segment.path.name, offset, data[offset:], "not a whole record", first, last or ceiling)
+            )
+            segment.size = len(data)
 
     def _start(self, base: int) -> None:
         """Start a new newest segment, its name durable in the directory before anything is written to it."""
@@ -387,15 +408,12 @@ class SegmentLog:
     def read(self, after: int, limit: int, *, skip_to: int = 0, upto: int | None = None) -> list[Record | Damaged]:
         """Whole records holding events after `after`, in order, until they hold `limit` such events or the
         first one past `upto`; records whose every event is at or before `skip_to` are left out (delivered).
-        Each record's CRC-32 is checked again: one the disk changed since it was written comes back as
-        Damaged, never as altered events."""
+        Each record is checked again as at open (its head, its CRC-32, its meta): one the disk changed or cut
+        since it was written, or whose file is gone, comes back as Damaged, never as altered events."""
         start = max(after, skip_to)
-        plans: list[tuple[Path, int, int, list[int]]] = []
-        spans: list[list[tuple[int, int, int, int, str]]] = []
-        """Per plan, each record's (start, end, first, last, stream) from the index."""
+        plans: list[_Plan] = []
         count = 0
         with self._lock:
-            streams = {number: stream for (stream, _), number in self.routes.items()}
             for segment in self.segments:
                 lasts = segment.lasts
                 index = bisect_right(lasts, start)
@@ -406,76 +424,78 @@ class SegmentLog:
                     count += lasts[stop] - max(firsts[stop], after + 1) + 1
                     stop += 1
                 if stop > index:
-                    begin = segment.starts[index]
-                    offsets = [at - begin for at in segment.starts[index:stop]]
-                    plans.append((segment.path, begin, segment.ends[stop - 1], offsets))
-                    spans.append(
-                        [
-                            (segment.starts[i], segment.ends[i], firsts[i], lasts[i], streams[segment.routes[i]])
-                            for i in range(index, stop)
-                        ]
-                    )
+                    plans.append(self._plan(segment, index, stop))
                 if count >= limit or (upto is not None and stop < len(lasts)):
                     break
-        records: list[Record | Damaged] = []
-        for (path, begin, end, _), held in zip(plans, spans, strict=True):
-            try:
-                data = _pread(path, begin, end - begin)
-            except FileNotFoundError:  # dropped meanwhile: every event in it was delivered
-                continue
-            records += [_checked(path.name, data, begin, *span) for span in held]
-        return records
+        return _load(plans, keep_data=True)
 
     def metas(self, after: int, upto: int) -> list[Record]:
-        """The records whose last event is in (after, upto], without their data (their dedup keys)."""
-        plans: list[tuple[Path, int, int, list[int]]] = []
+        """The records whose last event is in (after, upto], without their data (their dedup keys). A record
+        that fails its check is left out, logged: its keys are let go, never read altered."""
+        plans: list[_Plan] = []
         with self._lock:
             for segment in self.segments:
                 low, high = bisect_right(segment.lasts, after), bisect_right(segment.lasts, upto)
                 if high > low:
-                    begin = segment.starts[low]
-                    offsets = [at - begin for at in segment.starts[low:high]]
-                    plans.append((segment.path, begin, segment.ends[high - 1], offsets))
+                    plans.append(self._plan(segment, low, high))
         records: list[Record] = []
-        for path, begin, end, offsets in plans:
-            data = _pread(path, begin, end - begin)
-            for first, meta in _metas(data, offsets):
-                try:
-                    records.append(_record(first, meta, b""))
-                except (orjson.JSONDecodeError, ValueError, TypeError, zstandard.ZstdError) as exc:
-                    # the disk changed it: this record's keys are let go, not those of the others
-                    log.error(
-                        "journal: a damaged record's dedup keys cannot be read",
-                        extra={"segment": path.name, "first_seq": first, "error": str(exc)},
-                    )
+        for found in _load(plans, keep_data=False):
+            if isinstance(found, Record):
+                records.append(found)
+            else:
+                log.error(
+                    "journal: a damaged record's dedup keys cannot be read; a retry of its events is not caught",
+                    extra={"segment": found.segment, "offset": found.offset, "first_seq": found.first},
+                )
         return records
 
+    def _plan(self, segment: Segment, index: int, stop: int) -> _Plan:
+        """What reading records index..stop-1 of a segment takes (the lock held)."""
+        streams = {number: stream for (stream, _), number in self.routes.items()}
+        held = [
+            (segment.starts[i], segment.ends[i], segment.firsts[i], segment.lasts[i], streams[segment.routes[i]])
+            for i in range(index, stop)
+        ]
+        return segment.path, segment.starts[index], segment.ends[stop - 1], held
 
-def _metas(data: bytes, offsets: Sequence[int]) -> list[tuple[int, bytes]]:
-    """(first seq, meta bytes) of the records at `offsets` of bytes read from a segment, nothing decoded."""
-    found: list[tuple[int, bytes]] = []
-    for offset in offsets:
-        _, _, first, meta_size, _ = HEAD.unpack_from(data, offset)
-        found.append((first, data[offset + HEAD.size : offset + HEAD.size + meta_size]))
-    return found
+
+_Plan = tuple[Path, int, int, list[tuple[int, int, int, int, str]]]
+"""A segment's path, the bytes to read (begin, end), and each record's (start, end, first, last, stream)."""
+
+
+def _load(plans: Sequence[_Plan], *, keep_data: bool) -> list[Record | Damaged]:
+    """The planned records, each checked (`_checked`)."""
+    records: list[Record | Damaged] = []
+    for path, begin, end, held in plans:
+        try:
+            data = _pread(path, begin, end - begin)
+        except FileNotFoundError:  # unlinked once delivered, or removed by hand (the journal tells which)
+            gone = "its segment file is gone"
+            records += [Damaged(path.name, at, b"", gone, first, last, stream) for at, _, first, last, stream in held]
+            continue
+        records += [_checked(path.name, data, begin, *span, keep_data=keep_data) for span in held]
+    return records
 
 
 def _checked(
-    name: str, data: bytes, begin: int, start: int, end: int, first: int, last: int, stream: str
+    name: str, data: bytes, begin: int, start: int, end: int, first: int, last: int, stream: str, *, keep_data: bool
 ) -> Record | Damaged:
     """The record the index puts at `start`..`end` of its segment (`data` read from `begin`), checked as at
-    open: its head where the index says, its CRC-32, its meta readable."""
+    open: all of it there, its head where the index says, its CRC-32, its meta readable."""
     offset, stop = start - begin, end - begin
+    if stop > len(data):
+        why = "the segment file is shorter than it was written (cut)"
+        return Damaged(name, start, data[offset:stop], why, first, last, stream)
     magic, crc, found, meta_size, data_size = HEAD.unpack_from(data, offset)
     meta_at = offset + HEAD.size
-    why = None
     if magic != MAGIC or found != first or meta_at + meta_size + data_size != stop:
         why = "its head changed"
     elif zlib.crc32(memoryview(data)[offset + 8 : stop]) != crc:
         why = "its CRC-32 does not match"
     else:
         try:
-            return _record(first, data[meta_at : meta_at + meta_size], data[meta_at + meta_size : stop])
+            events = data[meta_at + meta_size : stop] if keep_data else b""
+            return _record(first, data[meta_at : meta_at + meta_size], events)
         except (orjson.JSONDecodeError, ValueError, TypeError, zstandard.ZstdError):
             why = "its meta cannot be read"
     return Damaged(name, start, data[offset:stop], why, first, last, stream)
@@ -503,6 +523,42 @@ def _whole(data: bytes, offset: int, previous: int) -> Record | None:
     return record if record.actions else None
 
 
+_HINT_BYTES = 64 << 20
+"""The most of a damaged meta `_seqs_held` decompresses."""
+
+
+def _seqs_held(data: bytes, offset: int, previous: int) -> tuple[int, int]:
+    """The seqs a damaged record at `offset` held, as far as what is left of its head and meta tells (last 0:
+    not known); they only name what the damage cost, and keep the seqs from being given again."""
+    first, last = previous + 1, 0
+    if len(data) - offset >= HEAD.size:
+        magic, _, found, meta_size, _ = HEAD.unpack_from(data, offset)
+        if magic == MAGIC and found > previous:
+            first = found
+            meta = data[offset + HEAD.size : offset + HEAD.size + meta_size]
+            # Its meta failed its check: read it bounded (a changed frame header may claim any size).
+            with contextlib.suppress(orjson.JSONDecodeError, ValueError, TypeError, IndexError, zstandard.ZstdError):
+                with zstandard.ZstdDecompressor().stream_reader(meta) as reader:
+                    text = reader.read(_HINT_BYTES + 1)
+                actions = orjson.loads(text)[3] if len(text) <= _HINT_BYTES else []
+                count = len(actions) if isinstance(actions, list) else 0
+                last = first + count - 1 if count else 0
+    return first, last
+
+
+def _torn(data: bytes, offset: int, previous: int) -> bool:
+    """Whether the bytes from `offset` to the end are the start of a record whose write was cut short: its
+    head (what there is of it) as written, and less than the whole record there. A record all there that
+    fails its check, or bytes no record starts with, are damage instead."""
+    rest = memoryview(data)[offset:]
+    if len(rest) < HEAD.size:
+        return bytes(rest[: len(MAGIC)]) == MAGIC[: len(rest)]
+    magic, crc, first, meta_size, data_size = HEAD.unpack_from(data, offset)
+    if magic != MAGIC or first <= previous or HEAD.size + meta_size + data_size <= len(rest):
+        return False
+    return bool(zlib.crc32(rest[8:]) != crc)  # equal: its bytes whole under a length the disk changed, damage
+
+
 def _resync(data: bytes, offset: int, previous: int) -> int | None:
     """After a record at `offset` that is not whole: where the next whole record starts (its CRC checked, its
     seq after `previous`), else None (what is left is a torn write, or damage, to the end)."""
@@ -515,13 +571,14 @@ def _resync(data: bytes, offset: int, previous: int) -> int | None:
 
 
 def _pread(path: Path, offset: int, size: int) -> bytes:
+    """`size` bytes at `offset`, fewer where the file ends first."""
     fd = os.open(path, os.O_RDONLY)
     try:
         chunks: list[bytes] = []
         while size > 0:
             chunk = os.pread(fd, size, offset)
             if not chunk:
-                raise OSError(f"{path.name}: shorter than its index")
+                break
             chunks.append(chunk)
             offset += len(chunk)
             size -= len(chunk)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from receiver.config import RetryConfig
 from receiver.delivery import action_filter, backoff
 from receiver.errors import JournalError
 from receiver.journal import list_dead_letters, replay_dead_letters
+from receiver.journal.schema import INTAKE
 from receiver.server import Service
 from tests.conftest import TOKEN, StartService, memory
 
@@ -277,6 +279,32 @@ class TestJournalTrouble:
         assert failures["left"] == 0 and len(memory().events) == 3
         await send(service, events(2, prefix="later"))
         await until(lambda: len(memory().events) == 5)
+
+    async def test_a_sink_behind_a_segment_cut_short_gets_every_event_around_it(
+        self, start_service: StartService, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setattr("receiver.journal.facade.RECENT_BYTES", 1)  # the sink behind reads the segments
+        monkeypatch.setattr("receiver.journal.segments.SEGMENT_BYTES", 1)  # a segment per request
+        service = await start_service(two_sinks(b={"fail": "retry", "batch": {"max_events": 1}}))
+        for i in range(6):
+            await send(service, events(100, prefix=f"r{i}-"))
+        await until(lambda: len(memory("a").events) == 600)
+        os.truncate(service.journal.segments.segments[4].path, 10)  # seqs 401-500: the disk lost them
+        memory("b").fail = "none"
+        for i in range(6, 8):
+            await send(service, events(100, prefix=f"r{i}-"))
+        await until(lambda: {event.seq for event in memory("b").events} >= set(range(501, 801)), 10)
+        sent = {event.seq: event.raw for event in memory("a").events}
+        got = {event.seq: event.raw for event in memory("b").events}
+        assert set(got) >= set(range(1, 401)) | set(range(501, 801))  # delivery went on past the loss
+        assert all(sent[seq] == raw for seq, raw in got.items())  # and nothing came altered
+        if not set(got) >= set(range(401, 501)):  # b had not taken them into memory before the loss
+            (letter,) = list_dead_letters(service.config.journal.path, INTAKE)
+            assert "shorter than it was written" in letter.reason and "(seqs 401-500)" in letter.reason
+            counted = service.metrics.registry.get_sample_value(
+                "log_bridge_events_dead_lettered_total", {"stage": "intake"}
+            )
+            assert counted == 1
 
 
 class TestSinkHealth:

@@ -52,10 +52,12 @@ class TestRecovery:
         await journal.close()
         (segment,) = segment_files(journal)
         whole = segment.read_bytes()
-        third = await opened(tmp_path / "other.db")  # a record as the writer makes it, to tear
+        third = await opened(tmp_path / "other.db")  # a record as the writer makes it (seqs 4-5), to tear
+        await third.append("s", batch("x", "y", "z"), time.time())
         await third.append("s", batch("d", "e"), time.time())
+        start = third.segments.segments[0].starts[1]
         await third.close()
-        record = segment_files(third)[0].read_bytes()
+        record = segment_files(third)[0].read_bytes()[start:]
         for torn in (record[:10], record[: HEAD.size + 5], record[:-1]):
             segment.write_bytes(whole + torn)  # killed inside the write of a group
             again = await opened(tmp_path / "j.db")
@@ -424,3 +426,135 @@ class TestDamageAfterStart:
             assert [orjson.loads(keys) for (keys,) in logged] == [["b"]]
         finally:
             await journal.close()
+
+    async def test_a_segment_cut_short_while_running_costs_only_what_it_lost(self, tmp_path: Path) -> None:
+        journal = await opened(tmp_path / "j.db")
+        try:
+            for key in ("a", "b", "c"):
+                await journal.append("s", batch(key), time.time())
+            (segment,) = segment_files(journal)
+            os.truncate(segment, journal.segments.segments[0].ends[1] + 5)  # the third record cut; a and b whole
+            assert [e.raw for e, _ in await journal.read(0, 10)] == batch("a", "b").raws
+            ((_, data, reason),) = await damage_letters(journal)
+            assert len(data) == 5 and "shorter than it was written" in reason and "(seqs 3-3)" in reason
+            await journal.append("s", batch("d"), time.time())  # and delivery goes on past it
+            assert [e.seq for e, _ in await journal.read(2, 10)] == [4]
+        finally:
+            await journal.close()
+
+    async def test_an_undelivered_segment_that_is_gone_is_reported_and_passed(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setattr("receiver.journal.segments.SEGMENT_BYTES", 1)  # a segment per request
+        journal = await opened(tmp_path / "j.db")
+        try:
+            for key in ("a", "b", "c"):
+                await journal.append("s", batch(key), time.time())
+            segment_files(journal)[0].unlink()  # no sink had it
+            assert [e.raw for e, _ in await journal.read(0, 10)] == batch("b", "c").raws
+            ((_, data, reason),) = await damage_letters(journal)
+            assert data == b"" and "segment file is gone" in reason and "(seqs 1-1)" in reason
+        finally:
+            await journal.close()
+
+    async def test_dedup_keys_of_a_record_that_fails_its_crc_are_not_trusted(self, tmp_path: Path) -> None:
+        journal = await opened(tmp_path / "j.db")
+        try:
+            await journal.append("s", batch("evt_AAAA"), time.time())
+            await journal.append("s", batch("evt_BBBB"), time.time())
+            (segment,) = segment_files(journal)
+            altered = alter_key(segment)  # the meta still decodes, to another key
+            assert [e.raw for e, _ in await journal.read(0, 10)] == batch("evt_BBBB").raws
+            await journal.commit_progress("sink", 2, [], ["sink"])  # the mark passes the damaged record
+            logged = await journal._read(lambda c: c.execute("SELECT keys FROM dedup_log").fetchall())
+            assert [orjson.loads(keys) for (keys,) in logged] == [["evt_BBBB"]]
+        finally:
+            await journal.close()
+        again = await opened(tmp_path / "j.db")
+        try:  # an event nobody sent before, with the key the damage made up: not a duplicate
+            assert (await again.append("s", batch(altered), time.time())).accepted == 1
+        finally:
+            await again.close()
+
+    async def test_damage_at_the_end_of_the_newest_segment_is_kept_not_cut(self, tmp_path: Path) -> None:
+        segment = await three_requests(tmp_path / "j.db")
+        journal = await opened(tmp_path / "j.db")
+        start, end = journal.segments.segments[0].starts[2], journal.segments.segments[0].ends[2]
+        await journal.close()
+        flip(segment, end - 2)  # the last record's events, acknowledged, damaged while the service was down
+        again = await opened(tmp_path / "j.db")
+        try:
+            assert [e.raw for e, _ in await again.read(0, 10)] == batch("a", "b").raws
+            ((_, data, reason),) = await damage_letters(again)
+            assert len(data) == end - start and "(seqs 3-3)" in reason
+            assert segment.stat().st_size == end  # not cut as a torn write: new records go after it
+            await again.append("s", batch("d"), time.time())
+            assert [e.seq for e, _ in await again.read(0, 10)] == [1, 2, 4]
+        finally:
+            await again.close()
+        third = await opened(tmp_path / "j.db")  # now between whole records: still one dead letter
+        try:
+            assert len(await damage_letters(third)) == 1
+            assert [e.raw for e, _ in await third.read(0, 10)] == batch("a", "b", "d").raws
+        finally:
+            await third.close()
+
+    async def test_damage_that_grows_past_what_was_kept_is_kept_too(self, tmp_path: Path) -> None:
+        journal = await opened(tmp_path / "j.db")
+        for key in ("a", "b", "c", "d"):
+            await journal.append("s", batch(key), time.time())
+        (segment,) = segment_files(journal)
+        index = journal.segments.segments[0]
+        third = segment.read_bytes()[index.starts[2] : index.ends[2]]
+        flip(segment, index.starts[1] + HEAD.size + 2)
+        assert [e.raw for e, _ in await journal.read(0, 10)] == batch("a", "c", "d").raws  # b kept aside
+        await journal.close()
+        flip(segment, index.starts[2] + HEAD.size + 2)  # then c, while the service is down
+        again = await opened(tmp_path / "j.db")
+        try:
+            assert [e.raw for e, _ in await again.read(0, 10)] == batch("a", "d").raws
+            letters = await damage_letters(again)
+            assert len(letters) == 2 and len(letters[1][1]) == index.ends[2] - index.starts[1]
+            assert letters[1][1][-len(third) :] != third and "(seqs 2-3)" in letters[1][2]
+        finally:
+            await again.close()
+
+    async def test_the_seqs_a_dead_letter_names_are_never_given_again(self, tmp_path: Path) -> None:
+        journal = await opened(tmp_path / "j.db")
+        for key in ("a", "b"):
+            await journal.append("s", batch(key), time.time())
+        (segment,) = segment_files(journal)
+        flip(segment, journal.segments.segments[0].starts[1] + HEAD.size + 3)
+        await journal.read(0, 10)
+        ((_, _, reason),) = await damage_letters(journal)
+        assert "(seqs 2-2)" in reason
+        await journal.close()
+        again = await opened(tmp_path / "j.db")
+        try:
+            await again.append("s", batch("new"), time.time())
+            assert [e.seq for e, _ in await again.read(0, 10)] == [1, 3]
+        finally:
+            await again.close()
+
+
+def alter_key(segment: Path) -> str:
+    """Change one byte of the first record's meta so that it still decodes, to another single dedup key; that key."""
+    whole = segment.read_bytes()
+    meta_size = HEAD.unpack_from(whole, 0)[3]
+    meta = whole[HEAD.size : HEAD.size + meta_size]
+    decoder = zstandard.ZstdDecompressor()
+    original = orjson.loads(decoder.decompress(meta))
+    for at in range(len(meta)):
+        for change in range(1, 256):
+            altered = bytearray(meta)
+            altered[at] ^= change
+            try:
+                value = orjson.loads(decoder.decompress(bytes(altered)))
+            except (zstandard.ZstdError, orjson.JSONDecodeError, MemoryError):  # a changed frame size: too big
+                continue
+            if value[:6] == original[:6] and value[6] != original[6] and len(value[6]) == 1:
+                with segment.open("r+b") as file:
+                    file.seek(HEAD.size + at)
+                    file.write(bytes([altered[at]]))
+                return str(value[6][0])
+    raise AssertionError("no change of one byte gives another key")
