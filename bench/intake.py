@@ -724,7 +724,8 @@ async def run() -> str:
         "### Receiver vs. no-op handlers",
         "",
         f"Receiver (`log-bridge serve`, its stream front serving the POSTs (receiver/front.py), file sink "
-        f"delivering in the same process, SQLite journal WAL + `synchronous=FULL`, group commit, in-memory dedup) "
+        f"delivering in the same process; the journal's events in append-only segment files, one `fdatasync` per "
+        f"commit group, SQLite (WAL, `synchronous=FULL`) for cursors and dead letters; in-memory dedup) "
         f"and three no-op handlers: two on aiohttp's web framework — one reads the body and `orjson.loads` it "
         f"(the target's baseline), one only splits it with `msgspec.json.Decoder(list[msgspec.Raw])` (the "
         f"stricter ceiling) — and the orjson one on a bare `asyncio.Protocol` feeding aiohttp's C request parser "
