@@ -34,10 +34,12 @@ from pathlib import Path
 import orjson
 
 from bench.intake import SERVER_CPUS, _get, free_port, pinned, receiver_config, rss_bytes, stop_process
-from receiver.dedup import STEP_KEYS
+from receiver.dedup import STEP_KEYS, STEP_PER_KEY
 
 KEYS = 1_000_000
 KEYS_PER_ROW = 100
+LARGE_REQUEST = 1000
+"""Keys per request of the second dedup-pause run (WorkOS batches up to a few hundred events a request)."""
 WINDOW = 24 * 3600.0
 REPEATS = 3
 BYTES_PER_KEY_TARGET = 64
@@ -66,9 +68,9 @@ def _fill(index: object, keys: int) -> None:
         index.add(STREAM, _keys(), start + row * step)
 
 
-def _keys() -> list[str]:
-    """KEYS_PER_ROW random 32-hex-digit keys: the shape of a uuid4 hex keySuffix, made faster than uuid4()."""
-    text = os.urandom(16 * KEYS_PER_ROW).hex()
+def _keys(count: int = KEYS_PER_ROW) -> list[str]:
+    """`count` random 32-hex-digit keys: the shape of a uuid4 hex keySuffix, made faster than uuid4()."""
+    text = os.urandom(16 * count).hex()
     return [text[i : i + 32] for i in range(0, len(text), 32)]
 
 
@@ -97,20 +99,20 @@ def child_memory(mode: str, keys: int) -> dict[str, float]:
     }
 
 
-def child_pauses(keys: int) -> dict[str, float]:
+def child_pauses(keys: int, per_request: int) -> dict[str, float]:
     """In this (fresh) process: a window of `keys` keys, then a second one timed request by request, as the
     writer thread does its dedup work (`fresh`, then `add` once committed; `expire` every 60 s of event time):
     the longest a request's dedup work held the writer while 12 generations were sealed and 12 expired."""
     from receiver.dedup import DedupIndex
 
     index = DedupIndex(WINDOW, 10 * keys)
-    rows = keys // KEYS_PER_ROW
+    rows = keys // per_request
     step = WINDOW / rows
     expire_every = max(1, int(60 / step))
     pauses: list[float] = []
     for row in range(2 * rows):
         at = row * step
-        batch = _keys()
+        batch = _keys(per_request)
         started = time.perf_counter()
         index.fresh(STREAM, batch, at, set(), [])
         index.add(STREAM, batch, at)
@@ -235,6 +237,7 @@ class Result:
     traced: list[dict[str, float]] = field(default_factory=list)
     opens: list[dict[str, float]] = field(default_factory=list)
     pauses: list[dict[str, float]] = field(default_factory=list)
+    large_pauses: list[dict[str, float]] = field(default_factory=list)
     serves_full: list[Serve] = field(default_factory=list)
     serves_empty: list[Serve] = field(default_factory=list)
     build_seconds: float = 0.0
@@ -247,7 +250,8 @@ def measure() -> Result:
     for _ in range(REPEATS):
         result.rss.append(_child("memory", "rss", str(KEYS)))
         result.traced.append(_child("memory", "traced", str(KEYS)))
-        result.pauses.append(_child("pauses", str(KEYS)))
+        result.pauses.append(_child("pauses", str(KEYS), str(KEYS_PER_ROW)))
+        result.large_pauses.append(_child("pauses", str(KEYS), str(LARGE_REQUEST)))
     workdir = Path(tempfile.mkdtemp(prefix="log-bridge-bench-dedup-"))
     try:
         full, empty = workdir / "full" / "journal.db", workdir / "empty" / "journal.db"
@@ -312,8 +316,11 @@ def render(result: Result) -> str:
         f"99.9th percentile {_runs([p['p999'] * 1e3 for p in result.pauses], '{:.2f}')} ms; median "
         f"{_runs([p['p50'] * 1e6 for p in result.pauses], '{:.0f}')} µs; in all "
         f"{_runs([p['total'] for p in result.pauses], '{:.2f}')} s for "
-        f"{int(result.pauses[0]['requests']) if result.pauses else 0:,} requests. Sealing and sweeping go a "
-        f"step of at most {STEP_KEYS:,} keys per request (a request waits at most one step).",
+        f"{int(result.pauses[0]['requests']) if result.pauses else 0:,} requests. The same with "
+        f"{LARGE_REQUEST:,} keys per request: longest {_runs([p['max'] * 1e3 for p in result.large_pauses], '{:.1f}')}"
+        f" ms; 99.9th percentile {_runs([p['p999'] * 1e3 for p in result.large_pauses], '{:.2f}')} ms; median "
+        f"{_runs([p['p50'] * 1e3 for p in result.large_pauses], '{:.2f}')} ms. Sealing and sweeping go a step of "
+        f"{STEP_KEYS:,} + {STEP_PER_KEY} keys' worth per key of the request that takes it.",
         "",
         f"Restart: a journal with {KEYS:,} keys in {KEYS // KEYS_PER_ROW:,} `dedup_log` rows "
         f"({result.journal_mib:.0f} MiB, built in {result.build_seconds:.1f} s), no backlog. `Journal.open` is "
@@ -345,7 +352,7 @@ if __name__ == "__main__":
         if kind == "memory":
             print(json.dumps(child_memory(rest[0], int(rest[1]))))
         elif kind == "pauses":
-            print(json.dumps(child_pauses(int(rest[0]))))
+            print(json.dumps(child_pauses(int(rest[0]), int(rest[1]))))
         elif kind == "open":
             print(json.dumps(child_open(rest[0])))
         else:

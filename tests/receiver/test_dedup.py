@@ -143,12 +143,36 @@ class TestSealing:
         index.add("s", keys, 0.5)
         index.add("s", ["next"], 1.5)  # generation 0 is handed over: one step of it moves, not all
         state = index._streams["s"]
-        assert sum(state.counts) == dedup.STEP_KEYS and state.sealing[0].left == 5000 - dedup.STEP_KEYS
+        step = dedup.STEP_KEYS + dedup.STEP_PER_KEY  # what a request of one key takes on
+        assert sum(state.counts) == step and state.sealing[0].left == 5000 - step
         assert seen(index, keys, 1.6) == keys  # half in the buckets, half still a set: every key is found
         for i in range(4):
             index.add("s", [f"more-{i}"], 1.7)
         assert not state.sealing and sum(state.counts) == 5000 and index.size == 5005
         assert seen(index, keys, 1.8) == keys
+
+    def test_large_requests_seal_and_sweep_within_the_next_generation(self) -> None:
+        index = DedupIndex(WINDOW, 10_000_000)
+        state = None
+        for number in range(3 * GENERATIONS):  # the window fills, then generations expire as new ones seal
+            for i in range(5):  # 5 requests of 2,000 keys a generation
+                index.add("s", [f"g{number}-{i}-{k}" for k in range(2000)], number + 0.1 + i / 10)
+                index.expire(number + 0.1 + i / 10)
+            state = index._streams["s"]
+            if number:  # what the last generation handed over and freed is done before the next one starts
+                assert not state.sealing and state.sweep is None, f"generation {number}"
+        assert state is not None and index.size == 2000 * 5 * (GENERATIONS + 1)
+
+    def test_an_expiry_takes_one_step_for_all_the_streams(self) -> None:
+        index = DedupIndex(WINDOW, 10_000_000)
+        streams = [f"s{n}" for n in range(50)]
+        for stream in streams:
+            index.add(stream, [f"{stream}-{k}" for k in range(3000)], 0.5)
+            index.add(stream, ["next"], 1.5)  # generation 0 handed over, one step of it sealed
+        before = sum(sum(index._streams[stream].counts) for stream in streams)
+        index.expire(1.6)
+        moved = sum(sum(index._streams[stream].counts) for stream in streams) - before
+        assert 0 < moved <= dedup.STEP_KEYS
 
     def test_a_slot_half_swept_is_purged_before_it_is_reused(self) -> None:
         index = DedupIndex(WINDOW, 100_000)
