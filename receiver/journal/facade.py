@@ -748,8 +748,8 @@ class Journal(GroupWriter):
                 extra={"segment": item.segment, "offset": item.offset, "bytes": len(item.raw), "why": item.why},
             )
             insert_dead_letters(conn, None, item.stream, now, [(item.raw, item.reason, None)])
-            if item.last > last_seq(conn):  # its seqs are never given to other events (the reason names them)
-                store_last_seq(conn, item.last)
+            if max(item.first, item.last) > last_seq(conn):  # its seqs are never given again (the reason names them)
+                store_last_seq(conn, max(item.first, item.last))
         return count
 
     async def commit_progress(

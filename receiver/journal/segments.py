@@ -44,6 +44,8 @@ log = logging.getLogger("receiver.journal")
 
 MAGIC = b"LBJ1"
 HEAD = struct.Struct("<4sIQII")
+_SIZES = struct.Struct("<QII")
+"""The head's fields the CRC-32 covers (first seq, meta length, data length)."""
 """magic, CRC-32 of everything after it, first seq, meta length, data length."""
 _CHECKED = struct.Struct("<QII")
 """The part of HEAD the CRC covers, before the meta and the data."""
@@ -91,6 +93,8 @@ class Damaged:
     """The seqs it held, as far as they are known (0: not known)."""
     last: int = 0
     stream: str = ""
+    known: bool = True
+    """Whether `last` is the last seq it held for certain (else the last known: it held that one at least)."""
 
     @property
     def place(self) -> str:
@@ -102,8 +106,10 @@ class Damaged:
     @property
     def reason(self) -> str:
         """The dead letter's reason: where the damage is, what it is, and what it cost."""
-        if self.first and self.last:
+        if self.first and self.last and self.known:
             held = f"; its events (seqs {self.first}-{self.last}) cannot be delivered"
+        elif self.first and self.last > self.first:
+            held = f"; its events (seqs from {self.first}, to {self.last} at least) cannot be delivered"
         elif self.first:
             held = f"; its events (seqs from {self.first}) cannot be delivered"
         else:
@@ -256,27 +262,30 @@ class SegmentLog:
             break
         if offset == len(data):
             return
-        if not ceiling and _torn(data, offset, previous):  # a write the crash interrupted: never acknowledged
+        # The newest segment may end in a write a crash cut short (never acknowledged): cut it off. What is
+        # before it, or an older segment's end, is damage: kept, and new records go after it.
+        cut = _torn_from(data, offset, previous) if not ceiling else len(data)
+        if cut < len(data):
             log.warning(
                 "journal: cut a torn write off the newest segment",
-                extra={"segment": segment.path.name, "bytes": len(data) - offset},
+                extra={"segment": segment.path.name, "bytes": len(data) - cut},
             )
             fd = os.open(segment.path, os.O_WRONLY)
             try:
-                os.ftruncate(fd, offset)
+                os.ftruncate(fd, cut)
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        else:  # written whole once (or not by this journal): kept, and new records go after it
+        if cut > offset:
             log.error(
                 "journal: a segment is damaged at its end; what is there cannot be read",
-                extra={"segment": segment.path.name, "offset": offset, "bytes": len(data) - offset},
+                extra={"segment": segment.path.name, "offset": offset, "bytes": cut - offset},
             )
-            first, last = _seqs_held(data, offset, previous)
-            self.damaged.append(
-                Damaged(segment.path.name, offset, data[offset:], "not a whole record", first, last or ceiling)
-            )
-            segment.size = len(data)
+            first, last, known = _seqs_held(data, offset, cut, previous)
+            held = Damaged(segment.path.name, offset, data[offset:cut], "not a whole record", first, last or ceiling)
+            held.known = known or bool(ceiling)
+            self.damaged.append(held)
+            segment.size = cut
 
     def _start(self, base: int) -> None:
         """Start a new newest segment, its name durable in the directory before anything is written to it."""
@@ -523,40 +532,63 @@ def _whole(data: bytes, offset: int, previous: int) -> Record | None:
     return record if record.actions else None
 
 
-_HINT_BYTES = 64 << 20
-"""The most of a damaged meta `_seqs_held` decompresses."""
+_HINT_BYTES = 16 << 20
+"""The most of a damaged meta `_seqs_held` decompresses (a meta of 100,000 events is ≈ 8 MiB)."""
 
 
-def _seqs_held(data: bytes, offset: int, previous: int) -> tuple[int, int]:
-    """The seqs a damaged record at `offset` held, as far as what is left of its head and meta tells (last 0:
-    not known); they only name what the damage cost, and keep the seqs from being given again."""
-    first, last = previous + 1, 0
-    if len(data) - offset >= HEAD.size:
-        magic, _, found, meta_size, _ = HEAD.unpack_from(data, offset)
-        if magic == MAGIC and found > previous:
-            first = found
-            meta = data[offset + HEAD.size : offset + HEAD.size + meta_size]
+def _seqs_held(data: bytes, offset: int, stop: int, previous: int) -> tuple[int, int, bool]:
+    """The seqs damaged bytes `offset..stop` held after `previous`, as far as what is left of their records'
+    heads and metas tells: (first, last, whether last is the last for certain; 0: not known). They only name
+    what the damage cost, and keep those seqs from being given again."""
+    first, last, known = previous + 1, 0, False
+    at = data.find(MAGIC, offset, stop)
+    while 0 <= at and at + HEAD.size <= stop:
+        magic, _, found, meta_size, _ = HEAD.unpack_from(data, at)
+        if found > max(previous, last):
+            first = min(first, found) if last else found
+            last, known = found, False
             # Its meta failed its check: read it bounded (a changed frame header may claim any size).
+            meta = data[at + HEAD.size : min(at + HEAD.size + meta_size, stop)]
             with contextlib.suppress(orjson.JSONDecodeError, ValueError, TypeError, IndexError, zstandard.ZstdError):
                 with zstandard.ZstdDecompressor().stream_reader(meta) as reader:
                     text = reader.read(_HINT_BYTES + 1)
                 actions = orjson.loads(text)[3] if len(text) <= _HINT_BYTES else []
-                count = len(actions) if isinstance(actions, list) else 0
-                last = first + count - 1 if count else 0
-    return first, last
+                if isinstance(actions, list) and actions:
+                    last, known = found + len(actions) - 1, True
+        at = data.find(MAGIC, at + 1, stop)
+    return first, last, known
+
+
+def _torn_from(data: bytes, offset: int, previous: int) -> int:
+    """Where a write cut short starts in the bytes from `offset` on (the newest segment's end), else their end:
+    a record's head as written with less than the whole record after it, or only zeros (a power loss can leave
+    a file's new size without its data). The bytes before it are damage. Zeros after a record's head are kept
+    as damage: a record all there whose last bytes the disk zeroed looks the same, and was acknowledged."""
+    if data.count(0, offset) == len(data) - offset:
+        return offset
+    at = offset
+    while at >= 0:
+        if _torn(data, at, previous):
+            return at
+        at = data.find(MAGIC, at + 1)
+    return len(data)
 
 
 def _torn(data: bytes, offset: int, previous: int) -> bool:
     """Whether the bytes from `offset` to the end are the start of a record whose write was cut short: its
     head (what there is of it) as written, and less than the whole record there. A record all there that
-    fails its check, or bytes no record starts with, are damage instead."""
+    fails its check, all there under a length the disk changed, or bytes no record starts with, are damage."""
     rest = memoryview(data)[offset:]
     if len(rest) < HEAD.size:
         return bytes(rest[: len(MAGIC)]) == MAGIC[: len(rest)]
     magic, crc, first, meta_size, data_size = HEAD.unpack_from(data, offset)
     if magic != MAGIC or first <= previous or HEAD.size + meta_size + data_size <= len(rest):
         return False
-    return bool(zlib.crc32(rest[8:]) != crc)  # equal: its bytes whole under a length the disk changed, damage
+    body = len(rest) - HEAD.size
+    for sizes in ((meta_size, body - meta_size), (body - data_size, data_size)):  # one length changed
+        if min(sizes) >= 0 and zlib.crc32(rest[HEAD.size :], zlib.crc32(_SIZES.pack(first, *sizes))) == crc:
+            return False
+    return True
 
 
 def _resync(data: bytes, offset: int, previous: int) -> int | None:

@@ -558,3 +558,118 @@ def alter_key(segment: Path) -> str:
                     file.write(bytes([altered[at]]))
                 return str(value[6][0])
     raise AssertionError("no change of one byte gives another key")
+
+
+async def group_of_four(path: Path) -> tuple[Path, bytes, list[int], list[int]]:
+    """A journal with request a (acknowledged alone), then a commit group of b, c and d (one write); the
+    segment, its bytes, and its records' starts and ends."""
+    journal = await opened(path)
+    await journal.append("s", batch("a"), time.time())
+    held = asyncio.ensure_future(journal._write(lambda conn: time.sleep(0.3)))  # the next three queue: one group
+    await asyncio.sleep(0.05)
+    await asyncio.gather(*(journal.append("s", batch(key), time.time()) for key in ("b", "c", "d")), held)
+    index = journal.segments.segments[0]
+    starts, ends = list(index.starts), list(index.ends)
+    await journal.close()
+    (segment,) = segment_files(journal)
+    return segment, segment.read_bytes(), starts, ends
+
+
+def fresh_database(path: Path, saved: bytes) -> None:
+    """The journal's database as saved (no dead letters), its WAL gone."""
+    for extra in ("-wal", "-shm"):
+        path.with_name(path.name + extra).unlink(missing_ok=True)
+    path.write_bytes(saved)
+
+
+class TestTheNewestSegmentsEnd:
+    """What a crash leaves at the end of the newest segment is cut (never acknowledged); what the disk damaged
+    there, acknowledged, is kept aside."""
+
+    async def test_a_group_torn_at_any_length_is_cut_back_to_a_record_and_never_kept(self, tmp_path: Path) -> None:
+        segment, whole, _, ends = await group_of_four(tmp_path / "j.db")
+        saved = (tmp_path / "j.db").read_bytes()
+        problems = []
+        for cut in (n for n in range(ends[0] + 1, len(whole)) if n not in ends):  # killed inside the write
+            segment.write_bytes(whole[:cut])
+            journal = await opened(tmp_path / "j.db")
+            try:
+                letters, size = await damage_letters(journal), segment.stat().st_size
+            finally:
+                await journal.close()
+            if letters or size != max(end for end in ends if end <= cut):
+                problems.append((cut, size, letters))
+            fresh_database(tmp_path / "j.db", saved)
+        assert not problems, problems[:3]
+
+    async def test_zeros_alone_at_the_end_are_cut(self, tmp_path: Path) -> None:
+        segment, whole, _, ends = await group_of_four(tmp_path / "j.db")
+        saved = (tmp_path / "j.db").read_bytes()
+        for zeros in (3, len(whole) - ends[0], 4096):  # a power loss kept the file's size, not its data
+            segment.write_bytes(whole[: ends[0]] + bytes(zeros))
+            journal = await opened(tmp_path / "j.db")
+            try:
+                assert await damage_letters(journal) == [] and segment.stat().st_size == ends[0]
+                assert [e.raw for e, _ in await journal.read(0, 10)] == batch("a").raws
+            finally:
+                await journal.close()
+            fresh_database(tmp_path / "j.db", saved)
+
+    async def test_a_length_the_disk_changed_in_the_last_record_is_damage_not_a_torn_write(
+        self, tmp_path: Path
+    ) -> None:
+        segment, whole, starts, _ = await group_of_four(tmp_path / "j.db")
+        saved = (tmp_path / "j.db").read_bytes()
+        for field in (16, 20):  # the meta's length, the events' length (their high bytes: larger)
+            flip(segment, starts[3] + field + 3)
+            journal = await opened(tmp_path / "j.db")
+            try:
+                assert [e.raw for e, _ in await journal.read(0, 10)] == batch("a", "b", "c").raws
+                ((_, data, reason),) = await damage_letters(journal)
+                assert len(data) == len(whole) - starts[3] and segment.stat().st_size == len(whole)
+            finally:
+                await journal.close()
+            segment.write_bytes(whole)
+            fresh_database(tmp_path / "j.db", saved)
+
+    async def test_a_torn_write_after_damage_kept_there_is_cut_and_the_damage_kept_once(self, tmp_path: Path) -> None:
+        segment, _, _, ends = await group_of_four(tmp_path / "j.db")
+        flip(segment, ends[3] - 2)  # d's events: damage at the end, kept
+        journal = await opened(tmp_path / "j.db")
+        try:
+            assert len(await damage_letters(journal)) == 1
+            await journal.append("s", batch("e", "f"), time.time())
+            start, end = journal.segments.segments[0].starts[-1], journal.segments.segments[0].ends[-1]
+        finally:
+            await journal.close()
+        segment.write_bytes(segment.read_bytes()[: start + (end - start) // 2])  # e and f's write, torn
+        again = await opened(tmp_path / "j.db")
+        try:
+            assert len(await damage_letters(again)) == 1 and segment.stat().st_size == start
+        finally:
+            await again.close()
+
+    async def test_every_damaged_record_at_the_end_keeps_its_seqs(self, tmp_path: Path) -> None:
+        segment, _, _, ends = await group_of_four(tmp_path / "j.db")
+        flip(segment, ends[2] - 2)  # c's events
+        flip(segment, ends[3] - 2)  # and d's
+        journal = await opened(tmp_path / "j.db")
+        try:
+            ((_, _, reason),) = await damage_letters(journal)
+            assert "(seqs 3-4)" in reason
+            await journal.append("s", batch("new"), time.time())
+            assert [e.seq for e, _ in await journal.read(0, 10)] == [1, 2, 5]
+        finally:
+            await journal.close()
+
+    async def test_a_damaged_meta_at_the_end_keeps_the_seq_its_head_names(self, tmp_path: Path) -> None:
+        segment, _, starts, _ = await group_of_four(tmp_path / "j.db")
+        flip(segment, starts[3] + HEAD.size + 1)  # d's meta: how many events it held cannot be read
+        journal = await opened(tmp_path / "j.db")
+        try:
+            ((_, _, reason),) = await damage_letters(journal)
+            assert "(seqs from 4)" in reason
+            await journal.append("s", batch("new"), time.time())
+            assert [e.seq for e, _ in await journal.read(0, 10)] == [1, 2, 3, 5]
+        finally:
+            await journal.close()
