@@ -44,8 +44,6 @@ log = logging.getLogger("receiver.journal")
 
 MAGIC = b"LBJ1"
 HEAD = struct.Struct("<4sIQII")
-_SIZES = struct.Struct("<QII")
-"""The head's fields the CRC-32 covers (first seq, meta length, data length)."""
 """magic, CRC-32 of everything after it, first seq, meta length, data length."""
 _CHECKED = struct.Struct("<QII")
 """The part of HEAD the CRC covers, before the meta and the data."""
@@ -586,7 +584,7 @@ def _torn(data: bytes, offset: int, previous: int) -> bool:
         return False
     body = len(rest) - HEAD.size
     for sizes in ((meta_size, body - meta_size), (body - data_size, data_size)):  # one length changed
-        if min(sizes) >= 0 and zlib.crc32(rest[HEAD.size :], zlib.crc32(_SIZES.pack(first, *sizes))) == crc:
+        if min(sizes) >= 0 and zlib.crc32(rest[HEAD.size :], zlib.crc32(_CHECKED.pack(first, *sizes))) == crc:
             return False
     return True
 
