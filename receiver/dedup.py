@@ -306,6 +306,8 @@ class DedupIndex:
         self.evicted = 0
         """Keys dropped before their window ended because the index was full."""
         self.on_evict: Callable[[int], object] = lambda count: None
+        self.stepping = True
+        """Whether adds seal and sweep a step at a time (False during a bulk load: nothing waits on it)."""
 
     @property
     def enabled(self) -> bool:
@@ -368,8 +370,10 @@ class DedupIndex:
             self.size += len(state.current)
         elif number >= state.number - GENERATIONS:  # late: received before a newer batch, committed after it
             self.size += state.seal(number, set(prints))
-        if state.busy:  # a piece of the sealing or sweeping left, in proportion to the request, never all of it
+        if state.busy and self.stepping:  # a piece of the sealing or sweeping left, in proportion to the request
             state.step(STEP_KEYS + STEP_PER_KEY * len(prints))
+        elif state.sealing and not self.stepping:  # a bulk load: each generation sealed at once, as it is handed over
+            state.settle()
         if self.size > self.max_keys:
             self._evict()
 

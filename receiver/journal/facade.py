@@ -847,6 +847,14 @@ class Journal(GroupWriter):
         not delivered yet (the segments)."""
         if not self.dedup.enabled:
             return
+        self.dedup.stepping = False  # nothing waits on the writer yet: each generation is sealed at once
+        try:
+            self._load_keys(conn, now, metas)
+        finally:
+            self.dedup.settle()
+            self.dedup.stepping = True
+
+    def _load_keys(self, conn: sqlite3.Connection, now: float, metas: Sequence[Record]) -> None:
         cutoff = self.dedup.cutoff(now)
         if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'dedup'").fetchone():
             conn.execute("BEGIN IMMEDIATE")
@@ -865,4 +873,3 @@ class Journal(GroupWriter):
         for record in metas:  # those the mark passed have theirs in dedup_log
             if record.keys and record.scope is not None and record.received_at >= cutoff and record.last > self._mark:
                 self.dedup.add(record.scope, record.keys, record.received_at)
-        self.dedup.settle()  # at start nothing waits on the writer: seal every generation now, not step by step
