@@ -280,8 +280,10 @@ class SegmentLog:
                 extra={"segment": segment.path.name, "offset": offset, "bytes": cut - offset},
             )
             first, last, known = _seqs_held(data, offset, cut, previous)
-            held = Damaged(segment.path.name, offset, data[offset:cut], "not a whole record", first, last or ceiling)
-            held.known = known or bool(ceiling)
+            if ceiling:  # an older segment: the next one starts after the last seq this one held
+                last, known = ceiling, True
+            held = Damaged(segment.path.name, offset, data[offset:cut], "not a whole record", first, last)
+            held.known = known
             self.damaged.append(held)
             segment.size = cut
 

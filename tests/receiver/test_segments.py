@@ -70,8 +70,9 @@ class TestRecovery:
                 await again.close()
             segment.write_bytes(whole)
 
+    @pytest.mark.parametrize("where", [-3, HEAD.size + 2], ids=["events", "meta"])
     async def test_a_damaged_record_in_an_older_segment_is_reported(
-        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, where: int
     ) -> None:
         monkeypatch.setattr("receiver.journal.segments.SEGMENT_BYTES", 1)  # a segment per request
         journal = await opened(tmp_path / "j.db")
@@ -80,7 +81,7 @@ class TestRecovery:
         await journal.close()
         oldest = segment_files(journal)[0]
         damaged = bytearray(oldest.read_bytes())
-        damaged[-3] ^= 0xFF  # a flipped bit in its data: the CRC says so
+        damaged[where] ^= 0xFF  # a flipped byte in its events or its meta: the CRC says so
         oldest.write_bytes(bytes(damaged))
         with caplog.at_level(logging.ERROR, logger="receiver.journal"):
             again = await opened(tmp_path / "j.db")
@@ -88,6 +89,8 @@ class TestRecovery:
             assert [e.raw for e, _ in await again.read(0, 10)] == batch("b", "c").raws
             assert "a segment is damaged" in caplog.text
             assert oldest.stat().st_size == len(damaged)  # not cut: it is not where a crash writes
+            ((_, _, reason),) = await damage_letters(again)
+            assert "(seqs 1-1) cannot be delivered" in reason  # the next segment starts at seq 2
         finally:
             await again.close()
 
