@@ -868,8 +868,15 @@ class Journal(GroupWriter):
         for stream, at, keys in conn.execute(
             "SELECT stream, at, keys FROM dedup_log WHERE at >= ? ORDER BY at", (cutoff,)
         ):
+            try:
+                held = orjson.loads(keys)
+            except (orjson.JSONDecodeError, TypeError):
+                held = None
+            if not isinstance(held, list):  # the disk changed the row: its keys are let go, not the others'
+                log.error("journal: a dedup_log row cannot be read; its keys are let go", extra={"stream": stream})
+                continue
             # Rows written before keys were scoped by stream path name the stream: map them to its path.
-            self.dedup.add(self.dedup_scopes.get(stream, stream), orjson.loads(keys), at)
+            self.dedup.add(self.dedup_scopes.get(stream, stream), [key for key in held if isinstance(key, str)], at)
         for record in metas:  # those the mark passed have theirs in dedup_log
             if record.keys and record.scope is not None and record.received_at >= cutoff and record.last > self._mark:
                 self.dedup.add(record.scope, record.keys, record.received_at)

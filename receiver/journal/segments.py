@@ -221,9 +221,10 @@ class SegmentLog:
             newest = position == len(names) - 1
             self._recover(segment, 0 if newest else names[position + 1][0] - 1, metas)
             self.segments.append(segment)
-        last = max(floor, self.segments[-1].last if self.segments else 0)
+        last = max(floor, self.last_seq)
         if not self.segments or (self.segments[-1].size >= SEGMENT_BYTES):
-            self._start(last + 1)
+            # Numbered past the newest's name too: a full one that holds only damage keeps its name (and bytes).
+            self._start(max(last + 1, self.segments[-1].base + 1 if self.segments else 0))
         else:
             self._fd = os.open(self.segments[-1].path, os.O_WRONLY)
         return metas
@@ -533,62 +534,138 @@ def _whole(data: bytes, offset: int, previous: int) -> Record | None:
 
 
 _HINT_BYTES = 16 << 20
-"""The most of a damaged meta `_seqs_held` decompresses (a meta of 100,000 events is ≈ 8 MiB)."""
+"""The most of a damaged meta or events frame `_seqs_held` decompresses (a meta of 100,000 events is ≈ 8 MiB)."""
+
+_SEQ_SPAN = 1 << 32
+"""How far past the last seq known a damaged head's seq is believed (further: the disk changed it)."""
 
 
-def _seqs_held(data: bytes, offset: int, stop: int, previous: int) -> tuple[int, int, bool]:
-    """The seqs damaged bytes `offset..stop` held after `previous`, as far as what is left of their records'
-    heads and metas tells: (first, last, whether last is the last for certain; 0: not known). They only name
-    what the damage cost, and keep those seqs from being given again."""
-    first, last, known = previous + 1, 0, False
-    at = data.find(MAGIC, offset, stop)
-    while 0 <= at and at + HEAD.size <= stop:
-        magic, _, found, meta_size, _ = HEAD.unpack_from(data, at)
-        if found > max(previous, last):
-            first = min(first, found) if last else found
-            last, known = found, False
-            # Its meta failed its check: read it bounded (a changed frame header may claim any size).
-            meta = data[at + HEAD.size : min(at + HEAD.size + meta_size, stop)]
-            with contextlib.suppress(orjson.JSONDecodeError, ValueError, TypeError, IndexError, zstandard.ZstdError):
-                with zstandard.ZstdDecompressor().stream_reader(meta) as reader:
-                    text = reader.read(_HINT_BYTES + 1)
-                actions = orjson.loads(text)[3] if len(text) <= _HINT_BYTES else []
-                if isinstance(actions, list) and actions:
-                    last, known = found + len(actions) - 1, True
-        at = data.find(MAGIC, at + 1, stop)
-    return first, last, known
+def _plausible(first: int, previous: int) -> bool:
+    """Whether a head's first seq can be one this journal wrote after `previous`."""
+    return previous < first <= previous + _SEQ_SPAN
+
+
+def _span(data: bytes, at: int, previous: int, limit: int | None = None) -> int | None:
+    """The end of the record whose head is at `at`, when its head is plausible and all its bytes are there:
+    by its lengths, or, when they claim more than there is, by its CRC-32 with one length changed to end at a
+    later record's magic or at the end (the disk changed the length). None: a head cut short, or not one. Only
+    the bytes before `limit` (default: the end) count."""
+    size = len(data) if limit is None else limit
+    if at + HEAD.size > size:
+        return None
+    magic, crc, first, meta_size, data_size = HEAD.unpack_from(data, at)
+    if magic != MAGIC or not _plausible(first, previous):
+        return None
+    end = int(at + HEAD.size + meta_size + data_size)
+    if end <= size:
+        return end
+    view = memoryview(data)
+    stop = data.find(MAGIC, at + HEAD.size, size)
+    while True:
+        candidate = size if stop < 0 else stop
+        body = candidate - at - HEAD.size
+        for sizes in ((meta_size, body - meta_size), (body - data_size, data_size)):  # one length changed
+            if min(sizes) >= 0:
+                checked = zlib.crc32(view[at + HEAD.size : candidate], zlib.crc32(_CHECKED.pack(first, *sizes)))
+                if checked == crc:
+                    return candidate
+        if stop < 0:
+            return None
+        stop = data.find(MAGIC, stop + 1, size)
+
+
+def _torn(data: bytes, at: int, previous: int) -> bool:
+    """Whether the bytes from `at` to the end are the start of a record whose write was cut short: its head
+    (what there is of it) as written, and less than the whole record there. A record all there that fails its
+    check, all there under a length the disk changed, or bytes no record starts with, are damage."""
+    rest = len(data) - at
+    if rest < HEAD.size:
+        return data[at : at + len(MAGIC)] == MAGIC[:rest]
+    magic, _, first, _, _ = HEAD.unpack_from(data, at)
+    if magic != MAGIC or not _plausible(first, previous) or _span(data, at, previous) is not None:
+        return False
+    # A write is cut short from its end: what follows a torn record's head is that record's bytes, never the
+    # head of a later one. A later head means the disk changed this one's lengths (and bytes): damage.
+    later = data.find(MAGIC, at + 1)
+    while 0 <= later and later + HEAD.size <= len(data):
+        if _plausible(HEAD.unpack_from(data, later)[2], first):
+            return False
+        later = data.find(MAGIC, later + 1)
+    return True
+
+
+def _heads(data: bytes, offset: int, stop: int, previous: int) -> list[tuple[int, int | None]]:
+    """(start, end or None) of what look like records' heads in `offset..stop`, skipping what lies inside the
+    span of a record whose head and lengths hold (a magic inside its events is not a head)."""
+    found: list[tuple[int, int | None]] = []
+    at = offset if data.startswith(MAGIC, offset) else data.find(MAGIC, offset, stop)
+    while 0 <= at < stop:
+        end = _span(data, at, previous, stop)
+        found.append((at, end))
+        at = data.find(MAGIC, max(at + 1, end or 0), stop)
+    return found
 
 
 def _torn_from(data: bytes, offset: int, previous: int) -> int:
     """Where a write cut short starts in the bytes from `offset` on (the newest segment's end), else their end:
-    a record's head as written with less than the whole record after it, or only zeros (a power loss can leave
-    a file's new size without its data). The bytes before it are damage. Zeros after a record's head are kept
-    as damage: a record all there whose last bytes the disk zeroed looks the same, and was acknowledged."""
+    a record's head as written with less than the whole record after it (1 byte of its magic or more), or only
+    zeros (a power loss can leave a file's new size without its data). The bytes before it are damage. Zeros
+    after a record's head are kept as damage: a record all there whose last bytes the disk zeroed looks the
+    same, and was acknowledged."""
     if data.count(0, offset) == len(data) - offset:
         return offset
-    at = offset
-    while at >= 0:
-        if _torn(data, at, previous):
+    after = offset  # where a head may start: not inside a record whose lengths hold
+    for at, end in _heads(data, offset, len(data), previous):
+        if end is None and _torn(data, at, previous):
             return at
-        at = data.find(MAGIC, at + 1)
+        after = max(after, end or at + 1)
+    for size in range(min(len(MAGIC), HEAD.size) - 1, 0, -1):  # a head cut inside its magic
+        if len(data) - size >= after and data.endswith(MAGIC[:size]):
+            return len(data) - size
+    if after == offset and _torn(data, offset, previous):  # a head cut short at `offset` itself
+        return offset
     return len(data)
 
 
-def _torn(data: bytes, offset: int, previous: int) -> bool:
-    """Whether the bytes from `offset` to the end are the start of a record whose write was cut short: its
-    head (what there is of it) as written, and less than the whole record there. A record all there that
-    fails its check, all there under a length the disk changed, or bytes no record starts with, are damage."""
-    rest = memoryview(data)[offset:]
-    if len(rest) < HEAD.size:
-        return bytes(rest[: len(MAGIC)]) == MAGIC[: len(rest)]
-    magic, crc, first, meta_size, data_size = HEAD.unpack_from(data, offset)
-    if magic != MAGIC or first <= previous or HEAD.size + meta_size + data_size <= len(rest):
-        return False
-    body = len(rest) - HEAD.size
-    for sizes in ((meta_size, body - meta_size), (body - data_size, data_size)):  # one length changed
-        if min(sizes) >= 0 and zlib.crc32(rest[HEAD.size :], zlib.crc32(_CHECKED.pack(first, *sizes))) == crc:
-            return False
-    return True
+def _seqs_held(data: bytes, offset: int, stop: int, previous: int) -> tuple[int, int, bool]:
+    """The seqs damaged bytes `offset..stop` held after `previous`, as far as what is left of their records
+    tells: (first, last, whether last is the last for certain; last 0: not known). Each record found holds
+    as many seqs as its meta or its events say (bounded reads: a changed frame header may claim any size),
+    else one, from the seq its head names when that is plausible, else from the one after the last found.
+    They only name what the damage cost, and keep those seqs from being given again."""
+    first, last, known = previous + 1, 0, False
+    at, number = offset, 0
+    while at + HEAD.size <= stop:  # from record to record by their lengths, else to the next magic
+        _, _, found, meta_size, data_size = HEAD.unpack_from(data, at)
+        start = found if _plausible(found, max(previous, last)) else max(previous, last) + 1
+        meta_at = at + HEAD.size
+        count = _count(data[meta_at : min(meta_at + meta_size, stop)], meta=True) or _count(
+            data[meta_at + meta_size : min(meta_at + meta_size + data_size, stop)], meta=False
+        )
+        if number == 0:
+            first = start
+        last, known, number = start + max(count, 1) - 1, bool(count), number + 1
+        end = meta_at + meta_size + data_size
+        if not end + HEAD.size <= stop:  # its lengths lead nowhere, or to the end
+            end = data.find(MAGIC, at + 1, stop)
+            if end < 0:
+                break
+        at = end
+    return first, last, known
+
+
+def _count(frame: bytes, *, meta: bool) -> int:
+    """How many events a damaged record's meta (its actions) or events frame (its lines) gives; 0: unreadable."""
+    with contextlib.suppress(orjson.JSONDecodeError, ValueError, TypeError, IndexError, zstandard.ZstdError):
+        with zstandard.ZstdDecompressor().stream_reader(frame) as reader:
+            text = reader.read(_HINT_BYTES + 1)
+        if not text or len(text) > _HINT_BYTES:
+            return 0
+        if not meta:
+            return text.count(b"\n") + 1
+        actions = orjson.loads(text)[3]
+        return len(actions) if isinstance(actions, list) else 0
+    return 0
 
 
 def _resync(data: bytes, offset: int, previous: int) -> int | None:

@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import random
 import sqlite3
+import struct
 import time
 from pathlib import Path
 
@@ -665,14 +667,203 @@ class TestTheNewestSegmentsEnd:
         finally:
             await journal.close()
 
-    async def test_a_damaged_meta_at_the_end_keeps_the_seq_its_head_names(self, tmp_path: Path) -> None:
+    async def test_a_damaged_meta_at_the_end_keeps_the_seqs_its_events_count(self, tmp_path: Path) -> None:
         segment, _, starts, _ = await group_of_four(tmp_path / "j.db")
-        flip(segment, starts[3] + HEAD.size + 1)  # d's meta: how many events it held cannot be read
+        flip(segment, starts[3] + HEAD.size + 1)  # d's meta: how many events it held is read from its events
         journal = await opened(tmp_path / "j.db")
         try:
             ((_, _, reason),) = await damage_letters(journal)
-            assert "(seqs from 4)" in reason
+            assert "(seqs 4-4)" in reason
             await journal.append("s", batch("new"), time.time())
             assert [e.seq for e, _ in await journal.read(0, 10)] == [1, 2, 3, 5]
         finally:
             await journal.close()
+
+
+async def seqs(journal: Journal) -> list[int]:
+    return [event.seq for event, _ in await journal.read(0, 100)]
+
+
+class TestDamageThatLooksLikeATornWrite:
+    """Damage at the newest segment's end that a torn write could be mistaken for, and back (found by an
+    adversarial pass): acknowledged records are kept, their seqs never given again, a crash's tail cut."""
+
+    async def test_a_changed_length_followed_by_more_damage_is_damage(self, tmp_path: Path) -> None:
+        segment = await three_requests(tmp_path / "j.db")
+        journal = await opened(tmp_path / "j.db")
+        index = journal.segments.segments[0]
+        b_start, c_end = index.starts[1], index.ends[2]
+        await journal.close()
+        flip(segment, b_start + 20 + 3)  # b's events' length: larger than the file
+        flip(segment, c_end - 2)  # and c's events
+        again = await opened(tmp_path / "j.db")
+        try:
+            assert len(await damage_letters(again)) == 1 and segment.stat().st_size == c_end
+            await again.append("s", batch("new"), time.time())
+            assert await seqs(again) == [1, 4]
+        finally:
+            await again.close()
+
+    async def test_a_magic_inside_a_damaged_records_events_is_not_a_head(self, tmp_path: Path) -> None:
+        journal = await opened(tmp_path / "j.db")
+        await journal.append("s", batch("a"), time.time())
+        literal = batch("k")
+        literal.raws[:] = [b'{"event":{"id":"' + MAGIC + b'zzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzz"}}']
+        await journal.append("s", literal, time.time())
+        start, end = journal.segments.segments[0].starts[1], journal.segments.segments[0].ends[1]
+        await journal.close()
+        (segment,) = segment_files(journal)
+        assert segment.read_bytes().find(MAGIC, start + 1) > 0  # zstd kept it literal
+        flip(segment, end - 2)
+        for _ in range(2):
+            again = await opened(tmp_path / "j.db")
+            try:
+                ((_, data, _),) = await damage_letters(again)
+                assert len(data) == end - start and segment.stat().st_size == end
+            finally:
+                await again.close()
+
+    async def test_a_torn_write_of_a_few_bytes_after_damage_is_cut(self, tmp_path: Path) -> None:
+        journal = await opened(tmp_path / "j.db")
+        for key in ("a", "b"):
+            await journal.append("s", batch(key), time.time())
+        end = journal.segments.segments[0].ends[1]
+        await journal.close()
+        (segment,) = segment_files(journal)
+        flip(segment, end - 2)  # b's events: damage at the end, kept
+        await (await opened(tmp_path / "j.db")).close()
+        with segment.open("ab") as file:  # then a crash 2 bytes into the next write
+            file.write(MAGIC[:2])
+        again = await opened(tmp_path / "j.db")
+        try:
+            assert len(await damage_letters(again)) == 1 and segment.stat().st_size == end
+        finally:
+            await again.close()
+
+    @pytest.mark.parametrize("byte", [13, 15])
+    async def test_a_changed_high_byte_of_a_seq_neither_stops_the_start_nor_moves_the_seqs(
+        self, tmp_path: Path, byte: int
+    ) -> None:
+        segment = await three_requests(tmp_path / "j.db")
+        journal = await opened(tmp_path / "j.db")
+        start = journal.segments.segments[0].starts[2]
+        await journal.close()
+        flip(segment, start + byte)  # c's first seq
+        again = await opened(tmp_path / "j.db")
+        try:
+            await again.append("s", batch("new"), time.time())
+            assert await seqs(again) == [1, 2, 4]
+        finally:
+            await again.close()
+
+    async def test_a_record_whose_seq_went_back_keeps_every_seq_its_events_count(self, tmp_path: Path) -> None:
+        journal = await opened(tmp_path / "j.db")
+        for keys in (["a"], ["b"], ["c1", "c2", "c3"]):  # c holds seqs 3-5
+            await journal.append("s", batch(*keys), time.time())
+        start = journal.segments.segments[0].starts[2]
+        await journal.close()
+        (segment,) = segment_files(journal)
+        with segment.open("r+b") as file:  # its first seq 3 -> 1
+            file.seek(start + 8)
+            file.write((1).to_bytes(8, "little"))
+        again = await opened(tmp_path / "j.db")
+        try:
+            ((_, _, reason),) = await damage_letters(again)
+            assert "(seqs 3-5)" in reason
+            await again.append("s", batch("new"), time.time())
+            assert await seqs(again) == [1, 2, 6]
+        finally:
+            await again.close()
+
+    async def test_a_newest_segment_holding_only_damage_is_never_reused(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setattr("receiver.journal.segments.SEGMENT_BYTES", 1)  # a segment per request
+        journal = await opened(tmp_path / "j.db")
+        for key in ("a", "b"):
+            await journal.append("s", batch(key), time.time())
+        files = segment_files(journal)
+        await journal.close()
+        flip(files[1], files[1].stat().st_size - 2)  # b's events: the newest segment holds only damage
+        damaged = files[1].read_bytes()
+        again = await opened(tmp_path / "j.db")
+        try:
+            for key in ("c", "d"):
+                await again.append("s", batch(key), time.time())
+            assert files[1].read_bytes() == damaged  # not truncated to take the new records
+            await again.commit_progress("sink", 1, [], ["sink"])  # the sink is past a: the damage goes, kept aside
+            ((_, data, _),) = await damage_letters(again)
+            assert data == damaged
+        finally:
+            await again.close()
+        third = await opened(tmp_path / "j.db")
+        try:
+            assert [event.raw for event, _ in await third.read(1, 10)] == batch("c", "d").raws
+        finally:
+            await third.close()
+
+    async def test_a_dedup_log_row_that_cannot_be_read_costs_only_its_keys(self, tmp_path: Path) -> None:
+        journal = await opened(tmp_path / "j.db")
+        for key in ("a", "b"):
+            await journal.append("s", batch(key), time.time())
+        await journal.commit_progress("sink", 2, [], ["sink"])  # both records' keys move to dedup_log
+        await journal.close()
+        conn = sqlite3.connect(tmp_path / "j.db")
+        conn.execute("UPDATE dedup_log SET keys = 'not json' WHERE rowid = (SELECT min(rowid) FROM dedup_log)")
+        conn.execute("INSERT INTO dedup_log (stream, at, keys) VALUES ('s', ?, ?)", (time.time(), b'["later"]'))
+        conn.commit()
+        conn.close()
+        again = await opened(tmp_path / "j.db")  # it starts
+        try:
+            assert (await again.append("s", batch("later"), time.time())).accepted == 0  # the other row's key holds
+        finally:
+            await again.close()
+
+
+@pytest.mark.parametrize("seed", range(40))
+async def test_restarts_among_damage_torn_writes_and_appends_keep_every_promise(tmp_path: Path, seed: int) -> None:
+    """Random appends, flipped bytes, torn writes and restarts: seqs stay in order and are never given to other
+    events, no acknowledged record the disk left alone is lost, and dead letters grow only with new damage."""
+    rng = random.Random(seed)
+    path = tmp_path / "j.db"
+    journal = await opened(path)
+    seen: dict[int, bytes] = {}
+    spans: dict[int, tuple[int, int]] = {}
+    """First seq -> (start, end) of each acknowledged record."""
+    flipped: list[int] = []
+    letters, damaged, count = 0, False, 0
+    try:
+        for step in range(40):
+            action = rng.choice(["append", "append", "append", "flip", "torn", "restart", "restart"])
+            if action == "append":
+                count += 1
+                await journal.append("s", batch(*[f"e{count}-{i}" for i in range(rng.randrange(1, 4))]), time.time())
+                newest = journal.segments.segments[-1]
+                spans[newest.firsts[-1]] = (newest.starts[-1], newest.ends[-1])
+                continue
+            await journal.close()
+            (segment,) = segment_files(journal)
+            if action == "flip" and spans:
+                flipped.append(rng.randrange(0, segment.stat().st_size))
+                flip(segment, flipped[-1])
+                damaged = True
+            elif action == "torn":  # a crash inside the write of the next record
+                first = max([journal.last_seq, *seen]) + 1
+                meta, data = os.urandom(rng.randrange(20, 80)), os.urandom(rng.randrange(20, 200))
+                record = MAGIC + struct.pack("<IQII", 0, first, len(meta), len(data)) + meta + data
+                with segment.open("ab") as file:
+                    file.write(record[: rng.randrange(1, len(record))])
+            journal = await opened(path)
+            now = len(await damage_letters(journal))
+            assert damaged or now == letters, f"step {step}: dead letters grew without damage"
+            letters, damaged = now, False
+            read = [(event.seq, event.raw) for event, _ in await journal.read(0, 10_000)]
+            assert [s for s, _ in read] == sorted({s for s, _ in read}), f"step {step}: seqs out of order"
+            for s, raw in read:
+                assert seen.setdefault(s, raw) == raw, f"step {step}: seq {s} given to another event"
+            held = {s for s, _ in read}
+            for first, (start, end) in spans.items():
+                untouched = not any(start <= at < end for at in flipped)
+                assert not untouched or first in held, f"step {step}: acknowledged record {first} lost"
+    finally:
+        await journal.close()
