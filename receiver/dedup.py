@@ -237,8 +237,9 @@ class _Stream:
         dropped += sum(queued.left for queued in self.sealing if queued.number in numbers)
         self.sealing = [queued for queued in self.sealing if queued.number not in numbers]
         freed = [slot for slot, n in enumerate(self.slots) if n in numbers]
+        entries = sum(self.counts[slot] for slot in freed)  # those in the buckets, whose cells may stay 1
+        dropped += entries
         for slot in freed:
-            dropped += self.counts[slot]
             self.slots[slot], self.counts[slot] = _FREE, 0
         if freed:
             if not any(self.counts):  # nothing left in the buckets: start them again
@@ -248,7 +249,7 @@ class _Stream:
             else:
                 self.dirty.update(freed)
                 self.sweep = 0  # every bucket may hold entries of the slots just freed
-                self.stale += dropped
+                self.stale += entries
                 if 2 * self.stale > sum(self.counts):  # every few generations: the sweep rebuilds the cells too
                     self.recell = True
         return dropped
