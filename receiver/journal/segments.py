@@ -283,9 +283,8 @@ class SegmentLog:
             first, last, known = _seqs_held(data, offset, cut, previous)
             if ceiling:  # an older segment: the next one starts after the last seq this one held
                 last, known = ceiling, True
-            held = Damaged(segment.path.name, offset, data[offset:cut], "not a whole record", first, last)
-            held.known = known
-            self.damaged.append(held)
+            why = "not a whole record"
+            self.damaged.append(Damaged(segment.path.name, offset, data[offset:cut], why, first, last, known=known))
             segment.size = cut
 
     def _start(self, base: int) -> None:
@@ -424,6 +423,7 @@ class SegmentLog:
         plans: list[_Plan] = []
         count = 0
         with self._lock:
+            streams = self._streams()
             for segment in self.segments:
                 lasts = segment.lasts
                 index = bisect_right(lasts, start)
@@ -434,7 +434,7 @@ class SegmentLog:
                     count += lasts[stop] - max(firsts[stop], after + 1) + 1
                     stop += 1
                 if stop > index:
-                    plans.append(self._plan(segment, index, stop))
+                    plans.append(self._plan(segment, index, stop, streams))
                 if count >= limit or (upto is not None and stop < len(lasts)):
                     break
         return _load(plans, keep_data=True)
@@ -444,10 +444,11 @@ class SegmentLog:
         that fails its check is left out, logged: its keys are let go, never read altered."""
         plans: list[_Plan] = []
         with self._lock:
+            streams = self._streams()
             for segment in self.segments:
                 low, high = bisect_right(segment.lasts, after), bisect_right(segment.lasts, upto)
                 if high > low:
-                    plans.append(self._plan(segment, low, high))
+                    plans.append(self._plan(segment, low, high, streams))
         records: list[Record] = []
         for found in _load(plans, keep_data=False):
             if isinstance(found, Record):
@@ -459,9 +460,13 @@ class SegmentLog:
                 )
         return records
 
-    def _plan(self, segment: Segment, index: int, stop: int) -> _Plan:
-        """What reading records index..stop-1 of a segment takes (the lock held)."""
-        streams = {number: stream for (stream, _), number in self.routes.items()}
+    def _streams(self) -> dict[int, str]:
+        """Route id -> stream name (the lock held)."""
+        return {number: stream for (stream, _), number in self.routes.items()}
+
+    @staticmethod
+    def _plan(segment: Segment, index: int, stop: int, streams: dict[int, str]) -> _Plan:
+        """What reading records index..stop-1 of a segment takes (the lock held; `streams` from `_streams`)."""
         held = [
             (segment.starts[i], segment.ends[i], segment.firsts[i], segment.lasts[i], streams[segment.routes[i]])
             for i in range(index, stop)
@@ -619,11 +624,9 @@ def _torn_from(data: bytes, offset: int, previous: int) -> int:
         if end is None and _torn(data, at, previous):
             return at
         after = max(after, end or at + 1)
-    for size in range(min(len(MAGIC), HEAD.size) - 1, 0, -1):  # a head cut inside its magic
+    for size in range(len(MAGIC) - 1, 0, -1):  # a head cut inside its magic (one holding all of it is a head above)
         if len(data) - size >= after and data.endswith(MAGIC[:size]):
             return len(data) - size
-    if after == offset and _torn(data, offset, previous):  # a head cut short at `offset` itself
-        return offset
     return len(data)
 
 
