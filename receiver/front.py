@@ -203,11 +203,25 @@ class Front:
 class FrontConnection(asyncio.Protocol):
     """One connection, while this front serves it."""
 
-    __slots__ = ("front", "transport", "peer", "buffer", "task", "since", "paused", "eof", "waiting", "writing_paused")
+    __slots__ = (
+        "front",
+        "transport",
+        "loop",
+        "peer",
+        "buffer",
+        "task",
+        "since",
+        "paused",
+        "eof",
+        "waiting",
+        "writing_paused",
+    )
 
     def __init__(self, front: Front) -> None:
         self.front = front
         self.transport = cast(asyncio.Transport, None)  # set by connection_made, before any other call
+        self.loop = cast(asyncio.AbstractEventLoop, None)
+        """The connection's loop, taken once: `asyncio.get_running_loop` costs a `getpid` system call a request."""
         self.peer: str | None = None
         self.buffer = b""
         self.task: asyncio.Task[None] | None = None
@@ -223,6 +237,7 @@ class FrontConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport = cast(asyncio.Transport, transport)
+        self.loop = asyncio.get_running_loop()
         peer = transport.get_extra_info("peername")
         self.peer = peer[0] if peer else None
         self.front.connections.add(self)
@@ -290,7 +305,7 @@ class FrontConnection(asyncio.Protocol):
         self._release()
         head._body = buffer[start : start + length]
         self.buffer = buffer[start + length :]
-        self.task = asyncio.get_running_loop().create_task(self._serve(intake, head))
+        self.task = self.loop.create_task(self._serve(intake, head))
 
     def _head(self) -> tuple[Intake, FrontHead, int, int] | None:
         """The request the buffer starts with, when this front takes it: its intake, head, where its body starts

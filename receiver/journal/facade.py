@@ -74,6 +74,17 @@ loop when a sink first asks would hold it for 30–60 ms; 2,048 take ≈ 1 ms.""
 PROBE_ROOM = 256 * 1024
 """Bytes a readiness probe writes after the disk was full: more than most requests store (compressed)."""
 
+HELD_KEYS = 64 * 1024
+"""Most dedup keys of appended records held in memory until the mark passes them (≈ 6 MiB): what sinks that
+keep up pass is copied to `dedup_log` without reading the records back (≈ 12 µs a record); past it (a sink
+behind) the records are read back as the mark reaches them."""
+
+PLAIN_BELOW = 32 * 1024 * 1024
+"""While the backlog is under this many bytes, a record's events are written plain: a sink that keeps up
+delivers them within seconds and the segment is unlinked, so compressing them would cost CPU for nothing; past
+it (a sink behind or down) they are a zstd frame, a fifth to a tenth of that, so `max_bytes` holds a long
+outage. (The meta is always a frame: see `record_meta`.)"""
+
 
 def _lock_exclusively(path: Path) -> IO[bytes]:
     """Hold `<journal>.lock` for the life of the process: two services on one journal would each keep their
@@ -109,6 +120,8 @@ class _Batch:
     """Bytes stored (set by the writer)."""
     record: int = -1
     """Its record's index in the group's records, when it has one (set by the writer)."""
+    seqs: tuple[int, int] = (0, 0)
+    """Its record's first and last seq (set by the writer)."""
     row: Row | None = None
     """The events stored, for the sinks caught up once committed (set by the writer)."""
 
@@ -237,6 +250,13 @@ class Journal(GroupWriter):
         """The seq every active sink is past, as last committed: records at or before it are delivered."""
         self._group_mark = 0
         """The mark as the commit group being written moves it (writer thread)."""
+        self._held: deque[tuple[int, int, str, float, list[str]]] = deque()
+        """(first seq, last seq, scope, received_at, keys) of the records with keys this process appended, in
+        order, until the mark passes them, up to HELD_KEYS keys (writer thread)."""
+        self._held_from = 0
+        """Every record with keys whose last seq is past this one is in `_held`, but those a read found damaged
+        (left out, as a read back would leave them)."""
+        self._held_keys = 0
         self._read_conn: sqlite3.Connection | None = None
         self.size_bytes = 0
         self._lock: IO[bytes] | None = None
@@ -281,7 +301,7 @@ class Journal(GroupWriter):
             # Numbers never go back, even past records a damaged disk lost: nothing may reuse a seq a cursor or
             # the mark has passed (a sink would skip the event).
             self._next_seq = max(self.segments.last_seq, last_seq(conn), self._mark, int(cursors)) + 1
-            self.last_seq = self._next_seq - 1
+            self.last_seq = self._held_from = self._next_seq - 1
             self.size_bytes = self.segments.bytes_after(self._mark)
             await asyncio.to_thread(self._load_dedup, conn, time.time(), metas)
         except (OSError, sqlite3.Error) as exc:
@@ -494,8 +514,10 @@ class Journal(GroupWriter):
             first = self._next_seq
             meta = record_meta(batch.stream, None, at, actions, times, batch.scope, batch.keys)
             route = self.segments.route(batch.stream, None)
-            batch.record = len(records)
-            records.append((first, first + count - 1, route, meta, self._pack(lines)))
+            batch.record, batch.seqs = len(records), (first, first + count - 1)
+            records.append(
+                (first, first + count - 1, route, meta, self._pack(lines) if self.size_bytes >= PLAIN_BELOW else lines)
+            )
             size = len(lines) - count + 1
             if count > DEFER_MAX_EVENTS:
                 batch.row = Row(batch.stream, None, _events(batch.stream, first, raws, actions, times, at), size)
@@ -556,11 +578,17 @@ class Journal(GroupWriter):
         return fresh
 
     def _committed(self, batches: list[_Batch]) -> None:
+        held = self._held
         for batch in batches:
             if batch.keys:
                 self.dedup.add_prints(batch.scope, batch.prints, batch.received_at)
+                held.append((*batch.seqs, batch.scope, batch.received_at, batch.keys))
+                self._held_keys += len(batch.keys)
             if batch.row is not None:  # the events as a read would give them back, for the sinks caught up
                 self._published.append(batch.row)
+        while self._held_keys > HELD_KEYS:  # a sink is behind: what the mark passes later is read back
+            _, self._held_from, _, _, keys = held.popleft()
+            self._held_keys -= len(keys)
 
     def _publish(self, published: list[Row]) -> None:
         self._recent.extend(published)
@@ -695,7 +723,8 @@ class Journal(GroupWriter):
                     damaged.append(record)
                     found.append(Row.gap(record.stream, max(record.first, after + 1), record.last))
                     continue
-                # Records are zstd frames, except rows an earlier version wrote uncompressed (`dlq replay`).
+                # Records are zstd frames, or plain when the backlog was small (and rows an earlier version
+                # wrote uncompressed, `dlq replay`).
                 try:
                     data = self._unpack(record.data) if record.data[:4] == ZSTD_MAGIC else record.data
                 except zstandard.ZstdError as exc:  # its CRC matches: written so, which no version does
@@ -737,6 +766,7 @@ class Journal(GroupWriter):
         per place, however often it is read or the service restarts: its events cannot be delivered, but what
         is left of them is kept, with where and why."""
         now, count = time.time(), 0
+        self._forget_held(damaged)
         for item in damaged:
             place = item.place
             kept = "SELECT 1 FROM dead_letters WHERE sink IS NULL AND substr(reason, 1, ?) = ?"
@@ -751,6 +781,19 @@ class Journal(GroupWriter):
             if max(item.first, item.last) > last_seq(conn):  # its seqs are never given again (the reason names them)
                 store_last_seq(conn, max(item.first, item.last))
         return count
+
+    def _forget_held(self, damaged: Sequence[Damaged]) -> None:
+        """Leave the keys of damaged records out of `_held`, as reading them back would (writer thread)."""
+        for item in damaged:
+            if not (item.first and item.known):  # which records it hit is not known: read every one back
+                self._held.clear()
+                self._held_keys, self._held_from = 0, self._next_seq - 1
+                return
+            last = max(item.first, item.last)
+            hit = [entry for entry in self._held if entry[0] <= last and entry[1] >= item.first]
+            for entry in hit:
+                self._held.remove(entry)
+                self._held_keys -= len(entry[4])
 
     async def commit_progress(
         self,
@@ -798,6 +841,10 @@ class Journal(GroupWriter):
 
         def moved() -> None:
             self._mark = max(self._mark, mark)
+            held = self._held
+            while held and held[0][1] <= self._mark:
+                self._held_keys -= len(held.popleft()[4])
+            self._held_from = max(self._held_from, self._mark)
             if passed:
                 self.segments.drop(passed)
             self.size_bytes = self.segments.bytes_after(self._mark)
@@ -806,20 +853,27 @@ class Journal(GroupWriter):
 
     def _keep_keys(self, conn: sqlite3.Connection, after: int, upto: int) -> None:
         """Copy the dedup keys still in the window of the records the mark passes, (after, upto], into
-        `dedup_log`, one row per scope. Keys that cannot be read (a disk error) are logged and let go: a
-        retry of their events may then be delivered again, and delivery goes on."""
-        try:
-            records = self.segments.metas(after, upto)
-        except (OSError, ValueError, zstandard.ZstdError) as exc:  # the disk failed or changed them
-            log.error("journal: cannot read delivered records' dedup keys", extra={"error": str(exc)})
-            return
+        `dedup_log`, one row per scope: from memory (`_held`) when this process appended them, else read back.
+        Keys that cannot be read (a disk error) are logged and let go: a retry of their events may then be
+        delivered again, and delivery goes on."""
+        passed: Iterable[tuple[int, str | None, float, list[str]]]
+        if after >= self._held_from:
+            passed = ((last, scope, at, keys) for _, last, scope, at, keys in self._held)
+        else:
+            try:
+                passed = [(r.last, r.scope, r.received_at, r.keys) for r in self.segments.metas(after, upto)]
+            except (OSError, ValueError, zstandard.ZstdError) as exc:  # the disk failed or changed them
+                log.error("journal: cannot read delivered records' dedup keys", extra={"error": str(exc)})
+                return
         cutoff = self.dedup.cutoff(time.time())
         logged: dict[str, tuple[float, list[str]]] = {}
-        for record in records:
-            if record.keys and record.received_at >= cutoff and record.scope is not None:
-                latest, keys = logged.setdefault(record.scope, (record.received_at, []))
-                keys += record.keys
-                logged[record.scope] = (max(latest, record.received_at), keys)
+        for last, scope, received_at, record_keys in passed:
+            if last > upto:
+                break  # in order: the rest are after the mark
+            if last > after and record_keys and received_at >= cutoff and scope is not None:
+                latest, keys = logged.setdefault(scope, (received_at, []))
+                keys += record_keys
+                logged[scope] = (max(latest, received_at), keys)
         if logged:
             conn.executemany(
                 "INSERT INTO dedup_log (stream, at, keys) VALUES (?, ?, ?)",

@@ -38,7 +38,7 @@ from pathlib import Path
 import orjson
 import zstandard
 
-from receiver.journal.schema import COMPRESSION_LEVEL
+from receiver.journal.schema import COMPRESSION_LEVEL, ZSTD_MAGIC
 
 log = logging.getLogger("receiver.journal")
 
@@ -125,7 +125,9 @@ def record_meta(
     keys: Sequence[str] = (),
 ) -> bytes:
     """A record's meta, as `Record` reads it back: JSON, as a zstd frame (its keys and times are as large as the
-    compressed events, or larger at 100 events a request; a frame is a fifth to a tenth of that)."""
+    compressed events, or larger at 100 events a request; a frame is a fifth to a tenth of that). Always a
+    frame, even when the events are plain: a frame says where it ends, which lets `_seqs_held` count a damaged
+    record's seqs from its meta when the disk changed its lengths."""
     return _codecs().compress(orjson.dumps([stream, target, received_at, actions, times, scope, keys]))
 
 
@@ -642,13 +644,13 @@ def _seqs_held(data: bytes, offset: int, stop: int, previous: int) -> tuple[int,
         _, _, found, meta_size, data_size = HEAD.unpack_from(data, at)
         start = found if _plausible(found, max(previous, last)) else max(previous, last) + 1
         meta_at = at + HEAD.size
-        count = _count(data[meta_at : min(meta_at + meta_size, stop)], meta=True) or _count(
-            data[meta_at + meta_size : min(meta_at + meta_size + data_size, stop)], meta=False
+        meta_end, end = meta_at + meta_size, meta_at + meta_size + data_size
+        count = _count(data[meta_at : min(meta_end, stop)], meta=True, whole=meta_end <= stop) or _count(
+            data[meta_end : min(end, stop)], meta=False, whole=end <= stop
         )
         if number == 0:
             first = start
         last, known, number = start + max(count, 1) - 1, bool(count), number + 1
-        end = meta_at + meta_size + data_size
         if not end + HEAD.size <= stop:  # its lengths lead nowhere, or to the end
             end = data.find(MAGIC, at + 1, stop)
             if end < 0:
@@ -657,11 +659,17 @@ def _seqs_held(data: bytes, offset: int, stop: int, previous: int) -> tuple[int,
     return first, last, known
 
 
-def _count(frame: bytes, *, meta: bool) -> int:
-    """How many events a damaged record's meta (its actions) or events frame (its lines) gives; 0: unreadable."""
+def _count(frame: bytes, *, meta: bool, whole: bool) -> int:
+    """How many events a damaged record's meta (its actions) or events (their lines: a zstd frame, or plain) give;
+    0: unreadable. Plain events count only when all their bytes are there (`whole`): a part would give too few."""
     with contextlib.suppress(orjson.JSONDecodeError, ValueError, TypeError, IndexError, zstandard.ZstdError):
-        with zstandard.ZstdDecompressor().stream_reader(frame) as reader:
-            text = reader.read(_HINT_BYTES + 1)
+        if frame[:4] == ZSTD_MAGIC:
+            with zstandard.ZstdDecompressor().stream_reader(frame) as reader:
+                text = reader.read(_HINT_BYTES + 1)
+        elif whole:  # plain: as large as it is already
+            text = frame[: _HINT_BYTES + 1]
+        else:
+            return 0
         if not text or len(text) > _HINT_BYTES:
             return 0
         if not meta:

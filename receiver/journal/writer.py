@@ -64,8 +64,11 @@ class GroupWriter:
         self._published: list[Any] = []
         """What the group's commit hooks hand to the event loop (`_publish`), with the group's outcomes."""
         self._next_seq = 1
+        self._loop: asyncio.AbstractEventLoop | None = None
+        """The loop that started the writer: asyncio.get_running_loop costs a `getpid` system call a request."""
 
     def _start_writer(self, conn: sqlite3.Connection) -> None:
+        self._loop = asyncio.get_running_loop()
         self._writer = threading.Thread(target=self._write_loop, args=(conn,), name="journal-write", daemon=True)
         self._writer.start()
 
@@ -233,7 +236,9 @@ class GroupWriter:
     async def _enqueue(self, fn: Callable[..., Any] | None, proves_room: bool, bulk: Any) -> Any:
         if self._closed or self._writer is None:
             raise JournalClosed("the journal is closed")
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        if loop is None or not loop.is_running():  # another loop than the one that opened the journal
+            loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         self._queue.put(_Job(fn, loop, future, proves_room, bulk))
         return await future

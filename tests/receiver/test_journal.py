@@ -11,10 +11,11 @@ import time
 import tracemalloc
 from pathlib import Path
 
+import orjson
 import pytest
 
 from receiver.errors import JournalClosed, JournalError, JournalFull
-from receiver.journal import INTAKE, Journal, Row, list_dead_letters, replay_dead_letters
+from receiver.journal import INTAKE, Journal, Row, facade, list_dead_letters, replay_dead_letters
 from receiver.parsing import Parsed, Rejected, parse_body
 from sinks.base import Event
 from tests.receiver.test_unattended import small_disk
@@ -175,19 +176,73 @@ class TestDedupState:
         await journal.append("s", batch("c"), time.time())
         rows = await journal.read(0, 10)
         stored = sum(path.stat().st_size for path in journal.segments.directory.iterdir())
-        assert journal.size_bytes == stored > 0  # what the disk holds for them (compressed)
+        assert journal.size_bytes == stored > 0  # what the disk holds for them
         await journal.commit_progress("a", rows[1][0].seq, [], ["a"])
         assert 0 < journal.size_bytes < stored
         await journal.commit_progress("a", rows[-1][0].seq, [], ["a"])
         assert journal.size_bytes == 0
 
-    async def test_rows_are_stored_compressed_and_read_back_exactly(self, journal: Journal) -> None:
-        parsed = batch("a", "b")
-        parsed.raws[1] = b'{"event":{"action":"x","n":18446744073709551616,"s":"\\u00e9"}}'
-        await journal.append("s", parsed, time.time())
-        (stored,) = journal.segments.read(0, 10)
-        assert stored.data[:4] == b"\x28\xb5\x2f\xfd"  # a zstd frame
-        assert [e.raw for e, _ in await journal.read(0, 10)] == parsed.raws
+    async def test_rows_are_stored_plain_while_the_backlog_is_small_then_compressed_and_read_back_exactly(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setattr(facade, "PLAIN_BELOW", 200)
+        path = tmp_path / "mixed.db"
+        j = Journal(path, max_bytes=1 << 30, dedup_window=3600)
+        await j.open()
+        sent = []
+        for name in ("a", "b", "c"):
+            parsed = batch(f"{name}1", f"{name}2")
+            parsed.raws[1] = b'{"event":{"action":"x","n":18446744073709551616,"s":"\\u00e9"}}'
+            sent += parsed.raws
+            await j.append("s", parsed, time.time())
+        frames = [(record.data[:4], record.data[:1]) for record in j.segments.read(0, 10)]
+        assert frames[0][1] == b"{" and frames[-1][0] == b"\x28\xb5\x2f\xfd"  # plain, then a zstd frame
+        assert [e.raw for e, _ in await j.read(0, 10)] == sent
+        await j.close()
+        again = Journal(path, max_bytes=1 << 30, dedup_window=3600)
+        await again.open()  # the keys of both kinds of records come back
+        try:
+            assert again.dedup.size == 6
+            assert [e.raw for e, _ in await again.read(0, 10)] == sent
+            assert (await again.append("s", batch("a1", "c2", "d"), time.time())).duplicates == 2
+        finally:
+            await again.close()
+
+    async def test_keys_the_mark_passes_reach_dedup_log_from_memory_or_read_back(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        # Keys held in memory up to HELD_KEYS; past it (a sink behind) the oldest are read back from the records;
+        # records appended before a restart are read back too. Every key reaches dedup_log once either way.
+        monkeypatch.setattr(facade, "HELD_KEYS", 5)
+        path = tmp_path / "held.db"
+        j = Journal(path, max_bytes=1 << 30, dedup_window=3600)
+        await j.open()
+        await j.start_cursors(["out"], 0)
+        for n in range(3):
+            await j.append("s", batch(f"before{n}"), time.time())
+        await j.close()
+        j = Journal(path, max_bytes=1 << 30, dedup_window=3600)
+        await j.open()
+        try:
+            sent = [f"before{n}" for n in range(3)]
+            for n in range(8):
+                keys = [f"k{n}a", f"k{n}b"]
+                sent += keys
+                await j.append("s", batch(*keys), time.time())
+            assert j._held_keys <= 5 and j._held_from > 3  # the oldest let go: read back
+            for upto in (2, 7, 12, j.last_seq):
+                await j.commit_progress("out", upto, [], ["out"])
+            rows = await j._read(lambda c: c.execute("SELECT keys FROM dedup_log ORDER BY rowid").fetchall())
+            assert [key for (keys,) in rows for key in orjson.loads(keys)] == sent
+            assert not j._held and j._held_keys == 0
+        finally:
+            await j.close()
+        again = Journal(path, max_bytes=1 << 30, dedup_window=3600)
+        await again.open()
+        try:
+            assert (await again.append("s", batch(*sent), time.time())).duplicates == len(sent)
+        finally:
+            await again.close()
 
     async def test_keys_survive_a_restart_and_expire_with_the_window(self, tmp_path: Path) -> None:
         path = tmp_path / "keys.db"

@@ -17,10 +17,22 @@ import pytest
 import zstandard
 
 from receiver.errors import JournalError
-from receiver.journal import Journal
+from receiver.journal import Journal, facade
 from receiver.journal.segments import HEAD, MAGIC
 from tests.receiver.test_journal import batch
 from tests.receiver.test_unattended import small_disk
+
+
+@pytest.fixture(autouse=True)
+def compressed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Records as zstd frames, as a backlog past PLAIN_BELOW has them: most damage here is made inside a frame.
+    `TestPlainRecords` and the fuzz test run with plain records too."""
+    monkeypatch.setattr(facade, "PLAIN_BELOW", 0)
+
+
+def plain(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Records' events written plain, as while the backlog is small."""
+    monkeypatch.setattr(facade, "PLAIN_BELOW", 1 << 62)
 
 
 def segment_files(journal: Journal) -> list[Path]:
@@ -426,11 +438,30 @@ class TestDamageAfterStart:
                 await journal.append("s", batch(key), time.time())
             (segment,) = segment_files(journal)
             flip(segment, HEAD.size)  # the first record's meta
+            assert [e.raw for e, _ in await journal.read(0, 10)] == batch("b").raws  # a read finds the damage
             await journal.commit_progress("sink", 2, [], ["sink"])
             logged = await journal._read(lambda c: c.execute("SELECT keys FROM dedup_log").fetchall())
             assert [orjson.loads(keys) for (keys,) in logged] == [["b"]]
         finally:
             await journal.close()
+
+    async def test_keys_of_a_record_damaged_after_it_was_delivered_from_memory_are_kept(self, tmp_path: Path) -> None:
+        journal = await opened(tmp_path / "j.db")
+        try:
+            for key in ("a", "b"):
+                await journal.append("s", batch(key), time.time())
+            assert journal.recent_rows(0, 10)  # a sink that keeps up takes them from memory, not from the disk
+            flip(segment_files(journal)[0], HEAD.size)  # the first record's meta, once delivered
+            await journal.commit_progress("sink", 2, [], ["sink"])
+            logged = await journal._read(lambda c: c.execute("SELECT keys FROM dedup_log").fetchall())
+            assert [orjson.loads(keys) for (keys,) in logged] == [["a", "b"]]  # as sent, from memory
+        finally:
+            await journal.close()
+        again = await opened(tmp_path / "j.db")
+        try:  # a retry of either is a duplicate after a restart too
+            assert (await again.append("s", batch("a", "b"), time.time())).duplicates == 2
+        finally:
+            await again.close()
 
     async def test_a_segment_cut_short_while_running_costs_only_what_it_lost(self, tmp_path: Path) -> None:
         journal = await opened(tmp_path / "j.db")
@@ -820,10 +851,74 @@ class TestDamageThatLooksLikeATornWrite:
             await again.close()
 
 
+class TestPlainRecords:
+    """Records whose events are written plain (while the backlog is small): a changed byte still reads as valid
+    JSON, so only the CRC tells, and an event's own text may hold the record magic."""
+
+    @pytest.fixture(autouse=True)
+    def _plain(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        plain(monkeypatch)
+
+    async def test_an_event_the_disk_changed_to_other_valid_json_is_never_delivered(self, tmp_path: Path) -> None:
+        journal = await opened(tmp_path / "j.db")
+        try:
+            await journal.append("s", batch("first"), time.time())
+            await journal.append("s", batch("second"), time.time())
+            (segment,) = segment_files(journal)
+            whole = segment.read_bytes()
+            assert whole.count(b'{"event"') == 2  # plain: the events as sent
+            at = whole.index(b'"id":"first"') + len(b'"id":"f')
+            with segment.open("r+b") as file:  # "first" -> "fArst": still valid JSON, another id
+                file.seek(at)
+                file.write(b"A")
+            assert [e.raw for e, _ in await journal.read(0, 10)] == batch("second").raws
+            ((_, data, reason),) = await damage_letters(journal)
+            assert "CRC-32 does not match" in reason and b'"id":"fArst"' in data
+        finally:
+            await journal.close()
+
+    async def test_the_record_magic_inside_an_event_is_never_taken_for_a_record(self, tmp_path: Path) -> None:
+        journal = await opened(tmp_path / "j.db")
+        parsed = batch("a", "b")
+        # An event whose text holds what a record's head starts with (JSON cannot hold the zero bytes a
+        # plausible seq has), then the rest of the group.
+        parsed.raws[1] = b'{"event":{"action":"x","ua":"LBJ1LBJ1\\u0000' + MAGIC + b'"}}'
+        try:
+            await journal.append("s", parsed, time.time())
+            await journal.append("s", batch("c"), time.time())
+        finally:
+            await journal.close()
+        (segment,) = segment_files(journal)
+        whole = segment.read_bytes()
+        for damage in ("torn", "first head"):
+            if damage == "torn":  # a crash inside the next write: cut, nothing kept aside
+                segment.write_bytes(whole + MAGIC + struct.pack("<IQII", 0, 4, 40, 40) + b"x" * 10)
+            else:  # the first record's magic changed: the next whole record is found, past the event's magic
+                segment.write_bytes(whole)
+                flip(segment, 0)
+            again = await opened(tmp_path / "j.db")
+            try:
+                read = [e.raw for e, _ in await again.read(0, 10)]
+                if damage == "torn":
+                    assert read == [*parsed.raws, *batch("c").raws] and not await damage_letters(again)
+                    assert segment.stat().st_size == len(whole)
+                else:
+                    assert read == batch("c").raws
+                    ((_, data, _),) = await damage_letters(again)
+                    assert parsed.raws[1] in data  # the whole first record kept aside, its event in it
+            finally:
+                await again.close()
+
+
 @pytest.mark.parametrize("seed", range(40))
-async def test_restarts_among_damage_torn_writes_and_appends_keep_every_promise(tmp_path: Path, seed: int) -> None:
+@pytest.mark.parametrize("records", ["zstd", "plain"])
+async def test_restarts_among_damage_torn_writes_and_appends_keep_every_promise(
+    tmp_path: Path, seed: int, records: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Random appends, flipped bytes, torn writes and restarts: seqs stay in order and are never given to other
     events, no acknowledged record the disk left alone is lost, and dead letters grow only with new damage."""
+    if records == "plain":
+        plain(monkeypatch)
     rng = random.Random(seed)
     path = tmp_path / "j.db"
     journal = await opened(path)
