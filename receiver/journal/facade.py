@@ -515,9 +515,7 @@ class Journal(GroupWriter):
             meta = record_meta(batch.stream, None, at, actions, times, batch.scope, batch.keys)
             route = self.segments.route(batch.stream, None)
             batch.record, batch.seqs = len(records), (first, first + count - 1)
-            records.append(
-                (first, first + count - 1, route, meta, self._pack(lines) if self.size_bytes >= PLAIN_BELOW else lines)
-            )
+            records.append((*batch.seqs, route, meta, self._pack(lines) if self.size_bytes >= PLAIN_BELOW else lines))
             size = len(lines) - count + 1
             if count > DEFER_MAX_EVENTS:
                 batch.row = Row(batch.stream, None, _events(batch.stream, first, raws, actions, times, at), size)
@@ -784,16 +782,15 @@ class Journal(GroupWriter):
 
     def _forget_held(self, damaged: Sequence[Damaged]) -> None:
         """Leave the keys of damaged records out of `_held`, as reading them back would (writer thread)."""
-        for item in damaged:
-            if not (item.first and item.known):  # which records it hit is not known: read every one back
-                self._held.clear()
-                self._held_keys, self._held_from = 0, self._next_seq - 1
-                return
-            last = max(item.first, item.last)
-            hit = [entry for entry in self._held if entry[0] <= last and entry[1] >= item.first]
-            for entry in hit:
-                self._held.remove(entry)
-                self._held_keys -= len(entry[4])
+        if not all(item.first and item.known for item in damaged):  # which records it hit is not known:
+            self._held.clear()  # read every one back
+            self._held_keys, self._held_from = 0, self._next_seq - 1
+            return
+        spans = [(item.first, max(item.first, item.last)) for item in damaged]
+        kept = [held for held in self._held if not any(held[0] <= last and held[1] >= first for first, last in spans)]
+        if len(kept) < len(self._held):
+            self._held = deque(kept)
+            self._held_keys = sum(len(held[4]) for held in kept)
 
     async def commit_progress(
         self,

@@ -32,10 +32,16 @@ def batch(*keys: str | None, rejected: list[Rejected] | None = None) -> Parsed:
     return parsed
 
 
+async def opened(path: Path) -> Journal:
+    """A journal at `path` (1 GiB cap, a 1 h dedup window), open."""
+    journal = Journal(path, max_bytes=1 << 30, dedup_window=3600)
+    await journal.open()
+    return journal
+
+
 @pytest.fixture
 async def journal(tmp_path: Path):
-    j = Journal(tmp_path / "j.db", max_bytes=1 << 30, dedup_window=3600)
-    await j.open()
+    j = await opened(tmp_path / "j.db")
     yield j
     await j.close()
 
@@ -187,8 +193,7 @@ class TestDedupState:
     ) -> None:
         monkeypatch.setattr(facade, "PLAIN_BELOW", 200)
         path = tmp_path / "mixed.db"
-        j = Journal(path, max_bytes=1 << 30, dedup_window=3600)
-        await j.open()
+        j = await opened(path)
         sent = []
         for name in ("a", "b", "c"):
             parsed = batch(f"{name}1", f"{name}2")
@@ -199,8 +204,7 @@ class TestDedupState:
         assert frames[0][1] == b"{" and frames[-1][0] == b"\x28\xb5\x2f\xfd"  # plain, then a zstd frame
         assert [e.raw for e, _ in await j.read(0, 10)] == sent
         await j.close()
-        again = Journal(path, max_bytes=1 << 30, dedup_window=3600)
-        await again.open()  # the keys of both kinds of records come back
+        again = await opened(path)  # the keys of both kinds of records come back
         try:
             assert again.dedup.size == 6
             assert [e.raw for e, _ in await again.read(0, 10)] == sent
@@ -215,14 +219,12 @@ class TestDedupState:
         # records appended before a restart are read back too. Every key reaches dedup_log once either way.
         monkeypatch.setattr(facade, "HELD_KEYS", 5)
         path = tmp_path / "held.db"
-        j = Journal(path, max_bytes=1 << 30, dedup_window=3600)
-        await j.open()
+        j = await opened(path)
         await j.start_cursors(["out"], 0)
         for n in range(3):
             await j.append("s", batch(f"before{n}"), time.time())
         await j.close()
-        j = Journal(path, max_bytes=1 << 30, dedup_window=3600)
-        await j.open()
+        j = await opened(path)
         try:
             sent = [f"before{n}" for n in range(3)]
             for n in range(8):
@@ -237,8 +239,7 @@ class TestDedupState:
             assert not j._held and j._held_keys == 0
         finally:
             await j.close()
-        again = Journal(path, max_bytes=1 << 30, dedup_window=3600)
-        await again.open()
+        again = await opened(path)
         try:
             assert (await again.append("s", batch(*sent), time.time())).duplicates == len(sent)
         finally:
@@ -247,13 +248,11 @@ class TestDedupState:
     async def test_keys_survive_a_restart_and_expire_with_the_window(self, tmp_path: Path) -> None:
         path = tmp_path / "keys.db"
         now = time.time()
-        j = Journal(path, max_bytes=1 << 30, dedup_window=3600)
-        await j.open()
+        j = await opened(path)
         await j.append("s", batch("recent"), now - 60)
         await j.append("s", batch("old"), now - 7200)
         await j.close()
-        again = Journal(path, max_bytes=1 << 30, dedup_window=3600)
-        await again.open()
+        again = await opened(path)
         try:
             assert again.dedup.size == 1
             assert (await again.append("s", batch("recent"), now)).duplicates == 1
@@ -297,8 +296,7 @@ class TestDedupState:
         conn.execute("INSERT INTO dedup VALUES ('s', 'legacy', ?)", (time.time(),))
         conn.commit()
         conn.close()
-        j = Journal(path, max_bytes=1 << 30, dedup_window=3600)
-        await j.open()
+        j = await opened(path)
         try:
             assert (await j.append("s", batch("legacy"), time.time())).duplicates == 1
         finally:
@@ -340,8 +338,7 @@ class TestDeadLetterReplay:
         conn.close()
         before = time.time()
         assert replay_dead_letters(path) == 3
-        journal = Journal(path, max_bytes=1 << 30, dedup_window=3600)
-        await journal.open()
+        journal = await opened(path)
         try:
             columns = await journal._read(lambda c: [r[1] for r in c.execute("PRAGMA table_info(dead_letters)")])
             assert "meta" in columns
@@ -519,8 +516,7 @@ class TestGroupedWrites:
     async def test_keys_of_dropped_segments_are_kept(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setattr("receiver.journal.segments.SEGMENT_BYTES", 1)  # a segment per group
         path = tmp_path / "g.db"
-        j = Journal(path, max_bytes=1 << 30, dedup_window=3600)
-        await j.open()
+        j = await opened(path)
         for i in range(40):
             await j.append("s", batch(f"g{i}", f"h{i}"), time.time())
         await j.commit_progress("a", j.last_seq, [], ["a"])  # every segment but the newest is dropped
@@ -528,8 +524,7 @@ class TestGroupedWrites:
         logged = await j._read(lambda c: c.execute("SELECT count(*) FROM dedup_log").fetchone()[0])
         await j.close()
         assert left == 1 and logged == 1  # the dropped segments' keys, in one row
-        again = Journal(path, max_bytes=1 << 30, dedup_window=3600)
-        await again.open()
+        again = await opened(path)
         try:
             result = await again.append("s", batch(*(f"g{i}" for i in range(40)), "new"), time.time())
             assert (result.accepted, result.duplicates) == (1, 40)

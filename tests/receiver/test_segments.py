@@ -19,7 +19,7 @@ import zstandard
 from receiver.errors import JournalError
 from receiver.journal import Journal, facade
 from receiver.journal.segments import HEAD, MAGIC
-from tests.receiver.test_journal import batch
+from tests.receiver.test_journal import batch, opened
 from tests.receiver.test_unattended import small_disk
 
 
@@ -37,12 +37,6 @@ def plain(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def segment_files(journal: Journal) -> list[Path]:
     return sorted(journal.segments.directory.glob("*.seg"))
-
-
-async def opened(path: Path) -> Journal:
-    journal = Journal(path, max_bytes=1 << 30, dedup_window=3600)
-    await journal.open()
-    return journal
 
 
 async def three_requests(path: Path, delivered: int = 0) -> Path:
