@@ -2,7 +2,10 @@
 
 Keys are remembered as 60-bit fingerprints (the low 60 bits of `hash(key)`, never negative) by generation of
 `window / GENERATIONS` seconds, so a whole generation expires at once. Per stream, the newest generation is a
-`set` (it takes the inserts: one C-level update per request). When a newer one starts it is sealed: each key
+dict of fingerprints used as a set (it takes the inserts: one C-level update per request; CPython's garbage
+collector does not track a dict of ints, where it visits every entry of a set: a full collection, which holds
+the GIL and comes every few seconds under load, took ≈ 68 ms per million keys of a set). When a newer one
+starts it is sealed: each key
 goes, as the 8-byte entry `fingerprint << 4 | slot`, into a sorted `array('Q')` bucket chosen by the
 fingerprint's top bits (128–256 entries a bucket); the slot (generation number mod 16) names its generation, and
 the window never holds more than 13, so slots never collide. A byte per cell of fingerprints (4–8 cells a sealed
@@ -41,6 +44,7 @@ from bisect import bisect_left, insort
 from collections.abc import Callable, Collection, Iterable, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
+from itertools import repeat
 from operator import attrgetter
 
 DEFAULT_MAX_KEYS = 2_000_000
@@ -76,14 +80,19 @@ _FREE = -(1 << 63)
 """The generation number of a free slot: older than every window."""
 
 
+_Prints = dict[int, None]
+"""Fingerprints, as the keys of a dict: a set the garbage collector does not track (see the module's doc)."""
+
+
 @dataclass(slots=True)
 class _Sealing:
     """A generation on its way into the buckets: looked up as its set until every key is in."""
 
     number: int
-    prints: set[int]
-    order: list[int]
-    """The same fingerprints as a list, taken a step at a time from `done` on."""
+    prints: _Prints
+    order: array[int]
+    """The same fingerprints as an array (not visited by the garbage collector either), taken a step at a time
+    from `done` on."""
     done: int = 0
 
     @property
@@ -113,7 +122,7 @@ class _Stream:
     def __init__(self) -> None:
         self.number = _FREE
         """The newest generation's number: `current` holds its keys."""
-        self.current: set[int] = set()
+        self.current: _Prints = {}
         self.sealing: list[_Sealing] = []
         """Generations still to move into the buckets, oldest first."""
         self.slots = [_FREE] * (_SLOT + 1)
@@ -151,7 +160,7 @@ class _Stream:
 
     def sealed(self, prints: AbstractSet[int], oldest: int) -> list[int]:
         """The fingerprints among `prints` held by a sealed generation numbered `oldest` or later."""
-        found = [p for queued in self.sealing if queued.number >= oldest for p in prints & queued.prints]
+        found = [p for queued in self.sealing if queued.number >= oldest for p in prints & queued.prints.keys()]
         if not any(self.counts):  # nothing in the buckets yet
             return found
         buckets, cells, slots = self.buckets, self.cells, self.slots
@@ -169,17 +178,17 @@ class _Stream:
                 i += 1
         return found
 
-    def seal(self, number: int, prints: set[int]) -> int:
+    def seal(self, number: int, prints: _Prints) -> int:
         """Take `prints` (the set itself, not a copy) as generation `number`, to be moved into the buckets by
         `step`; returns how many were new to it."""
         slot = number & _SLOT
         if self.slots[slot] == number:  # late keys of a generation sealed or being sealed: skip those it has
-            prints = {p for p in prints if not self._has(p << _SLOT_BITS | slot)}
+            prints = {p: None for p in prints if not self._has(p << _SLOT_BITS | slot)}
             for queued in self.sealing:
                 if queued.number == number:
-                    late = prints - queued.prints
-                    queued.prints |= late
-                    queued.order += late
+                    late = prints.keys() - queued.prints.keys()
+                    queued.prints.update(zip(late, repeat(None)))
+                    queued.order.extend(late)
                     return len(late)
         if not prints:
             return 0
@@ -187,7 +196,7 @@ class _Stream:
             if slot in self.dirty:  # its old entries must go before it is reused (3 generations after it was freed)
                 self._purge(len(self.buckets))
             self.slots[slot] = number
-        self.sealing.append(_Sealing(number, prints, list(prints)))
+        self.sealing.append(_Sealing(number, prints, array("Q", prints)))
         self.sealing.sort(key=attrgetter("number"))
         return len(prints)
 
@@ -233,7 +242,7 @@ class _Stream:
         lookups at once and purged by later steps."""
         dropped = 0
         if self.number in numbers:
-            dropped, self.current = len(self.current), set()
+            dropped, self.current = len(self.current), {}
         dropped += sum(queued.left for queued in self.sealing if queued.number in numbers)
         self.sealing = [queued for queued in self.sealing if queued.number not in numbers]
         freed = [slot for slot, n in enumerate(self.slots) if n in numbers]
@@ -332,8 +341,9 @@ class DedupIndex:
         state = self._streams.get(stream)
         if state is not None:
             oldest = self._oldest(now)
-            if state.number >= oldest and not state.current.isdisjoint(candidates):
-                seen |= candidates & state.current
+            current = state.current.keys()
+            if state.number >= oldest and not current.isdisjoint(candidates):
+                seen |= candidates & current
             seen.update(state.sealed(candidates, oldest))
         if not seen and len(candidates) == len(keys):
             pending |= candidates
@@ -362,15 +372,15 @@ class DedupIndex:
             state = self._streams[stream] = _Stream()
         if number == state.number:  # the common case: the newest generation
             before = len(state.current)
-            state.current.update(prints)
+            state.current.update(zip(prints, repeat(None)))
             self.size += len(state.current) - before
         elif number > state.number:  # a new generation: the window moves with the newest key
             self.size -= state.drop({n for n, _ in state.generations() if n < number - GENERATIONS})
             self.size += state.seal(state.number, state.current) - len(state.current)
-            state.current, state.number = set(prints), number
+            state.current, state.number = dict.fromkeys(prints), number
             self.size += len(state.current)
         elif number >= state.number - GENERATIONS:  # late: received before a newer batch, committed after it
-            self.size += state.seal(number, set(prints))
+            self.size += state.seal(number, dict.fromkeys(prints))
         if state.busy and self.stepping:  # a piece of the sealing or sweeping left, in proportion to the request
             state.step(STEP_KEYS + STEP_PER_KEY * len(prints))
         elif state.sealing and not self.stepping:  # a bulk load: each generation sealed at once, as it is handed over
