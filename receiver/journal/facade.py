@@ -74,10 +74,14 @@ loop when a sink first asks would hold it for 30–60 ms; 2,048 take ≈ 1 ms.""
 PROBE_ROOM = 256 * 1024
 """Bytes a readiness probe writes after the disk was full: more than most requests store (compressed)."""
 
-HELD_KEYS = 64 * 1024
-"""Most dedup keys of appended records held in memory until the mark passes them (≈ 6 MiB): what sinks that
-keep up pass is copied to `dedup_log` without reading the records back (≈ 12 µs a record); past it (a sink
-behind) the records are read back as the mark reaches them."""
+HELD_BYTES = 8 * 1024 * 1024
+"""Most memory the dedup keys of appended records take while held until the mark passes them (their bytes and
+KEY_COST each: ≈ 90 k keys of 32 characters): what sinks that keep up pass is copied to `dedup_log` without
+reading the records back (≈ 12 µs a record); past it (a sink behind) the records are read back as the mark
+reaches them. A bound in bytes, not in keys: a sender's keys may be long."""
+
+KEY_COST = 57
+"""Memory of a held key besides its characters: the str object and its place in a list."""
 
 PLAIN_BELOW = 32 * 1024 * 1024
 """While the backlog is under this many bytes, a record's events are written plain: a sink that keeps up
@@ -190,6 +194,11 @@ class Row:
         return self._events
 
 
+def _keys_cost(keys: list[str]) -> int:
+    """The memory held keys take, for the HELD_BYTES bound."""
+    return sum(map(len, keys)) + KEY_COST * len(keys)
+
+
 def _events(
     stream: str,
     first: int,
@@ -252,11 +261,12 @@ class Journal(GroupWriter):
         """The mark as the commit group being written moves it (writer thread)."""
         self._held: deque[tuple[int, int, str, float, list[str]]] = deque()
         """(first seq, last seq, scope, received_at, keys) of the records with keys this process appended, in
-        order, until the mark passes them, up to HELD_KEYS keys (writer thread)."""
+        order, until the mark passes them, up to HELD_BYTES (writer thread)."""
         self._held_from = 0
         """Every record with keys whose last seq is past this one is in `_held`, but those a read found damaged
         (left out, as a read back would leave them)."""
-        self._held_keys = 0
+        self._held_bytes = 0
+        """What the keys in `_held` take (`_keys_cost`)."""
         self._read_conn: sqlite3.Connection | None = None
         self.size_bytes = 0
         self._lock: IO[bytes] | None = None
@@ -581,12 +591,12 @@ class Journal(GroupWriter):
             if batch.keys:
                 self.dedup.add_prints(batch.scope, batch.prints, batch.received_at)
                 held.append((*batch.seqs, batch.scope, batch.received_at, batch.keys))
-                self._held_keys += len(batch.keys)
+                self._held_bytes += _keys_cost(batch.keys)
             if batch.row is not None:  # the events as a read would give them back, for the sinks caught up
                 self._published.append(batch.row)
-        while self._held_keys > HELD_KEYS:  # a sink is behind: what the mark passes later is read back
+        while self._held_bytes > HELD_BYTES:  # a sink is behind: what the mark passes later is read back
             _, self._held_from, _, _, keys = held.popleft()
-            self._held_keys -= len(keys)
+            self._held_bytes -= _keys_cost(keys)
 
     def _publish(self, published: list[Row]) -> None:
         self._recent.extend(published)
@@ -784,13 +794,13 @@ class Journal(GroupWriter):
         """Leave the keys of damaged records out of `_held`, as reading them back would (writer thread)."""
         if not all(item.first and item.known for item in damaged):  # which records it hit is not known:
             self._held.clear()  # read every one back
-            self._held_keys, self._held_from = 0, self._next_seq - 1
+            self._held_bytes, self._held_from = 0, self._next_seq - 1
             return
         spans = [(item.first, max(item.first, item.last)) for item in damaged]
         kept = [held for held in self._held if not any(held[0] <= last and held[1] >= first for first, last in spans)]
         if len(kept) < len(self._held):
             self._held = deque(kept)
-            self._held_keys = sum(len(held[4]) for held in kept)
+            self._held_bytes = sum(_keys_cost(held[4]) for held in kept)
 
     async def commit_progress(
         self,
@@ -840,7 +850,7 @@ class Journal(GroupWriter):
             self._mark = max(self._mark, mark)
             held = self._held
             while held and held[0][1] <= self._mark:
-                self._held_keys -= len(held.popleft()[4])
+                self._held_bytes -= _keys_cost(held.popleft()[4])
             self._held_from = max(self._held_from, self._mark)
             if passed:
                 self.segments.drop(passed)

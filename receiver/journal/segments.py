@@ -554,9 +554,10 @@ def _plausible(first: int, previous: int) -> bool:
 
 def _span(data: bytes, at: int, previous: int, limit: int | None = None) -> int | None:
     """The end of the record whose head is at `at`, when its head is plausible and all its bytes are there:
-    by its lengths, or, when they claim more than there is, by its CRC-32 with one length changed to end at a
-    later record's magic or at the end (the disk changed the length). None: a head cut short, or not one. Only
-    the bytes before `limit` (default: the end) count."""
+    where its CRC-32 checks, by its lengths or with one length changed to end at a later record's magic or at
+    the end (the disk changed the length: it claims more than there is, or more than the record held, which
+    takes the next record's head inside it), else by its lengths when they fit. None: a head cut short, or not
+    one. Only the bytes before `limit` (default: the end) count."""
     size = len(data) if limit is None else limit
     if at + HEAD.size > size:
         return None
@@ -564,12 +565,12 @@ def _span(data: bytes, at: int, previous: int, limit: int | None = None) -> int 
     if magic != MAGIC or not _plausible(first, previous):
         return None
     end = int(at + HEAD.size + meta_size + data_size)
-    if end <= size:
-        return end
     view = memoryview(data)
-    stop = data.find(MAGIC, at + HEAD.size, size)
-    while True:
-        candidate = size if stop < 0 else stop
+    if end <= size and zlib.crc32(view[at + 8 : end]) == crc:
+        return end
+    stop = data.find(MAGIC, at + HEAD.size, min(end, size))
+    for _ in range(_CANDIDATES):
+        candidate = min(end, size) if stop < 0 else stop
         body = candidate - at - HEAD.size
         for sizes in ((meta_size, body - meta_size), (body - data_size, data_size)):  # one length changed
             if min(sizes) >= 0:
@@ -577,8 +578,13 @@ def _span(data: bytes, at: int, previous: int, limit: int | None = None) -> int 
                 if checked == crc:
                     return candidate
         if stop < 0:
-            return None
-        stop = data.find(MAGIC, stop + 1, size)
+            break
+        stop = data.find(MAGIC, stop + 1, min(end, size))
+    return end if end <= size else None
+
+
+_CANDIDATES = 256
+"""The most ends `_span` checks a damaged record's CRC-32 at (a magic inside its events is one too)."""
 
 
 def _torn(data: bytes, at: int, previous: int) -> bool:
@@ -592,13 +598,10 @@ def _torn(data: bytes, at: int, previous: int) -> bool:
     if magic != MAGIC or not _plausible(first, previous) or _span(data, at, previous) is not None:
         return False
     # A write is cut short from its end: what follows a torn record's head is that record's bytes, never the
-    # head of a later one. A later head means the disk changed this one's lengths (and bytes): damage.
-    later = data.find(MAGIC, at + 1)
-    while 0 <= later and later + HEAD.size <= len(data):
-        if _plausible(HEAD.unpack_from(data, later)[2], first):
-            return False
-        later = data.find(MAGIC, later + 1)
-    return True
+    # head of a later one. A later magic means the disk changed this one's lengths (and bytes): damage, even
+    # when the disk changed that head's seq too. Taking damage for a torn write would cut acknowledged records
+    # and give their seqs again; taking a torn write whose events hold the magic for damage keeps it aside.
+    return data.find(MAGIC, at + 1) < 0
 
 
 def _heads(data: bytes, offset: int, stop: int, previous: int) -> list[tuple[int, int | None]]:
@@ -645,9 +648,15 @@ def _seqs_held(data: bytes, offset: int, stop: int, previous: int) -> tuple[int,
         start = found if _plausible(found, max(previous, last)) else max(previous, last) + 1
         meta_at = at + HEAD.size
         meta_end, end = meta_at + meta_size, meta_at + meta_size + data_size
-        count = _count(data[meta_at : min(meta_end, stop)], meta=True, whole=meta_end <= stop) or _count(
-            data[meta_end : min(end, stop)], meta=False, whole=end <= stop
-        )
+        count = _count(data[meta_at : min(meta_end, stop)], meta=True)
+        if not count and end <= stop:
+            # The events count only when the lengths lead to the damage's end or to a head (its magic, or
+            # its seq the one after them): a changed length would make them start inside the meta or end
+            # inside the events, too few named for certain.
+            count = _count(data[meta_end:end], meta=False)
+            if end < stop and not data.startswith(MAGIC, end):
+                after = HEAD.unpack_from(data, end)[2] if end + HEAD.size <= stop else None
+                count = count if after == start + count else 0
         if number == 0:
             first = start
         last, known, number = start + max(count, 1) - 1, bool(count), number + 1
@@ -659,14 +668,14 @@ def _seqs_held(data: bytes, offset: int, stop: int, previous: int) -> tuple[int,
     return first, last, known
 
 
-def _count(frame: bytes, *, meta: bool, whole: bool) -> int:
+def _count(frame: bytes, *, meta: bool) -> int:
     """How many events a damaged record's meta (its actions) or events (their lines: a zstd frame, or plain) give;
-    0: unreadable. Plain events count only when all their bytes are there (`whole`): a part would give too few."""
+    0: unreadable."""
     with contextlib.suppress(orjson.JSONDecodeError, ValueError, TypeError, IndexError, zstandard.ZstdError):
         if frame[:4] == ZSTD_MAGIC:
             with zstandard.ZstdDecompressor().stream_reader(frame) as reader:
                 text = reader.read(_HINT_BYTES + 1)
-        elif whole:  # plain: as large as it is already
+        elif not meta:  # plain: as large as it is already
             text = frame[: _HINT_BYTES + 1]
         else:
             return 0

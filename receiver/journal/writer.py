@@ -66,9 +66,11 @@ class GroupWriter:
         self._next_seq = 1
         self._loop: asyncio.AbstractEventLoop | None = None
         """The loop that started the writer: asyncio.get_running_loop costs a `getpid` system call a request."""
+        self._loop_thread = 0
+        """The thread that loop runs in: a caller in another thread runs another loop."""
 
     def _start_writer(self, conn: sqlite3.Connection) -> None:
-        self._loop = asyncio.get_running_loop()
+        self._loop, self._loop_thread = asyncio.get_running_loop(), threading.get_ident()
         self._writer = threading.Thread(target=self._write_loop, args=(conn,), name="journal-write", daemon=True)
         self._writer.start()
 
@@ -237,7 +239,7 @@ class GroupWriter:
         if self._closed or self._writer is None:
             raise JournalClosed("the journal is closed")
         loop = self._loop
-        if loop is None or not loop.is_running():  # another loop than the one that opened the journal
+        if loop is None or threading.get_ident() != self._loop_thread or not loop.is_running():  # another loop
             loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         self._queue.put(_Job(fn, loop, future, proves_room, bulk))

@@ -147,6 +147,27 @@ class TestJournal:
         finally:
             await again.close()
 
+    async def test_a_loop_in_another_thread_gets_its_answers_on_its_own_loop(self, journal: Journal) -> None:
+        # The loop that opened the journal is running (it waits for the thread) but is not the caller's.
+        async def elsewhere() -> int:
+            return (await journal.append("s", batch("from-another-loop"), time.time())).accepted
+
+        assert await asyncio.to_thread(asyncio.run, elsewhere()) == 1
+        assert [e.raw for e, _ in await journal.read(0, 10)] == batch("from-another-loop").raws
+
+
+def test_a_journal_opened_by_one_loop_serves_the_next(tmp_path: Path) -> None:
+    # One asyncio.run after another, as CLI commands do: the loop that opened the journal is closed.
+    journal = asyncio.run(opened(tmp_path / "j.db"))
+
+    async def use() -> int:
+        try:
+            return (await journal.append("s", batch("k"), time.time())).accepted
+        finally:
+            await journal.close()
+
+    assert asyncio.run(use()) == 1
+
 
 async def test_a_zero_window_turns_dedup_off(tmp_path: Path) -> None:
     j = Journal(tmp_path / "off.db", max_bytes=1 << 20, dedup_window=0)
@@ -215,9 +236,10 @@ class TestDedupState:
     async def test_keys_the_mark_passes_reach_dedup_log_from_memory_or_read_back(
         self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     ) -> None:
-        # Keys held in memory up to HELD_KEYS; past it (a sink behind) the oldest are read back from the records;
-        # records appended before a restart are read back too. Every key reaches dedup_log once either way.
-        monkeypatch.setattr(facade, "HELD_KEYS", 5)
+        # Keys held in memory up to HELD_BYTES (5 keys here); past it (a sink behind) the oldest are read back
+        # from the records; records appended before a restart are read back too. Every key reaches dedup_log once
+        # either way.
+        monkeypatch.setattr(facade, "HELD_BYTES", 5 * (3 + facade.KEY_COST))
         path = tmp_path / "held.db"
         j = await opened(path)
         await j.start_cursors(["out"], 0)
@@ -231,12 +253,12 @@ class TestDedupState:
                 keys = [f"k{n}a", f"k{n}b"]
                 sent += keys
                 await j.append("s", batch(*keys), time.time())
-            assert j._held_keys <= 5 and j._held_from > 3  # the oldest let go: read back
+            assert sum(len(keys) for *_, keys in j._held) <= 5 and j._held_from > 3  # the oldest let go: read back
             for upto in (2, 7, 12, j.last_seq):
                 await j.commit_progress("out", upto, [], ["out"])
             rows = await j._read(lambda c: c.execute("SELECT keys FROM dedup_log ORDER BY rowid").fetchall())
             assert [key for (keys,) in rows for key in orjson.loads(keys)] == sent
-            assert not j._held and j._held_keys == 0
+            assert not j._held and j._held_bytes == 0
         finally:
             await j.close()
         again = await opened(path)
@@ -244,6 +266,19 @@ class TestDedupState:
             assert (await again.append("s", batch(*sent), time.time())).duplicates == len(sent)
         finally:
             await again.close()
+
+    async def test_keys_held_for_a_sink_behind_stay_within_held_bytes_however_long(self, journal: Journal) -> None:
+        # A bound in keys would let a sender's long keySuffixes hold any memory while a sink is down.
+        await journal.start_cursors(["down"], 0)
+        sent = [f"{n:02d}" + "k" * (1024 * 1024 - 2) for n in range(12)]  # 1 MiB each, 12 MiB in all
+        for key in sent:
+            body = b'[{"event":{"action":"a"},"keySuffix":"%s"}]' % key.encode()
+            parsed = parse_body(body, "application/json", time.time())
+            assert (await journal.append("s", parsed, time.time())).accepted == 1
+        assert sum(len(key) for *_, keys in journal._held for key in keys) <= 8 * 1024 * 1024  # HELD_BYTES
+        await journal.commit_progress("down", journal.last_seq, [], ["down"])  # the rest are read back
+        rows = await journal._read(lambda c: c.execute("SELECT keys FROM dedup_log ORDER BY rowid").fetchall())
+        assert [key for (keys,) in rows for key in orjson.loads(keys)] == sent
 
     async def test_keys_survive_a_restart_and_expire_with_the_window(self, tmp_path: Path) -> None:
         path = tmp_path / "keys.db"

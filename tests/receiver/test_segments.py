@@ -7,6 +7,7 @@ import asyncio
 import logging
 import os
 import random
+import re
 import sqlite3
 import struct
 import time
@@ -704,6 +705,32 @@ class TestTheNewestSegmentsEnd:
         finally:
             await journal.close()
 
+    @pytest.mark.parametrize("shorter", [4, 12, 20])
+    async def test_a_meta_length_the_disk_shrank_never_names_too_few_seqs_for_certain(
+        self, tmp_path: Path, shorter: int
+    ) -> None:
+        # The events' bytes would then start inside the meta: counted as plain lines, they would give a number
+        # of seqs that has nothing to do with the record's. They count only when the meta is one whole frame.
+        journal = await opened(tmp_path / "j.db")
+        await journal.append("s", batch("a"), time.time())  # seq 1
+        await journal.append("s", batch(*(f"b{n}" for n in range(10))), time.time())  # seqs 2-11, the last record
+        (segment,) = segment_files(journal)
+        start = journal.segments.segments[0].starts[-1]
+        await journal.close()
+        data = bytearray(segment.read_bytes())
+        (meta_size,) = struct.unpack_from("<I", data, start + 16)
+        struct.pack_into("<I", data, start + 16, meta_size - shorter)
+        segment.write_bytes(bytes(data))
+        again = await opened(tmp_path / "j.db")
+        try:
+            ((_, _, reason),) = await damage_letters(again)
+            certain = re.search(r"\(seqs (\d+)-(\d+)\)", reason)
+            assert certain is None or (int(certain[1]) == 2 and int(certain[2]) >= 11), reason
+            await again.append("s", batch("new"), time.time())
+            assert [e.raw for e, _ in await again.read(1, 100)] == batch("new").raws
+        finally:
+            await again.close()
+
 
 async def seqs(journal: Journal) -> list[int]:
     return [event.seq for event, _ in await journal.read(0, 100)]
@@ -762,6 +789,52 @@ class TestDamageThatLooksLikeATornWrite:
         again = await opened(tmp_path / "j.db")
         try:
             assert len(await damage_letters(again)) == 1 and segment.stat().st_size == end
+        finally:
+            await again.close()
+
+    async def test_a_length_grown_into_a_torn_write_after_it_still_lets_the_torn_write_be_cut(
+        self, tmp_path: Path
+    ) -> None:
+        # b's events' length claims more than b holds, its end inside the torn write after it: b's CRC-32,
+        # checked with that length changed to end at the torn write's magic, says where b ends.
+        journal = await opened(tmp_path / "j.db")
+        for key in ("a", "b"):
+            await journal.append("s", batch(key), time.time())
+        b_start, end = journal.segments.segments[0].starts[1], journal.segments.segments[0].ends[1]
+        await journal.close()
+        (segment,) = segment_files(journal)
+        with segment.open("ab") as file:  # a crash inside the next write: its head and 150 bytes of 200
+            file.write(MAGIC + struct.pack("<IQII", 0, 3, 50, 150) + bytes(range(150)))
+        data = bytearray(segment.read_bytes())
+        struct.pack_into("<I", data, b_start + 20, struct.unpack_from("<I", data, b_start + 20)[0] + 100)
+        segment.write_bytes(bytes(data))
+        again = await opened(tmp_path / "j.db")
+        try:
+            ((_, kept, _),) = await damage_letters(again)
+            assert kept == bytes(data[b_start:end]) and segment.stat().st_size == end
+        finally:
+            await again.close()
+
+    async def test_a_record_damaged_twice_before_a_head_whose_seq_changed_is_damage_not_a_torn_write(
+        self, tmp_path: Path
+    ) -> None:
+        # b's meta length and its events changed (no length makes its CRC-32 check), then c's seq: b looked
+        # like a torn write with nothing after it, and b and c were cut, their seqs given again.
+        segment = await three_requests(tmp_path / "j.db")
+        journal = await opened(tmp_path / "j.db")
+        index = journal.segments.segments[0]
+        b_start, c_start, c_end = index.starts[1], index.starts[2], index.ends[2]
+        b_end = index.ends[1]
+        await journal.close()
+        flip(segment, b_start + 16 + 2)  # b's meta length: larger than the file
+        flip(segment, b_end - 2)  # b's events
+        flip(segment, c_start + 15)  # c's first seq: not one this journal wrote
+        again = await opened(tmp_path / "j.db")
+        try:
+            assert segment.stat().st_size == c_end
+            assert b"".join(data for _, data, _ in await damage_letters(again)) == segment.read_bytes()[b_start:]
+            await again.append("s", batch("new"), time.time())
+            assert await seqs(again) == [1, 4]
         finally:
             await again.close()
 
@@ -904,7 +977,7 @@ class TestPlainRecords:
                 await again.close()
 
 
-@pytest.mark.parametrize("seed", range(40))
+@pytest.mark.parametrize("seed", range(100))
 @pytest.mark.parametrize("records", ["zstd", "plain"])
 async def test_restarts_among_damage_torn_writes_and_appends_keep_every_promise(
     tmp_path: Path, seed: int, records: str, monkeypatch: pytest.MonkeyPatch
@@ -926,19 +999,21 @@ async def test_restarts_among_damage_torn_writes_and_appends_keep_every_promise(
             action = rng.choice(["append", "append", "append", "flip", "torn", "restart", "restart"])
             if action == "append":
                 count += 1
-                await journal.append("s", batch(*[f"e{count}-{i}" for i in range(rng.randrange(1, 4))]), time.time())
+                parsed = batch(*[f"e{count}-{i}" for i in range(rng.randrange(1, 4))])
+                parsed.times[:] = [1_800_000_000.0 + step] * len(parsed.times)  # the same bytes at every run
+                await journal.append("s", parsed, 1_800_000_000.0 + step)
                 newest = journal.segments.segments[-1]
                 spans[newest.firsts[-1]] = (newest.starts[-1], newest.ends[-1])
                 continue
             await journal.close()
             (segment,) = segment_files(journal)
-            if action == "flip" and spans:
+            if action == "flip" and spans and segment.stat().st_size:  # an empty segment has no byte to change
                 flipped.append(rng.randrange(0, segment.stat().st_size))
                 flip(segment, flipped[-1])
                 damaged = True
             elif action == "torn":  # a crash inside the write of the next record
                 first = max([journal.last_seq, *seen]) + 1
-                meta, data = os.urandom(rng.randrange(20, 80)), os.urandom(rng.randrange(20, 200))
+                meta, data = rng.randbytes(rng.randrange(20, 80)), rng.randbytes(rng.randrange(20, 200))
                 record = MAGIC + struct.pack("<IQII", 0, first, len(meta), len(data)) + meta + data
                 with segment.open("ab") as file:
                     file.write(record[: rng.randrange(1, len(record))])
