@@ -140,8 +140,11 @@ class TestReload:
         second = service.engine.runners["second"].sink  # type: ignore[union-attr]
         await wait_for(lambda: len(second.events) == 4)  # type: ignore[attr-defined]
         assert "mem" not in service.engine.runners  # type: ignore[union-attr]
+        # The cursor is committed after the sink has taken the batch: wait for that commit, then read it back.
+        runner = service.engine.runners["second"]  # type: ignore[union-attr]
+        await wait_for(lambda: runner.cursor == service.journal.last_seq)
         cursors = await service.journal.cursors(["mem", "second"])
-        assert cursors["second"] == service.journal.last_seq
+        assert cursors == {"mem": 0, "second": service.journal.last_seq}
 
     async def test_a_new_sink_starts_at_the_journal_end(self, running, client: aiohttp.ClientSession) -> None:
         service, file = await running(merge(BASE_CONFIG, {"sinks": {"mem": {"fail": "retry"}}}))
