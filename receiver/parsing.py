@@ -11,10 +11,11 @@ dead-lettered with its reason and the good ones next to it are kept.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 
@@ -35,6 +36,11 @@ NDJSON_TYPES = frozenset(
 
 DEFAULT_MAX_EVENTS = 100_000
 """Elements one request may hold (`server.max_events_per_request`)."""
+
+MAX_KEY_CHARS = 256
+"""A dedup key (`keySuffix`, else the event's `id`) longer than this is remembered by its SHA-256 instead
+(`sha256:` and 64 hex digits), so that what dedup keeps a key (`dedup_log`, a record's meta, a shared index)
+is bounded whatever a sender puts there. WorkOS's keys are a few dozen characters."""
 
 
 @dataclass(slots=True)
@@ -87,20 +93,24 @@ class _Element(_Head):
     keySuffix: msgspec.Raw = _ABSENT  # noqa: N815 - WorkOS's field name
 
 
+_FastKey = Annotated[str, msgspec.Meta(max_length=MAX_KEY_CHARS)]
+"""A key the fast path takes as it is; a longer one sends the body to the slow path, which digests it."""
+
+
 class _FastHead(msgspec.Struct):
     """`_Head` for the fast path, typed as WorkOS sends it (msgspec parses `occurred_at`, RFC 3339, in C);
     any other type sends the body to the slow path."""
 
     action: str | None = None
     occurred_at: datetime | None = None
-    id: str | None = None
+    id: _FastKey | None = None
 
 
 class _FastElement(msgspec.Struct):
     """A wrapper with an event object (the fast path)."""
 
     event: _FastHead
-    keySuffix: str | None = None  # noqa: N815 - WorkOS's field name
+    keySuffix: _FastKey | None = None  # noqa: N815 - WorkOS's field name
 
 
 _split = msgspec.json.Decoder(list[msgspec.Raw]).decode
@@ -368,7 +378,10 @@ def _sort_one(raw: bytes, received_at: float, parsed: Parsed, where: str, *, che
     parsed.raws.append(raw)
     parsed.actions.append(action or "")
     parsed.times.append(_epoch(_text(head.occurred_at), received_at))
-    parsed.keys.append(key or _text(head.id))
+    key = key or _text(head.id)
+    if key is not None and len(key) > MAX_KEY_CHARS:
+        key = "sha256:" + hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
+    parsed.keys.append(key)
 
 
 def _epoch(value: str | None, fallback: float, _parse: Any = datetime.fromisoformat) -> float:

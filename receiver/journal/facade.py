@@ -87,7 +87,8 @@ PLAIN_BELOW = 32 * 1024 * 1024
 """While the backlog is under this many bytes, a record's events are written plain: a sink that keeps up
 delivers them within seconds and the segment is unlinked, so compressing them would cost CPU for nothing; past
 it (a sink behind or down) they are a zstd frame, a fifth to a tenth of that, so `max_bytes` holds a long
-outage. (The meta is always a frame: see `record_meta`.)"""
+outage. A journal whose `max_bytes` is under four times this compresses past a quarter of its cap. (The meta
+is always a frame: see `record_meta`.)"""
 
 
 def _lock_exclusively(path: Path) -> IO[bytes]:
@@ -525,7 +526,8 @@ class Journal(GroupWriter):
             meta = record_meta(batch.stream, None, at, actions, times, batch.scope, batch.keys)
             route = self.segments.route(batch.stream, None)
             batch.record, batch.seqs = len(records), (first, first + count - 1)
-            records.append((*batch.seqs, route, meta, self._pack(lines) if self.size_bytes >= PLAIN_BELOW else lines))
+            packed = self.size_bytes >= min(PLAIN_BELOW, self.max_bytes // 4)
+            records.append((*batch.seqs, route, meta, self._pack(lines) if packed else lines))
             size = len(lines) - count + 1
             if count > DEFER_MAX_EVENTS:
                 batch.row = Row(batch.stream, None, _events(batch.stream, first, raws, actions, times, at), size)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import hashlib
 import sqlite3
 import sys
 import time
@@ -16,7 +17,7 @@ import pytest
 
 from receiver.errors import JournalClosed, JournalError, JournalFull
 from receiver.journal import INTAKE, Journal, Row, facade, list_dead_letters, replay_dead_letters
-from receiver.parsing import Parsed, Rejected, parse_body
+from receiver.parsing import MAX_KEY_CHARS, Parsed, Rejected, parse_body
 from sinks.base import Event
 from tests.receiver.test_unattended import small_disk
 
@@ -209,6 +210,25 @@ class TestDedupState:
         await journal.commit_progress("a", rows[-1][0].seq, [], ["a"])
         assert journal.size_bytes == 0
 
+    async def test_a_cap_under_plain_below_still_compresses_a_backlog_past_a_quarter_of_it(
+        self, tmp_path: Path
+    ) -> None:
+        # With max_bytes 64 KiB a backlog never reaches PLAIN_BELOW (32 MiB): written plain, it would fill the cap
+        # 5-10x sooner than compressed.
+        j = Journal(tmp_path / "small.db", max_bytes=64 * 1024, dedup_window=3600)
+        await j.open()
+        try:
+            sent = []
+            while j.size_bytes < 32 * 1024:
+                parsed = batch(*(f"k{len(sent) + n}" for n in range(20)))
+                sent += parsed.raws
+                await j.append("s", parsed, time.time())
+            starts = [record.data[:4] for record in j.segments.read(0, len(sent))]
+            assert starts[0][:1] == b"{" and starts[-1] == b"\x28\xb5\x2f\xfd"  # plain, then zstd past 16 KiB
+            assert [e.raw for e, _ in await j.read(0, len(sent))] == sent
+        finally:
+            await j.close()
+
     async def test_rows_are_stored_plain_while_the_backlog_is_small_then_compressed_and_read_back_exactly(
         self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     ) -> None:
@@ -267,18 +287,61 @@ class TestDedupState:
         finally:
             await again.close()
 
-    async def test_keys_held_for_a_sink_behind_stay_within_held_bytes_however_long(self, journal: Journal) -> None:
-        # A bound in keys would let a sender's long keySuffixes hold any memory while a sink is down.
+    async def test_keys_held_for_a_sink_behind_stay_within_held_bytes_however_long(
+        self, journal: Journal, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        # A bound in keys would let a sender's long keySuffixes hold more memory while a sink is down.
+        monkeypatch.setattr(facade, "HELD_BYTES", 64 * 1024)
         await journal.start_cursors(["down"], 0)
-        sent = [f"{n:02d}" + "k" * (1024 * 1024 - 2) for n in range(12)]  # 1 MiB each, 12 MiB in all
+        sent = [f"{n:03d}" + "k" * (MAX_KEY_CHARS - 3) for n in range(400)]  # 100 KiB of the longest keys
         for key in sent:
             body = b'[{"event":{"action":"a"},"keySuffix":"%s"}]' % key.encode()
             parsed = parse_body(body, "application/json", time.time())
             assert (await journal.append("s", parsed, time.time())).accepted == 1
-        assert sum(len(key) for *_, keys in journal._held for key in keys) <= 8 * 1024 * 1024  # HELD_BYTES
+        held = [key for *_, keys in journal._held for key in keys]
+        assert held and sum(len(key) + facade.KEY_COST for key in held) <= 64 * 1024
         await journal.commit_progress("down", journal.last_seq, [], ["down"])  # the rest are read back
         rows = await journal._read(lambda c: c.execute("SELECT keys FROM dedup_log ORDER BY rowid").fetchall())
         assert [key for (keys,) in rows for key in orjson.loads(keys)] == sent
+
+    @pytest.mark.parametrize("form", ["array", "ndjson", "bare"])
+    async def test_a_long_key_is_remembered_by_its_digest_and_still_dedups_across_a_restart(
+        self, tmp_path: Path, form: str
+    ) -> None:
+        # Dedup keeps a key in dedup_log and in its record's meta: a 1 MiB keySuffix (or id) would be kept as
+        # 1 MiB, for the whole window, once in each. The element itself is delivered as sent.
+        long_key = "é" + "k" * (1024 * 1024)
+        if form == "bare":  # a bare event: its id is the key
+            element = b'{"action":"a","id":"%s","n":1e999}' % long_key.encode()
+            expected = b'{"event":' + element + b"}"
+        else:
+            element = expected = b'{"event":{"action":"a","n":1e999},"keySuffix":"%s"}' % long_key.encode()
+        body = element if form != "array" else b"[" + element + b',{"event":{"action":"b"},"keySuffix":"short"}]'
+        content_type = "application/x-ndjson" if form == "ndjson" else "application/json"
+        digest = "sha256:" + hashlib.sha256(long_key.encode()).hexdigest()
+        path = tmp_path / "long.db"
+        j = await opened(path)
+        await j.start_cursors(["out"], 0)
+        try:
+            parsed = parse_body(body, content_type, time.time())
+            assert parsed.keys[0] == digest and parsed.keys[1:] == ["short"][: len(parsed) - 1]
+            assert (await j.append("s", parsed, time.time())).accepted == len(parsed)
+            assert (await j.read(0, 1))[0][0].raw == expected
+            await j.commit_progress("out", j.last_seq, [], ["out"])
+            rows = await j._read(lambda c: c.execute("SELECT keys FROM dedup_log").fetchall())
+            assert [key for (keys,) in rows for key in orjson.loads(keys)][:1] == [digest]
+        finally:
+            await j.close()
+        again = await opened(path)
+        try:
+            assert (await again.append("s", parse_body(body, content_type, time.time()), time.time())).accepted == 0
+        finally:
+            await again.close()
+
+    def test_a_key_of_max_key_chars_is_kept_as_it_is(self) -> None:
+        key = "k" * MAX_KEY_CHARS
+        body = b'[{"event":{"action":"a"},"keySuffix":"%s"}]' % key.encode()
+        assert parse_body(body, "application/json", 0.0).keys == [key]
 
     async def test_keys_survive_a_restart_and_expire_with_the_window(self, tmp_path: Path) -> None:
         path = tmp_path / "keys.db"
