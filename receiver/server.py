@@ -267,6 +267,7 @@ class Service:
             max_bytes=config.journal.max_bytes,
             dedup_window=config.journal.dedup_window,
             dedup_max_keys=config.journal.dedup_max_keys,
+            largest_body=config.server.max_body_bytes,
         )
         if config.journal.dedup_store.type == "redis":
             from receiver.dedup_store import RedisDedupStore

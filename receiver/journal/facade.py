@@ -72,7 +72,8 @@ DEFER_MAX_EVENTS = 2048
 loop when a sink first asks would hold it for 30–60 ms; 2,048 take ≈ 1 ms."""
 
 PROBE_ROOM = 256 * 1024
-"""Bytes a readiness probe writes after the disk was full: more than most requests store (compressed)."""
+"""Bytes a readiness probe writes to SQLite after the disk was full (a request's dead letters go there), and
+what it reserves in the segments' directory besides the largest body (`Journal.room`: a record's meta)."""
 
 HELD_BYTES = 8 * 1024 * 1024
 """Most memory the dedup keys of appended records take while held until the mark passes them (their bytes and
@@ -244,11 +245,21 @@ class Journal(GroupWriter):
     """The journal of one process. Writes go through one thread (group commit); reads through another."""
 
     def __init__(
-        self, path: Path, *, max_bytes: int, dedup_window: float, dedup_max_keys: int = DEFAULT_DEDUP_MAX_KEYS
+        self,
+        path: Path,
+        *,
+        max_bytes: int,
+        dedup_window: float,
+        dedup_max_keys: int = DEFAULT_DEDUP_MAX_KEYS,
+        largest_body: int = 0,
     ) -> None:
         super().__init__()
         self.path = path
         self.max_bytes = max_bytes
+        self.room = largest_body + PROBE_ROOM
+        """What a readiness probe after a full disk reserves in the segments' directory: the largest request's
+        record (its events take at most its body, `server.max_body_bytes`), so that readiness returns only
+        when such a request fits again, not just the probe."""
         self.dedup = DedupIndex(dedup_window, dedup_max_keys)
         self._pending: dict[str, set[int]] = {}
         """Fingerprints taken by the jobs of the commit group being written (writer thread only)."""
@@ -630,11 +641,14 @@ class Journal(GroupWriter):
         return found
 
     async def probe(self) -> bool:
-        """Whether a write commits now (readiness). After the disk was full, the probe writes PROBE_ROOM
-        bytes, so readiness returns only when there is room for requests again, not just for a probe."""
+        """Whether a write commits now (readiness). After the disk was full, the probe also reserves `room`
+        bytes beside the segments (and writes PROBE_ROOM to SQLite), so readiness returns only when there is
+        room for the largest request again, not just for a probe."""
         room = b"\0" * PROBE_ROOM if self.disk_full else b""
 
         def write(conn: sqlite3.Connection) -> None:
+            if room:
+                self.segments.reserve(self.room)
             conn.execute("INSERT OR REPLACE INTO meta VALUES ('probe', ?)", (room or time.time(),))
 
         try:

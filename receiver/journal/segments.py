@@ -23,6 +23,7 @@ event loop) see a record once it is durable.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import re
@@ -356,6 +357,21 @@ class SegmentLog:
                 segment._add(first, last, end, end + size, route)
                 end += size
         return sizes
+
+    def reserve(self, size: int) -> None:
+        """Whether the disk holds `size` more bytes beside the segments: they are allocated in a file of
+        their own (`posix_fallocate`, no bytes written), then freed. OSError (ENOSPC) when it does not."""
+        path = self.directory / ".room"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.posix_fallocate(fd, 0, size)
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            # A filesystem that cannot allocate ahead: the probe proves what its own write does.
+        finally:
+            os.close(fd)
+            path.unlink(missing_ok=True)
 
     def passed(self, mark: int) -> list[Segment]:
         """The segments, the newest aside, whose every event is at or before `mark`."""

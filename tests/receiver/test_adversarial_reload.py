@@ -346,7 +346,11 @@ class TestReadinessOnAFullDisk:
 
         with small_disk(tmp_path / "disk", "8m") as disk:
             service = await start_service(
-                {"journal": {"path": str(disk / "journal.db")}, "sinks": {"mem": {"fail": "retry"}}}
+                {
+                    "server": {"max_body_bytes": "1MiB"},  # readiness needs room for one: 1 MiB of the disk's 8
+                    "journal": {"path": str(disk / "journal.db")},
+                    "sinks": {"mem": {"fail": "retry"}},
+                }
             )
             async with aiohttp.ClientSession() as session:
                 (disk / "filler").write_bytes(os.urandom(1024) * (1024 * 7))

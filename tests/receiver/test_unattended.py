@@ -446,8 +446,12 @@ class TestReadinessWhileTheDiskIsFull:
     ) -> None:
         with small_disk(tmp_path / "disk", "8m") as disk:
             filler = disk / "filler"
-            service = await start_service(
-                {"journal": {"path": str(disk / "journal.db")}, "sinks": {"mem": {"fail": "retry"}}}
+            service = await start_service(  # readiness needs room for a largest request: 1 MiB of the disk's 8
+                {
+                    "server": {"max_body_bytes": "1MiB"},
+                    "journal": {"path": str(disk / "journal.db")},
+                    "sinks": {"mem": {"fail": "retry"}},
+                }
             )
             async with aiohttp.ClientSession() as session:
                 assert (await session.get(service.url + "/readyz")).status == 200
@@ -477,6 +481,47 @@ class TestReadinessWhileTheDiskIsFull:
                 data, headers = body(5)
                 async with session.post(service.url + "/workos", data=data, headers=headers) as response:
                     assert response.status == 200
+            await service.stop()
+
+    async def test_ready_again_only_once_the_largest_request_fits(
+        self, start_service: StartService, tmp_path: Path
+    ) -> None:
+        """After a full disk, a little room freed (enough for the probe's own write, not for a request of
+        max_body_bytes) keeps the service not ready: ready, it would take a large request only to refuse it."""
+        with small_disk(tmp_path / "disk", "8m") as disk:
+            filler = disk / "filler"
+            service = await start_service(
+                {
+                    "server": {"max_body_bytes": "1MiB"},
+                    "journal": {"path": str(disk / "journal.db")},
+                    "sinks": {"mem": {"fail": "retry"}},
+                }
+            )
+            async with aiohttp.ClientSession() as session:
+                filler.write_bytes(os.urandom(1024) * (1024 * 7))
+                for _ in range(2000):
+                    data, headers = body(50)
+                    async with session.post(service.url + "/workos", data=data, headers=headers) as response:
+                        if response.status == 503:
+                            break
+                assert response.status == 503 and service.journal.disk_full
+                os.truncate(filler, filler.stat().st_size - 600 * 1024)  # 600 KiB: under the 1 MiB a request may take
+                await asyncio.sleep(1.1)  # the next probe may write
+                probes = []
+                for _ in range(3):
+                    async with session.get(service.url + "/readyz") as response:
+                        probes.append((response.status, (await response.json()).get("problems")))
+                    await asyncio.sleep(1.05)
+                assert probes == [(503, ["the journal's disk is full"])] * 3, probes
+                room = os.statvfs(disk)
+                assert room.f_bavail * room.f_frsize >= 600 * 1024  # the room was there: the probe saw too little
+                filler.unlink()
+                for _ in range(30):
+                    await asyncio.sleep(0.2)
+                    async with session.get(service.url + "/readyz") as response:
+                        if response.status == 200:
+                            break
+                assert response.status == 200, await response.text()
             await service.stop()
 
 
