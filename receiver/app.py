@@ -505,9 +505,9 @@ def build_app(config: Config, journal: Journal, metrics: Metrics, state: State) 
             problems.append(f"journal over its cap ({journal.size_bytes} of {journal.max_bytes} bytes)")
         if not problems:
             now = time.monotonic()
-            if now - state._ready_at > 1.0:  # one probe write a second at most
-                state._ready = await journal.probe()
+            if now - state._ready_at > 1.0:  # one probe write a second at most, however many ask at once
                 state._ready_at = now
+                state._ready = await journal.probe()
             if journal.disk_full:  # a write failed for lack of space: not ready until one commits again
                 problems.append("the journal's disk is full")
             elif not state._ready:

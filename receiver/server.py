@@ -434,6 +434,7 @@ class Service:
         if self.tls is not None and fresh_tls is not None:
             self.tls.current = fresh_tls
         self.journal.max_bytes = config.journal.max_bytes
+        self.journal.largest_body = config.server.max_body_bytes
         # Delivery first: a sink the new streams feed must exist (at the journal's end) before they are served.
         if self.engine is not None:
             await self.engine.reconfigure(config, built)

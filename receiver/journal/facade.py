@@ -256,10 +256,8 @@ class Journal(GroupWriter):
         super().__init__()
         self.path = path
         self.max_bytes = max_bytes
-        self.room = largest_body + PROBE_ROOM
-        """What a readiness probe after a full disk reserves in the segments' directory: the largest request's
-        record (its events take at most its body, `server.max_body_bytes`), so that readiness returns only
-        when such a request fits again, not just the probe."""
+        self.largest_body = largest_body
+        """`server.max_body_bytes` (a reload sets it): what `room` is reckoned from."""
         self.dedup = DedupIndex(dedup_window, dedup_max_keys)
         self._pending: dict[str, set[int]] = {}
         """Fingerprints taken by the jobs of the commit group being written (writer thread only)."""
@@ -435,6 +433,13 @@ class Journal(GroupWriter):
         return await asyncio.get_running_loop().run_in_executor(self._reader, fn, conn)
 
     # --- intake ------------------------------------------------------------------------------------
+
+    @property
+    def room(self) -> int:
+        """What a readiness probe after a full disk reserves beside the segments: the largest request's record
+        (its events take at most its body, their meta at most as much again: keys are at most
+        MAX_KEY_CHARS), so that readiness returns only when such a request fits again, not just the probe."""
+        return 2 * self.largest_body + PROBE_ROOM
 
     @property
     def over_cap(self) -> bool:

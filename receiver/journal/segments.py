@@ -152,6 +152,10 @@ def _codecs() -> _Codecs:
     return _CODECS
 
 
+ROOM_FILE = ".room"
+"""The file a readiness probe allocates beside the segments, then removes (`SegmentLog.reserve`)."""
+
+
 class Segment:
     """One segment file and the index of its durable records."""
 
@@ -213,6 +217,8 @@ class SegmentLog:
         numbered after `floor` and every record when there is none). Returns every record's meta (data empty)
         for the caller to rebuild what it keeps in memory (dedup keys)."""
         self.directory.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError, IsADirectoryError, PermissionError):
+            (self.directory / ROOM_FILE).unlink()  # a probe's reservation a crash left allocated
         names = sorted(
             (int(match.group(1)), entry.name)
             for entry in os.scandir(self.directory)
@@ -361,10 +367,13 @@ class SegmentLog:
     def reserve(self, size: int) -> None:
         """Whether the disk holds `size` more bytes beside the segments: they are allocated in a file of
         their own (`posix_fallocate`, no bytes written), then freed. OSError (ENOSPC) when it does not."""
-        path = self.directory / ".room"
+        allocate = getattr(os, "posix_fallocate", None)
+        if allocate is None:  # macOS: the probe proves what its own write does
+            return
+        path = self.directory / ROOM_FILE
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
-            os.posix_fallocate(fd, 0, size)
+            allocate(fd, 0, size)
         except OSError as exc:
             if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
                 raise

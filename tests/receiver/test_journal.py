@@ -338,6 +338,25 @@ class TestDedupState:
         finally:
             await again.close()
 
+    @pytest.mark.parametrize("content_type", ["application/json", "application/x-ndjson"])
+    async def test_a_key_sent_as_the_digest_of_another_is_no_duplicate_of_it(
+        self, tmp_path: Path, content_type: str
+    ) -> None:
+        # A keySuffix that is the text a long key is remembered by must not make that key's event a
+        # duplicate (or the other way round): a key sent starting "sha256:" is digested too.
+        long_key = "k" * 300
+        digest = "sha256:" + hashlib.sha256(long_key.encode()).hexdigest()
+        j = await opened(tmp_path / "digest.db")
+        try:
+            for key in (long_key, digest):
+                body = b'[{"event":{"action":"a"},"keySuffix":"%s"}]' % key.encode()
+                body = body if content_type == "application/json" else body[1:-1]
+                assert (await j.append("s", parse_body(body, content_type, time.time()), time.time())).accepted == 1
+            digested = parse_body(b'{"event":{"action":"a"},"keySuffix":"%s"}' % digest.encode(), content_type, 0.0)
+            assert digested.keys == ["sha256:" + hashlib.sha256(digest.encode()).hexdigest()]
+        finally:
+            await j.close()
+
     def test_a_key_of_max_key_chars_is_kept_as_it_is(self) -> None:
         key = "k" * MAX_KEY_CHARS
         body = b'[{"event":{"action":"a"},"keySuffix":"%s"}]' % key.encode()

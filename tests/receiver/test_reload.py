@@ -146,6 +146,15 @@ class TestReload:
         cursors = await service.journal.cursors(["mem", "second"])
         assert cursors == {"mem": 0, "second": service.journal.last_seq}
 
+    async def test_a_reload_moves_the_room_readiness_waits_for_after_a_full_disk(self, running) -> None:
+        from receiver.journal import PROBE_ROOM
+
+        service, file = await running(merge(BASE_CONFIG, {"server": {"max_body_bytes": "1MiB"}}))
+        assert service.journal.room == 2 * 1024 * 1024 + PROBE_ROOM
+        file.write(merge(file.tree, {"server": {"max_body_bytes": "8MiB"}}))
+        assert await service.reload()
+        assert service.journal.room == 16 * 1024 * 1024 + PROBE_ROOM  # the largest request's record, as now
+
     async def test_a_new_sink_starts_at_the_journal_end(self, running, client: aiohttp.ClientSession) -> None:
         service, file = await running(merge(BASE_CONFIG, {"sinks": {"mem": {"fail": "retry"}}}))
         assert (await post(client, service.url + "/workos", 5))[0] == 200

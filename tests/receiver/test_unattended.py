@@ -525,6 +525,58 @@ class TestReadinessWhileTheDiskIsFull:
             await service.stop()
 
 
+class TestReadinessProbe:
+    async def test_concurrent_readiness_checks_make_one_probe_a_second(self, start_service: StartService) -> None:
+        # After a full disk each probe allocates room for the largest request: forty /readyz at once must not
+        # make forty of them.
+        service = await start_service()
+        reserved: list[int] = []
+        reserve = service.journal.segments.reserve
+        service.journal.segments.reserve = lambda size: (reserved.append(size), reserve(size))[1]  # type: ignore[method-assign]
+        await asyncio.sleep(1.1)  # past the probe start-up made
+        service.journal.disk_full = True
+        async with aiohttp.ClientSession() as session:
+
+            async def ready() -> int:
+                async with session.get(service.url + "/readyz") as response:
+                    return response.status
+
+            statuses = await asyncio.gather(*(ready() for _ in range(40)))
+        assert set(statuses) <= {200, 503}
+        assert reserved == [service.journal.room]
+
+    async def test_a_probe_where_the_os_cannot_allocate_ahead_still_answers(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        from receiver.journal import Journal
+
+        journal = Journal(tmp_path / "journal.db", max_bytes=1 << 30, dedup_window=3600, largest_body=1 << 20)
+        await journal.open()
+        try:
+            monkeypatch.delattr(os, "posix_fallocate")  # macOS has none
+            journal.disk_full = True
+            assert await journal.probe()
+            assert not journal.disk_full
+        finally:
+            await journal.close()
+
+    async def test_a_reservation_a_crash_left_is_freed_at_open(self, tmp_path: Path) -> None:
+        from receiver.journal import Journal
+
+        journal = Journal(tmp_path / "journal.db", max_bytes=1 << 30, dedup_window=3600)
+        await journal.open()
+        room = journal.segments.directory / ".room"
+        await journal.close()
+        with room.open("wb") as file:
+            os.posix_fallocate(file.fileno(), 0, 1 << 20)
+        again = Journal(tmp_path / "journal.db", max_bytes=1 << 30, dedup_window=3600)
+        await again.open()
+        try:
+            assert not room.exists()
+        finally:
+            await again.close()
+
+
 class TestJournalOnlyCommands:
     def test_dlq_list_needs_no_sink_credentials(self, tmp_path: Path) -> None:
         config = write_config(tmp_path, free_port())
