@@ -649,16 +649,16 @@ class Journal(GroupWriter):
         """Whether a write commits now (readiness). After the disk was full, the probe also reserves `room`
         bytes beside the segments (and writes PROBE_ROOM to SQLite), so readiness returns only when there is
         room for the largest request again, not just for a probe."""
-        room = b"\0" * PROBE_ROOM if self.disk_full else b""
+        filler = b"\0" * PROBE_ROOM if self.disk_full else b""
 
         def write(conn: sqlite3.Connection) -> None:
-            if room:
+            if filler:
                 self.segments.reserve(self.room)
-            conn.execute("INSERT OR REPLACE INTO meta VALUES ('probe', ?)", (room or time.time(),))
+            conn.execute("INSERT OR REPLACE INTO meta VALUES ('probe', ?)", (filler or time.time(),))
 
         try:
-            await self._write(write, proves_room=bool(room))
-            if room:
+            await self._write(write, proves_room=bool(filler))
+            if filler:
                 await self._write(lambda conn: conn.execute("DELETE FROM meta WHERE key = 'probe'"))
         except JournalError:
             return False

@@ -365,7 +365,7 @@ class SegmentLog:
         return sizes
 
     def reserve(self, size: int) -> None:
-        """Whether the disk holds `size` more bytes beside the segments: they are allocated in a file of
+        """Check that the disk holds `size` more bytes beside the segments: they are allocated in a file of
         their own (`posix_fallocate`, no bytes written), then freed. OSError (ENOSPC) when it does not."""
         allocate = getattr(os, "posix_fallocate", None)
         if allocate is None:  # macOS: the probe proves what its own write does

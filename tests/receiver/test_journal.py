@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import gc
 import hashlib
+import os
 import sqlite3
 import sys
 import time
@@ -178,6 +179,28 @@ async def test_a_zero_window_turns_dedup_off(tmp_path: Path) -> None:
         assert (await j.append("s", batch("a"), time.time())).accepted == 1
     finally:
         await j.close()
+
+
+class TestReadinessProbe:
+    async def test_a_probe_where_the_os_cannot_allocate_ahead_still_answers(
+        self, journal: Journal, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.delattr(os, "posix_fallocate")  # macOS has none
+        journal.disk_full = True
+        assert await journal.probe()
+        assert not journal.disk_full
+
+    async def test_a_reservation_a_crash_left_is_freed_at_open(self, tmp_path: Path) -> None:
+        journal = await opened(tmp_path / "journal.db")
+        room = journal.segments.directory / ".room"
+        await journal.close()
+        with room.open("wb") as file:
+            os.posix_fallocate(file.fileno(), 0, 1 << 20)
+        again = await opened(tmp_path / "journal.db")
+        try:
+            assert not room.exists()
+        finally:
+            await again.close()
 
 
 class TestDedupState:

@@ -545,37 +545,6 @@ class TestReadinessProbe:
         assert set(statuses) <= {200, 503}
         assert reserved == [service.journal.room]
 
-    async def test_a_probe_where_the_os_cannot_allocate_ahead_still_answers(
-        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-    ) -> None:
-        from receiver.journal import Journal
-
-        journal = Journal(tmp_path / "journal.db", max_bytes=1 << 30, dedup_window=3600, largest_body=1 << 20)
-        await journal.open()
-        try:
-            monkeypatch.delattr(os, "posix_fallocate")  # macOS has none
-            journal.disk_full = True
-            assert await journal.probe()
-            assert not journal.disk_full
-        finally:
-            await journal.close()
-
-    async def test_a_reservation_a_crash_left_is_freed_at_open(self, tmp_path: Path) -> None:
-        from receiver.journal import Journal
-
-        journal = Journal(tmp_path / "journal.db", max_bytes=1 << 30, dedup_window=3600)
-        await journal.open()
-        room = journal.segments.directory / ".room"
-        await journal.close()
-        with room.open("wb") as file:
-            os.posix_fallocate(file.fileno(), 0, 1 << 20)
-        again = Journal(tmp_path / "journal.db", max_bytes=1 << 30, dedup_window=3600)
-        await again.open()
-        try:
-            assert not room.exists()
-        finally:
-            await again.close()
-
 
 class TestJournalOnlyCommands:
     def test_dlq_list_needs_no_sink_credentials(self, tmp_path: Path) -> None:
