@@ -119,26 +119,46 @@ class GroupWriter:
             jobs.append(more)  # type: ignore[arg-type]
 
     def _run_group(self, conn: sqlite3.Connection, jobs: list[_Job]) -> None:
+        """The group's batches first: their SQLite part (a request's dead letters) in one transaction, their
+        events appended with one write and one fdatasync, and their requests answered; then, in a second
+        transaction, the writes no request waits on (a sink's cursor, which moves the mark and copies dedup
+        keys: ≈ 1.5 ms of CPU and a WAL fsync, that requests queued with it waited for before)."""
         outcomes: list[tuple[_Job, Any, BaseException | None]] = []
-        stores = [job for job in jobs if job.fn is not None]
-        refused: set[int] = set()
-        """Batches whose SQLite part failed: their events are not appended."""
+        batches = [job for job in jobs if job.bulk is not None]
+        stores = [job for job in batches if job.fn is not None]
+        later = [job for job in jobs if job.bulk is None]
+        loop = jobs[0].loop
         added = False
         try:
-            if stores:
-                refused = self._run_transaction(conn, stores, outcomes)
-            appends = [job for job in jobs if job.bulk is not None and id(job) not in refused]
-            added = bool(appends) and self._append_batches(appends, outcomes)
-        except Exception:  # a bug or an unforeseen error: answer the group, and keep the writer alive
-            log.exception("journal group failed")
-            settled = {id(job) for job, _, _ in outcomes}
-            failure = JournalError("journal write failed: internal error")
-            outcomes.extend((job, None, failure) for job in jobs if id(job) not in settled)
+            try:
+                refused = self._run_transaction(conn, stores, outcomes) if stores else set()
+                """Batches whose SQLite part failed: their events are not appended."""
+                appends = [job for job in batches if id(job) not in refused]
+                added = bool(appends) and self._append_batches(appends, outcomes)
+            except Exception:  # a bug or an unforeseen error: answer the group, and keep the writer alive
+                added = self._failed(batches, outcomes)
+            published, self._published = self._published, []
+            if batches:  # one wake-up of the event loop for the group's requests, not one per request
+                loop.call_soon_threadsafe(self._settle_group, outcomes, added, published)
+            if later:
+                outcomes = []
+                try:
+                    self._run_transaction(conn, later, outcomes)
+                except Exception:
+                    self._failed(later, outcomes)
+                loop.call_soon_threadsafe(self._settle_group, outcomes, False, [])
         finally:
             self._group_ended()
-            published, self._published = self._published, []
-        # One wake-up of the event loop for the whole group, not one per request.
-        jobs[0].loop.call_soon_threadsafe(self._settle_group, outcomes, added, published)
+
+    @staticmethod
+    def _failed(jobs: list[_Job], outcomes: list[tuple[_Job, Any, BaseException | None]]) -> bool:
+        """Answer the jobs not settled yet with an internal error (logged), after a bug or an unforeseen
+        error, so that the writer stays alive."""
+        log.exception("journal group failed")
+        settled = {id(job) for job, _, _ in outcomes}
+        failure = JournalError("journal write failed: internal error")
+        outcomes.extend((job, None, failure) for job in jobs if id(job) not in settled)
+        return False
 
     def _run_transaction(
         self, conn: sqlite3.Connection, jobs: list[_Job], outcomes: list[tuple[_Job, Any, BaseException | None]]
