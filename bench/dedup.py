@@ -34,11 +34,14 @@ from pathlib import Path
 import orjson
 
 from bench.intake import SERVER_CPUS, _get, free_port, pinned, receiver_config, rss_bytes, stop_process
-from receiver.dedup import STEP_KEYS, STEP_PER_KEY
+from receiver.dedup import PART_KEYS, STEP_KEYS, STEP_PER_KEY
 
 KEYS = 1_000_000
 KEYS_PER_ROW = 100
 LARGE_REQUEST = 1000
+BURST_KEYS = 2_000_000
+"""Keys of the burst into one generation: the index's default bound (receiver.dedup.DEFAULT_MAX_KEYS)."""
+BURST_REQUEST = 10
 """Keys per request of the second dedup-pause run (WorkOS batches up to a few hundred events a request)."""
 WINDOW = 24 * 3600.0
 REPEATS = 3
@@ -130,6 +133,26 @@ def child_pauses(keys: int, per_request: int) -> dict[str, float]:
         "total": sum(pauses),
         "requests": len(pauses),
     }
+
+
+def child_burst(keys: int, per_request: int) -> dict[str, float]:
+    """In this (fresh) process: `keys` keys into one generation (a burst within 2 h), `per_request` a request,
+    each request's dedup work timed: the newest generation's dicts grow by copying their tables, which holds
+    the GIL (receiver.dedup.PART_KEYS bounds it)."""
+    from receiver.dedup import DedupIndex
+
+    index = DedupIndex(WINDOW, 10 * keys)
+    at = time.time()
+    pauses: list[float] = []
+    for _ in range(keys // per_request):
+        batch = _keys(per_request)
+        started = time.perf_counter()
+        taken: list[int] = []
+        index.fresh(STREAM, batch, at, set(), taken)
+        index.add_prints(STREAM, taken, at)
+        pauses.append(time.perf_counter() - started)
+    pauses.sort()
+    return {"max": pauses[-1], "p999": pauses[int(len(pauses) * 0.999)], "p50": pauses[len(pauses) // 2]}
 
 
 def child_collect(keys: int) -> dict[str, float]:
@@ -261,6 +284,7 @@ class Result:
     pauses: list[dict[str, float]] = field(default_factory=list)
     large_pauses: list[dict[str, float]] = field(default_factory=list)
     collects: list[dict[str, float]] = field(default_factory=list)
+    bursts: list[dict[str, float]] = field(default_factory=list)
     serves_full: list[Serve] = field(default_factory=list)
     serves_empty: list[Serve] = field(default_factory=list)
     build_seconds: float = 0.0
@@ -276,6 +300,7 @@ def measure() -> Result:
         result.pauses.append(_child("pauses", str(KEYS), str(KEYS_PER_ROW)))
         result.large_pauses.append(_child("pauses", str(KEYS), str(LARGE_REQUEST)))
         result.collects.append(_child("collect", str(KEYS)))
+        result.bursts.append(_child("burst", str(BURST_KEYS), str(BURST_REQUEST)))
     workdir = Path(tempfile.mkdtemp(prefix="log-bridge-bench-dedup-"))
     try:
         full, empty = workdir / "full" / "journal.db", workdir / "empty" / "journal.db"
@@ -351,6 +376,12 @@ def render(result: Result) -> str:
         f"process, every process: {_runs([c['seconds'] * 1e3 for c in result.collects], '{:.1f}')} ms. The newest "
         f"generation is a dict of ints, which CPython's collector does not track; the sealed ones are arrays.",
         "",
+        f"A burst of {BURST_KEYS:,} keys into one generation, {BURST_REQUEST} per request (`fresh` then "
+        f"`add_prints`), every run: longest request {_runs([b['max'] * 1e3 for b in result.bursts], '{:.1f}')} ms; "
+        f"99.9th percentile {_runs([b['p999'] * 1e6 for b in result.bursts], '{:.0f}')} µs; median "
+        f"{_runs([b['p50'] * 1e6 for b in result.bursts], '{:.1f}')} µs. The newest generation is held in dicts "
+        f"of at most {PART_KEYS:,} keys: a dict grows by copying its table, holding the GIL.",
+        "",
         f"Restart: a journal with {KEYS:,} keys in {KEYS // KEYS_PER_ROW:,} `dedup_log` rows "
         f"({result.journal_mib:.0f} MiB, built in {result.build_seconds:.1f} s), no backlog. `Journal.open` is "
         f"timed inside a fresh process (after imports); `serve` is wall time from spawning `log-bridge serve` until "
@@ -384,6 +415,8 @@ if __name__ == "__main__":
             print(json.dumps(child_pauses(int(rest[0]), int(rest[1]))))
         elif kind == "collect":
             print(json.dumps(child_collect(int(rest[0]))))
+        elif kind == "burst":
+            print(json.dumps(child_burst(int(rest[0]), int(rest[1]))))
         elif kind == "open":
             print(json.dumps(child_open(rest[0])))
         else:

@@ -4,11 +4,12 @@ Keys are remembered as 60-bit fingerprints (the low 60 bits of `hash(key)`, neve
 `window / GENERATIONS` seconds, so a whole generation expires at once. Per stream, the newest generation is a
 dict of fingerprints used as a set (it takes the inserts: one C-level update per request; CPython's garbage
 collector does not track a dict of ints, where it visits every entry of a set: a full collection, which holds
-the GIL and comes every few seconds under load, took ≈ 68 ms per million keys of a set). When a newer one
-starts it is sealed: each key
-goes, as the 8-byte entry `fingerprint << 4 | slot`, into a sorted `array('Q')` bucket chosen by the
-fingerprint's top bits (128–256 entries a bucket); the slot (generation number mod 16) names its generation, and
-the window never holds more than 13, so slots never collide. A byte per cell of fingerprints (4–8 cells a sealed
+the GIL and comes every few seconds under load, took ≈ 68 ms per million keys of a set), in parts of at most
+PART_KEYS keys (a dict grows by copying its whole table, which held the GIL 65 ms at 2 M keys). When a newer
+one starts it is sealed, part by part: each key goes, as the 8-byte entry `fingerprint << 4 | slot`, into a
+sorted `array('Q')` bucket chosen by the fingerprint's top bits (128–256 entries a bucket); the slot
+(generation number mod 16) names its generation, and the window never holds more than 13, so slots never
+collide. A byte per cell of fingerprints (4–8 cells a sealed
 key) says whether a sealed entry falls there, so most fresh keys cost a byte read and no bisect. Expiry and
 eviction free a generation's slot at once (its entries are dead to lookups from then on) and a sweep rebuilds
 the buckets without them, one bucket at a time (no second copy of the index, no Python int per sealed key alive
@@ -62,6 +63,17 @@ BUCKET_KEYS = 256
 CELL_BITS = 10
 """Each bucket's fingerprints fall in 2^CELL_BITS cells of the lookup filter (4–8 per key)."""
 
+PART_KEYS = (1 << 20) * 2 // 3
+"""Keys of the newest generation one dict holds: past it a new dict takes the inserts. A dict's table is copied
+whole when it grows (≈ 32 ns a key on a 2-core VM, holding the GIL: 62–70 ms at 2 M keys, a pause of the whole
+service); a part fills a table of 2^20 slots (two thirds of them usable), whose growth copied 349,525 keys
+(≈ 15 ms), and never grows again. Each full part costs a lookup one more probe a key (≈ 0.1 µs: a cache miss),
+so parts are large: a stream fills one only past 97 events a second for a whole generation (2 h of a 24 h
+window). Over a burst of 2 M keys into one generation (bench.dedup), the longest request and the mean, 10 keys
+a request: one dict 65 ms, 7.1 µs; parts of 2^18 keys 7.5 ms, 12.4 µs; 2^19 14.6 ms, 9.2 µs; 2^20 29.6 ms,
+8.2 µs (100 keys: 49, 96, 72, 57 µs). Parts that fill their tables hold 1 M keys in the RSS one dict takes
+(70 MiB); parts of 2^19 took 90."""
+
 STEP_KEYS = 1024
 """Keys a step of sealing moves into the buckets (about a millisecond of the writer thread), besides
 STEP_PER_KEY for each key of the request that takes the step."""
@@ -108,8 +120,8 @@ class _Stream:
         "buckets",
         "cells",
         "counts",
-        "current",
         "dirty",
+        "newest",
         "number",
         "recell",
         "sealing",
@@ -121,8 +133,9 @@ class _Stream:
 
     def __init__(self) -> None:
         self.number = _FREE
-        """The newest generation's number: `current` holds its keys."""
-        self.current: _Prints = {}
+        """The newest generation's number: `newest` holds its keys."""
+        self.newest: list[_Prints] = [{}]
+        """The newest generation's keys, in parts of PART_KEYS: the last takes the inserts."""
         self.sealing: list[_Sealing] = []
         """Generations still to move into the buckets, oldest first."""
         self.slots = [_FREE] * (_SLOT + 1)
@@ -149,9 +162,30 @@ class _Stream:
         held = {n: self.counts[slot] for slot, n in enumerate(self.slots) if n != _FREE}
         for queued in self.sealing:
             held[queued.number] = held.get(queued.number, 0) + queued.left
-        if self.current:
-            held[self.number] = len(self.current)
+        newest = self.newest_keys()
+        if newest:
+            held[self.number] = newest
         return list(held.items())
+
+    def newest_keys(self) -> int:
+        """Keys of the newest generation."""
+        return sum(map(len, self.newest))
+
+    def take(self, prints: Collection[int], looked_up: bool) -> int:
+        """Add fingerprints to the newest generation; how many were new to it. `looked_up`: `fresh` found none
+        of them in the index."""
+        current = self.newest[-1]
+        if current and len(current) + len(prints) > PART_KEYS:  # they would make its table grow: a new part
+            current = {}
+            self.newest.append(current)
+        if len(self.newest) > 1 and not looked_up:  # a key a full part holds stays there (a bulk load may repeat keys)
+            prints = set(prints)
+            for part in self.newest[:-1]:
+                if not part.keys().isdisjoint(prints):
+                    prints -= part.keys() & prints
+        before = len(current)
+        current.update(zip(prints, repeat(None)))
+        return len(current) - before
 
     @property
     def busy(self) -> bool:
@@ -178,11 +212,19 @@ class _Stream:
                 i += 1
         return found
 
-    def seal(self, number: int, prints: _Prints) -> int:
+    def seal_newest(self) -> int:
+        """Hand the newest generation, part by part, to `step`; returns how many keys it held."""
+        parts, self.newest = self.newest, [{}]
+        return sum(self.seal(self.number, part, whole=True) for part in parts)
+
+    def seal(self, number: int, prints: _Prints, whole: bool = False) -> int:
         """Take `prints` (the set itself, not a copy) as generation `number`, to be moved into the buckets by
-        `step`; returns how many were new to it."""
+        `step`; returns how many were new to it. `whole`: a part of the newest generation, none of whose
+        keys an earlier part holds."""
         slot = number & _SLOT
-        if self.slots[slot] == number:  # late keys of a generation sealed or being sealed: skip those it has
+        if (
+            self.slots[slot] == number and not whole
+        ):  # late keys of a generation sealed or being sealed: skip those it has
             prints = {p: None for p in prints if not self._has(p << _SLOT_BITS | slot)}
             for queued in self.sealing:
                 if queued.number == number:
@@ -242,7 +284,7 @@ class _Stream:
         lookups at once and purged by later steps."""
         dropped = 0
         if self.number in numbers:
-            dropped, self.current = len(self.current), {}
+            dropped, self.newest = self.newest_keys(), [{}]
         dropped += sum(queued.left for queued in self.sealing if queued.number in numbers)
         self.sealing = [queued for queued in self.sealing if queued.number not in numbers]
         freed = [slot for slot, n in enumerate(self.slots) if n in numbers]
@@ -341,9 +383,10 @@ class DedupIndex:
         state = self._streams.get(stream)
         if state is not None:
             oldest = self._oldest(now)
-            current = state.current.keys()
-            if state.number >= oldest and not current.isdisjoint(candidates):
-                seen |= candidates & current
+            if state.number >= oldest:
+                for part in state.newest:
+                    if not part.keys().isdisjoint(candidates):
+                        seen |= candidates & part.keys()
             seen.update(state.sealed(candidates, oldest))
         if not seen and len(candidates) == len(keys):
             pending |= candidates
@@ -362,23 +405,23 @@ class DedupIndex:
 
     def add(self, stream: str, keys: Iterable[str], at: float) -> None:
         """Remember keys seen at `at` (after the batch that holds them committed)."""
-        self.add_prints(stream, {hash(key) & FINGERPRINT for key in keys}, at)
+        self.add_prints(stream, {hash(key) & FINGERPRINT for key in keys}, at, looked_up=False)
 
-    def add_prints(self, stream: str, prints: Collection[int], at: float) -> None:
-        """`add` for keys whose fingerprints `fresh` took already (the writer hashes each key once)."""
+    def add_prints(self, stream: str, prints: Collection[int], at: float, looked_up: bool = True) -> None:
+        """`add` for keys whose fingerprints `fresh` took already (the writer hashes each key once), none of
+        which the index holds; `looked_up=False` for keys that may be held already."""
         number = int(at // self.span)
         state = self._streams.get(stream)
         if state is None:
             state = self._streams[stream] = _Stream()
         if number == state.number:  # the common case: the newest generation
-            before = len(state.current)
-            state.current.update(zip(prints, repeat(None)))
-            self.size += len(state.current) - before
+            self.size += state.take(prints, looked_up)
         elif number > state.number:  # a new generation: the window moves with the newest key
             self.size -= state.drop({n for n, _ in state.generations() if n < number - GENERATIONS})
-            self.size += state.seal(state.number, state.current) - len(state.current)
-            state.current, state.number = dict.fromkeys(prints), number
-            self.size += len(state.current)
+            held = state.newest_keys()
+            self.size += state.seal_newest() - held
+            state.number = number
+            self.size += state.take(prints, looked_up)
         elif number >= state.number - GENERATIONS:  # late: received before a newer batch, committed after it
             self.size += state.seal(number, dict.fromkeys(prints))
         if state.busy and self.stepping:  # a piece of the sealing or sweeping left, in proportion to the request
