@@ -1,7 +1,9 @@
 """The group-commit writer: one thread runs every write of the process, and gathers the writes queued meanwhile
-into one group. A group's SQLite writes (cursors, dead letters, meta) share one transaction and one fsync,
-each in its own savepoint, so one request's failure does not sink the others; then its requests' batches are
-appended to the segment files (receiver.journal.segments) with one write and one `fdatasync`."""
+into one group. Its requests' SQLite writes (their dead letters) share one transaction and one fsync, each in
+its own savepoint, so one request's failure does not sink the others; then their batches are appended to the
+segment files (receiver.journal.segments) with one write and one `fdatasync`, and the requests are answered.
+The group's other writes (cursors, meta, probes, pruning) follow in a second transaction, so that no request
+waits for them."""
 
 from __future__ import annotations
 
