@@ -288,6 +288,23 @@ class TestNewestGeneration:
         index.settle()
         assert seen(index, keys, 1.6) == keys[:-1] and sum(state.counts) == 5_501
 
+    def test_a_late_key_that_a_later_part_holds_is_held_once(self) -> None:
+        # A late key was checked against the first queued part of its generation only: a key the second
+        # part held was sealed twice and counted twice, and the count evicted keys still in the window.
+        with mock.patch.object(dedup, "PART_KEYS", 3), mock.patch.object(dedup, "STEP_KEYS", 1):
+            index = DedupIndex(WINDOW, 4)
+            index.add("s", ["m0", "m1", "m2"], 0.5)
+            index.add("s", ["m3"], 0.5)
+            index.add("s", [], 1.5)  # generation 0 is queued, in two parts; a step of one key seals one
+            state = index._streams["s"]
+            assert [(queued.number, queued.left) for queued in state.sealing] == [(0, 2), (0, 1)]
+            index.add("s", ["m3"], 0.75)  # late: generation 0 holds it already, in its second part
+            assert (index.size, index.evicted) == (4, 0)
+            index.settle()
+        entries = [entry for bucket in state.buckets for entry in bucket]
+        assert len(entries) == len(set(entries)) == 4
+        assert seen(index, ["m0", "m1", "m2", "m3"], 1.6) == ["m0", "m1", "m2", "m3"]
+
 
 class TestBulkLoad:
     """What `Journal._load_dedup` does at start: every generation of the window added in time order."""
