@@ -213,10 +213,11 @@ class _Stream:
                 i += 1
         return found
 
-    def seal_newest(self) -> int:
-        """Hand the newest generation, part by part, to `step`; returns how many keys it held."""
+    def seal_newest(self) -> None:
+        """Hand the newest generation, part by part, to `step` (its keys stay counted: no part holds another's)."""
         parts, self.newest = self.newest, [{}]
-        return sum(self.seal(self.number, part, whole=True) for part in parts)
+        for part in parts:
+            self.seal(self.number, part, whole=True)
 
     def seal(self, number: int, prints: _Prints, whole: bool = False) -> int:
         """Take `prints` (the dict itself, not a copy: nothing changes it afterwards) as a part of generation
@@ -415,8 +416,7 @@ class DedupIndex:
             self.size += state.take(prints, looked_up)
         elif number > state.number:  # a new generation: the window moves with the newest key
             self.size -= state.drop({n for n, _ in state.generations() if n < number - GENERATIONS})
-            held = state.newest_keys()
-            self.size += state.seal_newest() - held
+            state.seal_newest()
             state.number = number
             self.size += state.take(prints, looked_up)
         elif number >= state.number - GENERATIONS:  # late: received before a newer batch, committed after it

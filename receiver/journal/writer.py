@@ -133,8 +133,8 @@ class GroupWriter:
         added = False
         try:
             try:
+                # Batches whose SQLite part failed: their events are not appended.
                 refused = self._run_transaction(conn, stores, outcomes) if stores else set()
-                """Batches whose SQLite part failed: their events are not appended."""
                 appends = [job for job in batches if id(job) not in refused]
                 added = bool(appends) and self._append_batches(appends, outcomes)
             except Exception:  # a bug or an unforeseen error: answer the group, and keep the writer alive
