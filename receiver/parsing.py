@@ -265,13 +265,15 @@ _STRING_REST = re.compile(rb'(?:[^"\\]++|\\.)*+"', re.S)
 
 
 _CLOSER = {ord("["): ord("]"), ord("{"): ord("}")}
+_OPENS = re.compile(rb"[ \t\r\n]*\{")
 
 
 def _split_tolerant(text: bytes, max_events: int) -> tuple[list[bytes], tuple[bytes, str, bool] | None]:
     """The elements of a JSON array that may be broken, found in one linear pass; and what follows the array
     or is left unterminated, with its reason. Strings are skipped; opened brackets are stacked; a closer of the
     other kind closes through to its opener (or closes the innermost one when there is none); a stray '}' is
-    ignored; only a ']' with nothing open ends the array."""
+    ignored; only a ']' with nothing open ends the array; a ',' followed by '{' inside an object (never valid
+    JSON) ends an element left unclosed there."""
     pieces: list[bytes] = []
     stack: list[int] = []
     start = pos = 1
@@ -297,9 +299,12 @@ def _split_tolerant(text: bytes, max_events: int) -> tuple[list[bytes], tuple[by
         elif char in _CLOSER:
             stack.append(_CLOSER[char])
         elif char == 0x2C:  # ','
-            if not stack:
+            if not stack or (stack[-1] == 0x7D and _OPENS.match(text, pos)):
+                # At depth 0 a ',' ends an element. Inside an object a ',' must be followed by a key, never by
+                # '{': there an element broke off unclosed (a missing '}'), and the '{' starts the next one.
                 add(text[start : match.start()].strip(_JSON_SPACE))
                 start = pos
+                stack.clear()
         elif char in stack:
             while stack.pop() != char:
                 pass

@@ -410,6 +410,27 @@ class TestDefects:
         assert await file_service.written(2) == good
 
     @pytest.mark.parametrize(
+        "bad",
+        [b'{"event":{"action":"x"},"keySuffix":"k"', b'{"event":{"action":"x","q":1', b'{"event":{"q":[1,{"a":2'],
+        ids=["outer-brace-missing", "both-braces-missing", "inside-a-list"],
+    )
+    async def test_an_element_left_unclosed_costs_only_that_element(
+        self, file_service: FileService, client, bad: bytes
+    ) -> None:
+        """Was a defect: an element missing its closing brace(s), followed by whole elements, swallowed all of
+        them. `[good0, {"event":{"action":"x"},"keySuffix":"k", good1, good2]`: the tolerant splitter's depth
+        never returns to 0, so good1 and good2 are inside one intake dead letter "the body ends inside an element
+        (truncated?)", and the answer is 200 with accepted 1: the sender does not retry and the whole elements
+        are lost to the sinks. Inside an object a ',' followed by '{' is never JSON: the unclosed element ends
+        there. Expected: 200, good0, good1 and good2 delivered, the broken one dead-lettered as received."""
+        good = _good(3)
+        body = b"[" + b",".join([good[0], bad, *good[1:]]) + b"]"
+        status, payload = await file_service.post(client, body)
+        assert (status, payload) == (200, {"accepted": 3, "duplicates": 0, "dead_lettered": 1}), payload
+        assert await file_service.written(3) == good
+        assert [letter.data for letter in file_service.dead_letters()] == [bad]
+
+    @pytest.mark.parametrize(
         "body",
         [
             b'{"\x00":1}\n' + b"\n".join(_good(2)) + b"\n",
