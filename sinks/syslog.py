@@ -11,18 +11,17 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
-import ipaddress
 import re
 import socket
 import struct
 import termios
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Literal
 
-import orjson
 from pydantic import Field
 
 from sinks.base import Event, Health, SendResult, SinkConfig, iso_utc
+from sinks.cef import cef_line
 from sinks.fields import PositiveDuration, TlsOptions
 from sinks.http_client import scrub
 from sinks.outcome import Verdict
@@ -41,8 +40,6 @@ SD_ID = "workos@32473"
 
 _PRINTABLE = re.compile(r"^[!-~]+$")
 _SD_ESCAPE = re.compile(r'(["\\\]])')
-_CEF_HEADER_ESCAPE = re.compile(r"([\\|])")
-_CEF_VALUE_ESCAPE = re.compile(r"([\\=])")
 _BACKSLASHED = r"\\\1"
 
 
@@ -64,13 +61,6 @@ class SyslogConfig(SinkConfig):
     tls: TlsOptions = TlsOptions()
     timeout: PositiveDuration = 30.0
     """Limit on connecting and on writing one batch."""
-
-
-def _is_ip(value: str) -> bool:
-    try:
-        return bool(ipaddress.ip_address(value))
-    except ValueError:
-        return False
 
 
 class SyslogSink:
@@ -129,7 +119,7 @@ class SyslogSink:
 
     def frame(self, event: Event) -> bytes:
         """One framed RFC 5424 message for `event`."""
-        body = event.raw if self.config.format == "json" else self._cef(event)
+        body = event.raw if self.config.format == "json" else cef_line(event, self._cef_severity)
         event.event_raw  # noqa: B018 - refuses a wrapper without an event (nothing is sent as if WorkOS had)
         action = event.action if 0 < len(event.action) <= 32 and _PRINTABLE.match(event.action) else "-"
         params = (("id", event.event_id), ("action", event.action), ("keySuffix", event.key_suffix))
@@ -140,39 +130,6 @@ class SyslogSink:
         if b"\n" in message:
             raise ValueError("the message holds a line feed, which non-transparent framing cannot carry")
         return message + b"\n"
-
-    def _cef(self, event: Event) -> bytes:
-        """`CEF:0|WorkOS|Audit Logs|1|<action>|<action>|<severity>|<extension>` (mapping: docs/sinks/syslog.md)."""
-        data = event.event
-        actor = _mapping(data.get("actor"))
-        targets = [_mapping(t) for t in data.get("targets") or [] if isinstance(t, dict)]
-        context = _mapping(data.get("context"))
-        location = context.get("location")
-        ip = isinstance(location, str) and _is_ip(location)
-        fields: list[tuple[str, Any]] = [
-            ("rt", int(event.time * 1000)),
-            ("act", event.action),
-            ("externalId", data.get("id")),
-            ("suid", actor.get("id")),
-            ("suser", actor.get("name") or actor.get("id")),
-            ("duid", targets[0].get("id") if targets else None),
-            ("duser", targets[0].get("name") if targets else None),
-            ("src", location if ip else None),
-            ("requestClientApplication", context.get("user_agent")),
-        ]
-        custom = (
-            ("actorType", actor.get("type")),
-            ("targets", orjson.dumps(targets).decode() if targets else None),
-            ("location", None if ip else location),
-            ("keySuffix", event.key_suffix),
-            ("organizationId", data.get("organization_id")),
-        )
-        for number, (label, value) in enumerate(custom, 1):
-            if value not in (None, ""):
-                fields += [(f"cs{number}Label", label), (f"cs{number}", value)]
-        extension = " ".join(f"{key}={_cef_value(value)}" for key, value in fields if value not in (None, ""))
-        name = _CEF_HEADER_ESCAPE.sub(r"\\\1", event.action)
-        return f"CEF:0|WorkOS|Audit Logs|1|{name}|{name}|{self._cef_severity}|{extension}".encode()
 
     # --- the connection ---
 
@@ -231,16 +188,6 @@ class SyslogSink:
                 await asyncio.wait_for(conn[1].wait_closed(), 1.0)
             except (OSError, TimeoutError, ConnectionError):
                 pass
-
-
-def _mapping(value: object) -> dict[str, Any]:
-    return value if isinstance(value, dict) else {}
-
-
-def _cef_value(value: object) -> str:
-    text = value if isinstance(value, str) else orjson.dumps(value).decode()
-    text = _CEF_VALUE_ESCAPE.sub(r"\\\1", text)
-    return text.replace("\r", "\\r").replace("\n", "\\n")
 
 
 def _unacknowledged(fd: int) -> int:

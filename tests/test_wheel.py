@@ -33,6 +33,7 @@ def test_the_wheel_ships_the_sinks_and_their_toolkit_but_no_test_peers(tmp_path:
     modules = {name for name in names if name.endswith(".py")}
     for shipped in (
         "sinks/syslog.py",
+        "sinks/cef.py",
         "sinks/http_forward.py",
         "sinks/http_client.py",
         "sinks/outcome.py",

@@ -85,6 +85,40 @@ async def delivered(sink: SyslogSink, batch: list[Event]) -> None:
     assert result.outcome is Outcome.SUCCESS and not result.failures, result
 
 
+# An event whose targets, actor.id and organization_id a re-serialising CEF encoder would change or refuse:
+# integers beyond 64 bits, numbers beyond any double, more digits than a double holds, string escapes (and
+# whitespace between the tokens, the only thing CEF's "compact JSON" may take out).
+CEF_TARGETS = (
+    rb'[ {"id": "team_1", "n": 123456789012345678901234567890, "x": 1e999, "d": 0.10000000000000000000001,'
+    rb' "e": -1E+400, "s": "\u00e9\ud83d\ude00 a\"b\\c\/d = \u0000"}, {"id": 18446744073709551616} ]'
+)
+CEF_TARGETS_COMPACT = (
+    rb'[{"id":"team_1","n":123456789012345678901234567890,"x":1e999,"d":0.10000000000000000000001,'
+    rb'"e":-1E+400,"s":"\u00e9\ud83d\ude00 a\"b\\c\/d = \u0000"},{"id":18446744073709551616}]'
+)
+CEF_EXACT_EVENT_RAW = (
+    b'{"id":"01HYCEFEXACT000000000001","action":"user.signed_in","occurred_at":"2024-01-15T10:30:00.000Z",'
+    b'"actor":{"id":123456789012345678901234567890,"type":"user"},"targets":' + CEF_TARGETS + b","
+    b'"context":{"location":"192.0.2.10","user_agent":"Chrome/124.0"},"organization_id":1.000000000000000000001}'
+)
+
+
+def cef_fields(cef: str) -> dict[str, str]:
+    """A CEF line's extension as its keys and unescaped values."""
+    extension = cef.rsplit("|", 1)[1]
+    pairs = re.findall(r"(\w+)=((?:[^\\=]|\\.)*?)(?= \w+=|$)", extension)
+    unescape = {"n": "\n", "r": "\r"}
+    return {key: re.sub(r"\\(.)", lambda m: unescape.get(m[1], m[1]), value) for key, value in pairs}
+
+
+def assert_cef_exact(fields: dict[str, str]) -> None:
+    """The fields of CEF_EXACT_EVENT_RAW's CEF line carry every value as it was sent."""
+    assert fields["cs2Label"] == "targets" and fields["cs2"].encode() == CEF_TARGETS_COMPACT
+    assert fields["suid"] == fields["suser"] == "123456789012345678901234567890"
+    assert fields["duid"] == "team_1" and fields["externalId"] == "01HYCEFEXACT000000000001"
+    assert fields["cs5Label"] == "organizationId" and fields["cs5"] == "1.000000000000000000001"
+
+
 def sd_params(sd: str) -> dict[str, str]:
     assert sd.startswith("[workos@32473 "), sd
     return {key: re.sub(r"\\(.)", r"\1", value) for key, value in re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', sd)}
@@ -133,6 +167,31 @@ class TestConfig:
     def test_default_ports(self) -> None:
         assert "6514" in repr(SyslogSink("s", SyslogConfig(host="h", tls={"verify": False})))
         assert "601" in repr(SyslogSink("s", SyslogConfig(host="h", transport="tcp")))
+
+
+class TestCef:
+    """The CEF line itself, without a server (the servers' tests below check what they parsed of it)."""
+
+    @pytest.mark.parametrize("framing", ["octet-counting", "non-transparent"])
+    def test_values_keep_the_text_they_were_sent_with(self, framing: str) -> None:
+        sink = SyslogSink("siem", SyslogConfig(host="127.0.0.1", transport="tcp", format="cef", framing=framing))
+        message = sink.frame(exact_event(event_raw=CEF_EXACT_EVENT_RAW)).decode()
+        assert_cef_exact(cef_fields(message.rstrip("\n")))
+
+    @pytest.mark.parametrize(
+        ("field", "value"),
+        [
+            (b'"actor":{"id":123456789012345678901234567890}', "suid=123456789012345678901234567890"),
+            (b'"actor":{"id":-1e999,"name":"n"}', "suid=-1e999"),
+            (b'"id":18446744073709551616', "externalId=18446744073709551616"),
+            (b'"context":{"location":{"lat": 1e999}}', 'cs3={"lat":1e999}'),
+            (b'"targets":[{"id":1.000000000000000000001}]', "duid=1.000000000000000000001"),
+        ],
+    )
+    def test_a_number_in_any_field_keeps_its_text(self, field: bytes, value: str) -> None:
+        sink = SyslogSink("siem", SyslogConfig(host="127.0.0.1", transport="tcp", format="cef"))
+        raw = b'{"id":"e1","action":"user.signed_in",' + field + b"}"
+        assert f" {value} " in sink.frame(exact_event(event_raw=raw)).decode() + " "
 
 
 class TestRsyslog:
@@ -192,6 +251,17 @@ class TestRsyslog:
             assert fields["rt"] == str(int(event.time * 1000))
             assert fields["cs4Label"] == "keySuffix" and fields["cs4"] == event.key_suffix
 
+    async def test_cef_carries_every_value_as_sent(self, rsyslog_tcp: SyslogServer) -> None:
+        sink = rsyslog_tcp.sink(format="cef")
+        events = [make_events(1)[0], exact_event(2, event_raw=CEF_EXACT_EVENT_RAW)]
+        try:
+            await delivered(sink, events)
+        finally:
+            await sink.close()
+        messages = await written(rsyslog_tcp, 2)
+        by_key = {sd_params(m["sd"])["keySuffix"]: m["msg"] for m in messages}
+        assert_cef_exact(cef_fields(by_key["exact0001"]))
+
     async def test_mutual_tls(self, tmp_path: Path, certs: Certificates) -> None:
         need(rsyslogd)
         server = Rsyslog(tmp_path, tls=certs, client_auth=True)
@@ -242,6 +312,16 @@ class TestSyslogNg:
                 "info",
             )
             assert message["sd_id"] == event.event_id and message["msgid"] == event.action
+
+    async def test_cef_carries_every_value_as_sent(self, syslog_ng_tls: SyslogServer) -> None:
+        sink = syslog_ng_tls.sink(format="cef")
+        events = [make_events(1)[0], exact_event(2, event_raw=CEF_EXACT_EVENT_RAW)]
+        try:
+            await delivered(sink, events)
+        finally:
+            await sink.close()
+        messages = await written(syslog_ng_tls, 2)
+        assert_cef_exact(cef_fields({m["sd_key"]: m["msg"] for m in messages}["exact0001"]))
 
     async def test_network_source_with_lf_framing(self, syslog_ng_lf: SyslogServer) -> None:
         sink = syslog_ng_lf.sink(framing="non-transparent")
