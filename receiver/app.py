@@ -435,9 +435,12 @@ class Intake:
             self._duplicates.inc(result.duplicates)
         if result.dead_lettered:
             self._intake_dead.inc(result.dead_lettered)
-            log.warning(
+            # Any client with the secret can send one bad element a request: through the refusals' rate limit.
+            self.state.refusals.warning(
                 "elements dead-lettered at intake",
-                extra={"stream": name, "elements": result.dead_lettered, "reason": parsed.rejected[0].reason},
+                stream=name,
+                elements=result.dead_lettered,
+                reason=parsed.rejected[0].reason,
             )
         return Answer(
             200,

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+import logging
 import ssl
+import time
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +119,25 @@ class TestAccepting:
         assert (status, payload) == (200, {"accepted": 2, "duplicates": 0, "dead_lettered": 1})
         (letter,) = list_dead_letters(service.config.journal.path)
         assert letter.data == b"{broken json" and "line 2" in letter.reason
+
+    async def test_a_flood_of_dead_letters_is_counted_but_logged_a_few_lines_a_second(
+        self, start_service: StartService, client, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        service = await start_service()
+        caplog.set_level(logging.INFO)
+        started = time.monotonic()
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as keep_alive:  # one connection
+            for _ in range(300):
+                status, payload, _ = await post(keep_alive, service, b"[42]")
+                assert (status, payload["dead_lettered"]) == (200, 1)
+        elapsed = time.monotonic() - started
+        lines = [r for r in caplog.records if r.name.startswith("receiver") and r.levelno >= logging.WARNING]
+        dead = [r for r in lines if r.getMessage() == "elements dead-lettered at intake"]
+        # The refusals' limit: a burst of 10, then 2 a second, each possibly after its "suppressed" summary.
+        assert 0 < len(lines) <= 2 * (10 + 2 * elapsed), f"{len(lines)} lines for 300 requests in {elapsed:.1f} s"
+        assert dead and all("number" in vars(r)["reason"] and vars(r)["elements"] == 1 for r in dead)
+        async with client.get(service.url + "/metrics") as response:
+            assert 'log_bridge_events_dead_lettered_total{stage="intake"} 300.0' in await response.text()
 
     async def test_empty_array_is_fine(self, start_service: StartService, client) -> None:
         service = await start_service()
