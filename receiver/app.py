@@ -520,7 +520,9 @@ def build_app(config: Config, journal: Journal, metrics: Metrics, state: State) 
         return web.json_response({"status": "ready"})
 
     async def metrics_endpoint(_: web.Request) -> web.Response:
-        return web.Response(body=metrics.render(), headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+        return web.Response(
+            body=await metrics.exposition.text(), headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"}
+        )
 
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

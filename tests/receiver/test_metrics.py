@@ -1,0 +1,86 @@
+"""`/metrics`: the Prometheus text, rendered off the event loop one render at a time, each after its request."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import aiohttp
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from receiver.metrics import Metrics
+from tests.conftest import TOKEN, StartService, scrape
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class RenderSpy:
+    """Wraps `Metrics.render` (before a service is built): which threads render, how many at once, and a pause
+    in the first render so scrapes can arrive while it runs."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, first_takes: float = 0.0) -> None:
+        self.threads: list[int] = []
+        self.most_at_once = 0
+        self.started = threading.Event()
+        self._at_once = 0
+        self._lock = threading.Lock()
+        real = Metrics.render
+
+        def render(metrics: Metrics) -> bytes:
+            with self._lock:
+                self.threads.append(threading.get_ident())
+                self._at_once += 1
+                self.most_at_once = max(self.most_at_once, self._at_once)
+                first = len(self.threads) == 1
+            self.started.set()
+            try:
+                if first:
+                    time.sleep(first_takes)
+                return real(metrics)
+            finally:
+                with self._lock:
+                    self._at_once -= 1
+
+        monkeypatch.setattr(Metrics, "render", render)
+
+
+async def get_metrics(session: aiohttp.ClientSession, url: str) -> str:
+    async with session.get(url + "/metrics") as response:
+        assert response.status == 200
+        assert response.headers["Content-Type"] == CONTENT_TYPE
+        return await response.text()
+
+
+class TestMetricsEndpoint:
+    async def test_scrapes_arriving_during_a_render_share_the_next_one_and_see_what_came_before(
+        self, start_service: StartService, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        spy = RenderSpy(monkeypatch, first_takes=0.3)
+        service = await start_service()
+        loop_thread = threading.get_ident()
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+            first = asyncio.create_task(get_metrics(session, service.url))
+            while not spy.started.is_set():
+                await asyncio.sleep(0.005)
+            # While the first render runs: an element is dead-lettered, then 50 scrapes arrive.
+            async with session.post(service.url + "/workos", data=b"[42]", headers={"Authorization": TOKEN}) as r:
+                assert r.status == 200
+            texts = await asyncio.gather(*(get_metrics(session, service.url) for _ in range(50)))
+            await first
+        assert len(spy.threads) == 2, f"{len(spy.threads)} renders for 51 scrapes"
+        assert loop_thread not in spy.threads and spy.most_at_once == 1
+        assert all(scrape(text, "log_bridge_events_dead_lettered_total", stage="intake") == 1.0 for text in texts)
+
+    async def test_a_flood_of_scrapes_renders_off_the_loop_one_at_a_time(
+        self, start_service: StartService, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        spy = RenderSpy(monkeypatch)
+        service = await start_service()
+        loop_thread = threading.get_ident()
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+            texts = await asyncio.gather(*(get_metrics(session, service.url) for _ in range(200)))
+        assert loop_thread not in spy.threads and spy.most_at_once == 1
+        assert len(spy.threads) <= 20, f"{len(spy.threads)} renders for 200 scrapes"
+        assert all({f.name for f in text_string_to_metric_families(text)} >= {"log_bridge_requests"} for text in texts)
