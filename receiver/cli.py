@@ -253,10 +253,22 @@ def _journal_path(given: str | None) -> Path | None:
         return None
 
 
+def _no_journal(command: str, path: Path) -> bool:
+    """Say so when there is no journal at `path`: a relative one is found from the working directory, so a
+    command run elsewhere than `serve` would otherwise list nothing and look like an empty journal."""
+    if path.exists():
+        return False
+    where = str(path) if path.is_absolute() else f"{path} (relative to the working directory: {path.absolute()})"
+    print(f"log-bridge {command}: no journal at {where}", file=sys.stderr)
+    return True
+
+
 def cmd_dlq_list(args: argparse.Namespace) -> int:
     """Print dead letters as JSON lines."""
     journal = _journal_path(args.config)
     if journal is None:
+        return 2
+    if _no_journal("dlq list", journal):
         return 2
     for letter in list_dead_letters(journal, args.sink):
         try:
@@ -290,7 +302,10 @@ def cmd_dlq_replay(args: argparse.Namespace) -> int:
     if args.sink is not None and args.sink not in config.sinks:
         print(f"log-bridge dlq replay: no sink named {args.sink!r} in the configuration", file=sys.stderr)
         return 2
-    count = replay_dead_letters(Path(config.journal.path), args.sink)
+    journal = Path(config.journal.path)
+    if _no_journal("dlq replay", journal):
+        return 2
+    count = replay_dead_letters(journal, args.sink)
     print(f"replayed {count} dead letter(s); the running service delivers them (or the next start does)")
     return 0
 
@@ -306,8 +321,7 @@ def cmd_drain(args: argparse.Namespace) -> int:
     config = _load_required(args.config)
     if config is None:
         return 2
-    if not Path(config.journal.path).exists():
-        print(f"log-bridge drain: no journal at {config.journal.path}", file=sys.stderr)
+    if _no_journal("drain", Path(config.journal.path)):
         return 2
     try:
         left = asyncio.run(drain(config, args.timeout))

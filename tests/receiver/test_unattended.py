@@ -23,6 +23,7 @@ import trustme
 import yaml
 from aiohttp import web
 
+from receiver.journal import connect
 from receiver.samples import encode_body, sample_wrappers
 from tests.conftest import TOKEN, StartService, http_peer, scrape
 from tests.receiver.test_process import SCRIPT, Server, free_port, run_cli, write_config
@@ -557,6 +558,7 @@ class TestJournalOnlyCommands:
             "secret_access_key": "${UNSET_SECRET_KEY_FOR_TEST}",
         }
         config.write_text(yaml.safe_dump(tree))
+        connect(Path(tree["journal"]["path"])).close()  # an empty journal (none at all is an error)
         result = run_cli("dlq", "list", "--config", str(config))
         assert result.returncode == 0, result.stderr
         assert result.stdout == ""

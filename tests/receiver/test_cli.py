@@ -1,0 +1,74 @@
+"""The `log-bridge dlq` commands on a real journal: a journal that is not where the configuration says."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from receiver.cli import main
+from sinks.base import Event
+from tests.receiver.test_journal import batch, opened
+
+SINK = {"type": "memory"}
+
+
+def write_config(tmp_path: Path, journal: str, feeds: list[str], sinks: list[str], name: str = "c.yaml") -> Path:
+    """A configuration whose one stream feeds `feeds`, with `sinks` under `sinks:`."""
+    tree: dict[str, Any] = {
+        "server": {"host": "127.0.0.1", "port": 17001, "allowlist": ["127.0.0.1/32"]},
+        "journal": {"path": journal},
+        "streams": [{"name": "workos", "path": "/workos", "auth": {"values": ["s3cr3t-value"]}, "sinks": feeds}],
+        "sinks": dict.fromkeys(sinks, SINK),
+    }
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+async def dead_letter(path: Path, sink: str, raws: list[bytes]) -> None:
+    """Make `sink` dead-letter events with these bytes, as the delivery engine does."""
+    journal = await opened(path)
+    try:
+        await journal.append("workos", batch(*(f"{sink}-{i}" for i in range(len(raws)))), time.time())
+        read = [event for event, _ in await journal.read(journal.last_seq - len(raws), len(raws))]
+        dead = [
+            (Event(event.seq, event.stream, raw, action=event.action, time=event.time, received_at=1.0), "HTTP 409")
+            for event, raw in zip(read, raws, strict=True)
+        ]
+        await journal.commit_progress(sink, read[-1].seq, dead, [sink])
+    finally:
+        await journal.close()
+
+
+def events(count: int) -> list[bytes]:
+    return [b'{"event":{"id":"e%d","action":"user.signed_in"}}' % i for i in range(count)]
+
+
+class TestMissingJournal:
+    @pytest.mark.parametrize("action", ["list", "replay"])
+    async def test_a_relative_journal_path_not_found_from_here_is_said(
+        self,
+        tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str],
+        action: str,
+    ) -> None:
+        served = tmp_path / "served"
+        served.mkdir()
+        await dead_letter(served / "data" / "j.db", "fwd", events(2))
+        config = write_config(tmp_path, "data/j.db", ["fwd"], ["fwd"])
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir()
+        monkeypatch.chdir(elsewhere)
+        assert main(["dlq", action, "--config", str(config)]) == 2
+        captured = capsys.readouterr()
+        assert f"no journal at data/j.db (relative to the working directory: {elsewhere / 'data/j.db'})" in captured.err
+        assert captured.out == ""
+        assert not (elsewhere / "data").exists()  # nothing created where it is not
+        monkeypatch.chdir(served)  # where `serve` ran: found
+        assert main(["dlq", action, "--config", str(config)]) == 0
+        assert capsys.readouterr().out
