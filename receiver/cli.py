@@ -27,7 +27,7 @@ import orjson
 from receiver.config import Config, default_config, listen_url, load_config, load_journal_config
 from receiver.errors import ConfigError, LogBridgeError
 from receiver.health import check_sinks
-from receiver.journal import INTAKE, list_dead_letters, replay_dead_letters
+from receiver.journal import INTAKE, count_dead_letters, list_dead_letters, replay_dead_letters
 from receiver.logs import scrub, setup_logging
 from receiver.samples import encode_body, sample_wrappers
 from receiver.send import Unreachable, post
@@ -289,7 +289,7 @@ def cmd_dlq_list(args: argparse.Namespace) -> int:
 
 
 def cmd_dlq_replay(args: argparse.Namespace) -> int:
-    """Put sinks' dead letters back for delivery."""
+    """Put the dead letters of the sinks a stream feeds back for delivery."""
     config = _load_required(args.config)
     if config is None:
         return 2
@@ -302,11 +302,25 @@ def cmd_dlq_replay(args: argparse.Namespace) -> int:
     if args.sink is not None and args.sink not in config.sinks:
         print(f"log-bridge dlq replay: no sink named {args.sink!r} in the configuration", file=sys.stderr)
         return 2
+    if args.sink is not None and not config.streams_of(args.sink):
+        print(
+            f"log-bridge dlq replay: no stream feeds sink {args.sink!r} in the configuration, so nothing would "
+            "deliver its dead letters; they are left as they are",
+            file=sys.stderr,
+        )
+        return 2
     journal = Path(config.journal.path)
     if _no_journal("dlq replay", journal):
         return 2
-    count = replay_dead_letters(journal, args.sink)
+    # Only sinks a stream feeds: a replay for another one would be appended for a sink nothing delivers to.
+    fed = [args.sink] if args.sink is not None else [name for name in config.sinks if config.streams_of(name)]
+    count = sum(replay_dead_letters(journal, name) for name in fed)
     print(f"replayed {count} dead letter(s); the running service delivers them (or the next start does)")
+    if args.sink is None:
+        for name, left in count_dead_letters(journal).items():
+            if name not in fed:
+                why = "no stream feeds it" if name in config.sinks else "it is not in the configuration"
+                print(f"left {left} dead letter(s) of sink {name}: {why}")
     return 0
 
 

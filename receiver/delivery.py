@@ -435,6 +435,7 @@ class DeliveryEngine:
         active = active_sinks(config)
         for name in active:
             self.runners[name] = self._runner(name, config, active)
+        journal.replay_sinks = frozenset(active)  # replays for other sinks wait until a configuration feeds them
 
     def _runner(self, name: str, config: Config, active: Sequence[str]) -> SinkRunner:
         runner = SinkRunner(
@@ -469,6 +470,8 @@ class DeliveryEngine:
         cursor is dropped; an added one starts at the journal's end; a changed one is rebuilt at its cursor.
         A sink no stream feeds (one only the WorkOS export archive uses) is kept unless removed or changed."""
         active = active_sinks(config)
+        # Replays for a sink on its way out stay in `replays` from now on; those for an added one once it runs.
+        self.journal.replay_sinks = frozenset(active).intersection(self.journal.replay_sinks or ())
         before = self.config
         owed = {name: runner.owed() for name, runner in self.runners.items()}
         legacy = {name: dict(runner.legacy) for name, runner in self.runners.items()}
@@ -503,6 +506,7 @@ class DeliveryEngine:
                 runner.legacy = legacy.get(name, {})
                 await self._launch(runner)
         self.config = config
+        self.journal.replay_sinks = frozenset(active)
         await self.journal.free_passed(active)  # a removed sink may have been the one holding rows back
 
     def owed_elsewhere(self) -> dict[str, dict[str, float]]:

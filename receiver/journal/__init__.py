@@ -19,7 +19,7 @@ group-commit thread), `facade` (the `Journal` the intake and the delivery engine
 list` / `dlq replay`).
 """
 
-from receiver.journal.dead_letters import DeadLetter, list_dead_letters, replay_dead_letters
+from receiver.journal.dead_letters import DeadLetter, count_dead_letters, list_dead_letters, replay_dead_letters
 from receiver.journal.facade import PROBE_ROOM, WRITER_CACHE_KIB, AppendResult, Journal, Row
 from receiver.journal.schema import COMPRESSION_LEVEL, INTAKE, SCHEMA, DiskFull, connect
 from receiver.journal.writer import MAX_GROUP_JOBS
@@ -37,6 +37,7 @@ __all__ = [
     "Journal",
     "Row",
     "connect",
+    "count_dead_letters",
     "list_dead_letters",
     "replay_dead_letters",
 ]

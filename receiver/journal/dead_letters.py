@@ -47,6 +47,20 @@ def list_dead_letters(path: Path, sink: str | None = None) -> list[DeadLetter]:
     return [DeadLetter(r[0], r[1] or INTAKE, r[2], bytes(r[3]), r[4], r[5]) for r in rows]
 
 
+def count_dead_letters(path: Path) -> dict[str, int]:
+    """How many dead letters each sink has (intake dead letters, which no sink owns, left out)."""
+    if not path.exists():
+        return {}
+    conn = connect(path)
+    try:
+        rows = conn.execute(
+            "SELECT sink, count(*) FROM dead_letters WHERE sink IS NOT NULL GROUP BY sink ORDER BY sink"
+        ).fetchall()
+    finally:
+        conn.close()
+    return {str(sink): int(count) for sink, count in rows}
+
+
 def replay_dead_letters(path: Path, sink: str | None = None) -> int:
     """Put sinks' dead letters back into the backlog (through `replays`), each for the sink that failed it.
     Intake dead letters (bad input) stay: they are not events. Returns how many were put back."""

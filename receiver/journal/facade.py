@@ -292,6 +292,13 @@ class Journal(GroupWriter):
         """Called with how many such dead letters a read kept, once they are committed (metrics)."""
         self._replayed: set[int] = set()
         """Ids of `replays` rows appended but not yet deleted there."""
+        self.replay_sinks: frozenset[str] | None = None
+        """The sinks whose replayed dead letters are taken from `replays`: the active ones (the delivery engine
+        sets them; None until it has: none taken). Those of other sinks stay there: appended for a sink nothing
+        delivers to, the mark would pass them and they would be lost; a later configuration that feeds the sink
+        takes them."""
+        self._told_waiting: set[str] = set()
+        """Sinks whose waiting replays this process has logged (once each)."""
         self._recent: deque[Row] = deque()
         """The rows committed last by this process, oldest first (event loop only)."""
         self._recent_bytes = 0
@@ -565,26 +572,48 @@ class Journal(GroupWriter):
         return len(replay.rows)
 
     async def ingest_replays(self) -> int:
-        """Append what `dlq replay` put back (the `replays` table, written by another process) to the
-        journal, then delete it there; how many. A crash in between replays them again: a duplicate, never a
-        loss."""
-        moved = 0
+        """Append what `dlq replay` put back (the `replays` table, written by another process) for the sinks in
+        `replay_sinks` to the journal, then delete it there; how many. A crash in between replays them again: a
+        duplicate, never a loss."""
+        if self.replay_sinks is None:
+            return 0
         async with self._ingesting:
-            while True:
-                rows = await self._read(
-                    lambda conn: conn.execute(
-                        "SELECT id, target, stream, data, action, time FROM replays ORDER BY id LIMIT ?", (REPLAY_ROWS,)
-                    ).fetchall()
+            targets = sorted(self.replay_sinks)
+            moved = await self._take_replays(targets) if targets else 0
+            await self._tell_waiting(targets)
+            return moved
+
+    async def _take_replays(self, targets: Sequence[str]) -> int:
+        moved = 0
+        marks = ",".join("?" * len(targets))
+        columns = "id, target, stream, data, action, time"
+        query = f"SELECT {columns} FROM replays WHERE target IN ({marks}) ORDER BY id LIMIT ?"  # noqa: S608
+        while True:
+            rows = await self._read(lambda conn: conn.execute(query, (*targets, REPLAY_ROWS)).fetchall())
+            if not rows:
+                return moved
+            fresh = [(i, t, s, bytes(d), a, m) for i, t, s, d, a, m in rows if i not in self._replayed]
+            if fresh:  # those appended already wait only for their delete (it failed before)
+                await self._enqueue(None, True, _Replay(fresh, time.time()))
+                self._replayed.update(row[0] for row in fresh)
+            await self._write(_deleting_replays([row[0] for row in rows]))
+            self._replayed.difference_update(row[0] for row in rows)
+            moved += len(fresh)
+
+    async def _tell_waiting(self, targets: Sequence[str]) -> None:
+        """Log, once a sink per process, that replays wait for a sink no stream feeds here: kept, not lost."""
+        marks = ",".join("?" * len(targets))
+        query = "SELECT target, count(*) FROM replays"
+        query += f" WHERE target NOT IN ({marks}) GROUP BY target" if targets else " GROUP BY target"
+        waiting = await self._read(lambda conn: conn.execute(query, tuple(targets)).fetchall())
+        for target, count in waiting:
+            if target not in self._told_waiting:
+                self._told_waiting.add(target)
+                log.warning(
+                    "journal: replayed dead letters wait for a sink no stream feeds; they are delivered once a "
+                    "configuration feeds it",
+                    extra={"sink": target, "waiting": count},
                 )
-                if not rows:
-                    return moved
-                fresh = [(i, t, s, bytes(d), a, m) for i, t, s, d, a, m in rows if i not in self._replayed]
-                if fresh:  # those appended already wait only for their delete (it failed before)
-                    await self._enqueue(None, True, _Replay(fresh, time.time()))
-                    self._replayed.update(row[0] for row in fresh)
-                await self._write(_deleting_replays([row[0] for row in rows]))
-                self._replayed.difference_update(row[0] for row in rows)
-                moved += len(fresh)
 
     def _fresh(self, batch: _Batch) -> list[int] | None:
         """Indexes of a batch's elements not seen before (None: all), their keys pending until the commit."""

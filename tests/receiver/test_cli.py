@@ -1,4 +1,5 @@
-"""The `log-bridge dlq` commands on a real journal: a journal that is not where the configuration says."""
+"""The `log-bridge dlq` commands on a real journal: what replay takes and leaves, and a journal that is not where
+the configuration says."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 import yaml
 
 from receiver.cli import main
+from receiver.journal import list_dead_letters
 from sinks.base import Event
 from tests.receiver.test_journal import batch, opened
 
@@ -46,6 +48,51 @@ async def dead_letter(path: Path, sink: str, raws: list[bytes]) -> None:
 
 def events(count: int) -> list[bytes]:
     return [b'{"event":{"id":"e%d","action":"user.signed_in"}}' % i for i in range(count)]
+
+
+class TestDlqReplay:
+    async def test_dead_letters_of_a_sink_the_configuration_lacks_are_left(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        journal = tmp_path / "j.db"
+        await dead_letter(journal, "fwd", events(3))
+        await dead_letter(journal, "archive", events(2))
+        config = write_config(tmp_path, str(journal), ["archive"], ["archive"])
+        assert main(["dlq", "replay", "--config", str(config)]) == 0
+        out = capsys.readouterr().out
+        assert "replayed 2 dead letter(s)" in out
+        assert "left 3 dead letter(s) of sink fwd: it is not in the configuration" in out
+        assert len(list_dead_letters(journal, "fwd")) == 3 and list_dead_letters(journal, "archive") == []
+
+    async def test_dead_letters_of_a_sink_no_stream_feeds_are_left(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        journal = tmp_path / "j.db"
+        await dead_letter(journal, "fwd", events(3))
+        config = write_config(tmp_path, str(journal), ["archive"], ["archive", "fwd"])
+        assert main(["dlq", "replay", "--config", str(config)]) == 0
+        out = capsys.readouterr().out
+        assert "replayed 0 dead letter(s)" in out and "left 3 dead letter(s) of sink fwd: no stream feeds it" in out
+        assert len(list_dead_letters(journal, "fwd")) == 3
+
+    async def test_an_explicit_sink_no_stream_feeds_is_refused(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        journal = tmp_path / "j.db"
+        await dead_letter(journal, "fwd", events(3))
+        config = write_config(tmp_path, str(journal), ["archive"], ["archive", "fwd"])
+        assert main(["dlq", "replay", "--config", str(config), "--sink", "fwd"]) == 2
+        captured = capsys.readouterr()
+        assert "no stream feeds sink 'fwd'" in captured.err and "replayed" not in captured.out
+        assert len(list_dead_letters(journal, "fwd")) == 3
+
+    async def test_a_fed_sink_is_replayed(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        journal = tmp_path / "j.db"
+        await dead_letter(journal, "fwd", events(3))
+        config = write_config(tmp_path, str(journal), ["archive", "fwd"], ["archive", "fwd"])
+        assert main(["dlq", "replay", "--config", str(config), "--sink", "fwd"]) == 0
+        assert "replayed 3 dead letter(s)" in capsys.readouterr().out
+        assert list_dead_letters(journal, "fwd") == []
 
 
 class TestMissingJournal:

@@ -10,6 +10,7 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
+import yaml
 
 from receiver.config import RetryConfig
 from receiver.delivery import action_filter, backoff
@@ -17,7 +18,7 @@ from receiver.errors import JournalError
 from receiver.journal import list_dead_letters, replay_dead_letters
 from receiver.journal.schema import INTAKE
 from receiver.server import Service
-from tests.conftest import TOKEN, StartService, memory
+from tests.conftest import BASE_CONFIG, TOKEN, StartService, memory, merge
 
 AUTH = {"Authorization": TOKEN}
 
@@ -152,6 +153,55 @@ class TestDeadLetters:
         await until(lambda: len(memory("b").events) == 2)
         await asyncio.sleep(0.2)
         assert len(memory("a").events) == 2
+
+    async def test_replays_wait_for_a_configuration_that_feeds_their_sink(
+        self, start_service: StartService, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setattr("receiver.journal.facade.MAINTAIN_EVERY", 0.05)
+        service = await start_service(two_sinks(b={"fail": "permanent"}))
+        path = service.config.journal.path
+        await send(service, events(3))
+        await until(lambda: len(list_dead_letters(path, "b")) == 3 and len(memory("a").events) == 3)
+        await service.stop()
+        # `dlq replay` given one configuration, the service run with another that lacks b: its replays wait.
+        assert replay_dead_letters(Path(path)) == 3
+        fast = {"type": "memory", "batch": {"max_wait": "20ms"}, "retry": {"initial": "10ms", "max": "20ms"}}
+        without_b = {
+            "journal": {"path": str(path)},
+            "streams": [{"name": "workos", "path": "/workos", "auth": {"values": [TOKEN]}, "sinks": ["a"]}],
+            "sinks": {"a": fast},
+        }
+        service = await start_service(without_b)
+        await send(service, events(2, prefix="later"))
+        await until(lambda: len(memory("a").events) == 2)
+        await asyncio.sleep(0.3)  # several looks at `replays`, and the mark past everything a was given
+        await service.stop()
+        service = await start_service(merge(two_sinks(), {"journal": {"path": str(path)}}))
+        await until(lambda: sorted(keys("b")) == ["k0", "k1", "k2"])
+        assert list_dead_letters(path) == []
+
+    async def test_a_reload_that_feeds_the_sink_again_takes_its_replays(
+        self, start_service: StartService, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    ) -> None:
+        monkeypatch.setattr("receiver.journal.facade.MAINTAIN_EVERY", 0.05)
+        service = await start_service(two_sinks(b={"fail": "permanent"}))
+        path = service.config.journal.path
+        await send(service, events(3))
+        await until(lambda: len(list_dead_letters(path, "b")) == 3)
+        tree = merge(BASE_CONFIG, merge(two_sinks(b={"fail": "permanent"}), {"journal": {"path": str(path)}}))
+        tree["streams"][0]["sinks"] = ["a"]
+        service.path = str(tmp_path / "reloaded.yaml")
+        Path(service.path).write_text(yaml.safe_dump(tree))
+        assert await service.reload()  # b is fed no more
+        assert replay_dead_letters(Path(path)) == 3
+        await send(service, events(2, prefix="later"))
+        await until(lambda: len(memory("a").events) == 5)
+        await asyncio.sleep(0.3)  # several looks at `replays`, and the mark past everything a was given
+        tree["streams"][0]["sinks"] = ["a", "b"]
+        del tree["sinks"]["b"]["fail"]
+        Path(service.path).write_text(yaml.safe_dump(tree))
+        assert await service.reload()
+        await until(lambda: sorted(keys("b")) == ["k0", "k1", "k2"])
 
 
 class TestIsolation:

@@ -453,6 +453,7 @@ class TestDeadLetterReplay:
         moved = Event(event.seq, event.stream, event.raw, action="recorded.action", time=1234.5, received_at=1.0)
         await journal.commit_progress("s3", event.seq, [(moved, "HTTP 400")], ["s3"])
         assert replay_dead_letters(journal.path) == 1
+        journal.replay_sinks = frozenset({"s3"})
         assert await journal.ingest_replays() == 1
         replayed = [pair for pair in await journal.read(event.seq, 10)]
         assert [(e.raw, e.action, e.time, target) for e, target in replayed] == [
@@ -460,6 +461,27 @@ class TestDeadLetterReplay:
         ]
         (stored,) = journal.segments.read(event.seq, 10)
         assert stored.data[:4] == b"\x28\xb5\x2f\xfd"  # compressed like every intake batch
+
+    async def test_replays_for_a_sink_not_active_stay_until_it_is(
+        self, journal: Journal, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        await journal.append("workos", batch("k1", "k2"), time.time())
+        first, second = (event for event, _ in await journal.read(0, 10))
+        await journal.commit_progress("fwd", second.seq, [(first, "HTTP 409")], ["fwd"])
+        await journal.commit_progress("s3", second.seq, [(second, "HTTP 400")], ["s3"])
+        assert replay_dead_letters(journal.path) == 2
+        assert await journal.ingest_replays() == 0  # which sinks are active is not known yet: none taken
+        journal.replay_sinks = frozenset({"s3"})  # a configuration without fwd
+        assert await journal.ingest_replays() == 1
+        assert await journal.ingest_replays() == 0
+        assert [target for _, target in await journal.read(second.seq, 10)] == ["s3"]
+        left = await journal._read(lambda conn: conn.execute("SELECT target, data FROM replays").fetchall())
+        assert left == [("fwd", first.raw)]  # not appended for a sink nothing delivers to: the mark would pass it
+        told = [r for r in caplog.records if r.getMessage().startswith("journal: replayed dead letters wait")]
+        assert [(r.__dict__["sink"], r.__dict__["waiting"]) for r in told] == [("fwd", 1)]  # logged once
+        journal.replay_sinks = frozenset({"s3", "fwd"})  # a configuration that feeds fwd again
+        assert await journal.ingest_replays() == 1
+        assert [(e.raw, target) for e, target in await journal.read(second.seq + 1, 10)] == [(first.raw, "fwd")]
 
     async def test_an_earlier_journal_gains_the_column_and_its_old_rows_still_replay(self, tmp_path: Path) -> None:
         path = tmp_path / "old.db"
@@ -482,6 +504,7 @@ class TestDeadLetterReplay:
         try:
             columns = await journal._read(lambda c: [r[1] for r in c.execute("PRAGMA table_info(dead_letters)")])
             assert "meta" in columns
+            journal.replay_sinks = frozenset({"s3"})
             await journal.ingest_replays()
             events = [event for event, _ in await journal.read(0, 10)]
         finally:
@@ -533,6 +556,7 @@ class TestRecentRows:
         (event, _), *_ = await journal.read(0, 10)
         await journal.commit_progress("s3", event.seq, [(event, "HTTP 400")], ["s3"])
         assert replay_dead_letters(journal.path) == 1  # another process's
+        journal.replay_sinks = frozenset({"s3"})
         assert await journal.ingest_replays() == 1  # seq 3, not in this process's memory
         await journal.append("workos", batch("c"), time.time())  # seq 4
         assert journal.recent_rows(2, 10) is None  # seq 3 is not held: read it
