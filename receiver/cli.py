@@ -13,8 +13,8 @@ if sys.argv[1:2] == ["serve"] and hasattr(signal, "SIGHUP"):  # as early as the 
 
 import argparse
 import asyncio
+import base64
 import gzip
-import json
 import logging
 import os
 import ssl
@@ -27,7 +27,7 @@ import orjson
 from receiver.config import Config, default_config, listen_url, load_config, load_journal_config
 from receiver.errors import ConfigError, LogBridgeError
 from receiver.health import check_sinks
-from receiver.journal import INTAKE, count_dead_letters, list_dead_letters, replay_dead_letters
+from receiver.journal import INTAKE, DeadLetter, count_dead_letters, list_dead_letters, replay_dead_letters
 from receiver.logs import scrub, setup_logging
 from receiver.samples import encode_body, sample_wrappers
 from receiver.send import Unreachable, post
@@ -263,6 +263,31 @@ def _no_journal(command: str, path: Path) -> bool:
     return True
 
 
+def _listing_line(letter: DeadLetter) -> bytes:
+    """One dead letter as a JSON line, its element exactly as stored: embedded as it is when it is JSON on one
+    line (parsing it and printing it again would turn integers past 64 bits into floats and round long
+    decimals), else as base64 (`element_base64`) beside its text for reading."""
+    at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(letter.at))
+    line: dict[str, object] = {
+        "id": letter.id,
+        "sink": letter.sink,
+        "stream": letter.stream,
+        "reason": letter.reason,
+        "at": at,
+    }
+    data = letter.data
+    if b"\n" not in data and b"\r" not in data:
+        try:
+            orjson.loads(data)
+        except orjson.JSONDecodeError:
+            pass
+        else:
+            return orjson.dumps(line)[:-1] + b',"element":' + data + b"}\n"
+    line["element"] = data.decode("utf-8", "replace")
+    line["element_base64"] = base64.b64encode(data).decode("ascii")
+    return orjson.dumps(line) + b"\n"
+
+
 def cmd_dlq_list(args: argparse.Namespace) -> int:
     """Print dead letters as JSON lines."""
     journal = _journal_path(args.config)
@@ -270,21 +295,10 @@ def cmd_dlq_list(args: argparse.Namespace) -> int:
         return 2
     if _no_journal("dlq list", journal):
         return 2
+    out = sys.stdout.buffer
     for letter in list_dead_letters(journal, args.sink):
-        try:
-            element: object = orjson.loads(letter.data)
-        except orjson.JSONDecodeError:
-            element = letter.data.decode("utf-8", "replace")
-        at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(letter.at))
-        line = {
-            "id": letter.id,
-            "sink": letter.sink,
-            "stream": letter.stream,
-            "reason": letter.reason,
-            "at": at,
-            "element": element,
-        }
-        sys.stdout.write(json.dumps(line, ensure_ascii=False) + "\n")
+        out.write(_listing_line(letter))
+    out.flush()
     return 0
 
 

@@ -1,17 +1,20 @@
-"""The `log-bridge dlq` commands on a real journal: what replay takes and leaves, and a journal that is not where
-the configuration says."""
+"""The `log-bridge dlq` commands on a real journal: what replay takes and leaves, what list prints, and a journal
+that is not where the configuration says."""
 
 from __future__ import annotations
 
+import base64
 import time
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 import yaml
 
 from receiver.cli import main
-from receiver.journal import list_dead_letters
+from receiver.journal import INTAKE, list_dead_letters
+from receiver.parsing import Rejected
 from sinks.base import Event
 from tests.receiver.test_journal import batch, opened
 
@@ -93,6 +96,33 @@ class TestDlqReplay:
         assert main(["dlq", "replay", "--config", str(config), "--sink", "fwd"]) == 0
         assert "replayed 3 dead letter(s)" in capsys.readouterr().out
         assert list_dead_letters(journal, "fwd") == []
+
+
+class TestDlqList:
+    async def test_elements_are_printed_as_stored(
+        self, tmp_path: Path, capsysbinary: pytest.CaptureFixture[bytes]
+    ) -> None:
+        journal = tmp_path / "j.db"
+        exact = b'{"event":{"id":"e1","n":123456789012345678901234567890,"d":0.10000000000000000555111512312578}}'
+        spaced = b'{ "event" : { "id" : "e2" } }'
+        await dead_letter(journal, "fwd", [exact, spaced])
+        opened_journal = await opened(journal)
+        try:  # bad input as a sender posted it: not UTF-8, and JSON spread over lines
+            rejected = [Rejected(b'{"event":"\xff\xfe"}', "not UTF-8"), Rejected(b'{\n"event": 5\n}', "not an event")]
+            await opened_journal.append("workos", batch(rejected=rejected), time.time())
+        finally:
+            await opened_journal.close()
+        config = write_config(tmp_path, str(journal), ["fwd"], ["fwd"])
+        assert main(["dlq", "list", "--config", str(config)]) == 0
+        lines = capsysbinary.readouterr().out.splitlines()
+        assert len(lines) == 4
+        assert lines[0].endswith(b',"element":' + exact + b"}") and lines[1].endswith(b',"element":' + spaced + b"}")
+        first = orjson.loads(lines[0])
+        assert first["sink"] == "fwd" and first["reason"] == "HTTP 409" and "element_base64" not in first
+        for line, raw in zip(lines[2:], [b'{"event":"\xff\xfe"}', b'{\n"event": 5\n}'], strict=True):
+            entry = orjson.loads(line)
+            assert entry["sink"] == INTAKE and base64.b64decode(entry["element_base64"]) == raw
+            assert entry["element"] == raw.decode("utf-8", "replace")
 
 
 class TestMissingJournal:
