@@ -265,17 +265,20 @@ _STRING_REST = re.compile(rb'(?:[^"\\]++|\\.)*+"', re.S)
 
 
 _CLOSER = {ord("["): ord("]"), ord("{"): ord("}")}
-_OPENS = re.compile(rb"[ \t\r\n]*\{")
+_WRAPPER_NEXT = re.compile(rb'[ \t\r\n]*\{[ \t\r\n]*"event"[ \t\r\n]*:')
 
 
 def _split_tolerant(text: bytes, max_events: int) -> tuple[list[bytes], tuple[bytes, str, bool] | None]:
     """The elements of a JSON array that may be broken, found in one linear pass; and what follows the array
     or is left unterminated, with its reason. Strings are skipped; opened brackets are stacked; a closer of the
     other kind closes through to its opener (or closes the innermost one when there is none); a stray '}' is
-    ignored; only a ']' with nothing open ends the array; a ',' followed by '{' inside an object (never valid
-    JSON) ends an element left unclosed there."""
+    ignored; only a ']' with nothing open ends the array. Inside objects only (no array open), a ',' followed
+    by a wrapper's start (`{"event":`, never valid JSON there) ends an element left unclosed."""
     pieces: list[bytes] = []
     stack: list[int] = []
+    # How many closers of each kind the stack holds: whether a closer has its opener open, in constant time
+    # (a scan of the stack at each closer made `[` * n + `}` * n quadratic).
+    open_closers = {0x5D: 0, 0x7D: 0}
     start = pos = 1
 
     def add(piece: bytes) -> None:
@@ -297,19 +300,25 @@ def _split_tolerant(text: bytes, max_events: int) -> tuple[list[bytes], tuple[by
                 return pieces, (rest, "the body ends inside a string (truncated?)", True)
             pos = closed.end()
         elif char in _CLOSER:
-            stack.append(_CLOSER[char])
+            closer = _CLOSER[char]
+            stack.append(closer)
+            open_closers[closer] += 1
         elif char == 0x2C:  # ','
-            if not stack or (stack[-1] == 0x7D and _OPENS.match(text, pos)):
-                # At depth 0 a ',' ends an element. Inside an object a ',' must be followed by a key, never by
-                # '{': there an element broke off unclosed (a missing '}'), and the '{' starts the next one.
+            if not stack or (not open_closers[0x5D] and _WRAPPER_NEXT.match(text, pos)):
+                # At depth 0 a ',' ends an element. Inside objects a ',' must be followed by a key: a wrapper
+                # there means the element before it was left without its closing brace(s). Not inside an
+                # array, where `,{` is JSON: an object missing its '}' in `targets` must not make its
+                # neighbour an element.
                 add(text[start : match.start()].strip(_JSON_SPACE))
                 start = pos
                 stack.clear()
-        elif char in stack:
-            while stack.pop() != char:
-                pass
+                open_closers[0x5D] = open_closers[0x7D] = 0
+        elif open_closers[char]:
+            while (popped := stack.pop()) != char:
+                open_closers[popped] -= 1
+            open_closers[char] -= 1
         elif stack:  # a closer with no opener of its kind: it closes the innermost one
-            stack.pop()
+            open_closers[stack.pop()] -= 1
         elif char == 0x5D:  # ']' with nothing open: the end of the array
             piece = text[start : match.start()].strip(_JSON_SPACE)
             if piece or pieces:

@@ -411,8 +411,8 @@ class TestDefects:
 
     @pytest.mark.parametrize(
         "bad",
-        [b'{"event":{"action":"x"},"keySuffix":"k"', b'{"event":{"action":"x","q":1', b'{"event":{"q":[1,{"a":2'],
-        ids=["outer-brace-missing", "both-braces-missing", "inside-a-list"],
+        [b'{"event":{"action":"x"},"keySuffix":"k"', b'{"event":{"action":"x","q":1', b'{"event":{"a":{"b":2'],
+        ids=["outer-brace-missing", "both-braces-missing", "three-braces-missing"],
     )
     async def test_an_element_left_unclosed_costs_only_that_element(
         self, file_service: FileService, client, bad: bytes
@@ -428,6 +428,33 @@ class TestDefects:
         status, payload = await file_service.post(client, body)
         assert (status, payload) == (200, {"accepted": 3, "duplicates": 0, "dead_lettered": 1}), payload
         assert await file_service.written(3) == good
+        assert [letter.data for letter in file_service.dead_letters()] == [bad]
+
+    @pytest.mark.parametrize(
+        "bad",
+        [
+            b'{"event":{"action":"a","metadata":{"changes":[{"action":"role.added","role":"admin",'
+            b'{"action":"role.removed","role":"owner"}]}},"keySuffix":"k"}',
+            b'{"event":{"action":"a","targets":[{"id":"t1","type":"user",{"id":"t2","type":"team"}]},"keySuffix":"k"}',
+        ],
+        ids=["bare-event-in-a-list", "target-in-a-list"],
+    )
+    async def test_an_object_left_unclosed_in_a_list_makes_no_element_of_its_neighbour(
+        self, file_service: FileService, client, bad: bytes
+    ) -> None:
+        """Was a defect (of the rule above, in its first form: any ',' then '{' inside an object ended the
+        element): an object missing its '}' inside a list of objects (`metadata.changes`, `targets`) made the
+        next object of that list an element of its own, delivered as a bare event the sender never sent
+        (`{"event":{"action":"role.removed",...}}`), and the list's ']' then ended the array, so the whole
+        elements after it became one dead letter "data after the end of the JSON array"; where the neighbour had
+        no action the body was refused whole (400). Inside a list `,{` is JSON: the rule holds only where no
+        list is open and a wrapper follows. Expected: the broken element dead-lettered as received, the others
+        delivered, nothing else."""
+        good = _good(2)
+        body = b"[" + b",".join([bad, *good]) + b"]"
+        status, payload = await file_service.post(client, body)
+        assert (status, payload) == (200, {"accepted": 2, "duplicates": 0, "dead_lettered": 1}), payload
+        assert await file_service.written(2) == good
         assert [letter.data for letter in file_service.dead_letters()] == [bad]
 
     @pytest.mark.parametrize(
