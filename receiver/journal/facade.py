@@ -75,6 +75,16 @@ PROBE_ROOM = 256 * 1024
 """Bytes a readiness probe writes to SQLite after the disk was full (a request's dead letters go there), and
 what it reserves in the segments' directory besides the largest body (`Journal.room`: a record's meta)."""
 
+SPARE_BYTES = 4 * 1024 * 1024
+"""Room kept allocated beside the segments (`SegmentLog.keep_spare`) and given up when a sink's progress
+cannot commit for lack of space, so that the cursor moves and the segments it passed are unlinked: on a full
+disk SQLite cannot grow its WAL, nor the database to checkpoint it. A few cursor commits and a checkpoint take
+tens of KiB; 4 MiB holds the dedup keys the mark copies to `dedup_log` while it passes a whole segment
+(SEGMENT_BYTES of events), after which that segment is freed."""
+
+SPARE_RETRY = 0.25
+"""Seconds between tries to allocate the spare room again while it is missing (requests wait for it)."""
+
 HELD_BYTES = 8 * 1024 * 1024
 """Most memory the dedup keys of appended records take while held until the mark passes them (their bytes and
 KEY_COST each: ≈ 90 k keys of 32 characters): what sinks that keep up pass is copied to `dedup_log` without
@@ -304,6 +314,10 @@ class Journal(GroupWriter):
         self._recent_bytes = 0
         self.shared: RedisDedupStore | None = None
         """The dedup store shared with other replicas (journal.dedup_store), consulted besides the local index."""
+        self.spare_held = False
+        """Whether SPARE_BYTES are allocated beside the segments (writer thread, once open)."""
+        self._spare_tried = 0.0
+        """When the spare room was last tried while missing (monotonic)."""
 
     # --- life cycle --------------------------------------------------------------------------------
 
@@ -320,6 +334,9 @@ class Journal(GroupWriter):
             conn = await asyncio.to_thread(connect, self.path, WRITER_CACHE_KIB)
             self._read_conn = await asyncio.to_thread(connect, self.path)
             metas = await asyncio.to_thread(self._open_segments, conn)
+            self.spare_held = await asyncio.to_thread(self.segments.keep_spare, SPARE_BYTES)
+            if not self.spare_held:  # requests wait until it is: delivery frees room first
+                log.warning("journal: the disk lacks room for the journal's spare room", extra={"bytes": SPARE_BYTES})
             if self.segments.damaged:
                 await asyncio.to_thread(self._keep_opened_damage, conn)
             mark = conn.execute("SELECT value FROM meta WHERE key = 'mark'").fetchone()
@@ -420,6 +437,39 @@ class Journal(GroupWriter):
             await asyncio.get_running_loop().run_in_executor(self._reader, conn.close)
         self._reader.shutdown(wait=True)
         self._release_lock()
+
+    def _room_for_batches(self) -> bool:
+        """Requests take disk space only while the spare room is held: once a full disk made the journal give
+        it up, it is allocated again before any request, so that the room delivery frees goes to it first."""
+        if self.spare_held:
+            return True
+        now = time.monotonic()
+        if now - self._spare_tried < SPARE_RETRY:
+            return False
+        self._spare_tried = now
+        self._restore_spare()
+        return self.spare_held
+
+    def _restore_spare(self) -> None:
+        try:
+            self.spare_held = self.segments.keep_spare(SPARE_BYTES)
+        except OSError as exc:
+            log.error("journal: cannot allocate the spare room", extra={"error": str(exc)})
+        if self.spare_held:
+            log.warning("journal: the spare room is allocated again; requests are taken")
+
+    def _release_spare(self) -> bool:
+        released = self.segments.release_spare()
+        self.spare_held = False
+        if released:
+            log.warning(
+                "journal: the disk is full; its spare room is given up for the sinks' progress, and requests wait "
+                "until delivered segments free the disk"
+            )
+        return released
+
+    def _rolled_back(self) -> None:
+        self._group_mark = 0  # the mark it moved is not committed: a job run again must move it, keys and all
 
     def _group_ended(self) -> None:
         self._pending.clear()
@@ -681,6 +731,8 @@ class Journal(GroupWriter):
         filler = b"\0" * PROBE_ROOM if self.disk_full else b""
 
         def write(conn: sqlite3.Connection) -> None:
+            if not self._room_for_batches():  # requests are refused until the spare room is back
+                raise DiskFull("the journal's disk is full")
             if filler:
                 self.segments.reserve(self.room)
             conn.execute("INSERT OR REPLACE INTO meta VALUES ('probe', ?)", (filler or time.time(),))
@@ -872,7 +924,7 @@ class Journal(GroupWriter):
             )
             self._free_passed(conn, active_sinks)
 
-        await self._write(write)
+        await self._write(write, frees_room=True)
 
     def _free_passed(self, conn: sqlite3.Connection, active_sinks: Sequence[str]) -> None:
         """Move the mark to the seq every active sink is past (the journal's end when no sink is active): the
@@ -904,6 +956,8 @@ class Journal(GroupWriter):
             self._held_from = max(self._held_from, self._mark)
             if passed:
                 self.segments.drop(passed)
+                if not self.spare_held:  # the room freed goes to the spare room before any request
+                    self._restore_spare()
             self.size_bytes = self.segments.bytes_after(self._mark)
 
         self._after_commit.append(moved)
@@ -939,7 +993,7 @@ class Journal(GroupWriter):
 
     async def free_passed(self, active_sinks: Sequence[str]) -> None:
         """Free what the active sinks are all past (after a reload removed a sink that was behind)."""
-        await self._write(lambda conn: self._free_passed(conn, active_sinks))
+        await self._write(lambda conn: self._free_passed(conn, active_sinks), frees_room=True)
 
     async def prune_dedup(self, now: float | None = None) -> None:
         """Forget dedup keys older than the window, and recount the backlog."""

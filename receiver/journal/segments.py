@@ -155,6 +155,10 @@ def _codecs() -> _Codecs:
 ROOM_FILE = ".room"
 """The file a readiness probe allocates beside the segments, then removes (`SegmentLog.reserve`)."""
 
+SPARE_FILE = ".spare"
+"""Room the journal keeps allocated beside the segments for its progress commits on a full disk
+(`SegmentLog.keep_spare`); kept across restarts, so a journal opened on a full disk still has it."""
+
 
 class Segment:
     """One segment file and the index of its durable records."""
@@ -381,6 +385,44 @@ class SegmentLog:
         finally:
             os.close(fd)
             path.unlink(missing_ok=True)
+
+    def keep_spare(self, size: int) -> bool:
+        """Allocate `size` bytes in SPARE_FILE (what it holds already stays): whether it holds them now. False
+        when the disk lacks the room; what could be allocated stays allocated, for the next try."""
+        path = self.directory / SPARE_FILE
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            if os.fstat(fd).st_blocks * 512 >= size:
+                return True
+            allocate = getattr(os, "posix_fallocate", None)
+            try:
+                if allocate is None:
+                    raise OSError(errno.EOPNOTSUPP, "no posix_fallocate")
+                allocate(fd, 0, size)
+            except OSError as exc:
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    return False
+                if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+                # A file system that cannot allocate ahead (or macOS): zeros written take the blocks instead.
+                try:
+                    os.pwrite(fd, b"\0" * size, 0)
+                    os.fsync(fd)
+                except OSError as failed:
+                    if failed.errno in (errno.ENOSPC, errno.EDQUOT):
+                        return False
+                    raise
+            return True
+        finally:
+            os.close(fd)
+
+    def release_spare(self) -> bool:
+        """Unlink SPARE_FILE, giving its room back to the file system: whether there was one."""
+        try:
+            (self.directory / SPARE_FILE).unlink()
+        except FileNotFoundError:
+            return False
+        return True
 
     def passed(self, mark: int) -> list[Segment]:
         """The segments, the newest aside, whose every event is at or before `mark`."""

@@ -41,6 +41,9 @@ class _Job:
     update or a prune writes too little to say so)."""
     bulk: Any = None
     """A request's batch: appended to the segments together with the batches of its group."""
+    frees_room: bool = False
+    """A sink's progress: its commit lets delivered segments be unlinked, so on a full disk the journal's
+    spare room is given up for it (`_release_spare`)."""
 
 
 _STOP = object()
@@ -133,10 +136,15 @@ class GroupWriter:
         added = False
         try:
             try:
-                # Batches whose SQLite part failed: their events are not appended.
-                refused = self._run_transaction(conn, stores, outcomes) if stores else set()
-                appends = [job for job in batches if id(job) not in refused]
-                added = bool(appends) and self._append_batches(appends, outcomes)
+                if batches and not self._room_for_batches():  # what delivery frees goes to the spare room first
+                    self.disk_full = True
+                    full = DiskFull("the journal's disk is full")
+                    outcomes.extend((job, None, full) for job in batches)
+                else:
+                    # Batches whose SQLite part failed: their events are not appended.
+                    refused = self._run_transaction(conn, stores, outcomes) if stores else set()
+                    appends = [job for job in batches if id(job) not in refused]
+                    added = bool(appends) and self._append_batches(appends, outcomes)
             except Exception:  # a bug or an unforeseen error: answer the group, and keep the writer alive
                 added = self._failed(batches, outcomes)
             published, self._published = self._published, []
@@ -146,11 +154,37 @@ class GroupWriter:
                 outcomes = []
                 try:
                     self._run_transaction(conn, later, outcomes)
+                    self._retry_with_spare(conn, outcomes)
                 except Exception:
                     self._failed(later, outcomes)
                 loop.call_soon_threadsafe(self._settle_group, outcomes, False, [])
         finally:
             self._group_ended()
+
+    def _retry_with_spare(
+        self, conn: sqlite3.Connection, outcomes: list[tuple[_Job, Any, BaseException | None]]
+    ) -> None:
+        """Run again, once the spare room is given up, the sinks' progress that failed for lack of space: on a
+        full disk SQLite cannot grow its WAL (nor the database, to checkpoint it), so without room no cursor
+        would move, no delivered segment would be unlinked, and nothing would ever free the disk."""
+        stuck = [job for job, _, error in outcomes if job.frees_room and isinstance(error, DiskFull)]
+        if not stuck or not self._release_spare():
+            return
+        ids = {id(job) for job in stuck}
+        outcomes[:] = [outcome for outcome in outcomes if id(outcome[0]) not in ids]
+        self._run_transaction(conn, stuck, outcomes)
+
+    def _rolled_back(self) -> None:
+        """After a transaction rolled back (writer thread): forget what its jobs set for the rest of the group,
+        which may run them again (`_retry_with_spare`)."""
+
+    def _room_for_batches(self) -> bool:
+        """Whether the group's requests may take disk space (writer thread)."""
+        return True
+
+    def _release_spare(self) -> bool:
+        """Give the spare room back to the file system; whether there was any (writer thread)."""
+        return False
 
     @staticmethod
     def _failed(jobs: list[_Job], outcomes: list[tuple[_Job, Any, BaseException | None]]) -> bool:
@@ -184,6 +218,7 @@ class GroupWriter:
         except sqlite3.Error as exc:
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
+            self._rolled_back()
             failure = map_error(exc)
             log.error("journal commit failed", extra={"error": str(failure)})
             self.disk_full = self.disk_full or isinstance(failure, DiskFull)
@@ -249,20 +284,24 @@ class GroupWriter:
             for signal in self._new_data:
                 signal.set()
 
-    async def _write(self, fn: Callable[[sqlite3.Connection], T], proves_room: bool = False) -> T:
-        return await self._enqueue(fn, proves_room, None)  # type: ignore[no-any-return]
+    async def _write(
+        self, fn: Callable[[sqlite3.Connection], T], proves_room: bool = False, frees_room: bool = False
+    ) -> T:
+        return await self._enqueue(fn, proves_room, None, frees_room)  # type: ignore[no-any-return]
 
     async def _write_batch(self, batch: B, store: Callable[[sqlite3.Connection], Any] | None) -> Any:
         """Queue one request's batch, appended with the batches of its group (and `store` run in the group's
         transaction before, when given); this batch's result once durable."""
         return await self._enqueue(store, True, batch)
 
-    async def _enqueue(self, fn: Callable[..., Any] | None, proves_room: bool, bulk: Any) -> Any:
+    async def _enqueue(
+        self, fn: Callable[..., Any] | None, proves_room: bool, bulk: Any, frees_room: bool = False
+    ) -> Any:
         if self._closed or self._writer is None:
             raise JournalClosed("the journal is closed")
         loop = self._loop
         if loop is None or threading.get_ident() != self._loop_thread or not loop.is_running():  # another loop
             loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        self._queue.put(_Job(fn, loop, future, proves_room, bulk))
+        self._queue.put(_Job(fn, loop, future, proves_room, bulk, frees_room))
         return await future

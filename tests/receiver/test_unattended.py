@@ -445,9 +445,9 @@ class TestReadinessWhileTheDiskIsFull:
     async def test_not_ready_from_the_first_failed_write_until_one_commits(
         self, start_service: StartService, tmp_path: Path
     ) -> None:
-        with small_disk(tmp_path / "disk", "8m") as disk:
+        with small_disk(tmp_path / "disk", "12m") as disk:  # 4 MiB of it the journal's spare room (SPARE_BYTES)
             filler = disk / "filler"
-            service = await start_service(  # readiness needs room for a largest request: 1 MiB of the disk's 8
+            service = await start_service(  # readiness needs room for a largest request: 1 MiB of the disk's 8 left
                 {
                     "server": {"max_body_bytes": "1MiB"},
                     "journal": {"path": str(disk / "journal.db")},
@@ -489,7 +489,7 @@ class TestReadinessWhileTheDiskIsFull:
     ) -> None:
         """After a full disk, a little room freed (enough for the probe's own write, not for a request of
         max_body_bytes) keeps the service not ready: ready, it would take a large request only to refuse it."""
-        with small_disk(tmp_path / "disk", "8m") as disk:
+        with small_disk(tmp_path / "disk", "12m") as disk:  # 4 MiB of it the journal's spare room
             filler = disk / "filler"
             service = await start_service(
                 {
