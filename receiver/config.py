@@ -175,6 +175,9 @@ class JournalConfig(_Model):
     path: Path = Path("./data/journal.db")
     max_bytes: ByteSize = Field(1024**3, gt=0)
     """Cap on the undelivered events' bytes (the backlog); dedup keys do not count."""
+    max_dead_letter_bytes: ByteSize = Field(256 * 1024**2, gt=0)
+    """Cap on the dead letters' bytes: past it a request with elements to dead-letter is refused (503) and a
+    sink's permanent failures are held and retried, so that dead letters cannot fill the disk."""
     dedup_window: Duration = 24 * 3600.0
     dedup_max_keys: int = Field(DEFAULT_DEDUP_MAX_KEYS, ge=1)
     """Keys the dedup index holds at most; past it the oldest are forgotten early (counted), never refused."""

@@ -23,6 +23,7 @@ from typing import TypeVar
 from receiver.config import Config, RetryConfig, SinkSection
 from receiver.errors import JournalClosed, JournalError
 from receiver.journal import Journal
+from receiver.journal.schema import letter_bytes
 from receiver.metrics import Metrics
 from sinks import registry
 from sinks.base import Event, Health, Outcome, SendResult, Sink
@@ -297,9 +298,39 @@ class SinkRunner:
             self._in_flight = 0
 
     async def _settle(self, batch: list[Event]) -> None:
-        """Send until every event is delivered or dead-lettered, then commit the cursor past them."""
-        policy = self.section.retry
+        """Send until every event is delivered or dead-lettered, then commit the cursor past them. Dead letters
+        the journal has no room for (`journal.max_dead_letter_bytes`) are held, never dropped: sent again after
+        a backoff, the cursor before them, until they are delivered or there is room."""
         todo = batch
+        held = 0
+        while True:
+            dead = await self._send(todo)
+            if dead is None:
+                return  # halted: nothing committed, the events stay owed at this sink's cursor
+            size = sum(letter_bytes(event.raw, why, event.stream) for event, why in dead)
+            if not dead or self.journal.takes_dead_letters(size):
+                break
+            held += 1
+            delay = backoff(held, self.section.retry)
+            self._set_health(Health(False, "dead letters at their cap (journal.max_dead_letter_bytes): failures held"))
+            log.warning(
+                "dead letters at their cap: the sink's permanent failures are held and sent again",
+                extra={"sink": self.name, "events": len(dead), "delay_s": round(delay, 3), "reason": dead[0][1]},
+            )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._halted.wait(), delay)
+            if self._halting:
+                return
+            todo = [event for event, _ in dead]
+        if dead:
+            self.metrics.dead_lettered.labels(self.name).inc(len(dead))
+            log.error("events dead-lettered", extra={"sink": self.name, "events": len(dead), "reason": dead[0][1]})
+        position = self._buffer[0].seq - 1 if self._buffer else self._read_pos
+        await self._commit(position, dead)
+
+    async def _send(self, todo: list[Event]) -> list[tuple[Event, str]] | None:
+        """Send until every event is delivered or failed for good: those failed, with why (None: halted)."""
+        policy = self.section.retry
         dead: list[tuple[Event, str]] = []
         attempt = 0
         pending_only = False
@@ -368,14 +399,10 @@ class SinkRunner:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._halted.wait(), delay)
             if self._halting:
-                return  # nothing committed: the events stay owed at this sink's cursor
+                return None  # nothing committed: the events stay owed at this sink's cursor
             todo = [event for event, _ in retry] + pending
             self._in_flight = len(todo)
-        if dead:
-            self.metrics.dead_lettered.labels(self.name).inc(len(dead))
-            log.error("events dead-lettered", extra={"sink": self.name, "events": len(dead), "reason": dead[0][1]})
-        position = self._buffer[0].seq - 1 if self._buffer else self._read_pos
-        await self._commit(position, dead)
+        return dead
 
     async def _commit(self, position: int, dead: list[tuple[Event, str]]) -> None:
         # Until this commits, the dead letters exist only here: keep trying, never skip past them.

@@ -32,6 +32,7 @@ async def drain(config: Config, deadline: float) -> list[Leftover]:
         max_bytes=config.journal.max_bytes,
         dedup_window=config.journal.dedup_window,
         dedup_max_keys=config.journal.dedup_max_keys,
+        max_dead_letter_bytes=config.journal.max_dead_letter_bytes,
     )
     await journal.open()
     try:

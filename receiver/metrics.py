@@ -75,6 +75,14 @@ class Metrics:
             "Bytes the journal stores for undelivered events (compressed; what journal.max_bytes caps)",
             registry=r,
         )
+        self.dead_letter_bytes = Gauge(
+            "log_bridge_dead_letter_bytes",
+            "Bytes the journal's dead letters take (what journal.max_dead_letter_bytes caps)",
+            registry=r,
+        )
+        self.dead_letter_max_bytes = Gauge(
+            "log_bridge_dead_letter_max_bytes", "journal.max_dead_letter_bytes", registry=r
+        )
         self.dedup_keys = Gauge("log_bridge_dedup_keys", "Keys in the dedup index (all streams)", registry=r)
         self.dedup_evicted = Counter(
             "log_bridge_dedup_evicted_keys",

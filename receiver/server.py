@@ -268,6 +268,7 @@ class Service:
             dedup_window=config.journal.dedup_window,
             dedup_max_keys=config.journal.dedup_max_keys,
             largest_body=config.server.max_body_bytes,
+            max_dead_letter_bytes=config.journal.max_dead_letter_bytes,
         )
         if config.journal.dedup_store.type == "redis":
             from receiver.dedup_store import RedisDedupStore
@@ -322,6 +323,8 @@ class Service:
             lambda: self.journal.dedup.size,
         )
         self.metrics.journal_max_bytes.set_function(lambda: self.journal.max_bytes)
+        self.metrics.dead_letter_bytes.set_function(lambda: self.journal.dead_letter_bytes)
+        self.metrics.dead_letter_max_bytes.set_function(lambda: self.journal.max_dead_letter_bytes)
         self.journal.dedup.on_evict = self.metrics.dedup_evicted.inc
         intake_dead = self.metrics.dead_lettered.labels("intake")  # damaged journal bytes are intake dead letters
         intake_dead.inc(self.journal.damage_kept)  # kept at open, before there was anyone to tell
@@ -434,6 +437,7 @@ class Service:
         if self.tls is not None and fresh_tls is not None:
             self.tls.current = fresh_tls
         self.journal.max_bytes = config.journal.max_bytes
+        self.journal.max_dead_letter_bytes = config.journal.max_dead_letter_bytes
         self.journal.largest_body = config.server.max_body_bytes
         # Delivery first: a sink the new streams feed must exist (at the journal's end) before they are served.
         if self.engine is not None:

@@ -26,12 +26,15 @@ from receiver.dedup import DedupIndex
 from receiver.errors import JournalClosed, JournalError, JournalFull
 from receiver.journal.schema import (
     COMPRESSION_LEVEL,
+    DEAD_LETTER_BYTES,
     INSERT_DEAD_LETTER,
     ZSTD_MAGIC,
+    DeadLettersFull,
     DiskFull,
     connect,
     insert_dead_letters,
     last_seq,
+    letter_bytes,
     open_problem,
     store_last_seq,
 )
@@ -84,6 +87,9 @@ tens of KiB; 4 MiB holds the dedup keys the mark copies to `dedup_log` while it 
 
 SPARE_RETRY = 0.25
 """Seconds between tries to allocate the spare room again while it is missing (requests wait for it)."""
+
+DEFAULT_MAX_DEAD_LETTER_BYTES = 256 * 1024 * 1024
+"""`journal.max_dead_letter_bytes` by default."""
 
 HELD_BYTES = 8 * 1024 * 1024
 """Most memory the dedup keys of appended records take while held until the mark passes them (their bytes and
@@ -262,10 +268,17 @@ class Journal(GroupWriter):
         dedup_window: float,
         dedup_max_keys: int = DEFAULT_DEDUP_MAX_KEYS,
         largest_body: int = 0,
+        max_dead_letter_bytes: int = DEFAULT_MAX_DEAD_LETTER_BYTES,
     ) -> None:
         super().__init__()
         self.path = path
         self.max_bytes = max_bytes
+        self.max_dead_letter_bytes = max_dead_letter_bytes
+        """`journal.max_dead_letter_bytes` (a reload sets it): past it no request's dead letter is taken, and a
+        sink's permanent failures are held and retried instead of dead-lettered."""
+        self.dead_letter_bytes = 0
+        """What the dead letters take in the journal (`letter_bytes` each): counted as they are committed,
+        recounted after `dlq replay` took some away."""
         self.largest_body = largest_body
         """`server.max_body_bytes` (a reload sets it): what `room` is reckoned from."""
         self.dedup = DedupIndex(dedup_window, dedup_max_keys)
@@ -347,6 +360,7 @@ class Journal(GroupWriter):
             self._next_seq = max(self.segments.last_seq, last_seq(conn), self._mark, int(cursors)) + 1
             self.last_seq = self._held_from = self._next_seq - 1
             self.size_bytes = self.segments.bytes_after(self._mark)
+            self.dead_letter_bytes = int(conn.execute(DEAD_LETTER_BYTES).fetchone()[0])
             await asyncio.to_thread(self._load_dedup, conn, time.time(), metas)
         except (OSError, sqlite3.Error) as exc:
             self.segments.close()
@@ -407,7 +421,11 @@ class Journal(GroupWriter):
         failed = False
         while True:
             try:
-                await self.ingest_replays()
+                moved = await self.ingest_replays()
+                if moved or self.dead_letter_bytes >= self.max_dead_letter_bytes:  # `dlq replay` took some away
+                    self.dead_letter_bytes = await self._read(
+                        lambda conn: conn.execute(DEAD_LETTER_BYTES).fetchone()[0]
+                    )
             except (JournalError, sqlite3.Error) as exc:
                 log.warning("journal: cannot take replayed dead letters yet; will retry", extra={"error": str(exc)})
             if self.commits != done or failed:
@@ -509,6 +527,12 @@ class Journal(GroupWriter):
         keys), by default the stream's name."""
         if self.over_cap:
             raise JournalFull(f"the journal is over its cap ({self.max_bytes} bytes)")
+        letters = [(item.raw, item.reason) for item in parsed.rejected]
+        if letters and not self.takes_dead_letters(sum(letter_bytes(raw, why, stream) for raw, why in letters)):
+            raise DeadLettersFull(
+                f"the journal's dead letters are at their cap ({self.max_dead_letter_bytes} bytes): a request with "
+                "elements to dead-letter is refused until `log-bridge dlq` takes some away"
+            )
         scope = scope or stream
         shared = self.shared if self.dedup.enabled else None
         elsewhere = await shared.seen(scope, parsed.keys) if shared is not None else frozenset()
@@ -519,15 +543,25 @@ class Journal(GroupWriter):
             await shared.mark(scope, batch.keys)  # never a loss
         return result
 
-    @staticmethod
-    def _store_rejects(stream: str, at: float, rejected: Sequence[Any]) -> Callable[[sqlite3.Connection], None]:
+    def takes_dead_letters(self, size: int) -> bool:
+        """Whether `size` more bytes of dead letters stay within `max_dead_letter_bytes`."""
+        return self.dead_letter_bytes + size <= self.max_dead_letter_bytes
+
+    def _count_dead_letters(self, size: int) -> None:
+        """Count dead letters once their transaction commits (writer thread)."""
+        self._after_commit.append(lambda: setattr(self, "dead_letter_bytes", self.dead_letter_bytes + size))
+
+    def _store_rejects(self, stream: str, at: float, rejected: Sequence[Any]) -> Callable[[sqlite3.Connection], None]:
         """What stores the intake's dead letters of a request, in its group's transaction (before its events
         are appended: a request whose events fail is answered 503 and retried, and its dead letters are then
         stored again, never lost)."""
         letters = [(None, stream, item.raw, item.reason, at, None) for item in rejected]
 
+        size = sum(letter_bytes(item.raw, item.reason, stream) for item in rejected)
+
         def store(conn: sqlite3.Connection) -> None:
             conn.executemany(INSERT_DEAD_LETTER, letters)
+            self._count_dead_letters(size)
 
         return store
 
@@ -888,6 +922,7 @@ class Journal(GroupWriter):
                 extra={"segment": item.segment, "offset": item.offset, "bytes": len(item.raw), "why": item.why},
             )
             insert_dead_letters(conn, None, item.stream, now, [(item.raw, item.reason, None)])
+            self._count_dead_letters(letter_bytes(item.raw, item.reason, item.stream))
             if max(item.first, item.last) > last_seq(conn):  # its seqs are never given again (the reason names them)
                 store_last_seq(conn, max(item.first, item.last))
         return count
@@ -918,6 +953,8 @@ class Journal(GroupWriter):
         def write(conn: sqlite3.Connection) -> None:
             for event, reason in dead:
                 insert_dead_letters(conn, sink, event.stream, now, [(event.raw, reason, (event.action, event.time))])
+            if dead:
+                self._count_dead_letters(sum(letter_bytes(event.raw, why, event.stream) for event, why in dead))
             conn.execute(
                 "INSERT INTO cursors (sink, seq) VALUES (?, ?) ON CONFLICT (sink) DO UPDATE SET seq = excluded.seq",
                 (sink, seq),

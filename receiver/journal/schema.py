@@ -77,6 +77,22 @@ def _migrate(conn: sqlite3.Connection) -> None:
                     raise
 
 
+DEAD_LETTER_ROW = 64
+"""Bytes a dead letter takes besides its data, reason and stream (its id, sink, time, meta, the index entry)."""
+
+DEAD_LETTER_BYTES = (
+    "SELECT coalesce(sum(length(data) + length(CAST(reason AS BLOB)) + length(CAST(stream AS BLOB))), 0)"
+    " + 64 * count(*) FROM dead_letters"
+)
+"""What the dead letters take, as `letter_bytes` counts each (64: DEAD_LETTER_ROW; length() of a BLOB reads no
+overflow page)."""
+
+
+def letter_bytes(raw: bytes, reason: str, stream: str) -> int:
+    """What one dead letter takes in the journal, for `journal.max_dead_letter_bytes`."""
+    return len(raw) + len(reason.encode()) + len(stream.encode()) + DEAD_LETTER_ROW
+
+
 INSERT_DEAD_LETTER = "INSERT INTO dead_letters (sink, stream, data, reason, at, meta) VALUES (?, ?, ?, ?, ?, ?)"
 
 
@@ -152,3 +168,7 @@ def map_error(exc: sqlite3.Error) -> JournalError:
 
 class DiskFull(JournalFull):
     """A write failed because the journal's file system has no room."""
+
+
+class DeadLettersFull(JournalFull):
+    """A request's dead letters would take the journal's dead letters past `journal.max_dead_letter_bytes`."""

@@ -166,6 +166,15 @@ class TestErrors:
             "sinks.archive.batch.max_events",
         }
 
+    @pytest.mark.parametrize("value", [0, "lots"])
+    def test_the_dead_letter_cap_is_a_positive_size(self, value: object) -> None:
+        (problem,) = errors_of(minimal(journal={"max_dead_letter_bytes": value}))
+        assert problem.startswith("journal.max_dead_letter_bytes: ")
+        assert (
+            parse_config(minimal(journal={"max_dead_letter_bytes": "64MiB"}), {}).journal.max_dead_letter_bytes
+            == 64 * 2**20
+        )
+
     def test_stream_naming_an_undefined_sink(self) -> None:
         tree = minimal()
         tree["streams"][0]["sinks"] = ["archive", "splunk"]

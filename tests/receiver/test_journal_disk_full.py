@@ -11,8 +11,9 @@ import aiohttp
 import orjson
 import pytest
 
+from receiver.journal import list_dead_letters
 from receiver.samples import encode_body, sample_wrappers
-from tests.conftest import TOKEN, StartService
+from tests.conftest import TOKEN, StartService, memory, scrape
 from tests.receiver.test_unattended import small_disk
 
 AUTH = {"Authorization": TOKEN}
@@ -95,3 +96,79 @@ class TestRecoveryFromAFullDisk:
                     await asyncio.sleep(0.1)
                 assert response.status == 200
             await service.stop()
+
+
+def bad_and_good(good: dict[str, object], bad: int, size: int) -> bytes:
+    """A request holding one good element, then `bad` elements that are no event (`size` x's each)."""
+    return orjson.dumps([good] + [{"notevent": "x" * size}] * bad)
+
+
+class TestBoundedDeadLetters:
+    async def test_intake_dead_letters_cannot_fill_the_disk(self, start_service: StartService, tmp_path: Path) -> None:
+        """Requests each carrying ≈ 900 KB of bad elements, 36 MB in all on a 20 MiB disk: past
+        max_dead_letter_bytes they are refused (503, Retry-After: the sender retries, nothing lost), the disk
+        never fills, requests without bad elements are still taken, and every accepted event is delivered."""
+        out = tmp_path / "out" / "events.log"
+        with small_disk(tmp_path / "disk", "20m") as disk:
+            service = await start_service(
+                {
+                    "server": {"max_body_bytes": "1MiB"},
+                    "journal": {"path": str(disk / "journal.db"), "max_bytes": "1MiB", "max_dead_letter_bytes": "3MiB"},
+                    "streams": [{"name": "workos", "path": "/workos", "auth": {"values": [TOKEN]}, "sinks": ["file"]}],
+                    "sinks": {"file": {"type": "file", "path": str(out), "batch": {"max_wait": "50ms"}}},
+                }
+            )
+            accepted: set[str] = set()
+            refused: list[tuple[str | None, str]] = []
+            headers = {**AUTH, "Content-Type": "application/json"}
+            async with aiohttp.ClientSession() as session:
+                for _ in range(40):
+                    good = sample_wrappers(1)[0]
+                    data = bad_and_good(good, 100, 9000)
+                    async with session.post(service.url + "/workos", data=data, headers=headers) as response:
+                        if response.status == 200:
+                            accepted.add(good["event"]["id"])
+                        else:
+                            assert response.status == 503, await response.text()
+                            refused.append((response.headers.get("Retry-After"), (await response.json())["error"]))
+                    assert not service.journal.disk_full, f"the disk filled after {len(accepted)} requests"
+                assert 0 < len(accepted) < 40 and len(refused) == 40 - len(accepted)
+                assert all(after and "dead letters are at their cap" in why for after, why in refused), refused[:3]
+                good = sample_wrappers(3)
+                async with session.post(service.url + "/workos", data=orjson.dumps(good), headers=headers) as response:
+                    assert response.status == 200  # no bad element: taken
+                accepted.update(wrapper["event"]["id"] for wrapper in good)
+                text = await (await session.get(service.url + "/metrics")).text()
+            held = scrape(text, "log_bridge_dead_letter_bytes")
+            assert held is not None and 0 < held <= 3 * 1024 * 1024
+            assert scrape(text, "log_bridge_dead_letter_max_bytes") == 3 * 1024 * 1024
+            deadline = time.monotonic() + 20
+            delivered: set[str] = set()
+            while time.monotonic() < deadline and not accepted <= delivered:
+                await asyncio.sleep(0.2)
+                delivered = {orjson.loads(line)["event"]["id"] for line in lines_of(out)}
+            assert accepted <= delivered
+            await service.stop()
+
+    async def test_a_sinks_permanent_failures_are_held_at_the_cap(self, start_service: StartService) -> None:
+        """A sink's permanent failures the dead letters have no room for are sent again, not dead-lettered
+        nor dropped: once the sink takes them, they are delivered."""
+        service = await start_service(
+            {"journal": {"max_dead_letter_bytes": "1KiB"}, "sinks": {"mem": {"fail": "permanent"}}}
+        )
+        wrappers = sample_wrappers(3)  # ≈ 1 KB each: the first already passes the cap
+        async with aiohttp.ClientSession() as session:
+            data, content_type = encode_body(wrappers, "json")
+            headers = {**AUTH, "Content-Type": content_type}
+            async with session.post(service.url + "/workos", data=data, headers=headers) as response:
+                assert response.status == 200
+        await asyncio.sleep(0.5)  # many sends meanwhile (retry.initial 10 ms)
+        assert list_dead_letters(service.config.journal.path) == []
+        assert service.journal.dead_letter_bytes == 0
+        memory().fail = "none"
+        for _ in range(50):
+            if len(memory().events) == 3:
+                break
+            await asyncio.sleep(0.1)
+        assert sorted(event.seq for event in memory().events) == [1, 2, 3]
+        assert list_dead_letters(service.config.journal.path) == []
