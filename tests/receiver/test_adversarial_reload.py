@@ -344,10 +344,10 @@ class TestReadinessOnAFullDisk:
 
         from tests.receiver.test_unattended import small_disk
 
-        with small_disk(tmp_path / "disk", "8m") as disk:
+        with small_disk(tmp_path / "disk", "12m") as disk:  # 4 MiB of it the journal's spare room
             service = await start_service(
                 {
-                    "server": {"max_body_bytes": "1MiB"},  # readiness needs room for one: 1 MiB of the disk's 8
+                    "server": {"max_body_bytes": "1MiB"},  # readiness needs room for one: 1 MiB of the disk's 8 left
                     "journal": {"path": str(disk / "journal.db")},
                     "sinks": {"mem": {"fail": "retry"}},
                 }
