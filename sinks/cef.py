@@ -101,7 +101,7 @@ def cef_line(event: Event, severity: int) -> bytes:
         if value:
             fields += [(f"cs{number}Label", label), (f"cs{number}", value)]
     extension = " ".join(f"{key}={_escape(value)}" for key, value in fields if value)
-    name = _HEADER_ESCAPE.sub(r"\\\1", event.action)
+    name = _HEADER_ESCAPE.sub(r"\\\1", event.action).replace("\r", "\\r").replace("\n", "\\n")
     return f"CEF:0|WorkOS|Audit Logs|1|{name}|{name}|{severity}|{extension}".encode()
 
 

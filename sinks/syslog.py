@@ -40,6 +40,7 @@ SD_ID = "workos@32473"
 
 _PRINTABLE = re.compile(r"^[!-~]+$")
 _SD_ESCAPE = re.compile(r'(["\\\]])')
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _BACKSLASHED = r"\\\1"
 
 
@@ -123,7 +124,13 @@ class SyslogSink:
         event.event_raw  # noqa: B018 - refuses a wrapper without an event (nothing is sent as if WorkOS had)
         action = event.action if 0 < len(event.action) <= 32 and _PRINTABLE.match(event.action) else "-"
         params = (("id", event.event_id), ("action", event.action), ("keySuffix", event.key_suffix))
-        sd = " ".join(f'{key}="{_SD_ESCAPE.sub(_BACKSLASHED, value)}"' for key, value in params if value)
+        # A value with a control character (a line break would end the line for a SIEM that reads lines) is left
+        # out: RFC 5424 has no escape for it, and the message carries it whole.
+        sd = " ".join(
+            f'{key}="{_SD_ESCAPE.sub(_BACKSLASHED, value)}"'
+            for key, value in params
+            if value and not _CONTROL.search(value)
+        )
         message = (self._head % iso_utc(event.time) + f"{action} [{SD_ID} {sd}] ").encode() + body
         if self.config.framing == "octet-counting":
             return b"%d %b" % (len(message), message)

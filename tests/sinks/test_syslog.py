@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pydantic
 import pytest
 import yaml
@@ -192,6 +193,31 @@ class TestCef:
         sink = SyslogSink("siem", SyslogConfig(host="127.0.0.1", transport="tcp", format="cef"))
         raw = b'{"id":"e1","action":"user.signed_in",' + field + b"}"
         assert f" {value} " in sink.frame(exact_event(event_raw=raw)).decode() + " "
+
+    @pytest.mark.parametrize("framing", ["octet-counting", "non-transparent"])
+    @pytest.mark.parametrize("form", ["cef", "json"])
+    def test_a_line_break_in_a_value_never_breaks_the_line(self, framing: str, form: str) -> None:
+        """Was a defect: the CEF header escaped only '\\' and '|', and the structured data only '"', '\\' and ']',
+        so an `action` (or `keySuffix`, or `id`) holding a line feed went out raw: with octet counting a SIEM
+        that reads lines saw a record of the sender's making (`CEF:0|Evil|Injected|1|pwn|pwn|10|src=6.6.6.6`),
+        and with non-transparent framing the valid event was dead-lettered for good ("the message holds a line
+        feed"). The header now writes line breaks as `\\n` / `\\r` (as the extension does), and a value with a
+        control character is left out of the structured data (the message carries it whole)."""
+        action = "user.signed_in\nCEF:0|Evil|Injected|1|pwn|pwn|10|src=6.6.6.6\r"
+        key = "k\n2"
+        raw = orjson.dumps({"event": {"id": "e\n2", "action": action}, "keySuffix": key})
+        sink = SyslogSink("siem", SyslogConfig(host="127.0.0.1", transport="tcp", format=form, framing=framing))
+        message = sink.frame(Event(1, "workos", raw, action=action, time=1705314600.0, received_at=1705314600.5))
+        line = message.removesuffix(b"\n") if framing == "non-transparent" else message
+        assert b"\n" not in line and b"\r" not in line, message
+        assert b"CEF:0|Evil" not in message.split(b"] ", 1)[0]
+        if form == "cef":
+            cef = message.decode().split("] ", 1)[1].rstrip("\n")
+            name = re.findall(r"((?:[^|\\]|\\.)*)\|", cef)[4]  # the header's fields end at a '|' not escaped
+            assert re.sub(r"\\(.)", lambda m: {"n": "\n", "r": "\r"}.get(m[1], m[1]), name) == action
+            assert cef_fields(cef)["cs4"] == key
+        else:
+            assert message.split(b"] ", 1)[1].rstrip(b"\n") == raw
 
 
 class TestRsyslog:
