@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 from prometheus_client.exposition import generate_latest
+
+log = logging.getLogger(__name__)
 
 
 class Metrics:
@@ -192,7 +195,9 @@ class Exposition:
                     wanted.cancel()
                     raise
                 except Exception as exc:  # the scrapes waiting for this render answer 500, as they did before
+                    log.exception("metrics: the page could not be rendered")
                     wanted.set_exception(exc)
+                    wanted.exception()  # logged above: no "never retrieved" when every scrape gave up waiting
         finally:
             if self._wanted is not None:
                 self._wanted.cancel()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
 import time
 
@@ -10,7 +11,7 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from receiver.metrics import Metrics
+from receiver.metrics import Exposition, Metrics
 from tests.conftest import TOKEN, StartService, scrape
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -84,3 +85,34 @@ class TestMetricsEndpoint:
         assert loop_thread not in spy.threads and spy.most_at_once == 1
         assert len(spy.threads) <= 20, f"{len(spy.threads)} renders for 200 scrapes"
         assert all({f.name for f in text_string_to_metric_families(text)} >= {"log_bridge_requests"} for text in texts)
+
+
+class TestExposition:
+    async def test_a_render_that_fails_after_every_scrape_gave_up_is_logged_once(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """Was a defect: when a render raised after every scrape waiting for it had been cancelled, nothing
+        read the exception it left on the shared future, and asyncio logged "Future exception was never
+        retrieved" when the future was collected (noise, with no word of what failed). Now the failure is logged
+        once, by the exposition, and nothing else."""
+        release = threading.Event()
+
+        def render() -> bytes:
+            release.wait(5)
+            raise RuntimeError("render failed")
+
+        exposition = Exposition(render)
+        scrape_task = asyncio.create_task(exposition.text())
+        await asyncio.sleep(0.05)
+        scrape_task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await scrape_task
+        release.set()
+        while exposition._renderer is not None:
+            await asyncio.sleep(0.01)
+        del scrape_task
+        gc.collect()
+        await asyncio.sleep(0)
+        messages = [record.getMessage() for record in caplog.records]
+        assert not [m for m in messages if "never retrieved" in m], messages
+        assert messages.count("metrics: the page could not be rendered") == 1, messages
