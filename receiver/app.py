@@ -99,9 +99,15 @@ class RateLimitedLog:
     """Warnings a client can provoke, through one token bucket: `burst` at once, `rate` a second, the rest counted."""
 
     def __init__(
-        self, logger: logging.Logger, rate: float = 2.0, burst: int = 10, clock: Callable[[], float] = time.monotonic
+        self,
+        logger: logging.Logger,
+        rate: float = 2.0,
+        burst: int = 10,
+        clock: Callable[[], float] = time.monotonic,
+        level: int = logging.WARNING,
     ) -> None:
         self._logger = logger
+        self._level = level
         self._rate = rate
         self._burst = float(burst)
         self._clock = clock
@@ -119,9 +125,11 @@ class RateLimitedLog:
             return
         self._tokens -= 1.0
         if self.suppressed:
-            self._logger.warning(f"{self.suppressed} similar messages suppressed", extra={"rate_limited": True})
+            self._logger.log(
+                self._level, f"{self.suppressed} similar messages suppressed", extra={"rate_limited": True}
+            )
             self.suppressed = 0
-        self._logger.warning(message, extra=extra)
+        self._logger.log(self._level, message, extra=extra)
 
 
 def where_raised(exc: BaseException) -> str:

@@ -82,6 +82,9 @@ class ServerConfig(_Model):
     # A parsed body takes about 3 to 4 times its bytes at its peak: 64 MiB in flight stays near 250 MiB of memory.
     max_inflight_bytes: ByteSize = Field(64 * 1024 * 1024, gt=0, validate_default=True)
     max_events_per_request: int = Field(DEFAULT_MAX_EVENTS, ge=1)
+    max_connections: int = Field(4096, ge=1, le=1_000_000)
+    """Connections open at once; one more is closed unread. Never more than the file-descriptor limit allows
+    (receiver.limits.connection_cap)."""
     trusted_proxies: tuple[str, ...] = ()
     allowlist: tuple[str, ...] = (WORKOS,)
     header_timeout: PositiveDuration = 10.0

@@ -141,6 +141,21 @@ class Metrics:
         )
         for result in ("success", "failure"):
             self.reloads.labels(result)
+        self.open_connections = Gauge(
+            "log_bridge_open_connections",
+            "Client connections open on the listener (TLS handshakes included; at most server.max_connections)",
+            registry=r,
+        )
+        self.connections_refused = Counter(
+            "log_bridge_connections_refused",
+            "Connections closed unread on arrival because server.max_connections were open",
+            registry=r,
+        )
+        self.loop_errors = Counter(
+            "log_bridge_event_loop_errors",
+            "Errors asyncio reported to the event loop's exception handler (logged a few a second per kind)",
+            registry=r,
+        )
         self.exposition = Exposition(self.render)
         """What `/metrics` answers, rendered off the event loop."""
 

@@ -26,6 +26,7 @@ from receiver.delivery import DeliveryEngine, build_sinks
 from receiver.errors import ConfigError, LogBridgeError
 from receiver.front import MAX_HEADER_LINE, Front
 from receiver.journal import Journal
+from receiver.limits import CappedListener, LoopErrors, connection_cap, raise_fd_limit
 from receiver.logs import scrub
 from receiver.metrics import Metrics
 from receiver.reload import plan_reload
@@ -59,16 +60,16 @@ class ServerTls:
             connection.context = self.current
 
 
-def listen_socket(host: str, port: int) -> socket.socket:
-    """A listening TCP socket; `::` (or another unspecified IPv6 address) takes IPv4 too (dual stack), so
-    IPv4 peers arrive as IPv4-mapped addresses, which the allowlist checks as IPv4. An empty host is every
-    interface. Raises LogBridgeError naming the address."""
+def listen_socket(host: str, port: int) -> CappedListener:
+    """A listening TCP socket, its connection cap for the caller to set; `::` (or another unspecified IPv6
+    address) takes IPv4 too (dual stack), so IPv4 peers arrive as IPv4-mapped addresses, which the allowlist
+    checks as IPv4. An empty host is every interface. Raises LogBridgeError naming the address."""
     if host == "":
         host = "::" if _ipv6_available() else "0.0.0.0"  # noqa: S104
     try:
         found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
         family, kind, proto, _, address = found[0]
-        sock = socket.socket(family, kind, proto)
+        sock = CappedListener(family, kind, proto)
     except OSError as exc:
         raise LogBridgeError(f"cannot listen on {_where(host, port)}: {exc.strerror or exc}") from None
     try:
@@ -283,6 +284,10 @@ class Service:
         self._runner: _Runner | None = None
         self._front: Front | None = None
         self._site: web.BaseSite | None = None
+        self._listener: CappedListener | None = None
+        self._fd_limit = 0
+        self._loop_handler: tuple[asyncio.AbstractEventLoop, Any] | None = None
+        """The loop whose exception handler the service replaced, and the handler it had."""
         self._housekeeping: asyncio.Task[None] | None = None
         self._reloading = asyncio.Lock()
         self._settling: set[asyncio.Task[None]] = set()
@@ -317,6 +322,10 @@ class Service:
 
     async def _start(self) -> None:
         server = self.config.server
+        loop = asyncio.get_running_loop()
+        self._loop_handler = (loop, loop.get_exception_handler())
+        loop.set_exception_handler(LoopErrors(logging.getLogger("asyncio"), self.metrics.loop_errors.inc))
+        self._fd_limit = raise_fd_limit()
         self.metrics.watch_journal(
             lambda: self.journal.size_bytes,
             lambda: 1.0 if self.journal.over_cap else 0.0,
@@ -365,7 +374,11 @@ class Service:
         if aiohttp_server is None:
             raise RuntimeError("the runner is not set up")
         self._front = Front(self.state, aiohttp_server, idle_timeout=server.header_timeout)
-        sock = listen_socket(server.host, server.port)
+        sock = self._listener = listen_socket(server.host, server.port)
+        sock.cap = connection_cap(server.max_connections, self._fd_limit)
+        sock.on_refused = self._refuse_connection
+        self.metrics.open_connections.set_function(lambda: sock.open)
+        log.info("connection limits", extra={"fd_limit": self._fd_limit, "max_connections": sock.cap})
         self._site = _Site(
             self._runner,
             sock,
@@ -380,6 +393,15 @@ class Service:
         if self.journal.shared is not None and await self.journal.shared.probe():  # a failure is logged there
             log.info("dedup store reachable: deduplication is shared", extra={"store": self.journal.shared.where})
         self._warn_open_streams(self.config)
+
+    def _refuse_connection(self, address: Any) -> None:
+        self.metrics.connections_refused.inc()
+        client = address[0] if isinstance(address, tuple) and address else None
+        self.state.refusals.warning(
+            "connection closed unread: server.max_connections are open",
+            client=client,
+            max_connections=self._listener.cap if self._listener is not None else None,
+        )
 
     @staticmethod
     def _warn_open_streams(config: Config) -> None:
@@ -438,6 +460,8 @@ class Service:
             self.tls.current = fresh_tls
         self.journal.max_bytes = config.journal.max_bytes
         self.journal.max_dead_letter_bytes = config.journal.max_dead_letter_bytes
+        if self._listener is not None:
+            self._listener.cap = connection_cap(config.server.max_connections, self._fd_limit)
         self.journal.largest_body = config.server.max_body_bytes
         # Delivery first: a sink the new streams feed must exist (at the journal's end) before they are served.
         if self.engine is not None:
@@ -530,6 +554,10 @@ class Service:
         await self.journal.close()
         if self.journal.shared is not None:
             await self.journal.shared.close()
+        if self._loop_handler is not None:
+            loop, handler = self._loop_handler
+            loop.set_exception_handler(handler)
+            self._loop_handler = None
         log.info("stopped", extra={"drained": drained})
         return drained
 

@@ -1,0 +1,123 @@
+"""What keeps a flood of connections from exhausting the process: the file-descriptor limit raised to its hard
+limit, a cap on the connections open at once (counted at `accept`, whatever then serves them: the stream front,
+aiohttp, a TLS handshake), and asyncio's own error reports through a rate limit.
+
+Without the cap, a client opening more idle connections than RLIMIT_NOFILE allows makes `accept` fail with EMFILE;
+asyncio then logs an error with its traceback up to `backlog` times per readable event (thousands of lines a
+second), and the journal, SQLite and the sinks find no descriptor left either.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import resource
+import socket
+from collections.abc import Callable
+from typing import Any
+
+from receiver.app import RateLimitedLog, where_raised
+
+log = logging.getLogger(__name__)
+
+FD_RESERVE = 256
+"""Descriptors kept out of the connection cap, for the journal's segments, SQLite, the sinks and the listener."""
+LOOP_ERROR_KINDS = 32
+"""Kinds of asyncio error report rate-limited apart; any further kind shares one limit (the messages of some
+reports quote a callback, so their number is not bounded)."""
+
+
+def raise_fd_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit (as far as the system lets); returns the soft limit in effect."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        wanted = hard
+        if wanted == resource.RLIM_INFINITY:
+            wanted = 1 << 20  # Linux refuses a soft limit above fs.nr_open (1,048,576 by default)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        except (ValueError, OSError):
+            pass  # the limit stays as it was: the cap follows it
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return soft
+
+
+def connection_cap(max_connections: int, fd_limit: int) -> int:
+    """The connections allowed open at once: `server.max_connections`, but never so many that the descriptors the
+    journal, SQLite and the sinks need are taken (FD_RESERVE of them, or half the limit when it is below
+    2 × FD_RESERVE)."""
+    reserve = min(FD_RESERVE, fd_limit // 2)
+    return max(1, min(max_connections, fd_limit - reserve))
+
+
+class CappedListener(socket.socket):
+    """A listening socket whose `accept` closes at once, unread, a connection over the cap; the connections it
+    accepts count as open until their socket is closed."""
+
+    def __init__(self, family: int, kind: int, proto: int) -> None:
+        super().__init__(family, kind, proto)
+        self.cap = 1
+        self.open = 0
+        """Connections accepted and not closed yet."""
+        self.on_refused: Callable[[Any], None] = lambda address: None
+
+    def accept(self) -> tuple[socket.socket, Any]:
+        """The next connection within the cap; one over it is closed and ends this round of accepts."""
+        fd, address = self._accept()  # type: ignore[attr-defined]  # socket.socket's own accept does the same
+        if self.open >= self.cap:
+            socket.close(fd)
+            self.on_refused(address)
+            # What asyncio takes for "nothing more to accept": it selects again, so the loop runs in between.
+            raise BlockingIOError
+        self.open += 1
+        return _Accepted(self, self.family, self.type, self.proto, fileno=fd), address
+
+
+class _Accepted(socket.socket):
+    """An accepted connection's socket, counted open by its listener until closed."""
+
+    __slots__ = ("_listener",)
+
+    def __init__(self, listener: CappedListener | None, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._listener = listener
+
+    def close(self) -> None:
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            listener.open -= 1
+        super().close()
+
+    def detach(self) -> int:
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            listener.open -= 1
+        return super().detach()
+
+
+class LoopErrors:
+    """An event loop's exception handler: asyncio's reports logged at most a few a second per kind (message and
+    exception type), without their traceback (which may quote request bytes), the rest counted."""
+
+    def __init__(self, logger: logging.Logger, count: Callable[[], None]) -> None:
+        self._logger = logger
+        self._count = count
+        self._limits: dict[tuple[str, str], RateLimitedLog] = {}
+        self._others = RateLimitedLog(logger, burst=3, level=logging.ERROR)
+
+    def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        self._count()
+        message = str(context.get("message") or "unhandled exception in the event loop")
+        exc = context.get("exception")
+        error = type(exc).__name__ if isinstance(exc, BaseException) else ""
+        kind = (message, error)
+        limit = self._limits.get(kind)
+        if limit is None:
+            if len(self._limits) < LOOP_ERROR_KINDS:
+                limit = self._limits[kind] = RateLimitedLog(self._logger, burst=3, level=logging.ERROR)
+            else:
+                limit = self._others
+        fields: dict[str, object] = {"error": error} if error else {}
+        if isinstance(exc, BaseException):
+            fields["where"] = where_raised(exc)
+        limit.warning(message[:200], **fields)

@@ -1,0 +1,231 @@
+"""The process's limits against a flood of connections (receiver/limits.py): the connection cap, the
+file-descriptor limit, and asyncio's error reports through a rate limit."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import resource
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from receiver.limits import FD_RESERVE, connection_cap
+from tests.conftest import StartService, scrape
+from tests.receiver.test_front import batch, closed, essence, post, responses
+from tests.receiver.test_process import SCRIPT, TOKEN, free_port, write_config
+
+
+async def idle_connections(port: int, count: int) -> list[socket.socket]:
+    """`count` connections to `port` that send nothing."""
+    sockets = []
+    for _ in range(count):
+        sock = socket.socket()
+        sock.setblocking(False)
+        try:
+            await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+        except OSError:
+            sock.close()
+            continue
+        sockets.append(sock)
+    return sockets
+
+
+async def metric(port: int, name: str) -> float | None:
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"http://127.0.0.1:{port}/metrics") as response:
+            return scrape(await response.text(), name)
+
+
+class TestConnectionCap:
+    async def test_a_connection_over_the_cap_is_closed_unread_and_counted(self, start_service: StartService) -> None:
+        service = await start_service({"server": {"max_connections": 5}})
+        held = await idle_connections(service.port, 5)
+        await asyncio.sleep(0.2)
+        over = await idle_connections(service.port, 3)
+        loop = asyncio.get_running_loop()
+        closed_at_once = []
+        for sock in over:
+            data = await asyncio.wait_for(loop.sock_recv(sock, 10), 5)
+            closed_at_once.append(data == b"")
+            sock.close()
+        text = service.metrics.render().decode()
+        counted = (scrape(text, "log_bridge_connections_refused_total"), scrape(text, "log_bridge_open_connections"))
+        for sock in held:
+            sock.close()
+        await asyncio.sleep(0.2)
+        answer = await responses(service.port, post(batch(1)))  # the cap is freed with the connections
+        listener = service._listener
+        assert listener is not None
+        for _ in range(50):  # the server closes its side once it reads the client's end
+            if listener.open == 0:
+                break
+            await asyncio.sleep(0.02)
+        assert closed_at_once == [True] * 3
+        assert counted == (3.0, 5.0)
+        assert essence(answer[0])[0] == 200
+        assert listener.open == 0
+
+    def test_the_cap_leaves_descriptors_for_the_journal_and_the_sinks(self) -> None:
+        assert connection_cap(4096, 1024) == 1024 - FD_RESERVE
+        assert connection_cap(100, 1 << 20) == 100
+        assert connection_cap(4096, 300) == 150  # a low limit: half of it is kept back
+
+    @pytest.mark.parametrize("bad", [0, -1, "many"])
+    def test_a_bad_value_names_its_path(self, bad: object) -> None:
+        from receiver.config import parse_config
+        from receiver.errors import ConfigError
+        from tests.conftest import BASE_CONFIG, merge
+
+        with pytest.raises(ConfigError) as raised:
+            parse_config(merge(BASE_CONFIG, {"server": {"max_connections": bad}}), {})
+        assert [e.split(":")[0] for e in raised.value.errors] == ["server.max_connections"]
+
+    async def test_a_reload_changes_the_cap(self, tmp_path: Path) -> None:
+        import yaml
+
+        from receiver.config import load_config
+        from receiver.server import Service
+        from tests.conftest import BASE_CONFIG, merge
+
+        tree = merge(BASE_CONFIG, {"journal": {"path": str(tmp_path / "j.db")}, "server": {"max_connections": 2}})
+        path = tmp_path / "config.yaml"
+        path.write_text(yaml.safe_dump(tree))
+        service = Service(load_config(path), path=str(path))
+        await service.start()
+        try:
+            tree["server"]["max_connections"] = 7
+            path.write_text(yaml.safe_dump(tree))
+            assert await service.reload()
+            assert service._listener is not None and service._listener.cap == 7
+        finally:
+            await service.stop()
+
+
+class TestDescriptorExhaustion:
+    async def test_more_idle_connections_than_descriptors_do_not_flood_the_log(self, tmp_path: Path) -> None:
+        """A client (no secret needed) opening more idle connections than RLIMIT_NOFILE allows made asyncio log
+        `socket.accept() out of system resource`, with its traceback, thousands of times a second, and slowed
+        /healthz by seconds. With a limit of 300 descriptors the cap is 150 connections: the rest are closed
+        unread, counted, and logged a few lines a second at most."""
+        port = free_port()
+        config = write_config(tmp_path, port)
+
+        def low_limit() -> None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (300, 300))
+
+        log_path = tmp_path / "serve.log"
+        with log_path.open("wb") as log_file:
+            proc = subprocess.Popen(
+                [str(SCRIPT), "serve", "--config", str(config)],
+                stdout=log_file,
+                stderr=log_file,
+                env={**os.environ, "STREAM_SECRET": TOKEN},
+                preexec_fn=low_limit,  # only sets the child's limit
+            )
+        try:
+            await self._ready(proc, port)
+            before = len(log_path.read_bytes().splitlines())
+            held = await idle_connections(port, 400)
+            started = time.monotonic()
+            while time.monotonic() - started < 3:  # the flood, when there is one, is thousands of lines a second
+                held += await idle_connections(port, 20)
+                await asyncio.sleep(0.1)
+            lines = log_path.read_bytes().splitlines()[before:]
+            for sock in held:
+                sock.close()
+            healthz = await self._healthz(port)
+            refused = await metric(port, "log_bridge_connections_refused_total")
+            assert proc.poll() is None, "log-bridge serve exited"
+        finally:
+            proc.terminate()
+            proc.wait(20)
+        # A burst of 10 refusals, then 2 a second with a "suppressed" summary: about 20 lines in 3 s.
+        assert len(lines) < 40, f"{len(lines)} log lines in 3 s, e.g. {lines[-1][:300]!r}"
+        assert not any(b'"logger":"asyncio"' in line for line in lines), lines[:3]
+        assert refused is not None and refused > 200
+        assert healthz == 200
+
+    @staticmethod
+    async def _ready(proc: subprocess.Popen[bytes], port: int) -> None:
+        deadline = time.monotonic() + 20
+        async with aiohttp.ClientSession() as session:
+            while time.monotonic() < deadline:
+                assert proc.poll() is None, "log-bridge serve exited"
+                try:
+                    async with session.get(f"http://127.0.0.1:{port}/readyz") as response:
+                        if response.status == 200:
+                            return
+                except aiohttp.ClientError:
+                    pass
+                await asyncio.sleep(0.1)
+        raise AssertionError("log-bridge serve did not become ready")
+
+    @staticmethod
+    async def _healthz(port: int) -> int:
+        deadline = time.monotonic() + 10
+        async with aiohttp.ClientSession() as session:
+            while True:
+                try:
+                    async with session.get(f"http://127.0.0.1:{port}/healthz") as response:
+                        return response.status
+                except aiohttp.ClientError:
+                    if time.monotonic() > deadline:
+                        raise
+                    await asyncio.sleep(0.2)
+
+
+class TestLoopErrors:
+    async def test_asyncio_error_reports_are_rate_limited_and_counted(
+        self, start_service: StartService, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """Whatever makes asyncio report an error over and over (here the accept failure of an exhausted
+        descriptor table) is logged a few lines a second, without its traceback, and counted."""
+        service = await start_service()
+        loop = asyncio.get_running_loop()
+        caplog.set_level(logging.WARNING, logger="asyncio")
+        listener = socket.socket()
+        try:
+            for _ in range(1000):
+                loop.call_exception_handler(
+                    {
+                        "message": "socket.accept() out of system resource",
+                        "exception": OSError(errno.EMFILE, "Too many open files"),
+                        "socket": listener,
+                    }
+                )
+            loop.call_exception_handler({"message": "another kind of report"})
+        finally:
+            listener.close()
+        lines = [r for r in caplog.records if r.name == "asyncio"]
+        assert 2 <= len(lines) <= 5, [r.getMessage() for r in lines]
+        assert lines[-1].getMessage() == "another kind of report"  # one kind does not silence the others
+        assert not any(r.exc_info for r in lines)
+        assert scrape(service.metrics.render().decode(), "log_bridge_event_loop_errors_total") == 1001.0
+
+    async def test_stop_gives_the_loop_its_handler_back(self, start_service: StartService) -> None:
+        loop = asyncio.get_running_loop()
+        before = loop.get_exception_handler()
+        service = await start_service()
+        assert loop.get_exception_handler() is not before
+        await service.stop()
+        assert loop.get_exception_handler() is before
+
+
+async def test_an_answer_still_comes_after_refusals(start_service: StartService) -> None:
+    """Refused connections cost the served ones nothing: the keep-alive connection open before is answered."""
+    service = await start_service({"server": {"max_connections": 1}})
+    reader, writer = await asyncio.open_connection("127.0.0.1", service.port)
+    await asyncio.sleep(0.1)
+    for sock in await idle_connections(service.port, 20):
+        sock.close()
+    writer.write(post(batch(1, 40)))
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    await closed(writer)
+    assert head.startswith(b"HTTP/1.1 200 ")
