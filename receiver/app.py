@@ -18,7 +18,7 @@ from aiohttp import web
 
 from receiver.config import Config, StreamConfig
 from receiver.decoding import decode_body
-from receiver.errors import BodyError, JournalClosed, JournalError, JournalFull
+from receiver.errors import BodyError, ClientDisconnected, JournalClosed, JournalError, JournalFull
 from receiver.journal import Journal
 from receiver.metrics import Metrics
 from receiver.netaddr import AddressPolicy
@@ -90,6 +90,7 @@ REFUSAL_REASONS = (
     "journal_full",
     "journal_error",
     "shutting_down",
+    "client_disconnected",
     "internal_error",
 )
 """The `reason` label values of refused requests."""
@@ -226,6 +227,8 @@ class WebHead:
             raise BodyError(400, "the body is shorter than its Content-Length") from None
         except web.RequestPayloadError:
             raise BodyError(400, "the body is malformed (chunked encoding) or was cut off") from None
+        except ConnectionError:  # aiohttp's "Connection lost": the client went away mid-body, no defect here
+            raise ClientDisconnected from None
         return bytes(chunks)
 
 
@@ -400,6 +403,8 @@ class Intake:
                     parsed = await asyncio.to_thread(
                         partial(parse_body, max_events=self.max_events), decoded, head.content_type, received_at
                     )
+            except ClientDisconnected as exc:
+                return _refuse("client_disconnected", exc.status, exc.message, close=True)  # counted, not logged
             except BodyError as exc:
                 reason = {408: "timeout", 413: "too_large", 415: "unsupported"}.get(exc.status, "bad_body")
                 return _refuse(reason, exc.status, exc.message, close=exc.status in (408, 413))

@@ -6,6 +6,7 @@ LogBridgeError
 │   ├── JournalFull      over `journal.max_bytes` (or the disk is full)
 │   └── JournalClosed    shutting down
 ├── BodyError            a request body that cannot be read; carries the HTTP status to answer
+│   └── ClientDisconnected   the client closed the connection before its whole body arrived
 └── SinkError            a sink cannot be built or loaded (raised by `sinks`; re-exported by sinks.errors)
     └── SinkTypeError    unknown sink type, or its optional dependency is missing
 """
@@ -44,6 +45,13 @@ class BodyError(LogBridgeError):
         self.status = status
         self.message = message
         super().__init__(message)
+
+
+class ClientDisconnected(BodyError):
+    """The client closed the connection before its whole body arrived (nobody reads the answer)."""
+
+    def __init__(self) -> None:
+        super().__init__(400, "the connection closed before the whole body arrived")
 
 
 class SinkError(LogBridgeError):

@@ -118,7 +118,8 @@ class Metrics:
         self.refused = Counter(
             "log_bridge_requests_refused",
             "Requests to stream endpoints refused, by stream and reason (not_allowed, unauthorised, too_large, "
-            "bad_body, unsupported, timeout, overloaded, journal_full, journal_error, shutting_down, internal_error)",
+            "bad_body, unsupported, timeout, overloaded, journal_full, journal_error, shutting_down, "
+            "client_disconnected: the client closed the connection mid-body, internal_error: a defect)",
             ["stream", "reason"],
             registry=r,
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import json
 import logging
@@ -22,7 +23,7 @@ from hypothesis import strategies as st
 from receiver.journal import list_dead_letters
 from receiver.samples import encode_body, sample_wrappers
 from receiver.server import Service, server_tls_context
-from tests.conftest import TOKEN, StartService, memory
+from tests.conftest import TOKEN, StartService, memory, scrape
 
 AUTH = {"Authorization": TOKEN}
 
@@ -456,6 +457,42 @@ class TestSlowClients:
         status_line = await asyncio.wait_for(reader.readline(), timeout=5)
         assert status_line.startswith(b"HTTP/1.1 408")
         writer.close()
+
+    @pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+    async def test_a_client_gone_mid_body_is_no_internal_error(
+        self, start_service: StartService, caplog: pytest.LogCaptureFixture, chunked: bool
+    ) -> None:
+        """A client that closes its connection mid-body (a body aiohttp reads: over the front's limit, or
+        chunked) made the body read raise ConnectionResetError, counted as `internal_error` (a defect, which
+        alerts) and logged as an unexpected error; it is `client_disconnected`, and its budget is given back."""
+        service = await start_service()
+        framing = "Transfer-Encoding: chunked" if chunked else "Content-Length: 1000000"
+        head = f"POST /workos HTTP/1.1\r\nHost: x\r\nAuthorization: {TOKEN}\r\n{framing}\r\n\r\n".encode()
+        half = b"[" + b" " * 500_000
+        body = b"%x\r\n%s\r\n" % (len(half), half) if chunked else half
+        caplog.set_level(logging.WARNING)
+        for _ in range(50):
+            _, writer = await asyncio.open_connection("127.0.0.1", service.port)
+            writer.write(head + body)
+            await writer.drain()
+            await asyncio.sleep(0.01)
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+        text = service.metrics.render().decode()
+        for _ in range(100):
+            if service.state.budget.used == 0 and scrape(text, REFUSED, stream="workos", reason=GONE) == 50:
+                break
+            await asyncio.sleep(0.02)
+            text = service.metrics.render().decode()
+        counts = {reason: scrape(text, REFUSED, stream="workos", reason=reason) for reason in (GONE, "internal_error")}
+        assert counts == {GONE: 50.0, "internal_error": 0.0}
+        assert service.state.budget.used == 0
+        assert not [r for r in caplog.records if "unexpected error" in r.getMessage()]
+
+
+REFUSED = "log_bridge_requests_refused_total"
+GONE = "client_disconnected"
 
 
 class TestOperations:
