@@ -352,14 +352,15 @@ class FrontConnection(asyncio.Protocol):
         if transport.is_closing():
             return
         transport.write(response_bytes(answer, self.front.clock.date()))
-        if answer.close or self.eof:
+        if answer.close:
             self.close()
             return
-        self._proceed()
+        self._proceed()  # after the client's end of the stream too: the requests it sent before are answered
 
     def _proceed(self) -> None:
         """After an answer: serve the next request, and read on while what is read ahead stays within bounds,
-        unless the client does not read its answers."""
+        unless the client does not read its answers; once the client has ended its stream, close after the
+        last request it sent."""
         transport = self.transport
         if self.writing_paused:
             if not self.paused:
@@ -369,7 +370,13 @@ class FrontConnection(asyncio.Protocol):
         if self.buffer:
             self._next()
             if transport.get_protocol() is not self:
-                return  # handed to aiohttp, reading resumed
+                # Handed to aiohttp, reading resumed; after the client's end of the stream aiohttp answers what
+                # it was given and closes at its keep-alive timeout (its eof_received does nothing).
+                return
+        if self.eof:
+            if self.task is None:
+                self.close()  # nothing more comes: what is left is an incomplete request
+            return
         if self.paused and len(self.buffer) <= self._ahead():
             self.paused = False
             transport.resume_reading()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gzip
+import re
 import ssl
 import time
 from pathlib import Path
@@ -230,6 +231,41 @@ class TestConnections:
             (200, b'{"status": "ok"}'),
         ]
         assert service._front is not None and service._front.handed_off == 1
+
+    @pytest.mark.parametrize("then_aiohttp", [False, True], ids=["front only", "then aiohttp"])
+    async def test_a_client_that_half_closes_after_pipelining_gets_every_answer(
+        self, start_service: StartService, then_aiohttp: bool
+    ) -> None:
+        """Three POSTs in one write, then shutdown(SHUT_WR): the front answered the first and closed, so the
+        client never learnt the others' fate (they were committed when read before the close). Every request
+        read before the end of the stream is answered, then the connection closes."""
+        service = await start_service()
+        data = post(batch(1, 20)) + post(batch(1, 21)) + post(batch(1, 22))
+        if then_aiohttp:
+            data += b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+        reader, writer = await asyncio.open_connection("127.0.0.1", service.port)
+        writer.write(data)
+        await writer.drain()
+        writer.write_eof()
+        expected = [200] * (4 if then_aiohttp else 3)
+        received = b""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(5):
+                # The front closes after its last answer; aiohttp, given the GET, at its keep-alive timeout.
+                while chunk := await reader.read(65536):
+                    received += chunk
+                    if then_aiohttp and len(re.findall(rb"HTTP/1\.1 (\d{3}) ", received)) == len(expected):
+                        break
+        ended = reader.at_eof()
+        await closed(writer)
+        statuses = [int(status) for status in re.findall(rb"HTTP/1\.1 (\d{3}) ", received)]
+        assert statuses == expected, received[-300:]
+        assert ended or then_aiohttp
+        for _ in range(100):
+            if len(memory().events) == 3:
+                break
+            await asyncio.sleep(0.02)
+        assert sorted(event.wrapper["keySuffix"] for event in memory().events) == ["front-20", "front-21", "front-22"]
 
     async def test_a_body_in_pieces_is_served_here(self, start_service: StartService) -> None:
         service = await start_service()
