@@ -82,17 +82,22 @@ class _Accepted(socket.socket):
         super().__init__(*args, **kwargs)
         self._listener = listener
 
-    def close(self) -> None:
+    def _uncount(self) -> None:
         listener, self._listener = self._listener, None
         if listener is not None:
             listener.open -= 1
+
+    def close(self) -> None:
+        self._uncount()
         super().close()
 
     def detach(self) -> int:
-        listener, self._listener = self._listener, None
-        if listener is not None:
-            listener.open -= 1
+        self._uncount()
         return super().detach()
+
+    def __del__(self) -> None:
+        self._uncount()  # a socket dropped unclosed is not open either
+        super().__del__()  # type: ignore[misc]  # the base (C) finalizer closes the descriptor; typeshed omits it
 
 
 class LoopErrors:

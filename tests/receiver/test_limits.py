@@ -5,18 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import gc
 import logging
 import os
 import resource
 import socket
 import subprocess
 import time
+import warnings
 from pathlib import Path
 
 import aiohttp
 import pytest
 
-from receiver.limits import FD_RESERVE, connection_cap
+from receiver.limits import FD_RESERVE, CappedListener, connection_cap
 from tests.conftest import StartService, scrape
 from tests.receiver.test_front import batch, closed, essence, post, responses
 from tests.receiver.test_process import SCRIPT, TOKEN, free_port, write_config
@@ -76,6 +78,33 @@ class TestConnectionCap:
         assert connection_cap(4096, 1024) == 1024 - FD_RESERVE
         assert connection_cap(100, 1 << 20) == 100
         assert connection_cap(4096, 300) == 150  # a low limit: half of it is kept back
+
+    def test_a_connection_counts_until_its_socket_is_closed_or_dropped(self) -> None:
+        listener = CappedListener(socket.AF_INET, socket.SOCK_STREAM, 0)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        listener.cap = 2
+        clients = [socket.create_connection(listener.getsockname()) for _ in range(3)]
+        try:
+            first, _ = listener.accept()
+            second, _ = listener.accept()
+            with pytest.raises(BlockingIOError):  # the third is over the cap: closed unread
+                listener.accept()
+            assert clients[2].recv(10) == b""
+            counted = listener.open
+            first.close()
+            fd = second.fileno()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ResourceWarning)
+                del second  # dropped without close: uncounted, and its descriptor still closed
+                gc.collect()
+            with pytest.raises(OSError):
+                os.fstat(fd)
+        finally:
+            listener.close()
+            for client in clients:
+                client.close()
+        assert (counted, listener.open) == (2, 0)
 
     @pytest.mark.parametrize("bad", [0, -1, "many"])
     def test_a_bad_value_names_its_path(self, bad: object) -> None:
