@@ -109,6 +109,24 @@ class LoopErrors:
         self._count = count
         self._limits: dict[tuple[str, str], RateLimitedLog] = {}
         self._others = RateLimitedLog(logger, burst=3, level=logging.ERROR)
+        self._previous: Any = None
+        self._retired = False
+
+    def install(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Become `loop`'s exception handler."""
+        self._previous = loop.get_exception_handler()
+        loop.set_exception_handler(self)
+
+    def uninstall(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Give `loop` back the handler it had, skipping those of services stopped since (several services may
+        share a loop, in tests, and stop in any order)."""
+        self._retired = True
+        if loop.get_exception_handler() is not self:
+            return  # another service's handler came after: it puts back what it found, skipping this one
+        previous = self._previous
+        while isinstance(previous, LoopErrors) and previous._retired:
+            previous = previous._previous
+        loop.set_exception_handler(previous)
 
     def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         self._count()

@@ -286,8 +286,8 @@ class Service:
         self._site: web.BaseSite | None = None
         self._listener: CappedListener | None = None
         self._fd_limit = 0
-        self._loop_handler: tuple[asyncio.AbstractEventLoop, Any] | None = None
-        """The loop whose exception handler the service replaced, and the handler it had."""
+        self._loop_errors: tuple[asyncio.AbstractEventLoop, LoopErrors] | None = None
+        """The loop whose exception handler the service replaced, and the service's handler."""
         self._housekeeping: asyncio.Task[None] | None = None
         self._reloading = asyncio.Lock()
         self._settling: set[asyncio.Task[None]] = set()
@@ -323,8 +323,9 @@ class Service:
     async def _start(self) -> None:
         server = self.config.server
         loop = asyncio.get_running_loop()
-        self._loop_handler = (loop, loop.get_exception_handler())
-        loop.set_exception_handler(LoopErrors(logging.getLogger("asyncio"), self.metrics.loop_errors.inc))
+        errors = LoopErrors(logging.getLogger("asyncio"), self.metrics.loop_errors.inc)
+        errors.install(loop)
+        self._loop_errors = (loop, errors)
         self._fd_limit = raise_fd_limit()
         self.metrics.watch_journal(
             lambda: self.journal.size_bytes,
@@ -554,10 +555,10 @@ class Service:
         await self.journal.close()
         if self.journal.shared is not None:
             await self.journal.shared.close()
-        if self._loop_handler is not None:
-            loop, handler = self._loop_handler
-            loop.set_exception_handler(handler)
-            self._loop_handler = None
+        if self._loop_errors is not None:
+            loop, errors = self._loop_errors
+            errors.uninstall(loop)
+            self._loop_errors = None
         log.info("stopped", extra={"drained": drained})
         return drained
 

@@ -246,6 +246,18 @@ class TestLoopErrors:
         await service.stop()
         assert loop.get_exception_handler() is before
 
+    @pytest.mark.parametrize("in_order", [True, False], ids=["first stopped first", "last stopped first"])
+    async def test_services_sharing_a_loop_leave_it_its_handler(
+        self, start_service: StartService, in_order: bool
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        before = loop.get_exception_handler()
+        first, second = await start_service(), await start_service()
+        await (first if in_order else second).stop()
+        assert loop.get_exception_handler() is not before  # one still runs: a handler of the service stays
+        await (second if in_order else first).stop()
+        assert loop.get_exception_handler() is before, "a stopped service's handler was put back"
+
 
 async def test_an_answer_still_comes_after_refusals(start_service: StartService) -> None:
     """Refused connections cost the served ones nothing: the keep-alive connection open before is answered."""
