@@ -116,8 +116,8 @@ class RateLimitedLog:
         self._last = clock()
         self.suppressed = 0
 
-    def warning(self, message: str, **extra: object) -> None:
-        """Log `message` with `extra` fields, unless over the rate."""
+    def log(self, message: str, **extra: object) -> None:
+        """Log `message` with `extra` fields at the limit's level, unless over the rate."""
         now = self._clock()
         self._tokens = min(self._burst, self._tokens + (now - self._last) * self._rate)
         self._last = now
@@ -293,7 +293,7 @@ class Intake:
         try:
             answer = await self._handle(head)
         except Exception as exc:  # a bug must not become a 500: WorkOS retries a 503, and the event is kept
-            self.state.refusals.warning(
+            self.state.refusals.log(
                 "unexpected error handling a request; answered 503",
                 stream=self.stream.name,
                 error=type(exc).__name__,
@@ -322,12 +322,12 @@ class Intake:
         """The refusal of a request from an address not allowed or without the secret, else None."""
         client, allowed = self.policy.check(head.peer, head.forwarded())
         if not allowed:
-            self.state.refusals.warning(
+            self.state.refusals.log(
                 "request from an address not on the allowlist", stream=self.stream.name, client=str(client)
             )
             return _refuse("not_allowed", 403, "client address is not allowed", close=True)
         if not self._authorised(head):
-            self.state.refusals.warning(
+            self.state.refusals.log(
                 "request without the stream's secret", stream=self.stream.name, client=str(client)
             )
             return _refuse("unauthorised", 401, f"missing or wrong {self.auth_header} header", close=True)
@@ -413,7 +413,7 @@ class Intake:
             self.budget.give(reserved)
 
     def _busy(self) -> Answer:
-        self.state.refusals.warning("too many body bytes in flight; answered 503", stream=self.stream.name)
+        self.state.refusals.log("too many body bytes in flight; answered 503", stream=self.stream.name)
         return _refuse(  # closed: the body is not read
             "overloaded",
             503,
@@ -431,13 +431,13 @@ class Intake:
         name = self.stream.name
         try:
             result = await self.journal.append(name, parsed, received_at, scope=self.stream.path)
-        except JournalFull as exc:
-            log.error("journal full: refusing a batch", extra={"stream": name, "error": str(exc)})
+        except JournalFull as exc:  # while the journal is full every request meets it: a few lines a second
+            self.state.journal_errors.log("journal full: refusing a batch", stream=name, error=str(exc))
             return _refuse("journal_full", 503, str(exc), retry_after=RETRY_AFTER_FULL)
         except JournalClosed:
             return _refuse("shutting_down", 503, "shutting down", retry_after=RETRY_AFTER_DOWN)
         except JournalError as exc:
-            log.error("journal write failed: refusing a batch", extra={"stream": name, "error": str(exc)})
+            self.state.journal_errors.log("journal write failed: refusing a batch", stream=name, error=str(exc))
             return _refuse(
                 "journal_error", 503, "the journal cannot take writes right now", retry_after=RETRY_AFTER_DOWN
             )
@@ -449,7 +449,7 @@ class Intake:
         if result.dead_lettered:
             self._intake_dead.inc(result.dead_lettered)
             # Any client with the secret can send one bad element a request: through the refusals' rate limit.
-            self.state.refusals.warning(
+            self.state.refusals.log(
                 "elements dead-lettered at intake",
                 stream=name,
                 elements=result.dead_lettered,
@@ -469,6 +469,8 @@ class State:
         self.draining = False
         self.refusals = RateLimitedLog(log)
         """The one rate limit for lines a client can provoke (refusals, malformed requests, unexpected errors)."""
+        self.journal_errors = RateLimitedLog(log, level=logging.ERROR)
+        """The rate limit for the journal's refusals (full, failing), which every request meets while they last."""
         self.intakes: dict[str, Intake] = {}
         """The stream endpoints by path; replaced whole by a reload, so each request sees one configuration."""
         self.budget = InflightBudget(0)

@@ -190,7 +190,7 @@ class Front:
             try:
                 connection.sweep(now)
             except Exception as exc:  # one connection's failure must not end every connection's timeouts
-                self.state.refusals.warning(
+                self.state.refusals.log(
                     "stream front: a connection failed its timeout check; closed",
                     error=type(exc).__name__,
                     where=where_raised(exc),

@@ -143,4 +143,4 @@ class LoopErrors:
         fields: dict[str, object] = {"error": error} if error else {}
         if isinstance(exc, BaseException):
             fields["where"] = where_raised(exc)
-        limit.warning(message[:200], **fields)
+        limit.log(message[:200], **fields)

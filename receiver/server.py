@@ -193,7 +193,7 @@ class _Connection(web_protocol.RequestHandler):
         else:
             self._malformed.inc()
             text = next((text for kind, text in _MALFORMED if isinstance(exc, kind)), "malformed request")
-            self._refusals.warning(
+            self._refusals.log(
                 "malformed request refused", status=status, error=type(exc).__name__, client=request.remote
             )
         response = web.Response(
@@ -206,7 +206,7 @@ class _Connection(web_protocol.RequestHandler):
         """aiohttp's error lines, rate-limited and without their tracebacks (which may quote request bytes)."""
         exc = kwargs.get("exc_info")
         fields = {"error": type(exc).__name__, "where": where_raised(exc)} if isinstance(exc, BaseException) else {}
-        self._refusals.warning(str(args[0]) if args else "aiohttp error", **fields)
+        self._refusals.log(str(args[0]) if args else "aiohttp error", **fields)
 
 
 class _Server(web.Server):
@@ -398,7 +398,7 @@ class Service:
     def _refuse_connection(self, address: Any) -> None:
         self.metrics.connections_refused.inc()
         client = address[0] if isinstance(address, tuple) and address else None
-        self.state.refusals.warning(
+        self.state.refusals.log(
             "connection closed unread: server.max_connections are open",
             client=client,
             max_connections=self._listener.cap if self._listener is not None else None,

@@ -284,6 +284,31 @@ class TestRefusing:
         async with client.get(service.url + "/readyz") as response:
             assert response.status == 503
 
+    async def test_a_journal_that_refuses_every_request_is_logged_a_few_lines_a_second(
+        self, start_service: StartService, client, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """Was a defect: "journal full: refusing a batch" was logged at ERROR for every refused request, so while
+        the journal refused (over its cap, a full disk, dead letters at their cap) every retry and every client
+        with the secret added a line. Now through a rate limit of its own (ERROR, a burst of 10, then 2 a
+        second), with the count in log_bridge_requests_refused_total{reason="journal_full"}."""
+        service = await start_service({"journal": {"max_dead_letter_bytes": "1KiB"}})
+        caplog.set_level(logging.INFO)
+        bad = b"[" + orjson.dumps("x" * 2048) + b"]"  # one element to dead-letter, past the dead letters' cap
+        started = time.monotonic()
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as keep_alive:
+            for _ in range(300):
+                status, _, headers = await post(keep_alive, service, bad)
+                assert status == 503 and int(headers["Retry-After"]) > 0
+        elapsed = time.monotonic() - started
+        full = [r for r in caplog.records if r.getMessage() == "journal full: refusing a batch"]
+        assert full and all(r.levelno == logging.ERROR for r in full)
+        lines = [r for r in caplog.records if r.name.startswith("receiver") and r.levelno >= logging.WARNING]
+        assert len(lines) <= 2 * (10 + 2 * elapsed), f"{len(lines)} lines for 300 refusals in {elapsed:.1f} s"
+        async with client.get(service.url + "/metrics") as response:
+            assert 'log_bridge_requests_refused_total{reason="journal_full",stream="workos"} 300.0' in (
+                await response.text()
+            )
+
     @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
     @given(
         body=st.one_of(
