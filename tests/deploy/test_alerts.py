@@ -25,6 +25,7 @@ ALERTS = {
     "LogBridgeSinkBacklogGrowing": "sinkBacklogGrowing",
     "LogBridgeEventsDeadLettered": "deadLetters",
     "LogBridgeJournalNearlyFull": "journalNearlyFull",
+    "LogBridgeDeadLettersNearlyFull": "deadLettersNearlyFull",
     "LogBridgeStreamSilent": "streamSilent",
     "LogBridgeRequestsUnauthorised": "requestsUnauthorised",
     "LogBridgeRequestsRefused": "requestsRefused",
@@ -82,6 +83,7 @@ SEVERITY = {
     "LogBridgeSinkBacklogGrowing": "warning",
     "LogBridgeEventsDeadLettered": "warning",
     "LogBridgeJournalNearlyFull": "warning",
+    "LogBridgeDeadLettersNearlyFull": "warning",
     "LogBridgeStreamSilent": "critical",
     "LogBridgeRequestsUnauthorised": "warning",
     "LogBridgeRequestsRefused": "critical",
@@ -162,6 +164,21 @@ CASES: dict[str, dict[str, Any]] = {
         "alert_rule_test": [
             fires("LogBridgeJournalNearlyFull", "20m"),  # over 80 % for 4 minutes: not yet
             fires("LogBridgeJournalNearlyFull", "22m", (target(), "Journal of log-bridge-0 is 94% full")),
+        ],
+    },
+    "LogBridgeDeadLettersNearlyFull": {
+        "interval": "1m",
+        "input_series": [
+            series("log_bridge_dead_letter_bytes", "50+2x30"),  # over 80 % from 16m
+            series("log_bridge_dead_letter_max_bytes", "100x30"),
+            series("log_bridge_dead_letter_bytes", "70x30", pod="log-bridge-1", instance="10.0.0.3:8443"),
+            series("log_bridge_dead_letter_max_bytes", "100x30", pod="log-bridge-1", instance="10.0.0.3:8443"),
+        ],
+        "alert_rule_test": [
+            fires("LogBridgeDeadLettersNearlyFull", "20m"),  # over 80 % for 4 minutes: not yet
+            fires(
+                "LogBridgeDeadLettersNearlyFull", "22m", (target(), "Dead letters of log-bridge-0 are 94% of their cap")
+            ),
         ],
     },
     "LogBridgeStreamSilent": {
