@@ -166,6 +166,8 @@ class RequestHead(Protocol):
 
     peer: str | None
     """The connection's peer address."""
+    gone: bool
+    """Whether the connection had already closed when the request was read (its peer then unknown)."""
     content_length: int | None
     content_type: str
     encoding: str
@@ -184,12 +186,14 @@ class RequestHead(Protocol):
 class WebHead:
     """An aiohttp request, as the intake reads it."""
 
-    __slots__ = ("_request", "peer", "content_length", "content_type", "encoding")
+    __slots__ = ("_request", "peer", "gone", "content_length", "content_type", "encoding")
 
     def __init__(self, request: web.Request) -> None:
         self._request = request
-        peer = request.transport.get_extra_info("peername") if request.transport else None
+        transport = request.transport
+        peer = transport.get_extra_info("peername") if transport else None
         self.peer: str | None = peer[0] if peer else None
+        self.gone = transport is None or transport.is_closing()
         self.content_length = request.content_length
         self.content_type = request.content_type
         self.encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
@@ -320,6 +324,9 @@ class Intake:
 
     def _screen(self, head: RequestHead) -> Answer | None:
         """The refusal of a request from an address not allowed or without the secret, else None."""
+        if head.peer is None and head.gone:  # a client gone before its request was read: not an address refused
+            gone = ClientDisconnected()
+            return _refuse("client_disconnected", gone.status, gone.message, close=True)  # counted, not logged
         client, allowed = self.policy.check(head.peer, head.forwarded())
         if not allowed:
             self.state.refusals.log(

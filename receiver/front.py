@@ -61,6 +61,8 @@ class FrontHead:
 
     __slots__ = ("peer", "content_length", "content_type", "encoding", "_fields", "_body")
 
+    gone = False  # its peer was read when the connection was made
+
     def __init__(self, peer: str | None, fields: dict[bytes, list[bytes]], length: int) -> None:
         self.peer = peer
         self._fields = fields

@@ -19,7 +19,7 @@ import trustme
 from receiver.front import STALL_SECONDS, parse_head
 from receiver.samples import sample_wrappers
 from receiver.server import Service
-from tests.conftest import TOKEN, StartService, memory
+from tests.conftest import TOKEN, StartService, memory, scrape
 
 AUTH = {"Authorization": TOKEN}
 
@@ -266,6 +266,36 @@ class TestConnections:
                 break
             await asyncio.sleep(0.02)
         assert sorted(event.wrapper["keySuffix"] for event in memory().events) == ["front-20", "front-21", "front-22"]
+
+    async def test_a_client_gone_before_its_head_was_read_is_no_address_refused(
+        self, start_service: StartService
+    ) -> None:
+        """Was a defect: a POST cut short by the client's half-close (the front hands what it read to aiohttp at
+        the end of the stream) was read by aiohttp with its transport closing, so with no peer address: the
+        allowlist refused it, counted as not_allowed (403) and logged "request from an address not on the
+        allowlist", a false allowlist alarm. A client gone before its request was read is client_disconnected."""
+        service = await start_service()
+        data = post(batch(1, 30))
+        reader, writer = await asyncio.open_connection("127.0.0.1", service.port)
+        writer.write(data[:-5])
+        await writer.drain()
+        writer.write_eof()
+        with contextlib.suppress(TimeoutError, ConnectionError):
+            async with asyncio.timeout(5):
+                while await reader.read(65536):
+                    pass
+        await closed(writer)
+        refused = "log_bridge_requests_refused_total"
+        async with aiohttp.ClientSession() as session:
+            for _ in range(50):
+                async with session.get(service.url + "/metrics") as response:
+                    text = await response.text()
+                if scrape(text, refused, reason="client_disconnected", stream="workos"):
+                    break
+                await asyncio.sleep(0.05)
+        assert scrape(text, refused, reason="client_disconnected", stream="workos") == 1.0
+        assert not scrape(text, refused, reason="not_allowed", stream="workos")
+        assert not memory().events
 
     async def test_a_body_in_pieces_is_served_here(self, start_service: StartService) -> None:
         service = await start_service()
