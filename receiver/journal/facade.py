@@ -423,9 +423,7 @@ class Journal(GroupWriter):
             try:
                 moved = await self.ingest_replays()
                 if moved or self.dead_letter_bytes >= self.max_dead_letter_bytes:  # `dlq replay` took some away
-                    self.dead_letter_bytes = await self._read(
-                        lambda conn: conn.execute(DEAD_LETTER_BYTES).fetchone()[0]
-                    )
+                    await self._write(self._recount_dead_letters)
             except (JournalError, sqlite3.Error) as exc:
                 log.warning("journal: cannot take replayed dead letters yet; will retry", extra={"error": str(exc)})
             if self.commits != done or failed:
@@ -546,6 +544,13 @@ class Journal(GroupWriter):
     def takes_dead_letters(self, size: int) -> bool:
         """Whether `size` more bytes of dead letters stay within `max_dead_letter_bytes`."""
         return self.dead_letter_bytes + size <= self.max_dead_letter_bytes
+
+    def _recount_dead_letters(self, conn: sqlite3.Connection) -> None:
+        """Count the dead letters again (writer thread): what another process took away. In the writer's
+        transaction, its count set by a hook in turn with the hooks of the dead letters committed with it: a
+        count read elsewhere could land after a commit's hook and lose what that commit added."""
+        counted = int(conn.execute(DEAD_LETTER_BYTES).fetchone()[0])
+        self._after_commit.append(lambda: setattr(self, "dead_letter_bytes", counted))
 
     def _count_dead_letters(self, size: int) -> None:
         """Count dead letters once their transaction commits (writer thread)."""
