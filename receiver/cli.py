@@ -22,6 +22,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import msgspec
 import orjson
 
 from receiver.config import Config, default_config, listen_url, load_config, load_journal_config
@@ -263,6 +264,16 @@ def _no_journal(command: str, path: Path) -> bool:
     return True
 
 
+def _json_text(data: bytes) -> bool:
+    """Whether `data` is one JSON value in UTF-8 (numbers of any size or range included, as the sinks take them)."""
+    try:
+        data.decode("utf-8")
+        msgspec.json.decode(data, type=msgspec.Raw)
+    except (UnicodeDecodeError, msgspec.DecodeError):
+        return False
+    return True
+
+
 def _listing_line(letter: DeadLetter) -> bytes:
     """One dead letter as a JSON line, its element exactly as stored: embedded as it is when it is JSON on one
     line (parsing it and printing it again would turn integers past 64 bits into floats and round long
@@ -276,13 +287,8 @@ def _listing_line(letter: DeadLetter) -> bytes:
         "at": at,
     }
     data = letter.data
-    if b"\n" not in data and b"\r" not in data:
-        try:
-            orjson.loads(data)
-        except orjson.JSONDecodeError:
-            pass
-        else:
-            return orjson.dumps(line)[:-1] + b',"element":' + data + b"}\n"
+    if b"\n" not in data and b"\r" not in data and _json_text(data):
+        return orjson.dumps(line)[:-1] + b',"element":' + data + b"}\n"
     line["element"] = data.decode("utf-8", "replace")
     line["element_base64"] = base64.b64encode(data).decode("ascii")
     return orjson.dumps(line) + b"\n"
