@@ -1,4 +1,4 @@
-"""The `log-bridge` command: serve, reload, validate, check, send-test, drain, dlq list / dlq replay, workos
+"""The `log-bridge` command: serve, reload, validate, check, send-test, drain, dlq list / replay / purge, workos
 (receiver.workos_cli)."""
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import os
 import ssl
 import time
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 
 import msgspec
@@ -28,7 +29,15 @@ import orjson
 from receiver.config import Config, default_config, listen_url, load_config, load_journal_config
 from receiver.errors import ConfigError, LogBridgeError
 from receiver.health import check_sinks
-from receiver.journal import INTAKE, DeadLetter, count_dead_letters, list_dead_letters, replay_dead_letters
+from receiver.journal import (
+    INTAKE,
+    DeadLetter,
+    count_dead_letters,
+    list_dead_letters,
+    measure_dead_letters,
+    purge_dead_letters,
+    replay_dead_letters,
+)
 from receiver.logs import scrub, setup_logging
 from receiver.samples import encode_body, sample_wrappers
 from receiver.send import Unreachable, post
@@ -344,6 +353,37 @@ def cmd_dlq_replay(args: argparse.Namespace) -> int:
     return 0
 
 
+def _instant(text: str) -> float:
+    """An ISO 8601 time for `--before` (UTC when it names no offset), as a Unix time."""
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO 8601 time: {text!r} (e.g. 2026-01-31T12:00:00Z)") from None
+    return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
+
+
+def cmd_dlq_purge(args: argparse.Namespace) -> int:
+    """Delete the dead letters selected (with --yes; else say what would be deleted)."""
+    selected = args.sink is not None or args.before is not None or bool(args.id)
+    if selected == args.all:  # none at all is a mistake far more often than a wish to delete everything
+        why = "--all is every dead letter, not with --sink, --before or --id" if args.all else "nothing selected"
+        print(f"log-bridge dlq purge: {why}: give --sink, --before or --id, or --all alone", file=sys.stderr)
+        return 2
+    journal = _journal_path(args.config)
+    if journal is None:
+        return 2
+    if _no_journal("dlq purge", journal):
+        return 2
+    ids = sorted(set(args.id))
+    if not args.yes:
+        count, size = measure_dead_letters(journal, args.sink, args.before, ids)
+        print(f"would delete {count} dead letter(s), {size} bytes; nothing deleted: pass --yes to delete them")
+        return 0
+    count, size = purge_dead_letters(journal, args.sink, args.before, ids)
+    print(f"deleted {count} dead letter(s), {size} bytes; a running service counts the room within a few seconds")
+    return 0
+
+
 # --- drain -------------------------------------------------------------------------------------
 
 
@@ -450,7 +490,9 @@ def build_parser() -> argparse.ArgumentParser:
     drain.add_argument("--timeout", type=float, default=300.0, help="seconds to keep trying (default 300)")
     drain.set_defaults(func=cmd_drain)
 
-    dlq = commands.add_parser("dlq", help="dead letters: list or replay", description="Inspect or replay dead letters.")
+    dlq = commands.add_parser(
+        "dlq", help="dead letters: list, replay or purge", description="Inspect, replay or delete dead letters."
+    )
     dlq_commands = dlq.add_subparsers(dest="dlq_command", required=True, metavar="ACTION")
     listing = dlq_commands.add_parser(
         "list",
@@ -468,6 +510,21 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--config", "-c", help=config_help)
     replay.add_argument("--sink", help="only this sink's")
     replay.set_defaults(func=cmd_dlq_replay)
+    purge = dlq_commands.add_parser(
+        "purge",
+        help="delete dead letters",
+        description="Delete the dead letters every selector given matches (--sink, --before, --id; or --all), "
+        "while the service runs or not. Without --yes it only says how many letters and bytes it would delete.",
+    )
+    purge.add_argument("--config", "-c", help=config_help)
+    purge.add_argument("--sink", help=f"only this sink's ({INTAKE} for bad input; a sink no longer configured too)")
+    purge.add_argument(
+        "--before", type=_instant, metavar="TIME", help="only those dead-lettered before this ISO 8601 time (UTC)"
+    )
+    purge.add_argument("--id", type=int, action="append", default=[], metavar="N", help="only this one (repeatable)")
+    purge.add_argument("--all", action="store_true", help="every dead letter (instead of selectors)")
+    purge.add_argument("--yes", action="store_true", help="delete them (without it: a dry run)")
+    purge.set_defaults(func=cmd_dlq_purge)
 
     from receiver.workos_cli import add_commands as add_workos_commands
 

@@ -16,10 +16,17 @@ counts the undelivered records' bytes only; dedup keys have their own bound (`de
 
 Modules: `segments` (the event files), `schema` (tables, migrations, the shared statements), `writer` (the
 group-commit thread), `facade` (the `Journal` the intake and the delivery engine use), `dead_letters` (`dlq
-list` / `dlq replay`).
+list` / `dlq replay` / `dlq purge`).
 """
 
-from receiver.journal.dead_letters import DeadLetter, count_dead_letters, list_dead_letters, replay_dead_letters
+from receiver.journal.dead_letters import (
+    DeadLetter,
+    count_dead_letters,
+    list_dead_letters,
+    measure_dead_letters,
+    purge_dead_letters,
+    replay_dead_letters,
+)
 from receiver.journal.facade import PROBE_ROOM, WRITER_CACHE_KIB, AppendResult, Journal, Row
 from receiver.journal.schema import COMPRESSION_LEVEL, INTAKE, SCHEMA, DiskFull, connect
 from receiver.journal.writer import MAX_GROUP_JOBS
@@ -39,5 +46,7 @@ __all__ = [
     "connect",
     "count_dead_letters",
     "list_dead_letters",
+    "measure_dead_letters",
+    "purge_dead_letters",
     "replay_dead_letters",
 ]

@@ -1,10 +1,12 @@
-"""Dead letters, for `log-bridge dlq list` and `dlq replay`: a plain connection of their own, safe while the
-service runs. Replay moves them to the `replays` table in one transaction; the service appends them to its
-segments (within a second while it runs, else when it next starts), each for the sink that failed it."""
+"""Dead letters, for `log-bridge dlq list`, `dlq replay` and `dlq purge`: a plain connection of their own, safe
+while the service runs. Replay moves them to the `replays` table in one transaction; the service appends them to
+its segments (within a second while it runs, else when it next starts), each for the sink that failed it. Purge
+deletes them; the service recounts what its dead letters take while it refuses them (within a second)."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -13,7 +15,13 @@ from typing import Any
 import msgspec
 import orjson
 
-from receiver.journal.schema import INTAKE, connect
+from receiver.journal.schema import DEAD_LETTER_ROW, INTAKE, connect
+
+PURGE_CHUNK = 1000
+"""Dead letters one purge transaction deletes: the running service's writer waits for it, so it stays short."""
+
+_LETTER_BYTES = f"length(data) + length(CAST(reason AS BLOB)) + length(CAST(stream AS BLOB)) + {DEAD_LETTER_ROW}"
+"""What one row takes, as `letter_bytes` counts it (and DEAD_LETTER_BYTES sums it)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,17 +42,80 @@ def list_dead_letters(path: Path, sink: str | None = None) -> list[DeadLetter]:
         return []
     conn = connect(path)
     try:
-        query = "SELECT id, sink, stream, data, reason, at FROM dead_letters"
-        params: tuple[Any, ...] = ()
-        if sink == INTAKE:
-            query += " WHERE sink IS NULL"
-        elif sink is not None:
-            query += " WHERE sink = ?"
-            params = (sink,)
-        rows = conn.execute(query + " ORDER BY id", params).fetchall()
+        where, params = _selection(sink)
+        query = f"SELECT id, sink, stream, data, reason, at FROM dead_letters{where} ORDER BY id"  # noqa: S608
+        rows = conn.execute(query, params).fetchall()
     finally:
         conn.close()
     return [DeadLetter(r[0], r[1] or INTAKE, r[2], bytes(r[3]), r[4], r[5]) for r in rows]
+
+
+def _selection(sink: str | None, before: float | None = None, ids: Sequence[int] = ()) -> tuple[str, tuple[Any, ...]]:
+    """The WHERE clause (empty when nothing is selected) and its parameters for these criteria, all of them."""
+    clauses: list[str] = []
+    params: list[Any] = []
+    if sink == INTAKE:
+        clauses.append("sink IS NULL")
+    elif sink is not None:
+        clauses.append("sink = ?")
+        params.append(sink)
+    if before is not None:
+        clauses.append("at < ?")
+        params.append(before)
+    if ids:
+        clauses.append(f"id IN ({', '.join('?' * len(ids))})")
+        params.extend(ids)
+    return (" WHERE " + " AND ".join(clauses) if clauses else ""), tuple(params)
+
+
+def measure_dead_letters(
+    path: Path, sink: str | None = None, before: float | None = None, ids: Sequence[int] = ()
+) -> tuple[int, int]:
+    """How many dead letters `purge_dead_letters` would delete with these criteria, and the bytes they take."""
+    if not path.exists():
+        return 0, 0
+    conn = connect(path)
+    try:
+        where, params = _selection(sink, before, ids)
+        count, size = conn.execute(
+            f"SELECT count(*), coalesce(sum({_LETTER_BYTES}), 0) FROM dead_letters{where}",  # noqa: S608
+            params,
+        ).fetchone()
+    finally:
+        conn.close()
+    return int(count), int(size)
+
+
+def purge_dead_letters(
+    path: Path, sink: str | None = None, before: float | None = None, ids: Sequence[int] = ()
+) -> tuple[int, int]:
+    """Delete the dead letters matching every criterion given (all of them when none is), in transactions of
+    PURGE_CHUNK rows; returns how many were deleted and the bytes they took. Only those there when it starts:
+    one dead-lettered meanwhile was not selected by whoever ran it."""
+    if not path.exists():
+        return 0, 0
+    conn = connect(path)
+    deleted = freed = 0
+    try:
+        where, params = _selection(sink, before, ids)
+        upto = conn.execute("SELECT coalesce(max(id), 0) FROM dead_letters").fetchone()[0]
+        where = (where + " AND" if where else " WHERE") + " id <= ?"
+        query = f"SELECT id, {_LETTER_BYTES} FROM dead_letters{where} ORDER BY id LIMIT ?"  # noqa: S608
+        while True:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                rows = conn.execute(query, (*params, upto, PURGE_CHUNK)).fetchall()
+                conn.executemany("DELETE FROM dead_letters WHERE id = ?", [(row[0],) for row in rows])
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            deleted += len(rows)
+            freed += sum(int(row[1]) for row in rows)
+            if len(rows) < PURGE_CHUNK:
+                return deleted, freed
+    finally:
+        conn.close()
 
 
 def count_dead_letters(path: Path) -> dict[str, int]:

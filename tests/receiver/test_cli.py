@@ -1,11 +1,13 @@
-"""The `log-bridge dlq` commands on a real journal: what replay takes and leaves, what list prints, and a journal
-that is not where the configuration says."""
+"""The `log-bridge dlq` commands on a real journal: what replay takes and leaves, what list prints, what purge
+deletes, and a journal that is not where the configuration says."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -128,8 +130,119 @@ class TestDlqList:
             assert entry["element"] == raw.decode("utf-8", "replace")
 
 
+async def bad_input(path: Path, count: int) -> None:
+    """Make the intake dead-letter `count` elements (bad input), one request each."""
+    journal = await opened(path)
+    try:
+        for i in range(count):
+            await journal.append("workos", batch(rejected=[Rejected(b'"bad-%d"' % i, "not an event")]), time.time())
+    finally:
+        await journal.close()
+
+
+def ids(path: Path, sink: str | None = None) -> list[int]:
+    return [letter.id for letter in list_dead_letters(path, sink)]
+
+
+class TestDlqPurge:
+    async def test_by_sink_only_that_sinks_are_deleted(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        journal = tmp_path / "j.db"
+        await dead_letter(journal, "fwd", events(3))
+        await dead_letter(journal, "archive", events(2))
+        await bad_input(journal, 2)
+        config = write_config(tmp_path, str(journal), ["archive"], ["archive"])  # fwd is no longer configured
+        assert main(["dlq", "purge", "--config", str(config), "--sink", "fwd", "--yes"]) == 0
+        assert "deleted 3 dead letter(s)" in capsys.readouterr().out
+        assert ids(journal, "fwd") == [] and len(ids(journal, "archive")) == 2 and len(ids(journal, INTAKE)) == 2
+        assert main(["dlq", "purge", "--config", str(config), "--sink", INTAKE, "--yes"]) == 0
+        assert "deleted 2 dead letter(s)" in capsys.readouterr().out
+        assert ids(journal, INTAKE) == [] and len(ids(journal, "archive")) == 2
+
+    async def test_before_deletes_only_older_ones(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        journal = tmp_path / "j.db"
+        await dead_letter(journal, "fwd", events(2))
+        await asyncio.sleep(0.05)
+        between = datetime.fromtimestamp(time.time(), UTC).isoformat()
+        await asyncio.sleep(0.05)
+        await dead_letter(journal, "archive", events(3))
+        newer = ids(journal)[2:]
+        config = write_config(tmp_path, str(journal), ["fwd", "archive"], ["fwd", "archive"])
+        assert main(["dlq", "purge", "--config", str(config), "--before", between, "--yes"]) == 0
+        assert "deleted 2 dead letter(s)" in capsys.readouterr().out
+        assert ids(journal) == newer
+
+    async def test_a_time_without_offset_is_utc_and_a_bad_one_is_refused(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        journal = tmp_path / "j.db"
+        await dead_letter(journal, "fwd", events(2))
+        config = write_config(tmp_path, str(journal), ["fwd"], ["fwd"])
+        past = datetime.fromtimestamp(time.time() - 3600, UTC).replace(tzinfo=None).isoformat()
+        assert main(["dlq", "purge", "--config", str(config), "--before", past, "--yes"]) == 0
+        assert "deleted 0 dead letter(s)" in capsys.readouterr().out
+        with pytest.raises(SystemExit) as exited:
+            main(["dlq", "purge", "--config", str(config), "--before", "yesterday", "--yes"])
+        assert exited.value.code == 2 and "not an ISO 8601 time: 'yesterday'" in capsys.readouterr().err
+        assert len(ids(journal)) == 2
+
+    async def test_by_id_with_a_sink_both_must_match(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        journal = tmp_path / "j.db"
+        await dead_letter(journal, "fwd", events(3))
+        await bad_input(journal, 1)
+        first, second, third, intake = ids(journal)
+        config = write_config(tmp_path, str(journal), ["fwd"], ["fwd"])
+        argv = ["dlq", "purge", "--config", str(config), "--id", str(first), "--id", str(third), "--yes"]
+        assert main(argv) == 0
+        assert "deleted 2 dead letter(s)" in capsys.readouterr().out
+        assert ids(journal) == [second, intake]
+        assert main(["dlq", "purge", "--config", str(config), "--id", str(intake), "--sink", "fwd", "--yes"]) == 0
+        assert "deleted 0 dead letter(s)" in capsys.readouterr().out
+        assert ids(journal) == [second, intake]
+
+    async def test_without_yes_it_is_a_dry_run(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        journal = tmp_path / "j.db"
+        await bad_input(journal, 3)
+        config = write_config(tmp_path, str(journal), ["fwd"], ["fwd"])
+        opened_journal = await opened(journal)
+        size = opened_journal.dead_letter_bytes  # what the service counts against the cap
+        await opened_journal.close()
+        assert main(["dlq", "purge", "--config", str(config), "--sink", INTAKE]) == 0
+        out = capsys.readouterr().out
+        assert f"would delete 3 dead letter(s), {size} bytes; nothing deleted: pass --yes" in out
+        assert len(ids(journal)) == 3
+        assert main(["dlq", "purge", "--config", str(config), "--all", "--yes"]) == 0
+        assert f"deleted 3 dead letter(s), {size} bytes" in capsys.readouterr().out
+        assert ids(journal) == []
+
+    async def test_many_are_deleted_a_chunk_at_a_time(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        monkeypatch.setattr("receiver.journal.dead_letters.PURGE_CHUNK", 2)
+        journal = tmp_path / "j.db"
+        await dead_letter(journal, "fwd", events(5))
+        await bad_input(journal, 1)
+        config = write_config(tmp_path, str(journal), ["fwd"], ["fwd"])
+        assert main(["dlq", "purge", "--config", str(config), "--sink", "fwd", "--yes"]) == 0
+        assert "deleted 5 dead letter(s)" in capsys.readouterr().out
+        assert ids(journal, "fwd") == [] and len(ids(journal, INTAKE)) == 1
+
+    @pytest.mark.parametrize("extra", [[], ["--yes"], ["--all", "--sink", "fwd", "--yes"]])
+    async def test_no_selector_or_all_with_one_is_refused(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str]
+    ) -> None:
+        journal = tmp_path / "j.db"
+        await dead_letter(journal, "fwd", events(2))
+        config = write_config(tmp_path, str(journal), ["fwd"], ["fwd"])
+        assert main(["dlq", "purge", "--config", str(config), *extra]) == 2
+        captured = capsys.readouterr()
+        assert "give --sink, --before or --id, or --all alone" in captured.err and captured.out == ""
+        assert len(ids(journal)) == 2
+
+
 class TestMissingJournal:
-    @pytest.mark.parametrize("action", ["list", "replay"])
+    @pytest.mark.parametrize("action", ["list", "replay", "purge"])
     async def test_a_relative_journal_path_not_found_from_here_is_said(
         self,
         tmp_path: Path,
@@ -144,11 +257,12 @@ class TestMissingJournal:
         elsewhere = tmp_path / "elsewhere"
         elsewhere.mkdir()
         monkeypatch.chdir(elsewhere)
-        assert main(["dlq", action, "--config", str(config)]) == 2
+        extra = ["--all"] if action == "purge" else []  # a dry run
+        assert main(["dlq", action, "--config", str(config), *extra]) == 2
         captured = capsys.readouterr()
         assert f"no journal at data/j.db (relative to the working directory: {elsewhere / 'data/j.db'})" in captured.err
         assert captured.out == ""
         assert not (elsewhere / "data").exists()  # nothing created where it is not
         monkeypatch.chdir(served)  # where `serve` ran: found
-        assert main(["dlq", action, "--config", str(config)]) == 0
+        assert main(["dlq", action, "--config", str(config), *extra]) == 0
         assert capsys.readouterr().out
