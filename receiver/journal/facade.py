@@ -278,7 +278,10 @@ class Journal(GroupWriter):
         sink's permanent failures are held and retried instead of dead-lettered."""
         self.dead_letter_bytes = 0
         """What the dead letters take in the journal (`letter_bytes` each): counted as they are committed,
-        recounted after `dlq replay` took some away."""
+        recounted after `dlq replay` or `dlq purge` (other processes) took some away."""
+        self._dead_letters_refused = False
+        """Whether dead letters were refused (at their cap) since the last recount: it is what `dlq purge`
+        frees room for, even when the count is below the cap (a request's letters would take it past)."""
         self.largest_body = largest_body
         """`server.max_body_bytes` (a reload sets it): what `room` is reckoned from."""
         self.dedup = DedupIndex(dedup_window, dedup_max_keys)
@@ -414,15 +417,18 @@ class Journal(GroupWriter):
         return metas
 
     async def _maintain_forever(self) -> None:
-        """Every MAINTAIN_EVERY seconds: append what `dlq replay` put back, and copy the WAL into the database
-        when something was committed (from the reader's connection, so the checkpoint SQLite runs inside a
-        commit once the WAL holds 1,000 pages has only the last few pages to copy)."""
+        """Every MAINTAIN_EVERY seconds: append what `dlq replay` put back, recount the dead letters while some
+        are refused (`dlq purge` may have freed room), and copy the WAL into the database when something was
+        committed (from the reader's connection, so the checkpoint SQLite runs inside a commit once the WAL holds
+        1,000 pages has only the last few pages to copy)."""
         done = -1
         failed = False
         while True:
             try:
                 moved = await self.ingest_replays()
-                if moved or self.dead_letter_bytes >= self.max_dead_letter_bytes:  # `dlq replay` took some away
+                # Another process may have taken some away (`dlq replay`, `dlq purge`): look while any is refused.
+                refused, self._dead_letters_refused = self._dead_letters_refused, False
+                if moved or refused or self.dead_letter_bytes >= self.max_dead_letter_bytes:
                     await self._write(self._recount_dead_letters)
             except (JournalError, sqlite3.Error) as exc:
                 log.warning("journal: cannot take replayed dead letters yet; will retry", extra={"error": str(exc)})
@@ -529,7 +535,7 @@ class Journal(GroupWriter):
         if letters and not self.takes_dead_letters(sum(letter_bytes(raw, why, stream) for raw, why in letters)):
             raise DeadLettersFull(
                 f"the journal's dead letters are at their cap ({self.max_dead_letter_bytes} bytes): a request with "
-                "elements to dead-letter is refused until `log-bridge dlq` takes some away"
+                "elements to dead-letter is refused until `log-bridge dlq replay` or `dlq purge` takes some away"
             )
         scope = scope or stream
         shared = self.shared if self.dedup.enabled else None
@@ -543,7 +549,10 @@ class Journal(GroupWriter):
 
     def takes_dead_letters(self, size: int) -> bool:
         """Whether `size` more bytes of dead letters stay within `max_dead_letter_bytes`."""
-        return self.dead_letter_bytes + size <= self.max_dead_letter_bytes
+        if self.dead_letter_bytes + size <= self.max_dead_letter_bytes:
+            return True
+        self._dead_letters_refused = True
+        return False
 
     def _recount_dead_letters(self, conn: sqlite3.Connection) -> None:
         """Count the dead letters again (writer thread): what another process took away. In the writer's

@@ -1,16 +1,19 @@
 """The `log-bridge dlq` commands on a real journal: what replay takes and leaves, what list prints, what purge
-deletes, and a journal that is not where the configuration says."""
+deletes (and that a running service takes requests again after it), and a journal that is not where the
+configuration says."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
 import json
+import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import orjson
 import pytest
 import yaml
@@ -18,7 +21,9 @@ import yaml
 from receiver.cli import main
 from receiver.journal import INTAKE, list_dead_letters
 from receiver.parsing import Rejected
+from receiver.samples import sample_wrappers
 from sinks.base import Event
+from tests.conftest import TOKEN, StartService
 from tests.receiver.test_journal import batch, opened
 
 SINK = {"type": "memory"}
@@ -239,6 +244,40 @@ class TestDlqPurge:
         captured = capsys.readouterr()
         assert "give --sink, --before or --id, or --all alone" in captured.err and captured.out == ""
         assert len(ids(journal)) == 2
+
+    async def test_a_running_service_at_its_cap_takes_requests_again_after_a_purge(
+        self, start_service: StartService, tmp_path: Path, client: aiohttp.ClientSession
+    ) -> None:
+        """Intake dead letters cannot be replayed, so once they reached `max_dead_letter_bytes` every request
+        holding a bad element was refused (503) until the cap was raised; and the service recounted them only at
+        or past the cap, not when a request's letters would only take it past. `dlq purge`, from another process,
+        frees the room and the running service takes the request again within a few seconds."""
+        service = await start_service({"journal": {"max_dead_letter_bytes": "2KiB"}})
+        body = orjson.dumps([*sample_wrappers(1), "x" * 400])  # one good event, one element to dead-letter
+        headers = {"Authorization": TOKEN, "Content-Type": "application/json"}
+
+        async def status() -> int:
+            async with client.post(service.url + "/workos", data=body, headers=headers) as response:
+                await response.read()
+                return response.status
+
+        answers = [await status() for _ in range(6)]
+        assert answers[:3] == [200] * 3 and answers[-1] == 503, answers
+        assert service.journal.dead_letter_bytes < service.journal.max_dead_letter_bytes  # the room was too small
+        config = write_config(tmp_path, str(service.config.journal.path), ["mem"], ["mem"], name="cli.yaml")
+        purge = await asyncio.create_subprocess_exec(  # another process, as an operator runs it
+            *[sys.executable, "-m", "receiver.cli", "dlq", "purge", "--config", str(config)],
+            *["--sink", INTAKE, "--yes"],
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await purge.communicate()
+        assert purge.returncode == 0, err
+        assert b"deleted " in out
+        deadline = time.monotonic() + 5
+        while (answer := await status()) == 503 and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        assert answer == 200
 
 
 class TestMissingJournal:
