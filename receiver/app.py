@@ -334,9 +334,7 @@ class Intake:
             )
             return _refuse("not_allowed", 403, "client address is not allowed", close=True)
         if not self._authorised(head):
-            self.state.refusals.log(
-                "request without the stream's secret", stream=self.stream.name, client=str(client)
-            )
+            self.state.refusals.log("request without the stream's secret", stream=self.stream.name, client=str(client))
             return _refuse("unauthorised", 401, f"missing or wrong {self.auth_header} header", close=True)
         return None
 
