@@ -276,9 +276,10 @@ class Journal(GroupWriter):
         self.max_dead_letter_bytes = max_dead_letter_bytes
         """`journal.max_dead_letter_bytes` (a reload sets it): past it no request's dead letter is taken, and a
         sink's permanent failures are held and retried instead of dead-lettered."""
-        self.dead_letter_bytes = 0
-        """What the dead letters take in the journal (`letter_bytes` each): counted as they are committed,
-        recounted after `dlq replay` or `dlq purge` (other processes) took some away."""
+        self._dead_letters_added = 0
+        """Bytes of the dead letters committed since open (writer thread, after each commit): only ever added to."""
+        self._dead_letters_base = 0
+        """`dead_letter_bytes` less `_dead_letters_added`, set by a count of the table (event loop)."""
         self._dead_letters_refused = False
         """Whether dead letters were refused (at their cap) since the last recount: it is what `dlq purge`
         frees room for, even when the count is below the cap (a request's letters would take it past)."""
@@ -363,7 +364,7 @@ class Journal(GroupWriter):
             self._next_seq = max(self.segments.last_seq, last_seq(conn), self._mark, int(cursors)) + 1
             self.last_seq = self._held_from = self._next_seq - 1
             self.size_bytes = self.segments.bytes_after(self._mark)
-            self.dead_letter_bytes = int(conn.execute(DEAD_LETTER_BYTES).fetchone()[0])
+            self._dead_letters_base = int(conn.execute(DEAD_LETTER_BYTES).fetchone()[0])
             await asyncio.to_thread(self._load_dedup, conn, time.time(), metas)
         except (OSError, sqlite3.Error) as exc:
             self.segments.close()
@@ -429,7 +430,7 @@ class Journal(GroupWriter):
                 # Another process may have taken some away (`dlq replay`, `dlq purge`): look while any is refused.
                 refused, self._dead_letters_refused = self._dead_letters_refused, False
                 if moved or refused or self.dead_letter_bytes >= self.max_dead_letter_bytes:
-                    await self._write(self._recount_dead_letters)
+                    await self._recount_dead_letters()
             except (JournalError, sqlite3.Error) as exc:
                 log.warning("journal: cannot take replayed dead letters yet; will retry", extra={"error": str(exc)})
             if self.commits != done or failed:
@@ -554,16 +555,28 @@ class Journal(GroupWriter):
         self._dead_letters_refused = True
         return False
 
-    def _recount_dead_letters(self, conn: sqlite3.Connection) -> None:
-        """Count the dead letters again (writer thread): what another process took away. In the writer's
-        transaction, its count set by a hook in turn with the hooks of the dead letters committed with it: a
-        count read elsewhere could land after a commit's hook and lose what that commit added."""
-        counted = int(conn.execute(DEAD_LETTER_BYTES).fetchone()[0])
-        self._after_commit.append(lambda: setattr(self, "dead_letter_bytes", counted))
+    @property
+    def dead_letter_bytes(self) -> int:
+        """What the dead letters take in the journal (`letter_bytes` each): counted as they are committed,
+        counted again after `dlq replay` or `dlq purge` (other processes) took some away."""
+        return self._dead_letters_base + self._dead_letters_added
+
+    async def _recount_dead_letters(self) -> None:
+        # On the reader's connection, not in the writer (a count of 256 MiB of letters takes 140-170 ms, which
+        # would stall every commit behind it). The count sees the commits before its snapshot; those whose
+        # hooks ran after `since` are added on top, so none is lost (one that committed before the snapshot
+        # with its hook still to run is counted twice, until the next count: never an undercount). Each of the
+        # two parts has one writer: the hooks add, the loop sets the base.
+        def count(conn: sqlite3.Connection) -> tuple[int, int]:
+            since = self._dead_letters_added
+            return since, int(conn.execute(DEAD_LETTER_BYTES).fetchone()[0])
+
+        since, counted = await self._read(count)
+        self._dead_letters_base = counted - since
 
     def _count_dead_letters(self, size: int) -> None:
         """Count dead letters once their transaction commits (writer thread)."""
-        self._after_commit.append(lambda: setattr(self, "dead_letter_bytes", self.dead_letter_bytes + size))
+        self._after_commit.append(lambda: setattr(self, "_dead_letters_added", self._dead_letters_added + size))
 
     def _store_rejects(self, stream: str, at: float, rejected: Sequence[Any]) -> Callable[[sqlite3.Connection], None]:
         """What stores the intake's dead letters of a request, in its group's transaction (before its events
