@@ -372,8 +372,9 @@ class FrontConnection(asyncio.Protocol):
         if self.buffer:
             self._next()
             if transport.get_protocol() is not self:
-                # Handed to aiohttp, reading resumed; after the client's end of the stream aiohttp answers what
-                # it was given and closes at its keep-alive timeout (its eof_received does nothing).
+                # Handed to aiohttp, reading resumed. After the client's end of the stream its answer is lost:
+                # aiohttp's eof_received returns None, so asyncio closes the transport (a request it read is
+                # committed all the same, and the sender's retry is a duplicate).
                 return
         if self.eof:
             if self.task is None:
