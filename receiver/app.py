@@ -77,6 +77,12 @@ def _refuse(reason: str, status: int, message: str, *, close: bool = False, retr
     return Answer(status, orjson.dumps({"error": message}), headers, reason, close)
 
 
+def _gone(exc: ClientDisconnected) -> Answer:
+    """A client gone before its request was read whole: counted as client_disconnected, not logged (nobody
+    reads the answer)."""
+    return _refuse("client_disconnected", exc.status, exc.message, close=True)
+
+
 NO_STREAM = Answer(404, orjson.dumps({"error": "no stream is configured at this path"}), close=True)
 
 REFUSAL_REASONS = (
@@ -97,7 +103,8 @@ REFUSAL_REASONS = (
 
 
 class RateLimitedLog:
-    """Warnings a client can provoke, through one token bucket: `burst` at once, `rate` a second, the rest counted."""
+    """Lines a client can provoke, at `level`, through one token bucket: `burst` at once, `rate` a second, the rest
+    counted."""
 
     def __init__(
         self,
@@ -325,8 +332,7 @@ class Intake:
     def _screen(self, head: RequestHead) -> Answer | None:
         """The refusal of a request from an address not allowed or without the secret, else None."""
         if head.peer is None and head.gone:  # a client gone before its request was read: not an address refused
-            gone = ClientDisconnected()
-            return _refuse("client_disconnected", gone.status, gone.message, close=True)  # counted, not logged
+            return _gone(ClientDisconnected())
         client, allowed = self.policy.check(head.peer, head.forwarded())
         if not allowed:
             self.state.refusals.log(
@@ -409,7 +415,7 @@ class Intake:
                         partial(parse_body, max_events=self.max_events), decoded, head.content_type, received_at
                     )
             except ClientDisconnected as exc:
-                return _refuse("client_disconnected", exc.status, exc.message, close=True)  # counted, not logged
+                return _gone(exc)
             except BodyError as exc:
                 reason = {408: "timeout", 413: "too_large", 415: "unsupported"}.get(exc.status, "bad_body")
                 return _refuse(reason, exc.status, exc.message, close=exc.status in (408, 413))

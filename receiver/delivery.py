@@ -317,9 +317,7 @@ class SinkRunner:
                 "dead letters at their cap: the sink's permanent failures are held and sent again",
                 extra={"sink": self.name, "events": len(dead), "delay_s": round(delay, 3), "reason": dead[0][1]},
             )
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._halted.wait(), delay)
-            if self._halting:
+            if not await self._pause(delay):
                 return
             todo = [event for event, _ in dead]
         if dead:
@@ -396,13 +394,17 @@ class SinkRunner:
                             "reason": reason,
                         },
                     )
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._halted.wait(), delay)
-            if self._halting:
+            if not await self._pause(delay):
                 return None  # nothing committed: the events stay owed at this sink's cursor
             todo = [event for event, _ in retry] + pending
             self._in_flight = len(todo)
         return dead
+
+    async def _pause(self, delay: float) -> bool:
+        """Wait `delay` seconds before sending again, or less when the runner halts: whether to go on."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._halted.wait(), delay)
+        return not self._halting
 
     async def _commit(self, position: int, dead: list[tuple[Event, str]]) -> None:
         # Until this commits, the dead letters exist only here: keep trying, never skip past them.

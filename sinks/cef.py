@@ -101,7 +101,7 @@ def cef_line(event: Event, severity: int) -> bytes:
         if value:
             fields += [(f"cs{number}Label", label), (f"cs{number}", value)]
     extension = " ".join(f"{key}={_escape(value)}" for key, value in fields if value)
-    name = _HEADER_ESCAPE.sub(r"\\\1", event.action).replace("\r", "\\r").replace("\n", "\\n")
+    name = _escape(event.action, _HEADER_ESCAPE)
     return f"CEF:0|WorkOS|Audit Logs|1|{name}|{name}|{severity}|{extension}".encode()
 
 
@@ -131,6 +131,7 @@ def _is_ip(value: str) -> bool:
         return False
 
 
-def _escape(value: str) -> str:
-    """An extension value with `\\` and `=` escaped and line breaks written as `\\n` / `\\r`."""
-    return _VALUE_ESCAPE.sub(r"\\\1", value).replace("\r", "\\r").replace("\n", "\\n")
+def _escape(value: str, special: re.Pattern[str] = _VALUE_ESCAPE) -> str:
+    """A value with its `special` characters escaped (an extension's `\\` and `=`, the header's `\\` and `|`)
+    and line breaks written as `\\n` / `\\r`, so that no value ends the line."""
+    return special.sub(r"\\\1", value).replace("\r", "\\r").replace("\n", "\\n")

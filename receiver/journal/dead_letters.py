@@ -15,13 +15,10 @@ from typing import Any
 import msgspec
 import orjson
 
-from receiver.journal.schema import DEAD_LETTER_ROW, INTAKE, connect
+from receiver.journal.schema import INTAKE, LETTER_BYTES, connect
 
 PURGE_CHUNK = 1000
 """Dead letters one purge transaction deletes: the running service's writer waits for it, so it stays short."""
-
-_LETTER_BYTES = f"length(data) + length(CAST(reason AS BLOB)) + length(CAST(stream AS BLOB)) + {DEAD_LETTER_ROW}"
-"""What one row takes, as `letter_bytes` counts it (and DEAD_LETTER_BYTES sums it)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,7 +75,7 @@ def measure_dead_letters(
     try:
         where, params = _selection(sink, before, ids)
         count, size = conn.execute(
-            f"SELECT count(*), coalesce(sum({_LETTER_BYTES}), 0) FROM dead_letters{where}",  # noqa: S608
+            f"SELECT count(*), coalesce(sum({LETTER_BYTES}), 0) FROM dead_letters{where}",  # noqa: S608
             params,
         ).fetchone()
     finally:
@@ -100,7 +97,7 @@ def purge_dead_letters(
         where, params = _selection(sink, before, ids)
         upto = conn.execute("SELECT coalesce(max(id), 0) FROM dead_letters").fetchone()[0]
         where = (where + " AND" if where else " WHERE") + " id <= ?"
-        query = f"SELECT id, {_LETTER_BYTES} FROM dead_letters{where} ORDER BY id LIMIT ?"  # noqa: S608
+        query = f"SELECT id, {LETTER_BYTES} FROM dead_letters{where} ORDER BY id LIMIT ?"  # noqa: S608
         while True:
             conn.execute("BEGIN IMMEDIATE")
             try:

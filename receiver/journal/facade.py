@@ -532,8 +532,8 @@ class Journal(GroupWriter):
         keys), by default the stream's name."""
         if self.over_cap:
             raise JournalFull(f"the journal is over its cap ({self.max_bytes} bytes)")
-        letters = [(item.raw, item.reason) for item in parsed.rejected]
-        if letters and not self.takes_dead_letters(sum(letter_bytes(raw, why, stream) for raw, why in letters)):
+        dead_bytes = sum(letter_bytes(item.raw, item.reason, stream) for item in parsed.rejected)
+        if parsed.rejected and not self.takes_dead_letters(dead_bytes):
             raise DeadLettersFull(
                 f"the journal's dead letters are at their cap ({self.max_dead_letter_bytes} bytes): a request with "
                 "elements to dead-letter is refused until `log-bridge dlq replay` or `dlq purge` takes some away"
@@ -542,7 +542,7 @@ class Journal(GroupWriter):
         shared = self.shared if self.dedup.enabled else None
         elsewhere = await shared.seen(scope, parsed.keys) if shared is not None else frozenset()
         batch = _Batch(stream, scope, parsed, received_at, elsewhere)
-        store = self._store_rejects(stream, received_at, parsed.rejected) if parsed.rejected else None
+        store = self._store_rejects(stream, received_at, parsed.rejected, dead_bytes) if parsed.rejected else None
         result: AppendResult = await self._write_batch(batch, store)
         if shared is not None and batch.keys:  # only now, after the commit: a failure here can cause a duplicate,
             await shared.mark(scope, batch.keys)  # never a loss
@@ -578,13 +578,13 @@ class Journal(GroupWriter):
         """Count dead letters once their transaction commits (writer thread)."""
         self._after_commit.append(lambda: setattr(self, "_dead_letters_added", self._dead_letters_added + size))
 
-    def _store_rejects(self, stream: str, at: float, rejected: Sequence[Any]) -> Callable[[sqlite3.Connection], None]:
-        """What stores the intake's dead letters of a request, in its group's transaction (before its events
-        are appended: a request whose events fail is answered 503 and retried, and its dead letters are then
-        stored again, never lost)."""
+    def _store_rejects(
+        self, stream: str, at: float, rejected: Sequence[Any], size: int
+    ) -> Callable[[sqlite3.Connection], None]:
+        """What stores the intake's dead letters of a request (`size` bytes of them), in its group's transaction
+        (before its events are appended: a request whose events fail is answered 503 and retried, and its dead
+        letters are then stored again, never lost)."""
         letters = [(None, stream, item.raw, item.reason, at, None) for item in rejected]
-
-        size = sum(letter_bytes(item.raw, item.reason, stream) for item in rejected)
 
         def store(conn: sqlite3.Connection) -> None:
             conn.executemany(INSERT_DEAD_LETTER, letters)

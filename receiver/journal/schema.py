@@ -80,12 +80,11 @@ def _migrate(conn: sqlite3.Connection) -> None:
 DEAD_LETTER_ROW = 64
 """Bytes a dead letter takes besides its data, reason and stream (its id, sink, time, meta, the index entry)."""
 
-DEAD_LETTER_BYTES = (
-    "SELECT coalesce(sum(length(data) + length(CAST(reason AS BLOB)) + length(CAST(stream AS BLOB))), 0)"
-    " + 64 * count(*) FROM dead_letters"
-)
-"""What the dead letters take, as `letter_bytes` counts each (64: DEAD_LETTER_ROW; length() of a BLOB reads no
-overflow page)."""
+LETTER_BYTES = f"length(data) + length(CAST(reason AS BLOB)) + length(CAST(stream AS BLOB)) + {DEAD_LETTER_ROW}"
+"""What one `dead_letters` row takes, as `letter_bytes` counts it (length() of a BLOB reads no overflow page)."""
+
+DEAD_LETTER_BYTES = f"SELECT coalesce(sum({LETTER_BYTES}), 0) FROM dead_letters"  # noqa: S608
+"""What the dead letters take."""
 
 
 def letter_bytes(raw: bytes, reason: str, stream: str) -> int:
