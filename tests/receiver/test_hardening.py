@@ -7,6 +7,7 @@ import asyncio
 import gzip
 import io
 import logging
+import os
 import re
 import signal
 import time
@@ -73,6 +74,22 @@ def vm(pid: int, field: str) -> int:
     match = re.search(rf"^{field}:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text(), re.MULTILINE)
     assert match, field
     return int(match.group(1)) * 1024
+
+
+def cpu_seconds(pid: int) -> float:
+    """The CPU time a process's main thread (its event loop) has run: what the scheduler counts while the thread
+    is on a core, so a busy machine's delays do not add to it."""
+    task = Path(f"/proc/{pid}/task/{pid}")
+    try:
+        return int((task / "schedstat").read_text().split()[0]) / 1e9
+    except FileNotFoundError:  # a kernel without schedstats: user + system time, in clock ticks
+        return ticks(task / "stat")
+
+
+def ticks(stat: Path) -> float:
+    """User + system time from a /proc stat file, in seconds (10 ms steps)."""
+    fields = stat.read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class Receiver:
@@ -248,7 +265,11 @@ class TestBodies:
     @pytest.mark.slow
     async def test_many_gzip_members_are_refused_quickly_while_healthz_stays_responsive(self, receiver: Any) -> None:
         """10 MiB of 524,288 empty gzip members: refused within seconds at the first member past MAX_MEMBERS, and
-        /healthz answers within 100 ms all the while (the decompression runs off the event loop)."""
+        the event loop works less than 100 ms on the request all told, so it cannot freeze /healthz for 100 ms
+        (the decompression runs off the loop; about 22 ms here, nearly all of it reading 10 MiB off the socket).
+
+        The loop's work is its thread's CPU time, which a busy machine's scheduler cannot inflate. /healthz's
+        wall-clock latency it can (161 ms once on a shared CI machine), so that only has to stay under a second."""
         running = await receiver()
         bomb = gzip.compress(b"", mtime=0) * 524_288
         assert len(bomb) == 10 * MiB
@@ -267,6 +288,8 @@ class TestBodies:
 
         prober = asyncio.create_task(probe())
         await asyncio.sleep(0.3)
+        process = Path(f"/proc/{running.pid}/stat")
+        loop_before, process_before = cpu_seconds(running.pid), ticks(process)
         started = time.monotonic()
         async with (
             aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session,
@@ -276,14 +299,19 @@ class TestBodies:
         ):
             status, payload = response.status, await response.json()
         took = time.monotonic() - started
+        loop_cpu, process_cpu = cpu_seconds(running.pid) - loop_before, ticks(process) - process_before
         await asyncio.sleep(0.3)
         done.set()
         await prober
         assert (status, payload["error"]) == (400, "gzip body holds more than 1024 members; compress it as one")
         assert took < 15, f"took {took:.1f} s to refuse"
         worst = max(latencies)
-        print(f"refused in {took:.2f} s; /healthz max {worst * 1000:.0f} ms over {len(latencies)} probes")
-        assert worst < 0.1, f"/healthz max latency {worst * 1000:.0f} ms over {len(latencies)} probes"
+        print(
+            f"refused in {took:.2f} s; loop CPU {loop_cpu * 1000:.0f} ms, process CPU {process_cpu * 1000:.0f} ms; "
+            f"/healthz max {worst * 1000:.0f} ms over {len(latencies)} probes"
+        )
+        assert loop_cpu < 0.1, f"the event loop ran {loop_cpu * 1000:.0f} ms for one request"
+        assert worst < 1, f"/healthz max latency {worst * 1000:.0f} ms over {len(latencies)} probes"
 
     async def test_truncated_zstd_body_says_it_is_truncated(self, start_service: StartService, client) -> None:
         service = await start_service()
