@@ -11,6 +11,7 @@ dead-lettered with its reason and the good ones next to it are kept.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import re
 from dataclasses import dataclass, field
@@ -198,7 +199,7 @@ def _one_array(text: bytes, max_events: int) -> bool:
     try:
         _split(text)
     except (msgspec.DecodeError, RecursionError):
-        return _split_tolerant(text, max_events)[1] is None
+        return _split_broken(text, max_events)[1] is None
     return True
 
 
@@ -212,12 +213,21 @@ def _parse_array(text: bytes, received_at: float, max_events: int) -> Parsed:
         return parsed
     # The fast path refused the body: find each element's bounds and judge it alone.
     parsed = Parsed()
-    pieces, tail_problem = _split_tolerant(text, max_events)
+    pieces, tail_problem = _split_broken(text, max_events)
     for index, piece in enumerate(pieces):
         _sort_one(piece, received_at, parsed, f"element {index}: ", check_utf8=True)
     if tail_problem is not None:
         parsed.rejected.append(Rejected(*tail_problem))
     return parsed
+
+
+def _split_broken(text: bytes, max_events: int) -> tuple[list[bytes], _TailProblem | None]:
+    """The elements of a JSON array the fast path refused, and what is left over with its reason."""
+    pieces, starts, tail_problem = _split_tolerant(text, max_events)
+    pieces, tail_problem = _whole_after_malformed(text, pieces, starts, tail_problem)
+    if len(pieces) > max_events:
+        raise _too_many(max_events)
+    return pieces, tail_problem
 
 
 def _fast(text: bytes, received_at: float, max_events: int, lines: list[bytes] | None = None) -> Parsed | None:
@@ -268,13 +278,20 @@ _CLOSER = {ord("["): ord("]"), ord("{"): ord("}")}
 _WRAPPER_NEXT = re.compile(rb'[ \t\r\n]*\{[ \t\r\n]*"event"[ \t\r\n]*:')
 
 
-def _split_tolerant(text: bytes, max_events: int) -> tuple[list[bytes], tuple[bytes, str, bool] | None]:
-    """The elements of a JSON array that may be broken, found in one linear pass; and what follows the array
-    or is left unterminated, with its reason. Strings are skipped; opened brackets are stacked; a closer of the
-    other kind closes through to its opener (or closes the innermost one when there is none); a stray '}' is
-    ignored; only a ']' with nothing open ends the array. Inside objects only (no array open), a ',' followed
-    by a wrapper's start (`{"event":`, never valid JSON there) ends an element left unclosed."""
+_TailProblem = tuple[bytes, str, bool]
+_IN_STRING = "the body ends inside a string (truncated?)"
+_AFTER_ARRAY = "data after the end of the JSON array"
+
+
+def _split_tolerant(text: bytes, max_events: int) -> tuple[list[bytes], list[int], _TailProblem | None]:
+    """The elements of a JSON array that may be broken, found in one linear pass; where each begins in `text`
+    (and, last, where what was left unsplit begins); and what follows the array or is left unterminated, with
+    its reason. Strings are skipped; opened brackets are stacked; a closer of the other kind closes through to
+    its opener (or closes the innermost one when there is none); a stray '}' is ignored; only a ']' with nothing
+    open ends the array. Inside objects only (no array open), a ',' followed by a wrapper's start (`{"event":`,
+    never valid JSON there) ends an element left unclosed."""
     pieces: list[bytes] = []
+    starts: list[int] = []
     stack: list[int] = []
     # How many closers of each kind the stack holds: whether a closer has its opener open, in constant time
     # (a scan of the stack at each closer made `[` * n + `}` * n quadratic).
@@ -283,6 +300,7 @@ def _split_tolerant(text: bytes, max_events: int) -> tuple[list[bytes], tuple[by
 
     def add(piece: bytes) -> None:
         pieces.append(piece)
+        starts.append(start)
         if len(pieces) > max_events:
             raise _too_many(max_events)
 
@@ -290,14 +308,16 @@ def _split_tolerant(text: bytes, max_events: int) -> tuple[list[bytes], tuple[by
         match = _STRUCTURE.search(text, pos)
         if match is None:
             rest = text[start:].strip(_JSON_SPACE)
-            return pieces, ((rest, "the body ends inside an element (truncated?)", True) if rest else None)
+            starts.append(start)
+            return pieces, starts, ((rest, "the body ends inside an element (truncated?)", True) if rest else None)
         char = text[match.start()]
         pos = match.end()
         if char == 0x22:  # '"'
             closed = _STRING_REST.match(text, pos)
             if closed is None:
                 rest = text[start:].strip(_JSON_SPACE)
-                return pieces, (rest, "the body ends inside a string (truncated?)", True)
+                starts.append(start)
+                return pieces, starts, (rest, _IN_STRING, True)
             pos = closed.end()
         elif char in _CLOSER:
             closer = _CLOSER[char]
@@ -324,7 +344,73 @@ def _split_tolerant(text: bytes, max_events: int) -> tuple[list[bytes], tuple[by
             if piece or pieces:
                 add(piece)
             rest = text[pos:].strip(_JSON_SPACE)
-            return pieces, ((rest, "data after the end of the JSON array", True) if rest else None)
+            starts.append(pos)
+            return pieces, starts, ((rest, _AFTER_ARRAY, True) if rest else None)
+
+
+_NEXT_WRAPPER = re.compile(rb',[ \t\r\n]*(?=\{[ \t\r\n]*"event"[ \t\r\n]*:)')
+_RESYNC_TRIES = 8
+"""How many places in a body are tried as the start of the whole elements a malformed one swallowed. Each try
+decodes up to the rest of the body, so the cost stays linear in it."""
+
+
+def _malformed(piece: bytes) -> bool:
+    try:
+        _element(piece)
+    except msgspec.ValidationError:
+        return False
+    except (msgspec.DecodeError, RecursionError):
+        return True
+    return False
+
+
+def _whole_after_malformed(
+    text: bytes, pieces: list[bytes], starts: list[int], tail_problem: _TailProblem | None
+) -> tuple[list[bytes], _TailProblem | None]:
+    """`pieces` and `tail_problem`, or, when a malformed element swallowed the whole elements after it, that
+    element alone followed by them.
+
+    A string left without its closing quote ends at a quote of a later element, and from there the splitter
+    reads strings where the body has none: the elements after it end up in its piece, in the ones after it, or
+    in the unsplit rest. Where a ',' inside a malformed piece (or that rest) is followed by a wrapper's start,
+    and from there to the array's closing ']' the body is strict JSON, the elements of that stretch are the
+    ones after it (each then judged alone). An object nested in the broken element is followed by its parents'
+    closers, so it never passes for one. Only a body that ends with its ']' qualifies: a truncated one may have
+    lost those closers."""
+    if not text.endswith(b"]"):
+        return pieces, tail_problem
+    separators = set(starts)  # a piece begins right after its ',': that one is no place to start again
+    tries = _RESYNC_TRIES
+    judged: dict[int, bool] = {}
+
+    def malformed(index: int) -> bool:
+        if index not in judged:
+            judged[index] = _malformed(pieces[index])
+        return judged[index]
+
+    for match in _NEXT_WRAPPER.finditer(text, 0, len(text) - 1):
+        if match.start() + 1 in separators:
+            continue
+        index = bisect.bisect_right(starts, match.start()) - 1
+        if index < len(pieces):
+            if not malformed(index):
+                continue
+        elif tail_problem is None or tail_problem[1] not in (_IN_STRING, _AFTER_ARRAY):
+            break
+        elif tail_problem[1] == _AFTER_ARRAY and index and malformed(index - 1):
+            index -= 1  # a ']' read outside a string in the broken element ended the array: it is one element
+        if not tries:
+            break
+        tries -= 1
+        try:
+            wholes = _split(b"[" + text[match.end() : -1] + b"]")
+        except (msgspec.DecodeError, RecursionError):
+            continue
+        head = text[starts[index] : match.start()].strip(_JSON_SPACE)
+        if not head:  # the stray ']' before it was all that was wrong: left as it is, said after the array
+            continue
+        return [*pieces[:index], head, *map(bytes, wholes)], None
+    return pieces, tail_problem
 
 
 def _parse_lines(text: bytes, received_at: float, max_events: int) -> Parsed:

@@ -458,6 +458,33 @@ class TestDefects:
         assert [letter.data for letter in file_service.dead_letters()] == [bad]
 
     @pytest.mark.parametrize(
+        "bad",
+        [
+            b'{"event":{"action":"x","note":"abc},"keySuffix":"k"}',
+            b'{"event":{"action":"x","note":"a\\\\"b"},"keySuffix":"k"}',
+            b'{"event":{"action":"x","note":"c,"metadata":{"changes":[{"a":1},'
+            b'{"event":{"action":"nested"},"keySuffix":"n"}]}},"keySuffix":"k"}',
+        ],
+        ids=["quote-missing", "escaped-quote-ends-it", "nested-wrapper-in-it"],
+    )
+    @pytest.mark.parametrize("declared", [JSON, NDJSON])
+    async def test_an_unterminated_string_costs_only_its_element(
+        self, file_service: FileService, client, bad: bytes, declared: str
+    ) -> None:
+        """Was a defect: a string left without its closing quote ends at the next quote, in the element after
+        it, and from there the splitter reads strings where the body has none: the whole elements after it
+        became one intake dead letter "the body ends inside a string (truncated?)", answered 200, so the sender
+        does not retry and they never reach a sink. Expected: the broken element dead-lettered as received, the
+        whole elements after it delivered, and nothing nested in the broken one taken for an element (also when
+        the array is declared NDJSON, where it was one dead letter "line 1: element is a JSON array")."""
+        good = _good(3)
+        body = b"[" + b",".join([good[0], bad, *good[1:]]) + b"]"
+        status, payload = await file_service.post(client, body, declared)
+        assert (status, payload) == (200, {"accepted": 3, "duplicates": 0, "dead_lettered": 1}), payload
+        assert await file_service.written(3) == good
+        assert [letter.data for letter in file_service.dead_letters()] == [bad]
+
+    @pytest.mark.parametrize(
         "body",
         [
             b'{"\x00":1}\n' + b"\n".join(_good(2)) + b"\n",

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import time
 
+import pytest
+
+from receiver.errors import BodyError
 from receiver.parsing import parse_body
 
 
@@ -32,3 +35,41 @@ class TestBrokenArrays:
         parsed = parse_body(b"[" + b"[" * n + b"}" * n + b"]", "application/json", 0.0)
         assert time.process_time() - began < 10.0
         assert not parsed.raws and len(parsed.rejected) == 1
+
+
+class TestUnterminatedStrings:
+    GOOD = b'{"event":{"action":"a","id":"%d"}}'
+
+    def test_the_elements_after_one_are_found_again(self) -> None:
+        good = [self.GOOD % i for i in range(3)]
+        bad = b'{"event":{"action":"x","note":"unterminated}}'
+        parsed = parse_body(b"[" + b",".join([good[0], bad, *good[1:]]) + b"]", "application/json", 0.0)
+        assert [bytes(raw) for raw in parsed.raws] == good
+        assert [item.raw for item in parsed.rejected] == [bad]
+
+    def test_a_wrapper_nested_in_a_truncated_body_is_not_taken_for_an_element(self) -> None:
+        """Without the array's closing ']' a wrapper nested in the broken element cannot be told from one after
+        it (the closers that would say so may be what is missing): nothing after the break is taken."""
+        body = b'[{"event":{"action":"a"}},{"event":{"action":"b","note":"x,"changes":[{"event":{"action":"nested"}}'
+        parsed = parse_body(body, "application/json", 0.0)
+        assert [bytes(raw) for raw in parsed.raws] == [b'{"event":{"action":"a"}}']
+
+    def test_places_to_start_again_are_tried_a_bounded_number_of_times(self) -> None:
+        """Each place tried decodes up to the rest of the body: 100,000 of them, none followed by strict JSON to
+        the end, would cost time quadratic in the body without the bound (0.58 s at 4,000 here, 1.76 s at
+        8,000, minutes at 100,000). With it, 8 tries: 0.12 s here, against 0.06 s trying none."""
+        body = b'[{"event":{"a":"x' + b',{"event":{}}' * 100_000 + b",]"
+        began = time.process_time()
+        with pytest.raises(BodyError):
+            parse_body(body, "application/json", 0.0)
+        assert time.process_time() - began < 10.0
+
+    def test_a_bracket_that_ended_the_array_early_stays_in_its_element(self) -> None:
+        """A slice copied into an element (`…"keySu","source":"s"}]ffix":"k"}`) closes it and the array: what
+        follows the ']' was one dead letter "data after the end of the JSON array", whole elements included.
+        Now the broken element is one dead letter, from its start to the next element, and the rest delivered."""
+        good = [self.GOOD % i for i in range(3)]
+        bad = b'{"event":{"action":"x"},"keySu","source":"s"}]ffix":"k"}'
+        parsed = parse_body(b"[" + b",".join([good[0], bad, *good[1:]]) + b"]", "application/json", 0.0)
+        assert [bytes(raw) for raw in parsed.raws] == good
+        assert [item.raw for item in parsed.rejected] == [bad]
