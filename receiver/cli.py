@@ -33,7 +33,7 @@ from receiver.journal import (
     INTAKE,
     DeadLetter,
     count_dead_letters,
-    list_dead_letters,
+    iter_dead_letters,
     measure_dead_letters,
     purge_dead_letters,
     replay_dead_letters,
@@ -311,7 +311,7 @@ def cmd_dlq_list(args: argparse.Namespace) -> int:
     if _no_journal("dlq list", journal):
         return 2
     out = sys.stdout.buffer
-    for letter in list_dead_letters(journal, args.sink):
+    for letter in iter_dead_letters(journal, args.sink):
         out.write(_listing_line(letter))
     out.flush()
     return 0

@@ -22,6 +22,7 @@ list` / `dlq replay` / `dlq purge`).
 from receiver.journal.dead_letters import (
     DeadLetter,
     count_dead_letters,
+    iter_dead_letters,
     list_dead_letters,
     measure_dead_letters,
     purge_dead_letters,
@@ -45,6 +46,7 @@ __all__ = [
     "Row",
     "connect",
     "count_dead_letters",
+    "iter_dead_letters",
     "list_dead_letters",
     "measure_dead_letters",
     "purge_dead_letters",

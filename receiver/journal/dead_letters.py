@@ -6,7 +6,7 @@ deletes them; the service recounts what its dead letters take while it refuses t
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -19,6 +19,10 @@ from receiver.journal.schema import INTAKE, LETTER_BYTES, connect
 
 PURGE_CHUNK = 1000
 """Dead letters one purge transaction deletes: the running service's writer waits for it, so it stays short."""
+
+CHUNK_BYTES = 8 * 1024 * 1024
+"""What the dead letters one replay transaction moves, or one page of a listing, may hold (at least one of
+them): the command holds no more than that in memory, and the service's writer waits for no longer."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,16 +39,46 @@ class DeadLetter:
 
 def list_dead_letters(path: Path, sink: str | None = None) -> list[DeadLetter]:
     """Dead letters, oldest first; `sink` may be a sink's name or INTAKE."""
+    return list(iter_dead_letters(path, sink))
+
+
+def iter_dead_letters(path: Path, sink: str | None = None) -> Iterator[DeadLetter]:
+    """Dead letters, oldest first, read a page (CHUNK_BYTES) at a time, each page a read of its own: no
+    snapshot is held between pages, so the service's checkpoints go on while a listing is read slowly."""
     if not path.exists():
-        return []
+        return
+    where, params = _selection(sink)
     conn = connect(path)
     try:
-        where, params = _selection(sink)
-        query = f"SELECT id, sink, stream, data, reason, at FROM dead_letters{where} ORDER BY id"  # noqa: S608
-        rows = conn.execute(query, params).fetchall()
+        after = 0
+        while ids := _next_chunk(conn, where, params, after, None):
+            query = f"SELECT id, sink, stream, data, reason, at FROM dead_letters WHERE id IN ({_marks(ids)})"  # noqa: S608
+            rows = conn.execute(query + " ORDER BY id", ids).fetchall()
+            after = ids[-1]
+            for r in rows:
+                yield DeadLetter(r[0], r[1] or INTAKE, r[2], bytes(r[3]), r[4], r[5])
     finally:
         conn.close()
-    return [DeadLetter(r[0], r[1] or INTAKE, r[2], bytes(r[3]), r[4], r[5]) for r in rows]
+
+
+def _next_chunk(conn: Any, where: str, params: tuple[Any, ...], after: int, upto: int | None) -> list[int]:
+    """The ids of the next dead letters selected past `after` (and up to `upto`): PURGE_CHUNK of them at most,
+    holding CHUNK_BYTES at most, but at least one."""
+    where = (where + " AND" if where else " WHERE") + " id > ?" + ("" if upto is None else " AND id <= ?")
+    query = f"SELECT id, {LETTER_BYTES} FROM dead_letters{where} ORDER BY id LIMIT ?"  # noqa: S608
+    bounds = (after,) if upto is None else (after, upto)
+    chunk: list[int] = []
+    size = 0
+    for letter_id, letter_bytes in conn.execute(query, (*params, *bounds, PURGE_CHUNK)):
+        size += int(letter_bytes)
+        if chunk and size > CHUNK_BYTES:
+            break
+        chunk.append(int(letter_id))
+    return chunk
+
+
+def _marks(ids: Sequence[int]) -> str:
+    return ", ".join("?" * len(ids))
 
 
 def _selection(sink: str | None, before: float | None = None, ids: Sequence[int] = ()) -> tuple[str, tuple[Any, ...]]:
@@ -60,7 +94,7 @@ def _selection(sink: str | None, before: float | None = None, ids: Sequence[int]
         clauses.append("at < ?")
         params.append(before)
     if ids:
-        clauses.append(f"id IN ({', '.join('?' * len(ids))})")
+        clauses.append(f"id IN ({_marks(ids)})")
         params.extend(ids)
     return (" WHERE " + " AND ".join(clauses) if clauses else ""), tuple(params)
 
@@ -131,28 +165,47 @@ def count_dead_letters(path: Path) -> dict[str, int]:
 
 def replay_dead_letters(path: Path, sink: str | None = None) -> int:
     """Put sinks' dead letters back into the backlog (through `replays`), each for the sink that failed it.
-    Intake dead letters (bad input) stay: they are not events. Returns how many were put back."""
+    Intake dead letters (bad input) stay: they are not events. Returns how many were put back.
+
+    Only those there when it starts (one dead-lettered meanwhile is a new failure), a chunk (CHUNK_BYTES) a
+    transaction: each moves its dead letters whole, so a replay cut short has moved some and left the rest."""
     if not path.exists():
         return 0
+    where = " WHERE sink IS NOT NULL"
+    params: tuple[Any, ...] = ()
+    if sink:
+        where, params = where + " AND sink = ?", (sink,)
     conn = connect(path)
+    moved = 0
     try:
-        conn.execute("BEGIN IMMEDIATE")
-        query = "SELECT id, sink, stream, data, meta FROM dead_letters WHERE sink IS NOT NULL"
-        params: tuple[Any, ...] = ()
-        if sink:
-            query, params = query + " AND sink = ?", (sink,)
-        now = time.time()
-        rows = conn.execute(query + " ORDER BY id", params).fetchall()
-        moved = []
-        for _id, target, stream, data, meta in rows:
-            action, moment = _action_and_time(meta, bytes(data), now)
-            moved.append((target, stream, bytes(data), action, moment))
-        conn.executemany("INSERT INTO replays (target, stream, data, action, time) VALUES (?, ?, ?, ?, ?)", moved)
-        conn.executemany("DELETE FROM dead_letters WHERE id = ?", [(row[0],) for row in rows])
-        conn.execute("COMMIT")
+        upto = conn.execute("SELECT coalesce(max(id), 0) FROM dead_letters").fetchone()[0]
+        after = 0
+        while True:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                ids = _next_chunk(conn, where, params, after, upto)
+                if ids:
+                    query = f"SELECT sink, stream, data, meta FROM dead_letters WHERE id IN ({_marks(ids)})"  # noqa: S608
+                    now = time.time()
+                    rows = conn.execute(query + " ORDER BY id", ids).fetchall()
+                    conn.executemany(
+                        "INSERT INTO replays (target, stream, data, action, time) VALUES (?, ?, ?, ?, ?)",
+                        [
+                            (target, stream, bytes(data), *_action_and_time(meta, bytes(data), now))
+                            for target, stream, data, meta in rows
+                        ],
+                    )
+                    conn.executemany("DELETE FROM dead_letters WHERE id = ?", [(letter_id,) for letter_id in ids])
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            if not ids:
+                return moved
+            moved += len(ids)
+            after = ids[-1]
     finally:
         conn.close()
-    return len(rows)
 
 
 class _Head(msgspec.Struct):
