@@ -199,6 +199,8 @@ def _one_array(text: bytes, max_events: int) -> bool:
     try:
         _split(text)
     except (msgspec.DecodeError, RecursionError):
+        if b"\n" in text:  # maybe NDJSON lines, some of them arrays: whole ones are not looked for again
+            return _split_tolerant(text, max_events)[2] is None
         return _split_broken(text, max_events)[1] is None
     return True
 
@@ -372,7 +374,8 @@ def _whole_after_malformed(
 
     A string left without its closing quote ends at a quote of a later element, and from there the splitter
     reads strings where the body has none: the elements after it end up in its piece, in the ones after it, or
-    in the unsplit rest. Where a ',' inside a malformed piece (or that rest) is followed by a wrapper's start,
+    in the unsplit rest. Where a ',' inside a malformed piece (or that rest: when the body ends inside a
+    string, or when a ']' in a malformed piece ended the array) is followed by a wrapper's start,
     and from there to the array's closing ']' the body is strict JSON, the elements of that stretch are the
     ones after it (each then judged alone). An object nested in the broken element is followed by its parents'
     closers, so it never passes for one. Only a body that ends with its ']' qualifies: a truncated one may have
@@ -397,8 +400,12 @@ def _whole_after_malformed(
                 continue
         elif tail_problem is None or tail_problem[1] not in (_IN_STRING, _AFTER_ARRAY):
             break
-        elif tail_problem[1] == _AFTER_ARRAY and index and malformed(index - 1):
-            index -= 1  # a ']' read outside a string in the broken element ended the array: it is one element
+        elif tail_problem[1] == _AFTER_ARRAY:
+            # Only a ']' read outside a string in a broken element: the element it ended goes with it. After
+            # a whole last element the array did end there, and what follows is not looked into.
+            if not (index and malformed(index - 1)):
+                break
+            index -= 1
         if not tries:
             break
         tries -= 1
@@ -407,8 +414,6 @@ def _whole_after_malformed(
         except (msgspec.DecodeError, RecursionError):
             continue
         head = text[starts[index] : match.start()].strip(_JSON_SPACE)
-        if not head:  # the stray ']' before it was all that was wrong: left as it is, said after the array
-            continue
         return [*pieces[:index], head, *map(bytes, wholes)], None
     return pieces, tail_problem
 

@@ -73,3 +73,21 @@ class TestUnterminatedStrings:
         parsed = parse_body(b"[" + b",".join([good[0], bad, *good[1:]]) + b"]", "application/json", 0.0)
         assert [bytes(raw) for raw in parsed.raws] == good
         assert [item.raw for item in parsed.rejected] == [bad]
+
+    def test_what_follows_a_whole_array_is_not_looked_into(self) -> None:
+        """Once a whole last element closed the array, what follows is data after it, kept as one dead letter,
+        even when it holds wrappers (here one nested in a list, in a second, truncated array)."""
+        tail = b'{"event":{"action":"x","changes":[{"a":1},{"event":{"action":"nested"}}]'
+        for between in (b"", b",", b"]"):
+            parsed = parse_body(b'[{"event":{"action":"a"}}]' + between + tail, "application/json", 0.0)
+            assert [bytes(raw) for raw in parsed.raws] == [b'{"event":{"action":"a"}}']
+            assert [item.reason for item in parsed.rejected] == ["data after the end of the JSON array"]
+
+    def test_ndjson_with_array_lines_keeps_its_object_lines(self) -> None:
+        """A body declared NDJSON whose lines are objects and arrays is read line by line, as before a broken
+        array was looked into again: its object lines delivered, the array lines dead-lettered."""
+        lines = [b'[{"event":{"action":"a"}}]', b'{"event":{"action":"l2"}}', b'{"event":{"action":"l3"}}']
+        lines.append(b'[{"event":{"action":"b"}},{"event":{"action":"c"}}]')
+        parsed = parse_body(b"\n".join(lines), "application/x-ndjson", 0.0)
+        assert [bytes(raw) for raw in parsed.raws] == lines[1:3]
+        assert [item.raw for item in parsed.rejected] == [lines[0], lines[3]]
