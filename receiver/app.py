@@ -522,6 +522,19 @@ def build_app(config: Config, journal: Journal, metrics: Metrics, state: State) 
         return unknown(request) if intake is None else await intake.expect(request)
 
     app.router.add_post("/{path:.*}", post, expect_handler=expect)
+    app.router.add_routes(operations_routes(journal, metrics, state))
+    return app
+
+
+def build_admin_app(journal: Journal, metrics: Metrics, state: State) -> web.Application:
+    """The admin listener's application: the operations routes and nothing else (any other path is a 404)."""
+    app = web.Application()
+    app.router.add_routes(operations_routes(journal, metrics, state))
+    return app
+
+
+def operations_routes(journal: Journal, metrics: Metrics, state: State) -> list[web.RouteDef]:
+    """GET /healthz, /readyz and /metrics, the same on both listeners."""
 
     async def healthz(_: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
@@ -550,7 +563,4 @@ def build_app(config: Config, journal: Journal, metrics: Metrics, state: State) 
             body=await metrics.exposition.text(), headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"}
         )
 
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics_endpoint)
-    return app
+    return [web.get("/healthz", healthz), web.get("/readyz", readyz), web.get("/metrics", metrics_endpoint)]

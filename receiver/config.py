@@ -71,6 +71,16 @@ class TLSConfig(_Model):
     client_ca_file: Path | None = None
 
 
+class AdminConfig(_Model):
+    """The operations listener: /healthz, /readyz and /metrics over plain HTTP, outside server.max_connections,
+    so a flood of connections on the stream listener neither fails the probes nor blinds the scrapes."""
+
+    host: str | None = None
+    """None: the stream listener's host."""
+    port: int = Field(ge=0, le=65535)
+    """0 asks the system for a free port (tests)."""
+
+
 class ServerConfig(_Model):
     """The HTTP listener."""
 
@@ -78,6 +88,7 @@ class ServerConfig(_Model):
     port: int = Field(8443, ge=0, le=65535)
     """0 asks the system for a free port (tests); anything else is 1-65535."""
     tls: TLSConfig | None = None
+    admin: AdminConfig | None = None
     max_body_bytes: ByteSize = Field(10 * 1024 * 1024, gt=0)
     # A parsed body takes about 3 to 4 times its bytes at its peak: 64 MiB in flight stays near 250 MiB of memory.
     max_inflight_bytes: ByteSize = Field(64 * 1024 * 1024, gt=0, validate_default=True)
@@ -105,6 +116,14 @@ class ServerConfig(_Model):
         for entry in value:
             if entry != WORKOS:
                 _network(entry)
+        return value
+
+    @field_validator("admin")
+    @classmethod
+    def _check_admin(cls, value: AdminConfig | None, info: Any) -> AdminConfig | None:  # pydantic.ValidationInfo
+        port, host = info.data.get("port"), info.data.get("host")
+        if value is not None and value.port and value.port == port and value.host in (None, host):
+            raise ValueError(f"port {port} is server.port already: the admin listener needs one of its own")
         return value
 
     @field_validator("max_inflight_bytes")

@@ -8,7 +8,7 @@ from typing import Any
 from receiver.config import Config
 
 RESTART_ONLY = {
-    "server": ("host", "port", "header_timeout"),
+    "server": ("host", "port", "admin", "header_timeout"),
     "journal": ("path", "dedup_window", "dedup_max_keys", "dedup_store"),
 }
 """Settings a running process keeps until it restarts: the listening socket and its timeouts, the journal file,

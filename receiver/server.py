@@ -20,8 +20,8 @@ import orjson
 from aiohttp import http_exceptions, web, web_protocol
 from prometheus_client import Counter
 
-from receiver.app import RETRY_AFTER_BUSY, Intake, RateLimitedLog, State, build_app, where_raised
-from receiver.config import Config, TLSConfig, listen_url, load_config, secret_values
+from receiver.app import RETRY_AFTER_BUSY, Intake, RateLimitedLog, State, build_admin_app, build_app, where_raised
+from receiver.config import AdminConfig, Config, TLSConfig, listen_url, load_config, secret_values
 from receiver.delivery import DeliveryEngine, build_sinks
 from receiver.errors import ConfigError, LogBridgeError
 from receiver.front import MAX_HEADER_LINE, Front
@@ -149,6 +149,10 @@ def server_tls_context(tls: TLSConfig) -> ssl.SSLContext:
 
 
 LISTEN_BACKLOG = 1024
+
+ADMIN_MAX_CONNECTIONS = 64
+"""Connections the admin listener (`server.admin`) takes at once: probes and scrapes need few. One more is
+closed unread, as on the stream listener, whose `server.max_connections` does not count these."""
 
 MAX_HEADERS = 128
 """aiohttp's own limits, stated here because they bound what a request costs before its body is read: at most
@@ -285,6 +289,8 @@ class Service:
         self._front: Front | None = None
         self._site: web.BaseSite | None = None
         self._listener: CappedListener | None = None
+        self._admin: tuple[web.AppRunner, web.SockSite] | None = None
+        """The admin listener (`server.admin`): its runner and site."""
         self._fd_limit = 0
         self._loop_errors: tuple[asyncio.AbstractEventLoop, LoopErrors] | None = None
         """The loop whose exception handler the service replaced, and the service's handler."""
@@ -308,6 +314,16 @@ class Service:
     def url(self) -> str:
         """Base URL of the listener."""
         return listen_url(self.config.server.host, self.port, tls=self.config.server.tls is not None)
+
+    @property
+    def admin_url(self) -> str:
+        """Base URL of the admin listener (plain HTTP)."""
+        admin = self.config.server.admin
+        server = self._admin[1]._server if self._admin is not None else None
+        if admin is None or not isinstance(server, asyncio.Server):
+            raise RuntimeError("the service has no admin listener")
+        host = admin.host if admin.host is not None else self.config.server.host
+        return listen_url(host, int(server.sockets[0].getsockname()[1]), tls=False)
 
     async def start(self) -> None:
         """Open the journal, start delivery, then listen; on a failure, undo what was started."""
@@ -391,9 +407,35 @@ class Service:
         await self._site.start()
         self.metrics.last_reload.set(time.time())
         log.info("listening", extra={"url": self.url, "streams": [s.path for s in self.config.streams]})
+        if server.admin is not None:
+            await self._start_admin(server.admin)
         if self.journal.shared is not None and await self.journal.shared.probe():  # a failure is logged there
             log.info("dedup store reachable: deduplication is shared", extra={"store": self.journal.shared.where})
         self._warn_open_streams(self.config)
+
+    async def _start_admin(self, admin: AdminConfig) -> None:
+        """The admin listener: the operations routes over plain HTTP, with a small connection cap of its own."""
+        server = self.config.server
+        runner = web.AppRunner(
+            build_admin_app(self.journal, self.metrics, self.state),
+            access_log=None,
+            keepalive_timeout=server.header_timeout,
+            shutdown_timeout=1.0,  # its answers take milliseconds
+            max_line_size=MAX_HEADER_LINE,
+            max_field_size=MAX_HEADER_LINE,
+            max_headers=MAX_HEADERS,
+        )
+        await runner.setup()
+        try:
+            sock = listen_socket(admin.host if admin.host is not None else server.host, admin.port)
+        except BaseException:
+            await runner.cleanup()
+            raise
+        sock.cap = connection_cap(ADMIN_MAX_CONNECTIONS, self._fd_limit)
+        site = web.SockSite(runner, sock, backlog=LISTEN_BACKLOG)
+        self._admin = (runner, site)
+        await site.start()
+        log.info("admin listening", extra={"url": self.admin_url, "paths": ["/healthz", "/readyz", "/metrics"]})
 
     def _refuse_connection(self, address: Any) -> None:
         self.metrics.connections_refused.inc()
@@ -548,6 +590,9 @@ class Service:
             await self._front.shutdown(max(0.0, finish_by - loop.time()))
         if self._runner is not None:
             await self._runner.finish(max(0.0, finish_by - loop.time()))
+        if self._admin is not None:  # last: /readyz answers "shutting down" there until the rest has stopped
+            await self._admin[0].cleanup()
+            self._admin = None
         if self._housekeeping is not None:
             self._housekeeping.cancel()
             with contextlib.suppress(asyncio.CancelledError):

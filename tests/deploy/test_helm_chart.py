@@ -217,10 +217,26 @@ class TestProbes:
     def test_probes(self, render: Render, path: Path) -> None:
         values = load_values(path)
         main = container(render(values))
-        scheme = "HTTPS" if values.get("tls", {}).get("enabled") else "HTTP"
-        assert main["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http", "scheme": scheme}
-        assert main["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http", "scheme": scheme}
+        admin = values.get("admin", {}).get("enabled")
+        scheme = "HTTPS" if values.get("tls", {}).get("enabled") and not admin else "HTTP"
+        port = "admin" if admin else "http"
+        assert main["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": port, "scheme": scheme}
+        assert main["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": port, "scheme": scheme}
         assert main["startupProbe"]["httpGet"]["path"] == "/healthz"
+
+    def test_admin_port(self, render: Render) -> None:
+        """With admin.enabled the probes go to the plain-HTTP admin listener, also when the stream port is mTLS."""
+        values = {"admin": {"enabled": True}, "tls": {"enabled": True, "secretName": "tls", "clientAuth": True}}
+        manifests = render(values)
+        main = container(manifests)
+        assert {"name": "admin", "containerPort": 9090, "protocol": "TCP"} in main["ports"]
+        assert main["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "admin", "scheme": "HTTP"}
+        assert main["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "admin", "scheme": "HTTP"}
+        assert main["startupProbe"]["httpGet"]["port"] == "admin"
+        assert rendered_config(manifests)["server"]["admin"] == {"port": 9090}
+        policy = only(render({**values, "networkPolicy": {"enabled": True}}), "NetworkPolicy")
+        assert {"port": "admin", "protocol": "TCP"} in policy["spec"]["ingress"][0]["ports"]
+        assert "admin" not in rendered_config(render())["server"]
 
 
 class TestJournalStorage:

@@ -270,3 +270,69 @@ async def test_an_answer_still_comes_after_refusals(start_service: StartService)
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
     await closed(writer)
     assert head.startswith(b"HTTP/1.1 200 ")
+
+
+class TestAdminListener:
+    async def get(self, url: str) -> tuple[int, str]:
+        async with aiohttp.ClientSession() as session, session.get(url) as response:
+            return response.status, await response.text()
+
+    async def test_probes_and_scrapes_answer_while_the_stream_listener_is_full(
+        self, start_service: StartService
+    ) -> None:
+        """Was a defect: with `server.max_connections` open (a flood of idle connections), /healthz, /readyz and
+        /metrics were closed unread like any other connection, so a liveness probe failing would restart a pod
+        still serving WorkOS's open connections, and the scrapes went blind. The admin listener answers them
+        outside that cap."""
+        service = await start_service({"server": {"max_connections": 4, "admin": {"port": 0}}})
+        held = await idle_connections(service.port, 4)
+        try:
+            await asyncio.sleep(0.2)
+            with pytest.raises(aiohttp.ClientError):
+                await self.get(service.url + "/healthz")
+            answers = {path: await self.get(service.admin_url + path) for path in ("/healthz", "/readyz", "/metrics")}
+        finally:
+            for sock in held:
+                sock.close()
+        assert answers["/healthz"] == (200, '{"status": "ok"}')
+        assert answers["/readyz"] == (200, '{"status": "ready"}')
+        assert answers["/metrics"][0] == 200
+        assert (scrape(answers["/metrics"][1], "log_bridge_connections_refused_total") or 0) >= 1
+        assert service.admin_url.startswith("http://127.0.0.1:")
+
+    async def test_it_takes_no_event(self, start_service: StartService) -> None:
+        service = await start_service({"server": {"admin": {"port": 0}}})
+        async with aiohttp.ClientSession() as session:
+            async with session.post(service.admin_url + "/workos", data=b"[]", headers={"Authorization": TOKEN}) as r:
+                posted = r.status
+            async with session.get(service.admin_url + "/workos") as r:
+                got = r.status
+        assert (posted, got) == (404, 404)
+        assert service.journal.last_seq == 0
+
+    async def test_it_answers_shutting_down_until_the_rest_has_stopped(self, start_service: StartService) -> None:
+        """While a stop waits for a sink that cannot deliver (up to shutdown_timeout), /readyz there says so."""
+        failing = {"type": "memory", "fail": "retry"}
+        service = await start_service(
+            {"server": {"admin": {"port": 0}, "shutdown_timeout": "1s"}, "sinks": {"mem": failing}}
+        )
+        assert essence((await responses(service.port, post(batch(1))))[0])[0] == 200
+        url = service.admin_url
+        stopping = asyncio.create_task(service.stop())
+        await asyncio.sleep(0.3)
+        status, text = await self.get(url + "/readyz")
+        await stopping
+        assert (status, "shutting down" in text) == (503, True)
+        with pytest.raises(aiohttp.ClientError):
+            await self.get(url + "/healthz")
+
+    def test_the_stream_listener_port_is_refused(self) -> None:
+        from receiver.config import parse_config
+        from receiver.errors import ConfigError
+        from tests.conftest import BASE_CONFIG, merge
+
+        with pytest.raises(ConfigError) as raised:
+            parse_config(merge(BASE_CONFIG, {"server": {"port": 8443, "admin": {"port": 8443}}}), {})
+        assert [e.split(":")[0] for e in raised.value.errors] == ["server.admin"]
+        other = parse_config(merge(BASE_CONFIG, {"server": {"port": 8443, "admin": {"port": 9090}}}), {})
+        assert other.server.admin is not None and other.server.admin.port == 9090

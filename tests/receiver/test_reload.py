@@ -83,6 +83,14 @@ class TestPlan:
         assert (plan.config.server.port, plan.config.server.header_timeout) == (0, 10.0)
         assert plan.config.server.body_timeout == 7.0  # applies at once
 
+    def test_the_admin_listener_changes_with_a_restart(self) -> None:
+        old = parse_config(merge(BASE_CONFIG, {"server": {"admin": {"port": 9090}}}), {})
+        for admin in ({"port": 9091}, None):
+            new = parse_config(merge(BASE_CONFIG, {"server": {"admin": admin}}), {})
+            plan = plan_reload(old, new)
+            assert plan.needs_restart == ["server.admin"]
+            assert plan.config.server.admin is not None and plan.config.server.admin.port == 9090
+
     def test_sinks_added_removed_changed(self) -> None:
         tree = merge(BASE_CONFIG, {"sinks": {"other": {"type": "memory"}}})
         tree["streams"] = [{**tree["streams"][0], "sinks": ["mem", "other"]}]

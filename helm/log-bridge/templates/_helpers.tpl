@@ -107,6 +107,11 @@ The log-bridge configuration as YAML: values.config, with server.tls filled in w
 {{- $_ := set $server "tls" $tls }}
 {{- $_ := set $config "server" $server }}
 {{- end }}
+{{- if .Values.admin.enabled }}
+{{- $server := get $config "server" | default dict }}
+{{- $_ := set $server "admin" (dict "port" .Values.admin.port) }}
+{{- $_ := set $config "server" $server }}
+{{- end }}
 {{- if .Values.dedup.redis.enabled }}
 {{- $journal := get $config "journal" | default dict }}
 {{- $store := dict "type" "redis" "url" "${LOG_BRIDGE_REDIS_URL}" "key_prefix" .Values.dedup.redis.keyPrefix "timeout" .Values.dedup.redis.timeout }}
@@ -117,13 +122,18 @@ The log-bridge configuration as YAML: values.config, with server.tls filled in w
 {{- end }}
 
 {{/*
-Probe: the values' probe with the port and scheme filled in.
+Probe: the values' probe with the port and scheme filled in (the admin port, plain HTTP, when admin.enabled).
 */}}
 {{- define "log-bridge.probe" -}}
 {{- $probe := deepCopy .probe }}
 {{- if hasKey $probe "httpGet" }}
+{{- if .root.Values.admin.enabled }}
+{{- $_ := set $probe.httpGet "port" (get $probe.httpGet "port" | default "admin") }}
+{{- $_ := set $probe.httpGet "scheme" (get $probe.httpGet "scheme" | default "HTTP") }}
+{{- else }}
 {{- $_ := set $probe.httpGet "port" (get $probe.httpGet "port" | default "http") }}
 {{- $_ := set $probe.httpGet "scheme" (get $probe.httpGet "scheme" | default (include "log-bridge.scheme" .root)) }}
+{{- end }}
 {{- end }}
 {{- toYaml $probe }}
 {{- end }}
