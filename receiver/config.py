@@ -118,14 +118,6 @@ class ServerConfig(_Model):
                 _network(entry)
         return value
 
-    @field_validator("admin")
-    @classmethod
-    def _check_admin(cls, value: AdminConfig | None, info: Any) -> AdminConfig | None:  # pydantic.ValidationInfo
-        port, host = info.data.get("port"), info.data.get("host")
-        if value is not None and value.port and value.port == port and value.host in (None, host):
-            raise ValueError(f"port {port} is server.port already: the admin listener needs one of its own")
-        return value
-
     @field_validator("max_inflight_bytes")
     @classmethod
     def _check_inflight(cls, value: int, info: Any) -> int:  # pydantic.ValidationInfo
@@ -372,6 +364,15 @@ class Config(_Model):
         problems = _reference_problems({"streams": streams, "sinks": self.sinks})
         if problems:
             raise ConfigError(problems)
+        return self
+
+    @model_validator(mode="after")
+    def _check_admin_port(self) -> Config:
+        # Here rather than on ServerConfig, so that the error names the key at fault, server.admin.port.
+        server, admin = self.server, self.server.admin
+        if admin is not None and admin.port and admin.port == server.port and admin.host in (None, server.host):
+            clash = f"port {admin.port} is server.port already: the admin listener needs one of its own"
+            raise ConfigError([f"server.admin.port: {clash}"])
         return self
 
     @model_validator(mode="after")

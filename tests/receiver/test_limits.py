@@ -333,6 +333,6 @@ class TestAdminListener:
 
         with pytest.raises(ConfigError) as raised:
             parse_config(merge(BASE_CONFIG, {"server": {"port": 8443, "admin": {"port": 8443}}}), {})
-        assert [e.split(":")[0] for e in raised.value.errors] == ["server.admin"]
+        assert [e.split(":")[0] for e in raised.value.errors] == ["server.admin.port"]
         other = parse_config(merge(BASE_CONFIG, {"server": {"port": 8443, "admin": {"port": 9090}}}), {})
         assert other.server.admin is not None and other.server.admin.port == 9090
