@@ -289,7 +289,7 @@ class Service:
         self._front: Front | None = None
         self._site: web.BaseSite | None = None
         self._listener: CappedListener | None = None
-        self._admin: tuple[web.AppRunner, web.SockSite] | None = None
+        self._admin: tuple[_Runner, web.SockSite] | None = None
         """The admin listener (`server.admin`): its runner and site."""
         self._fd_limit = 0
         self._loop_errors: tuple[asyncio.AbstractEventLoop, LoopErrors] | None = None
@@ -416,10 +416,12 @@ class Service:
     async def _start_admin(self, admin: AdminConfig) -> None:
         """The admin listener: the operations routes over plain HTTP, with a small connection cap of its own."""
         server = self.config.server
-        runner = web.AppRunner(
+        runner = _Runner(  # aiohttp's connections as on the stream listener: malformed requests answered alike
             build_admin_app(self.journal, self.metrics, self.state),
+            refusals=self.state.refusals,
+            malformed=self.metrics.malformed_requests,
             access_log=None,
-            keepalive_timeout=server.header_timeout,
+            keepalive_timeout=server.header_timeout,  # also closes a connection whose headers do not arrive
             shutdown_timeout=1.0,  # its answers take milliseconds
             max_line_size=MAX_HEADER_LINE,
             max_field_size=MAX_HEADER_LINE,

@@ -4,22 +4,30 @@ file-descriptor limit, and asyncio's error reports through a rate limit."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import gc
 import logging
 import os
 import resource
 import socket
+import ssl
 import subprocess
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
+import trustme
+from prometheus_client.parser import text_string_to_metric_families
 
+from receiver import server as server_module
+from receiver.config import parse_config
+from receiver.errors import ConfigError
 from receiver.limits import FD_RESERVE, CappedListener, connection_cap
-from tests.conftest import StartService, scrape
+from tests.conftest import BASE_CONFIG, StartService, merge, scrape
 from tests.receiver.test_front import batch, closed, essence, post, responses
 from tests.receiver.test_process import SCRIPT, TOKEN, free_port, write_config
 
@@ -273,9 +281,18 @@ async def test_an_answer_still_comes_after_refusals(start_service: StartService)
 
 
 class TestAdminListener:
-    async def get(self, url: str) -> tuple[int, str]:
-        async with aiohttp.ClientSession() as session, session.get(url) as response:
+    """`server.admin`: /healthz, /readyz and /metrics on a plain-HTTP port of their own, outside
+    `server.max_connections`."""
+
+    PATHS = ("/healthz", "/readyz", "/metrics")
+
+    async def get(self, url: str, **kwargs: Any) -> tuple[int, str]:
+        async with aiohttp.ClientSession() as session, session.get(url, **kwargs) as response:
             return response.status, await response.text()
+
+    @staticmethod
+    def families(text: str) -> set[str]:
+        return {family.name for family in text_string_to_metric_families(text)}
 
     async def test_probes_and_scrapes_answer_while_the_stream_listener_is_full(
         self, start_service: StartService
@@ -283,32 +300,87 @@ class TestAdminListener:
         """Was a defect: with `server.max_connections` open (a flood of idle connections), /healthz, /readyz and
         /metrics were closed unread like any other connection, so a liveness probe failing would restart a pod
         still serving WorkOS's open connections, and the scrapes went blind. The admin listener answers them
-        outside that cap."""
-        service = await start_service({"server": {"max_connections": 4, "admin": {"port": 0}}})
-        held = await idle_connections(service.port, 4)
+        outside that cap, as the stream listener did before the flood."""
+        service = await start_service({"server": {"max_connections": 8, "admin": {"port": 0}}})
+        before = {path: await self.get(service.url + path) for path in self.PATHS}
+        await asyncio.sleep(0.2)  # the connections of those requests are closed
+        held = await idle_connections(service.port, 8)
         try:
             await asyncio.sleep(0.2)
-            with pytest.raises(aiohttp.ClientError):
-                await self.get(service.url + "/healthz")
-            answers = {path: await self.get(service.admin_url + path) for path in ("/healthz", "/readyz", "/metrics")}
+            refused = []
+            for path in self.PATHS:
+                with contextlib.suppress(aiohttp.ClientError):
+                    refused.append((path, await self.get(service.url + path)))
+            answers = {path: await self.get(service.admin_url + path) for path in self.PATHS}
         finally:
             for sock in held:
                 sock.close()
-        assert answers["/healthz"] == (200, '{"status": "ok"}')
-        assert answers["/readyz"] == (200, '{"status": "ready"}')
+        assert refused == []
+        for path in ("/healthz", "/readyz"):
+            assert answers[path] == before[path]
+        assert before["/healthz"] == (200, '{"status": "ok"}')
+        assert before["/readyz"] == (200, '{"status": "ready"}')
         assert answers["/metrics"][0] == 200
-        assert (scrape(answers["/metrics"][1], "log_bridge_connections_refused_total") or 0) >= 1
+        assert self.families(answers["/metrics"][1]) == self.families(before["/metrics"][1])
+        assert (scrape(answers["/metrics"][1], "log_bridge_connections_refused_total") or 0) >= 3
         assert service.admin_url.startswith("http://127.0.0.1:")
 
-    async def test_it_takes_no_event(self, start_service: StartService) -> None:
+    async def test_it_serves_nothing_else_and_takes_no_event(self, start_service: StartService) -> None:
         service = await start_service({"server": {"admin": {"port": 0}}})
+        statuses = []
         async with aiohttp.ClientSession() as session:
-            async with session.post(service.admin_url + "/workos", data=b"[]", headers={"Authorization": TOKEN}) as r:
-                posted = r.status
-            async with session.get(service.admin_url + "/workos") as r:
-                got = r.status
-        assert (posted, got) == (404, 404)
+            for method, path in [("POST", "/workos"), ("GET", "/workos"), ("GET", "/"), ("POST", "/readyz")]:
+                data = batch(1) if method == "POST" else None
+                async with session.request(
+                    method, service.admin_url + path, data=data, headers={"Authorization": TOKEN}
+                ) as response:
+                    statuses.append((method, path, response.status))
+            async with session.head(service.admin_url + "/healthz") as response:
+                head = response.status
+        assert statuses == [
+            ("POST", "/workos", 404),
+            ("GET", "/workos", 404),
+            ("GET", "/", 404),
+            ("POST", "/readyz", 405),  # aiohttp's answer to a known path with another method
+        ]
+        assert head == 200
         assert service.journal.last_seq == 0
+
+    async def test_a_malformed_request_is_answered_as_on_the_stream_listener(self, start_service: StartService) -> None:
+        """Through the same connection handler: a fixed text, never the offending line quoted back."""
+        service = await start_service({"server": {"admin": {"port": 0}}})
+        answers = []
+        for port in (service.port, int(service.admin_url.rsplit(":", 1)[1])):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nBad\x00Header: secret-value\r\n\r\n")
+            answer = await asyncio.wait_for(reader.read(), 5)
+            await closed(writer)
+            answers.append(answer.split(b"\r\n", 1)[0] + b" " + answer.rsplit(b"\r\n", 1)[1])
+        assert answers[0] == answers[1]
+        assert answers[0].split(b" ")[1] == b"400" and b"secret-value" not in answers[0]
+
+    async def test_it_answers_plain_http_without_a_certificate_under_mutual_tls(
+        self, start_service: StartService, tmp_path: Path
+    ) -> None:
+        """With client certificates required on the stream listener, the kubelet (which has none) still reads
+        /readyz over plain HTTP on the admin port."""
+        ca, client_ca = trustme.CA(), trustme.CA()
+        cert = ca.issue_cert("127.0.0.1")
+        cert.cert_chain_pems[0].write_to_path(str(tmp_path / "tls.crt"))
+        cert.private_key_pem.write_to_path(str(tmp_path / "tls.key"))
+        client_ca.cert_pem.write_to_path(str(tmp_path / "client-ca.crt"))
+        tls = {
+            "cert_file": str(tmp_path / "tls.crt"),
+            "key_file": str(tmp_path / "tls.key"),
+            "client_ca_file": str(tmp_path / "client-ca.crt"),
+        }
+        service = await start_service({"server": {"tls": tls, "admin": {"port": 0}}})
+        anonymous = ssl.create_default_context()
+        ca.configure_trust(anonymous)
+        with pytest.raises(aiohttp.ClientError):
+            await self.get(service.url + "/readyz", ssl=anonymous)
+        assert service.url.startswith("https://") and service.admin_url.startswith("http://")
+        assert await self.get(service.admin_url + "/readyz") == (200, '{"status": "ready"}')
 
     async def test_it_answers_shutting_down_until_the_rest_has_stopped(self, start_service: StartService) -> None:
         """While a stop waits for a sink that cannot deliver (up to shutdown_timeout), /readyz there says so."""
@@ -326,13 +398,41 @@ class TestAdminListener:
         with pytest.raises(aiohttp.ClientError):
             await self.get(url + "/healthz")
 
-    def test_the_stream_listener_port_is_refused(self) -> None:
-        from receiver.config import parse_config
-        from receiver.errors import ConfigError
-        from tests.conftest import BASE_CONFIG, merge
+    async def test_its_own_cap_and_header_timeout(
+        self, start_service: StartService, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The admin listener cannot hold descriptors either: one connection over its cap is closed unread, and
+        a connection that sends nothing is closed after server.header_timeout."""
+        monkeypatch.setattr(server_module, "ADMIN_MAX_CONNECTIONS", 2)
+        service = await start_service({"server": {"admin": {"port": 0}, "header_timeout": "500ms"}})
+        port = int(service.admin_url.rsplit(":", 1)[1])
+        held = await idle_connections(port, 2)
+        await asyncio.sleep(0.1)
+        (over,) = await idle_connections(port, 1)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        try:
+            over_closed = await asyncio.wait_for(loop.sock_recv(over, 10), 5) == b""
+            over_at = loop.time() - started
+            held_closed = [await asyncio.wait_for(loop.sock_recv(sock, 10), 5) == b"" for sock in held]
+            held_at = loop.time() - started
+        finally:
+            for sock in [*held, over]:
+                sock.close()
+        assert over_closed and over_at < 0.3
+        assert held_closed == [True, True] and held_at < 3
+        assert await self.get(service.admin_url + "/healthz") == (200, '{"status": "ok"}')
 
+    def test_the_stream_listener_port_is_refused(self) -> None:
         with pytest.raises(ConfigError) as raised:
             parse_config(merge(BASE_CONFIG, {"server": {"port": 8443, "admin": {"port": 8443}}}), {})
         assert [e.split(":")[0] for e in raised.value.errors] == ["server.admin.port"]
+        other_host = {"port": 8443, "admin": {"port": 8443, "host": "127.0.0.2"}}
+        assert parse_config(merge(BASE_CONFIG, {"server": other_host}), {}).server.admin is not None
         other = parse_config(merge(BASE_CONFIG, {"server": {"port": 8443, "admin": {"port": 9090}}}), {})
         assert other.server.admin is not None and other.server.admin.port == 9090
+
+    def test_its_port_is_required(self) -> None:
+        with pytest.raises(ConfigError) as raised:
+            parse_config(merge(BASE_CONFIG, {"server": {"admin": {"host": "0.0.0.0"}}}), {})  # noqa: S104
+        assert raised.value.errors == ["server.admin.port: field required"]
