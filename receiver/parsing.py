@@ -350,7 +350,8 @@ def _split_tolerant(text: bytes, max_events: int) -> tuple[list[bytes], list[int
             return pieces, starts, ((rest, _AFTER_ARRAY, True) if rest else None)
 
 
-_NEXT_WRAPPER = re.compile(rb',[ \t\r\n]*(?=\{[ \t\r\n]*"event"[ \t\r\n]*:)')
+_COMMA_BEFORE_WRAPPER = re.compile(b",(?=" + _WRAPPER_NEXT.pattern + b")")
+"""A ',' followed by a wrapper's start (`_WRAPPER_NEXT`)."""
 _RESYNC_TRIES = 8
 """How many places in a body are tried as the start of the whole elements a malformed one swallowed. Each try
 decodes up to the rest of the body, so the cost stays linear in it."""
@@ -391,7 +392,7 @@ def _whole_after_malformed(
             judged[index] = _malformed(pieces[index])
         return judged[index]
 
-    for match in _NEXT_WRAPPER.finditer(text, 0, len(text) - 1):
+    for match in _COMMA_BEFORE_WRAPPER.finditer(text, 0, len(text) - 1):
         if match.start() + 1 in separators:
             continue
         index = bisect.bisect_right(starts, match.start()) - 1

@@ -258,6 +258,14 @@ class _Runner(web.AppRunner):
         )
 
 
+def _bound_port(site: web.BaseSite | None, missing: str) -> int:
+    """The port a started site listens on; RuntimeError(`missing`) when it is not listening."""
+    server = site._server if site is not None else None
+    if not isinstance(server, asyncio.Server):
+        raise RuntimeError(missing)
+    return int(server.sockets[0].getsockname()[1])
+
+
 class Service:
     """One running log-bridge."""
 
@@ -305,10 +313,7 @@ class Service:
     @property
     def port(self) -> int:
         """The bound port (useful with `port: 0`)."""
-        server = self._site._server if self._site is not None else None
-        if not isinstance(server, asyncio.Server):
-            raise RuntimeError("the service is not listening")
-        return int(server.sockets[0].getsockname()[1])
+        return _bound_port(self._site, "the service is not listening")
 
     @property
     def url(self) -> str:
@@ -318,12 +323,12 @@ class Service:
     @property
     def admin_url(self) -> str:
         """Base URL of the admin listener (plain HTTP)."""
+        port = _bound_port(self._admin[1] if self._admin is not None else None, "the service has no admin listener")
+        return listen_url(self._admin_host(), port, tls=False)
+
+    def _admin_host(self) -> str:
         admin = self.config.server.admin
-        server = self._admin[1]._server if self._admin is not None else None
-        if admin is None or not isinstance(server, asyncio.Server):
-            raise RuntimeError("the service has no admin listener")
-        host = admin.host if admin.host is not None else self.config.server.host
-        return listen_url(host, int(server.sockets[0].getsockname()[1]), tls=False)
+        return admin.host if admin is not None and admin.host is not None else self.config.server.host
 
     async def start(self) -> None:
         """Open the journal, start delivery, then listen; on a failure, undo what was started."""
@@ -429,7 +434,7 @@ class Service:
         )
         await runner.setup()
         try:
-            sock = listen_socket(admin.host if admin.host is not None else server.host, admin.port)
+            sock = listen_socket(self._admin_host(), admin.port)
         except BaseException:
             await runner.cleanup()
             raise
