@@ -467,12 +467,20 @@ class TestScrapedOnce:
     """The ServiceMonitor scrapes the pods through one Service: through both, every series (and every sum in the
     alerts and the dashboard) would count twice, under job=<name> and job=<name>-headless."""
 
-    def test_only_the_main_service(self, render: Render) -> None:
-        manifests = render({"serviceMonitor": {"enabled": True}})
-        selector = only(manifests, "ServiceMonitor")["spec"]["selector"]
-        services = {m["metadata"]["name"]: m["metadata"]["labels"] for m in manifests if m["kind"] == "Service"}
-        assert {name for name, labels in services.items() if selects(selector, labels)} == {JOB}
-        assert JOB + "-headless" in services
+    @pytest.mark.parametrize("admin", [False, True])
+    def test_one_service_only(self, render: Render, admin: bool) -> None:
+        """The main Service, or with admin.enabled the headless one (the admin port is only there, so that a
+        LoadBalancer never exposes it), whose scrapes are relabelled job=<name> as through the main Service."""
+        manifests = render({"serviceMonitor": {"enabled": True}, "admin": {"enabled": admin}})
+        monitor = only(manifests, "ServiceMonitor")["spec"]
+        services = {m["metadata"]["name"]: m for m in manifests if m["kind"] == "Service"}
+        selected = [m for m in services.values() if selects(monitor["selector"], m["metadata"]["labels"])]
+        assert [m["metadata"]["name"] for m in selected] == [JOB + "-headless" if admin else JOB]
+        assert JOB + "-headless" in services and JOB in services
+        (endpoint,) = monitor["endpoints"]
+        assert endpoint["port"] in [p["name"] for p in selected[0]["spec"]["ports"]]
+        relabelled = [r for r in endpoint.get("relabelings", []) if r.get("targetLabel") == "job"]
+        assert relabelled == ([{"action": "replace", "targetLabel": "job", "replacement": JOB}] if admin else [])
 
     def test_the_matcher_matches(self) -> None:
         selector = {"matchLabels": {"a": "1"}, "matchExpressions": [{"key": "b", "operator": "NotIn", "values": ["x"]}]}

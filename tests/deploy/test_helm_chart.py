@@ -141,7 +141,9 @@ class TestDefaults:
         )
 
     def test_configmap_holds_values_config(self, chart: Any, render: Render) -> None:
-        assert rendered_config(render()) == chart.values["config"]
+        expected = copy.deepcopy(chart.values["config"])
+        expected.setdefault("server", {})["admin"] = {"port": 9090}  # admin.enabled
+        assert rendered_config(render()) == expected
 
     def test_container_serves_the_config(self, render: Render) -> None:
         manifests = render()
@@ -151,7 +153,10 @@ class TestDefaults:
         mount = next(m for m in main["volumeMounts"] if m["name"] == "config")
         assert mount["mountPath"] == "/etc/log-bridge/config.yaml"
         assert mount["readOnly"] is True
-        assert main["ports"] == [{"name": "http", "containerPort": 8443, "protocol": "TCP"}]
+        assert main["ports"] == [
+            {"name": "http", "containerPort": 8443, "protocol": "TCP"},
+            {"name": "admin", "containerPort": 9090, "protocol": "TCP"},
+        ]
 
     def test_container_port_follows_config(self, render: Render) -> None:
         manifests = render({"config": {"server": {"port": 9000}}})
@@ -217,7 +222,7 @@ class TestProbes:
     def test_probes(self, render: Render, path: Path) -> None:
         values = load_values(path)
         main = container(render(values))
-        admin = values.get("admin", {}).get("enabled")
+        admin = values.get("admin", {}).get("enabled", True)
         scheme = "HTTPS" if values.get("tls", {}).get("enabled") and not admin else "HTTP"
         port = "admin" if admin else "http"
         assert main["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": port, "scheme": scheme}
@@ -225,18 +230,77 @@ class TestProbes:
         assert main["startupProbe"]["httpGet"]["path"] == "/healthz"
 
     def test_admin_port(self, render: Render) -> None:
-        """With admin.enabled the probes go to the plain-HTTP admin listener, also when the stream port is mTLS."""
-        values = {"admin": {"enabled": True}, "tls": {"enabled": True, "secretName": "tls", "clientAuth": True}}
+        """With admin.enabled (the default) the probes go to the plain-HTTP admin listener, also when the stream
+        port is mTLS, and so does the ServiceMonitor, through the headless Service only."""
+        values = {
+            "tls": {"enabled": True, "secretName": "tls", "clientAuth": True},
+            "serviceMonitor": {"enabled": True, "relabelings": [{"action": "labeldrop", "regex": "pod"}]},
+            "networkPolicy": {"enabled": True, "adminFrom": [{"podSelector": {}}]},
+        }
         manifests = render(values)
         main = container(manifests)
         assert {"name": "admin", "containerPort": 9090, "protocol": "TCP"} in main["ports"]
         assert main["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "admin", "scheme": "HTTP"}
         assert main["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "admin", "scheme": "HTTP"}
-        assert main["startupProbe"]["httpGet"]["port"] == "admin"
+        assert main["startupProbe"]["httpGet"] == {"path": "/healthz", "port": "admin", "scheme": "HTTP"}
         assert rendered_config(manifests)["server"]["admin"] == {"port": 9090}
-        policy = only(render({**values, "networkPolicy": {"enabled": True}}), "NetworkPolicy")
-        assert {"port": "admin", "protocol": "TCP"} in policy["spec"]["ingress"][0]["ports"]
-        assert "admin" not in rendered_config(render())["server"]
+        assert rendered_config(manifests)["server"]["tls"]["client_ca_file"]
+        services = {m["metadata"]["name"]: m for m in manifests if m["kind"] == "Service"}
+        assert [p["name"] for p in services[FULLNAME]["spec"]["ports"]] == ["http"]
+        headless = services[f"{FULLNAME}-headless"]
+        assert {"name": "admin", "port": 9090, "targetPort": "admin", "protocol": "TCP"} in headless["spec"]["ports"]
+        assert "prometheus.io/service-monitor" not in headless["metadata"]["labels"]  # the monitor selects it
+        assert services[FULLNAME]["metadata"]["labels"]["prometheus.io/service-monitor"] == "false"  # not this one
+        (endpoint,) = only(manifests, "ServiceMonitor")["spec"]["endpoints"]
+        assert (endpoint["port"], endpoint["scheme"], "tlsConfig" in endpoint) == ("admin", "http", False)
+        assert endpoint["relabelings"] == [
+            {"action": "replace", "targetLabel": "job", "replacement": FULLNAME},  # as through the main Service
+            {"action": "labeldrop", "regex": "pod"},
+        ]
+        stream, admin = only(manifests, "NetworkPolicy")["spec"]["ingress"]
+        assert stream["ports"] == [{"port": "http", "protocol": "TCP"}]
+        assert admin == {"ports": [{"port": "admin", "protocol": "TCP"}], "from": [{"podSelector": {}}]}
+        open_policy = only(render({"networkPolicy": {"enabled": True}}), "NetworkPolicy")
+        assert "from" not in open_policy["spec"]["ingress"][1]
+
+    @pytest.mark.parametrize("kube_version", KUBERNETES_VERSIONS)
+    def test_without_admin_the_chart_renders_as_before(
+        self, render: Render, kubernetes_validate: ModuleType, kube_version: str
+    ) -> None:
+        """admin.enabled false: everything on the stream port, with the pod's scheme, as before the admin port.
+        (Checked against the chart of the commit before it: the same manifests, for every scenario.)"""
+        values = {
+            "admin": {"enabled": False},
+            "tls": {"enabled": True, "secretName": "tls"},
+            "serviceMonitor": {"enabled": True},
+            "networkPolicy": {"enabled": True},
+        }
+        manifests = render(values)
+        main = container(manifests)
+        assert main["ports"] == [{"name": "http", "containerPort": 8443, "protocol": "TCP"}]
+        assert main["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http", "scheme": "HTTPS"}
+        assert main["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http", "scheme": "HTTPS"}
+        assert main["startupProbe"]["httpGet"] == {"path": "/healthz", "port": "http", "scheme": "HTTPS"}
+        assert "admin" not in rendered_config(manifests)["server"]
+        for service in (m for m in manifests if m["kind"] == "Service"):
+            assert [p["name"] for p in service["spec"]["ports"]] == ["http"]
+        headless = only(manifests, "Service", name=f"{FULLNAME}-headless")
+        assert headless["metadata"]["labels"]["prometheus.io/service-monitor"] == "false"
+        (endpoint,) = only(manifests, "ServiceMonitor")["spec"]["endpoints"]
+        assert (endpoint["port"], endpoint["scheme"], endpoint["tlsConfig"]) == (
+            "http",
+            "https",
+            {"insecureSkipVerify": True},
+        )
+        assert "relabelings" not in endpoint
+        (rule,) = only(manifests, "NetworkPolicy")["spec"]["ingress"]
+        assert rule["ports"] == [{"port": "http", "protocol": "TCP"}]
+        for manifest in manifests:
+            custom = CUSTOM_RESOURCE_SCHEMAS.get((manifest["apiVersion"], manifest["kind"]))
+            if custom is not None:
+                kubernetes_validate.utils.jsonschema.validate(manifest, json.loads(custom.read_text()))
+            else:
+                kubernetes_validate.validate(manifest, kube_version, strict=True)
 
 
 class TestJournalStorage:
@@ -463,18 +527,27 @@ class TestMonitoringAndNetwork:
         monitor = only(render(scenario("all-sinks-existing-secret")), "ServiceMonitor")
         assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
         (endpoint,) = monitor["spec"]["endpoints"]
-        assert endpoint["port"] == "http"
+        assert endpoint["port"] == "admin"  # plain HTTP, while the pods serve HTTPS on the LoadBalancer's port
         assert endpoint["path"] == "/metrics"
-        assert endpoint["scheme"] == "https"
-        assert endpoint["tlsConfig"] == {"insecureSkipVerify": True}
+        assert endpoint["scheme"] == "http"
+        assert "tlsConfig" not in endpoint
+        (without_admin,) = only(
+            render({**scenario("all-sinks-existing-secret"), "admin": {"enabled": False}}), "ServiceMonitor"
+        )["spec"]["endpoints"]
+        assert (without_admin["port"], without_admin["scheme"]) == ("http", "https")
+        assert without_admin["tlsConfig"] == {"insecureSkipVerify": True}
 
     def test_networkpolicy(self, render: Render) -> None:
         policy = only(render(scenario("ingress-tls")), "NetworkPolicy")
-        (rule,) = policy["spec"]["ingress"]
+        rule, admin = policy["spec"]["ingress"]
         assert rule["ports"] == [{"port": "http", "protocol": "TCP"}]
         peers = rule["from"]
         assert {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}}} in peers
-        assert {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}} in peers
+        monitoring = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+        assert monitoring not in peers  # Prometheus scrapes the admin port
+        assert admin == {"ports": [{"port": "admin", "protocol": "TCP"}], "from": [monitoring]}
+        metrics = {"networkPolicy": {**scenario("ingress-tls")["networkPolicy"], "metricsFrom": [monitoring]}}
+        assert monitoring in only(render(metrics), "NetworkPolicy")["spec"]["ingress"][0]["from"]
         test_pod_labels = [p["podSelector"]["matchLabels"] for p in peers if "podSelector" in p]
         assert test_pod_labels and test_pod_labels[0]["app.kubernetes.io/component"] == "test"
         dns = policy["spec"]["egress"][0]["ports"]
