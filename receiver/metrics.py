@@ -144,12 +144,15 @@ class Metrics:
             self.reloads.labels(result)
         self.open_connections = Gauge(
             "log_bridge_open_connections",
-            "Client connections open on the listener (TLS handshakes included; at most server.max_connections)",
+            "Client connections open, by listener: stream (TLS handshakes included; at most server.max_connections)"
+            " or admin (its own cap)",
+            ["listener"],
             registry=r,
         )
         self.connections_refused = Counter(
             "log_bridge_connections_refused",
-            "Connections closed unread on arrival because server.max_connections were open",
+            "Connections closed unread on arrival because the listener's cap was open, by listener (stream, admin)",
+            ["listener"],
             registry=r,
         )
         self.loop_errors = Counter(

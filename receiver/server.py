@@ -398,8 +398,8 @@ class Service:
         self._front = Front(self.state, aiohttp_server, idle_timeout=server.header_timeout)
         sock = self._listener = listen_socket(server.host, server.port)
         sock.cap = connection_cap(server.max_connections, self._fd_limit)
-        sock.on_refused = self._refuse_connection
-        self.metrics.open_connections.set_function(lambda: sock.open)
+        sock.on_refused = self._refuser(sock, "stream", "connection closed unread: server.max_connections are open")
+        self.metrics.open_connections.labels("stream").set_function(lambda: sock.open)
         log.info("connection limits", extra={"fd_limit": self._fd_limit, "max_connections": sock.cap})
         self._site = _Site(
             self._runner,
@@ -439,19 +439,23 @@ class Service:
             await runner.cleanup()
             raise
         sock.cap = connection_cap(ADMIN_MAX_CONNECTIONS, self._fd_limit)
+        sock.on_refused = self._refuser(sock, "admin", "admin connection closed unread: its cap is open")
+        self.metrics.open_connections.labels("admin").set_function(lambda: sock.open)
         site = web.SockSite(runner, sock, backlog=LISTEN_BACKLOG)
         self._admin = (runner, site)
         await site.start()
         log.info("admin listening", extra={"url": self.admin_url, "paths": ["/healthz", "/readyz", "/metrics"]})
 
-    def _refuse_connection(self, address: Any) -> None:
-        self.metrics.connections_refused.inc()
-        client = address[0] if isinstance(address, tuple) and address else None
-        self.state.refusals.log(
-            "connection closed unread: server.max_connections are open",
-            client=client,
-            max_connections=self._listener.cap if self._listener is not None else None,
-        )
+    def _refuser(self, sock: CappedListener, listener: str, message: str) -> Callable[[Any], None]:
+        """What a listener calls for a connection over its cap: counted by listener, logged a few a second."""
+        refused = self.metrics.connections_refused.labels(listener)
+
+        def refuse(address: Any) -> None:
+            refused.inc()
+            client = address[0] if isinstance(address, tuple) and address else None
+            self.state.refusals.log(message, client=client, listener=listener, max_connections=sock.cap)
+
+        return refuse
 
     @staticmethod
     def _warn_open_streams(config: Config) -> None:

@@ -66,7 +66,10 @@ class TestConnectionCap:
             closed_at_once.append(data == b"")
             sock.close()
         text = service.metrics.render().decode()
-        counted = (scrape(text, "log_bridge_connections_refused_total"), scrape(text, "log_bridge_open_connections"))
+        counted = (
+            scrape(text, "log_bridge_connections_refused_total", listener="stream"),
+            scrape(text, "log_bridge_open_connections", listener="stream"),
+        )
         for sock in held:
             sock.close()
         await asyncio.sleep(0.2)
@@ -322,7 +325,8 @@ class TestAdminListener:
         assert before["/readyz"] == (200, '{"status": "ready"}')
         assert answers["/metrics"][0] == 200
         assert self.families(answers["/metrics"][1]) == self.families(before["/metrics"][1])
-        assert (scrape(answers["/metrics"][1], "log_bridge_connections_refused_total") or 0) >= 3
+        assert (scrape(answers["/metrics"][1], "log_bridge_connections_refused_total", listener="stream") or 0) >= 3
+        assert scrape(answers["/metrics"][1], "log_bridge_connections_refused_total", listener="admin") == 0
         assert service.admin_url.startswith("http://127.0.0.1:")
 
     async def test_it_serves_nothing_else_and_takes_no_event(self, start_service: StartService) -> None:
@@ -399,10 +403,11 @@ class TestAdminListener:
             await self.get(url + "/healthz")
 
     async def test_its_own_cap_and_header_timeout(
-        self, start_service: StartService, monkeypatch: pytest.MonkeyPatch
+        self, start_service: StartService, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
     ) -> None:
-        """The admin listener cannot hold descriptors either: one connection over its cap is closed unread, and
-        a connection that sends nothing is closed after server.header_timeout."""
+        """The admin listener cannot hold descriptors either: one connection over its cap is closed unread,
+        counted and logged under its own name (was a defect: neither), and a connection that sends nothing is
+        closed after server.header_timeout."""
         monkeypatch.setattr(server_module, "ADMIN_MAX_CONNECTIONS", 2)
         service = await start_service({"server": {"admin": {"port": 0}, "header_timeout": "500ms"}})
         port = int(service.admin_url.rsplit(":", 1)[1])
@@ -414,6 +419,7 @@ class TestAdminListener:
         try:
             over_closed = await asyncio.wait_for(loop.sock_recv(over, 10), 5) == b""
             over_at = loop.time() - started
+            text = service.metrics.render().decode()
             held_closed = [await asyncio.wait_for(loop.sock_recv(sock, 10), 5) == b"" for sock in held]
             held_at = loop.time() - started
         finally:
@@ -421,6 +427,11 @@ class TestAdminListener:
                 sock.close()
         assert over_closed and over_at < 0.3
         assert held_closed == [True, True] and held_at < 3
+        assert scrape(text, "log_bridge_connections_refused_total", listener="admin") == 1
+        assert scrape(text, "log_bridge_connections_refused_total", listener="stream") == 0
+        assert scrape(text, "log_bridge_open_connections", listener="admin") == 2
+        refusals = [r for r in caplog.records if r.getMessage().startswith("admin connection closed unread")]
+        assert [(r.listener, r.max_connections) for r in refusals] == [("admin", 2)]  # type: ignore[attr-defined]
         assert await self.get(service.admin_url + "/healthz") == (200, '{"status": "ok"}')
 
     def test_the_stream_listener_port_is_refused(self) -> None:
