@@ -259,7 +259,8 @@ class TestProbes:
         ]
         stream, admin = only(manifests, "NetworkPolicy")["spec"]["ingress"]
         assert stream["ports"] == [{"port": "http", "protocol": "TCP"}]
-        assert admin == {"ports": [{"port": "admin", "protocol": "TCP"}], "from": [{"podSelector": {}}]}
+        assert admin["ports"] == [{"port": "admin", "protocol": "TCP"}]
+        assert admin["from"][0] == {"podSelector": {}}  # and the helm test pod
         open_policy = only(render({"networkPolicy": {"enabled": True}}), "NetworkPolicy")
         assert "from" not in open_policy["spec"]["ingress"][1]
 
@@ -545,7 +546,9 @@ class TestMonitoringAndNetwork:
         assert {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}}} in peers
         monitoring = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
         assert monitoring not in peers  # Prometheus scrapes the admin port
-        assert admin == {"ports": [{"port": "admin", "protocol": "TCP"}], "from": [monitoring]}
+        assert admin["ports"] == [{"port": "admin", "protocol": "TCP"}]
+        assert admin["from"][0] == monitoring
+        assert admin["from"][1]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "test"
         metrics = {"networkPolicy": {**scenario("ingress-tls")["networkPolicy"], "metricsFrom": [monitoring]}}
         assert monitoring in only(render(metrics), "NetworkPolicy")["spec"]["ingress"][0]["from"]
         test_pod_labels = [p["podSelector"]["matchLabels"] for p in peers if "podSelector" in p]
@@ -574,6 +577,23 @@ class TestHelmTest:
 
     def test_can_be_turned_off(self, render: Render) -> None:
         assert "Pod" not in kinds(render({"tests": {"enabled": False}}))
+
+    def test_under_mutual_tls_it_calls_the_admin_port(self, render: Render) -> None:
+        """Was a defect: with tls.clientAuth the pod called the stream port without a client certificate and
+        failed, whatever the service's health. It calls the admin port, which the NetworkPolicy lets it reach."""
+        mtls = {
+            "tls": {"enabled": True, "secretName": "tls", "clientAuth": True},
+            "networkPolicy": {"enabled": True, "adminFrom": [{"namespaceSelector": {"matchLabels": {"a": "b"}}}]},
+        }
+        manifests = render(mtls)
+        command = only(manifests, "Pod")["spec"]["containers"][0]["command"]
+        assert command[-1] == f"http://{FULLNAME}-headless:9090/healthz"
+        _, admin = only(manifests, "NetworkPolicy")["spec"]["ingress"]
+        assert admin["ports"] == [{"port": "admin", "protocol": "TCP"}]
+        test_pods = [p["podSelector"]["matchLabels"] for p in admin["from"] if "podSelector" in p]
+        assert [labels["app.kubernetes.io/component"] for labels in test_pods] == ["test"]
+        without_admin = render({**mtls, "admin": {"enabled": False}})
+        assert only(without_admin, "Pod")["spec"]["containers"][0]["command"][-1].startswith("https://")
 
 
 class TestNotes:
