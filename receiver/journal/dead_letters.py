@@ -1,7 +1,8 @@
 """Dead letters, for `log-bridge dlq list`, `dlq replay` and `dlq purge`: a plain connection of their own, safe
 while the service runs. Replay moves them to the `replays` table in one transaction; the service appends them to
 its segments (within a second while it runs, else when it next starts), each for the sink that failed it. Purge
-deletes them; the service recounts what its dead letters take while it refuses them (within a second)."""
+deletes them. Both mark `meta` (`dead_letters_taken`), and the service then counts again what its dead letters
+take (within a second)."""
 
 from __future__ import annotations
 
