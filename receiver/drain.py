@@ -13,6 +13,7 @@ from receiver.config import Config
 from receiver.delivery import DeliveryEngine, build_sinks
 from receiver.journal import Journal
 from receiver.metrics import Metrics
+from receiver.routing import OWED, ROUTING, carried_over
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,17 +38,28 @@ async def drain(config: Config, deadline: float) -> list[Leftover]:
     await journal.open()
     try:
         engine = DeliveryEngine(config, journal, Metrics(), build_sinks(config))
+        # What a reload or an edited file took away from a sink is still that sink's, as at a `serve` start.
+        owed = carried_over(await journal.load_meta(ROUTING), await journal.load_meta(OWED), config, journal.last_seq)
+        engine.carry(owed)
         await engine.start()
         await engine.stop(deadline)
         health = {name: runner.health.message for name, runner in engine.runners.items()}
-        left = await backlog_by_sink(config, journal)
+        left = await backlog_by_sink(config, journal, owed)
     finally:
         await journal.close()
     return [Leftover(name, count, health.get(name, "")) for name, count in left.items() if count]
 
 
-async def backlog_by_sink(config: Config, journal: Journal) -> dict[str, int]:
-    """Events after each fed sink's cursor that are meant for it (action filters aside: at most this many)."""
+async def backlog_by_sink(
+    config: Config, journal: Journal, owed: dict[str, dict[str, float]] | None = None
+) -> dict[str, int]:
+    """Events after each fed sink's cursor that are meant for it, those of streams it still owes from an
+    earlier routing included (action filters aside: at most this many)."""
     fed = [name for name in config.sinks if config.streams_of(name)]
     cursors = await journal.cursors(fed)
-    return {name: await journal.count_after(cursors[name], config.streams_of(name), name) for name in fed}
+    return {
+        name: await journal.count_after(
+            cursors[name], set(config.streams_of(name)) | set((owed or {}).get(name, {})), name
+        )
+        for name in fed
+    }

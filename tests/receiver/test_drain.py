@@ -193,3 +193,40 @@ class TestDrain:
         code, _, err = await run_cli("drain", "--config", str(config))
         assert code == 2 and err.strip() == f"log-bridge drain: no journal at {tmp_path / 'journal.db'}"
         assert not (tmp_path / "journal.db").exists()
+
+
+class TestDrainAfterReroute:
+    async def test_drain_delivers_what_a_stream_renamed_by_a_reload_left(self, tmp_path: Path) -> None:
+        """A reload renamed the stream while Splunk was down: Splunk still owes the events of the old name
+        (docs/configuration.md, Reloading), and `drain` of the claim must deliver them, not call it drained."""
+        peer = HecPeer(token=HEC_TOKEN)
+        await peer.start()
+        port = free_port()
+        config = write_config(tmp_path, port, peer.url, "1s")
+        serve = Serve(config, port, tmp_path / "serve.log")
+        try:
+            async with aiohttp.ClientSession() as session:
+                await serve.ready(session)
+                peer.busy()
+                assert (await serve.post(session, sample_wrappers(10)))[0] == 200
+                renamed = yaml.safe_load(config.read_text())
+                renamed["streams"][0]["name"] = "audit"
+                config.write_text(yaml.safe_dump(renamed))
+                serve.proc.send_signal(signal.SIGHUP)
+                deadline = time.monotonic() + 10
+                while b"configuration reloaded" not in (tmp_path / "serve.log").read_bytes():
+                    assert time.monotonic() < deadline, "the reload was not applied"
+                    await asyncio.sleep(0.05)
+                serve.proc.send_signal(signal.SIGTERM)
+                assert await serve.wait(15) == 0
+            assert peer.event_count == 0
+
+            code, out, err = await run_cli("drain", "--config", str(config), "--timeout", "1")
+            assert code == 1, out + err  # Splunk is still down: not "drained"
+            assert out.splitlines()[1].startswith("  splunk: 10 event(s) (send failed, retrying: ")
+            peer.recover()
+            code, out, err = await run_cli("drain", "--config", str(config), "--timeout", "10")
+            assert peer.event_count == 10, out + err
+            assert code == 0, out + err
+        finally:
+            await peer.stop()
