@@ -14,7 +14,7 @@ import ssl
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import orjson
 from aiohttp import http_exceptions, web, web_protocol
@@ -175,12 +175,45 @@ _MALFORMED: tuple[tuple[type[BaseException], str], ...] = (
 class _Connection(web_protocol.RequestHandler):
     """aiohttp's connection handler, answering a request it cannot parse without quoting it, in logs or answers."""
 
-    __slots__ = ("_refusals", "_malformed")
+    __slots__ = ("_refusals", "_malformed", "_unread")
 
     def __init__(self, manager: web.Server, *, refusals: RateLimitedLog, malformed: Counter, **kwargs: Any) -> None:
         self._refusals = refusals
         self._malformed = malformed
+        self._unread: asyncio.TimerHandle | None = None
         super().__init__(manager, **kwargs)
+
+    # A client that does not read its answers would hold its connection for ever: aiohttp waits for it to read
+    # what is being written (keep-alive does not end a connection whose answer is being written), and asyncio
+    # closes a connection only once what is left to write is flushed. It gets `keepalive_timeout`
+    # (header_timeout) to read on, then the connection is aborted.
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        if self._task_handler is not None:
+            self._task_handler.add_done_callback(lambda _: self._abort_unless_read(transport))
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self._abort_unless_read(self.transport)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._task_handler is not None and not self._task_handler.done():  # writing on: the client reads
+            self._forget_unread()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._forget_unread()
+        super().connection_lost(exc)
+
+    def _abort_unless_read(self, transport: asyncio.BaseTransport | None) -> None:
+        if self._unread is None and transport is not None and self._manager is not None:  # not lost yet
+            self._unread = self._loop.call_later(self.keepalive_timeout, cast(asyncio.Transport, transport).abort)
+
+    def _forget_unread(self) -> None:
+        if self._unread is not None:
+            self._unread.cancel()
+            self._unread = None
 
     def handle_error(
         self,
