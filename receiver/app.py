@@ -299,8 +299,7 @@ class Intake:
     async def serve(self, head: RequestHead) -> Answer:
         """One stream POST, from either front: screened, read, parsed, committed, counted."""
         started = time.monotonic()
-        self.inflight += 1
-        self.idle.clear()
+        self.hold()
         try:
             answer = await self._handle(head)
         except Exception as exc:  # a bug must not become a 500: WorkOS retries a 503, and the event is kept
@@ -314,11 +313,21 @@ class Intake:
                 "internal_error", 503, "internal error; retry later", close=True, retry_after=RETRY_AFTER_BUSY
             )
         finally:
-            self.inflight -= 1
-            if not self.inflight:
-                self.idle.set()
+            self.release()
         self._count(answer, started)
         return answer
+
+    def hold(self) -> None:
+        """Count a request as in flight on this intake (the stream front also counts one whose body is still
+        arriving, before `serve`)."""
+        self.inflight += 1
+        self.idle.clear()
+
+    def release(self) -> None:
+        """The end of a request `hold` counted."""
+        self.inflight -= 1
+        if not self.inflight:
+            self.idle.set()
 
     def _count(self, answer: Answer, started: float) -> None:
         if answer.refusal is not None:

@@ -300,6 +300,7 @@ class FrontConnection(asyncio.Protocol):
     def _release(self) -> None:
         if self.waiting is not None:
             self.front.budget.give(self.waiting[3])
+            self.waiting[0].release()
             self.waiting = None
 
     def _next(self) -> None:
@@ -316,12 +317,17 @@ class FrontConnection(asyncio.Protocol):
                 if not intake.admits(head) or not self.front.budget.take(length):
                     self._hand_off()
                     return
+                # In flight on this intake from now: a reload that moves its stream settles only after it.
+                intake.hold()
                 self.waiting = request
             return
-        self._release()
+        held = self.waiting is not None
+        if held:  # the budget is given back; the request stays counted in flight until `serve` counts it
+            self.front.budget.give(length)
+            self.waiting = None
         head._body = buffer[start : start + length]
         self.buffer = buffer[start + length :]
-        self.task = self.loop.create_task(self._serve(intake, head))
+        self.task = self.loop.create_task(self._serve(intake, head, held))
 
     def _head(self) -> tuple[Intake, FrontHead, int, int] | None:
         """The request the buffer starts with, when this front takes it: its intake, head, where its body starts
@@ -344,10 +350,12 @@ class FrontConnection(asyncio.Protocol):
             return None
         return intake, head, end + 4, length
 
-    async def _serve(self, intake: Intake, head: FrontHead) -> None:
+    async def _serve(self, intake: Intake, head: FrontHead, held: bool = False) -> None:
         try:
             answer = await intake.serve(head)
         finally:
+            if held:
+                intake.release()
             self.task = None
             self.since = time.monotonic()
         transport = self.transport

@@ -632,3 +632,47 @@ class TestNewStreamDuringReload:
             await asyncio.sleep(1)
             expected = 5 if status == 200 else 0
             assert len(late.sink.events) == expected, f"answered {status}, {len(late.sink.events)} delivered"  # type: ignore[attr-defined]
+
+
+class TestRequestInFlightOnTheFront:
+    @pytest.mark.parametrize("change", ["removed", "renamed"])
+    async def test_a_body_on_its_way_when_its_stream_is_removed_or_renamed_reaches_its_sink(
+        self, running, change: str
+    ) -> None:
+        """A keep-alive POST whose body is still arriving is held by the stream front with the intake it
+        started on, but that intake does not count it in flight, so the reload settles the stream at once; the
+        request then commits under the old stream after the settle point and is answered 200, and no sink owns
+        its events: acknowledged and lost (the aiohttp path, `Connection: close`, was fixed before)."""
+        tree = merge(BASE_CONFIG, {})
+        tree["streams"] = [
+            {**BASE_CONFIG["streams"][0]},
+            {"name": "other", "path": "/other", "auth": {"values": [TOKEN]}, "sinks": ["mem"]},
+        ]
+        service, file = await running(tree)
+        body, content_type = encode_body(sample_wrappers(4), "json")
+        reader, writer = await asyncio.open_connection("127.0.0.1", service.port)
+        head = (
+            f"POST /workos HTTP/1.1\r\nHost: x\r\nAuthorization: {TOKEN}\r\nContent-Type: {content_type}\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        ).encode()
+        writer.write(head + body[:10])
+        await writer.drain()
+        await asyncio.sleep(0.2)  # the front holds the request, with /workos's intake (it stalls only after 1s)
+        changed = merge(file.tree, {})
+        if change == "removed":
+            changed["streams"] = [tree["streams"][1]]
+        else:
+            changed["streams"] = [{**tree["streams"][0], "name": "workos-prod"}, tree["streams"][1]]
+        file.write(changed)
+        assert await service.reload()
+        await asyncio.sleep(0.2)  # the reload's settling of the streams it moved runs
+        writer.write(body[10:])
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        writer.close()
+        status = int(answer.split(b" ", 2)[1])
+        runner = service.engine.runners["mem"]  # type: ignore[union-attr]
+        await asyncio.sleep(0.5)
+        await wait_for(lambda: runner.cursor == service.journal.last_seq)
+        delivered = len(runner.sink.events)  # type: ignore[attr-defined]
+        assert status != 200 or delivered == 4, f"answered {status}, {delivered} of 4 events delivered"
