@@ -15,7 +15,7 @@ from typing import Any
 import msgspec
 import orjson
 
-from receiver.journal.schema import INTAKE, LETTER_BYTES, connect
+from receiver.journal.schema import INTAKE, LETTER_BYTES, TAKE_DEAD_LETTERS, connect
 
 PURGE_CHUNK = 1000
 """Dead letters one purge transaction deletes: the running service's writer waits for it, so it stays short."""
@@ -137,6 +137,8 @@ def purge_dead_letters(
             try:
                 rows = conn.execute(query, (*params, upto, PURGE_CHUNK)).fetchall()
                 conn.executemany("DELETE FROM dead_letters WHERE id = ?", [(row[0],) for row in rows])
+                if rows:  # a running service counts its dead letters again
+                    conn.execute(TAKE_DEAD_LETTERS, (orjson.dumps(time.time_ns()),))
                 conn.execute("COMMIT")
             except BaseException:
                 conn.execute("ROLLBACK")
@@ -196,6 +198,7 @@ def replay_dead_letters(path: Path, sink: str | None = None) -> int:
                         ],
                     )
                     conn.executemany("DELETE FROM dead_letters WHERE id = ?", [(letter_id,) for letter_id in ids])
+                    conn.execute(TAKE_DEAD_LETTERS, (orjson.dumps(time.time_ns()),))
                 conn.execute("COMMIT")
             except BaseException:
                 conn.execute("ROLLBACK")

@@ -27,6 +27,7 @@ from receiver.errors import JournalClosed, JournalError, JournalFull
 from receiver.journal.schema import (
     COMPRESSION_LEVEL,
     DEAD_LETTER_BYTES,
+    DEAD_LETTERS_TAKEN,
     INSERT_DEAD_LETTER,
     ZSTD_MAGIC,
     DeadLettersFull,
@@ -424,12 +425,15 @@ class Journal(GroupWriter):
         1,000 pages has only the last few pages to copy)."""
         done = -1
         failed = False
+        taken = None
         while True:
             try:
                 moved = await self.ingest_replays()
-                # Another process may have taken some away (`dlq replay`, `dlq purge`): look while any is refused.
+                # Another process may have taken some away (`dlq replay`, `dlq purge`, which say so in `meta`):
+                # look then, and while any is refused.
                 refused, self._dead_letters_refused = self._dead_letters_refused, False
-                if moved or refused or self.dead_letter_bytes >= self.max_dead_letter_bytes:
+                seen, taken = taken, await self.load_meta(DEAD_LETTERS_TAKEN)
+                if moved or refused or seen != taken or self.dead_letter_bytes >= self.max_dead_letter_bytes:
                     await self._recount_dead_letters()
             except (JournalError, sqlite3.Error) as exc:
                 log.warning("journal: cannot take replayed dead letters yet; will retry", extra={"error": str(exc)})

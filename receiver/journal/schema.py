@@ -92,6 +92,11 @@ def letter_bytes(raw: bytes, reason: str, stream: str) -> int:
     return len(raw) + len(reason.encode()) + len(stream.encode()) + DEAD_LETTER_ROW
 
 
+DEAD_LETTERS_TAKEN = "dead_letters_taken"
+"""The `meta` key `dlq purge` and `dlq replay` change in each transaction that takes dead letters away, so that
+a running service knows to count them again (a count reads them all; this is one row)."""
+TAKE_DEAD_LETTERS = "INSERT OR REPLACE INTO meta (key, value) VALUES ('dead_letters_taken', ?)"
+
 INSERT_DEAD_LETTER = "INSERT INTO dead_letters (sink, stream, data, reason, at, meta) VALUES (?, ?, ?, ?, ?, ?)"
 
 

@@ -25,7 +25,7 @@ from receiver.journal import INTAKE, list_dead_letters
 from receiver.parsing import Rejected
 from receiver.samples import sample_wrappers
 from sinks.base import Event
-from tests.conftest import TOKEN, StartService
+from tests.conftest import TOKEN, StartService, scrape
 from tests.receiver.test_journal import batch, opened
 
 SINK = {"type": "memory"}
@@ -280,6 +280,37 @@ class TestDlqPurge:
         while (answer := await status()) == 503 and time.monotonic() < deadline:
             await asyncio.sleep(0.2)
         assert answer == 200
+
+    async def test_the_dead_letter_gauge_follows_a_purge_below_the_cap(
+        self, start_service: StartService, tmp_path: Path, client: aiohttp.ClientSession
+    ) -> None:
+        """Was a defect: the running service recounted its dead letters after another process took some away
+        only while it was at its cap or refusing, so after `dlq purge` of dead letters at 80-99 % of the cap (what
+        LogBridgeDeadLettersNearlyFull asks the operator to do) log_bridge_dead_letter_bytes kept the old figure,
+        and the alert kept firing, until a restart."""
+        service = await start_service({"journal": {"max_dead_letter_bytes": "64KiB"}})
+        body = orjson.dumps([*sample_wrappers(1), "x" * 400])  # one good event, one element to dead-letter
+        for _ in range(5):
+            async with client.post(
+                service.url + "/workos", data=body, headers={"Authorization": TOKEN, "Content-Type": "application/json"}
+            ) as response:
+                assert response.status == 200
+        before = service.journal.dead_letter_bytes
+        assert 2000 < before < service.journal.max_dead_letter_bytes
+        config = write_config(tmp_path, str(service.config.journal.path), ["mem"], ["mem"], name="cli.yaml")
+        purge = await asyncio.create_subprocess_exec(  # another process, as an operator runs it
+            *[sys.executable, "-m", "receiver.cli", "dlq", "purge", "--config", str(config)],
+            *["--sink", INTAKE, "--yes"],
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await purge.communicate()
+        assert purge.returncode == 0 and b"deleted 5 " in out, out + err
+        deadline = time.monotonic() + 5
+        while service.journal.dead_letter_bytes and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        gauge = scrape(service.metrics.render().decode(), "log_bridge_dead_letter_bytes")
+        assert gauge == 0, f"{before} bytes before the purge, {gauge} reported 5 s after it"
 
 
 MEASURE = """
