@@ -610,6 +610,13 @@ class Service:
                 log.exception("pruning dedup keys failed")
             await asyncio.sleep(DEDUP_PRUNE_INTERVAL)
 
+    def stopping(self) -> None:
+        """A stop is asked for: refuse new batches (503, /readyz too) from now on, and cut short what a reload
+        in progress waits for (a changed sink's send), so that `stop` follows within its own bound."""
+        self.state.draining = True
+        if self.engine is not None:
+            self.engine.hurry()
+
     async def stop(self) -> bool:
         """Refuse new batches (503), let sinks drain up to the deadline, finish requests in flight, close.
         Returns whether every sink drained; what did not stays in the journal for the next start."""
@@ -661,8 +668,15 @@ async def serve(
     hangups = asyncio.Event()
     # Installed before start-up, so a HUP that arrives early is a reload once started, never a kill.
     loop.add_signal_handler(signal.SIGHUP, hangups.set)
+    service: Service | None = None
+
+    def on_stop() -> None:
+        stop.set()
+        if service is not None:  # at once, even while a reload runs: the stop itself comes after it
+            service.stopping()
+
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
+        loop.add_signal_handler(signum, on_stop)
     service = Service(config, path=path)
     await service.start()
     if pid_file is not None:
