@@ -576,6 +576,7 @@ class DeliveryEngine:
         for task in [*pending, *tasks[1:]]:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        self.journal.unsubscribe(runner._signal)
         for gauge in (self.metrics.backlog, self.metrics.sink_up):
             with contextlib.suppress(KeyError):
                 gauge.remove(name)

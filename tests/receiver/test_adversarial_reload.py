@@ -695,3 +695,17 @@ class TestAliasBomb:
         took = asyncio.get_running_loop().time() - started
         assert (applied, took < 2) == (False, True), f"reload applied={applied} after {took:.1f}s"
         assert (await post(client, service.url + "/workos", sample_wrappers(1))) == 200
+
+
+class TestReloadStorm:
+    async def test_reloads_that_rebuild_a_sink_leave_nothing_behind(self, running, client) -> None:
+        """Every rebuilt sink's runner subscribed to the journal's "new rows" signal and none unsubscribed: the
+        journal kept one event per reload for ever and set every one of them on each commit, so a config
+        manager that reloads every minute with a changed sink made each commit cost more, without bound."""
+        service, file = await running(BASE_CONFIG)
+        for attempt in range(1, 101):
+            file.change({"sinks": {"mem": {"batch": {"max_events": 1000 + attempt}}}})
+            assert await service.reload()
+        assert (await post(client, service.url + "/workos", sample_wrappers(3))) == 200
+        runners = len(service.engine.runners)  # type: ignore[union-attr]
+        assert len(service.journal._new_data) == runners, f"{len(service.journal._new_data)} signals, {runners} sink"
