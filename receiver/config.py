@@ -608,6 +608,25 @@ def parse_config(tree: Any, environ: Mapping[str, str] | None = None) -> Config:
     return config
 
 
+MAX_CONFIG_VALUES = 100_000
+"""Most values a configuration may hold once its aliases are expanded: a few lines of nested aliases (a
+"billion laughs") would otherwise cost minutes to hours of CPU, and gigabytes, in the checks that walk it."""
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int]) -> int:
+    """How many values `node` holds with its aliases expanded (each shared node measured once)."""
+    known = sizes.get(id(node))
+    if known is not None:
+        return known
+    size = 1
+    if isinstance(node, yaml.MappingNode):
+        size += sum(_expanded_size(key, sizes) + _expanded_size(value, sizes) for key, value in node.value)
+    elif isinstance(node, yaml.SequenceNode):
+        size += sum(_expanded_size(item, sizes) for item in node.value)
+    sizes[id(node)] = size
+    return size
+
+
 def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Config:
     """Read and validate a YAML configuration file."""
     try:
@@ -615,7 +634,10 @@ def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None 
     except OSError as exc:
         raise ConfigError([f"{path}: cannot read the file ({exc.strerror})"]) from None
     try:
-        duplicates = _duplicate_keys(yaml.compose(text, Loader=yaml.SafeLoader) or yaml.MappingNode("", []))
+        document = yaml.compose(text, Loader=yaml.SafeLoader) or yaml.MappingNode("", [])
+        if _expanded_size(document, {}) > MAX_CONFIG_VALUES:
+            raise ConfigError([f"{path}: its aliases expand to more than {MAX_CONFIG_VALUES} values"])
+        duplicates = _duplicate_keys(document)
         tree = yaml.safe_load(text)
     except RecursionError:
         raise ConfigError([f"{path}: an alias refers to itself (or the document nests too deeply)"]) from None

@@ -461,6 +461,7 @@ class DeliveryEngine:
         self.sinks = dict(sinks)
         self.runners: dict[str, SinkRunner] = {}
         self._tasks: dict[str, list[asyncio.Task[None]]] = {}
+        self._hurried = asyncio.Event()
         active = active_sinks(config)
         for name in active:
             self.runners[name] = self._runner(name, config, active)
@@ -556,14 +557,26 @@ class DeliveryEngine:
                 if runner.legacy.get(name) == math.inf:
                     runner.legacy[name] = until
 
+    def hurry(self) -> None:
+        """The process is stopping: a reload stops waiting for retired sinks' sends in progress (what they
+        were sending stays at their cursors)."""
+        self._hurried.set()
+
     async def _retire(self, name: str, deadline: float, close: bool) -> None:
         runner = self.runners.pop(name)
         runner.halt()
         tasks = self._tasks.pop(name, [])
-        done, pending = await asyncio.wait(tasks[:1], timeout=max(deadline, 1.0))
+        if tasks:
+            hurried = asyncio.ensure_future(self._hurried.wait())
+            try:
+                await asyncio.wait([tasks[0], hurried], timeout=max(deadline, 1.0), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                hurried.cancel()
+        pending = [task for task in tasks[:1] if not task.done()]
         for task in [*pending, *tasks[1:]]:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        self.journal.unsubscribe(runner._signal)
         for gauge in (self.metrics.backlog, self.metrics.sink_up):
             with contextlib.suppress(KeyError):
                 gauge.remove(name)

@@ -14,7 +14,7 @@ import ssl
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import orjson
 from aiohttp import http_exceptions, web, web_protocol
@@ -175,12 +175,45 @@ _MALFORMED: tuple[tuple[type[BaseException], str], ...] = (
 class _Connection(web_protocol.RequestHandler):
     """aiohttp's connection handler, answering a request it cannot parse without quoting it, in logs or answers."""
 
-    __slots__ = ("_refusals", "_malformed")
+    __slots__ = ("_refusals", "_malformed", "_unread")
 
     def __init__(self, manager: web.Server, *, refusals: RateLimitedLog, malformed: Counter, **kwargs: Any) -> None:
         self._refusals = refusals
         self._malformed = malformed
+        self._unread: asyncio.TimerHandle | None = None
         super().__init__(manager, **kwargs)
+
+    # A client that does not read its answers would hold its connection for ever: aiohttp waits for it to read
+    # what is being written (keep-alive does not end a connection whose answer is being written), and asyncio
+    # closes a connection only once what is left to write is flushed. It gets `keepalive_timeout`
+    # (header_timeout) to read on, then the connection is aborted.
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        if self._task_handler is not None:
+            self._task_handler.add_done_callback(lambda _: self._abort_unless_read(transport))
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self._abort_unless_read(self.transport)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._task_handler is not None and not self._task_handler.done():  # writing on: the client reads
+            self._forget_unread()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._forget_unread()
+        super().connection_lost(exc)
+
+    def _abort_unless_read(self, transport: asyncio.BaseTransport | None) -> None:
+        if self._unread is None and transport is not None and self._manager is not None:  # not lost yet
+            self._unread = self._loop.call_later(self.keepalive_timeout, cast(asyncio.Transport, transport).abort)
+
+    def _forget_unread(self) -> None:
+        if self._unread is not None:
+            self._unread.cancel()
+            self._unread = None
 
     def handle_error(
         self,
@@ -577,6 +610,13 @@ class Service:
                 log.exception("pruning dedup keys failed")
             await asyncio.sleep(DEDUP_PRUNE_INTERVAL)
 
+    def stopping(self) -> None:
+        """A stop is asked for: refuse new batches (503, /readyz too) from now on, and cut short what a reload
+        in progress waits for (a changed sink's send), so that `stop` follows within its own bound."""
+        self.state.draining = True
+        if self.engine is not None:
+            self.engine.hurry()
+
     async def stop(self) -> bool:
         """Refuse new batches (503), let sinks drain up to the deadline, finish requests in flight, close.
         Returns whether every sink drained; what did not stays in the journal for the next start."""
@@ -628,8 +668,15 @@ async def serve(
     hangups = asyncio.Event()
     # Installed before start-up, so a HUP that arrives early is a reload once started, never a kill.
     loop.add_signal_handler(signal.SIGHUP, hangups.set)
+    service: Service | None = None
+
+    def on_stop() -> None:
+        stop.set()
+        if service is not None:  # at once, even while a reload runs: the stop itself comes after it
+            service.stopping()
+
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
+        loop.add_signal_handler(signum, on_stop)
     service = Service(config, path=path)
     await service.start()
     if pid_file is not None:

@@ -93,6 +93,11 @@ class GroupWriter:
         self._new_data.append(signal)
         return signal
 
+    def unsubscribe(self, signal: asyncio.Event) -> None:
+        """Stop setting a signal `subscribe` gave (a sink runner retired by a reload)."""
+        with contextlib.suppress(ValueError):
+            self._new_data.remove(signal)
+
     # --- the writer thread -------------------------------------------------------------------------
 
     def _write_loop(self, conn: sqlite3.Connection) -> None:

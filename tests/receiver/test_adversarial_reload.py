@@ -676,3 +676,36 @@ class TestRequestInFlightOnTheFront:
         await wait_for(lambda: runner.cursor == service.journal.last_seq)
         delivered = len(runner.sink.events)  # type: ignore[attr-defined]
         assert status != 200 or delivered == 4, f"answered {status}, {delivered} of 4 events delivered"
+
+
+class TestAliasBomb:
+    async def test_a_reload_of_a_file_whose_aliases_expand_to_millions_of_values_is_refused_at_once(
+        self, running, client
+    ) -> None:
+        """A few lines of nested aliases (a 'billion laughs') expand to 10 million values: the reload spent 27 s
+        and 270 MB in the duplicate-key check and the environment expansion, holding the reload (and, in
+        `serve`, SIGTERM) meanwhile; 10 levels would take hours and more memory than the pod has."""
+        service, file = await running(BASE_CONFIG)
+        levels = ['a: &a ["x","x","x","x","x","x","x","x","x","x"]']
+        for previous, name in zip("abcdef", "bcdefg", strict=True):
+            levels.append(f"{name}: &{name} [{', '.join([f'*{previous}'] * 10)}]")
+        file.path.write_text("\n".join(levels) + "\n" + yaml.safe_dump(file.tree))
+        started = asyncio.get_running_loop().time()
+        applied = await asyncio.wait_for(service.reload(), 20)
+        took = asyncio.get_running_loop().time() - started
+        assert (applied, took < 2) == (False, True), f"reload applied={applied} after {took:.1f}s"
+        assert (await post(client, service.url + "/workos", sample_wrappers(1))) == 200
+
+
+class TestReloadStorm:
+    async def test_reloads_that_rebuild_a_sink_leave_nothing_behind(self, running, client) -> None:
+        """Every rebuilt sink's runner subscribed to the journal's "new rows" signal and none unsubscribed: the
+        journal kept one event per reload for ever and set every one of them on each commit, so a config
+        manager that reloads every minute with a changed sink made each commit cost more, without bound."""
+        service, file = await running(BASE_CONFIG)
+        for attempt in range(1, 101):
+            file.change({"sinks": {"mem": {"batch": {"max_events": 1000 + attempt}}}})
+            assert await service.reload()
+        assert (await post(client, service.url + "/workos", sample_wrappers(3))) == 200
+        runners = len(service.engine.runners)  # type: ignore[union-attr]
+        assert len(service.journal._new_data) == runners, f"{len(service.journal._new_data)} signals, {runners} sink"

@@ -230,3 +230,52 @@ class TestDrainAfterReroute:
             assert code == 0, out + err
         finally:
             await peer.stop()
+
+
+class TestSigtermDuringReload:
+    async def test_readiness_turns_503_at_once_and_the_exit_is_bounded(self, tmp_path: Path) -> None:
+        """A SIGTERM that arrives while a reload waits for changed sinks' sends in progress (each for up to
+        shutdown_timeout, one after the other) must still turn /readyz 503 and refuse batches at once, and the
+        process must leave within the stop's own bound (shutdown_timeout for delivery, then for requests)."""
+        from aiohttp import web
+
+        from tests.conftest import http_peer
+
+        async def hung(request: web.Request) -> web.Response:
+            await request.read()
+            await asyncio.sleep(20)  # a destination that takes the request and does not answer
+            return web.json_response({})
+
+        async with http_peer(hung) as url:
+            port = free_port()
+            sinks = {f"fwd{i}": {"type": "http", "url": url, "timeout": "60s"} for i in range(3)}
+            tree = {
+                "server": {"host": "127.0.0.1", "port": port, "allowlist": ["127.0.0.1/32"], "shutdown_timeout": "2s"},
+                "journal": {"path": str(tmp_path / "journal.db")},
+                "streams": [
+                    {"name": "workos", "path": "/workos", "auth": {"values": ["${STREAM_SECRET}"]}, "sinks": [*sinks]}
+                ],
+                "sinks": sinks,
+            }
+            config = tmp_path / "config.yaml"
+            config.write_text(yaml.safe_dump(tree))
+            serve = Serve(config, port, tmp_path / "serve.log")
+            async with aiohttp.ClientSession() as session:
+                await serve.ready(session)
+                assert (await serve.post(session, sample_wrappers(5)))[0] == 200
+                await asyncio.sleep(1.5)  # every sink's send is in progress, and hangs
+                for sink in tree["sinks"].values():
+                    sink["timeout"] = "59s"  # every sink changed: the reload waits for each send in progress
+                config.write_text(yaml.safe_dump(tree))
+                serve.proc.send_signal(signal.SIGHUP)
+                await asyncio.sleep(0.5)
+                serve.proc.send_signal(signal.SIGTERM)
+                signalled = time.monotonic()
+                await asyncio.sleep(0.3)
+                async with session.get(serve.base + "/readyz") as ready:
+                    readiness = ready.status
+                status, _ = await serve.post(session, sample_wrappers(1))
+                code = await serve.wait(30)
+                took = time.monotonic() - signalled
+        assert (readiness, status, code) == (503, 503, 0), f"exited {took:.1f}s after SIGTERM"
+        assert took < 2 * 2 + 1, f"exited {took:.1f}s after SIGTERM"

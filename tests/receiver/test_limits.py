@@ -447,3 +447,52 @@ class TestAdminListener:
         with pytest.raises(ConfigError) as raised:
             parse_config(merge(BASE_CONFIG, {"server": {"admin": {"host": "0.0.0.0"}}}), {})  # noqa: S104
         assert raised.value.errors == ["server.admin.port: field required"]
+
+
+class TestUnreadAnswers:
+    """A client that sends requests and never reads the answers holds its connection only `header_timeout`."""
+
+    @staticmethod
+    async def unread(port: int, count: int) -> list[socket.socket]:
+        """`count` connections that pipeline many GET /metrics and read nothing."""
+        loop = asyncio.get_running_loop()
+        sockets = []
+        for _ in range(count):
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.setblocking(False)
+            await loop.sock_connect(sock, ("127.0.0.1", port))
+            with contextlib.suppress(BlockingIOError):
+                sock.send(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n" * 400)
+            sockets.append(sock)
+        return sockets
+
+    @pytest.mark.parametrize("listener", ["admin", "stream"])
+    async def test_connections_that_do_not_read_are_closed(
+        self, listener: str, start_service: StartService, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Was a defect: aiohttp waits for ever for a client to read what it wrote, and keep-alive does not end
+        a connection whose answer is being written, so two such clients (64 on the admin port, or
+        `max_connections` on the stream port, which serves /metrics to anyone) kept the cap full for good:
+        probes and WorkOS's POSTs were closed unread long after `header_timeout`."""
+        monkeypatch.setattr(server_module, "ADMIN_MAX_CONNECTIONS", 2)
+        service = await start_service(
+            {"server": {"admin": {"port": 0}, "max_connections": 2, "header_timeout": "500ms"}}
+        )
+        url = service.admin_url if listener == "admin" else service.url
+        port = int(url.rsplit(":", 1)[1])
+        held = await self.unread(port, 2)
+        try:
+            deadline = time.monotonic() + 6  # twelve times header_timeout
+            while time.monotonic() < deadline:
+                await asyncio.sleep(0.2)
+                text = service.metrics.render().decode()
+                if scrape(text, "log_bridge_open_connections", listener=listener) == 0:
+                    break
+            async with aiohttp.ClientSession() as session, session.get(url + "/healthz") as response:
+                answer = response.status
+        finally:
+            for sock in held:
+                sock.close()
+        assert scrape(text, "log_bridge_open_connections", listener=listener) == 0
+        assert answer == 200
