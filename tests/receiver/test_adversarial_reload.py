@@ -52,6 +52,30 @@ async def post(session: aiohttp.ClientSession, url: str, wrappers: list[dict[str
         return r.status
 
 
+def two_streams() -> dict[str, Any]:
+    """BASE_CONFIG with a second stream, "other" at /other, feeding the same memory sink."""
+    tree = merge(BASE_CONFIG, {})
+    tree["streams"] = [
+        {**BASE_CONFIG["streams"][0]},
+        {"name": "other", "path": "/other", "auth": {"values": [TOKEN]}, "sinks": ["mem"]},
+    ]
+    return tree
+
+
+async def start_post(port: int, *, close: bool) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bytes]:
+    """A POST of 4 events to /workos of which only the head and the body's first 10 bytes are sent."""
+    body, content_type = encode_body(sample_wrappers(4), "json")
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    connection = "Connection: close\r\n" if close else ""
+    head = (
+        f"POST /workos HTTP/1.1\r\nHost: x\r\nAuthorization: {TOKEN}\r\nContent-Type: {content_type}\r\n"
+        f"Content-Length: {len(body)}\r\n{connection}\r\n"
+    ).encode()
+    writer.write(head + body[:10])
+    await writer.drain()
+    return reader, writer, body
+
+
 def actions(count: int, action: str) -> list[dict[str, Any]]:
     wrappers = sample_wrappers(count)
     for wrapper in wrappers:
@@ -82,20 +106,9 @@ class TestStreamChangesLoseBacklog:
     async def test_a_request_in_flight_on_a_removed_stream_is_not_acknowledged_and_dropped(self, running) -> None:
         """A request that started before a reload removed its stream is answered 200, yet its events are
         delivered to no sink (the sink stays, fed by another stream): acknowledged and lost."""
-        tree = merge(BASE_CONFIG, {})
-        tree["streams"] = [
-            {**BASE_CONFIG["streams"][0]},
-            {"name": "other", "path": "/other", "auth": {"values": [TOKEN]}, "sinks": ["mem"]},
-        ]
+        tree = two_streams()
         service, file = await running(tree)
-        body, content_type = encode_body(sample_wrappers(4), "json")
-        reader, writer = await asyncio.open_connection("127.0.0.1", service.port)
-        head = (
-            f"POST /workos HTTP/1.1\r\nHost: x\r\nAuthorization: {TOKEN}\r\nContent-Type: {content_type}\r\n"
-            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-        ).encode()
-        writer.write(head + body[:10])
-        await writer.drain()
+        reader, writer, body = await start_post(service.port, close=True)
         await asyncio.sleep(0.2)  # the request has started with /workos's intake
         removed = merge(file.tree, {})
         removed["streams"] = [tree["streams"][1]]
@@ -643,20 +656,9 @@ class TestRequestInFlightOnTheFront:
         started on, but that intake does not count it in flight, so the reload settles the stream at once; the
         request then commits under the old stream after the settle point and is answered 200, and no sink owns
         its events: acknowledged and lost (the aiohttp path, `Connection: close`, was fixed before)."""
-        tree = merge(BASE_CONFIG, {})
-        tree["streams"] = [
-            {**BASE_CONFIG["streams"][0]},
-            {"name": "other", "path": "/other", "auth": {"values": [TOKEN]}, "sinks": ["mem"]},
-        ]
+        tree = two_streams()
         service, file = await running(tree)
-        body, content_type = encode_body(sample_wrappers(4), "json")
-        reader, writer = await asyncio.open_connection("127.0.0.1", service.port)
-        head = (
-            f"POST /workos HTTP/1.1\r\nHost: x\r\nAuthorization: {TOKEN}\r\nContent-Type: {content_type}\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n"
-        ).encode()
-        writer.write(head + body[:10])
-        await writer.drain()
+        reader, writer, body = await start_post(service.port, close=False)
         await asyncio.sleep(0.2)  # the front holds the request, with /workos's intake (it stalls only after 1s)
         changed = merge(file.tree, {})
         if change == "removed":
