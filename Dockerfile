@@ -55,7 +55,8 @@ USER 10001:10001
 EXPOSE 8443
 
 # The slim image has no curl: Python's urllib fails (exit 1) on anything but a 2xx. With in-container HTTPS, set
-# LOG_BRIDGE_HEALTHCHECK_URL=https://127.0.0.1:8443/healthz; the certificate is not checked on loopback.
+# LOG_BRIDGE_HEALTHCHECK_URL=https://127.0.0.1:8443/healthz; the certificate is not checked on loopback. Under mutual
+# TLS, point it at server.admin's plain-HTTP port instead (no client certificate is sent).
 HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \
     CMD ["python", "-c", "import os, ssl, urllib.request; urllib.request.urlopen(os.environ['LOG_BRIDGE_HEALTHCHECK_URL'], timeout=4, context=ssl._create_unverified_context())"]
 
