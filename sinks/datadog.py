@@ -225,7 +225,7 @@ class DatadogSink:
         if isinstance(reply, Verdict):
             return reply
         what = f"HTTP {reply.status} from {self.logs_url}"
-        text = self._http.scrub(reply.body[:300].decode("utf-8", "replace").strip())
+        text = self._http.peer_text(reply)
         what += f": {text}" if text else ""
         if reply.status in _AUTH_STATUSES:
             return Verdict.retry(f"Datadog refused the API key: {what}; check api_key and site", config_problem=True)

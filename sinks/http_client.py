@@ -128,10 +128,16 @@ class HttpClient:
         peer = self.peer
         return f"set tls.ca_file to the CA that signed the {peer} certificate (or tls.verify: false to skip the check)"
 
+    def peer_text(self, reply: Reply) -> str:
+        """The peer's answer as text for a reason: every secret replaced, then shortened. Cutting first would
+        keep the head of a credential the peer quoted across the cut."""
+        text = reply.body.decode("utf-8", "replace").strip()
+        return self.scrub(text) if text else ""
+
     def describe(self, reply: Reply, url: object) -> str:
         """`<peer> answered <status> at <url>: <its text>`, scrubbed and shortened."""
-        text = reply.body[:TEXT_LIMIT].decode("utf-8", "replace").strip()
-        return f"{self.peer} answered {reply.status} at {url}" + (f": {self.scrub(text)}" if text else "")
+        text = self.peer_text(reply)
+        return f"{self.peer} answered {reply.status} at {url}" + (f": {text}" if text else "")
 
     async def post(
         self,

@@ -40,8 +40,6 @@ HEALTH_PATH = "services/collector/health/1.0"
 SPLIT_CODES = frozenset({5, 6, 12, 13, 15})
 """HEC codes that blame the data of a request (no data, invalid format, event missing or blank, bad fields)."""
 
-_TEXT_LIMIT = 300
-
 
 # --- configuration -------------------------------------------------------------------------------
 
@@ -85,8 +83,9 @@ class SplunkHecConfig(SinkConfig):
 # --- classification of one HTTP answer -----------------------------------------------------------
 
 
-def _classify_reply(reply: Reply, *, index: str | None) -> tuple[Verdict, int | None]:
-    """What one HEC answer means for the events it carried, and the ackId it gave."""
+def _classify_reply(reply: Reply, *, index: str | None, http: HttpClient) -> tuple[Verdict, int | None]:
+    """What one HEC answer means for the events it carried, and the ackId it gave. The answer's text goes
+    through `http`'s scrubbing: HEC, or a proxy in front of it, may quote the token."""
     code: int | None = None
     text = ""
     ack_id: int | None = None
@@ -95,10 +94,10 @@ def _classify_reply(reply: Reply, *, index: str | None) -> tuple[Verdict, int | 
         parsed = orjson.loads(reply.body) if reply.body else None
     except orjson.JSONDecodeError:
         parsed = None
-        text = reply.body[:_TEXT_LIMIT].decode("utf-8", "replace").strip()
+        text = http.peer_text(reply)
     if isinstance(parsed, dict):
         code = parsed["code"] if isinstance(parsed.get("code"), int) else None
-        text = parsed["text"][:_TEXT_LIMIT] if isinstance(parsed.get("text"), str) else text
+        text = http.scrub(parsed["text"]) if isinstance(parsed.get("text"), str) else text
         ack_id = parsed["ackId"] if isinstance(parsed.get("ackId"), int) else None
         bad = parsed.get("invalid-event-number")
         bad_index = bad if isinstance(bad, int) else None
@@ -196,7 +195,7 @@ class SplunkHecSink:
         reply = await self._http.request("GET", self._base / HEALTH_PATH, None, self._auth)
         if isinstance(reply, Verdict):
             return Health(False, reply.reason)
-        verdict, _ = _classify_reply(reply, index=self.config.index)
+        verdict, _ = _classify_reply(reply, index=self.config.index, http=self._http)
         if reply.status != 200:
             refused = "refused the token" if reply.status in (400, 401, 403) else "is unhealthy"
             return Health(False, f"{where} {refused}: {verdict.reason or reply.status}")
@@ -204,7 +203,7 @@ class SplunkHecSink:
         reply = await self._http.request("POST", self._base / EVENT_PATH, b"", self._auth)
         if isinstance(reply, Verdict):
             return Health(False, reply.reason)
-        verdict, _ = _classify_reply(reply, index=self.config.index)
+        verdict, _ = _classify_reply(reply, index=self.config.index, http=self._http)
         if verdict.config_problem:
             return Health(False, f"{where}: {verdict.reason}")
         if reply.status >= 500 or reply.status in (408, 429):
@@ -261,7 +260,7 @@ class SplunkHecSink:
         reply = await self._http.post(url, body, headers, compression=self.config.compression)
         if isinstance(reply, Verdict):
             return reply
-        verdict, ack_id = _classify_reply(reply, index=self.config.index)
+        verdict, ack_id = _classify_reply(reply, index=self.config.index, http=self._http)
         options = self.config.indexer_ack
         if verdict.outcome is not Outcome.SUCCESS or not options.enabled:
             return verdict
@@ -303,7 +302,7 @@ class SplunkHecSink:
         reply = await self._http.request("POST", url, orjson.dumps({"acks": ack_ids}), headers)
         if isinstance(reply, Verdict):
             return set(), reply.reason
-        verdict, _ = _classify_reply(reply, index=self.config.index)
+        verdict, _ = _classify_reply(reply, index=self.config.index, http=self._http)
         if verdict.outcome is not Outcome.SUCCESS:
             return set(), verdict.reason
         try:

@@ -90,19 +90,31 @@ class DatadogIntake:
         """When set, every API key is refused (403), as for a revoked key."""
         self.fail_status = 503
         self.fail_retry_after: float | None = None
+        self.fail_text: str | None = None
+        """The error text of injected failures (an intake, or a proxy in front of it, may quote the request)."""
         self._fail_remaining = 0
         self._fail_after = 0
         self._runner: web.AppRunner | None = None
 
     # --- control ---------------------------------------------------------------------------------
 
-    def fail_next(self, count: int, status: int = 503, *, after: int = 0, retry_after: float | None = None) -> None:
+    def fail_next(
+        self,
+        count: int,
+        status: int = 503,
+        *,
+        after: int = 0,
+        retry_after: float | None = None,
+        text: str | None = None,
+    ) -> None:
         """Answer `status` to `count` logs requests (count < 0: until told otherwise), once `after` more
-        requests have been answered normally; with a `Retry-After` header when `retry_after` is given."""
+        requests have been answered normally; with a `Retry-After` header when `retry_after` is given, and
+        `text` as the error when given."""
         self._fail_remaining = count
         self._fail_after = after
         self.fail_status = status
         self.fail_retry_after = retry_after
+        self.fail_text = text
 
     def reset(self) -> None:
         """Forget what was received and every failure instruction."""
@@ -189,7 +201,8 @@ class DatadogIntake:
             self._fail_after -= 1
         elif self._fail_remaining != 0:
             self._fail_remaining -= 1 if self._fail_remaining > 0 else 0
-            return self.fail_status, 0, 0, ["Service Unavailable" if self.fail_status == 503 else "Injected failure"]
+            text = self.fail_text or ("Service Unavailable" if self.fail_status == 503 else "Injected failure")
+            return self.fail_status, 0, 0, [text]
         if gzipped:
             try:
                 body = _gunzip(raw, MAX_PAYLOAD_BYTES + 1)

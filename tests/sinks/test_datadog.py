@@ -411,6 +411,17 @@ class TestHealth:
         assert (await sink.send(events)).outcome is Outcome.SUCCESS
         assert (await sink.healthcheck()).ok
 
+    @pytest.mark.parametrize("offset", [0, 250])
+    async def test_an_intake_quoting_the_key_never_puts_any_of_it_in_a_reason(
+        self, intake: DatadogIntake, sink: DatadogSink, offset: int
+    ) -> None:
+        # An intake, or a proxy in front of it, may quote the request's key in its error text, anywhere in it:
+        # not a character of the key may reach a reason (a dead letter, a log line, the health message).
+        intake.fail_next(1, 503, text="x" * offset + f" refused: DD-API-KEY: {API_KEY}")
+        result = await sink.send(make_events(1))
+        assert result.outcome is Outcome.RETRY and "503" in result.reason
+        assert API_KEY[:8] not in result.reason
+
     async def test_missing_key_header_is_401(self, intake: DatadogIntake, sink: DatadogSink) -> None:
         import aiohttp
 

@@ -309,6 +309,20 @@ class TestClassification:
         assert str(status) in verdict.reason
         assert TOKEN.split()[1] not in verdict.reason  # the collector echoed the headers: scrubbed
 
+    async def test_a_credential_echoed_past_the_reason_limit_leaves_no_part_of_it(self, collector: Collector) -> None:
+        # The collector echoes the request's headers in its error body; a long header before the credential puts
+        # the credential where the reason is cut short: no part of it may be kept.
+        secret = "Bearer " + "k" * 40
+        collector.status = 500
+        for padding in range(200, 320, 7):
+            sink = sink_for(collector, headers={"X-Padding": "p" * padding, "Authorization": secret})
+            try:
+                result = await sink.send(make_events(1))
+            finally:
+                await sink.close()
+            assert result.outcome is Outcome.RETRY
+            assert "kkkkkk" not in result.reason, padding
+
     async def test_400_is_bisected_to_the_refused_events(self, collector: Collector) -> None:
         collector.mode = "partial"
         sink = sink_for(collector, encoding="ndjson", compression="gzip")

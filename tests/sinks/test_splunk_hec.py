@@ -609,6 +609,21 @@ class TestSecrets:
         assert all(TOKEN not in text for text in texts)
         assert TOKEN not in caplog.text
 
+    @pytest.mark.parametrize("offset", [0, 260])
+    async def test_a_peer_quoting_the_token_never_puts_any_of_it_in_a_reason(self, peer: HecPeer, offset: int) -> None:
+        # A proxy in front of HEC (or HEC itself) may quote the request's credential in its error text, anywhere
+        # in it: not a character of the token may reach a reason, a dead letter or the health message.
+        peer.fail(503, 9, text="x" * offset + f" refused: Authorization: Splunk {TOKEN}")
+        sink = sink_for(peer)
+        try:
+            result = await sink.send(make_events(1))
+            health = await sink.healthcheck()
+        finally:
+            await sink.close()
+        assert result.outcome is Outcome.RETRY
+        for text in (result.reason, health.message):
+            assert TOKEN[:8] not in text
+
 
 class TestHealth:
     async def test_healthy(self, sink: SplunkHecSink) -> None:
