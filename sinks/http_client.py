@@ -23,6 +23,10 @@ __all__ = ["HttpClient", "Reply", "classify_status", "compress", "parse_retry_af
 
 TEXT_LIMIT = 300
 """Longest peer text or error detail kept in a reason."""
+REPLY_LIMIT = 1024 * 1024
+"""Most bytes of an answer that are read. Sinks classify on the status and a short text (HEC's JSON answers are
+well under a kilobyte); the rest of a longer answer is left unread and its connection closed, so a peer that
+answers at length cannot hold the process's memory."""
 THREAD_BYTES = 64 * 1024
 """Bodies at least this big are compressed in a worker thread (zlib and zstd release the GIL)."""
 CONFIG_STATUSES = frozenset({401, 403, 404, 405, 407, 421})
@@ -148,7 +152,8 @@ class HttpClient:
         compression: Compression = "none",
         level: int | None = None,
     ) -> Reply | Verdict:
-        """POST `body` (compressed as asked, with the matching Content-Encoding) and read the whole answer."""
+        """POST `body` (compressed as asked, with the matching Content-Encoding) and read the answer (up to
+        REPLY_LIMIT bytes)."""
         if compression != "none":
             if len(body) >= THREAD_BYTES:
                 body = await asyncio.to_thread(compress, body, compression, level)
@@ -165,7 +170,7 @@ class HttpClient:
             return Verdict.retry(f"the sink is closed (not sending to {self.peer})")
         try:
             async with self.session().request(method, url, data=body, headers=headers) as response:  # type: ignore[arg-type]
-                return Reply(response.status, response.headers, await response.read())
+                return Reply(response.status, response.headers, await _read_upto(response.content, REPLY_LIMIT))
         except aiohttp.ClientSSLError as exc:
             reason = f"TLS verification of {url} failed ({self.scrub(exc)}); {self.tls_hint()}"
             return Verdict.retry(reason, config_problem=True)
@@ -188,3 +193,17 @@ class HttpClient:
         session, self._session = self._session, None
         if session is not None:
             await session.close()
+
+
+async def _read_upto(content: aiohttp.StreamReader, limit: int) -> bytes:
+    """The body, or its first `limit` bytes (the rest stays unread: aiohttp then closes the connection rather
+    than reuse it)."""
+    chunks: list[bytes] = []
+    size = 0
+    while size < limit:
+        chunk = await content.read(limit - size)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)

@@ -31,6 +31,10 @@ class Collector:
         self.mode: Mode = "ok"
         self.status: int | None = None
         """Answer every request with this status (and the request's headers as the body), when set."""
+        self.answer_bytes = 0
+        """With `status`: answer with a body of this many bytes instead (a peer that answers at length)."""
+        self.answer_sent = 0
+        """Bytes of such answers the collector got written before the sink hung up."""
         self.stored: list[bytes] = []
         self.requests: list[dict[str, str]] = []
         self._runner: web.AppRunner | None = None
@@ -52,10 +56,27 @@ class Collector:
         if self._runner is not None:
             await self._runner.cleanup()
 
-    async def _handle(self, request: web.Request) -> web.Response:
+    async def _answer_at_length(self, request: web.Request, status: int, size: int) -> web.StreamResponse:
+        await request.read()
+        response = web.StreamResponse(status=status)
+        response.content_length = size
+        await response.prepare(request)
+        chunk = b"x" * (1 << 20)
+        try:
+            while self.answer_sent < size:
+                part = chunk[: size - self.answer_sent]
+                await response.write(part)
+                self.answer_sent += len(part)
+        except ConnectionError:  # the sink hung up: it had read enough
+            pass
+        return response
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
         self.requests.append(dict(request.headers))
         if request.method == "HEAD":
             return web.Response(status=405)
+        if self.status is not None and self.answer_bytes:
+            return await self._answer_at_length(request, self.status, self.answer_bytes)
         if self.status is not None:
             return web.Response(status=self.status, body=orjson.dumps({str(k): v for k, v in request.headers.items()}))
         if request.headers.get("Authorization") != self.token:

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import time
+import tracemalloc
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -371,6 +372,24 @@ class TestClassification:
         finally:
             await sink.close()
         assert result.outcome is Outcome.RETRY and "127.0.0.1:9" in result.reason and not health.ok
+
+
+class TestAnswers:
+    @pytest.mark.parametrize("status", [503, 200])
+    async def test_an_answer_of_any_length_costs_bounded_memory(self, collector: Collector, status: int) -> None:
+        # A peer (or a proxy in front of it) may answer with an endless error page: the sink classifies on the
+        # status and a short text, so it must not hold the whole answer in memory.
+        collector.status, collector.answer_bytes = status, 128 * 1024 * 1024
+        sink = sink_for(collector)
+        tracemalloc.start()
+        try:
+            result = await sink.send(make_events(1))
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+            await sink.close()
+        assert result.outcome is (Outcome.RETRY if status == 503 else Outcome.SUCCESS)
+        assert peak < 16 * 1024 * 1024, f"{peak / 2**20:.0f} MiB held for a {status} answer"
 
 
 class TestConfig:
