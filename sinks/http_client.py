@@ -169,7 +169,11 @@ class HttpClient:
         if self.closed:
             return Verdict.retry(f"the sink is closed (not sending to {self.peer})")
         try:
-            async with self.session().request(method, url, data=body, headers=headers) as response:  # type: ignore[arg-type]
+            # A redirect is answered, not followed: aiohttp would turn a POST into a bodiless GET on 301/302/303
+            # (a sign-in page's 200 then counts the batch delivered) and take the events and the credential
+            # headers to a URL nobody configured. classify_status makes a 3xx a configuration problem.
+            request = self.session().request(method, url, data=body, headers=headers, allow_redirects=False)  # type: ignore[arg-type]
+            async with request as response:
                 return Reply(response.status, response.headers, await _read_upto(response.content, REPLY_LIMIT))
         except aiohttp.ClientSSLError as exc:
             reason = f"TLS verification of {url} failed ({self.scrub(exc)}); {self.tls_hint()}"

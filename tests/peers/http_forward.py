@@ -35,6 +35,8 @@ class Collector:
         """With `status`: answer with a body of this many bytes instead (a peer that answers at length)."""
         self.answer_sent = 0
         """Bytes of such answers the collector got written before the sink hung up."""
+        self.redirect: tuple[int, str] | None = None
+        """Answer every request with this redirect (status, Location), as a proxy sending clients to sign in."""
         self.stored: list[bytes] = []
         self.requests: list[dict[str, str]] = []
         self._runner: web.AppRunner | None = None
@@ -75,6 +77,9 @@ class Collector:
         self.requests.append(dict(request.headers))
         if request.method == "HEAD":
             return web.Response(status=405)
+        if self.redirect is not None:
+            await request.read()
+            return web.Response(status=self.redirect[0], headers={"Location": self.redirect[1]})
         if self.status is not None and self.answer_bytes:
             return await self._answer_at_length(request, self.status, self.answer_bytes)
         if self.status is not None:

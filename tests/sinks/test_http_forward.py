@@ -374,6 +374,30 @@ class TestClassification:
         assert result.outcome is Outcome.RETRY and "127.0.0.1:9" in result.reason and not health.ok
 
 
+class TestRedirects:
+    @pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+    async def test_a_redirect_is_a_configuration_problem_and_is_not_followed(
+        self, collector: Collector, status: int
+    ) -> None:
+        # Followed, a 301/302/303 turns the POST into a GET without the events, which a sign-in page or a
+        # collector's health route answers 200 (the batch counted delivered, and lost); any redirect would carry
+        # the events and the credential headers to a URL nobody configured.
+        elsewhere = Collector()
+        elsewhere.status = 200  # a sign-in page: any request answered 200
+        await elsewhere.start()
+        collector.redirect = (status, elsewhere.url)
+        sink = sink_for(collector, headers={"Authorization": TOKEN, "X-Api-Key": "collector-api-key-0123456789"})
+        events = make_events(3)
+        try:
+            result = await sink.send(events)
+        finally:
+            await sink.close()
+            await elsewhere.stop()
+        assert result.outcome is Outcome.RETRY and result.config_problem, result
+        assert elsewhere.requests == []
+        assert str(status) in result.reason and "url" in result.reason
+
+
 class TestAnswers:
     @pytest.mark.parametrize("status", [503, 200])
     async def test_an_answer_of_any_length_costs_bounded_memory(self, collector: Collector, status: int) -> None:
