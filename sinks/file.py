@@ -1,6 +1,7 @@
 """The file sink: one compact JSON line per event (the wrapper as WorkOS sent it), fsynced before a batch
-counts as delivered. `path` may hold strftime fields, expanded with the event's time in UTC. A line a crash or
-a full disk left without its newline is cut off before the next write (its events are written again whole)."""
+counts as delivered, with the name of every file and directory it creates fsynced into its parent. `path` may
+hold strftime fields, expanded with the event's time in UTC. A line a crash or a full disk left without its
+newline is cut off before the next write (its events are written again whole)."""
 
 from __future__ import annotations
 
@@ -72,7 +73,7 @@ class FileSink:
         limit = self.config.max_file_bytes
         for name, lines in groups.items():
             path = Path(name)
-            path.parent.mkdir(parents=True, exist_ok=True)
+            _make_directories(path.parent)
             if limit is None:
                 _append(path, b"\n".join(lines) + b"\n")
                 continue
@@ -125,7 +126,7 @@ class FileSink:
 
 def store_file(path: Path, data: bytes) -> None:
     """Write `data` at `path` durably: a temporary file beside it, fsynced, renamed into place, directory fsynced."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _make_directories(path.parent)
     partial = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.partial")
     fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
     try:
@@ -140,11 +141,7 @@ def store_file(path: Path, data: bytes) -> None:
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)  # the new name must survive a crash too
-    finally:
-        os.close(directory)
+    _fsync_directory(path.parent)  # the new name must survive a crash too
 
 
 TAIL_CHUNK = 64 * 1024
@@ -163,8 +160,31 @@ def _whole_lines(path: Path) -> int:
         os.close(fd)
 
 
+def _make_directories(directory: Path) -> None:
+    """Create `directory` and its missing parents, each new one fsynced into its parent: a crash must not take
+    away a directory holding lines counted delivered."""
+    missing: list[Path] = []
+    while not directory.is_dir():
+        missing.append(directory)
+        directory = directory.parent
+    for new in reversed(missing):
+        new.mkdir(exist_ok=True)  # another writer may make it meanwhile; its name is fsynced here all the same
+        _fsync_directory(new.parent)
+
+
+def _fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _append(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o640)
+    try:
+        fd, created = os.open(path, os.O_RDWR | os.O_APPEND), False
+    except FileNotFoundError:
+        fd, created = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o640), True
     try:
         # Held while the file is checked and written: another sink appending to the same file must not take
         # a line it is still writing for a torn one.
@@ -177,6 +197,8 @@ def _append(path: Path, data: bytes) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+    if created:
+        _fsync_directory(path.parent)  # the new file's name must survive a crash as its lines do
 
 
 def _cut_torn_line(fd: int) -> int:
@@ -204,8 +226,4 @@ def _rotate(path: Path) -> None:
     while (rotated := path.with_name(f"{path.stem}.{number}{path.suffix}")).exists():
         number += 1
     os.rename(path, rotated)
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)  # the rename itself must survive a crash
-    finally:
-        os.close(directory)
+    _fsync_directory(path.parent)  # the rename itself must survive a crash

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import orjson
+import pytest
 
 from sinks.base import Outcome
 from sinks.file import FileSink
@@ -99,3 +101,24 @@ class TestFileSink:
         assert result.outcome is Outcome.RETRY and "cannot write" in result.reason
         health = await sink.healthcheck()
         assert not health.ok
+
+    async def test_a_new_file_and_its_new_directories_are_fsynced_into_their_parents(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        # A batch counts delivered once fsynced; a file (or directory) the batch created must survive a crash
+        # too, which on POSIX takes an fsync of the directory holding its name, as the journal does.
+        synced: list[Path] = []
+        real = os.fsync
+
+        def fsync(fd: int) -> None:
+            synced.append(Path(os.readlink(f"/proc/self/fd/{fd}")))
+            real(fd)
+
+        monkeypatch.setattr(os, "fsync", fsync)
+        sink = FileSink("f", FileSink.Config(path=str(tmp_path / "a" / "b" / "%Y.ndjson")))
+        events = make_events(2)
+        assert (await sink.send(events)).outcome is Outcome.SUCCESS
+        (written,) = (tmp_path / "a" / "b").iterdir()
+        assert written in synced
+        assert {tmp_path, tmp_path / "a", tmp_path / "a" / "b"} <= set(synced), synced  # every new name's directory
+        assert tmp_path / "a" / "b" in synced[synced.index(written) :], synced  # the file's, once the file exists
