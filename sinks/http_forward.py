@@ -96,12 +96,16 @@ class HttpForwardSink:
         return SendResult.collect(batch, verdicts)
 
     async def healthcheck(self) -> Health:
-        """A HEAD request: the endpoint is reachable over TLS and does not refuse the credentials."""
+        """A HEAD request: the endpoint is reachable over TLS, answers at this URL (no redirect) and does not
+        refuse the credentials."""
         reply = await self._http.request("HEAD", self.config.url, None, self._headers)
         if isinstance(reply, Verdict):
             return Health(False, reply.reason)
         if reply.status in (401, 403, 407):
             return Health(False, f"{self._http.describe(reply, self.config.url)}; check the headers")
+        if 300 <= reply.status < 400:  # not followed (a send is not either): the endpoint is elsewhere
+            where = self._http.scrub(reply.headers.get("Location", "elsewhere"))
+            return Health(False, f"{self._http.describe(reply, self.config.url)} (to {where}); is the url right?")
         return Health(True, f"{self.config.url} answers ({reply.status}); credentials are checked by the first send")
 
     async def close(self) -> None:

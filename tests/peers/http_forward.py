@@ -75,11 +75,11 @@ class Collector:
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         self.requests.append(dict(request.headers))
-        if request.method == "HEAD":
-            return web.Response(status=405)
         if self.redirect is not None:
             await request.read()
             return web.Response(status=self.redirect[0], headers={"Location": self.redirect[1]})
+        if request.method == "HEAD":
+            return web.Response(status=405)
         if self.status is not None and self.answer_bytes:
             return await self._answer_at_length(request, self.status, self.answer_bytes)
         if self.status is not None:

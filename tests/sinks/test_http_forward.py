@@ -390,12 +390,14 @@ class TestRedirects:
         events = make_events(3)
         try:
             result = await sink.send(events)
+            health = await sink.healthcheck()
         finally:
             await sink.close()
             await elsewhere.stop()
         assert result.outcome is Outcome.RETRY and result.config_problem, result
         assert elsewhere.requests == []
         assert str(status) in result.reason and "url" in result.reason
+        assert not health.ok and str(status) in health.message and "url" in health.message
 
 
 class TestAnswers:
