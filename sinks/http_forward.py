@@ -26,6 +26,8 @@ __all__ = ["HttpForwardConfig", "HttpForwardSink"]
 
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 _RESERVED = frozenset({"content-length", "content-encoding", "content-type", "host", "transfer-encoding"})
+_AUTHORIZATION = frozenset({"authorization", "proxy-authorization"})
+"""Headers whose value is `<scheme> <credentials>`."""
 _CONTENT_TYPES = {"json_array": "application/json", "ndjson": "application/x-ndjson"}
 
 
@@ -66,6 +68,12 @@ class HttpForwardSink:
         self.name = name
         self.config = config
         secrets = [value.get_secret_value() for value in config.headers.values()]
+        # `Authorization: Bearer <token>`: an endpoint refusing it may quote the credential without its scheme.
+        secrets += [
+            value.get_secret_value().split(" ", 1)[-1]
+            for name, value in config.headers.items()
+            if name.lower() in _AUTHORIZATION
+        ]
         self._http = HttpClient(
             name,
             peer="the HTTP endpoint",

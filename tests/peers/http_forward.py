@@ -35,6 +35,8 @@ class Collector:
         """With `status`: answer with a body of this many bytes instead (a peer that answers at length)."""
         self.answer_sent = 0
         """Bytes of such answers the collector got written before the sink hung up."""
+        self.quote_credential = False
+        """Name the refused credential (without its scheme) in the 401 answer, as some APIs do."""
         self.redirect: tuple[int, str] | None = None
         """Answer every request with this redirect (status, Location), as a proxy sending clients to sign in."""
         self.stored: list[bytes] = []
@@ -85,7 +87,8 @@ class Collector:
         if self.status is not None:
             return web.Response(status=self.status, body=orjson.dumps({str(k): v for k, v in request.headers.items()}))
         if request.headers.get("Authorization") != self.token:
-            return web.Response(status=401, text="bad token")
+            presented = request.headers.get("Authorization", "").split(" ", 1)[-1]
+            return web.Response(status=401, text=f"bad token {presented}" if self.quote_credential else "bad token")
         body = await request.read()  # aiohttp may have undone the Content-Encoding already: look at the bytes
         encoding = request.headers.get("Content-Encoding")
         if encoding == "gzip" and body.startswith(b"\x1f\x8b"):

@@ -324,6 +324,18 @@ class TestClassification:
             assert result.outcome is Outcome.RETRY
             assert "kkkkkk" not in result.reason, padding
 
+    async def test_a_credential_quoted_without_its_scheme_is_scrubbed(self, collector: Collector) -> None:
+        # "Authorization: Bearer <token>": an endpoint that refuses it may quote the token alone.
+        collector.quote_credential = True
+        revoked = "Bearer revoked-secret-0123456789"
+        sink = sink_for(collector, headers={"Authorization": revoked})
+        try:
+            result = await sink.send(make_events(1))
+        finally:
+            await sink.close()
+        assert result.outcome is Outcome.RETRY and result.config_problem and "401" in result.reason
+        assert "revoked-secret" not in result.reason, result.reason
+
     async def test_400_is_bisected_to_the_refused_events(self, collector: Collector) -> None:
         collector.mode = "partial"
         sink = sink_for(collector, encoding="ndjson", compression="gzip")
