@@ -31,6 +31,7 @@ from receiver.parsing import DEFAULT_MAX_EVENTS
 from sinks import registry
 from sinks.errors import SinkTypeError
 from sinks.fields import ByteSize, ConfigModel, Duration, PositiveDuration, SinkConfig
+from sinks.http_client import header_secrets
 
 WORKOS = "workos"
 """The allowlist entry that stands for WorkOS's published egress addresses."""
@@ -677,8 +678,11 @@ def secret_values(config: Config, environ: Mapping[str, str] | None = None) -> l
             for item in value:
                 walk(item)
         elif isinstance(value, dict):
-            for item in value.values():
-                walk(item)
+            for key, item in value.items():
+                if isinstance(item, SecretStr):  # a header's value: `Authorization: Bearer x` holds x alone too
+                    found.extend(header_secrets(str(key), item.get_secret_value()))
+                else:
+                    walk(item)
 
     walk(config)
     found.append(urlsplit(config.journal.dedup_store.url_text()).password or "")  # the URL's password alone too

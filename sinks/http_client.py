@@ -19,7 +19,7 @@ import zstandard
 from sinks.fields import Compression, TlsOptions
 from sinks.outcome import Verdict
 
-__all__ = ["HttpClient", "Reply", "classify_status", "compress", "parse_retry_after", "scrub"]
+__all__ = ["HttpClient", "Reply", "classify_status", "compress", "header_secrets", "parse_retry_after", "scrub"]
 
 TEXT_LIMIT = 300
 """Longest peer text or error detail kept in a reason."""
@@ -29,8 +29,15 @@ well under a kilobyte); the rest of a longer answer is left unread and its conne
 answers at length cannot hold the process's memory."""
 THREAD_BYTES = 64 * 1024
 """Bodies at least this big are compressed in a worker thread (zlib and zstd release the GIL)."""
-CONFIG_STATUSES = frozenset({401, 403, 404, 405, 407, 421})
-"""Answers a configuration fix cures (credentials, URL): retried, and the sink is unhealthy meanwhile."""
+CONFIG_STATUSES = frozenset({401, 403, 404, 405, 407, 415, 421})
+"""Answers a configuration fix cures (credentials, URL, compression): retried, and the sink is unhealthy meanwhile."""
+HINTS = {
+    401: "check the credentials",
+    403: "check the credentials",
+    407: "check the credentials",
+    415: "check the sink's compression (the endpoint does not take this Content-Encoding or Content-Type)",
+}
+"""What to change for a configuration problem's status (any other: the URL)."""
 SPLIT_STATUSES = frozenset({400, 413})
 """Answers about the request's data: the request is split to find the events at fault."""
 
@@ -63,6 +70,18 @@ def scrub(value: object, secrets: Iterable[str], limit: int | None = TEXT_LIMIT)
     return text if limit is None or len(text) <= limit else text[:limit] + "…"
 
 
+SCHEMED_HEADERS = frozenset({"authorization", "proxy-authorization"})
+"""Headers whose value is `<scheme> <credentials>`."""
+
+
+def header_secrets(name: str, value: str) -> list[str]:
+    """What a credential header's value holds that must never be shown: the value, and for `Authorization`
+    (`Bearer <token>`) the credentials alone too, which a peer refusing them may quote without the scheme."""
+    if name.lower() in SCHEMED_HEADERS:
+        return [value, value.split(" ", 1)[-1]]
+    return [value]
+
+
 def parse_retry_after(value: str | None) -> float | None:
     """Seconds from a `Retry-After` header given in seconds (HTTP dates are ignored)."""
     if not value:
@@ -75,14 +94,15 @@ def parse_retry_after(value: str | None) -> float | None:
 
 
 def classify_status(status: int, what: str, retry_after: float | None = None) -> Verdict:
-    """2xx delivered; 400/413 refused data (split); 401/403/404/405/407/421 and 3xx a configuration problem
-    (retried: a credential or URL fix must not cost data); 408/429/5xx retried; any other 4xx permanent."""
+    """2xx delivered; 400/413 refused data (split); 401/403/404/405/407/415/421 and 3xx a configuration problem
+    (retried: a credential, URL or compression fix must not cost data); 408/429/5xx retried; any other 4xx
+    permanent."""
     if 200 <= status < 300:
         return Verdict.ok()
     if status in SPLIT_STATUSES:
         return Verdict.refused(what)
     if status in CONFIG_STATUSES or 300 <= status < 400:
-        hint = "check the credentials" if status in (401, 403, 407) else "is the url right?"
+        hint = HINTS.get(status, "is the url right?")
         return Verdict.retry(f"{what}; {hint}", retry_after, config_problem=True)
     if status in (408, 429) or status >= 500 or status < 200:
         return Verdict.retry(what, retry_after)

@@ -18,7 +18,7 @@ from pydantic import SecretStr, field_validator
 
 from sinks.base import Event, Health, SendResult, SinkConfig
 from sinks.fields import Compression, HttpUrl, PositiveDuration, TlsOptions
-from sinks.http_client import HttpClient, classify_status
+from sinks.http_client import HttpClient, classify_status, header_secrets
 from sinks.outcome import Verdict
 from sinks.splitting import Item, Part, Verdicts, fail, send_in_parts
 
@@ -26,8 +26,6 @@ __all__ = ["HttpForwardConfig", "HttpForwardSink"]
 
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 _RESERVED = frozenset({"content-length", "content-encoding", "content-type", "host", "transfer-encoding"})
-_AUTHORIZATION = frozenset({"authorization", "proxy-authorization"})
-"""Headers whose value is `<scheme> <credentials>`."""
 _CONTENT_TYPES = {"json_array": "application/json", "ndjson": "application/x-ndjson"}
 
 
@@ -67,12 +65,10 @@ class HttpForwardSink:
     def __init__(self, name: str, config: HttpForwardConfig) -> None:
         self.name = name
         self.config = config
-        secrets = [value.get_secret_value() for value in config.headers.values()]
-        # `Authorization: Bearer <token>`: an endpoint refusing it may quote the credential without its scheme.
-        secrets += [
-            value.get_secret_value().split(" ", 1)[-1]
+        secrets = [
+            secret
             for name, value in config.headers.items()
-            if name.lower() in _AUTHORIZATION
+            for secret in header_secrets(name, value.get_secret_value())
         ]
         self._http = HttpClient(
             name,

@@ -123,7 +123,10 @@ def _classify_reply(reply: Reply, *, index: str | None, http: HttpClient) -> tup
         return Verdict.retry(f"{what}: HEC is busy", retry_after), None
     if (status == 400 and code in SPLIT_CODES) or status == 413:
         return Verdict.refused(what, bad_index), None
-    if status in (400, 415, 422):
+    if status == 415:  # the request's form, not its events: a compression fix must not cost data
+        reason = f"{what}: check the sink's compression (HEC, or a proxy before it, does not take it)"
+        return Verdict.retry(reason, retry_after, config_problem=True), None
+    if status in (400, 422):
         return Verdict.permanent(what), None
     if status in (408, 429) or status >= 500:
         return Verdict.retry(what, retry_after), None

@@ -8,8 +8,9 @@ from typing import Any
 import pytest
 import yaml
 
-from receiver.config import WORKOS_EGRESS, default_config, expand_env, load_config, parse_config
+from receiver.config import WORKOS_EGRESS, default_config, expand_env, load_config, parse_config, secret_values
 from receiver.errors import ConfigError
+from receiver.logs import MASK, Scrubber
 from sinks.base import parse_duration, parse_size
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -235,3 +236,22 @@ class TestErrors:
     def test_missing_file(self, tmp_path: Path) -> None:
         with pytest.raises(ConfigError, match="cannot read"):
             load_config(tmp_path / "nope.yaml")
+
+
+class TestSecretValues:
+    def test_a_sink_credential_is_masked_in_logs_without_its_scheme_too(self) -> None:
+        # Was a defect: a sink's `Authorization: Bearer <token>` was registered whole only, so a log line quoting
+        # the token alone (an endpoint's answer, a library's debug line) kept it.
+        token = "fwd-secret-0123456789"
+        tree = minimal()
+        tree["sinks"]["fwd"] = {
+            "type": "http",
+            "url": "https://collector.example.com/ingest",
+            "headers": {"Authorization": f"Bearer {token}", "proxy-authorization": "Basic dXNlcjpwYXNzd29yZA=="},
+        }
+        tree["streams"][0]["sinks"] = ["archive", "fwd"]
+        scrubber = Scrubber()
+        scrubber.register(secret_values(parse_config(tree, {}), {}))
+        line = scrubber(f"the endpoint answered 401: revoked {token}; proxy said dXNlcjpwYXNzd29yZA== is unknown")
+        assert token not in line and "dXNlcjpwYXNzd29yZA" not in line
+        assert line.count(MASK) == 2

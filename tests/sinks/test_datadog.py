@@ -298,6 +298,18 @@ class TestDelivery:
         result = await sink.send(make_events(3))
         assert result.outcome is Outcome.RETRY and str(status) in result.reason
 
+    async def test_an_unsupported_media_type_is_a_configuration_problem(
+        self, intake: DatadogIntake, sink: DatadogSink
+    ) -> None:
+        # Was a defect: a 415 (the intake, or a proxy before it, does not take the request's compression or
+        # content type) dead-lettered every event of every batch; it says nothing about the events.
+        intake.fail_next(1, 415)
+        events = make_events(3)
+        result = await sink.send(events)
+        assert result.outcome is Outcome.RETRY and result.config_problem and "415" in result.reason
+        result = await sink.send(events)
+        assert result.outcome is Outcome.SUCCESS and ids(intake.messages()) == ids([e.event for e in events])
+
     async def test_later_request_failing_retries_only_the_undelivered(
         self, intake: DatadogIntake, sink: DatadogSink
     ) -> None:

@@ -292,6 +292,7 @@ class TestClassification:
             (401, Outcome.RETRY, True),
             (403, Outcome.RETRY, True),
             (404, Outcome.RETRY, True),
+            (415, Outcome.RETRY, True),  # the request's form (compression), not its events: fixed in the config
             (409, Outcome.PERMANENT, False),
             (422, Outcome.PERMANENT, False),
         ],
