@@ -132,7 +132,7 @@ class S3Config(SinkConfig):
     object_lock: ObjectLock | None = None
     concurrency: int = Field(default=16, ge=1, le=256)
     timeout: PositiveDuration = 30.0
-    """Connect and read timeout of one S3 request."""
+    """Connect timeout, and the longest wait for each read of an answer (not a limit on a whole request)."""
 
     @field_validator("bucket")
     @classmethod
