@@ -11,6 +11,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from hypothesis import settings
 from prometheus_client.parser import text_string_to_metric_families
 
 from receiver.config import parse_config
@@ -18,6 +19,11 @@ from receiver.server import Service
 from sinks.memory import MemorySink
 from tests.workos_fake import FakeWorkOS, FakeWorkOSServer
 from tests.workos_fake import stream as workos_stream
+
+# The suite runs on shared, noisy machines: a slow example is not a failure (hypothesis's default deadline, 200 ms,
+# failed property tests now and then when another process had the core).
+settings.register_profile("suite", deadline=None)
+settings.load_profile("suite")
 
 TOKEN = "Bearer test-secret-0123456789"
 
