@@ -672,6 +672,8 @@ def secret_values(config: Config, environ: Mapping[str, str] | None = None) -> l
         if isinstance(value, SecretStr):
             found.append(value.get_secret_value())
         elif isinstance(value, BaseModel):
+            if isinstance(value, SinkConfig):
+                found.extend(value.secrets())
             for name in type(value).model_fields:
                 walk(getattr(value, name))
         elif isinstance(value, tuple | list):

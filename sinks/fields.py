@@ -162,6 +162,11 @@ class ConfigModel(BaseModel):
 class SinkConfig(ConfigModel):
     """Base of every sink's own options."""
 
+    def secrets(self) -> list[str]:
+        """Secrets held in options that are not `SecretStr` (such as a URL path that is a credential): what
+        logs, reasons and health messages must never show besides the `SecretStr` options."""
+        return []
+
 
 class TlsOptions(SinkConfig):
     """How a sink checks the server it connects to, and the client certificate it shows (`tls:`)."""

@@ -161,7 +161,7 @@ class HttpClient:
     def describe(self, reply: Reply, url: object) -> str:
         """`<peer> answered <status> at <url>: <its text>`, scrubbed and shortened."""
         text = self.peer_text(reply)
-        return f"{self.peer} answered {reply.status} at {url}" + (f": {text}" if text else "")
+        return f"{self.peer} answered {reply.status} at {self.scrub(url)}" + (f": {text}" if text else "")
 
     async def post(
         self,
@@ -196,12 +196,12 @@ class HttpClient:
             async with request as response:
                 return Reply(response.status, response.headers, await _read_upto(response.content, REPLY_LIMIT))
         except aiohttp.ClientSSLError as exc:
-            reason = f"TLS verification of {url} failed ({self.scrub(exc)}); {self.tls_hint()}"
+            reason = f"TLS verification of {self.scrub(url)} failed ({self.scrub(exc)}); {self.tls_hint()}"
             return Verdict.retry(reason, config_problem=True)
         except TimeoutError:
-            return Verdict.retry(f"no answer from {self.peer} at {url} within {self.timeout:g}s")
+            return Verdict.retry(f"no answer from {self.peer} at {self.scrub(url)} within {self.timeout:g}s")
         except (aiohttp.ClientError, OSError) as exc:
-            return Verdict.retry(f"cannot reach {self.peer} at {url}: {self.scrub(exc)}")
+            return Verdict.retry(f"cannot reach {self.peer} at {self.scrub(url)}: {self.scrub(exc)}")
 
     def session(self) -> aiohttp.ClientSession:
         """The sink's session, made on first use (inside the running loop)."""

@@ -6,15 +6,19 @@ Answers (sinks.http_client.classify_status): 2xx delivered; 408, 429, 5xx and co
 `Retry-After`); 400 and 413 split through the shared bisection until the refused events stand alone; 401, 403,
 404, 405, 407, 421 and 3xx retried as a configuration problem (a token or URL fix must not cost data); any other
 4xx permanent.
+
+With `url_path_secret` (an endpoint whose URL path is its credential, as a Sumo Logic HTTP source's) the URL is
+shown as its origin and `/…` wherever the sink describes it, and its path is a secret the logs mask.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from typing import Literal
+from typing import Literal, Self
 
-from pydantic import SecretStr, field_validator
+from pydantic import SecretStr, field_validator, model_validator
+from yarl import URL
 
 from sinks.base import Event, Health, SendResult, SinkConfig
 from sinks.fields import Compression, HttpUrl, PositiveDuration, TlsOptions
@@ -33,6 +37,8 @@ class HttpForwardConfig(SinkConfig):
     """The options of an `http` sink."""
 
     url: HttpUrl
+    url_path_secret: bool = False
+    """The URL's path (and query) is a credential: never shown, masked in logs."""
     encoding: Literal["json_array", "ndjson"] = "json_array"
     payload: Literal["wrapper", "event"] = "wrapper"
     """`wrapper`: `{"event": ..., "keySuffix": ..., ...}` as WorkOS sent it; `event`: the bare WorkOS event."""
@@ -56,6 +62,26 @@ class HttpForwardConfig(SinkConfig):
                 raise ValueError(f"the value of {name} is empty or holds a line break (is its variable set?)")
         return {name: SecretStr(secret.get_secret_value().strip()) for name, secret in value.items()}
 
+    @model_validator(mode="after")
+    def _secret_path(self) -> Self:
+        if self.url_path_secret and not self.secrets():
+            raise ValueError("url_path_secret: the url has no path to keep secret")
+        return self
+
+    @property
+    def origin(self) -> str:
+        """`scheme://host[:port]` of the url."""
+        return str(URL(self.url).origin())
+
+    def secrets(self) -> list[str]:
+        """The URL's path and query, with `url_path_secret`."""
+        return [path] if self.url_path_secret and (path := self.url[len(self.origin) :]).strip("/") else []
+
+    @property
+    def shown_url(self) -> str:
+        """The url as reasons, health messages and `repr` show it."""
+        return f"{self.origin}/…" if self.url_path_secret else self.url
+
 
 class HttpForwardSink:
     """Posts each batch as one request (split only when the endpoint refuses its data)."""
@@ -76,14 +102,14 @@ class HttpForwardSink:
             timeout=config.timeout,
             tls=config.tls,
             https=config.url.startswith("https:"),
-            secrets=secrets,
+            secrets=secrets + config.secrets(),
         )
         self._headers = {name: value.get_secret_value() for name, value in config.headers.items()}
         self._headers["Content-Type"] = _CONTENT_TYPES[config.encoding]
         self._headers.setdefault("User-Agent", "log-bridge")
 
     def __repr__(self) -> str:
-        return f"HttpForwardSink(name={self.name!r}, url={self.config.url!r}, encoding={self.config.encoding!r})"
+        return f"HttpForwardSink(name={self.name!r}, url={self.config.shown_url!r}, encoding={self.config.encoding!r})"
 
     async def send(self, batch: Sequence[Event]) -> SendResult:
         """Post the batch; split a refused request down to the events at fault."""
@@ -106,11 +132,13 @@ class HttpForwardSink:
         if isinstance(reply, Verdict):
             return Health(False, reply.reason)
         if reply.status in (401, 403, 407):
-            return Health(False, f"{self._http.describe(reply, self.config.url)}; check the headers")
+            return Health(False, f"{self._http.describe(reply, self.config.shown_url)}; check the headers")
         if 300 <= reply.status < 400:  # not followed (a send is not either): the endpoint is elsewhere
             where = self._http.scrub(reply.headers.get("Location", "elsewhere"))
-            return Health(False, f"{self._http.describe(reply, self.config.url)} (to {where}); is the url right?")
-        return Health(True, f"{self.config.url} answers ({reply.status}); credentials are checked by the first send")
+            return Health(False, f"{self._http.describe(reply, self.config.shown_url)} (to {where}); is the url right?")
+        return Health(
+            True, f"{self.config.shown_url} answers ({reply.status}); credentials are checked by the first send"
+        )
 
     async def close(self) -> None:
         """Close the connections; safe to call twice."""
@@ -124,4 +152,4 @@ class HttpForwardSink:
         reply = await self._http.post(self.config.url, body, self._headers, compression=self.config.compression)
         if isinstance(reply, Verdict):
             return reply
-        return classify_status(reply.status, self._http.describe(reply, self.config.url), reply.retry_after)
+        return classify_status(reply.status, self._http.describe(reply, self.config.shown_url), reply.retry_after)

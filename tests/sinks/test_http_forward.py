@@ -20,7 +20,8 @@ import pytest
 import trustme
 import yaml
 
-from receiver.config import parse_config
+from receiver.config import parse_config, secret_values
+from receiver.logs import Scrubber
 from receiver.server import Service
 from sinks import registry
 from sinks.base import Event, Outcome
@@ -385,6 +386,61 @@ class TestClassification:
         finally:
             await sink.close()
         assert result.outcome is Outcome.RETRY and "127.0.0.1:9" in result.reason and not health.ok
+
+
+class TestSecretUrlPath:
+    """An endpoint whose URL path is its credential (a Sumo Logic HTTP source's): with `url_path_secret` the
+    path never shows in reasons, health, `repr` or logs."""
+
+    SOURCE = "ZaVnC4dhaV39Tn37ZaVnC4dhaV39Tn37ZaVnC4dhaV39Tn37"
+
+    def sumo_like(self, collector: Collector) -> HttpForwardSink:
+        base = collector.url.rsplit("/", 1)[0]
+        url = f"{base}/receiver/v1/http/{self.SOURCE}"  # not the collector's path: answered 404
+        config = HttpForwardConfig.model_validate({"url": url, "url_path_secret": True})
+        return HttpForwardSink("sumo", config)
+
+    async def test_the_path_never_shows(self, collector: Collector) -> None:
+        # Was a defect: the URL, credential and all, was quoted in every reason, health message and repr.
+        sink = self.sumo_like(collector)
+        try:
+            result = await sink.send(make_events(2))
+            health = await sink.healthcheck()
+        finally:
+            await sink.close()
+        assert result.outcome is Outcome.RETRY and "404" in result.reason and "127.0.0.1" in result.reason
+        for text in (result.reason, health.message, repr(sink)):
+            assert self.SOURCE[:12] not in text, text
+
+    async def test_the_path_never_shows_when_the_endpoint_cannot_be_reached(self) -> None:
+        url = f"http://127.0.0.1:9/receiver/v1/http/{self.SOURCE}"  # nothing listens on the discard port
+        sink = HttpForwardSink("sumo", HttpForwardConfig.model_validate({"url": url, "url_path_secret": True}))
+        try:
+            result = await sink.send(make_events(1))
+            health = await sink.healthcheck()
+        finally:
+            await sink.close()
+        assert result.outcome is Outcome.RETRY and "cannot reach" in result.reason and not health.ok
+        assert self.SOURCE[:12] not in result.reason + health.message
+
+    def test_a_url_without_a_path_is_refused(self) -> None:
+        with pytest.raises(pydantic.ValidationError, match="url_path_secret: the url has no path"):
+            HttpForwardConfig.model_validate({"url": "https://collectors.example.com/", "url_path_secret": True})
+
+    def test_logs_mask_the_path(self, collector: Collector) -> None:
+        tree = {
+            "streams": [{"name": "workos", "path": "/workos", "auth": {"values": ["s3cr3t"]}, "sinks": ["sumo"]}],
+            "sinks": {
+                "sumo": {
+                    "type": "http",
+                    "url": f"https://collectors.example.com/receiver/v1/http/{self.SOURCE}",
+                    "url_path_secret": True,
+                }
+            },
+        }
+        scrubber = Scrubber()
+        scrubber.register(secret_values(parse_config(tree, {}), {}))
+        assert self.SOURCE not in scrubber(f"POST /receiver/v1/http/{self.SOURCE} failed")
 
 
 class TestRedirects:

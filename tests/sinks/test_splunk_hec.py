@@ -639,7 +639,7 @@ class TestHealth:
         assert health.ok and "healthy" in health.message and "accepts the token" in health.message
 
     async def test_unreachable(self) -> None:
-        sink = SplunkHecSink("splunk", SplunkHecConfig.model_validate({"url": "http://127.0.0.1:9", "token": "t"}))
+        sink = SplunkHecSink("splunk", SplunkHecConfig.model_validate({"url": "http://127.0.0.1:9", "token": TOKEN}))
         try:
             health = await sink.healthcheck()
         finally:
