@@ -83,9 +83,12 @@ class SplunkHecConfig(SinkConfig):
 # --- classification of one HTTP answer -----------------------------------------------------------
 
 
-def _classify_reply(reply: Reply, *, index: str | None, http: HttpClient) -> tuple[Verdict, int | None]:
+def _classify_reply(
+    reply: Reply, *, index: str | None, http: HttpClient, data: bool = True
+) -> tuple[Verdict, int | None]:
     """What one HEC answer means for the events it carried, and the ackId it gave. The answer's text goes
-    through `http`'s scrubbing: HEC, or a proxy in front of it, may quote the token."""
+    through `http`'s scrubbing: HEC, or a proxy in front of it, may quote the token. `data`: the answer to a
+    POST of events, whose 2xx HEC gives only with code 0 (its /ack and health answers carry none, or another)."""
     code: int | None = None
     text = ""
     ack_id: int | None = None
@@ -106,6 +109,10 @@ def _classify_reply(reply: Reply, *, index: str | None, http: HttpClient) -> tup
     what = f"HEC answered {status}" + (f" ({detail})" if detail else "")
 
     if 200 <= status < 300:
+        if data and code != 0:
+            # Not HEC's answer: a proxy, a sign-in page or another service answered; the events may be nowhere.
+            reason = f'{what} without HEC\'s answer ({{"code": 0}}): is the url a HEC base URL (or a proxy for one)?'
+            return Verdict.retry(reason, retry_after, config_problem=True), None
         return Verdict.ok(), ack_id
     if status in (401, 403):
         return Verdict.retry(
@@ -198,7 +205,7 @@ class SplunkHecSink:
         reply = await self._http.request("GET", self._base / HEALTH_PATH, None, self._auth)
         if isinstance(reply, Verdict):
             return Health(False, reply.reason)
-        verdict, _ = _classify_reply(reply, index=self.config.index, http=self._http)
+        verdict, _ = _classify_reply(reply, index=self.config.index, http=self._http, data=False)
         if reply.status != 200:
             refused = "refused the token" if reply.status in (400, 401, 403) else "is unhealthy"
             return Health(False, f"{where} {refused}: {verdict.reason or reply.status}")
@@ -305,7 +312,7 @@ class SplunkHecSink:
         reply = await self._http.request("POST", url, orjson.dumps({"acks": ack_ids}), headers)
         if isinstance(reply, Verdict):
             return set(), reply.reason
-        verdict, _ = _classify_reply(reply, index=self.config.index, http=self._http)
+        verdict, _ = _classify_reply(reply, index=self.config.index, http=self._http, data=False)
         if verdict.outcome is not Outcome.SUCCESS:
             return set(), verdict.reason
         try:

@@ -20,6 +20,7 @@ import orjson
 import pydantic
 import pytest
 import yaml
+from aiohttp import web
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -30,7 +31,7 @@ from sinks.splunk_hec import SplunkHecConfig, SplunkHecSink
 from sinks.testing.compliance import CHECKS, REJECT_ACTION, make_events, run_check, settle
 from sinks.testing.exact import EXACT_LITERALS, exact_event, same_json
 from tests.conftest import TOKEN as SERVICE_TOKEN
-from tests.conftest import StartService
+from tests.conftest import StartService, http_peer
 from tests.peers.hec import ENVELOPE_KEYS, Harness, HecPeer, parse_envelopes
 
 TOKEN = "11111111-2222-3333-4444-555555555555"
@@ -449,6 +450,25 @@ class TestClassification:
             await sink.close()
         assert result.outcome is Outcome.RETRY and "404" in result.reason and "url" in result.reason
         assert not health.ok and "404" in health.message
+
+    @pytest.mark.parametrize("body", [b"<html><body>Sign in</body></html>", b"", b'{"ok": true}'])
+    async def test_a_2xx_that_is_not_hec_s_answer_is_not_delivered(self, body: bytes) -> None:
+        # Was a defect: any 2xx counted the batch delivered, so a proxy or a wrong host answering 200 (a sign-in
+        # page, an empty body) took the events and nothing reached Splunk. HEC answers {"text":..., "code": 0}.
+        async def answer(request: web.Request) -> web.Response:
+            await request.read()
+            return web.Response(body=body, content_type="text/html")
+
+        async with http_peer(answer) as url:
+            sink = SplunkHecSink("splunk", SplunkHecConfig.model_validate({"url": url, "token": TOKEN}))
+            try:
+                result = await sink.send(make_events(3))
+                health = await sink.healthcheck()
+            finally:
+                await sink.close()
+        assert result.outcome is Outcome.RETRY and result.config_problem, result
+        assert "200" in result.reason and "HEC" in result.reason
+        assert not health.ok
 
     async def test_other_refusals_are_permanent(self, peer: HecPeer, sink: SplunkHecSink) -> None:
         peer.fail(400, 16, "refused", count=1)
