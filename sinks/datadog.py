@@ -229,6 +229,10 @@ class DatadogSink:
         what += f": {text}" if text else ""
         if reply.status in _AUTH_STATUSES:
             return Verdict.retry(f"Datadog refused the API key: {what}; check api_key and site", config_problem=True)
+        if 200 <= reply.status < 300 and not _intake_answer(reply.body):
+            # Not the intake's answer: a proxy, a sign-in page or another service answered; the events may be nowhere.
+            reason = f"{what}: not the logs intake's answer (a JSON object); is the endpoint (or site) right?"
+            return Verdict.retry(reason, config_problem=True)
         retry_after = reply.retry_after or parse_retry_after(reply.headers.get("X-Ratelimit-Reset"))
         return classify_status(reply.status, what, retry_after)
 
@@ -334,3 +338,13 @@ def _chunks(items: Sequence[Item]) -> list[Part]:
     if current:
         chunks.append(current)
     return chunks
+
+
+def _intake_answer(body: bytes) -> bool:
+    """Whether a 2xx body is the logs intake's: empty, or a JSON object (Datadog answers 202 with `{}`)."""
+    if not body.strip():
+        return True
+    try:
+        return isinstance(orjson.loads(body), dict)
+    except orjson.JSONDecodeError:
+        return False

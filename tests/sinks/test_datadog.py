@@ -14,6 +14,7 @@ from typing import Any
 
 import orjson
 import pytest
+from aiohttp import web
 from datadog_api_client.model_utils import data_to_dict
 from datadog_api_client.v1.api.authentication_api import AuthenticationApi
 from datadog_api_client.v2.api.logs_api import LogsApi
@@ -28,6 +29,7 @@ from sinks.datadog import MAX_ITEM_BYTES, MAX_ITEMS, MAX_PAYLOAD_BYTES, SITES, D
 from sinks.errors import SinkError
 from sinks.testing.compliance import make_events
 from sinks.testing.exact import EXACT_LITERALS, exact_event, same_json
+from tests.conftest import http_peer
 from tests.peers.datadog import DatadogIntake
 
 API_KEY = "0123456789abcdef0123456789abcdef"
@@ -297,6 +299,21 @@ class TestDelivery:
         intake.fail_next(1, status)
         result = await sink.send(make_events(3))
         assert result.outcome is Outcome.RETRY and str(status) in result.reason
+
+    async def test_a_2xx_that_is_not_the_intake_s_answer_is_not_delivered(self) -> None:
+        # Was a defect: any 2xx counted the events delivered, so a proxy's sign-in page answering 200 took them
+        # and nothing reached Datadog. The logs intake answers 202 with an empty JSON object.
+        async def answer(request: web.Request) -> web.Response:
+            await request.read()
+            return web.Response(text="<html><body>Sign in</body></html>", content_type="text/html")
+
+        async with http_peer(answer) as url:
+            sink = DatadogSink("datadog", DatadogConfig.model_validate({"api_key": "k" * 32, "endpoint": url}))
+            try:
+                result = await sink.send(make_events(3))
+            finally:
+                await sink.close()
+        assert result.outcome is Outcome.RETRY and result.config_problem and "200" in result.reason, result
 
     async def test_an_unsupported_media_type_is_a_configuration_problem(
         self, intake: DatadogIntake, sink: DatadogSink
