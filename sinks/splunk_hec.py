@@ -166,8 +166,9 @@ class SplunkHecSink:
             secrets=[token],
         )
         self._warned_no_ack = False
-        self._awaiting: dict[int, tuple[int, float]] = {}
-        """Per Event.seq: the ackId that carried it and when to stop waiting for it (monotonic)."""
+        self._awaiting: dict[int, tuple[int, float, bool]] = {}
+        """Per Event.seq: the ackId that carried it, when to stop waiting for it (monotonic), and whether HEC has
+        handed that ackId out again since (it then no longer tells of this batch)."""
         self._auth = {"Authorization": f"Splunk {token}", "X-Splunk-Request-Channel": self.channel}
         self._fixed_meta: dict[str, str] = {
             key: value
@@ -277,9 +278,15 @@ class SplunkHecSink:
         if ack_id is None:
             self._warn_no_ack()
             return verdict
+        # HEC keeps its acknowledgement state in memory: after a restart (or from another instance behind a load
+        # balancer) the channel's ackIds start again, and an ackId handed out again says nothing of the batch
+        # that held it before, which may be lost. That batch is sent again (a duplicate at worst).
+        for seq, (held, until, _) in self._awaiting.items():
+            if held == ack_id:
+                self._awaiting[seq] = (held, until, True)
         deadline = time.monotonic() + options.timeout
         for event, _ in part:
-            self._awaiting[event.seq] = (ack_id, deadline)
+            self._awaiting[event.seq] = (ack_id, deadline, False)
         return Verdict.pending(f"HEC accepted ackId {ack_id}; awaiting the indexers", options.poll_interval)
 
     # -- indexer acknowledgement --
@@ -288,12 +295,17 @@ class SplunkHecSink:
         """Ask /ack about the events HEC accepted earlier: confirmed ones are delivered, unconfirmed ones stay
         PENDING until `timeout`, then are RETRY (sent again: at-least-once)."""
         options = self.config.indexer_ack
-        ack_ids = sorted({self._awaiting[event.seq][0] for event in events})
-        confirmed, problem = await self._query_acks(ack_ids)
+        held = [self._awaiting[event.seq] for event in events]
+        ack_ids = sorted({ack_id for ack_id, _, again in held if not again})
+        confirmed, problem = await self._query_acks(ack_ids) if ack_ids else (set(), "")
         now = time.monotonic()
         for event in events:
-            ack_id, deadline = self._awaiting[event.seq]
-            if ack_id in confirmed:
+            ack_id, deadline, again = self._awaiting[event.seq]
+            if again:
+                del self._awaiting[event.seq]
+                reason = f"HEC handed out ackId {ack_id} again (it restarted, or another instance answered)"
+                verdicts[event.seq] = Verdict.retry(reason + "; sending again")
+            elif ack_id in confirmed:
                 del self._awaiting[event.seq]
             elif now >= deadline:
                 del self._awaiting[event.seq]

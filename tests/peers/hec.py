@@ -288,6 +288,13 @@ class HecPeer:
             for ack_id in pending:
                 pending[ack_id] = True
 
+    def restart(self) -> None:
+        """What a HEC restart does: the acknowledgement state is gone (every channel's ackIds start again at
+        0) and so are the events it stored."""
+        self._next_ack.clear()
+        self._acks.clear()
+        self.clear()
+
     def recover(self) -> None:
         """Answer normally again: no fault, no refused events, acknowledgements flowing."""
         self._fault = None

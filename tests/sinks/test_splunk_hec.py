@@ -582,6 +582,26 @@ class TestIndexerAck:
         assert sorted(set(stored_ids(ack_peer))) == ids([e.event for e in events])
         assert ack_peer.event_count == 20
 
+    async def test_an_ack_id_handed_out_again_is_no_confirmation_of_the_old_batch(self, ack_peer: HecPeer) -> None:
+        # Was a defect: HEC keeps its acknowledgement state in memory. After a restart (or from another instance
+        # behind a load balancer) the channel's ackIds start again at 0, and a batch lost in the restart was
+        # counted delivered when a later batch, given the same ackId, was indexed.
+        sink = sink_for(ack_peer, indexer_ack={"enabled": True, "poll_interval": "10ms", "timeout": "30s"})
+        lost, later = make_events(3), make_events(3, start_seq=100)
+        try:
+            ack_peer.hold_acks = True
+            assert (await sink.send(lost)).outcome is Outcome.PENDING  # ackId 0
+            ack_peer.restart()  # the events and the ackIds are gone
+            assert (await sink.send(later)).outcome is Outcome.PENDING  # ackId 0 again
+            ack_peer.release_acks()
+            result = await sink.send(lost)
+            assert result.outcome is Outcome.RETRY and "ackId 0" in result.reason, result
+            assert (await settle(sink, later)) == SendResult.success()
+            assert (await settle(sink, lost)) == SendResult.success()
+        finally:
+            await sink.close()
+        assert sorted(stored_ids(ack_peer)) == ids([e.event for e in lost + later])
+
     async def test_late_acknowledgement_within_the_timeout(self, ack_peer: HecPeer) -> None:
         sink = sink_for(ack_peer, indexer_ack={"enabled": True, "poll_interval": "20ms", "timeout": "3s"})
         ack_peer.hold_acks = True
