@@ -128,7 +128,9 @@ def _classify_reply(
         return Verdict.retry(reason, retry_after, config_problem=True), None
     if code == 9 or status == 503:
         return Verdict.retry(f"{what}: HEC is busy", retry_after), None
-    if (status == 400 and code in SPLIT_CODES) or status == 413:
+    if (status == 400 and (code in SPLIT_CODES or code is None)) or status == 413:
+        # Without a code the answer is not HEC's own (a HEC-compatible receiver, a proxy): split all the same,
+        # so only the events it refuses are dead-lettered.
         return Verdict.refused(what, bad_index), None
     if status == 415:  # the request's form, not its events: a compression fix must not cost data
         reason = f"{what}: check the sink's compression (HEC, or a proxy before it, does not take it)"

@@ -470,6 +470,24 @@ class TestClassification:
         assert "200" in result.reason and "HEC" in result.reason
         assert not health.ok
 
+    async def test_a_400_without_a_hec_code_costs_only_the_refused_events(self) -> None:
+        # Was a defect: a 400 without HEC's code (a HEC-compatible receiver, or a proxy, refusing one event)
+        # dead-lettered every event of the request, the good ones with it.
+        async def answer(request: web.Request) -> web.Response:
+            if REJECT_ACTION.encode() in await request.read():
+                return web.Response(status=400, text="Bad Request")
+            return web.json_response({"text": "Success", "code": 0})
+
+        events = make_events(10, reject=(6,))
+        async with http_peer(answer) as url:
+            sink = SplunkHecSink("splunk", SplunkHecConfig.model_validate({"url": url, "token": TOKEN}))
+            try:
+                result = await sink.send(events)
+            finally:
+                await sink.close()
+        assert set(result.failures) == {events[6].seq}, result
+        assert result.failures[events[6].seq].outcome is Outcome.PERMANENT
+
     async def test_other_refusals_are_permanent(self, peer: HecPeer, sink: SplunkHecSink) -> None:
         peer.fail(400, 16, "refused", count=1)
         result = await sink.send(make_events(3))
