@@ -500,6 +500,15 @@ class DeliveryEngine:
         cursor is dropped; an added one starts at the journal's end; a changed one is rebuilt at its cursor.
         A sink no stream feeds (one only the WorkOS export archive uses) is kept unless removed or changed."""
         active = active_sinks(config)
+        # The one journal write a reload cannot do without, before anything changes: when it fails (a full
+        # disk), the reload fails with every runner of the running configuration still delivering.
+        added = [name for name in active if name not in self.runners]
+        try:
+            await self.journal.start_cursors(added, self.journal.last_seq)
+        except BaseException:
+            for sink in built.values():
+                await _close(sink)
+            raise
         # Replays for a sink on its way out stay in `replays` from now on; those for an added one once it runs.
         self.journal.replay_sinks = frozenset(active).intersection(self.journal.replay_sinks or ())
         before = self.config
@@ -513,8 +522,6 @@ class DeliveryEngine:
             await self._retire(name, config.server.shutdown_timeout, close=name not in config.sinks or name in built)
         for name in [n for n in self.sinks if n not in config.sinks or n in built]:
             await _close(self.sinks.pop(name))
-        added = [name for name in active if name not in self.runners and name not in gone]
-        await self.journal.start_cursors(added, self.journal.last_seq)
         for name in active:
             if name in self.runners:
                 runner = self.runners[name]
@@ -523,7 +530,10 @@ class DeliveryEngine:
                 runner.active_sinks = tuple(active)
         removed = [name for name in gone if name not in active]
         if removed:
-            await self.journal.drop_cursors(removed)
+            # From here on the reload goes to its end: a journal write that fails is only logged, what it would
+            # have recorded being also true without it (a removed sink's cursor is read by no runner; the rows
+            # every remaining sink has passed are freed by the next progress any of them records).
+            await _unless_refused(self.journal.drop_cursors(removed), "forget the removed sinks' cursors")
             for name in removed:
                 log.warning(
                     "sink removed: its undelivered events are no longer owed to it",
@@ -537,7 +547,8 @@ class DeliveryEngine:
                 await self._launch(runner)
         self.config = config
         self.journal.replay_sinks = frozenset(active)
-        await self.journal.free_passed(active)  # a removed sink may have been the one holding rows back
+        # A removed sink may have been the one holding rows back.
+        await _unless_refused(self.journal.free_passed(active), "free the rows every sink has passed")
 
     def owed_elsewhere(self) -> dict[str, dict[str, float]]:
         """Each sink's streams that fed it until a reload, and up to which seq (inf: still settling)."""
@@ -599,6 +610,16 @@ class DeliveryEngine:
         for sink in self.sinks.values():
             await _close(sink)
         return not pending
+
+
+async def _unless_refused(write: Awaitable[None], what: str) -> None:
+    """A journal write a reload can go on without: its failure is logged."""
+    try:
+        await write
+    except JournalClosed:
+        raise
+    except JournalError as exc:
+        log.error(f"reload: cannot {what} in the journal; going on without", extra={"error": str(exc)})
 
 
 async def _close(sink: Sink) -> None:

@@ -23,7 +23,7 @@ from prometheus_client import Counter
 from receiver.app import RETRY_AFTER_BUSY, Intake, RateLimitedLog, State, build_admin_app, build_app, where_raised
 from receiver.config import AdminConfig, Config, TLSConfig, listen_url, load_config, secret_values
 from receiver.delivery import DeliveryEngine, build_sinks
-from receiver.errors import ConfigError, LogBridgeError
+from receiver.errors import ConfigError, JournalClosed, JournalError, LogBridgeError
 from receiver.front import MAX_HEADER_LINE, Front
 from receiver.journal import Journal
 from receiver.limits import CappedListener, LoopErrors, connection_cap, raise_fd_limit
@@ -543,6 +543,10 @@ class Service:
             )
             return False
         scrub.register(secret_values(config))
+        # Delivery first: a sink the new streams feed must exist (at the journal's end) before they are served.
+        # A journal that refuses writes fails it before it changes anything (the added sinks' cursors), or not at all.
+        if self.engine is not None:
+            await self.engine.reconfigure(config, built)
         if self.tls is not None and fresh_tls is not None:
             self.tls.current = fresh_tls
         self.journal.max_bytes = config.journal.max_bytes
@@ -550,9 +554,6 @@ class Service:
         if self._listener is not None:
             self._listener.cap = connection_cap(config.server.max_connections, self._fd_limit)
         self.journal.largest_body = config.server.max_body_bytes
-        # Delivery first: a sink the new streams feed must exist (at the journal's end) before they are served.
-        if self.engine is not None:
-            await self.engine.reconfigure(config, built)
         replaced = self.state.install(config, self.journal, self.metrics)
         if plan.moved and self.engine is not None:
             settle = asyncio.create_task(self._settle_streams(replaced, plan.moved))
@@ -560,7 +561,15 @@ class Service:
             settle.add_done_callback(self._settling.discard)
         await self._restart_workos(config, built)
         self.config = config
-        await self._store_routing()
+        try:
+            await self._store_routing()
+        except JournalClosed:
+            raise
+        except JournalError as exc:  # applied all the same: the routing recorded before owes no less at a start
+            log.error(
+                "reload: the journal cannot record the new routing; the new configuration is in use",
+                extra={"error": str(exc)},
+            )
         for setting in plan.needs_restart:
             log.warning("reload: this setting changes only with a restart; kept as it was", extra={"setting": setting})
         log.info("configuration reloaded", extra={"path": self.path, **plan.summary()})

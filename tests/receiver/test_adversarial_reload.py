@@ -711,3 +711,97 @@ class TestReloadStorm:
         assert (await post(client, service.url + "/workos", sample_wrappers(3))) == 200
         runners = len(service.engine.runners)  # type: ignore[union-attr]
         assert len(service.journal._new_data) == runners, f"{len(service.journal._new_data)} signals, {runners} sink"
+
+
+class TestReloadFailingOnTheJournal:
+    @staticmethod
+    def full_disk_while(service: Any, failing: list[bool], write: str = "_write") -> None:
+        """The journal's writes other than requests' batches (cursors, routing, progress; or only `write`) fail
+        as on a full disk while `failing[0]` is true."""
+        from receiver.journal.schema import DiskFull
+
+        original = getattr(service.journal, write)
+
+        async def guarded(*args: Any, **kwargs: Any) -> Any:
+            if failing[0]:
+                raise DiskFull("the journal's disk is full")
+            return await original(*args, **kwargs)
+
+        setattr(service.journal, write, guarded)
+
+    @staticmethod
+    async def hec_and_memory(running: Any, url: str) -> tuple[Any, Any]:
+        hec = {"type": "splunk_hec", "url": url, "token": "hec-token-1234", "batch": {"max_wait": "10ms"}}
+        tree = merge(BASE_CONFIG, {"sinks": {"hec": {**hec, "retry": {"initial": "10ms", "max": "50ms"}}}})
+        tree["streams"] = [{**BASE_CONFIG["streams"][0], "sinks": ["hec", "mem"]}]
+        return await running(tree)
+
+    @staticmethod
+    def changed(tree: dict[str, Any]) -> dict[str, Any]:
+        """`tree` with sink "hec" changed and a sink "extra" added to the stream."""
+        changed = merge(tree, {"sinks": {"hec": {"batch": {"max_events": 9}}, "extra": {"type": "memory"}}})
+        changed["streams"] = [{**tree["streams"][0], "sinks": ["hec", "mem", "extra"]}]
+        return changed
+
+    @pytest.mark.parametrize("then", ["same file", "previous file"])
+    async def test_every_sink_delivers_after_a_reload_the_journal_refused(self, running, client, then: str) -> None:
+        """A reload that changes sink "hec" and adds "extra" while the journal cannot write (a full disk) failed,
+        and the log said the previous configuration was still served, yet "hec"'s runner had been retired before
+        the write that failed (the added sink's cursor) and none replaced it: events acknowledged from then on
+        reached no HEC, and nothing counted them owed. The next reload of the same file took the runner-less
+        sink for an added one and started it at the journal's end, past them; one of the previous file failed
+        (the sink object was gone)."""
+        from tests.peers.hec import HecPeer
+
+        peer = HecPeer(token="hec-token-1234")  # noqa: S106 - the local peer's made-up token
+        await peer.start()
+        try:
+            service, file = await self.hec_and_memory(running, peer.url)
+            before = file.tree
+            assert await post(client, service.url + "/workos", sample_wrappers(3)) == 200
+            await wait_for(lambda: peer.event_count == 3)
+            failing = [True]
+            self.full_disk_while(service, failing)
+            file.write(self.changed(before))
+            assert not await service.reload()
+            failing[0] = False  # room again
+            assert await post(client, service.url + "/workos", sample_wrappers(4)) == 200
+            with contextlib.suppress(AssertionError):
+                await wait_for(lambda: peer.event_count >= 7, timeout=5)
+            after_failure = peer.event_count
+            file.write(self.changed(before) if then == "same file" else before)
+            assert await service.reload()
+            assert await post(client, service.url + "/workos", sample_wrappers(2)) == 200
+            with contextlib.suppress(AssertionError):
+                await wait_for(lambda: peer.event_count >= 9, timeout=5)
+            assert (after_failure, peer.event_count) == (7, 9), "events acknowledged that reached no HEC"
+            await wait_for(lambda: len(memory_sink(service, "mem").events) == 9)
+        finally:
+            await peer.stop()
+
+    async def test_a_reload_whose_routing_the_journal_refused_says_what_is_in_use(
+        self, running, client, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """The last write of a reload, the routing it records, failed after the new configuration was in use:
+        the reload was counted failed and logged "still serving the previous configuration", which was not so."""
+        from tests.peers.hec import HecPeer
+
+        peer = HecPeer(token="hec-token-1234")  # noqa: S106 - the local peer's made-up token
+        await peer.start()
+        try:
+            service, file = await self.hec_and_memory(running, peer.url)
+            failing = [True]
+            self.full_disk_while(service, failing, "store_meta")
+            file.write(self.changed(file.tree))
+            applied = await service.reload()
+            failing[0] = False
+            assert "still serving the previous configuration" not in caplog.text
+            assert applied and "extra" in service.engine.runners  # type: ignore[union-attr]
+            assert await post(client, service.url + "/workos", sample_wrappers(4)) == 200
+            await wait_for(lambda: peer.event_count == 4 and len(memory_sink(service, "extra").events) == 4)
+        finally:
+            await peer.stop()
+
+
+def memory_sink(service: Any, name: str) -> Any:
+    return service.engine.runners[name].sink
