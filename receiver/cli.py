@@ -18,6 +18,7 @@ import gzip
 import logging
 import os
 import ssl
+import threading
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -95,7 +96,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "./log-bridge-data/); pass --config FILE for anything else"
         )
     try:
-        return asyncio.run(serve(config, _config_path(args.config), args.pid_file, early_hangups=_HANGUPS))
+        status = asyncio.run(serve(config, _config_path(args.config), args.pid_file, early_hangups=_HANGUPS))
     except ConfigError as exc:
         _print_errors(exc)
         return 2
@@ -106,6 +107,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
         where = f" ({exc.filename})" if exc.filename else ""
         print(f"log-bridge: cannot start: {exc.strerror or exc}{where}", file=sys.stderr)
         return 2
+    return _leave(status)
+
+
+def _leave(status: int) -> int:
+    """After `serve` stopped (the journal closed): threads still running are requests a sink sent to an endpoint
+    that does not answer (an S3 put waiting out its `timeout`), and what they were sending is in the journal at
+    that sink's cursor. The interpreter would wait for them before exiting, past `shutdown_timeout`: the process
+    exits without them (idle threads, which end at once, get a second)."""
+    until = time.monotonic() + 1.0
+    lingering = [t for t in threading.enumerate() if t is not threading.current_thread() and not t.daemon]
+    for thread in lingering:
+        thread.join(max(0.0, until - time.monotonic()))
+    if not any(thread.is_alive() for thread in lingering):
+        return status
+    log.warning(
+        "exiting without waiting for sink requests still in progress; what they were sending stays in the journal",
+        extra={"threads": [thread.name for thread in lingering if thread.is_alive()]},
+    )
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:

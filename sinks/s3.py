@@ -533,14 +533,16 @@ class S3Sink:
         return Health(True, f"{self._where} is writable (probe put took {elapsed * 1000:.0f} ms)")
 
     async def close(self) -> None:
-        """Close the HTTP connections and stop the executor; safe to call twice."""
+        """Close the HTTP connections and stop the executor, without waiting for the requests in progress: one
+        an endpoint does not answer ends by its own `timeout`, and what it was sending stays at the sink's
+        cursor (a stop or a reload is not held up by it). Safe to call twice."""
         if self._closed:
             return
         self._closed = True
+        self._executor.shutdown(wait=False, cancel_futures=True)
         client, self._client = self._client, None
-        if client is not None:
-            await self._run(client.close)
-        await asyncio.to_thread(self._executor.shutdown, True, cancel_futures=True)
+        if client is not None:  # not on the executor, whose threads may all be waiting on the endpoint
+            await asyncio.to_thread(client.close)
 
 
 class _KeyTooLong(Exception):

@@ -9,11 +9,13 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import orjson
+import pytest
 import yaml
 
 from receiver.samples import sample_wrappers
@@ -279,3 +281,78 @@ class TestSigtermDuringReload:
                 took = time.monotonic() - signalled
         assert (readiness, status, code) == (503, 503, 0), f"exited {took:.1f}s after SIGTERM"
         assert took < 2 * 2 + 1, f"exited {took:.1f}s after SIGTERM"
+
+
+class TestSigtermWithAHungS3:
+    @pytest.mark.parametrize("when", ["serving", "during a reload"])
+    async def test_the_exit_is_bounded_and_the_events_stay_in_the_journal(self, tmp_path: Path, when: str) -> None:
+        """An S3 endpoint that takes connections and never answers: the S3 sink's close waited for its executor's
+        threads, each until its request's `timeout` (30 s here), and so did the interpreter's exit, so SIGTERM
+        took about 30 s with shutdown_timeout 2s (a reload rebuilding the sink was held up as long, and the stop
+        after it); the chart's grace period is 2 x shutdown_timeout + 15 s. What the hung requests were sending
+        is still in the journal: `drain` delivers it to a working S3."""
+        from tests.peers.s3 import MotoS3, read_objects, s3_client
+
+        held: list[asyncio.StreamWriter] = []
+
+        async def never_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            held.append(writer)
+            while await reader.read(65536):
+                pass
+
+        hole = await asyncio.start_server(never_answer, "127.0.0.1", 0)
+        port = free_port()
+        bucket = f"audit-{uuid.uuid4().hex[:12]}"  # moto keeps its buckets for the whole test process
+        s3 = {
+            "type": "s3",
+            "bucket": bucket,
+            "endpoint_url": f"http://127.0.0.1:{hole.sockets[0].getsockname()[1]}",
+            "region": "us-east-1",
+            "addressing_style": "path",
+            "access_key_id": "testing",
+            "secret_access_key": "testing-secret",
+            "timeout": "30s",
+            "batch": {"max_wait": "10ms"},
+        }
+        tree = {
+            "server": {"host": "127.0.0.1", "port": port, "allowlist": ["127.0.0.1/32"], "shutdown_timeout": "2s"},
+            "journal": {"path": str(tmp_path / "journal.db")},
+            "streams": [
+                {"name": "workos", "path": "/workos", "auth": {"values": ["${STREAM_SECRET}"]}, "sinks": ["s3"]}
+            ],
+            "sinks": {"s3": s3},
+        }
+        config = tmp_path / "config.yaml"
+        config.write_text(yaml.safe_dump(tree))
+        serve = Serve(config, port, tmp_path / "serve.log")
+        wrappers = sample_wrappers(5)
+        try:
+            async with aiohttp.ClientSession() as session:
+                await serve.ready(session)
+                assert (await serve.post(session, wrappers))[0] == 200
+                while len(held) < 2:  # the health check's put and the events' hang
+                    await asyncio.sleep(0.05)
+                if when == "during a reload":
+                    s3["timeout"] = "29s"  # the sink changed: the reload rebuilds it
+                    config.write_text(yaml.safe_dump(tree))
+                    serve.proc.send_signal(signal.SIGHUP)
+                    await asyncio.sleep(0.5)
+                serve.proc.send_signal(signal.SIGTERM)
+                signalled = time.monotonic()
+                code = await serve.wait(60)
+                took = time.monotonic() - signalled
+        finally:
+            hole.close()
+            for writer in held:
+                writer.close()
+        assert code == 0
+        assert took < 2 * 2 + 1, f"exited {took:.1f}s after SIGTERM"
+        with MotoS3() as moto:
+            s3_client(moto).create_bucket(Bucket=bucket)
+            s3["endpoint_url"] = moto.endpoint_url
+            config.write_text(yaml.safe_dump(tree))
+            status, out, err = await run_cli("drain", "--config", str(config), "--timeout", "20")
+            assert status == 0, out + err
+            objects = read_objects(s3_client(moto), bucket)
+        delivered = sorted(orjson.loads(item["body"])["id"] for key, item in objects.items() if "health" not in key)
+        assert delivered == sorted(w["event"]["id"] for w in wrappers), sorted(objects)
