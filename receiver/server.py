@@ -700,7 +700,7 @@ async def serve(
     while not stop.is_set():
         hangup = asyncio.create_task(hangups.wait())
         await asyncio.wait({stopping, hangup}, return_when=asyncio.FIRST_COMPLETED)
-        if hangups.is_set():
+        if hangups.is_set() and not stop.is_set():  # a HUP handled with a TERM: the next start reads the file
             hangups.clear()
             log.info("SIGHUP: reloading the configuration", extra={"path": path})
             await service.reload()

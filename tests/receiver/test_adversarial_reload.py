@@ -567,6 +567,37 @@ class TestProcessShutdown:
                 time.sleep(0.002)
         assert proc.wait(10) == 0, f"exit status {proc.returncode}"
 
+    def test_a_hangup_right_after_a_sigterm_is_no_reload(self, tmp_path: Path) -> None:
+        """SIGTERM then SIGHUP, back to back (a pod deleted as its ConfigMap changes): both were handled in one
+        turn of the loop and `serve` ran the reload before it stopped, in 6 of 10 tries, rebuilding and
+        restarting sinks the process was about to stop (the next start reads the file anyway)."""
+        import signal
+        import subprocess
+        import time
+
+        config = memory_config(tmp_path, shutdown_timeout="2s")
+        tree = yaml.safe_load(config.read_text())
+        reloads = 0
+        for attempt in range(6):
+            tree["sinks"]["m"]["batch"] = {"max_events": 100 + attempt}  # the sink changes at every HUP
+            config.write_text(yaml.safe_dump(tree))
+            log_path = tmp_path / f"serve{attempt}.log"
+            with log_path.open("ab") as log:
+                proc = subprocess.Popen(
+                    serve_command(config), cwd=tmp_path, env=THIS_TREE, stdout=subprocess.DEVNULL, stderr=log
+                )
+                deadline = time.monotonic() + 20
+                while '"listening"' not in log_path.read_text():
+                    assert time.monotonic() < deadline and proc.poll() is None
+                    time.sleep(0.05)
+                tree["sinks"]["m"]["batch"] = {"max_events": 200 + attempt}
+                config.write_text(yaml.safe_dump(tree))
+                proc.send_signal(signal.SIGTERM)
+                proc.send_signal(signal.SIGHUP)
+                assert proc.wait(10) == 0, f"exit status {proc.returncode}"
+            reloads += "SIGHUP: reloading" in log_path.read_text()
+        assert reloads == 0, f"{reloads} of 6 stops ran a reload first"
+
 
 class TestDedupAcrossRename:
     async def test_a_retry_after_a_stream_rename_is_a_duplicate(self, running, client) -> None:
