@@ -111,10 +111,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _leave(status: int) -> int:
-    """After `serve` stopped (the journal closed): threads still running are requests a sink sent to an endpoint
-    that does not answer (an S3 put waiting out its `timeout`), and what they were sending is in the journal at
-    that sink's cursor. The interpreter would wait for them before exiting, past `shutdown_timeout`: the process
-    exits without them (idle threads, which end at once, get a second)."""
+    """After `serve` or `drain` stopped (the journal closed): threads still running are requests a sink sent to
+    an endpoint that does not answer (an S3 put waiting out its `timeout`), and what they were sending is in the
+    journal at that sink's cursor. The interpreter would wait for them before exiting, past `shutdown_timeout`
+    or drain's `--timeout`: the process exits without them (idle threads, which end at once, get a second)."""
     until = time.monotonic() + 1.0
     lingering = [t for t in threading.enumerate() if t is not threading.current_thread() and not t.daemon]
     for thread in lingering:
@@ -427,11 +427,11 @@ def cmd_drain(args: argparse.Namespace) -> int:
         return 2
     if not left:
         print(f"drained: every event in {config.journal.path} is delivered (dead letters: `log-bridge dlq list`)")
-        return 0
+        return _leave(0)
     print(f"not drained within {args.timeout:g}s; left in {config.journal.path}:")
     for item in left:
         print(f"  {item.sink}: {item.events} event(s) ({item.health})")
-    return 1
+    return _leave(1)
 
 
 # --- the parser ----------------------------------------------------------------------------------

@@ -341,6 +341,12 @@ class TestSigtermWithAHungS3:
                 signalled = time.monotonic()
                 code = await serve.wait(60)
                 took = time.monotonic() - signalled
+            if when == "serving":  # `drain` against the same endpoint ends with its --timeout too, not the sink's
+                started = time.monotonic()
+                status, out, err = await run_cli("drain", "--config", str(config), "--timeout", "2")
+                drained_in = time.monotonic() - started
+                assert status == 1 and "s3: 5 event(s)" in out, out + err
+                assert drained_in < 2 + 4, f"drain --timeout 2 exited after {drained_in:.1f}s"
         finally:
             hole.close()
             for writer in held:
