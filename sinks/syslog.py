@@ -149,7 +149,7 @@ class SyslogSink:
                 writer.write(data)
                 await asyncio.wait_for(self._acknowledged(writer), self.config.timeout)
             except (OSError, TimeoutError, ConnectionError) as exc:
-                await self._drop()
+                await self._drop(abort=True)
                 reason = f"connection to {self._where} lost while writing ({scrub(exc, ())}); the batch is sent again"
                 return Verdict.retry(reason + " and the server may receive part of it twice")
         return None
@@ -187,14 +187,34 @@ class SyslogSink:
             hint = "; set tls.ca_file to the server's CA (or tls.verify: false)" if "CERTIFICATE" in str(exc) else ""
             return Verdict.retry(f"cannot connect to {self._where}: {scrub(exc, ())}{hint}", config_problem=bool(hint))
 
-    async def _drop(self) -> None:
+    async def _drop(self, *, abort: bool = False) -> None:
+        """Give the connection up. A transport closed with unsent data keeps it (and the socket) until the
+        server reads it, forever for a server that stopped reading, so a connection that failed a write is
+        aborted (its batch is sent again anyway), and one that does not close within a second is too."""
         conn, self._conn = self._conn, None
-        if conn is not None:
-            conn[1].close()
-            try:
-                await asyncio.wait_for(conn[1].wait_closed(), 1.0)
-            except (OSError, TimeoutError, ConnectionError):
-                pass
+        if conn is None:
+            return
+        writer = conn[1]
+        if abort:
+            _abort(writer)
+        else:
+            writer.close()
+        try:
+            await asyncio.wait_for(writer.wait_closed(), 1.0)
+        except (OSError, TimeoutError, ConnectionError):
+            _abort(writer)
+
+
+def _abort(writer: asyncio.StreamWriter) -> None:
+    """Close at once, unsent data discarded: a reset (SO_LINGER 0), so the kernel does not keep the socket and
+    its send queue either, trying to deliver them to a server that does not read."""
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError:
+            pass
+    writer.transport.abort()
 
 
 def _unacknowledged(fd: int) -> int:

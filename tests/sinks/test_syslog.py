@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -358,6 +359,48 @@ class TestSyslogNg:
             await sink.close()
         messages = await written(syslog_ng_lf, 40)
         assert sorted(m["msg"].encode() for m in messages) == sorted(e.raw for e in events)
+
+
+def client_sockets(port: int) -> int:
+    """This machine's TCP sockets connected to `port`, on the client's side, still holding a connection (any
+    state but TIME_WAIT and CLOSE: an orphan in FIN_WAIT1 keeps its send queue too)."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as lines:
+            for line in list(lines)[1:]:
+                fields = line.split()
+                count += fields[2].endswith(f":{port:04X}") and fields[3] not in ("06", "07")
+    return count
+
+
+async def test_a_server_that_stops_reading_holds_no_connection_per_retry(tmp_path: Path) -> None:
+    """Was a defect: rsyslog stopped (SIGSTOP, as when its queues are full and it stops reading) made every
+    send time out and RETRY, as it should, but the connection given up was only closed, and a transport closed
+    with unsent data waits to flush it, here forever. Each retry opened a new connection and left the old one
+    open holding the batch (13 MB batches: 4 connections and 40 MB after 4 sends). A connection that failed a
+    write is now reset (SO_LINGER 0 and abort), so neither the process nor the kernel keeps it."""
+    need(rsyslogd)
+    server = Rsyslog(tmp_path)
+    server.start()
+    assert server.process is not None
+    sink = server.sink(timeout=0.5)
+    pad = "x" * 4000
+    events = [
+        Event(n, "workos", orjson.dumps({"event": {"id": f"e{n}", "action": "a", "pad": pad}, "keySuffix": f"k{n}"}),
+              action="a", time=1705314600.0, received_at=1705314600.5)
+        for n in range(1, 3001)
+    ]  # fmt: skip
+    try:
+        await delivered(sink, events[:2])
+        server.process.send_signal(signal.SIGSTOP)
+        for _ in range(3):
+            result = await sink.send(events)
+            assert result.outcome is Outcome.RETRY, result
+        assert client_sockets(server.port) <= 1
+    finally:
+        server.process.send_signal(signal.SIGCONT)
+        await sink.close()
+        server.stop()
 
 
 @pytest.mark.parametrize("kind", ["syslog-ng", "rsyslog"])
