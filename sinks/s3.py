@@ -371,7 +371,9 @@ class S3Sink:
         bare = event.event_raw
         if not bare.startswith(b"{"):
             raise ValueError("the wrapper's `event` is not a JSON object")
-        suffix = event.key_suffix or event.event_id or f"seq-{event.seq}"
+        # Without a keySuffix or an id, the digest of the event's bytes: a function of the event alone, as the rest
+        # of the key is (a journal's seq is not: every replica numbers from 1, and two events would share a key).
+        suffix = event.key_suffix or event.event_id or f"sha256-{hashlib.sha256(bare).hexdigest()}"
         key = f"{render_prefix(self.config.prefix, moment)}{date}/{stamp}_{suffix}.json"
         # Re-indents the bytes as received without converting a value: numbers and escapes keep their text.
         body = msgspec.json.format(bare, indent=2)

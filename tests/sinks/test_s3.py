@@ -273,6 +273,30 @@ class TestWorkosLayout:
         await sink.send(events)
         assert len(read_objects(moto_client, bucket)) == 3
 
+    async def test_events_without_key_suffix_or_id_from_two_replicas_never_share_a_key(
+        self, make_sink: Any, moto_client: Any, bucket: str
+    ) -> None:
+        """Was a defect: an event with neither a `keySuffix` nor a string `id` (a bare event, or a numeric id) was
+        stored under `{timestamp}_seq-{seq}.json`, and every replica's journal numbers its events from 1: two
+        replicas taking two different such events with the same `occurred_at` wrote the same key, the second
+        put overwriting the first (one object left, one event lost). The key now ends with the SHA-256 of the
+        event's bytes as received: the same for a retry of the event, different for any other event."""
+        occurred = "2024-01-15T10:30:00.000Z"
+        first, second = (
+            Event(1, "workos", orjson.dumps({"event": {"action": "user.signed_in", "occurred_at": occurred, "n": n}}),
+                  action="user.signed_in", time=1705314600.0, received_at=time.time())
+            for n in (1, 2)
+        )  # fmt: skip
+        for replica, event in (("replica-0", first), ("replica-1", second)):
+            result = await make_sink(bucket).send([event])
+            assert result.outcome is Outcome.SUCCESS and not result.failures, (replica, result)
+        objects = read_objects(moto_client, bucket)
+        assert sorted(orjson.loads(o["body"])["n"] for o in objects.values()) == [1, 2], list(objects)
+        digest = hashlib.sha256(first.event_raw).hexdigest()
+        assert f"2024-01-15/{occurred}_sha256-{digest}.json" in objects
+        assert (await make_sink(bucket).send([first])).outcome is Outcome.SUCCESS  # a retry rewrites its key
+        assert len(read_objects(moto_client, bucket)) == 2
+
     async def test_an_over_long_key_fails_that_event_only(self, make_sink: Any, moto_client: Any, bucket: str) -> None:
         events = make_events(6)
         wrapper = events[2].wrapper | {"keySuffix": "x" * MAX_KEY_BYTES}
