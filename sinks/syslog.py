@@ -77,7 +77,10 @@ class SyslogSink:
         self._where = f"syslog server {config.host}:{self._port} ({config.transport})"
         pri = FACILITIES[config.facility] * 8 + SEVERITIES[config.severity]
         host = (config.hostname or socket.gethostname())[:255] or "-"
-        self._head = f"<{pri}>1 %s {host} {config.app_name} - "
+        # PRI and VERSION, then the TIMESTAMP of each event, then this (joined, never %-formatted: a HOSTNAME or
+        # APP-NAME may hold a '%').
+        self._pri = f"<{pri}>1 "
+        self._host_app = f" {host} {config.app_name} - "
         self._cef_severity = CEF_SEVERITY[SEVERITIES[config.severity]]
         self._conn: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
         self._lock = asyncio.Lock()
@@ -131,7 +134,7 @@ class SyslogSink:
             for key, value in params
             if value and not _CONTROL.search(value)
         )
-        message = (self._head % iso_utc(event.time) + f"{action} [{SD_ID} {sd}] ").encode() + body
+        message = (self._pri + iso_utc(event.time) + self._host_app + f"{action} [{SD_ID} {sd}] ").encode() + body
         if self.config.framing == "octet-counting":
             return b"%d %b" % (len(message), message)
         if b"\n" in message:

@@ -256,6 +256,25 @@ class TestRsyslog:
         messages = await written(rsyslog_tcp, 50)
         assert sorted(m["msg"].encode() for m in messages) == sorted(e.raw for e in events)
 
+    @pytest.mark.parametrize(
+        ("app_name", "hostname"), [("audit%d", "bridge-1"), ("audit", "bridge%1"), ("100%%", "bridge-1")]
+    )
+    async def test_a_percent_sign_in_app_name_or_hostname_is_sent_as_configured(
+        self, rsyslog_tcp: SyslogServer, app_name: str, hostname: str
+    ) -> None:
+        """Was a defect: the header was a %-format string with the configured APP-NAME and HOSTNAME in it, so a
+        `%` in either (printable ASCII, which both allow) broke it: `audit%d` failed every event PERMANENT
+        ("not enough arguments for format string", all dead-lettered) and `100%%` went out as `100%`."""
+        sink = rsyslog_tcp.sink(app_name=app_name, hostname=hostname)
+        events = make_events(3)
+        try:
+            await delivered(sink, events)
+        finally:
+            await sink.close()
+        messages = await written(rsyslog_tcp, 3)
+        assert [(m["app"], m["host"]) for m in messages] == [(app_name, hostname)] * 3
+        assert sorted(m["msg"].encode() for m in messages) == sorted(e.raw for e in events)
+
     async def test_cef_fields_parse(self, rsyslog: SyslogServer) -> None:
         sink = rsyslog.sink(format="cef", severity="warning")
         events = make_events(3)
