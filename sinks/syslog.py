@@ -18,6 +18,7 @@ import termios
 from collections.abc import Sequence
 from typing import Literal
 
+import msgspec
 from pydantic import Field
 
 from sinks.base import Event, Health, SendResult, SinkConfig, iso_utc
@@ -123,7 +124,7 @@ class SyslogSink:
 
     def frame(self, event: Event) -> bytes:
         """One framed RFC 5424 message for `event`."""
-        body = event.raw if self.config.format == "json" else cef_line(event, self._cef_severity)
+        body = _without_tabs(event.raw) if self.config.format == "json" else cef_line(event, self._cef_severity)
         event.event_raw  # noqa: B018 - refuses a wrapper without an event (nothing is sent as if WorkOS had)
         action = event.action if 0 < len(event.action) <= 32 and _PRINTABLE.match(event.action) else "-"
         params = (("id", event.event_id), ("action", event.action), ("keySuffix", event.key_suffix))
@@ -218,6 +219,13 @@ def _abort(writer: asyncio.StreamWriter) -> None:
         except OSError:
             pass
     writer.transport.abort()
+
+
+def _without_tabs(raw: bytes) -> bytes:
+    """The wrapper without a tab between its tokens (the only control character JSON text can hold raw):
+    receivers escape control characters they receive (rsyslog writes `#011`), which would break the JSON.
+    Only whitespace outside strings goes; every value keeps its bytes."""
+    return msgspec.json.format(raw, indent=-1) if b"\t" in raw else raw
 
 
 def _unacknowledged(fd: int) -> int:

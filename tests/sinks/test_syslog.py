@@ -22,7 +22,7 @@ from sinks import registry
 from sinks.base import Event, Outcome
 from sinks.syslog import SyslogConfig, SyslogSink
 from sinks.testing.compliance import make_events
-from sinks.testing.exact import exact_event
+from sinks.testing.exact import exact_event, same_json
 from tests.peers.syslog import Certificates, Rsyslog, SyslogNg, SyslogServer, SyslogUnavailable, rsyslogd, syslog_ng
 
 REQUIRED = os.environ.get("LOG_BRIDGE_REQUIRE_SYSLOG") == "1"
@@ -245,6 +245,27 @@ class TestRsyslog:
                 "keySuffix": event.key_suffix,
             }
             assert message["time"].startswith(event.timestamp[:19])
+
+    @pytest.mark.parametrize("framing", ["octet-counting", "non-transparent"])
+    async def test_a_tab_between_tokens_does_not_reach_the_server(
+        self, rsyslog_tcp: SyslogServer, framing: str
+    ) -> None:
+        """Was a defect: a wrapper with a tab between its tokens (valid JSON whitespace, kept as received) went
+        out in MSG as it was, and rsyslog escapes by default every control character it receives (`#011`):
+        it wrote `"n":#011123456789…`, no longer JSON, the number run into the escape. Whitespace outside
+        strings (the only place JSON text can hold a raw tab) is now taken out of such a wrapper; every value
+        keeps its bytes."""
+        raw = (
+            b'{"event":{"id":"e1",\t"action":"a","n":\t123456789012345678901234567890,"s":"t\\tb"},\t"keySuffix":"k1"}'
+        )
+        sink = rsyslog_tcp.sink(framing=framing)
+        try:
+            await delivered(sink, [Event(1, "workos", raw, action="a", time=1705314600.0, received_at=1705314600.5)])
+        finally:
+            await sink.close()
+        [message] = await written(rsyslog_tcp, 1)
+        assert message["msg"].encode() == raw.replace(b"\t", b""), message["msg"]
+        assert same_json(message["msg"].encode(), raw)
 
     async def test_non_transparent_framing_over_tcp(self, rsyslog_tcp: SyslogServer) -> None:
         sink = rsyslog_tcp.sink(framing="non-transparent")
