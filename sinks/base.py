@@ -154,9 +154,10 @@ class Event(_EventSeat, kw_only=True, gc=False, eq=False):
 
 
 def iso_utc(epoch: float) -> str:
-    """`2024-01-15T10:30:00.123Z` for an epoch time."""
+    """`2024-01-15T10:30:00.123Z` for an epoch time (always four year digits: `0999-…`, where strftime's `%Y`
+    writes `999`). ValueError outside the years 1 to 9999."""
     moment = datetime.fromtimestamp(epoch, UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+    return moment.isoformat(timespec="milliseconds").removesuffix("+00:00") + "Z"
 
 
 # --- what a sink answers -------------------------------------------------------------------------

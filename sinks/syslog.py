@@ -135,7 +135,7 @@ class SyslogSink:
             for key, value in params
             if value and not _CONTROL.search(value)
         )
-        message = (self._pri + iso_utc(event.time) + self._host_app + f"{action} [{SD_ID} {sd}] ").encode() + body
+        message = (self._pri + _timestamp(event.time) + self._host_app + f"{action} [{SD_ID} {sd}] ").encode() + body
         if self.config.framing == "octet-counting":
             return b"%d %b" % (len(message), message)
         if b"\n" in message:
@@ -219,6 +219,14 @@ def _abort(writer: asyncio.StreamWriter) -> None:
         except OSError:
             pass
     writer.transport.abort()
+
+
+def _timestamp(epoch: float) -> str:
+    """The TIMESTAMP field: NILVALUE for a time beyond what its four-digit year holds (MSG has the event's own)."""
+    try:
+        return iso_utc(epoch)
+    except (ValueError, OverflowError, OSError):
+        return "-"
 
 
 def _without_tabs(raw: bytes) -> bytes:

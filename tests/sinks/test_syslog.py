@@ -9,6 +9,7 @@ import re
 import signal
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -389,6 +390,31 @@ class TestSyslogNg:
             await sink.close()
         messages = await written(syslog_ng_tls, 2)
         assert_cef_exact(cef_fields({m["sd_key"]: m["msg"] for m in messages}["exact0001"]))
+
+    async def test_an_occurred_at_outside_four_digit_years_is_delivered_and_parsed(
+        self, syslog_ng_tls: SyslogServer
+    ) -> None:
+        """Was a defect: the TIMESTAMP was written with strftime's `%Y`, which does not pad a year before 1000,
+        so an event that occurred in 0999 went out as `999-01-15T…`: syslog-ng refused the header and stored
+        the whole message as its own "Error processing log message" record. An event in year 10000 UTC (9999
+        at -14:00) could not be written at all: PERMANENT, dead-lettered. Years are now written with four
+        digits, and a time no RFC 5424 TIMESTAMP can hold is sent as NILVALUE (`-`): MSG carries the event."""
+        events = []
+        for seq, occurred in enumerate(["0999-01-15T10:30:00.000Z", "9999-12-31T23:59:59-14:00"], 1):
+            raw = orjson.dumps(
+                {"event": {"id": f"e{seq}", "action": "a", "occurred_at": occurred}, "keySuffix": f"k{seq}"}
+            )
+            moment = datetime.fromisoformat(occurred.replace("Z", "+00:00")).timestamp()
+            events.append(Event(seq, "workos", raw, action="a", time=moment, received_at=1705314600.5))
+        sink = syslog_ng_tls.sink()
+        try:
+            await delivered(sink, events)
+        finally:
+            await sink.close()
+        messages = {m["sd_key"]: m for m in await written(syslog_ng_tls, 2)}
+        assert [messages[f"k{seq}"]["msg"].encode() for seq in (1, 2)] == [e.raw for e in events]
+        assert messages["k1"]["time"].lstrip("0").startswith("999-01-15T10:30:00.000")  # syslog-ng's own format
+        assert all(m["app"] == "workos-audit" and m["msgid"] == "a" for m in messages.values())
 
     async def test_network_source_with_lf_framing(self, syslog_ng_lf: SyslogServer) -> None:
         sink = syslog_ng_lf.sink(framing="non-transparent")
