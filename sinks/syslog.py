@@ -159,11 +159,15 @@ class SyslogSink:
         return None
 
     async def _acknowledged(self, writer: asyncio.StreamWriter) -> None:
-        """Flushed, and acknowledged by the server's TCP stack (Linux SIOCOUTQ: nothing left unacknowledged)."""
+        """Flushed, and acknowledged by the server's TCP stack (Linux SIOCOUTQ: nothing left unacknowledged).
+
+        Flushed means no buffer in the process holds any of it: drain() returns with up to a high-water mark
+        still buffered, and over TLS under the TLS layer the TCP transport buffers too (megabytes, when the
+        server reads in bursts, while the socket's own queue is momentarily empty)."""
         await writer.drain()
         sock = writer.get_extra_info("socket")
         delay = 0.0005
-        while sock is not None and _unacknowledged(sock.fileno()) > 0:
+        while _buffered(writer) > 0 or (sock is not None and _unacknowledged(sock.fileno()) > 0):
             await asyncio.sleep(delay)  # waiting for the peer's answer (bounded by `timeout`), not a retry
             delay = min(delay * 2, 0.05)
             if writer.is_closing():
@@ -234,6 +238,17 @@ def _without_tabs(raw: bytes) -> bytes:
     receivers escape control characters they receive (rsyslog writes `#011`), which would break the JSON.
     Only whitespace outside strings goes; every value keeps its bytes."""
     return msgspec.json.format(raw, indent=-1) if b"\t" in raw else raw
+
+
+def _buffered(writer: asyncio.StreamWriter) -> int:
+    """Bytes written to `writer` that the process still holds: in its transport and, over TLS, in the TCP
+    transport under the TLS layer (asyncio's SSLProtocol keeps it as `_transport`; no public API reaches it)."""
+    transport = writer.transport
+    inner = getattr(getattr(transport, "_ssl_protocol", None), "_transport", None)
+    held = transport.get_write_buffer_size()
+    if isinstance(inner, asyncio.WriteTransport):
+        held += inner.get_write_buffer_size()
+    return held
 
 
 def _unacknowledged(fd: int) -> int:

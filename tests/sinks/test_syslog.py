@@ -427,6 +427,42 @@ class TestSyslogNg:
         assert sorted(m["msg"].encode() for m in messages) == sorted(e.raw for e in events)
 
 
+def padded_events(first: int, count: int) -> list[Event]:
+    """`count` events of about 4 KB each, seq (and `keySuffix` `k<seq>`) from `first`."""
+    pad = "x" * 4000
+    return [
+        Event(n, "workos", orjson.dumps({"event": {"id": f"e{n}", "action": "a", "pad": pad}, "keySuffix": f"k{n}"}),
+              action="a", time=1705314600.0, received_at=1705314600.5)
+        for n in range(first, first + count)
+    ]  # fmt: skip
+
+
+async def test_a_batch_counted_delivered_has_left_the_process(rsyslog: SyslogServer) -> None:
+    """Was a defect: a batch counted as delivered once the socket's send queue was empty (SIOCOUTQ 0), but
+    over TLS the bytes pass through two buffers in the process first (the TLS layer's and the TCP transport's
+    under it), and with a server that reads in bursts the kernel queue empties while the transport still holds
+    megabytes: rsyslog over TLS, 20 MB batches, 14 sends of 20 returned SUCCESS with up to 13 MB not yet
+    written to the socket. A server that stalled then, with the sink closed (as a shutdown does after the
+    last send), lost them, counted delivered (3049 of 20000). A batch now counts as delivered only once no
+    buffer in the process holds any of it either."""
+    sent: list[Event] = []
+    for round_ in range(4):
+        sink = rsyslog.sink()
+        events = padded_events(1 + 5000 * round_, 5000)
+        assert rsyslog.process is not None
+        try:
+            await delivered(sink, events)
+            sent += events
+            rsyslog.process.send_signal(signal.SIGSTOP)  # the server stalls right after, and the sink is closed
+        finally:
+            await sink.close()
+            rsyslog.process.send_signal(signal.SIGCONT)
+    messages = await written(rsyslog, len(sent), timeout=30)
+    arrived = {sd_params(m["sd"])["keySuffix"] for m in messages}
+    missing = [e.key_suffix for e in sent if e.key_suffix not in arrived]
+    assert not missing, f"{len(missing)} of {len(sent)} events counted as delivered never arrived"
+
+
 def client_sockets(port: int) -> int:
     """This machine's TCP sockets connected to `port`, on the client's side, still holding a connection (any
     state but TIME_WAIT and CLOSE: an orphan in FIN_WAIT1 keeps its send queue too)."""
@@ -450,12 +486,7 @@ async def test_a_server_that_stops_reading_holds_no_connection_per_retry(tmp_pat
     server.start()
     assert server.process is not None
     sink = server.sink(timeout=0.5)
-    pad = "x" * 4000
-    events = [
-        Event(n, "workos", orjson.dumps({"event": {"id": f"e{n}", "action": "a", "pad": pad}, "keySuffix": f"k{n}"}),
-              action="a", time=1705314600.0, received_at=1705314600.5)
-        for n in range(1, 3001)
-    ]  # fmt: skip
+    events = padded_events(1, 3000)
     try:
         await delivered(sink, events[:2])
         server.process.send_signal(signal.SIGSTOP)
