@@ -23,7 +23,7 @@ from pydantic import Field
 
 from sinks.base import Event, Health, SendResult, SinkConfig, iso_utc
 from sinks.cef import cef_line
-from sinks.fields import PositiveDuration, TlsOptions
+from sinks.fields import ByteSize, PositiveDuration, TlsOptions
 from sinks.http_client import scrub
 from sinks.outcome import Verdict
 from sinks.splitting import Verdicts
@@ -60,6 +60,9 @@ class SyslogConfig(SinkConfig):
     severity: Literal[tuple(SEVERITIES)] = "info"  # type: ignore[valid-type]
     hostname: str | None = Field(None, max_length=255, pattern=r"^[!-~]+$")
     """The HOSTNAME field; unset: this machine's name."""
+    max_message_size: ByteSize = Field(8192, ge=480)
+    """The receiver's message size limit (rsyslog `maxMessageSize`, 8k by default): a longer message is refused
+    before sending, since a receiver cuts it, or parses what is past its limit as a record of its own."""
     tls: TlsOptions = TlsOptions()
     timeout: PositiveDuration = 30.0
     """Limit on connecting and on writing one batch."""
@@ -136,6 +139,12 @@ class SyslogSink:
             if value and not _CONTROL.search(value)
         )
         message = (self._pri + _timestamp(event.time) + self._host_app + f"{action} [{SD_ID} {sd}] ").encode() + body
+        if len(message) > self.config.max_message_size:
+            # Sent, it would be cut, or split into a second record whose header is the event's own text (rsyslog).
+            raise ValueError(
+                f"the message is {len(message)} bytes, over max_message_size ({self.config.max_message_size});"
+                " raise it (and the receiver's limit) to deliver this event"
+            )
         if self.config.framing == "octet-counting":
             return b"%d %b" % (len(message), message)
         if b"\n" in message:

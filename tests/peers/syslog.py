@@ -140,11 +140,16 @@ class Rsyslog(SyslogServer):
 
     kind = "rsyslog"
 
+    def __init__(self, directory: Path, *, max_message_size: str = "1m", **kwargs: Any) -> None:
+        super().__init__(directory, **kwargs)
+        self.max_message_size = max_message_size
+        """rsyslog's `maxMessageSize` (its own default is 8k)."""
+
     def command(self) -> list[str]:
         binary, modules = rsyslogd()
         conf = self.directory / "rsyslog.conf"
         tls = self.tls
-        lines = [f'global(workDirectory="{self.directory}" maxMessageSize="1m"']
+        lines = [f'global(workDirectory="{self.directory}" maxMessageSize="{self.max_message_size}"']
         if tls is not None:
             lines.append(
                 f'  defaultNetstreamDriverCAFile="{tls.ca_file}" defaultNetstreamDriverCertFile="{tls.cert_file}"'

@@ -161,6 +161,7 @@ class TestConfig:
             ({"host": "tcp://siem:514"}, "host"),
             ({"timeout": 0}, "timeout"),
             ({"tls": {"cert_file": "c.pem"}}, "key_file"),
+            ({"max_message_size": 479}, "max_message_size"),
         ],
     )
     def test_rejects(self, options: dict[str, Any], message: str) -> None:
@@ -357,6 +358,59 @@ class TestRsyslog:
         result = await sink.send(make_events(2))
         await sink.close()
         assert result.outcome is Outcome.RETRY and "127.0.0.1:9" in result.reason
+
+
+class TestMessageSize:
+    """Against rsyslog with its default `maxMessageSize` (8k)."""
+
+    FORGED = "<34>1 2024-01-15T10:30:00.000Z dc01 sshd - - - FORGED: root login accepted from 203.0.113.9"
+
+    @pytest.fixture
+    def rsyslog_8k(self, tmp_path: Path) -> Iterator[SyslogServer]:
+        need(rsyslogd)
+        yield from started(Rsyslog(tmp_path, max_message_size="8k"))
+
+    def event_with_name(self, seq: int, name: str) -> Event:
+        raw = orjson.dumps({"event": {"id": f"e{seq}", "action": "a", "actor": {"name": name}}, "keySuffix": f"k{seq}"})
+        return Event(seq, "workos", raw, action="a", time=1705314600.0, received_at=1705314600.5)
+
+    @pytest.mark.parametrize("framing", ["octet-counting", "non-transparent"])
+    async def test_an_event_over_the_limit_cannot_forge_a_record(self, rsyslog_8k: SyslogServer, framing: str) -> None:
+        """Was a defect: an event longer than the receiver's limit was sent whole, and rsyslog kept its first
+        8 KiB as one record and parsed the rest as a record of its own: an actor name padded so that a syslog
+        header starts at byte 8193 became a record from host `dc01`, app `sshd`, severity crit, saying
+        "root login accepted". Such an event is now refused before sending (PERMANENT, naming
+        `max_message_size`, 8 KiB by default); the rest of the batch is delivered."""
+        sink = rsyslog_8k.sink(framing=framing, hostname="bridge-1")
+        probe = sink.frame(self.event_with_name(1, self.FORGED))
+        message = probe.split(b" ", 1)[1] if framing == "octet-counting" else probe.removesuffix(b"\n")
+        padding = 8193 - message.index(b"<34>1")  # where rsyslog's first record ends
+        crafted, plain = self.event_with_name(1, "x" * padding + self.FORGED), self.event_with_name(2, "alice")
+        try:
+            result = await sink.send([crafted, plain])
+        finally:
+            await sink.close()
+        await written(rsyslog_8k, 1)
+        await asyncio.sleep(0.5)  # anything more would have been written by now
+        messages = rsyslog_8k.messages()
+        records = [(m["host"], m["app"], m["severity"]) for m in messages]
+        assert records == [("bridge-1", "workos-audit", "info")], records
+        assert messages[0]["msg"].encode() == plain.raw
+        assert result.outcome is Outcome.SUCCESS and set(result.failures) == {1}, result
+        failure = result.failures[1]
+        assert failure.outcome is Outcome.PERMANENT and "max_message_size" in failure.reason, failure
+
+    async def test_a_message_of_exactly_the_limit_arrives_whole(self, rsyslog_8k: SyslogServer) -> None:
+        sink = rsyslog_8k.sink()
+        size = len(sink.frame(self.event_with_name(1, "")).split(b" ", 1)[1])
+        event = self.event_with_name(1, "y" * (8192 - size))
+        try:
+            assert len(sink.frame(event).split(b" ", 1)[1]) == 8192
+            await delivered(sink, [event])
+        finally:
+            await sink.close()
+        [message] = await written(rsyslog_8k, 1)
+        assert message["msg"].encode() == event.raw
 
 
 class TestSyslogNg:
