@@ -3,7 +3,9 @@ watch, and the service part that runs the watch and the export archive (receiver
 intake. Nothing here can touch the intake or `/readyz`: every failure is counted, logged and retried.
 
 The SDK's async client is used (no blocking call on the event loop); its own retries are off, so every failed
-call is counted once in `log_bridge_workos_api_errors_total{operation, reason}` and retried here.
+call is counted once in `log_bridge_workos_api_errors_total{operation, reason}` and retried here. Its HTTP
+transport is ours (`BoundedBackend`): httpx's timeout applies to each read, not to the request, and the SDK holds
+the whole answer in memory, so an answer that trickles or never ends would hold the call, and the memory, forever.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TypeVar
 
+import httpx2
 from prometheus_client import CollectorRegistry
 from workos import (
     AsyncWorkOSClient,
@@ -29,6 +32,7 @@ from workos import (
     WorkOSError,
 )
 from workos._errors import APIError, WorkOSConnectionError, WorkOSTimeoutError  # not re-exported by the package
+from workos._http import HTTPResponse, TransportConnectError, TransportError, TransportTimeout
 
 from receiver.config import Config, WorkosConfig
 from receiver.errors import LogBridgeError
@@ -48,6 +52,8 @@ API_ATTEMPTS = 4
 """Tries of one API call (the first and three retries) for transient failures: 429, 5xx, timeouts, connection."""
 MAX_BACKOFF = 30.0
 MAX_RETRY_AFTER = 120.0
+MAX_ANSWER_BYTES = 1 << 20
+"""Cap on one API answer; the ones used here are a few hundred bytes of JSON."""
 
 _SECRET_KEY = re.compile(r"sk_[A-Za-z0-9_\-]{4,}")
 
@@ -69,8 +75,62 @@ class _Failure:
     retry_after: float | None = None
 
 
+class AnswerTooLarge(TransportError):
+    """An API answer over MAX_ANSWER_BYTES (the SDK wraps it in a WorkOSError)."""
+
+
+class BoundedBackend:
+    """The SDK's HTTP transport (workos.AsyncHTTPBackend): httpx2, as the SDK's own, but the time limit is one
+    for the whole request, and an answer over MAX_ANSWER_BYTES is refused while it arrives."""
+
+    def __init__(self, timeout: float) -> None:
+        self._client = httpx2.AsyncClient(timeout=timeout, follow_redirects=True)
+
+    async def request(
+        self,
+        method: str,
+        url: str,
+        *,
+        headers: dict[str, str],
+        content: bytes | None,
+        timeout: float,  # noqa: ASYNC109 - the SDK's AsyncHTTPBackend protocol passes it
+    ) -> HTTPResponse:
+        """One request; network failures raised as the SDK's Transport errors, so it classifies them."""
+        try:
+            async with (
+                asyncio.timeout(timeout),
+                self._client.stream(method, url, headers=headers, content=content, timeout=timeout) as response,
+            ):
+                chunks: list[bytes] = []
+                size = 0
+                async for chunk in response.aiter_bytes():
+                    size += len(chunk)
+                    if size > MAX_ANSWER_BYTES:
+                        raise AnswerTooLarge(f"an answer over {MAX_ANSWER_BYTES} bytes")
+                    chunks.append(chunk)
+        except (TimeoutError, httpx2.TimeoutException):
+            raise TransportTimeout(f"no complete answer within {timeout:g}s") from None
+        except httpx2.ConnectError as exc:
+            raise TransportConnectError(str(exc)) from None
+        except httpx2.HTTPError as exc:
+            raise TransportError(str(exc)) from None
+        return HTTPResponse(
+            status_code=response.status_code,
+            headers=response.headers,
+            content=b"".join(chunks),
+            request_method=method,
+            request_url=str(response.request.url),
+        )
+
+    async def close(self) -> None:
+        """Close the connections."""
+        await self._client.aclose()
+
+
 def _classify(exc: Exception) -> _Failure:
     """(reason label, worth retrying, message, Retry-After) of an exception the SDK raised."""
+    if isinstance(exc.__cause__, AnswerTooLarge):
+        return _Failure("bad_response", False, str(exc.__cause__))
     if isinstance(exc, AuthenticationError):
         return _Failure("unauthorized", False, "WorkOS refused the API key (401): check workos.api_key")
     if isinstance(exc, AuthorizationError):
@@ -102,11 +162,13 @@ class WorkosApi:
         self.base_url = config.base_url
         self.metrics = metrics
         self.backoff = backoff
+        self._backend = BoundedBackend(config.timeout)
         self.client = AsyncWorkOSClient(
             api_key=self._key,
             base_url=config.base_url,
             request_timeout=max(1, round(config.timeout)),
             max_retries=0,  # one retry policy: ours, which counts every failure
+            http_client=self._backend,
         )
 
     def scrub(self, text: str) -> str:
@@ -138,8 +200,9 @@ class WorkosApi:
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def close(self) -> None:
-        """Close the SDK's HTTP connections."""
+        """Close the SDK's HTTP connections (the SDK does not close a transport it was given)."""
         await self.client.close()
+        await self._backend.close()
 
 
 # --- stream state ----------------------------------------------------------------------------------

@@ -10,12 +10,15 @@ shapes the bridge uses, so the real `workos` SDK can be pointed at it through `b
 - `GET /downloads/{token}`: the CSV bytes of the export (recorded in `served`).
 - `POST /portal/generate_link`: `{link}`.
 - 401 for a wrong API key; `fail(kind, status, times, retry_after)` queues 429 (with Retry-After) or 5xx answers;
-  `hang_seconds` delays every API answer (timeouts).
+  `hang_seconds` delays every API answer (timeouts); `misbehave(kind, how)` makes the next answers of a kind a
+  200 with an empty body (`empty`), one that trickles a byte every 0.2 s (`trickle`) or one that never ends
+  (`endless`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import secrets
 import threading
@@ -70,6 +73,7 @@ class FakeWorkOS:
     requests: list[tuple[str, str, str | None]] = field(default_factory=list)
     """(method, path, Authorization header) of every request."""
     failures: dict[str, list[tuple[int, str | None]]] = field(default_factory=dict)
+    misbehaving: dict[str, list[str]] = field(default_factory=dict)
     hang_seconds: float = 0.0
     """When set, API requests (not downloads) are answered only after this long (to provoke timeouts)."""
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -82,6 +86,11 @@ class FakeWorkOS:
         portal) with `status`."""
         with self.lock:
             self.failures.setdefault(kind, []).extend([(status, retry_after)] * times)
+
+    def misbehave(self, kind: str, how: str, times: int = 1) -> None:
+        """Answer the next `times` requests of `kind` with a broken 200: `empty`, `trickle` or `endless`."""
+        with self.lock:
+            self.misbehaving.setdefault(kind, []).extend([how] * times)
 
     def count(self, method: str, prefix: str) -> int:
         """How many requests matched."""
@@ -109,6 +118,26 @@ class FakeWorkOS:
         message = "Too many requests" if status == 429 else "Internal server error"
         return web.json_response({"message": message}, status=status, headers=headers)
 
+    async def _broken(self, kind: str, request: web.Request) -> web.StreamResponse | None:
+        with self.lock:
+            queued = self.misbehaving.get(kind)
+            how = queued.pop(0) if queued else None
+        if how is None:
+            return None
+        if how == "empty":
+            return web.Response(status=200, body=b"", content_type="application/json")
+        response = web.StreamResponse(status=200, headers={"Content-Type": "application/json"})
+        await response.prepare(request)
+        await response.write(b'{"organization_id": "')
+        with contextlib.suppress(ConnectionError):
+            while True:  # until the client goes away
+                if how == "trickle":
+                    await asyncio.sleep(0.2)
+                    await response.write(b"x")
+                else:
+                    await response.write(b"x" * 65536)
+        return response
+
     @web.middleware
     async def _middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
         with self.lock:
@@ -123,7 +152,9 @@ class FakeWorkOS:
         response: web.StreamResponse = await handler(request)
         return response
 
-    async def _configuration(self, request: web.Request) -> web.Response:
+    async def _configuration(self, request: web.Request) -> web.StreamResponse:
+        if (broken := await self._broken("configuration", request)) is not None:
+            return broken
         organization = request.match_info["id"]
         with self.lock:
             if (failed := self._failure("configuration")) is not None:
@@ -153,8 +184,10 @@ class FakeWorkOS:
             body["url"] = f"{self.url}/downloads/{token}?X-Amz-Signature={secrets.token_hex(8)}"
         return body
 
-    async def _create_export(self, request: web.Request) -> web.Response:
+    async def _create_export(self, request: web.Request) -> web.StreamResponse:
         payload = await request.json()
+        if (broken := await self._broken("create_export", request)) is not None:
+            return broken
         with self.lock:
             if (failed := self._failure("create_export")) is not None:
                 return failed

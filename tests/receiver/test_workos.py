@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import tracemalloc
 from typing import Any
 
 import aiohttp
@@ -319,6 +320,38 @@ class TestApiFailures:
         finally:
             await closed.close()
         assert caught.value.reason == "connection"
+
+    async def test_an_answer_that_trickles_is_a_timeout_of_the_whole_request(self, workos_fake: FakeWorkOS) -> None:
+        """httpx's timeout is per read: a byte every 0.2 s would hold the call (and the watch) forever."""
+        workos_fake.misbehave("configuration", "trickle")
+        metrics = new_metrics()
+        api = api_for(workos_fake, metrics, timeout=1)
+        started = time.monotonic()
+        try:
+            with pytest.raises(WorkosApiError) as caught:
+                request = lambda: api.client.organizations.get_audit_log_configuration(ORGANIZATION)  # noqa: E731
+                await asyncio.wait_for(api.call("probe", request, attempts=1), 10)
+        finally:
+            await api.close()
+        assert caught.value.reason == "timeout" and time.monotonic() - started < 5
+        assert sample(metrics, "log_bridge_workos_api_errors_total", operation="probe", reason="timeout") == 1
+
+    async def test_an_answer_that_never_ends_is_refused_in_bounded_memory(self, workos_fake: FakeWorkOS) -> None:
+        workos_fake.misbehave("configuration", "endless")
+        metrics = new_metrics()
+        api = api_for(workos_fake, metrics)
+        tracemalloc.start()
+        try:
+            with pytest.raises(WorkosApiError) as caught:
+                await asyncio.wait_for(stream_status(api, ORGANIZATION), 3)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+            await api.close()
+        assert caught.value.reason == "bad_response" and peak < 16 * 2**20, peak
+        assert workos_fake.count("GET", "/organizations/") == 1  # not retried
+        labels = {"operation": "get_audit_log_configuration", "reason": "bad_response"}
+        assert sample(metrics, "log_bridge_workos_api_errors_total", **labels) == 1
 
 
 class TestExport:

@@ -105,6 +105,17 @@ class TestStatus:
         assert main(["workos", "status", "--config", config]) == 3
         assert "cannot connect" in capsys.readouterr().out
 
+    @pytest.mark.parametrize("how", ["trickle"])
+    def test_an_empty_or_trickling_answer_is_exit_3(
+        self, workos_fake: FakeWorkOS, tmp_path: Path, capsys: pytest.CaptureFixture[str], how: str
+    ) -> None:
+        workos_fake.misbehave("configuration", how, times=4)
+        config = write_config(tmp_path, workos_fake, timeout="1s")
+        started = time.monotonic()
+        assert main(["workos", "status", "--config", config]) == 3
+        assert f"{ORGANIZATION}  cannot read: WorkOS get_audit_log_configuration: " in capsys.readouterr().out
+        assert time.monotonic() - started < 20
+
 
 class TestExport:
     def test_to_a_file_without_moving_the_schedule(
