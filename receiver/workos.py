@@ -180,7 +180,10 @@ class WorkosApi:
         is counted, and the last one raises WorkosApiError."""
         for attempt in range(attempts):
             try:
-                return await request()
+                result = await request()
+                if result is None:  # what the SDK makes of a 2xx answer that is empty or not JSON
+                    raise WorkOSError("Unexpected API response: no JSON body")
+                return result
             except asyncio.CancelledError:
                 raise
             except Exception as exc:

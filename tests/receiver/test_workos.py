@@ -353,6 +353,31 @@ class TestApiFailures:
         labels = {"operation": "get_audit_log_configuration", "reason": "bad_response"}
         assert sample(metrics, "log_bridge_workos_api_errors_total", **labels) == 1
 
+    async def test_an_empty_answer_is_a_counted_bad_response(
+        self, workos_fake: FakeWorkOS, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        workos_fake.misbehave("configuration", "empty", times=2)
+        workos_fake.misbehave("create_export", "empty")
+        metrics = new_metrics()
+        api = api_for(workos_fake, metrics)
+        caplog.set_level(logging.INFO, logger="receiver.workos")
+        exporter = Exporter(api, timeout=10, max_bytes=1 << 20, poll_initial=0.01)
+        try:
+            with pytest.raises(WorkosApiError) as caught:
+                await stream_status(api, ORGANIZATION)
+            await StreamWatch(_config(workos_fake), api, metrics).check_all()
+            with pytest.raises(WorkosApiError) as created:
+                await exporter.create(ORGANIZATION, 1_700_000_000, 1_700_086_400, Filters())
+        finally:
+            await exporter.close()
+            await api.close()
+        assert caught.value.reason == created.value.reason == "bad_response"
+        assert "no JSON body" in str(caught.value)
+        labels = {"operation": "get_audit_log_configuration", "reason": "bad_response"}
+        assert sample(metrics, "log_bridge_workos_api_errors_total", **labels) == 2
+        lines = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "receiver.workos"]
+        assert lines == [("WARNING", "cannot read the organization's log stream state")]
+
 
 class TestExport:
     async def test_pending_then_ready_after_n_polls_then_the_bytes(self, workos_fake: FakeWorkOS) -> None:

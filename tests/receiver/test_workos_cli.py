@@ -105,7 +105,7 @@ class TestStatus:
         assert main(["workos", "status", "--config", config]) == 3
         assert "cannot connect" in capsys.readouterr().out
 
-    @pytest.mark.parametrize("how", ["trickle"])
+    @pytest.mark.parametrize("how", ["empty", "trickle"])
     def test_an_empty_or_trickling_answer_is_exit_3(
         self, workos_fake: FakeWorkOS, tmp_path: Path, capsys: pytest.CaptureFixture[str], how: str
     ) -> None:
