@@ -241,6 +241,12 @@ class WorkosMetrics:
             ["organization"],
             registry=r,
         )
+        self.stream_checked = Gauge(
+            "log_bridge_workos_stream_checked_timestamp_seconds",
+            "When the organization's audit-log configuration was last read from WorkOS (stream_state is as of then)",
+            ["organization"],
+            registry=r,
+        )
         self.api_errors = Counter(
             "log_bridge_workos_api_errors",
             "Failed WorkOS API calls, by operation and reason",

@@ -15,6 +15,7 @@ import contextlib
 import logging
 import random
 import re
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -307,6 +308,7 @@ class StreamWatch:
     def record(self, status: StreamStatus) -> None:
         """Update the metrics and log a change of state."""
         organization = status.organization
+        self.metrics.stream_checked.labels(organization).set(time.time())
         previous_type = self._types.pop(organization, None)
         if previous_type is not None and previous_type != status.stream_type:
             for state in STREAM_STATES:

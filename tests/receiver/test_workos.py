@@ -210,6 +210,28 @@ class TestStreamState:
             sample(metrics, "log_bridge_workos_stream_last_synced_timestamp_seconds", organization=ORGANIZATION) is None
         )
 
+    async def test_the_time_of_the_last_read_tells_a_stale_state(self, workos_fake: FakeWorkOS) -> None:
+        """While WorkOS cannot be asked, stream_state keeps the last state read; the read time shows its age."""
+        metrics = new_metrics()
+        api = api_for(workos_fake, metrics)
+        watch = StreamWatch(_config(workos_fake), api, metrics)
+        checked = "log_bridge_workos_stream_checked_timestamp_seconds"
+        try:
+            before = time.time()
+            await watch.check_all()
+            first = sample(metrics, checked, organization=ORGANIZATION)
+            assert first is not None and before <= first <= time.time()
+            workos_fake.fail("configuration", 503, times=4)
+            await watch.check_all()
+            assert sample(metrics, checked, organization=ORGANIZATION) == first
+            labels = {"organization": ORGANIZATION, "type": "GenericHttps", "state": "active"}
+            assert sample(metrics, "log_bridge_workos_stream_state", **labels) == 1  # the last state read
+            await watch.check_all()  # WorkOS answers again
+            later = sample(metrics, checked, organization=ORGANIZATION)
+            assert later is not None and later > first
+        finally:
+            await api.close()
+
     async def test_no_stream_and_other_destinations_are_reported_not_errors(
         self, workos_fake: FakeWorkOS, caplog: pytest.LogCaptureFixture
     ) -> None:
