@@ -20,6 +20,7 @@ from .prometheus import known_metric, metric_names, run_promtool, write_rules
 from .support import FIXTURES, NAMESPACE, Manifest, Render, kinds, only
 
 JOB = "log-bridge"
+HTTPS = "GenericHttps"
 ALERTS = {
     "LogBridgeSinkDown": "sinkDown",
     "LogBridgeSinkBacklogGrowing": "sinkBacklogGrowing",
@@ -30,6 +31,8 @@ ALERTS = {
     "LogBridgeRequestsUnauthorised": "requestsUnauthorised",
     "LogBridgeRequestsRefused": "requestsRefused",
     "LogBridgeConfigReloadFailed": "configReloadFailed",
+    "LogBridgeWorkosStreamBroken": "workosStreamBroken",
+    "LogBridgeWorkosStreamUnchecked": "workosStreamUnchecked",
 }
 
 
@@ -88,6 +91,8 @@ SEVERITY = {
     "LogBridgeRequestsUnauthorised": "warning",
     "LogBridgeRequestsRefused": "critical",
     "LogBridgeConfigReloadFailed": "warning",
+    "LogBridgeWorkosStreamBroken": "critical",
+    "LogBridgeWorkosStreamUnchecked": "warning",
 }
 
 
@@ -302,6 +307,68 @@ CASES: dict[str, dict[str, Any]] = {
                 "LogBridgeConfigReloadFailed",
                 "35m",
                 (target(pod="log-bridge-1", instance="10.0.0.3:8443"), "Config reload failed on log-bridge-1"),
+            ),
+        ],
+    },
+    "LogBridgeWorkosStreamBroken": {
+        "interval": "1m",
+        "input_series": [
+            # WorkOS's view of org_1's stream: invalid from 5m to 19m, then active again.
+            series("log_bridge_workos_stream_state", "1x4 0x15 1x20", organization="org_1", type=HTTPS, state="active"),
+            series(
+                "log_bridge_workos_stream_state", "0x4 1x15 0x20", organization="org_1", type=HTTPS, state="invalid"
+            ),
+            # The other replica's watch reads the same.
+            series(
+                "log_bridge_workos_stream_state",
+                "0x4 1x15 0x20",
+                organization="org_1",
+                type=HTTPS,
+                state="invalid",
+                pod="log-bridge-1",
+                instance="10.0.0.3:8443",
+            ),
+            # A stream to another destination is not this receiver's stream.
+            series("log_bridge_workos_stream_state", "1x40", organization="org_2", state="error", type="Datadog"),
+            series("log_bridge_workos_stream_state", "1x40", organization="org_1", type=HTTPS, state="error", job="x"),
+        ],
+        "alert_rule_test": [
+            fires("LogBridgeWorkosStreamBroken", "14m"),  # invalid for 9 minutes: not yet
+            fires(
+                "LogBridgeWorkosStreamBroken",
+                "16m",
+                (
+                    stream_target(organization="org_1", type="GenericHttps", state="invalid"),
+                    "WorkOS reports the log stream of org_1 as invalid",
+                ),
+            ),
+            fires("LogBridgeWorkosStreamBroken", "25m"),  # active again
+        ],
+    },
+    "LogBridgeWorkosStreamUnchecked": {
+        "interval": "10m",
+        "input_series": [
+            # org_1's configuration read every 10 minutes until 1h, then never again (the API refuses the key).
+            series("log_bridge_workos_stream_checked_timestamp_seconds", "0+600x6 3600x20", organization="org_1"),
+            series("log_bridge_workos_stream_checked_timestamp_seconds", "0+600x26", organization="org_2"),
+            # org_3: pod 0 restarts at 1h; its new instance reads again from 1h30m.
+            series("log_bridge_workos_stream_checked_timestamp_seconds", "0+600x6", organization="org_3"),
+            series(
+                "log_bridge_workos_stream_checked_timestamp_seconds",
+                "_x9 5400+600x17",
+                organization="org_3",
+                instance="10.0.0.4:8443",
+            ),
+            series(
+                "log_bridge_workos_stream_checked_timestamp_seconds", "0x26", organization="org_1", job="other-release"
+            ),
+        ],
+        "alert_rule_test": [
+            fires("LogBridgeWorkosStreamUnchecked", "1h50m"),  # org_1 last read 50 minutes ago
+            fires(
+                "LogBridgeWorkosStreamUnchecked",
+                "2h10m",
+                (stream_target(organization="org_1"), "WorkOS's view of org_1's log stream not read for more than 1h"),
             ),
         ],
     },
