@@ -345,6 +345,8 @@ class ExportSchedule:
                 continue
             while True:
                 found = await self.state.get(organization)
+                if found.archived_end is not None:  # a new process reports it before its first archive
+                    self.metrics.archived_until.labels(organization).set(found.archived_end)
                 plan, lost = plan_range(found, self.clock(), self.export)
                 if lost is not None:
                     self.metrics.exports.labels(organization, "out_of_reach").inc()

@@ -170,6 +170,17 @@ class TestSchedule:
         assert s.stored("a") == s.stored("b")
         assert len(s.fake.exports) == 4
 
+    async def test_a_restarted_process_reports_where_the_archive_stands(self, setup: Any) -> None:
+        """A new process has nothing due for up to a period: the gauge must not wait for its next archive."""
+        s = setup()
+        await s.schedule.run_due()
+        await s.close()
+        s = setup(now=T0 + 900 + HOUR)  # a new process, its own metrics
+        await s.schedule.run_due()
+        assert len(s.fake.exports) == 1
+        until = s.metrics.value("log_bridge_workos_export_archived_until_timestamp_seconds", organization=ORGANIZATION)
+        assert until == float(T0)
+
     async def test_a_restart_in_the_middle_of_an_export_resumes_it(self, setup: Any) -> None:
         s = setup()
         s.fake.polls_until_ready = 1000
