@@ -33,6 +33,7 @@ ALERTS = {
     "LogBridgeConfigReloadFailed": "configReloadFailed",
     "LogBridgeWorkosStreamBroken": "workosStreamBroken",
     "LogBridgeWorkosStreamUnchecked": "workosStreamUnchecked",
+    "LogBridgeWorkosExportBehind": "workosExportBehind",
 }
 
 
@@ -93,6 +94,7 @@ SEVERITY = {
     "LogBridgeConfigReloadFailed": "warning",
     "LogBridgeWorkosStreamBroken": "critical",
     "LogBridgeWorkosStreamUnchecked": "warning",
+    "LogBridgeWorkosExportBehind": "warning",
 }
 
 
@@ -369,6 +371,38 @@ CASES: dict[str, dict[str, Any]] = {
                 "LogBridgeWorkosStreamUnchecked",
                 "2h10m",
                 (stream_target(organization="org_1"), "WorkOS's view of org_1's log stream not read for more than 1h"),
+            ),
+        ],
+    },
+    "LogBridgeWorkosExportBehind": {
+        "interval": "1h",
+        "input_series": [
+            # org_1: one range a day (ending at 0h, 24h, 48h), then the range ending at 72h keeps failing.
+            series(
+                "log_bridge_workos_export_archived_until_timestamp_seconds",
+                "0x23 86400x23 172800x60",
+                organization="org_1",
+            ),
+            # org_2 keeps up; a restarted pod (new instance) reports the same mark.
+            series(
+                "log_bridge_workos_export_archived_until_timestamp_seconds",
+                "0x23 86400x23 172800x23 259200x23",
+                organization="org_2",
+            ),
+            series(
+                "log_bridge_workos_export_archived_until_timestamp_seconds",
+                "_x80 259200x20",
+                organization="org_2",
+                instance="10.0.0.4:8443",
+            ),
+            series("log_bridge_workos_export_archived_until_timestamp_seconds", "0x90", organization="org_1", job="x"),
+        ],
+        "alert_rule_test": [
+            fires("LogBridgeWorkosExportBehind", "96h"),  # org_1's mark 48h old: not yet
+            fires(
+                "LogBridgeWorkosExportBehind",
+                "99h",
+                (stream_target(organization="org_1"), "WorkOS export archive of org_1 more than 50h behind"),
             ),
         ],
     },
