@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 from prometheus_client.exposition import generate_latest
@@ -243,7 +244,8 @@ class WorkosMetrics:
         )
         self.stream_checked = Gauge(
             "log_bridge_workos_stream_checked_timestamp_seconds",
-            "When the organization's audit-log configuration was last read from WorkOS (stream_state is as of then)",
+            "When the organization's audit-log configuration was last read from WorkOS (stream_state is as of then); "
+            "before the first read, when the process started watching it",
             ["organization"],
             registry=r,
         )
@@ -277,3 +279,24 @@ class WorkosMetrics:
             ["sink"],
             registry=r,
         )
+        self.organizations: set[str] = set()
+        """The organizations the gauges are kept for (across reloads)."""
+
+    def watching(self, organizations: Iterable[str]) -> None:
+        """The configured organizations, at each (re)start of the WorkOS side: the gauges of the others go; an
+        organization new to the process gets stream_checked set to now, so that a watch that never manages to
+        read it is seen, as for one that stopped reading."""
+        wanted = set(organizations)
+        for organization in self.organizations - wanted:
+            for gauge in (
+                self.stream_state,
+                self.last_synced,
+                self.stream_checked,
+                self.export_last_success,
+                self.archived_until,
+            ):
+                gauge.remove_by_labels({"organization": organization})
+        now = time.time()
+        for organization in wanted - self.organizations:
+            self.stream_checked.labels(organization).set(now)
+        self.organizations = wanted

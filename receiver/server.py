@@ -604,6 +604,8 @@ class Service:
         if self.workos is not None:
             await self.workos.stop()
             self.workos = None
+        if config.workos is None and self._workos_metrics is not None:
+            self._workos_metrics.watching(())  # the section is gone: so are its gauges
         if config.workos is not None and self.engine is not None:
             from receiver.workos import WorkosService
 

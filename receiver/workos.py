@@ -363,6 +363,7 @@ class WorkosService:
             raise ValueError("no workos section")
         self.config = config.workos
         self.metrics = metrics or WorkosMetrics(registry)  # a restarted service (reload) keeps its series
+        self.metrics.watching(self.config.organizations)
         self.api = WorkosApi(self.config, self.metrics)
         self.watch = StreamWatch(self.config, self.api, self.metrics)
         self.schedule: ExportSchedule | None = None

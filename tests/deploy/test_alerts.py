@@ -353,14 +353,24 @@ CASES: dict[str, dict[str, Any]] = {
             # org_1's configuration read every 10 minutes until 1h, then never again (the API refuses the key).
             series("log_bridge_workos_stream_checked_timestamp_seconds", "0+600x6 3600x20", organization="org_1"),
             series("log_bridge_workos_stream_checked_timestamp_seconds", "0+600x26", organization="org_2"),
-            # org_3: pod 0 restarts at 1h; its new instance reads again from 1h30m.
+            # org_3: pod 0 restarts at 1h; its new instance (started at 1h10m) never reads: the watch's start.
             series("log_bridge_workos_stream_checked_timestamp_seconds", "0+600x6", organization="org_3"),
             series(
                 "log_bridge_workos_stream_checked_timestamp_seconds",
-                "_x9 5400+600x17",
+                "_x7 4200x19",
                 organization="org_3",
                 instance="10.0.0.4:8443",
             ),
+            # org_4: a pod restarts at 1h and reads again from its start.
+            series("log_bridge_workos_stream_checked_timestamp_seconds", "0+600x6", organization="org_4"),
+            series(
+                "log_bridge_workos_stream_checked_timestamp_seconds",
+                "_x7 4200+600x19",
+                organization="org_4",
+                instance="10.0.0.4:8443",
+            ),
+            # org_5 is taken out of the configuration at 1h: its series goes.
+            series("log_bridge_workos_stream_checked_timestamp_seconds", "0+600x6", organization="org_5"),
             series(
                 "log_bridge_workos_stream_checked_timestamp_seconds", "0x26", organization="org_1", job="other-release"
             ),
@@ -371,6 +381,12 @@ CASES: dict[str, dict[str, Any]] = {
                 "LogBridgeWorkosStreamUnchecked",
                 "2h10m",
                 (stream_target(organization="org_1"), "WorkOS's view of org_1's log stream not read for more than 1h"),
+            ),
+            fires(
+                "LogBridgeWorkosStreamUnchecked",
+                "2h30m",
+                (stream_target(organization="org_1"), "WorkOS's view of org_1's log stream not read for more than 1h"),
+                (stream_target(organization="org_3"), "WorkOS's view of org_3's log stream not read for more than 1h"),
             ),
         ],
     },

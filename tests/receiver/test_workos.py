@@ -232,6 +232,18 @@ class TestStreamState:
         finally:
             await api.close()
 
+    def test_a_watch_that_never_reads_shows_as_unread_since_its_start(self) -> None:
+        metrics = new_metrics()
+        checked = "log_bridge_workos_stream_checked_timestamp_seconds"
+        before = time.time()
+        metrics.watching([ORGANIZATION, "org_2"])
+        started = sample(metrics, checked, organization="org_2")
+        assert started is not None and before <= started <= time.time()
+        metrics.stream_checked.labels(ORGANIZATION).set(1.0)  # read once, long ago
+        metrics.watching([ORGANIZATION])  # a reload: the time of the last read stays, org_2's series go
+        assert sample(metrics, checked, organization=ORGANIZATION) == 1.0
+        assert sample(metrics, checked, organization="org_2") is None
+
     async def test_no_stream_and_other_destinations_are_reported_not_errors(
         self, workos_fake: FakeWorkOS, caplog: pytest.LogCaptureFixture
     ) -> None:

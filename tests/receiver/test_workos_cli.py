@@ -17,8 +17,11 @@ import yaml
 
 from receiver.cli import main
 from receiver.workos_export import iso
-from tests.conftest import ORGANIZATION, TOKEN, StartService
+from tests.conftest import BASE_CONFIG, ORGANIZATION, TOKEN, StartService, merge
+from tests.receiver.test_reload import running, wait_for
 from tests.workos_fake import API_KEY, FakeWorkOS, stream
+
+__all__ = ["running"]  # the fixture, from test_reload
 
 DAY = 86400
 MIDNIGHT = int(time.time()) // DAY * DAY
@@ -311,6 +314,36 @@ class TestService:
             f'log_bridge_workos_stream_state{{organization="{ORGANIZATION}",state="active",type="GenericHttps"}} 0.0'
             in text
         )
+
+    async def test_a_reload_leaves_no_series_of_an_organization_no_longer_watched(
+        self, workos_fake: FakeWorkOS, running: Any
+    ) -> None:
+        """Gauges kept for an organization taken out of workos.organizations (or with the section) would keep
+        its last state, and the alerts on it, alive until the process restarts."""
+        workos_fake.organizations["org_other"] = stream("invalid", last_synced_at="2024-01-15T10:30:00.000Z")
+        workos = {"api_key": API_KEY, "base_url": workos_fake.url, "organizations": [ORGANIZATION, "org_other"]}
+        service, file = await running(merge(BASE_CONFIG, {"workos": workos}))
+        registry = service.metrics.registry
+        labels = {"organization": "org_other", "type": "GenericHttps", "state": "invalid"}
+        checked = "log_bridge_workos_stream_checked_timestamp_seconds"
+        await wait_for(lambda: registry.get_sample_value("log_bridge_workos_stream_state", labels) == 1)
+        file.change({"workos": {"organizations": [ORGANIZATION]}})
+        assert await service.reload()
+        await wait_for(lambda: registry.get_sample_value(checked, {"organization": ORGANIZATION}) is not None)
+        assert registry.get_sample_value("log_bridge_workos_stream_state", labels) is None
+        assert registry.get_sample_value(checked, {"organization": "org_other"}) is None
+        without = dict(file.tree)
+        del without["workos"]
+        file.write(without)
+        assert await service.reload()
+        text = scrape_text(registry)
+        assert "log_bridge_workos_stream_state{" not in text and f"{checked}{{" not in text
+
+
+def scrape_text(registry: Any) -> str:
+    from prometheus_client import generate_latest
+
+    return generate_latest(registry).decode()
 
 
 class TerminalStream(io.StringIO):
