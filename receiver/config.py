@@ -336,7 +336,8 @@ class WorkosConfig(_Model):
         key = value.get_secret_value()
         if not key:
             raise ValueError("is empty (is its environment variable set?)")
-        if not key.startswith("sk_") or any(ch.isspace() for ch in key):
+        # Printable ASCII only: anything else h11 refuses as a header value, quoting the whole value in its error.
+        if not key.startswith("sk_") or not (key.isascii() and key.isprintable()) or " " in key:
             raise ValueError("a WorkOS API key starts with sk_ (Dashboard > API Keys)")
         return value
 

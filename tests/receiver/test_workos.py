@@ -111,6 +111,16 @@ class TestConfig:
         assert errors == ["workos.api_key: a WorkOS API key starts with sk_ (Dashboard > API Keys)"]
         assert "secretvalue123" not in str(errors)
 
+    @pytest.mark.parametrize(
+        "key", ["sk_test_abc\x00SECRETPART", "sk_test_abc\x7fSECRETPART", "sk_test_abc\u00e9SECRETPART"]
+    )
+    def test_a_key_that_cannot_be_a_header_is_refused_without_being_shown(self, key: str) -> None:
+        """httpx would send the request, and h11 would refuse the header quoting it whole in its error: a NUL
+        ends the part that looks like a key, so the rest was in the error and the log line."""
+        errors = errors_of({"api_key": key, "organizations": [ORGANIZATION]})
+        assert errors == ["workos.api_key: a WorkOS API key starts with sk_ (Dashboard > API Keys)"]
+        assert "SECRETPART" not in str(errors)
+
     def test_an_unset_key_variable_is_the_one_problem(self) -> None:
         errors = errors_of({"api_key": "${WORKOS_API_KEY}", "organizations": [ORGANIZATION]})
         assert errors == ["workos.api_key: environment variable WORKOS_API_KEY is not set"]
