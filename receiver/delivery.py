@@ -43,6 +43,9 @@ BACKLOG_RECOUNT = 30.0
 IDLE_POLL = 1.0
 """How often an idle sink looks at the journal anyway: `dlq replay` writes from another process."""
 
+HEALTH_RECHECK = 30.0
+"""How often a red sink with nothing to send runs its health check again: no send will say it is back."""
+
 
 def action_filter(include: Sequence[str], exclude: Sequence[str]) -> Callable[[str], bool]:
     """A predicate on an event's action from include/exclude globs (no include globs: everything)."""
@@ -478,7 +481,7 @@ class DeliveryEngine:
         await runner.prime()
         self._tasks[runner.name] = [
             asyncio.create_task(runner.run(), name=f"sink:{runner.name}"),
-            asyncio.create_task(self._first_check(runner), name=f"health:{runner.name}"),
+            asyncio.create_task(self._watch_health(runner), name=f"health:{runner.name}"),
             asyncio.create_task(runner.count_forever(), name=f"backlog:{runner.name}"),
         ]
 
@@ -488,12 +491,22 @@ class DeliveryEngine:
             await self._launch(runner)
 
     @staticmethod
-    async def _first_check(runner: SinkRunner) -> None:
+    async def _watch_health(runner: SinkRunner) -> None:
+        """Check the sink's health at start, then again every HEALTH_RECHECK seconds while it is red with nothing
+        to send: a failed check (or a send that gave up) would otherwise keep it red after the sink is back.
+        While it owes events its sends say how it is, and a check does not overrule them."""
         health = await runner.check_health()
         if health.ok:
             log.info("sink healthy", extra={"sink": runner.name, "detail": health.message})
         else:
             log.error("sink health check failed", extra={"sink": runner.name, "detail": health.message})
+        while True:
+            await asyncio.sleep(HEALTH_RECHECK)
+            if runner.health.ok or runner.owed():
+                continue
+            health = await runner.check_health()
+            if health.ok:
+                log.info("sink healthy again", extra={"sink": runner.name, "detail": health.message})
 
     async def reconfigure(self, config: Config, built: Mapping[str, Sink]) -> None:
         """Apply a reloaded configuration: `built` holds the new sinks (added or changed). A removed sink's

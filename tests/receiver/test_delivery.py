@@ -18,6 +18,7 @@ from receiver.errors import JournalError
 from receiver.journal import list_dead_letters, replay_dead_letters
 from receiver.journal.schema import INTAKE
 from receiver.server import Service
+from sinks.base import Health
 from tests.conftest import BASE_CONFIG, TOKEN, StartService, memory, merge
 
 AUTH = {"Authorization": TOKEN}
@@ -388,3 +389,49 @@ class TestSinkHealth:
         assert 'outcome="retry",sink="mem"' not in text  # PENDING is no failed send
         assert list_dead_letters(service.config.journal.path) == []  # and max_attempts: 1 was never used up
         assert service.engine is not None and service.engine.runners["mem"].health.ok
+
+
+class TestHealthWhileIdle:
+    """A sink with nothing to send is checked again while it is red: its gauge follows the sink back up."""
+
+    async def test_a_failed_first_check_is_not_red_forever(
+        self, start_service: StartService, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setattr("receiver.delivery.HEALTH_RECHECK", 0.1, raising=False)
+        service = await start_service({"sinks": {"mem": {"fail": "retry"}}})
+        await until(lambda: 'log_bridge_sink_up{sink="mem"} 0.0' in service.metrics.render().decode())
+        memory().fail = "none"  # the sink answers again; nothing is owed, so no send will say so
+        await until(lambda: 'log_bridge_sink_up{sink="mem"} 1.0' in service.metrics.render().decode())
+
+    async def test_a_sink_that_gave_up_and_went_idle_comes_back_up(
+        self, start_service: StartService, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setattr("receiver.delivery.HEALTH_RECHECK", 0.1, raising=False)
+        service = await start_service({"sinks": {"mem": {"retry": {"max_attempts": 2}}}})
+        memory().fail = "retry"
+        await send(service, events(1))
+        await until(lambda: len(list_dead_letters(service.journal.path, "mem")) == 1)
+        assert 'log_bridge_sink_up{sink="mem"} 0.0' in service.metrics.render().decode()
+        memory().fail = "none"
+        await until(lambda: 'log_bridge_sink_up{sink="mem"} 1.0' in service.metrics.render().decode())
+
+    async def test_a_sink_retrying_a_batch_is_not_turned_green_by_its_check(
+        self, start_service: StartService, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Its sends are what say it is down: a check that passes between two retries does not hide them."""
+        monkeypatch.setattr("receiver.delivery.HEALTH_RECHECK", 0.05, raising=False)
+        service = await start_service({"sinks": {"mem": {"retry": {"initial": "1s", "max": "1s"}}}})
+        sink = memory()
+        sink.fail = "retry"
+        checks = {"n": 0}
+
+        async def green() -> Health:
+            checks["n"] += 1
+            return Health(True, "health endpoint answers")
+
+        sink.healthcheck = green  # type: ignore[method-assign]
+        await send(service, events(1))
+        await until(lambda: 'log_bridge_sink_up{sink="mem"} 0.0' in service.metrics.render().decode())
+        await asyncio.sleep(0.5)
+        assert 'log_bridge_sink_up{sink="mem"} 0.0' in service.metrics.render().decode()
+        assert checks["n"] == 0
