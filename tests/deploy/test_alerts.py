@@ -211,8 +211,12 @@ CASES: dict[str, dict[str, Any]] = {
                 instance="10.0.0.5:8443",
             ),
             series("log_bridge_stream_last_event_timestamp_seconds", "0x72", stream="quiet", job="other-release"),
+            # A stream first served at 6h10m (a fresh install, or added by a reload): 0, as a started service
+            # reports it. It has been silent only since then: that is not yet `after` (time() is far past 6h).
+            series("log_bridge_stream_last_event_timestamp_seconds", "_x36 0x40", stream="new"),
         ],
         "alert_rule_test": [
+            fires("LogBridgeStreamSilent", "6h20m"),
             fires("LogBridgeStreamSilent", "6h50m"),  # quiet: 5h50m without an event
             fires(
                 "LogBridgeStreamSilent",
@@ -224,6 +228,13 @@ CASES: dict[str, dict[str, Any]] = {
                 "8h10m",
                 (stream_target(stream="quiet"), "No event on stream quiet for more than 6h"),
                 (stream_target(stream="restarted"), "No event on stream restarted for more than 6h"),
+            ),
+            fires(  # the new stream too, once it has been silent for 6h
+                "LogBridgeStreamSilent",
+                "12h20m",
+                (stream_target(stream="quiet"), "No event on stream quiet for more than 6h"),
+                (stream_target(stream="restarted"), "No event on stream restarted for more than 6h"),
+                (stream_target(stream="new"), "No event on stream new for more than 6h"),
             ),
         ],
     },
@@ -478,7 +489,7 @@ class TestPrometheusRule:
         alerts = {r["alert"]: r for r in rules(manifests) if "alert" in r}
         assert "LogBridgeSinkDown" not in alerts
         silent = alerts["LogBridgeStreamSilent"]
-        assert "[90m]" in silent["expr"] and silent["expr"].endswith("> 5400")
+        assert "[90m]) ) > 5400 and" in " ".join(silent["expr"].split()) and "[90m] offset 90m" in silent["expr"]
         assert silent["labels"] == {"severity": "page", "team": "security"}
         assert silent["annotations"]["runbook_url"] == "https://wiki.example.com/log-bridge#logbridgestreamsilent"
         for r in rules(manifests):
