@@ -306,6 +306,19 @@ CASES: dict[str, dict[str, Any]] = {
                 pod="log-bridge-2",
                 instance="i2",
             ),
+            # Pod 3: a failed reload at 8m, then a restart at 20m on the fixed config (a new instance, its load a
+            # success): the process that failed is gone.
+            series("log_bridge_config_reloads_total", "0x7 1x11", result="failure", pod="log-bridge-3", instance="i3"),
+            series(
+                "log_bridge_config_last_reload_success_timestamp_seconds", "60x18", pod="log-bridge-3", instance="i3"
+            ),
+            series("log_bridge_config_reloads_total", "_x19 0x30", result="failure", pod="log-bridge-3", instance="j3"),
+            series(
+                "log_bridge_config_last_reload_success_timestamp_seconds",
+                "_x19 1200x30",
+                pod="log-bridge-3",
+                instance="j3",
+            ),
             series("log_bridge_config_reloads_total", "0x7 1x40", result="failure", job="other-release"),
         ],
         "alert_rule_test": [
@@ -315,6 +328,7 @@ CASES: dict[str, dict[str, Any]] = {
                 "12m",
                 (target(), "Config reload failed on log-bridge-0"),
                 (target(pod="log-bridge-1", instance="10.0.0.3:8443"), "Config reload failed on log-bridge-1"),
+                (target(pod="log-bridge-3", instance="i3"), "Config reload failed on log-bridge-3"),
             ),
             fires(
                 "LogBridgeConfigReloadFailed",
