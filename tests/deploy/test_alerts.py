@@ -10,11 +10,19 @@ from __future__ import annotations
 
 import copy
 import json
+import re
+import shlex
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+import orjson
 import pytest
 import yaml
+
+from receiver.cli import main
+from receiver.samples import sample_wrappers
+from tests.conftest import TOKEN, StartService, scrape
 
 from .prometheus import known_metric, metric_names, run_promtool, write_rules
 from .support import FIXTURES, NAMESPACE, Manifest, Render, kinds, only
@@ -628,3 +636,74 @@ class TestScrapedOnce:
         selector = {"matchLabels": {"a": "1"}, "matchExpressions": [{"key": "b", "operator": "NotIn", "values": ["x"]}]}
         assert selects(selector, {"a": "1"}) and selects(selector, {"a": "1", "b": "y"})
         assert not selects(selector, {"a": "1", "b": "x"}) and not selects(selector, {"a": "2"})
+
+
+class TestDeadLetterRunbook:
+    """What the dead-letter alert tells the on-call engineer to run finds the dead letters it fired for: `stage`
+    is `intake` for bad input, whose `dlq` selector is `(intake)`, else the sink's name."""
+
+    RUNBOOK = {
+        "intake": (
+            "Elements the sender got wrong, kept as received for inspection; they cannot be replayed. List them with "
+            "their reasons (kubectl exec -n audit log-bridge-0 -- log-bridge dlq list --sink '(intake)'), save what "
+            "you need and delete them (log-bridge dlq purge --sink '(intake)' --yes)."
+        ),
+        "s3": (
+            "List them with their reasons (kubectl exec -n audit log-bridge-0 -- log-bridge dlq list --sink s3), "
+            "fix what the sink refused them for, then put them back with log-bridge dlq replay --sink s3."
+        ),
+    }
+
+    @pytest.mark.parametrize("stage", list(RUNBOOK))
+    def test_the_runbook_promtool_renders(self, render: Render, tmp_path: Path, stage: str) -> None:
+        cut = copy.deepcopy(groups(render(enabled())))
+        for group in cut:
+            for rule in group["rules"]:
+                if "alert" in rule:
+                    rule["annotations"] = {"runbook": rule["annotations"]["runbook"]}
+        write_rules(tmp_path / "rules.yaml", cut)
+        case = {
+            "interval": "1m",
+            "input_series": [series("log_bridge_events_dead_lettered_total", "0x5 3x10", stage=stage)],
+            "alert_rule_test": [
+                {
+                    "eval_time": "8m",
+                    "alertname": "LogBridgeEventsDeadLettered",
+                    "exp_alerts": [
+                        {
+                            "exp_labels": {"severity": "warning", **target(stage=stage)},
+                            "exp_annotations": {"runbook": self.RUNBOOK[stage]},
+                        }
+                    ],
+                }
+            ],
+        }
+        (tmp_path / "tests.yaml").write_text(
+            yaml.safe_dump({"rule_files": ["rules.yaml"], "tests": [case]}, sort_keys=False)
+        )
+        result = run_promtool("test", "rules", tmp_path / "tests.yaml")
+        assert result.returncode == 0, result.stdout + result.stderr
+
+    async def test_its_intake_command_lists_what_a_real_service_counted(
+        self, start_service: StartService, client: aiohttp.ClientSession, tmp_path: Path, capsys: Any
+    ) -> None:
+        service = await start_service()
+        body = orjson.dumps([sample_wrappers(1)[0], 42, {"no": "event"}])
+        headers = {"Authorization": TOKEN, "Content-Type": "application/json"}
+        async with client.post(service.url + "/workos", data=body, headers=headers) as response:
+            assert response.status == 200
+        async with client.get(service.url + "/metrics") as response:
+            text = await response.text()
+        assert scrape(text, "log_bridge_events_dead_lettered_total", stage="intake") == 2
+        config = tmp_path / "c.yaml"
+        config.write_text(yaml.safe_dump({"journal": {"path": str(service.config.journal.path)}}))
+        found = re.search(r"-- (log-bridge dlq list --sink \S+)\)", self.RUNBOOK["intake"])
+        assert found is not None
+        command = shlex.split(found[1])
+        capsys.readouterr()
+        assert main([*command[1:], "--config", str(config)]) == 0
+        listed = [orjson.loads(line) for line in capsys.readouterr().out.splitlines()]
+        assert [letter["element"] for letter in listed] == [42, {"no": "event"}]
+        # `--sink intake`, the stage's label as it is, names a sink called intake: it lists nothing.
+        assert main(["dlq", "list", "--sink", "intake", "--config", str(config)]) == 0
+        assert capsys.readouterr().out == ""
