@@ -278,6 +278,9 @@ class StreamWatch:
         self.last: dict[str, StreamStatus] = {}
         self._failing: dict[str, str] = {}
         self._types: dict[str, str] = {}
+        self._unlisted: dict[str, tuple[str, str]] = {}
+        """Organization -> (type, state) of the series a state not in STREAM_STATES got (the SDK passes unknown
+        states through): removed once the stream is in another state, or it would still read 1."""
 
     async def run(self) -> None:
         """Watch until cancelled."""
@@ -314,9 +317,17 @@ class StreamWatch:
             for state in STREAM_STATES:
                 with contextlib.suppress(KeyError):
                     self.metrics.stream_state.remove(organization, previous_type, state)
+        unlisted = None if status.stream_type is None or status.state in STREAM_STATES else status.state or ""
+        previous_unlisted = self._unlisted.pop(organization, None)
+        if previous_unlisted is not None and previous_unlisted != (status.stream_type, unlisted):
+            with contextlib.suppress(KeyError):
+                self.metrics.stream_state.remove(organization, *previous_unlisted)
         if status.stream_type is not None:
             self._types[organization] = status.stream_type
-            states = STREAM_STATES if status.state in STREAM_STATES else (*STREAM_STATES, status.state or "")
+            states: tuple[str, ...] = STREAM_STATES
+            if unlisted is not None:
+                self._unlisted[organization] = (status.stream_type, unlisted)
+                states = (*STREAM_STATES, unlisted)
             for state in states:
                 value = 1.0 if state == status.state else 0.0
                 self.metrics.stream_state.labels(organization, status.stream_type, state).set(value)

@@ -199,6 +199,27 @@ class TestStreamState:
         assert "auth header must equal one of the stream's auth.values" in lines[1][1]
         assert "reachable from WorkOS's egress addresses" in lines[2][1]
 
+    async def test_a_state_the_sdk_does_not_know_is_not_left_at_1_after_it_passes(
+        self, workos_fake: FakeWorkOS
+    ) -> None:
+        """The SDK passes a state it does not list through (its enum's _missing_): it gets a series of its own,
+        which must say 0 once the stream is in another state, or two states read 1 at once."""
+        metrics = new_metrics()
+        api = api_for(workos_fake, metrics)
+        watch = StreamWatch(_config(workos_fake), api, metrics)
+        labels = {"organization": ORGANIZATION, "type": "GenericHttps"}
+        try:
+            workos_fake.organizations[ORGANIZATION] = stream("paused")
+            await watch.check_all()
+            assert sample(metrics, "log_bridge_workos_stream_state", **labels, state="paused") == 1
+            assert sample(metrics, "log_bridge_workos_stream_state", **labels, state="active") == 0
+            workos_fake.organizations[ORGANIZATION] = stream("active")
+            await watch.check_all()
+        finally:
+            await api.close()
+        assert sample(metrics, "log_bridge_workos_stream_state", **labels, state="active") == 1
+        assert sample(metrics, "log_bridge_workos_stream_state", **labels, state="paused") in (0, None)
+
     async def test_a_stream_that_goes_away_leaves_no_stale_series(self, workos_fake: FakeWorkOS) -> None:
         metrics = new_metrics()
         api = api_for(workos_fake, metrics)
