@@ -520,6 +520,9 @@ def build_app(config: Config, journal: Journal, metrics: Metrics, state: State) 
     metrics.watch_inflight(lambda: state.budget.used)
 
     def unknown(request: web.Request) -> web.Response:
+        # A sender with a wrong path (a typo in the WorkOS endpoint) is otherwise seen nowhere but in the silence.
+        metrics.unrouted.inc()
+        state.refusals.log("request to a path no stream is configured at; answered 404", path=request.path[:200])
         return web_response(NO_STREAM)
 
     async def post(request: web.Request) -> web.StreamResponse:

@@ -124,6 +124,12 @@ class Metrics:
             ["stream", "reason"],
             registry=r,
         )
+        self.unrouted = Counter(
+            "log_bridge_requests_unrouted",
+            "POSTs to a path no stream is configured at, answered 404 (the path, the client's to choose, is logged, "
+            "not a label)",
+            registry=r,
+        )
         self.last_event = Gauge(
             "log_bridge_stream_last_event_timestamp_seconds",
             "When the stream's last request with events was acknowledged (Unix time; alert on silence)",

@@ -116,3 +116,28 @@ class TestExposition:
         messages = [record.getMessage() for record in caplog.records]
         assert not [m for m in messages if "never retrieved" in m], messages
         assert messages.count("metrics: the page could not be rendered") == 1, messages
+
+
+class TestUnroutedRequests:
+    """A sender posting to a path no stream has (a typo in the WorkOS endpoint) is seen: counted, without the
+    path as a label (it is the client's to choose), and logged with it, a few lines a second."""
+
+    async def test_counted_and_logged(self, start_service: StartService, caplog: pytest.LogCaptureFixture) -> None:
+        service = await start_service()
+        caplog.set_level("WARNING", logger="receiver.app")
+        headers = {"Authorization": TOKEN, "Content-Type": "application/json"}
+        async with aiohttp.ClientSession() as session:
+            for path in ("/workos/", "/work0s", "/workos"):
+                async with session.post(service.url + path, data=b"[]", headers=headers) as response:
+                    assert response.status == (200 if path == "/workos" else 404)
+            text = await get_metrics(session, service.url)
+        assert scrape(text, "log_bridge_requests_unrouted_total") == 2
+        assert "path" not in {
+            label
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+            for label in s.labels
+            if family.name == "log_bridge_requests_unrouted"
+        }
+        lines = [r for r in caplog.records if "no stream is configured" in r.getMessage()]
+        assert [getattr(r, "path", None) for r in lines] == ["/workos/", "/work0s"]
