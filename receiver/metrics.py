@@ -98,6 +98,12 @@ class Metrics:
             "1 while the journal is over journal.max_bytes (intake answers 503)",
             registry=r,
         )
+        self.journal_disk_full = Gauge(
+            "log_bridge_journal_disk_full",
+            "1 while the journal's disk is full: a write failed for lack of space and none has committed since "
+            "(intake answers 503 and /readyz is not ready, however far below journal.max_bytes the journal is)",
+            registry=r,
+        )
 
         self.malformed_requests = Counter(
             "log_bridge_malformed_requests",
@@ -175,12 +181,17 @@ class Metrics:
         self.inflight_bytes.set_function(used)
 
     def watch_journal(
-        self, size: Callable[[], float], over_cap: Callable[[], float], dedup_keys: Callable[[], float]
+        self,
+        size: Callable[[], float],
+        over_cap: Callable[[], float],
+        dedup_keys: Callable[[], float],
+        disk_full: Callable[[], float],
     ) -> None:
         """Read the journal gauges at scrape time."""
         self.journal_bytes.set_function(size)
         self.journal_over_cap.set_function(over_cap)
         self.dedup_keys.set_function(dedup_keys)
+        self.journal_disk_full.set_function(disk_full)
 
     def render(self) -> bytes:
         """The Prometheus text exposition."""

@@ -385,6 +385,7 @@ class Service:
             lambda: self.journal.size_bytes,
             lambda: 1.0 if self.journal.over_cap else 0.0,
             lambda: self.journal.dedup.size,
+            lambda: 1.0 if self.journal.disk_full else 0.0,
         )
         self.metrics.journal_max_bytes.set_function(lambda: self.journal.max_bytes)
         self.metrics.dead_letter_bytes.set_function(lambda: self.journal.dead_letter_bytes)

@@ -34,6 +34,7 @@ ALERTS = {
     "LogBridgeSinkBacklogGrowing": "sinkBacklogGrowing",
     "LogBridgeEventsDeadLettered": "deadLetters",
     "LogBridgeJournalNearlyFull": "journalNearlyFull",
+    "LogBridgeJournalDiskFull": "journalDiskFull",
     "LogBridgeDeadLettersNearlyFull": "deadLettersNearlyFull",
     "LogBridgeStreamSilent": "streamSilent",
     "LogBridgeRequestsUnauthorised": "requestsUnauthorised",
@@ -95,6 +96,7 @@ SEVERITY = {
     "LogBridgeSinkBacklogGrowing": "warning",
     "LogBridgeEventsDeadLettered": "warning",
     "LogBridgeJournalNearlyFull": "warning",
+    "LogBridgeJournalDiskFull": "critical",
     "LogBridgeDeadLettersNearlyFull": "warning",
     "LogBridgeStreamSilent": "critical",
     "LogBridgeRequestsUnauthorised": "warning",
@@ -179,6 +181,19 @@ CASES: dict[str, dict[str, Any]] = {
         "alert_rule_test": [
             fires("LogBridgeJournalNearlyFull", "20m"),  # over 80 % for 4 minutes: not yet
             fires("LogBridgeJournalNearlyFull", "22m", (target(), "Journal of log-bridge-0 is 94% full")),
+        ],
+    },
+    "LogBridgeJournalDiskFull": {
+        "interval": "1m",
+        "input_series": [
+            series("log_bridge_journal_disk_full", "0x5 1x10 0x20"),  # full from 5m to 15m
+            series("log_bridge_journal_disk_full", "0 1 0 1 0 1 0x25", pod="log-bridge-1", instance="10.0.0.3:8443"),
+            series("log_bridge_journal_disk_full", "1x30", job="other-release"),
+        ],
+        "alert_rule_test": [
+            fires("LogBridgeJournalDiskFull", "9m"),  # full 4 minutes: not yet; pod 1 only flickered
+            fires("LogBridgeJournalDiskFull", "11m", (target(), "The journal's disk of log-bridge-0 is full")),
+            fires("LogBridgeJournalDiskFull", "20m"),  # room again
         ],
     },
     "LogBridgeDeadLettersNearlyFull": {

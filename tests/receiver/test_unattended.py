@@ -472,6 +472,11 @@ class TestReadinessWhileTheDiskIsFull:
                     await asyncio.sleep(0.05)
                 assert {status for status, _ in probes} == {503}, probes
                 assert probes[0][1] == ["the journal's disk is full"]
+                # What the alerts read says so too: the journal is far below journal.max_bytes.
+                async with session.get(service.url + "/metrics") as response:
+                    text = await response.text()
+                assert scrape(text, "log_bridge_journal_disk_full") == 1
+                assert scrape(text, "log_bridge_journal_over_cap") == 0
                 filler.unlink()
                 for _ in range(30):  # one probe write a second at most
                     await asyncio.sleep(0.2)
@@ -479,6 +484,8 @@ class TestReadinessWhileTheDiskIsFull:
                         if response.status == 200:
                             break
                 assert response.status == 200, await response.text()
+                async with session.get(service.url + "/metrics") as response:
+                    assert scrape(await response.text(), "log_bridge_journal_disk_full") == 0
                 data, headers = body(5)
                 async with session.post(service.url + "/workos", data=data, headers=headers) as response:
                     assert response.status == 200
