@@ -699,6 +699,13 @@ class TestDeadLetterRunbook:
         result = run_promtool("test", "rules", tmp_path / "tests.yaml")
         assert result.returncode == 0, result.stdout + result.stderr
 
+    def test_the_cap_alert_says_how_to_free_intake_dead_letters(self, render: Render) -> None:
+        """At the cap, replay frees nothing of bad input: the runbook gives the purge that does."""
+        alerts = {rule["alert"]: rule for rule in rules(render(enabled())) if "alert" in rule}
+        runbook = alerts["LogBridgeDeadLettersNearlyFull"]["annotations"]["runbook"]
+        assert "log-bridge dlq purge --sink '(intake)' --yes" in runbook
+        assert "dlq list --sink '(intake)'" in runbook
+
     async def test_its_intake_command_lists_what_a_real_service_counted(
         self, start_service: StartService, client: aiohttp.ClientSession, tmp_path: Path, capsys: Any
     ) -> None:
