@@ -3,9 +3,11 @@ answered as a duplicate.
 
 The journal stays the authority: a request's keys are looked up here before its batch is written, and marked
 here only after the batch committed locally (`Journal.append`). A failure in between leaves a key unmarked, which
-can cause a duplicate on another replica, never a loss. When Redis does not answer within `timeout`, the request
-is deduplicated by the local index alone; the failure is counted, logged once per outage, and the next tries are
-spaced out (`RETRY_INTERVAL`) so a dead store costs at most one timeout now and then, not one per request.
+can cause a duplicate on another replica, never a loss. When Redis does not answer within `timeout` (or refuses
+the marks: out of memory, a read-only replica), the request is deduplicated by the local index alone; the
+failure is counted, logged once per outage (which only a mark that lands ends, after refused marks), and the next
+tries are spaced out (`RETRY_INTERVAL`) so a dead store costs at most one timeout now and then, not one per
+request.
 
 Keys are `key_prefix` + the stream's path + a 128-bit BLAKE2b digest of the keySuffix: a fixed size in Redis
 whatever the client sent, and nothing of the event in the store. Each expires with the dedup window (TTL).
@@ -91,6 +93,9 @@ class RedisDedupStore:
         pool = BlockingConnectionPool.from_url(url, max_connections=MAX_CONNECTIONS, timeout=config.timeout, **options)
         self._client: Redis = Redis.from_pool(pool)
         self.down = False
+        self._writes_refused = False
+        """Whether the outage is the store refusing writes while it answers reads (out of memory under
+        `noeviction`, a read-only replica after a failover): only a write that lands ends it."""
         self._retry_at = 0.0
         self.errors = 0
 
@@ -115,7 +120,7 @@ class RedisDedupStore:
         pipe = self._client.pipeline(transaction=False)
         for key in keys:
             pipe.set(self._key(stream, key), b"1", px=self.ttl_ms)
-        return await self._call(pipe.execute()) is not None
+        return await self._call(pipe.execute(), writes=True) is not None
 
     async def ping(self) -> str | None:
         """None when the store answers, else why not (for `check` and start-up)."""
@@ -137,12 +142,13 @@ class RedisDedupStore:
     def _may_try(self) -> bool:
         return not self.down or time.monotonic() >= self._retry_at
 
-    async def _call(self, operation: Any) -> Any:
+    async def _call(self, operation: Any, writes: bool = False) -> Any:
         try:
             async with asyncio.timeout(self.timeout):
                 result = await operation
         except Exception as exc:  # any failure of the store only costs deduplication, never the request
             self.errors += 1
+            self._writes_refused = writes
             self.on_error()
             self._retry_at = time.monotonic() + RETRY_INTERVAL
             if not self.down:
@@ -152,7 +158,7 @@ class RedisDedupStore:
                     extra={"store": self.where, "error": _reason(exc, self.timeout)},
                 )
             return None
-        if self.down:
+        if self.down and (writes or not self._writes_refused):  # a read does not prove that writes land again
             self.down = False
             log.info("dedup store answers again: deduplication is shared again", extra={"store": self.where})
         return result

@@ -295,6 +295,51 @@ class TestTwoReplicas:
         assert messages.count("dedup store answers again: deduplication is shared again") == 2
         assert not any(PASSWORD in repr(record.__dict__) for record in caplog.records)
 
+    @pytest.mark.parametrize("refusal", ["oom", "readonly"])
+    async def test_a_store_refusing_writes_is_one_outage(
+        self,
+        start_service: StartService,
+        client: aiohttp.ClientSession,
+        redis_server: RedisServer,
+        monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture,
+        refusal: str,
+    ) -> None:
+        """A Redis that answers reads but refuses writes (out of memory under `noeviction`, a replica after a
+        failover) is down for deduplication: one warning while it lasts, no "answers again" before a write
+        lands, then one line when it takes them again."""
+        monkeypatch.setattr(dedup_store, "RETRY_INTERVAL", 0.05)
+        a = await start_service(replica_changes("mem-a", {"url": redis_server.url}))
+        caplog.set_level(logging.INFO, logger="receiver.dedup_store")
+        keys = redis.Redis.from_url(redis_server.url)
+        try:
+            if refusal == "oom":
+                keys.config_set("maxmemory-policy", "noeviction")
+                keys.config_set("maxmemory", "1")
+            else:
+                keys.replicaof("127.0.0.1", "1")  # nothing listens there: a replica, serving reads, refusing writes
+            for _ in range(20):
+                assert (await post(client, a, sample_wrappers(2)))["accepted"] == 2
+                await asyncio.sleep(dedup_store.RETRY_INTERVAL / 2)
+            during = [record.getMessage() for record in caplog.records]
+            errors_during = store_errors(a)
+            if refusal == "oom":
+                keys.config_set("maxmemory", "0")
+            else:
+                keys.replicaof("NO", "ONE")
+            await asyncio.sleep(dedup_store.RETRY_INTERVAL + 0.05)
+            batch = sample_wrappers(3)
+            assert (await post(client, a, batch))["accepted"] == 3
+            marked = len(keys.keys("log-bridge:dedup:/workos:*"))
+        finally:
+            keys.close()
+        after = [record.getMessage() for record in caplog.records][len(during) :]
+        report(f"refusing writes ({refusal})", requests=20, store_errors=int(errors_during), log_lines=len(during))
+        assert errors_during >= 2  # the refused writes count
+        assert during == ["dedup store unavailable: deduplicating locally only until it answers"]
+        assert after == ["dedup store answers again: deduplication is shared again"]
+        assert marked == 3
+
     async def test_a_hung_store_costs_at_most_its_timeout(
         self, start_service: StartService, client: aiohttp.ClientSession, redis_server: RedisServer
     ) -> None:
