@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import io
 import logging
 import os
 import sys
@@ -339,6 +340,60 @@ class TestTwoReplicas:
         assert during == ["dedup store unavailable: deduplicating locally only until it answers"]
         assert after == ["dedup store answers again: deduplication is shared again"]
         assert marked == 3
+
+    async def test_a_large_batch_is_shared_without_holding_the_loop(
+        self, start_service: StartService, client: aiohttp.ClientSession, redis_server: RedisServer
+    ) -> None:
+        """A request of many events (up to `max_events_per_request`) is looked up and marked within the default
+        timeout, and its keys are sent without stopping the event loop for long."""
+        a = await start_service(replica_changes("mem-a", {"url": redis_server.url}))
+        b = await start_service(replica_changes("mem-b", {"url": redis_server.url}))
+        count = 30_000
+        body = orjson.dumps([{"event": {"id": f"e{i}"}, "keySuffix": f"key-{i:07d}"} for i in range(count)])
+        answers = []
+        for service in (a, b):  # a WorkOS retry landing on the other replica
+            async with client.post(
+                service.url + "/workos", data=io.BytesIO(body), headers={"Authorization": TOKEN}
+            ) as response:
+                assert response.status == 200
+                answers.append(await response.json())
+        errors = store_errors(a) + store_errors(b)
+        assert len(await delivered(["mem-a", "mem-b"], count)) == count  # the sinks are done with the loop
+
+        store = a.journal.shared  # the store's own share of the loop, without the rest of the intake
+        assert store is not None
+        stalls: list[float] = []
+        done = asyncio.Event()
+
+        async def watch() -> None:  # how late the event loop wakes a 2 ms sleep
+            while not done.is_set():
+                started = time.monotonic()
+                await asyncio.sleep(0.002)
+                stalls.append(time.monotonic() - started - 0.002)
+
+        watcher = asyncio.create_task(watch())
+        await asyncio.sleep(0.01)
+        others = [f"other-{i:07d}" for i in range(count)]
+        started = time.monotonic()
+        marked = await store.mark("/workos", others)
+        found = await store.seen("/workos", others)
+        took = time.monotonic() - started
+        done.set()
+        await watcher
+        report(
+            "one large batch",
+            events=count,
+            answered_duplicate_by_b=answers[1]["duplicates"],
+            store_errors=int(errors),
+            store_marked_and_found=len(found) if marked else 0,
+            worst_loop_stall_ms=round(max(stalls) * 1000),
+            store_took_ms=round(took * 1000),
+        )
+        assert answers[0]["accepted"] == count
+        assert answers[1] == {"accepted": 0, "duplicates": count, "dead_lettered": 0}
+        assert errors == 0
+        assert marked and len(found) == count
+        assert max(stalls) < 0.25  # one round of 30,000 SETs held it about 0.3 s
 
     async def test_a_hung_store_costs_at_most_its_timeout(
         self, start_service: StartService, client: aiohttp.ClientSession, redis_server: RedisServer
