@@ -49,6 +49,10 @@ about 8 ms for an MGET of 1000 keys, 30 ms for 1000 SETs, so that 100,000 keys i
 and 1 s and never fitted in the default timeout; in rounds they take about 1.2 s and 3.2 s on loopback, the loop
 late by 30 ms at the 99th percentile)."""
 
+PROBE_TTL_MS = 10_000
+"""How long the key a probe writes (`<key_prefix>probe`, beside no dedup key: their stream paths start with `/`)
+lives: a probe writes, since a Redis out of memory or a read-only replica answers a PING but takes no mark."""
+
 INSTALL_HINT = "the redis dedup store needs the `redis` package: pip install 'log-bridge[redis]'"
 
 
@@ -141,17 +145,20 @@ class RedisDedupStore:
         return True
 
     async def ping(self) -> str | None:
-        """None when the store answers, else why not (for `check` and start-up)."""
+        """None when the store takes a write, else why not (for `check`)."""
         try:
             async with asyncio.timeout(self.timeout):
-                await self._client.ping()
+                await self._write_probe()
         except Exception as exc:
             return _reason(exc, self.timeout)
         return None
 
     async def probe(self) -> bool:
-        """Whether the store answers a PING (a failure counts and logs like any other)."""
-        return await self._call(self._client.ping()) is not None
+        """Whether the store takes a write (start-up; a failure counts and logs like any other)."""
+        return await self._call(self._write_probe(), writes=True) is not None
+
+    async def _write_probe(self) -> object:
+        return await self._client.set(f"{self.prefix}probe", b"1", px=PROBE_TTL_MS)
 
     async def close(self) -> None:
         """Close the connections."""

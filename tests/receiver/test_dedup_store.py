@@ -237,7 +237,7 @@ class TestTwoReplicas:
             assert r.status == 503
         keys = redis.Redis.from_url(redis_server.url)
         try:
-            assert keys.keys("log-bridge:dedup:*") == []
+            assert keys.keys("log-bridge:dedup:/*") == []  # no dedup key (the start-up probe wrote `…:probe`)
             assert (await post(client, b, batch))["accepted"] == self.EVENTS
             marked = keys.keys("log-bridge:dedup:/workos:*")
             assert len(marked) == self.EVENTS
@@ -476,3 +476,32 @@ class TestCheckCommand:
         assert code == 1, out
         assert f"FAILED dedup store (redis) {shown}: ConnectionError" in out
         assert "deduplicates locally only" in out and PASSWORD not in out
+
+    @pytest.mark.parametrize("refusal", ["oom", "readonly"])
+    async def test_check_fails_a_store_refusing_writes(
+        self, tmp_path: Path, redis_server: RedisServer, refusal: str
+    ) -> None:
+        """A PING is answered by a Redis that cannot take a mark; `check` and the start-up probe write a key."""
+        keys = redis.Redis.from_url(redis_server.url)
+        try:
+            if refusal == "oom":
+                keys.config_set("maxmemory-policy", "noeviction")
+                keys.config_set("maxmemory", "1")
+            else:
+                keys.replicaof("127.0.0.1", "1")
+            code, out = await self.run_check(tmp_path, redis_server.url)
+            if refusal == "oom":
+                keys.config_set("maxmemory", "0")
+            else:
+                keys.replicaof("NO", "ONE")
+            after, _ = await self.run_check(tmp_path, redis_server.url)
+            left = [key for key in keys.keys("*") if not key.startswith(b"log-bridge:dedup:/")]
+            ttl = keys.pttl("log-bridge:dedup:probe")
+        finally:
+            keys.close()
+        error = {"oom": "OutOfMemoryError", "readonly": "ReadOnlyError"}[refusal]
+        assert code == 1, out
+        assert f"FAILED dedup store (redis) redis://localhost:{redis_server.port}/0: {error}" in out
+        assert PASSWORD not in out
+        assert after == 0
+        assert left == [b"log-bridge:dedup:probe"] and 0 < ttl <= 10_000  # one key, expiring in seconds
