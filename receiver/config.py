@@ -168,6 +168,11 @@ class DedupStoreConfig(_Model):
             raise ValueError("must start with redis:// or rediss:// (TLS)")
         if value:
             parts = urlsplit(value)
+            if parts.query or parts.fragment or value.endswith(("?", "#")):  # redis-py takes options from a query:
+                raise ValueError(  # a TLS check turned off, a password no log line is scrubbed of
+                    "takes no query string or fragment (`?`, `#`): its options are keys of journal.dedup_store, "
+                    "and a `?` or `#` in the password is written %3F or %23"
+                )
             try:
                 parts.port  # noqa: B018 - raises on a port that is not a number from 0 to 65535
             except ValueError:

@@ -37,6 +37,10 @@ from .redis_server import RedisServer
 
 PASSWORD = "redis-test-password-7f3a"  # noqa: S105 - the local server's made-up password
 WINDOW = 3600.0
+QUERY = (
+    "takes no query string or fragment (`?`, `#`): its options are keys of journal.dedup_store, and a `?` or `#` in"
+    " the password is written %3F or %23"
+)
 REPO = Path(__file__).resolve().parents[2]
 """The checkout under test: put first on the CLI's path, ahead of wherever the package is installed from."""
 
@@ -123,6 +127,13 @@ class TestConfig:
             (f"redis://:{PASSWORD}@cache:63790000", "the port is not a number from 1 to 65535"),
             (f"rediss://:{PASSWORD}@:6380", "names no host"),
             (f"redis://:{PASSWORD}@cache/zero", "the database (the path) must be a number"),
+            # redis-py would take options from the query: these turned off the TLS certificate check
+            (f"rediss://:{PASSWORD}@cache:6380/0?ssl_cert_reqs=none", QUERY),
+            ("rediss://cache:6380/0?ssl_check_hostname=false", QUERY),
+            (f"redis://cache/0?password={PASSWORD}", QUERY),  # a password no log line would have scrubbed
+            ("redis://cache/0?socket_timeout=abc", QUERY),  # `serve` and `check` stopped with a traceback
+            ("redis://:pass?word@cache/0", QUERY),
+            ("redis://:pass#word@cache/0", QUERY),
         ],
     )
     def test_a_malformed_url_is_refused_at_load(self, url: str, message: str) -> None:
