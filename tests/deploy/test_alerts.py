@@ -35,6 +35,7 @@ ALERTS = {
     "LogBridgeEventsDeadLettered": "deadLetters",
     "LogBridgeJournalNearlyFull": "journalNearlyFull",
     "LogBridgeJournalDiskFull": "journalDiskFull",
+    "LogBridgeDedupStoreFailing": "dedupStoreFailing",
     "LogBridgeDeadLettersNearlyFull": "deadLettersNearlyFull",
     "LogBridgeStreamSilent": "streamSilent",
     "LogBridgeRequestsUnauthorised": "requestsUnauthorised",
@@ -97,6 +98,7 @@ SEVERITY = {
     "LogBridgeEventsDeadLettered": "warning",
     "LogBridgeJournalNearlyFull": "warning",
     "LogBridgeJournalDiskFull": "critical",
+    "LogBridgeDedupStoreFailing": "warning",
     "LogBridgeDeadLettersNearlyFull": "warning",
     "LogBridgeStreamSilent": "critical",
     "LogBridgeRequestsUnauthorised": "warning",
@@ -194,6 +196,19 @@ CASES: dict[str, dict[str, Any]] = {
             fires("LogBridgeJournalDiskFull", "9m"),  # full 4 minutes: not yet; pod 1 only flickered
             fires("LogBridgeJournalDiskFull", "11m", (target(), "The journal's disk of log-bridge-0 is full")),
             fires("LogBridgeJournalDiskFull", "20m"),  # room again
+        ],
+    },
+    "LogBridgeDedupStoreFailing": {
+        "interval": "1m",
+        "input_series": [
+            series("log_bridge_dedup_store_errors_total", "0x5 0+30x20 600x20"),  # Redis down from 5m to 25m
+            series("log_bridge_dedup_store_errors_total", "0x5 1x35", pod="log-bridge-1", instance="10.0.0.3:8443"),
+            series("log_bridge_dedup_store_errors_total", "0+30x40", job="other-release"),
+        ],
+        "alert_rule_test": [
+            fires("LogBridgeDedupStoreFailing", "14m"),  # failing 9 minutes: not yet; pod 1 had one blip
+            fires("LogBridgeDedupStoreFailing", "17m", (target(), "The dedup store fails for log-bridge-0")),
+            fires("LogBridgeDedupStoreFailing", "35m"),  # Redis back at 25m
         ],
     },
     "LogBridgeDeadLettersNearlyFull": {
