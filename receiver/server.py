@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import gc
 import ipaddress
 import logging
@@ -146,6 +147,61 @@ def server_tls_context(tls: TLSConfig) -> ssl.SSLContext:
             raise ConfigError([f"server.tls.client_ca_file: cannot load {tls.client_ca_file}: {reason}"]) from None
         context.verify_mode = ssl.CERT_REQUIRED
     return context
+
+
+def certificate_validity(path: Path) -> tuple[datetime.datetime, datetime.datetime] | None:
+    """The notBefore and notAfter of the first certificate in the PEM file at `path` (the one a listener
+    presents), or None when they cannot be read from it (OpenSSL, which loaded the file, is then the judge)."""
+    try:
+        pem = path.read_text("ascii")
+        begin = pem.index("-----BEGIN CERTIFICATE-----")
+        der = ssl.PEM_cert_to_DER_cert(pem[begin : pem.index("-----END CERTIFICATE-----", begin) + 25])
+        _, start, _ = _der_item(der, 0)  # Certificate
+        _, at, _ = _der_item(der, start)  # tbsCertificate
+        if der[at] == 0xA0:  # [0] version
+            at = _der_item(der, at)[2]
+        for _ in range(3):  # serialNumber, signature, issuer
+            at = _der_item(der, at)[2]
+        _, at, _ = _der_item(der, at)  # validity
+        not_before = _der_time(der, at)
+        return not_before, _der_time(der, _der_item(der, at)[2])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _der_item(der: bytes, at: int) -> tuple[int, int, int]:
+    """The tag of the DER item at `at`, where its content starts and where it ends."""
+    tag, length, at = der[at], der[at + 1], at + 2
+    if length & 0x80:
+        size = length & 0x7F
+        length, at = int.from_bytes(der[at : at + size], "big"), at + size
+    return tag, at, at + length
+
+
+def _der_time(der: bytes, at: int) -> datetime.datetime:
+    tag, start, end = _der_item(der, at)
+    text = der[start:end].decode("ascii")
+    if tag == 0x17:  # UTCTime: YYMMDDHHMMSSZ, years 1950 to 2049
+        text = ("19" if int(text[:2]) >= 50 else "20") + text
+    elif tag != 0x18:  # GeneralizedTime: YYYYMMDDHHMMSSZ
+        raise ValueError("not a time")
+    return datetime.datetime.strptime(text, "%Y%m%d%H%M%SZ").replace(tzinfo=datetime.UTC)
+
+
+def validity_problem(tls: TLSConfig, now: datetime.datetime) -> str | None:
+    """Why the certificate in `tls.cert_file` cannot be presented at `now` (expired, or not valid yet), if so."""
+    validity = certificate_validity(tls.cert_file)
+    if validity is None:
+        return None
+    not_before, not_after = validity
+    if now > not_after:
+        return f"server.tls.cert_file: the certificate in {tls.cert_file} expired on {not_after:%Y-%m-%d %H:%M:%S} UTC"
+    if now < not_before:
+        return (
+            f"server.tls.cert_file: the certificate in {tls.cert_file} is not valid before "
+            f"{not_before:%Y-%m-%d %H:%M:%S} UTC"
+        )
+    return None
 
 
 LISTEN_BACKLOG = 1024
@@ -367,6 +423,11 @@ class Service:
         """Open the journal, start delivery, then listen; on a failure, undo what was started."""
         server = self.config.server
         self.tls = ServerTls(server.tls) if server.tls else None
+        if server.tls is not None:
+            # Served all the same: the journal's backlog is still delivered, and a reload can bring a valid pair.
+            problem = validity_problem(server.tls, datetime.datetime.now(datetime.UTC))
+            if problem is not None:
+                log.error("TLS certificate unusable: clients will refuse every handshake", extra={"problem": problem})
         await self.journal.open()
         try:
             await self._start()
@@ -533,6 +594,10 @@ class Service:
         try:
             if self.tls is not None and config.server.tls is not None:
                 fresh_tls = server_tls_context(config.server.tls)  # loaded before anything changes
+                # Every new handshake would fail with it; the certificate in use may still be valid.
+                problem = validity_problem(config.server.tls, datetime.datetime.now(datetime.UTC))
+                if problem is not None:
+                    raise ConfigError([problem])
             built = build_sinks(config, plan.sinks_to_build)
         except (ConfigError, LogBridgeError, SinkError) as exc:
             for sink in built.values():

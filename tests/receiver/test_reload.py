@@ -4,6 +4,8 @@ refused with the old kept, and what needs a restart reported; under load, no req
 from __future__ import annotations
 
 import asyncio
+import datetime
+import logging
 import ssl
 from pathlib import Path
 from typing import Any
@@ -228,8 +230,8 @@ async def wait_for(condition: Any, timeout: float = 10.0) -> None:
 
 class TestCertificateRotation:
     @staticmethod
-    def pair(tmp_path: Path, ca: trustme.CA, name: str) -> tuple[Path, Path]:
-        issued = ca.issue_cert("127.0.0.1", "localhost", common_name=name)
+    def pair(tmp_path: Path, ca: trustme.CA, name: str, **validity: datetime.datetime) -> tuple[Path, Path]:
+        issued = ca.issue_cert("127.0.0.1", "localhost", common_name=name, **validity)
         cert, key = tmp_path / f"{name}.crt", tmp_path / f"{name}.key"
         issued.cert_chain_pems[0].write_to_path(str(cert))
         issued.private_key_pem.write_to_path(str(key))
@@ -266,6 +268,51 @@ class TestCertificateRotation:
             file.change({"server": {"tls": {"cert_file": str(cert2), "key_file": str(tmp_path / "broken.key")}}})
             assert not await service.reload()
             assert await self.served_name(service.port, ca) == "second"
+
+    async def test_a_certificate_out_of_its_validity_is_refused(
+        self, running, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        # A renewal that went wrong (an old certificate copied back, a clock far off): every new handshake would
+        # fail at WorkOS. The reload is refused, the certificate in use stays, and the failure is counted.
+        ca = trustme.CA()
+        cert, key = self.pair(tmp_path, ca, "first")
+        service, file = await running(
+            merge(BASE_CONFIG, {"server": {"tls": {"cert_file": str(cert), "key_file": str(key)}}})
+        )
+        now = datetime.datetime.now(datetime.UTC)
+        day = datetime.timedelta(days=1)
+        expired = self.pair(tmp_path, ca, "expired", not_before=now - 30 * day, not_after=now - day)
+        early = self.pair(tmp_path, ca, "early", not_before=now + day, not_after=now + 30 * day)
+        for (cert2, key2), problem in ((expired, "expired on"), (early, "not valid before")):
+            caplog.clear()
+            file.change({"server": {"tls": {"cert_file": str(cert2), "key_file": str(key2)}}})
+            with caplog.at_level(logging.ERROR, logger="receiver.server"):
+                assert not await service.reload()
+            assert await self.served_name(service.port, ca) == "first"
+            refused = [r for r in caplog.records if r.getMessage().startswith("reload refused")]
+            assert len(refused) == 1
+            assert any(problem in text for text in refused[0].problems)  # type: ignore[attr-defined]
+        assert reloads(service, "failure") == 2
+        assert reloads(service, "success") == 0
+
+    async def test_a_start_with_an_expired_certificate_says_so_and_serves(
+        self, running, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        ca = trustme.CA()
+        now = datetime.datetime.now(datetime.UTC)
+        day = datetime.timedelta(days=1)
+        cert, key = self.pair(tmp_path, ca, "expired", not_before=now - 30 * day, not_after=now - day)
+        with caplog.at_level(logging.ERROR, logger="receiver.server"):
+            service, file = await running(
+                merge(BASE_CONFIG, {"server": {"tls": {"cert_file": str(cert), "key_file": str(key)}}})
+            )
+        [line] = [r for r in caplog.records if r.getMessage().startswith("TLS certificate unusable")]
+        assert "expired on" in line.problem  # type: ignore[attr-defined]
+        # A renewed pair is taken by the next reload.
+        cert2, key2 = self.pair(tmp_path, ca, "renewed")
+        file.change({"server": {"tls": {"cert_file": str(cert2), "key_file": str(key2)}}})
+        assert await service.reload()
+        assert await self.served_name(service.port, ca) == "renewed"
 
 
 class TestReloadWithWorkos:
