@@ -129,7 +129,8 @@ class _Site(web.SockSite):
 
 
 def server_tls_context(tls: TLSConfig) -> ssl.SSLContext:
-    """TLS 1.2 or newer; with `client_ca_file`, clients must present a certificate that CA signed (mTLS)."""
+    """TLS 1.2 or newer; with `client_ca_file`, clients must present a certificate that CA signed (mTLS), in a
+    full handshake on every connection: no session is resumed."""
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
@@ -146,6 +147,10 @@ def server_tls_context(tls: TLSConfig) -> ssl.SSLContext:
             reason = getattr(exc, "strerror", None) or getattr(exc, "reason", None) or str(exc)
             raise ConfigError([f"server.tls.client_ca_file: cannot load {tls.client_ca_file}: {reason}"]) from None
         context.verify_mode = ssl.CERT_REQUIRED
+        # A resumed session skips the client certificate check, so its sessions (kept by the listening context,
+        # which a reload does not replace) would let in for hours the clients of a CA a reload stopped trusting.
+        context.num_tickets = 0  # TLS 1.3 resumes only with tickets
+        context.options |= ssl.OP_NO_TICKET  # TLS 1.2
     return context
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import logging
+import socket
 import ssl
 from pathlib import Path
 from typing import Any
@@ -313,6 +314,51 @@ class TestCertificateRotation:
         file.change({"server": {"tls": {"cert_file": str(cert2), "key_file": str(key2)}}})
         assert await service.reload()
         assert await self.served_name(service.port, ca) == "renewed"
+
+    @staticmethod
+    def tls_post(
+        port: int, context: ssl.SSLContext, sni: str, session: ssl.SSLSession | None
+    ) -> tuple[bytes, bool, ssl.SSLSession | None]:
+        """A POST over a new TLS connection offering `session`: the answer's first bytes (b"" when refused),
+        whether the session was resumed, and the session to offer next time."""
+        request = (
+            b"POST /workos HTTP/1.1\r\nHost: x\r\nAuthorization: %s\r\nContent-Length: 2\r\n\r\n[]" % TOKEN.encode()
+        )
+        try:
+            with context.wrap_socket(
+                socket.create_connection(("127.0.0.1", port), timeout=5), server_hostname=sni, session=session
+            ) as conn:
+                conn.sendall(request)
+                return conn.recv(12), conn.session_reused, conn.session
+        except (OSError, ssl.SSLError):
+            return b"", False, None
+
+    @pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
+    @pytest.mark.parametrize("sni", ["127.0.0.1", "localhost"])  # no SNI sent for an address; one for a name
+    async def test_a_client_ca_removed_by_a_reload_lets_no_resumed_session_in(
+        self, running, tmp_path: Path, version: ssl.TLSVersion, sni: str
+    ) -> None:
+        # A resumed TLS session skips the client certificate check: sessions from before the reload would let
+        # the clients of a CA the reload stopped trusting (one compromised, say) in for hours.
+        ca, old, new = trustme.CA(), trustme.CA(), trustme.CA()
+        cert, key = self.pair(tmp_path, ca, "server")
+        old.cert_pem.write_to_path(str(tmp_path / "clients.pem"))
+        tls = {"cert_file": str(cert), "key_file": str(key), "client_ca_file": str(tmp_path / "clients.pem")}
+        service, file = await running(merge(BASE_CONFIG, {"server": {"tls": tls}}))
+        context = ssl.create_default_context()
+        ca.configure_trust(context)
+        context.maximum_version = version
+        old.issue_cert("old-client").configure_cert(context)
+        answer, _, session = await asyncio.to_thread(self.tls_post, service.port, context, sni, None)
+        assert answer == b"HTTP/1.1 200"
+        answer, _, session = await asyncio.to_thread(self.tls_post, service.port, context, sni, session)
+        assert answer == b"HTTP/1.1 200"
+        new.cert_pem.write_to_path(str(tmp_path / "clients.pem"))  # the old CA is no longer trusted
+        file.change({"server": {"tls": {"client_ca_file": str(tmp_path / "clients.pem")}}})
+        assert await service.reload()
+        assert (await asyncio.to_thread(self.tls_post, service.port, context, sni, None))[0] == b""
+        answer, resumed, _ = await asyncio.to_thread(self.tls_post, service.port, context, sni, session)
+        assert (answer, resumed) == (b"", False)
 
 
 class TestReloadWithWorkos:
