@@ -134,7 +134,7 @@ def server_tls_context(tls: TLSConfig) -> ssl.SSLContext:
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
-        context.load_cert_chain(tls.cert_file, tls.key_file)
+        context.load_cert_chain(tls.cert_file, tls.key_file, password=lambda: _no_passphrase(tls))
     except (OSError, ssl.SSLError) as exc:
         reason = getattr(exc, "strerror", None) or getattr(exc, "reason", None) or str(exc)
         raise ConfigError(
@@ -207,6 +207,12 @@ def validity_problem(tls: TLSConfig, now: datetime.datetime) -> str | None:
             f"{not_before:%Y-%m-%d %H:%M:%S} UTC"
         )
     return None
+
+
+def _no_passphrase(tls: TLSConfig) -> bytes:
+    """What OpenSSL calls for an encrypted key. Without it, OpenSSL prompts for the passphrase and reads it from
+    the terminal (else stdin), on the event loop, taking SIGTERM meanwhile: the service would freeze."""
+    raise ConfigError([f"server.tls: the key {tls.key_file} is encrypted; give log-bridge an unencrypted key"])
 
 
 LISTEN_BACKLOG = 1024

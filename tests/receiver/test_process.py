@@ -16,6 +16,7 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
+import trustme
 import yaml
 
 from receiver.samples import sample_wrappers
@@ -81,6 +82,21 @@ class Server:
                     pass
                 await asyncio.sleep(0.05)
         raise AssertionError("log-bridge serve did not become ready")
+
+    @staticmethod
+    async def wait_until(session: aiohttp.ClientSession, url: str, proc: subprocess.Popen[bytes]) -> None:
+        """Until `url` answers 200 (the process started listening)."""
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, "log-bridge serve exited"
+            try:
+                async with session.get(url) as response:
+                    if response.status == 200:
+                        return
+            except (aiohttp.ClientError, TimeoutError):
+                pass
+            await asyncio.sleep(0.05)
+        raise AssertionError("log-bridge serve did not start")
 
     def kill(self, signum: int) -> int:
         self.proc.send_signal(signum)
@@ -351,6 +367,63 @@ async def test_sigkill_under_load_loses_no_acknowledged_event(tmp_path: Path) ->
         assert len(delivered_keys(tmp_path)) == delivered_before_retries
     finally:
         assert restarted.kill(signal.SIGTERM) == 0
+
+
+class TestReloadOfTls:
+    async def test_an_encrypted_key_is_refused_without_asking_for_a_passphrase(self, tmp_path: Path) -> None:
+        # OpenSSL's own answer to an encrypted key is to prompt for its passphrase and read it from the terminal,
+        # or from stdin without one: on the event loop, which then serves nothing until a line comes.
+        from cryptography.hazmat.primitives import serialization
+
+        issued = trustme.CA().issue_cert("127.0.0.1")
+        cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
+        issued.cert_chain_pems[0].write_to_path(str(cert))
+        issued.private_key_pem.write_to_path(str(key))
+        port, admin = free_port(), free_port()
+        config = write_config(tmp_path, port)
+        tree = yaml.safe_load(config.read_text())
+        tree["server"].update(tls={"cert_file": str(cert), "key_file": str(key)}, admin={"port": admin})
+        config.write_text(yaml.safe_dump(tree))
+        log = tmp_path / "serve.log"
+        with log.open("ab") as output:
+            proc = subprocess.Popen(
+                [str(SCRIPT), "serve", "--config", str(config)],
+                stdin=subprocess.PIPE,  # open, as under a supervisor that keeps it so: nothing ever comes
+                stdout=output,
+                stderr=output,
+                env={**os.environ, "STREAM_SECRET": TOKEN},
+                start_new_session=True,  # no controlling terminal: the prompt would go to stdin
+            )
+        try:
+            url = f"http://127.0.0.1:{admin}/healthz"
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session:
+                await Server.wait_until(session, url, proc)
+                private = serialization.load_pem_private_key(issued.private_key_pem.bytes(), None)
+                key.write_bytes(
+                    private.private_bytes(
+                        serialization.Encoding.PEM,
+                        serialization.PrivateFormat.PKCS8,
+                        serialization.BestAvailableEncryption(b"passphrase"),
+                    )
+                )
+                proc.send_signal(signal.SIGHUP)
+                deadline = time.monotonic() + 10
+                while b"reload refused" not in log.read_bytes():
+                    assert time.monotonic() < deadline, "no reload refused line"
+                    await asyncio.sleep(0.05)
+                async with session.get(url) as response:  # the loop runs: not waiting for a passphrase
+                    assert response.status == 200
+            text = log.read_text()
+            assert "pass phrase" not in text.lower() and "encrypted" in text
+        finally:
+            assert proc.stdin is not None
+            proc.stdin.close()
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:  # OpenSSL's prompt takes SIGTERM while it reads: it is lost
+                proc.kill()
+                proc.wait(timeout=15)
 
 
 class TestStartFailures:
