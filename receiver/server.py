@@ -55,6 +55,12 @@ class ServerTls:
         self.current = server_tls_context(tls)
         self.listening = server_tls_context(tls)
         self.listening.sni_callback = self._choose
+        self.validity = certificate_validity(tls.cert_file)
+        """The notBefore and notAfter of the certificate `current` presents (None: not known)."""
+
+    def valid(self, now: datetime.datetime) -> bool:
+        """Whether the certificate in use is within its validity at `now` (True when not known)."""
+        return self.validity is None or self.validity[0] <= now <= self.validity[1]
 
     def _choose(self, connection: ssl.SSLObject, _name: str | None, context: ssl.SSLContext) -> None:
         if context is not self.current:
@@ -193,9 +199,11 @@ def _der_time(der: bytes, at: int) -> datetime.datetime:
     return datetime.datetime.strptime(text, "%Y%m%d%H%M%SZ").replace(tzinfo=datetime.UTC)
 
 
-def validity_problem(tls: TLSConfig, now: datetime.datetime) -> str | None:
-    """Why the certificate in `tls.cert_file` cannot be presented at `now` (expired, or not valid yet), if so."""
-    validity = certificate_validity(tls.cert_file)
+def validity_problem(
+    tls: TLSConfig, validity: tuple[datetime.datetime, datetime.datetime] | None, now: datetime.datetime
+) -> str | None:
+    """Why the certificate in `tls.cert_file`, of this `validity`, cannot be presented at `now` (expired, or not
+    valid yet), if so."""
     if validity is None:
         return None
     not_before, not_after = validity
@@ -214,6 +222,8 @@ def _no_passphrase(tls: TLSConfig) -> bytes:
     the terminal (else stdin), on the event loop, taking SIGTERM meanwhile: the service would freeze."""
     raise ConfigError([f"server.tls: the key {tls.key_file} is encrypted; give log-bridge an unencrypted key"])
 
+
+UNUSABLE_CERTIFICATE = "TLS certificate unusable: clients will refuse every handshake"
 
 LISTEN_BACKLOG = 1024
 
@@ -434,11 +444,11 @@ class Service:
         """Open the journal, start delivery, then listen; on a failure, undo what was started."""
         server = self.config.server
         self.tls = ServerTls(server.tls) if server.tls else None
-        if server.tls is not None:
+        if self.tls is not None and server.tls is not None:
             # Served all the same: the journal's backlog is still delivered, and a reload can bring a valid pair.
-            problem = validity_problem(server.tls, datetime.datetime.now(datetime.UTC))
+            problem = validity_problem(server.tls, self.tls.validity, datetime.datetime.now(datetime.UTC))
             if problem is not None:
-                log.error("TLS certificate unusable: clients will refuse every handshake", extra={"problem": problem})
+                log.error(UNUSABLE_CERTIFICATE, extra={"problem": problem})
         await self.journal.open()
         try:
             await self._start()
@@ -602,13 +612,15 @@ class Service:
         config = plan.config
         built: dict[str, Sink] = {}
         fresh_tls: ssl.SSLContext | None = None
+        validity, unusable = None, None
         try:
             if self.tls is not None and config.server.tls is not None:
                 fresh_tls = server_tls_context(config.server.tls)  # loaded before anything changes
-                # Every new handshake would fail with it; the certificate in use may still be valid.
-                problem = validity_problem(config.server.tls, datetime.datetime.now(datetime.UTC))
-                if problem is not None:
-                    raise ConfigError([problem])
+                validity = certificate_validity(config.server.tls.cert_file)
+                now = datetime.datetime.now(datetime.UTC)
+                unusable = validity_problem(config.server.tls, validity, now)
+                if unusable is not None and self.tls.valid(now):  # every new handshake would fail with it
+                    raise ConfigError([unusable])
             built = build_sinks(config, plan.sinks_to_build)
         except (ConfigError, LogBridgeError, SinkError) as exc:
             for sink in built.values():
@@ -625,7 +637,9 @@ class Service:
         if self.engine is not None:
             await self.engine.reconfigure(config, built)
         if self.tls is not None and fresh_tls is not None:
-            self.tls.current = fresh_tls
+            self.tls.current, self.tls.validity = fresh_tls, validity
+            if unusable is not None:  # no worse than the one in use, which is not valid either
+                log.error(UNUSABLE_CERTIFICATE, extra={"problem": unusable})
         self.journal.max_bytes = config.journal.max_bytes
         self.journal.max_dead_letter_bytes = config.journal.max_dead_letter_bytes
         if self._listener is not None:

@@ -309,6 +309,14 @@ class TestCertificateRotation:
             )
         [line] = [r for r in caplog.records if r.getMessage().startswith("TLS certificate unusable")]
         assert "expired on" in line.problem  # type: ignore[attr-defined]
+        # Keeping it is no worse than the one in use: a reload for something else is applied, and says so again.
+        caplog.clear()
+        file.change({"server": {"max_connections": 100}})
+        with caplog.at_level(logging.ERROR, logger="receiver.server"):
+            assert await service.reload()
+        assert [r.getMessage() for r in caplog.records] == [
+            "TLS certificate unusable: clients will refuse every handshake"
+        ]
         # A renewed pair is taken by the next reload.
         cert2, key2 = self.pair(tmp_path, ca, "renewed")
         file.change({"server": {"tls": {"cert_file": str(cert2), "key_file": str(key2)}}})
