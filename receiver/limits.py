@@ -13,6 +13,7 @@ import asyncio
 import logging
 import resource
 import socket
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -102,7 +103,10 @@ class _Accepted(socket.socket):
 
 class LoopErrors:
     """An event loop's exception handler: asyncio's reports logged at most a few a second per kind (message and
-    exception type), without their traceback (which may quote request bytes), the rest counted."""
+    exception type), without their traceback (which may quote request bytes), the rest counted. Also the
+    process's `sys.unraisablehook`, for the exceptions Python cannot raise: the ssl module reports there a
+    client's TLS server name it cannot decode, which the default hook prints to stderr, name and all, once per
+    connection."""
 
     def __init__(self, logger: logging.Logger, count: Callable[[], None]) -> None:
         self._logger = logger
@@ -110,17 +114,30 @@ class LoopErrors:
         self._limits: dict[tuple[str, str], RateLimitedLog] = {}
         self._others = RateLimitedLog(logger, burst=3, level=logging.ERROR)
         self._previous: Any = None
+        self._previous_unraisable: Callable[[Any], object] = sys.unraisablehook
         self._retired = False
 
     def install(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Become `loop`'s exception handler."""
+        """Become `loop`'s exception handler, and the process's unraisable hook."""
         self._previous = loop.get_exception_handler()
         loop.set_exception_handler(self)
+        self._previous_unraisable = sys.unraisablehook
+        sys.unraisablehook = self.unraisable
+
+    def unraisable(self, unraisable: Any) -> None:
+        """An exception Python could not raise, reported like asyncio's, without the object it came from."""
+        exc = unraisable.exc_value
+        self(None, {"message": "exception ignored (unraisable)", "exception": exc})
 
     def uninstall(self, loop: asyncio.AbstractEventLoop) -> None:
         """Give `loop` back the handler it had, skipping those of services stopped since (several services may
-        share a loop, in tests, and stop in any order)."""
+        share a loop, in tests, and stop in any order); the unraisable hook likewise."""
         self._retired = True
+        if sys.unraisablehook == self.unraisable:
+            hook = self._previous_unraisable
+            while isinstance(owner := getattr(hook, "__self__", None), LoopErrors) and owner._retired:
+                hook = owner._previous_unraisable
+            sys.unraisablehook = hook
         if loop.get_exception_handler() is not self:
             return  # another service's handler came after: it puts back what it found, skipping this one
         previous = self._previous
@@ -128,7 +145,7 @@ class LoopErrors:
             previous = previous._previous
         loop.set_exception_handler(previous)
 
-    def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    def __call__(self, loop: asyncio.AbstractEventLoop | None, context: dict[str, Any]) -> None:
         self._count()
         message = str(context.get("message") or "unhandled exception in the event loop")
         exc = context.get("exception")

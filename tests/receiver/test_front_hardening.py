@@ -8,6 +8,8 @@ import contextlib
 import gc
 import logging
 import socket
+import ssl
+import sys
 import time
 from pathlib import Path
 
@@ -99,6 +101,38 @@ class TestTlsCloseNotify:
         await asyncio.sleep(0.3)
         lines = [r for r in caplog.records if r.name == "asyncio"]
         assert not lines, f"{len(lines)} asyncio warnings, e.g. {lines[0].getMessage()!r}"
+
+
+class TestTlsServerName:
+    async def test_a_server_name_beyond_ascii_provokes_no_unlimited_output(
+        self,
+        start_service: StartService,
+        tmp_path: Path,
+        caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        """Any client can send a ClientHello whose server name has bytes beyond ASCII. Python's ssl module, which
+        decodes it for the listener's SNI callback, reports the UnicodeDecodeError to sys.unraisablehook, whose
+        default prints it to stderr with the name, once per connection, outside the logs and their rate limit."""
+        ignored: list[object] = []
+        monkeypatch.setattr(sys, "unraisablehook", ignored.append)  # what the default hook would have printed
+        service, _ = await tls_service(start_service, tmp_path)
+        client = ssl.create_default_context()
+        client.check_hostname, client.verify_mode = False, ssl.CERT_NONE
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        with contextlib.suppress(ssl.SSLWantReadError):
+            client.wrap_bio(incoming, outgoing, server_hostname="aaaa.example").do_handshake()
+        hello = outgoing.read().replace(b"aaaa.example", b"SECRET.exam\xff")  # same length: the lengths hold
+        caplog.set_level(logging.DEBUG)
+        for _ in range(30):
+            reader, writer = await asyncio.open_connection("127.0.0.1", service.port)
+            writer.write(hello)
+            assert await asyncio.wait_for(reader.read(), 5) == b""  # refused
+            writer.close()
+        assert ignored == []
+        assert len([r for r in caplog.records if r.levelno >= logging.WARNING]) <= 5
+        assert all("SECRET" not in r.getMessage() and "SECRET" not in str(r.__dict__) for r in caplog.records)
+        assert service.metrics.loop_errors._value.get() == 30
 
 
 class TestSoundChecks:
