@@ -99,6 +99,9 @@ class ServerConfig(_Model):
     (receiver.limits.connection_cap)."""
     trusted_proxies: tuple[str, ...] = ()
     allowlist: tuple[str, ...] = (WORKOS,)
+    refuse_unlisted: bool = False
+    """Close at accept, before any TLS handshake or HTTP, a connection from an address neither in `allowlist`
+    nor in `trusted_proxies` (probes and scrapes then go to `admin`)."""
     header_timeout: PositiveDuration = 10.0
     """Longest wait for a request's headers, and for a TLS handshake."""
     body_timeout: PositiveDuration = 30.0

@@ -51,6 +51,10 @@ def connection_cap(max_connections: int, fd_limit: int) -> int:
     return max(1, min(max_connections, fd_limit - reserve))
 
 
+UNLISTED_PER_ACCEPT = 64
+"""Connections from unlisted addresses closed in one round of accepts before the loop runs again."""
+
+
 class CappedListener(socket.socket):
     """A listening socket whose `accept` closes at once, unread, a connection over the cap; the connections it
     accepts count as open until their socket is closed."""
@@ -61,10 +65,22 @@ class CappedListener(socket.socket):
         self.open = 0
         """Connections accepted and not closed yet."""
         self.on_refused: Callable[[Any], None] = lambda address: None
+        self.listed: Callable[[str], bool] | None = None
+        """Whether a connection from an address may be served at all; one that may not is closed at once,
+        before any TLS handshake or HTTP (None: every address may)."""
+        self.on_unlisted: Callable[[Any], None] = lambda address: None
 
     def accept(self) -> tuple[socket.socket, Any]:
-        """The next connection within the cap; one over it is closed and ends this round of accepts."""
-        fd, address = self._accept()  # type: ignore[attr-defined]  # socket.socket's own accept does the same
+        """The next connection within the cap, from a listed address; one over the cap is closed and ends this
+        round of accepts, as do UNLISTED_PER_ACCEPT unlisted ones in a row."""
+        for _ in range(UNLISTED_PER_ACCEPT):
+            fd, address = self._accept()  # type: ignore[attr-defined]  # socket.socket's own accept does the same
+            if self.listed is None or self.listed(address[0]):
+                break
+            socket.close(fd)
+            self.on_unlisted(address)
+        else:
+            raise BlockingIOError  # the loop runs in between: a flood from elsewhere does not hold it
         if self.open >= self.cap:
             socket.close(fd)
             self.on_refused(address)

@@ -162,6 +162,12 @@ class Metrics:
             ["listener"],
             registry=r,
         )
+        self.connections_unlisted = Counter(
+            "log_bridge_connections_unlisted",
+            "Connections from an address neither allowlisted nor a trusted proxy, closed at accept before any TLS "
+            "handshake or HTTP (server.refuse_unlisted)",
+            registry=r,
+        )
         self.connections_refused = Counter(
             "log_bridge_connections_refused",
             "Connections closed unread on arrival because the listener's cap was open, by listener (stream, admin)",

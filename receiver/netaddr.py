@@ -66,6 +66,11 @@ class AddressPolicy:
             self._verdicts[text] = verdict
         return verdict
 
+    def listed(self, peer: str) -> bool:
+        """Whether a connection from `peer` may be served at all: it is allowed, or a trusted proxy."""
+        _, proxy, allowed = self._verdict(peer)
+        return proxy or allowed
+
     def check(self, peer: str | None, forwarded_for: Sequence[str]) -> tuple[Address | None, bool]:
         """The client address (see `client_address`) and whether it is allowed."""
         address, proxy, allowed = self._verdict(peer) if peer else (None, False, False)

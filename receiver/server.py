@@ -22,7 +22,7 @@ from aiohttp import http_exceptions, web, web_protocol
 from prometheus_client import Counter
 
 from receiver.app import RETRY_AFTER_BUSY, Intake, RateLimitedLog, State, build_admin_app, build_app, where_raised
-from receiver.config import AdminConfig, Config, TLSConfig, listen_url, load_config, secret_values
+from receiver.config import AdminConfig, Config, ServerConfig, TLSConfig, listen_url, load_config, secret_values
 from receiver.delivery import DeliveryEngine, build_sinks
 from receiver.errors import ConfigError, JournalClosed, JournalError, LogBridgeError
 from receiver.front import MAX_HEADER_LINE, Front
@@ -30,6 +30,7 @@ from receiver.journal import Journal
 from receiver.limits import CappedListener, LoopErrors, connection_cap, raise_fd_limit
 from receiver.logs import scrub
 from receiver.metrics import Metrics
+from receiver.netaddr import AddressPolicy
 from receiver.reload import plan_reload
 from receiver.routing import OWED, ROUTING, carried_over, routing_of, stored
 from sinks.base import Sink
@@ -515,6 +516,8 @@ class Service:
         sock = self._listener = listen_socket(server.host, server.port)
         sock.cap = connection_cap(server.max_connections, self._fd_limit)
         sock.on_refused = self._refuser(sock, "stream", "connection closed unread: server.max_connections are open")
+        sock.on_unlisted = self._unlisted
+        self._refuse_unlisted(server)
         self.metrics.open_connections.labels("stream").set_function(lambda: sock.open)
         log.info("connection limits", extra={"fd_limit": self._fd_limit, "max_connections": sock.cap})
         self._site = _Site(
@@ -561,6 +564,17 @@ class Service:
         self._admin = (runner, site)
         await site.start()
         log.info("admin listening", extra={"url": self.admin_url, "paths": ["/healthz", "/readyz", "/metrics"]})
+
+    def _refuse_unlisted(self, server: ServerConfig) -> None:
+        """Have the stream listener close connections from unlisted addresses at accept, or not."""
+        if self._listener is not None:
+            policy = AddressPolicy(server.allowed_networks(), server.proxy_networks())
+            self._listener.listed = policy.listed if server.refuse_unlisted else None
+
+    def _unlisted(self, address: Any) -> None:
+        self.metrics.connections_unlisted.inc()
+        client = address[0] if isinstance(address, tuple) and address else None
+        self.state.refusals.log("connection from an unlisted address closed at accept", client=client)
 
     def _refuser(self, sock: CappedListener, listener: str, message: str) -> Callable[[Any], None]:
         """What a listener calls for a connection over its cap: counted by listener, logged a few a second."""
@@ -644,6 +658,7 @@ class Service:
         self.journal.max_dead_letter_bytes = config.journal.max_dead_letter_bytes
         if self._listener is not None:
             self._listener.cap = connection_cap(config.server.max_connections, self._fd_limit)
+            self._refuse_unlisted(config.server)
         self.journal.largest_body = config.server.max_body_bytes
         replaced = self.state.install(config, self.journal, self.metrics)
         if plan.moved and self.engine is not None:

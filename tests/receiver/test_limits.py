@@ -21,6 +21,7 @@ from typing import Any
 import aiohttp
 import pytest
 import trustme
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from receiver import server as server_module
@@ -496,3 +497,72 @@ class TestUnreadAnswers:
                 sock.close()
         assert scrape(text, "log_bridge_open_connections", listener=listener) == 0
         assert answer == 200
+
+
+class TestUnlistedConnections:
+    """`server.refuse_unlisted`: a connection from an address neither in the allowlist nor a trusted proxy is
+    closed at accept, before any TLS handshake or HTTP, so that others cannot make the service do either."""
+
+    @staticmethod
+    async def handshake(port: int, source: str, context: ssl.SSLContext) -> bool:
+        """Whether a TLS handshake from `source` with the service completes."""
+        try:
+            _, writer = await asyncio.wait_for(
+                asyncio.open_connection(
+                    "127.0.0.1", port, ssl=context, server_hostname="127.0.0.1", local_addr=(source, 0)
+                ),
+                5,
+            )
+        except (ssl.SSLError, OSError):
+            return False
+        writer.close()
+        with contextlib.suppress(ssl.SSLError, OSError):
+            await writer.wait_closed()
+        return True
+
+    async def test_an_unlisted_address_gets_no_handshake(self, start_service: StartService, tmp_path: Path) -> None:
+        """Was a defect: the handshake came before the allowlist, so anyone could have the event loop do TLS
+        handshakes (1,000 at once stalled it 0.5-1.7 s), though only WorkOS may post."""
+        ca = trustme.CA()
+        cert = ca.issue_cert("127.0.0.1")
+        cert.cert_chain_pems[0].write_to_path(str(tmp_path / "tls.crt"))
+        cert.private_key_pem.write_to_path(str(tmp_path / "tls.key"))
+        tls = {"cert_file": str(tmp_path / "tls.crt"), "key_file": str(tmp_path / "tls.key")}
+        server = {"tls": tls, "admin": {"port": 0}, "allowlist": ["127.0.0.2/32"], "refuse_unlisted": True}
+        service = await start_service({"server": server})
+        context = ssl.create_default_context()
+        ca.configure_trust(context)
+        assert not await self.handshake(service.port, "127.0.0.1", context)
+        assert await self.handshake(service.port, "127.0.0.2", context)
+        text = service.metrics.render().decode()
+        assert scrape(text, "log_bridge_connections_unlisted_total") == 1
+        assert scrape(text, "log_bridge_connections_refused_total", listener="stream") == 0
+        async with aiohttp.ClientSession() as session, session.get(service.admin_url + "/healthz") as response:
+            assert response.status == 200  # probes go to the admin listener, which takes any address
+
+    async def test_a_reload_turns_it_on_and_off(self, start_service: StartService, tmp_path: Path) -> None:
+        service = await start_service({"server": {"allowlist": ["127.0.0.2/32"]}})
+        port = service.port
+
+        async def answered() -> bool:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            try:
+                return (await asyncio.wait_for(reader.read(), 5)).startswith(b"HTTP/1.1 200")
+            except ConnectionError:
+                return False
+            finally:
+                writer.close()
+
+        assert await answered()
+        path = tmp_path / "config.yaml"
+        tree = merge(BASE_CONFIG, {"server": {"allowlist": ["127.0.0.2/32"], "refuse_unlisted": True}})
+        tree["journal"]["path"] = str(service.config.journal.path)
+        path.write_text(yaml.safe_dump(tree))
+        service.path = str(path)
+        assert await service.reload()
+        assert not await answered()
+        tree["server"]["refuse_unlisted"] = False
+        path.write_text(yaml.safe_dump(tree))
+        assert await service.reload()
+        assert await answered()
