@@ -16,6 +16,7 @@ import yaml
 
 from receiver.config import parse_config
 from receiver.samples import encode_body, sample_wrappers
+from receiver.server import Service
 from tests.conftest import BASE_CONFIG, TOKEN, http_peer, merge, scrape
 from tests.receiver.test_reload import running, wait_for
 
@@ -76,6 +77,23 @@ async def start_post(port: int, *, close: bool) -> tuple[asyncio.StreamReader, a
     return reader, writer, body
 
 
+async def finish_post(
+    service: Service, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, body: bytes
+) -> None:
+    """Send the rest of a `start_post` request; it may be refused, but answered 200 only once its 4 events reach
+    the memory sink `mem`."""
+    writer.write(body[10:])
+    await writer.drain()
+    answer = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    writer.close()
+    status = int(answer.split(b" ", 2)[1])
+    runner = service.engine.runners["mem"]  # type: ignore[union-attr]
+    await asyncio.sleep(0.5)
+    await wait_for(lambda: runner.cursor == service.journal.last_seq)
+    delivered = len(runner.sink.events)  # type: ignore[attr-defined]
+    assert status != 200 or delivered == 4, f"answered {status}, {delivered} of 4 events delivered"
+
+
 def actions(count: int, action: str) -> list[dict[str, Any]]:
     wrappers = sample_wrappers(count)
     for wrapper in wrappers:
@@ -114,16 +132,7 @@ class TestStreamChangesLoseBacklog:
         removed["streams"] = [tree["streams"][1]]
         file.write(removed)
         assert await service.reload()
-        writer.write(body[10:])
-        await writer.drain()
-        answer = await reader.read()
-        writer.close()
-        status = int(answer.split(b" ", 2)[1])
-        runner = service.engine.runners["mem"]  # type: ignore[union-attr]
-        await asyncio.sleep(0.5)
-        await wait_for(lambda: runner.cursor == service.journal.last_seq)
-        delivered = len(runner.sink.events)  # type: ignore[attr-defined]
-        assert status != 200 or delivered == 4, f"answered {status}, {delivered} of 4 events delivered"
+        await finish_post(service, reader, writer, body)
 
 
 class TestBacklogGauge:
@@ -699,16 +708,7 @@ class TestRequestInFlightOnTheFront:
         file.write(changed)
         assert await service.reload()
         await asyncio.sleep(0.2)  # the reload's settling of the streams it moved runs
-        writer.write(body[10:])
-        await writer.drain()
-        answer = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
-        writer.close()
-        status = int(answer.split(b" ", 2)[1])
-        runner = service.engine.runners["mem"]  # type: ignore[union-attr]
-        await asyncio.sleep(0.5)
-        await wait_for(lambda: runner.cursor == service.journal.last_seq)
-        delivered = len(runner.sink.events)  # type: ignore[attr-defined]
-        assert status != 200 or delivered == 4, f"answered {status}, {delivered} of 4 events delivered"
+        await finish_post(service, reader, writer, body)
 
 
 class TestAliasBomb:

@@ -4,12 +4,14 @@ left behind, against a real Splunk HEC peer on loopback and real `log-bridge` pr
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -118,35 +120,47 @@ async def peer_holds(peer: HecPeer, count: int, timeout: float = 10) -> None:
         await asyncio.sleep(0.02)
 
 
+@contextlib.asynccontextmanager
+async def serving_with_splunk_down(
+    tmp_path: Path, shutdown_timeout: str = "1s"
+) -> AsyncIterator[tuple[HecPeer, Path, Serve, aiohttp.ClientSession]]:
+    """A `log-bridge serve` (file and Splunk sinks), ready, with its HEC peer busy; the peer is stopped at the
+    end."""
+    peer = HecPeer(token=HEC_TOKEN)
+    await peer.start()
+    port = free_port()
+    config = write_config(tmp_path, port, peer.url, shutdown_timeout)
+    serve = Serve(config, port, tmp_path / "serve.log")
+    try:
+        async with aiohttp.ClientSession() as session:
+            await serve.ready(session)
+            peer.busy()
+            yield peer, config, serve, session
+    finally:
+        await peer.stop()
+
+
 class TestSigterm:
     async def test_readiness_is_503_at_once_and_delivery_goes_on_after_intake_stops(self, tmp_path: Path) -> None:
-        peer = HecPeer(token=HEC_TOKEN)
-        await peer.start()
-        port = free_port()
-        serve = Serve(write_config(tmp_path, port, peer.url, "10s"), port, tmp_path / "serve.log")
-        try:
-            async with aiohttp.ClientSession() as session:
-                await serve.ready(session)
-                peer.busy()  # Splunk is down when the pod is told to stop: the backlog is still there
-                status, _ = await serve.post(session, sample_wrappers(20))
-                assert status == 200
-                serve.proc.send_signal(signal.SIGTERM)
-                signalled = time.monotonic()
-                await asyncio.sleep(0.3)
-                async with session.get(serve.base + "/readyz") as ready:
-                    assert ready.status == 503
-                    assert (await ready.json())["problems"] == ["shutting down"]
-                async with session.get(serve.base + "/healthz") as health:
-                    assert health.status == 200
-                status, answer = await serve.post(session, sample_wrappers(1))
-                assert status == 503 and answer == {"error": "shutting down"}
-                await asyncio.sleep(0.5)
-                assert serve.proc.poll() is None  # still delivering
-                peer.recover()
-                code = await serve.wait(15)
-                stopped_after = time.monotonic() - signalled
-        finally:
-            await peer.stop()
+        # Splunk is down when the pod is told to stop: the backlog is still there.
+        async with serving_with_splunk_down(tmp_path, "10s") as (peer, _, serve, session):
+            status, _ = await serve.post(session, sample_wrappers(20))
+            assert status == 200
+            serve.proc.send_signal(signal.SIGTERM)
+            signalled = time.monotonic()
+            await asyncio.sleep(0.3)
+            async with session.get(serve.base + "/readyz") as ready:
+                assert ready.status == 503
+                assert (await ready.json())["problems"] == ["shutting down"]
+            async with session.get(serve.base + "/healthz") as health:
+                assert health.status == 200
+            status, answer = await serve.post(session, sample_wrappers(1))
+            assert status == 503 and answer == {"error": "shutting down"}
+            await asyncio.sleep(0.5)
+            assert serve.proc.poll() is None  # still delivering
+            peer.recover()
+            code = await serve.wait(15)
+            stopped_after = time.monotonic() - signalled
         assert code == 0
         assert peer.event_count == 20
         assert stopped_after < 10  # it left as soon as the backlog was delivered, within shutdown_timeout
@@ -155,19 +169,11 @@ class TestSigterm:
 
 class TestDrain:
     async def test_drain_delivers_what_a_stopped_replica_left(self, tmp_path: Path) -> None:
-        peer = HecPeer(token=HEC_TOKEN)
-        await peer.start()
-        port = free_port()
-        config = write_config(tmp_path, port, peer.url, "1s")
-        serve = Serve(config, port, tmp_path / "serve.log")
-        try:
-            async with aiohttp.ClientSession() as session:
-                await serve.ready(session)
-                peer.busy()
-                for _ in range(3):
-                    assert (await serve.post(session, sample_wrappers(10)))[0] == 200
-                serve.proc.send_signal(signal.SIGTERM)
-                assert await serve.wait(15) == 0  # gave up after shutdown_timeout: the backlog stays on the volume
+        async with serving_with_splunk_down(tmp_path) as (peer, config, serve, session):
+            for _ in range(3):
+                assert (await serve.post(session, sample_wrappers(10)))[0] == 200
+            serve.proc.send_signal(signal.SIGTERM)
+            assert await serve.wait(15) == 0  # gave up after shutdown_timeout: the backlog stays on the volume
             assert peer.event_count == 0
 
             code, out, err = await run_cli("drain", "--config", str(config), "--timeout", "1")
@@ -185,8 +191,6 @@ class TestDrain:
             assert peer.event_count == 30
             code, out, _ = await run_cli("drain", "--config", str(config), "--timeout", "5")
             assert code == 0 and peer.event_count == 30  # nothing is sent twice
-        finally:
-            await peer.stop()
         lines = (tmp_path / "out" / "events.ndjson").read_bytes().splitlines()
         assert len(lines) == 30
 
@@ -201,26 +205,18 @@ class TestDrainAfterReroute:
     async def test_drain_delivers_what_a_stream_renamed_by_a_reload_left(self, tmp_path: Path) -> None:
         """A reload renamed the stream while Splunk was down: Splunk still owes the events of the old name
         (docs/configuration.md, Reloading), and `drain` of the claim must deliver them, not call it drained."""
-        peer = HecPeer(token=HEC_TOKEN)
-        await peer.start()
-        port = free_port()
-        config = write_config(tmp_path, port, peer.url, "1s")
-        serve = Serve(config, port, tmp_path / "serve.log")
-        try:
-            async with aiohttp.ClientSession() as session:
-                await serve.ready(session)
-                peer.busy()
-                assert (await serve.post(session, sample_wrappers(10)))[0] == 200
-                renamed = yaml.safe_load(config.read_text())
-                renamed["streams"][0]["name"] = "audit"
-                config.write_text(yaml.safe_dump(renamed))
-                serve.proc.send_signal(signal.SIGHUP)
-                deadline = time.monotonic() + 10
-                while b"configuration reloaded" not in (tmp_path / "serve.log").read_bytes():
-                    assert time.monotonic() < deadline, "the reload was not applied"
-                    await asyncio.sleep(0.05)
-                serve.proc.send_signal(signal.SIGTERM)
-                assert await serve.wait(15) == 0
+        async with serving_with_splunk_down(tmp_path) as (peer, config, serve, session):
+            assert (await serve.post(session, sample_wrappers(10)))[0] == 200
+            renamed = yaml.safe_load(config.read_text())
+            renamed["streams"][0]["name"] = "audit"
+            config.write_text(yaml.safe_dump(renamed))
+            serve.proc.send_signal(signal.SIGHUP)
+            deadline = time.monotonic() + 10
+            while b"configuration reloaded" not in (tmp_path / "serve.log").read_bytes():
+                assert time.monotonic() < deadline, "the reload was not applied"
+                await asyncio.sleep(0.05)
+            serve.proc.send_signal(signal.SIGTERM)
+            assert await serve.wait(15) == 0
             assert peer.event_count == 0
 
             code, out, err = await run_cli("drain", "--config", str(config), "--timeout", "1")
@@ -230,8 +226,6 @@ class TestDrainAfterReroute:
             code, out, err = await run_cli("drain", "--config", str(config), "--timeout", "10")
             assert peer.event_count == 10, out + err
             assert code == 0, out + err
-        finally:
-            await peer.stop()
 
 
 class TestSigtermDuringReload:
