@@ -4,8 +4,8 @@ source, a Logstash or Vector http input, another log-bridge — as a JSON array 
 
 Answers (sinks.http_client.classify_status): 2xx delivered; 408, 429, 5xx and connection errors retried (with
 `Retry-After`); 400 and 413 split through the shared bisection until the refused events stand alone; 401, 403,
-404, 405, 407, 421 and 3xx retried as a configuration problem (a token or URL fix must not cost data); any other
-4xx permanent.
+404, 405, 407, 415, 421 and 3xx retried as a configuration problem (a token, URL or compression fix must not cost
+data), a redirect never followed; any other 4xx permanent.
 
 With `url_path_secret` (an endpoint whose URL path is its credential, as a Sumo Logic HTTP source's) the URL is
 shown as its origin and `/…` wherever the sink describes it, and its path is a secret the logs mask.
