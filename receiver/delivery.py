@@ -293,6 +293,10 @@ class SinkRunner:
         self._halted.set()
         self._signal.set()
 
+    def unsubscribe(self) -> None:
+        """Stop listening to the journal's commits (a runner retired by a reload, once its tasks ended)."""
+        self.journal.unsubscribe(self._signal)
+
     async def _deliver(self, batch: list[Event]) -> None:
         self._in_flight = len(batch)
         try:
@@ -600,7 +604,7 @@ class DeliveryEngine:
         for task in [*pending, *tasks[1:]]:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        self.journal.unsubscribe(runner._signal)
+        runner.unsubscribe()
         for gauge in (self.metrics.backlog, self.metrics.sink_up):
             with contextlib.suppress(KeyError):
                 gauge.remove(name)
