@@ -11,7 +11,7 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import yaml
 from pydantic import (
@@ -696,7 +696,8 @@ def secret_values(config: Config, environ: Mapping[str, str] | None = None) -> l
                     walk(item)
 
     walk(config)
-    found.append(urlsplit(config.journal.dedup_store.url_text()).password or "")  # the URL's password alone too
+    password = urlsplit(config.journal.dedup_store.url_text()).password or ""
+    found += [password, unquote(password)]  # the URL's password alone too, as written and as Redis is given it
     for stream in config.streams:
         for value in stream.auth.values if stream.auth else ():
             found.append(value)

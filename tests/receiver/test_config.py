@@ -239,6 +239,19 @@ class TestErrors:
 
 
 class TestSecretValues:
+    def test_a_percent_encoded_redis_password_is_masked_as_redis_is_given_it(self) -> None:
+        # Was a defect: only the URL's password as written (`p%40ss%2Fw0rd-9876`) was registered; redis-py decodes
+        # it, so a line quoting the password it was given (`p@ss/w0rd-9876`) kept it.
+        tree = minimal()
+        tree["journal"] = {
+            "path": "j.db",
+            "dedup_store": {"type": "redis", "url": "redis://u:p%40ss%2Fw0rd-9876@r:6379/0"},
+        }
+        scrubber = Scrubber()
+        scrubber.register(secret_values(parse_config(tree, {}), {}))
+        line = scrubber("AUTH u p@ss/w0rd-9876 refused; url had p%40ss%2Fw0rd-9876")
+        assert "w0rd-9876" not in line and line.count(MASK) == 2
+
     def test_a_sink_credential_is_masked_in_logs_without_its_scheme_too(self) -> None:
         # Was a defect: a sink's `Authorization: Bearer <token>` was registered whole only, so a log line quoting
         # the token alone (an endpoint's answer, a library's debug line) kept it.
