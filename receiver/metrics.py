@@ -168,6 +168,14 @@ class Metrics:
             "handshake or HTTP (server.refuse_unlisted)",
             registry=r,
         )
+        self.tls_handshake_failures = Counter(
+            "log_bridge_tls_handshake_failures",
+            "Failed TLS handshakes on the stream listener, by reason: certificate_refused (the client refused the "
+            "server's certificate), client_certificate (mutual TLS: missing or refused), not_tls, "
+            "no_common_protocol, other",
+            ["reason"],
+            registry=r,
+        )
         self.connections_refused = Counter(
             "log_bridge_connections_refused",
             "Connections closed unread on arrival because the listener's cap was open, by listener (stream, admin)",

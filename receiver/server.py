@@ -48,14 +48,62 @@ GC_YOUNG_THRESHOLD = 20_000
 less CPU per request and a p99 a third lower at 10 events per request."""
 
 
+HANDSHAKE_FAILURES = ("certificate_refused", "client_certificate", "not_tls", "no_common_protocol", "other")
+"""The kinds of failed TLS handshake counted apart (`log_bridge_tls_handshake_failures_total{reason}`)."""
+
+
+def handshake_failure(reason: str | None) -> str:
+    """The kind (one of HANDSHAKE_FAILURES) of a server-side handshake error whose OpenSSL reason is `reason`:
+    the client refused the server's certificate (its alert says why: an unknown CA, a name it was not issued
+    for, expired...), the client's certificate was missing or refused (mutual TLS), the client spoke no TLS
+    (plain HTTP to the TLS port), or client and server share no version, cipher or group."""
+    reason = reason or ""
+    if "_ALERT_" in reason and ("CERTIFICATE" in reason or "UNKNOWN_CA" in reason):
+        return "certificate_refused"
+    if reason in ("CERTIFICATE_VERIFY_FAILED", "PEER_DID_NOT_RETURN_A_CERTIFICATE", "NO_CERTIFICATES_RETURNED"):
+        return "client_certificate"
+    if reason in ("HTTP_REQUEST", "HTTPS_PROXY_REQUEST", "WRONG_VERSION_NUMBER", "UNKNOWN_PROTOCOL"):
+        return "not_tls"
+    if reason in (
+        "UNSUPPORTED_PROTOCOL",
+        "VERSION_TOO_LOW",
+        "NO_SHARED_CIPHER",
+        "NO_SHARED_GROUPS",
+        "NO_SUITABLE_SIGNATURE_ALGORITHM",
+        "TLSV1_ALERT_PROTOCOL_VERSION",
+        "TLSV1_ALERT_INSUFFICIENT_SECURITY",
+        "SSLV3_ALERT_HANDSHAKE_FAILURE",
+    ):
+        return "no_common_protocol"
+    return "other"
+
+
+def _watched_handshakes(failed: Callable[[ssl.SSLError], None]) -> type[ssl.SSLObject]:
+    """An SSLObject class (a context's `sslobject_class`, which asyncio's TLS layer instantiates) that reports
+    each handshake error to `failed`; asyncio itself keeps them to its debug mode."""
+
+    class WatchedHandshake(ssl.SSLObject):
+        def do_handshake(self) -> None:
+            try:
+                super().do_handshake()
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                raise
+            except ssl.SSLError as exc:
+                failed(exc)
+                raise
+
+    return WatchedHandshake
+
+
 class ServerTls:
     """The listener's TLS: new handshakes use the pair loaded last, so a reload rotates the certificate
-    without closing the socket or the connections open on it."""
+    without closing the socket or the connections open on it. Every failed handshake goes to `failed`."""
 
-    def __init__(self, tls: TLSConfig) -> None:
+    def __init__(self, tls: TLSConfig, failed: Callable[[ssl.SSLError], None] = lambda exc: None) -> None:
         self.current = server_tls_context(tls)
         self.listening = server_tls_context(tls)
         self.listening.sni_callback = self._choose
+        self.listening.sslobject_class = _watched_handshakes(failed)
         self.validity = certificate_validity(tls.cert_file)
         """The notBefore and notAfter of the certificate `current` presents (None: not known)."""
 
@@ -444,7 +492,9 @@ class Service:
     async def start(self) -> None:
         """Open the journal, start delivery, then listen; on a failure, undo what was started."""
         server = self.config.server
-        self.tls = ServerTls(server.tls) if server.tls else None
+        self.tls = ServerTls(server.tls, self._handshake_failed) if server.tls else None
+        for kind in HANDSHAKE_FAILURES if self.tls is not None else ():
+            self.metrics.tls_handshake_failures.labels(kind)
         if self.tls is not None and server.tls is not None:
             # Served all the same: the journal's backlog is still delivered, and a reload can bring a valid pair.
             problem = validity_problem(server.tls, self.tls.validity, datetime.datetime.now(datetime.UTC))
@@ -570,6 +620,20 @@ class Service:
         if self._listener is not None:
             policy = AddressPolicy(server.allowed_networks(), server.proxy_networks())
             self._listener.listed = policy.listed if server.refuse_unlisted else None
+
+    def _handshake_failed(self, exc: ssl.SSLError) -> None:
+        """A TLS handshake on the stream listener failed: counted by kind; a client refusing the certificate,
+        which is what WorkOS does with a chain it cannot verify or a name it was not issued for, is logged too
+        (a few a second: any client can send that alert, unless `server.refuse_unlisted`)."""
+        kind = handshake_failure(exc.reason)
+        self.metrics.tls_handshake_failures.labels(kind).inc()
+        if kind == "certificate_refused":
+            alert = (exc.reason or "").split("_ALERT_", 1)[-1].lower().replace("_", " ")
+            self.state.refusals.log(
+                "a TLS client refused the server's certificate: check server.tls.cert_file holds the whole chain "
+                "and the name clients connect to",
+                alert=alert,
+            )
 
     def _unlisted(self, address: Any) -> None:
         self.metrics.connections_unlisted.inc()

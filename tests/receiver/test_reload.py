@@ -20,7 +20,7 @@ import yaml
 from receiver.config import parse_config
 from receiver.reload import plan_reload
 from receiver.samples import encode_body, sample_wrappers
-from receiver.server import Service
+from receiver.server import HANDSHAKE_FAILURES, Service, handshake_failure
 from tests.conftest import BASE_CONFIG, ORGANIZATION, TOKEN, merge, scrape
 from tests.workos_fake import API_KEY, FakeWorkOS
 
@@ -367,6 +367,91 @@ class TestCertificateRotation:
         assert (await asyncio.to_thread(self.tls_post, service.port, context, sni, None))[0] == b""
         answer, resumed, _ = await asyncio.to_thread(self.tls_post, service.port, context, sni, session)
         assert (answer, resumed) == (b"", False)
+
+
+class TestHandshakeFailures:
+    """A failed TLS handshake is counted by kind, and a client refusing the server's certificate (what WorkOS does
+    with an incomplete chain or a name the certificate was not issued for) is logged: asyncio keeps them all to its
+    debug mode, so before, a stream broken that way left nothing in the log or the metrics."""
+
+    @staticmethod
+    def handshake(port: int, context: ssl.SSLContext, name: str) -> str:
+        """A TLS handshake as an OpenSSL client makes it (one that tells the server why it refuses, unlike
+        asyncio's); what the client made of it."""
+        try:
+            with context.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=5), server_hostname=name):
+                return "connected"
+        except ssl.SSLCertVerificationError:
+            return "refused"
+        except (OSError, ssl.SSLError):
+            return "failed"
+
+    @staticmethod
+    def failures(service: Service) -> dict[str, float]:
+        counter = service.metrics.tls_handshake_failures
+        return {kind: counter.labels(kind)._value.get() for kind in HANDSHAKE_FAILURES}
+
+    async def test_each_kind_is_counted_and_a_refused_certificate_is_logged(
+        self, running, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        ca, other = trustme.CA(), trustme.CA()
+        cert, key = TestCertificateRotation.pair(tmp_path, ca, "server")
+        service, _ = await running(
+            merge(BASE_CONFIG, {"server": {"tls": {"cert_file": str(cert), "key_file": str(key)}}})
+        )
+        trusting, untrusting = ssl.create_default_context(), ssl.create_default_context()
+        ca.configure_trust(trusting)
+        other.configure_trust(untrusting)
+        with caplog.at_level(logging.WARNING, logger="receiver"):
+            assert await asyncio.to_thread(self.handshake, service.port, untrusting, "localhost") == "refused"
+            assert await asyncio.to_thread(self.handshake, service.port, trusting, "wrong.example") == "refused"
+            assert await asyncio.to_thread(self.handshake, service.port, trusting, "localhost") == "connected"
+            _, writer = await asyncio.open_connection("127.0.0.1", service.port)  # plain HTTP to the TLS port
+            writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            await writer.drain()
+            await asyncio.sleep(0.2)
+            writer.close()
+        assert self.failures(service) == {
+            "certificate_refused": 2,
+            "client_certificate": 0,
+            "not_tls": 1,
+            "no_common_protocol": 0,
+            "other": 0,
+        }
+        refused = [r for r in caplog.records if "refused the server's certificate" in r.getMessage()]
+        assert [r.alert for r in refused] == ["unknown ca", "bad certificate"]  # type: ignore[attr-defined]
+        async with aiohttp.ClientSession() as session:
+            async with session.get(service.url + "/metrics", ssl=trusting) as answer:
+                text = await answer.text()
+        assert scrape(text, "log_bridge_tls_handshake_failures_total", reason="certificate_refused") == 2
+
+    async def test_a_client_without_its_certificate_under_mutual_tls_is_counted_not_logged(
+        self, running, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        ca, clients = trustme.CA(), trustme.CA()
+        cert, key = TestCertificateRotation.pair(tmp_path, ca, "server")
+        clients.cert_pem.write_to_path(str(tmp_path / "clients.pem"))
+        tls = {"cert_file": str(cert), "key_file": str(key), "client_ca_file": str(tmp_path / "clients.pem")}
+        service, _ = await running(merge(BASE_CONFIG, {"server": {"tls": tls}}))
+        stranger = ssl.create_default_context()
+        ca.configure_trust(stranger)
+        stranger.maximum_version = ssl.TLSVersion.TLSv1_2  # the client certificate is asked for in the handshake
+        trustme.CA().issue_cert("stranger").configure_cert(stranger)
+        anonymous = ssl.create_default_context()
+        ca.configure_trust(anonymous)
+        anonymous.maximum_version = ssl.TLSVersion.TLSv1_2
+        with caplog.at_level(logging.DEBUG, logger="receiver"):
+            for context in (stranger, anonymous):
+                assert await asyncio.to_thread(self.handshake, service.port, context, "localhost") == "failed"
+        assert self.failures(service)["client_certificate"] == 2
+        assert not [r for r in caplog.records if "handshake" in r.getMessage() or "certificate" in r.getMessage()]
+
+    def test_openssl_reasons_are_sorted_into_a_few_kinds(self) -> None:
+        assert handshake_failure("TLSV1_ALERT_UNKNOWN_CA") == "certificate_refused"
+        assert handshake_failure("SSLV3_ALERT_CERTIFICATE_EXPIRED") == "certificate_refused"
+        assert handshake_failure("WRONG_VERSION_NUMBER") == "not_tls"
+        assert handshake_failure("NO_SHARED_CIPHER") == "no_common_protocol"
+        assert handshake_failure("SOMETHING_NEW") == handshake_failure(None) == "other"
 
 
 class TestReloadWithWorkos:
