@@ -190,6 +190,18 @@ class Metrics:
         self.exposition = Exposition(self.render)
         """What `/metrics` answers, rendered off the event loop."""
 
+    def watch_tls(self, expiry: Callable[[], float], failures: Iterable[str]) -> None:
+        """With server.tls: the certificate's expiry read at scrape time, and the handshake failures of each kind
+        at 0 until one happens (neither is exported without TLS)."""
+        Gauge(
+            "log_bridge_tls_certificate_expiry_timestamp_seconds",
+            "When the certificate the stream listener presents expires (Unix time; NaN when it cannot be read "
+            "from server.tls.cert_file)",
+            registry=self.registry,
+        ).set_function(expiry)
+        for kind in failures:
+            self.tls_handshake_failures.labels(kind)
+
     def watch_inflight(self, used: Callable[[], float]) -> None:
         """Read the in-flight body bytes at scrape time."""
         self.inflight_bytes.set_function(used)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime
 import gc
 import ipaddress
 import logging
+import math
 import os
 import signal
 import socket
@@ -95,11 +97,46 @@ def _watched_handshakes(failed: Callable[[ssl.SSLError], None]) -> type[ssl.SSLO
     return WatchedHandshake
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class FreshTls:
+    """TLS files loaded by `ServerTls.load`, not in use yet."""
+
+    context: ssl.SSLContext
+    validity: tuple[datetime.datetime, datetime.datetime] | None
+    unusable: str | None
+    """Why the certificate cannot be presented now (kept all the same: the one in use cannot be either)."""
+    stamp: tuple[object, ...]
+
+
+TLS_WATCH_INTERVAL = 10.0
+"""Seconds between looks at the TLS files. Files that changed and then stayed the same for one look are loaded,
+as a reload would: a certificate renewed on disk (cert-manager updating a Kubernetes Secret, certbot) is in use
+within 20 seconds, without a SIGHUP, and a pair caught halfway written is not tried."""
+
+
+def tls_files_stamp(tls: TLSConfig) -> tuple[object, ...]:
+    """What changes when a TLS file is replaced or rewritten: each one's device, inode, size and modification
+    time, through symbolic links (Kubernetes replaces a mounted Secret by swapping a link), or the error that
+    stats it."""
+    stamp: list[object] = []
+    for path in (tls.cert_file, tls.key_file, tls.client_ca_file):
+        try:
+            found = os.stat(path) if path is not None else None
+        except OSError as exc:
+            stamp.append(exc.errno)
+            continue
+        stamp.append(found and (found.st_dev, found.st_ino, found.st_size, found.st_mtime_ns))
+    return tuple(stamp)
+
+
 class ServerTls:
     """The listener's TLS: new handshakes use the pair loaded last, so a reload rotates the certificate
     without closing the socket or the connections open on it. Every failed handshake goes to `failed`."""
 
     def __init__(self, tls: TLSConfig, failed: Callable[[ssl.SSLError], None] = lambda exc: None) -> None:
+        self.stamp = tls_files_stamp(tls)
+        """The TLS files as they were when `current` was loaded from them (taken before, so that a change while
+        loading is seen again)."""
         self.current = server_tls_context(tls)
         self.listening = server_tls_context(tls)
         self.listening.sni_callback = self._choose
@@ -110,6 +147,28 @@ class ServerTls:
     def valid(self, now: datetime.datetime) -> bool:
         """Whether the certificate in use is within its validity at `now` (True when not known)."""
         return self.validity is None or self.validity[0] <= now <= self.validity[1]
+
+    def expiry(self) -> float:
+        """When the certificate in use expires (Unix time; NaN when not known)."""
+        return self.validity[1].timestamp() if self.validity is not None else math.nan
+
+    def load(self, tls: TLSConfig) -> FreshTls:
+        """The files of `tls` loaded, for `use`; raises ConfigError when they cannot be, or when the certificate
+        is out of its validity while the one in use is not (every new handshake would fail with it)."""
+        stamp = tls_files_stamp(tls)
+        context = server_tls_context(tls)
+        validity = certificate_validity(tls.cert_file)
+        now = datetime.datetime.now(datetime.UTC)
+        unusable = validity_problem(tls, validity, now)
+        if unusable is not None and self.valid(now):
+            raise ConfigError([unusable])
+        return FreshTls(context, validity, unusable, stamp)
+
+    def use(self, fresh: FreshTls) -> None:
+        """New handshakes from now on present what `load` returned."""
+        self.current, self.validity, self.stamp = fresh.context, fresh.validity, fresh.stamp
+        if fresh.unusable is not None:  # no worse than the one in use, which is not valid either
+            log.error(UNUSABLE_CERTIFICATE, extra={"problem": fresh.unusable})
 
     def _choose(self, connection: ssl.SSLObject, _name: str | None, context: ssl.SSLContext) -> None:
         if context is not self.current:
@@ -461,7 +520,7 @@ class Service:
         self._fd_limit = 0
         self._loop_errors: tuple[asyncio.AbstractEventLoop, LoopErrors] | None = None
         """The loop whose exception handler the service replaced, and the service's handler."""
-        self._housekeeping: asyncio.Task[None] | None = None
+        self._housekeeping: list[asyncio.Task[None]] = []
         self._reloading = asyncio.Lock()
         self._settling: set[asyncio.Task[None]] = set()
         scrub.register(secret_values(config))
@@ -493,8 +552,8 @@ class Service:
         """Open the journal, start delivery, then listen; on a failure, undo what was started."""
         server = self.config.server
         self.tls = ServerTls(server.tls, self._handshake_failed) if server.tls else None
-        for kind in HANDSHAKE_FAILURES if self.tls is not None else ():
-            self.metrics.tls_handshake_failures.labels(kind)
+        if self.tls is not None:
+            self.metrics.watch_tls(self.tls.expiry, HANDSHAKE_FAILURES)
         if self.tls is not None and server.tls is not None:
             # Served all the same: the journal's backlog is still delivered, and a reload can bring a valid pair.
             problem = validity_problem(server.tls, self.tls.validity, datetime.datetime.now(datetime.UTC))
@@ -537,7 +596,9 @@ class Service:
         self.engine.carry(owed)
         await self._store_routing()
         await self.engine.start()
-        self._housekeeping = asyncio.create_task(self._prune_dedup_forever(), name="dedup-prune")
+        self._housekeeping.append(asyncio.create_task(self._prune_dedup_forever(), name="dedup-prune"))
+        if self.tls is not None:
+            self._housekeeping.append(asyncio.create_task(self._watch_tls_forever(), name="tls-watch"))
         if self.config.workos is not None:
             from receiver.workos import WorkosService
 
@@ -689,16 +750,10 @@ class Service:
         plan = plan_reload(self.config, new)
         config = plan.config
         built: dict[str, Sink] = {}
-        fresh_tls: ssl.SSLContext | None = None
-        validity, unusable = None, None
+        fresh_tls: FreshTls | None = None
         try:
             if self.tls is not None and config.server.tls is not None:
-                fresh_tls = server_tls_context(config.server.tls)  # loaded before anything changes
-                validity = certificate_validity(config.server.tls.cert_file)
-                now = datetime.datetime.now(datetime.UTC)
-                unusable = validity_problem(config.server.tls, validity, now)
-                if unusable is not None and self.tls.valid(now):  # every new handshake would fail with it
-                    raise ConfigError([unusable])
+                fresh_tls = self.tls.load(config.server.tls)  # loaded before anything changes
             built = build_sinks(config, plan.sinks_to_build)
         except (ConfigError, LogBridgeError, SinkError) as exc:
             for sink in built.values():
@@ -715,9 +770,7 @@ class Service:
         if self.engine is not None:
             await self.engine.reconfigure(config, built)
         if self.tls is not None and fresh_tls is not None:
-            self.tls.current, self.tls.validity = fresh_tls, validity
-            if unusable is not None:  # no worse than the one in use, which is not valid either
-                log.error(UNUSABLE_CERTIFICATE, extra={"problem": unusable})
+            self.tls.use(fresh_tls)
         self.journal.max_bytes = config.journal.max_bytes
         self.journal.max_dead_letter_bytes = config.journal.max_dead_letter_bytes
         if self._listener is not None:
@@ -783,6 +836,37 @@ class Service:
             self._workos_metrics = self.workos.metrics
             self.workos.start()
 
+    async def _watch_tls_forever(self) -> None:
+        """Load the TLS files once they changed and then stayed the same for a look (TLS_WATCH_INTERVAL), as a
+        reload would, counted in the reloads; files that cannot be used are tried again when they change again."""
+        last_look: tuple[object, ...] | None = None
+        while True:
+            await asyncio.sleep(TLS_WATCH_INTERVAL)
+            tls = self.config.server.tls
+            if self.tls is None or tls is None:
+                continue
+            look = await asyncio.to_thread(tls_files_stamp, tls)
+            settled, last_look = look == last_look, look
+            if look == self.tls.stamp or not settled:
+                continue
+            async with self._reloading:
+                if self.config.server.tls is not tls or self.tls.stamp == look:
+                    continue  # a reload came first
+                try:
+                    fresh = await asyncio.to_thread(self.tls.load, tls)
+                except ConfigError as exc:
+                    self.tls.stamp = look  # these files are not tried again
+                    log.error(
+                        "TLS files changed, but cannot be used; still serving the previous certificate",
+                        extra={"problems": exc.errors},
+                    )
+                    self.metrics.reloads.labels("failure").inc()
+                    continue
+                self.tls.use(fresh)
+                self.metrics.reloads.labels("success").inc()
+                self.metrics.last_reload.set(time.time())
+                log.info("TLS files changed: the new certificate is in use", extra={"cert_file": str(tls.cert_file)})
+
     async def _prune_dedup_forever(self) -> None:
         while True:
             try:
@@ -825,10 +909,11 @@ class Service:
         if self._admin is not None:  # last: /readyz answers "shutting down" there until the rest has stopped
             await self._admin[0].cleanup()
             self._admin = None
-        if self._housekeeping is not None:
-            self._housekeeping.cancel()
+        for task in self._housekeeping:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._housekeeping
+                await task
+        self._housekeeping.clear()
         await self.journal.close()
         if self.journal.shared is not None:
             await self.journal.shared.close()

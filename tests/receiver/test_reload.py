@@ -324,6 +324,80 @@ class TestCertificateRotation:
         assert await self.served_name(service.port, ca) == "renewed"
 
     @staticmethod
+    def secret_volume(tmp_path: Path, ca: trustme.CA, name: str, **validity: datetime.datetime) -> tuple[Path, Path]:
+        """A Kubernetes Secret as the kubelet mounts and updates it: tls.crt and tls.key link through `..data` to
+        a directory of the version; `..data` is swapped to update them (call again with another name)."""
+        volume = tmp_path / "secret"
+        version = volume / f"..{name}"
+        version.mkdir(parents=True)
+        cert, key = TestCertificateRotation.pair(version, ca, name, **validity)
+        cert.rename(version / "tls.crt")
+        key.rename(version / "tls.key")
+        (volume / "..data_tmp").symlink_to(version.name)
+        (volume / "..data_tmp").rename(volume / "..data")
+        for file in ("tls.crt", "tls.key"):
+            if not (volume / file).is_symlink():
+                (volume / file).symlink_to(f"..data/{file}")
+        return volume / "tls.crt", volume / "tls.key"
+
+    async def test_a_certificate_renewed_on_disk_is_taken_without_a_reload(
+        self, running, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        # Was a defect: a certificate renewed in its files (cert-manager updating the mounted Secret) stayed unused
+        # until a SIGHUP, which nothing sent: the old one was served until it expired.
+        monkeypatch.setattr("receiver.server.TLS_WATCH_INTERVAL", 0.05)
+        ca = trustme.CA()
+        cert, key = self.secret_volume(tmp_path, ca, "first")
+        service, _ = await running(
+            merge(BASE_CONFIG, {"server": {"tls": {"cert_file": str(cert), "key_file": str(key)}}})
+        )
+        assert await self.served_name(service.port, ca) == "first"
+        not_after = datetime.datetime.now(datetime.UTC).replace(microsecond=0) + datetime.timedelta(days=90)
+        with caplog.at_level(logging.INFO, logger="receiver.server"):
+            self.secret_volume(tmp_path, ca, "renewed", not_after=not_after)
+            for _ in range(200):
+                if await self.served_name(service.port, ca) == "renewed":
+                    break
+                await asyncio.sleep(0.05)
+        assert await self.served_name(service.port, ca) == "renewed"
+        assert reloads(service, "success") == 1 and reloads(service, "failure") == 0
+        assert [r.getMessage() for r in caplog.records if "TLS files" in r.getMessage()] == [
+            "TLS files changed: the new certificate is in use"
+        ]
+        async with aiohttp.ClientSession() as session:
+            context = ssl.create_default_context()
+            ca.configure_trust(context)
+            async with session.get(service.url + "/metrics", ssl=context) as answer:
+                text = await answer.text()
+        expiry = scrape(text, "log_bridge_tls_certificate_expiry_timestamp_seconds")
+        assert expiry == not_after.timestamp()
+
+    async def test_a_pair_that_cannot_be_used_is_tried_again_only_once_it_changes(
+        self, running, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        monkeypatch.setattr("receiver.server.TLS_WATCH_INTERVAL", 0.05)
+        ca = trustme.CA()
+        cert, key = self.pair(tmp_path, ca, "first")
+        service, _ = await running(
+            merge(BASE_CONFIG, {"server": {"tls": {"cert_file": str(cert), "key_file": str(key)}}})
+        )
+        second_cert, second_key = self.pair(tmp_path, ca, "second")
+        with caplog.at_level(logging.ERROR, logger="receiver.server"):
+            cert.write_bytes(second_cert.read_bytes())  # the certificate rewritten in place, its key not yet
+            await asyncio.sleep(1.0)  # 20 looks
+            assert await self.served_name(service.port, ca) == "first"
+            assert reloads(service, "failure") == 1  # once for these files, not once a look
+            [refused] = [r for r in caplog.records if r.getMessage().startswith("TLS files changed")]
+            assert "cannot be used" in refused.getMessage()
+            key.write_bytes(second_key.read_bytes())
+            for _ in range(200):
+                if await self.served_name(service.port, ca) == "second":
+                    break
+                await asyncio.sleep(0.05)
+        assert await self.served_name(service.port, ca) == "second"
+        assert (reloads(service, "failure"), reloads(service, "success")) == (1, 1)
+
+    @staticmethod
     def tls_post(
         port: int, context: ssl.SSLContext, sni: str, session: ssl.SSLSession | None
     ) -> tuple[bytes, bool, ssl.SSLSession | None]:
