@@ -854,11 +854,12 @@ class Service:
                     continue  # a reload came first
                 try:
                     fresh = await asyncio.to_thread(self.tls.load, tls)
-                except ConfigError as exc:
+                except Exception as exc:  # the watch goes on whatever the files hold
                     self.tls.stamp = look  # these files are not tried again
+                    problems = exc.errors if isinstance(exc, ConfigError) else [type(exc).__name__]
                     log.error(
                         "TLS files changed, but cannot be used; still serving the previous certificate",
-                        extra={"problems": exc.errors},
+                        extra={"problems": problems},
                     )
                     self.metrics.reloads.labels("failure").inc()
                     continue
