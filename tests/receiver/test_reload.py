@@ -247,6 +247,14 @@ class TestCertificateRotation:
         writer.close()
         return dict(item[0] for item in peer["subject"])["commonName"]
 
+    @classmethod
+    async def comes_to_serve(cls, port: int, ca: trustme.CA, name: str) -> None:
+        """Within 10 s, new connections are served the certificate named `name`."""
+        deadline = asyncio.get_running_loop().time() + 10
+        while await cls.served_name(port, ca) != name:
+            assert asyncio.get_running_loop().time() < deadline, f"{name} not served in time"
+            await asyncio.sleep(0.05)
+
     async def test_a_client_sees_the_new_certificate(self, running, tmp_path: Path) -> None:
         ca = trustme.CA()
         cert, key = self.pair(tmp_path, ca, "first")
@@ -355,11 +363,7 @@ class TestCertificateRotation:
         not_after = datetime.datetime.now(datetime.UTC).replace(microsecond=0) + datetime.timedelta(days=90)
         with caplog.at_level(logging.INFO, logger="receiver.server"):
             self.secret_volume(tmp_path, ca, "renewed", not_after=not_after)
-            for _ in range(200):
-                if await self.served_name(service.port, ca) == "renewed":
-                    break
-                await asyncio.sleep(0.05)
-        assert await self.served_name(service.port, ca) == "renewed"
+            await self.comes_to_serve(service.port, ca, "renewed")
         assert reloads(service, "success") == 1 and reloads(service, "failure") == 0
         assert [r.getMessage() for r in caplog.records if "TLS files" in r.getMessage()] == [
             "TLS files changed: the new certificate is in use"
@@ -390,11 +394,7 @@ class TestCertificateRotation:
             [refused] = [r for r in caplog.records if r.getMessage().startswith("TLS files changed")]
             assert "cannot be used" in refused.getMessage()
             key.write_bytes(second_key.read_bytes())
-            for _ in range(200):
-                if await self.served_name(service.port, ca) == "second":
-                    break
-                await asyncio.sleep(0.05)
-        assert await self.served_name(service.port, ca) == "second"
+            await self.comes_to_serve(service.port, ca, "second")
         assert (reloads(service, "failure"), reloads(service, "success")) == (1, 1)
 
     @staticmethod
