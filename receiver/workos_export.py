@@ -155,9 +155,11 @@ class Exporter:
                 url = await self.wait_ready(export_id)
             try:
                 async with self._session.get(url, allow_redirects=True) as response:
-                    if response.status == 200:
+                    if response.status == 200 and framed(response):
                         return await self._read(response, progress)
                     last = f"the download URL answered {response.status}"
+                    if response.status == 200:
+                        last += " with neither a Content-Length nor chunks: a cut file could not be told from a whole"
             except (aiohttp.ClientError, TimeoutError) as exc:
                 last = f"download failed: {type(exc).__name__}"
             if self.api.metrics is not None:
@@ -179,6 +181,14 @@ class Exporter:
             if progress is not None:
                 progress("download", size, total)
         return await asyncio.to_thread(b"".join, chunks)  # up to max_bytes: copied off the event loop
+
+
+def framed(response: aiohttp.ClientResponse) -> bool:
+    """Whether the answer's body has an end HTTP can check (a Content-Length, or chunks, whose last one says it is
+    the last), so a connection closed before it is an error, not the end of the file (aiohttp does not check that a
+    gzip body is whole either)."""
+    coding = response.headers.get("Transfer-Encoding", "")
+    return response.content_length is not None or coding.rsplit(",", 1)[-1].strip().lower() == "chunked"
 
 
 @dataclass(frozen=True, slots=True)

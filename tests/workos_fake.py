@@ -75,6 +75,8 @@ class FakeWorkOS:
     failures: dict[str, list[tuple[int, str | None]]] = field(default_factory=dict)
     misbehaving: dict[str, list[str]] = field(default_factory=dict)
     hang_seconds: float = 0.0
+    download_base: str = ""
+    """When set, the base of the download URLs handed out (another server than the fake's)."""
     """When set, API requests (not downloads) are answered only after this long (to provoke timeouts)."""
     lock: threading.Lock = field(default_factory=threading.Lock)
     url: str = ""
@@ -181,7 +183,7 @@ class FakeWorkOS:
                 self.expire_next_urls -= 1
             else:
                 self._tokens[token] = export.id
-            body["url"] = f"{self.url}/downloads/{token}?X-Amz-Signature={secrets.token_hex(8)}"
+            body["url"] = f"{self.download_base or self.url}/downloads/{token}?X-Amz-Signature={secrets.token_hex(8)}"
         return body
 
     async def _create_export(self, request: web.Request) -> web.StreamResponse:

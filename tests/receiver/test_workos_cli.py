@@ -4,9 +4,11 @@ fake WorkOS API; and a running service whose WorkOS side fails while the intake 
 from __future__ import annotations
 
 import asyncio
+import http.server
 import io
 import sqlite3
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -163,6 +165,40 @@ class TestExport:
         name = f"exports/{ORGANIZATION}/{D1}_{iso(MIDNIGHT - DAY - 12 * 3600)}.csv"
         assert f"archive: {name}" in capsys.readouterr().out
         assert (tmp_path / "files" / name).read_bytes() == workos_fake.served[0][1]
+
+    def test_a_download_cut_short_is_no_export(
+        self, workos_fake: FakeWorkOS, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        # Was a defect: a file host answering without Content-Length or chunks (HTTP/1.0 framing: the body ends when
+        # the connection does) that closed halfway had half the CSV stored as the whole export, exit 0.
+        class HalfAFile(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                self.send_response(200)
+                self.send_header("Content-Type", "text/csv")
+                self.end_headers()
+                self.wfile.write(b'"id","action","occurred_at"\n"01HX1","user.signed_in","2024-01-15T10:30:00Z"\n"01H')
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        host = http.server.ThreadingHTTPServer(("127.0.0.1", 0), HalfAFile)
+        threading.Thread(target=host.serve_forever, daemon=True).start()
+        workos_fake.polls_until_ready = 1
+        workos_fake.download_base = f"http://127.0.0.1:{host.server_address[1]}"
+        output = tmp_path / "out.csv"
+        try:
+            code = main(
+                [
+                    "workos", "export", "--config", write_config(tmp_path, workos_fake),
+                    "--organization", ORGANIZATION, "--from", D1, "--to", D2, "--output", str(output),
+                ]
+            )  # fmt: skip
+        finally:
+            host.shutdown()
+            host.server_close()
+        assert code == 1
+        assert "with neither a Content-Length nor chunks" in capsys.readouterr().err
+        assert not output.exists()
 
     @pytest.mark.parametrize(
         ("start", "end", "message"),
