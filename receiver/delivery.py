@@ -112,10 +112,12 @@ class SinkRunner:
         action filters, only those the filters let through."""
         self._counted_upto = 0
         """With action filters: the journal seq up to which `_unread` has been counted."""
+        self._counting = asyncio.Lock()
         self._in_flight = 0
 
     async def prime(self) -> None:
-        """Read this sink's cursor and count its backlog (before `run`, so the gauge is true from the start)."""
+        """Read this sink's cursor and count its backlog (before `run`, so the gauge is true from the start; again
+        when `run` failed)."""
         self.cursor = (await self.journal.cursors([self.name]))[self.name]
         self._read_pos = self.cursor
         if self._every_action:
@@ -124,8 +126,9 @@ class SinkRunner:
                 "count the backlog",
             )
         else:
-            self._counted_upto = self.cursor
-            await self._count_new()
+            async with self._counting:  # not beside count_forever's: each would count what the other did
+                self._counted_upto, self._unread = self.cursor, 0
+                await self._count_new()
 
     async def _count_new(self) -> None:
         """With action filters: add the wanted events the journal gained since the last count (actions are
@@ -156,7 +159,8 @@ class SinkRunner:
         while True:
             if not self._every_action:
                 with contextlib.suppress(JournalError):
-                    await self._count_new()
+                    async with self._counting:
+                        await self._count_new()
                 await asyncio.sleep(BACKLOG_REFRESH)
                 continue
             last_seq, position = self.journal.last_seq, self._read_pos
@@ -257,6 +261,33 @@ class SinkRunner:
         if self._buffered_bytes >= limits.max_bytes:
             return True
         return self._stopping or time.monotonic() - self._first_buffered_at >= limits.max_wait
+
+    async def deliver(self) -> None:
+        """`run`, started again at the cursor after an error nothing classifies (a sink's bug, a journal read
+        that fails in an unforeseen way), after a backoff, with the sink down meanwhile: nothing past the
+        cursor is skipped (what was read or sent again is a duplicate, never a loss)."""
+        failures, cursor = 0, self.cursor
+        while True:
+            try:
+                if failures:  # again: from the cursor, its backlog counted anew
+                    await self.prime()
+                await self.run()
+                return
+            except JournalClosed:
+                raise
+            except Exception as exc:
+                failures = failures + 1 if self.cursor == cursor else 1  # a crash after progress starts over
+                cursor = self.cursor
+                delay = backoff(failures, self.section.retry)
+                log.exception(
+                    "sink runner failed; starting it again at its cursor",
+                    extra={"sink": self.name, "failures": failures, "delay_s": round(delay, 3)},
+                )
+                self._set_health(Health(False, f"delivery failed ({type(exc).__name__}); starting again"))
+                self._buffer.clear()
+                self._buffered_bytes = 0
+                if not await self._pause(delay):
+                    return
 
     async def run(self) -> None:
         """Deliver until stopped; on stop, keep draining until the backlog is empty."""
@@ -484,7 +515,7 @@ class DeliveryEngine:
     async def _launch(self, runner: SinkRunner) -> None:
         await runner.prime()
         self._tasks[runner.name] = [
-            asyncio.create_task(runner.run(), name=f"sink:{runner.name}"),
+            asyncio.create_task(runner.deliver(), name=f"sink:{runner.name}"),
             asyncio.create_task(self._watch_health(runner), name=f"health:{runner.name}"),
             asyncio.create_task(runner.count_forever(), name=f"backlog:{runner.name}"),
         ]

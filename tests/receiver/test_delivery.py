@@ -435,3 +435,36 @@ class TestHealthWhileIdle:
         await asyncio.sleep(0.5)
         assert 'log_bridge_sink_up{sink="mem"} 0.0' in service.metrics.render().decode()
         assert checks["n"] == 0
+
+
+class TestRunnerFailure:
+    """An error nothing classifies stops no sink for good: its runner starts again at its cursor."""
+
+    async def test_a_sink_that_answers_no_result_is_shown_down_and_delivers_once_it_does(
+        self, start_service: StartService, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        service = await start_service()
+        sink = memory()
+        kept = sink.send
+        broken = {"on": True}
+
+        async def buggy(batch: Any) -> Any:
+            if broken["on"]:
+                sink.batch_sizes.append(len(batch))
+                return None  # a third-party sink's bug: no SendResult
+            return await kept(batch)
+
+        sink.send = buggy  # type: ignore[method-assign]
+        await send(service, events(3))
+        await until(lambda: len(sink.batch_sizes) >= 2)  # tried again, not given up
+        await until(lambda: 'log_bridge_sink_up{sink="mem"} 0.0' in service.metrics.render().decode())
+        assert any(
+            record.getMessage().startswith("sink runner failed") and getattr(record, "sink", None) == "mem"
+            for record in caplog.records
+        )
+        broken["on"] = False
+        await send(service, events(2, prefix="later"))
+        await until(lambda: len(sink.events) == 5)
+        assert sorted(keys()) == ["k0", "k1", "k2", "later0", "later1"]
+        await until(lambda: 'log_bridge_sink_up{sink="mem"} 1.0' in service.metrics.render().decode())
+        assert service.metrics.registry.get_sample_value("log_bridge_sink_backlog_events", {"sink": "mem"}) == 0
