@@ -222,8 +222,6 @@ class SinkRunner:
                     wanted += row.events
                     size += row.size
             self._unread = max(0, self._unread - len(wanted))
-        if self.legacy:
-            self.legacy = {name: until for name, until in self.legacy.items() if until > self._read_pos}
         if wanted:
             if not self._buffer:
                 self._first_buffered_at = time.monotonic()
@@ -450,6 +448,8 @@ class SinkRunner:
             lambda: self.journal.commit_progress(self.name, position, dead, self.active_sinks), "record progress"
         )
         self.cursor = position
+        if self.legacy:  # what is read is not yet delivered: a runner rebuilt or started again reads it again
+            self.legacy = {name: until for name, until in self.legacy.items() if until > position}
 
     async def _persist(self, operation: Callable[[], Awaitable[T]], what: str) -> T:
         """Run a journal operation, retrying through journal errors (a full disk, a locked file) until it works."""
