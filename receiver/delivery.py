@@ -118,7 +118,8 @@ class SinkRunner:
     async def prime(self) -> None:
         """Read this sink's cursor and count its backlog (before `run`, so the gauge is true from the start; again
         when `run` failed)."""
-        self.cursor = (await self.journal.cursors([self.name]))[self.name]
+        cursors = await self._persist(lambda: self.journal.cursors([self.name]), "read the cursor")
+        self.cursor = cursors[self.name]
         self._read_pos = self.cursor
         if self._every_action:
             self._unread = await self._persist(
@@ -128,7 +129,7 @@ class SinkRunner:
         else:
             async with self._counting:  # not beside count_forever's: each would count what the other did
                 self._counted_upto, self._unread = self.cursor, 0
-                await self._count_new()
+                await self._persist(self._count_new, "count the backlog")
 
     async def _count_new(self) -> None:
         """With action filters: add the wanted events the journal gained since the last count (actions are

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -505,3 +506,29 @@ class TestRunnerFailure:
         Path(service.path).write_text(yaml.safe_dump(tree))
         assert await service.reload()
         await until(lambda: keys("b") == ["k2", "o0"])
+
+    async def test_a_sink_whose_cursor_cannot_be_read_at_once_is_started_when_it_can(
+        self, start_service: StartService, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    ) -> None:
+        """A reload adding a sink while the journal's reads fail (locked, an I/O error) waits them out."""
+        service = await start_service()
+        journal = service.journal
+        read = journal._read
+        failures = {"left": 2}
+
+        async def locked(fn: Any) -> Any:
+            if "cursors" in fn.__qualname__ and failures["left"]:
+                failures["left"] -= 1
+                raise sqlite3.OperationalError("database is locked")
+            return await read(fn)
+
+        monkeypatch.setattr(journal, "_read", locked)
+        tree = merge(BASE_CONFIG, {"journal": {"path": str(journal.path)}})
+        tree["sinks"]["added"] = tree["sinks"]["mem"]
+        tree["streams"][0]["sinks"] = ["mem", "added"]
+        service.path = str(tmp_path / "reloaded.yaml")
+        Path(service.path).write_text(yaml.safe_dump(tree))
+        assert await service.reload()
+        assert failures["left"] == 0
+        await send(service, events(2))
+        await until(lambda: len(memory("added").events) == 2 and len(memory().events) == 2)
