@@ -22,6 +22,7 @@ from typing import TypeVar
 
 from receiver.config import Config, RetryConfig, SinkSection
 from receiver.errors import JournalClosed, JournalError
+from receiver.health import check
 from receiver.journal import Journal
 from receiver.journal.schema import letter_bytes
 from receiver.metrics import Metrics
@@ -45,6 +46,9 @@ IDLE_POLL = 1.0
 
 HEALTH_RECHECK = 30.0
 """How often a red sink with nothing to send runs its health check again: no send will say it is back."""
+HEALTH_TIMEOUT = 30.0
+"""How long a sink's health check may take (as `log-bridge check`'s default): one that hangs is a failed check,
+not the end of the sink's checks."""
 
 
 def action_filter(include: Sequence[str], exclude: Sequence[str]) -> Callable[[str], bool]:
@@ -473,10 +477,7 @@ class SinkRunner:
     async def check_health(self) -> Health:
         """Run the sink's health check and record it, unless a send answered meanwhile (that is newer)."""
         seen = self._health_seen
-        try:
-            health = await self.sink.healthcheck()
-        except Exception as exc:
-            health = Health(False, f"health check raised {type(exc).__name__}")
+        health = await check(self.sink, HEALTH_TIMEOUT)
         if health.ok and self._config_problem is not None:
             health = Health(False, f"last send failed: {self._config_problem} (red until a send succeeds)")
         if self._health_seen == seen:

@@ -437,6 +437,30 @@ class TestHealthWhileIdle:
         assert 'log_bridge_sink_up{sink="mem"} 0.0' in service.metrics.render().decode()
         assert checks["n"] == 0
 
+    async def test_a_health_check_that_hangs_is_a_failed_check_and_the_next_one_runs(
+        self, start_service: StartService, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setattr("receiver.delivery.HEALTH_RECHECK", 0.05)
+        monkeypatch.setattr("receiver.delivery.HEALTH_TIMEOUT", 0.2, raising=False)
+        service = await start_service({"sinks": {"mem": {"retry": {"max_attempts": 1}}}})
+        sink = memory()
+        sink.fail = "retry"
+        await send(service, events(1))
+        await until(lambda: len(list_dead_letters(service.journal.path, "mem")) == 1)  # red, and nothing owed
+        kept = sink.healthcheck
+        hangs = {"left": 1}
+
+        async def silent() -> Health:  # an endpoint that takes the connection and never answers, once
+            if hangs["left"]:
+                hangs["left"] -= 1
+                await asyncio.Event().wait()
+            return await kept()
+
+        sink.healthcheck = silent  # type: ignore[method-assign]
+        sink.fail = "none"
+        await until(lambda: 'log_bridge_sink_up{sink="mem"} 1.0' in service.metrics.render().decode())
+        assert hangs["left"] == 0
+
 
 class TestRunnerFailure:
     """An error nothing classifies stops no sink for good: its runner starts again at its cursor."""
