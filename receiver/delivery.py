@@ -407,8 +407,11 @@ class SinkRunner:
             if permanent:
                 self.metrics.failed.labels(self.name, "permanent").inc(permanent)
             if not retry and not pending:
-                self._config_problem = None
-                self._set_health(Health(True, "last send succeeded"))
+                if delivered:
+                    self._config_problem = None
+                    self._set_health(Health(True, "last send succeeded"))
+                else:  # a peer refusing everything is no sink that works (its dead letters say what it refused)
+                    self._set_health(Health(False, f"every event of the last send was refused: {dead[-1][1]}"))
                 break
             pending_only = not retry
             delay = result.retry_after or 0.0

@@ -391,6 +391,31 @@ class TestSinkHealth:
         assert list_dead_letters(service.config.journal.path) == []  # and max_attempts: 1 was never used up
         assert service.engine is not None and service.engine.runners["mem"].health.ok
 
+    async def test_a_sink_that_refuses_every_event_is_down_though_its_check_passes(
+        self, start_service: StartService
+    ) -> None:
+        """A send whose every event was dead-lettered did not succeed: the sink is red until one delivers."""
+        service = await start_service()
+        sink = memory()
+
+        async def green() -> Health:
+            return Health(True, "health endpoint answers")
+
+        sink.healthcheck = green  # type: ignore[method-assign]
+        await until(lambda: 'log_bridge_sink_up{sink="mem"} 1.0' in service.metrics.render().decode())
+        sink.fail = "permanent"
+        await send(service, events(3))
+        await until(lambda: len(list_dead_letters(service.journal.path, "mem")) == 3)
+        assert service.engine is not None
+        health = service.engine.runners["mem"].health
+        assert not health.ok and "memory sink told to fail (permanent)" in health.message
+        assert 'log_bridge_sink_up{sink="mem"} 0.0' in service.metrics.render().decode()
+        sink.fail = "none"
+        sink.reject_actions = {"user.deleted"}  # one refused among delivered ones: the sink is up
+        await send(service, events(2, prefix="later") + events(1, action="user.deleted", prefix="bad"))
+        await until(lambda: len(sink.events) == 2 and len(list_dead_letters(service.journal.path, "mem")) == 4)
+        assert 'log_bridge_sink_up{sink="mem"} 1.0' in service.metrics.render().decode()
+
 
 class TestHealthWhileIdle:
     """A sink with nothing to send is checked again while it is red: its gauge follows the sink back up."""
