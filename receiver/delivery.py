@@ -460,7 +460,8 @@ class SinkRunner:
             self.legacy = {name: until for name, until in self.legacy.items() if until > position}
 
     async def _persist(self, operation: Callable[[], Awaitable[T]], what: str) -> T:
-        """Run a journal operation, retrying through journal errors (a full disk, a locked file) until it works."""
+        """Run a journal operation, retrying through journal errors (a full disk, a locked file) until it works, the
+        sink shown down meanwhile (it delivers nothing; its next send, or check when idle, says how it is)."""
         delay = 0.1
         while True:
             try:
@@ -469,6 +470,7 @@ class SinkRunner:
                 raise
             except JournalError as exc:
                 log.error(f"cannot {what}; retrying", extra={"sink": self.name, "error": str(exc)})
+                self._set_health(Health(False, f"cannot {what}, retrying: {exc}"))  # stuck: say so
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, JOURNAL_RETRY_MAX)
 

@@ -358,6 +358,31 @@ class TestJournalTrouble:
             )
             assert counted == 1
 
+    async def test_a_sink_whose_events_cannot_be_read_is_shown_down_and_goes_on_once_they_can(
+        self, start_service: StartService, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setattr("receiver.journal.facade.RECENT_BYTES", 1)  # the sink behind reads the segments
+        monkeypatch.setattr("receiver.journal.segments.SEGMENT_BYTES", 1)  # a segment per request
+        service = await start_service(two_sinks(b={"fail": "retry", "batch": {"max_events": 1}}))
+        for i in range(6):
+            await send(service, events(100, prefix=f"r{i}-"))
+        await until(lambda: len(memory("a").events) == 600)
+        segment = service.journal.segments.segments[4].path  # seqs 401-500, which b has not read yet
+        aside = segment.with_name(segment.name + ".aside")
+        segment.rename(aside)
+        segment.mkdir()  # reading it fails (EISDIR), as a disk failing would (EIO)
+        memory("b").fail = "none"
+        assert service.engine is not None
+        runner = service.engine.runners["b"]
+        await until(lambda: not runner.health.ok and "cannot read the journal" in runner.health.message, 10)
+        assert 'log_bridge_sink_up{sink="b"} 0.0' in service.metrics.render().decode()
+        assert len(memory("b").events) <= 400
+        segment.rmdir()
+        aside.rename(segment)
+        await until(lambda: len(memory("b").events) == 600, 10)
+        assert [event.seq for event in memory("b").events] == list(range(1, 601))
+        await until(lambda: runner.health.ok)
+
 
 class TestSinkHealth:
     async def test_a_configuration_problem_keeps_the_sink_red_until_a_send_succeeds(
