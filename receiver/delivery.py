@@ -46,6 +46,11 @@ IDLE_POLL = 1.0
 
 HEALTH_RECHECK = 30.0
 """How often a red sink with nothing to send runs its health check again: no send will say it is back."""
+
+SEND_STALLED = 300.0
+"""How long one send may go without returning before the sink is shown down (it is not cut short: a sink
+bounds its own requests, and a long upload is no failure; one that never returns holds back its events)."""
+
 HEALTH_TIMEOUT = 30.0
 """How long a sink's health check may take (as `log-bridge check`'s default): one that hangs is a failed check,
 not the end of the sink's checks."""
@@ -377,11 +382,14 @@ class SinkRunner:
             if not pending_only:  # asking again about events awaiting the peer's confirmation is no new attempt
                 attempt += 1
             started = time.monotonic()
+            stalled = asyncio.get_running_loop().call_later(SEND_STALLED, self._stalled, len(todo))
             try:
                 result = await self.sink.send(todo)
             except Exception as exc:  # a sink must classify, but a bug in one must not stop delivery
                 log.exception("sink raised instead of classifying", extra={"sink": self.name})
                 result = SendResult.retry(f"sink error: {type(exc).__name__}")
+            finally:
+                stalled.cancel()
             self.metrics.send_seconds.labels(self.name).observe(time.monotonic() - started)
             retry: list[tuple[Event, str]] = []
             pending: list[Event] = []
@@ -443,6 +451,14 @@ class SinkRunner:
             todo = [event for event, _ in retry] + pending
             self._in_flight = len(todo)
         return dead
+
+    def _stalled(self, events: int) -> None:
+        """A send has not returned within SEND_STALLED: its answer, when it comes, says how the sink is."""
+        log.warning(
+            "send has not returned; the sink delivers nothing meanwhile",
+            extra={"sink": self.name, "events": events, "after_s": SEND_STALLED},
+        )
+        self._set_health(Health(False, f"a send has not returned for {SEND_STALLED:g}s"))
 
     async def _pause(self, delay: float) -> bool:
         """Wait `delay` seconds before sending again, or less when the runner halts: whether to go on."""

@@ -441,6 +441,29 @@ class TestSinkHealth:
         await until(lambda: len(sink.events) == 2 and len(list_dead_letters(service.journal.path, "mem")) == 4)
         assert 'log_bridge_sink_up{sink="mem"} 1.0' in service.metrics.render().decode()
 
+    async def test_a_send_that_does_not_return_shows_the_sink_down_until_it_does(
+        self, start_service: StartService, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """A sink that never times out its requests (a peer that takes them and never answers) holds its
+        events back: that is no silent success."""
+        monkeypatch.setattr("receiver.delivery.SEND_STALLED", 0.2, raising=False)
+        service = await start_service()
+        sink = memory()
+        kept = sink.send
+        answer = asyncio.Event()
+
+        async def silent(batch: Any) -> Any:
+            await answer.wait()
+            return await kept(batch)
+
+        sink.send = silent  # type: ignore[method-assign]
+        await send(service, events(2))
+        await until(lambda: 'log_bridge_sink_up{sink="mem"} 0.0' in service.metrics.render().decode())
+        assert any(record.getMessage().startswith("send has not returned") for record in caplog.records)
+        answer.set()
+        await until(lambda: len(sink.events) == 2)
+        await until(lambda: 'log_bridge_sink_up{sink="mem"} 1.0' in service.metrics.render().decode())
+
 
 class TestHealthWhileIdle:
     """A sink with nothing to send is checked again while it is red: its gauge follows the sink back up."""
