@@ -22,6 +22,7 @@ from typing import TypeVar
 
 from receiver.config import Config, RetryConfig, SinkSection
 from receiver.errors import JournalClosed, JournalError
+from receiver.health import check
 from receiver.journal import Journal
 from receiver.journal.schema import letter_bytes
 from receiver.metrics import Metrics
@@ -45,6 +46,14 @@ IDLE_POLL = 1.0
 
 HEALTH_RECHECK = 30.0
 """How often a red sink with nothing to send runs its health check again: no send will say it is back."""
+
+SEND_STALLED = 300.0
+"""How long one send may go without returning before the sink is shown down (it is not cut short: a sink
+bounds its own requests, and a long upload is no failure; one that never returns holds back its events)."""
+
+HEALTH_TIMEOUT = 30.0
+"""How long a sink's health check may take (as `log-bridge check`'s default): one that hangs is a failed check,
+not the end of the sink's checks."""
 
 
 def action_filter(include: Sequence[str], exclude: Sequence[str]) -> Callable[[str], bool]:
@@ -112,11 +121,14 @@ class SinkRunner:
         action filters, only those the filters let through."""
         self._counted_upto = 0
         """With action filters: the journal seq up to which `_unread` has been counted."""
+        self._counting = asyncio.Lock()
         self._in_flight = 0
 
     async def prime(self) -> None:
-        """Read this sink's cursor and count its backlog (before `run`, so the gauge is true from the start)."""
-        self.cursor = (await self.journal.cursors([self.name]))[self.name]
+        """Read this sink's cursor and count its backlog (before `run`, so the gauge is true from the start; again
+        when `run` failed)."""
+        cursors = await self._persist(lambda: self.journal.cursors([self.name]), "read the cursor")
+        self.cursor = cursors[self.name]
         self._read_pos = self.cursor
         if self._every_action:
             self._unread = await self._persist(
@@ -124,8 +136,9 @@ class SinkRunner:
                 "count the backlog",
             )
         else:
-            self._counted_upto = self.cursor
-            await self._count_new()
+            async with self._counting:  # not beside count_forever's: each would count what the other did
+                self._counted_upto, self._unread = self.cursor, 0
+                await self._persist(self._count_new, "count the backlog")
 
     async def _count_new(self) -> None:
         """With action filters: add the wanted events the journal gained since the last count (actions are
@@ -156,7 +169,8 @@ class SinkRunner:
         while True:
             if not self._every_action:
                 with contextlib.suppress(JournalError):
-                    await self._count_new()
+                    async with self._counting:
+                        await self._count_new()
                 await asyncio.sleep(BACKLOG_REFRESH)
                 continue
             last_seq, position = self.journal.last_seq, self._read_pos
@@ -218,8 +232,6 @@ class SinkRunner:
                     wanted += row.events
                     size += row.size
             self._unread = max(0, self._unread - len(wanted))
-        if self.legacy:
-            self.legacy = {name: until for name, until in self.legacy.items() if until > self._read_pos}
         if wanted:
             if not self._buffer:
                 self._first_buffered_at = time.monotonic()
@@ -257,6 +269,33 @@ class SinkRunner:
         if self._buffered_bytes >= limits.max_bytes:
             return True
         return self._stopping or time.monotonic() - self._first_buffered_at >= limits.max_wait
+
+    async def deliver(self) -> None:
+        """`run`, started again at the cursor after an error nothing classifies (a sink's bug, a journal read
+        that fails in an unforeseen way), after a backoff, with the sink down meanwhile: nothing past the
+        cursor is skipped (what was read or sent again is a duplicate, never a loss)."""
+        failures, cursor = 0, self.cursor
+        while True:
+            try:
+                if failures:  # again: from the cursor, its backlog counted anew
+                    await self.prime()
+                await self.run()
+                return
+            except JournalClosed:
+                raise
+            except Exception as exc:
+                failures = failures + 1 if self.cursor == cursor else 1  # a crash after progress starts over
+                cursor = self.cursor
+                delay = backoff(failures, self.section.retry)
+                log.exception(
+                    "sink runner failed; starting it again at its cursor",
+                    extra={"sink": self.name, "failures": failures, "delay_s": round(delay, 3)},
+                )
+                self._set_health(Health(False, f"delivery failed ({type(exc).__name__}); starting again"))
+                self._buffer.clear()
+                self._buffered_bytes = 0
+                if not await self._pause(delay):
+                    return
 
     async def run(self) -> None:
         """Deliver until stopped; on stop, keep draining until the backlog is empty."""
@@ -343,11 +382,14 @@ class SinkRunner:
             if not pending_only:  # asking again about events awaiting the peer's confirmation is no new attempt
                 attempt += 1
             started = time.monotonic()
+            stalled = asyncio.get_running_loop().call_later(SEND_STALLED, self._stalled, len(todo))
             try:
                 result = await self.sink.send(todo)
             except Exception as exc:  # a sink must classify, but a bug in one must not stop delivery
                 log.exception("sink raised instead of classifying", extra={"sink": self.name})
                 result = SendResult.retry(f"sink error: {type(exc).__name__}")
+            finally:
+                stalled.cancel()
             self.metrics.send_seconds.labels(self.name).observe(time.monotonic() - started)
             retry: list[tuple[Event, str]] = []
             pending: list[Event] = []
@@ -373,8 +415,11 @@ class SinkRunner:
             if permanent:
                 self.metrics.failed.labels(self.name, "permanent").inc(permanent)
             if not retry and not pending:
-                self._config_problem = None
-                self._set_health(Health(True, "last send succeeded"))
+                if delivered:
+                    self._config_problem = None
+                    self._set_health(Health(True, "last send succeeded"))
+                else:  # a peer refusing everything is no sink that works (its dead letters say what it refused)
+                    self._set_health(Health(False, f"every event of the last send was refused: {dead[-1][1]}"))
                 break
             pending_only = not retry
             delay = result.retry_after or 0.0
@@ -407,6 +452,14 @@ class SinkRunner:
             self._in_flight = len(todo)
         return dead
 
+    def _stalled(self, events: int) -> None:
+        """A send has not returned within SEND_STALLED: its answer, when it comes, says how the sink is."""
+        log.warning(
+            "send has not returned; the sink delivers nothing meanwhile",
+            extra={"sink": self.name, "events": events, "after_s": SEND_STALLED},
+        )
+        self._set_health(Health(False, f"a send has not returned for {SEND_STALLED:g}s"))
+
     async def _pause(self, delay: float) -> bool:
         """Wait `delay` seconds before sending again, or less when the runner halts: whether to go on."""
         with contextlib.suppress(TimeoutError):
@@ -419,9 +472,12 @@ class SinkRunner:
             lambda: self.journal.commit_progress(self.name, position, dead, self.active_sinks), "record progress"
         )
         self.cursor = position
+        if self.legacy:  # what is read is not yet delivered: a runner rebuilt or started again reads it again
+            self.legacy = {name: until for name, until in self.legacy.items() if until > position}
 
     async def _persist(self, operation: Callable[[], Awaitable[T]], what: str) -> T:
-        """Run a journal operation, retrying through journal errors (a full disk, a locked file) until it works."""
+        """Run a journal operation, retrying through journal errors (a full disk, a locked file) until it works, the
+        sink shown down meanwhile (it delivers nothing; its next send, or check when idle, says how it is)."""
         delay = 0.1
         while True:
             try:
@@ -430,6 +486,7 @@ class SinkRunner:
                 raise
             except JournalError as exc:
                 log.error(f"cannot {what}; retrying", extra={"sink": self.name, "error": str(exc)})
+                self._set_health(Health(False, f"cannot {what}, retrying: {exc}"))  # stuck: say so
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, JOURNAL_RETRY_MAX)
 
@@ -441,10 +498,7 @@ class SinkRunner:
     async def check_health(self) -> Health:
         """Run the sink's health check and record it, unless a send answered meanwhile (that is newer)."""
         seen = self._health_seen
-        try:
-            health = await self.sink.healthcheck()
-        except Exception as exc:
-            health = Health(False, f"health check raised {type(exc).__name__}")
+        health = await check(self.sink, HEALTH_TIMEOUT)
         if health.ok and self._config_problem is not None:
             health = Health(False, f"last send failed: {self._config_problem} (red until a send succeeds)")
         if self._health_seen == seen:
@@ -484,7 +538,7 @@ class DeliveryEngine:
     async def _launch(self, runner: SinkRunner) -> None:
         await runner.prime()
         self._tasks[runner.name] = [
-            asyncio.create_task(runner.run(), name=f"sink:{runner.name}"),
+            asyncio.create_task(runner.deliver(), name=f"sink:{runner.name}"),
             asyncio.create_task(self._watch_health(runner), name=f"health:{runner.name}"),
             asyncio.create_task(runner.count_forever(), name=f"backlog:{runner.name}"),
         ]

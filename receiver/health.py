@@ -1,4 +1,4 @@
-"""Running the configured sinks' health checks (`log-bridge check`)."""
+"""Running sinks' health checks, each within a time limit (`log-bridge check`, the delivery engine)."""
 
 from __future__ import annotations
 
@@ -14,18 +14,20 @@ async def check_sinks(config: Config, names: list[str], limit: float) -> dict[st
     from receiver.delivery import build_sinks
 
     sinks = build_sinks(config, names)
-
-    async def check(sink: Sink) -> Health:
-        try:
-            async with asyncio.timeout(limit):
-                return await sink.healthcheck()
-        except TimeoutError:
-            return Health(False, f"no answer within {limit:g}s")
-        except Exception as exc:  # a sink's bug must not hide the other sinks' results
-            return Health(False, f"health check raised {type(exc).__name__}")
-
     try:
-        found = await asyncio.gather(*(check(sink) for sink in sinks.values()))
+        found = await asyncio.gather(*(check(sink, limit) for sink in sinks.values()))
     finally:
         await asyncio.gather(*(sink.close() for sink in sinks.values()), return_exceptions=True)
     return dict(zip(sinks, found, strict=True))
+
+
+async def check(sink: Sink, limit: float) -> Health:
+    """A sink's health check within `limit` seconds: one that hangs or raises is a failed check (a sink's bug
+    must neither hide the other sinks' results nor stop its checks)."""
+    try:
+        async with asyncio.timeout(limit):
+            return await sink.healthcheck()
+    except TimeoutError:
+        return Health(False, f"no answer within {limit:g}s")
+    except Exception as exc:
+        return Health(False, f"health check raised {type(exc).__name__}")

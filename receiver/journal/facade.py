@@ -813,14 +813,17 @@ class Journal(GroupWriter):
     # --- delivery ----------------------------------------------------------------------------------
 
     async def cursors(self, sinks: Iterable[str]) -> dict[str, int]:
-        """Each sink's cursor (0 for a sink never seen)."""
+        """Each sink's cursor (0 for a sink never seen); JournalError when it cannot be read (locked, the disk)."""
         names = list(sinks)
 
         def read(conn: sqlite3.Connection) -> dict[str, int]:
             found = dict(conn.execute("SELECT sink, seq FROM cursors").fetchall())
             return {name: int(found.get(name, 0)) for name in names}
 
-        return await self._read(read)
+        try:
+            return await self._read(read)
+        except sqlite3.Error as exc:
+            raise JournalError(f"journal read failed: {exc}") from None
 
     async def load_meta(self, key: str) -> Any:
         """A JSON value kept in the journal's `meta` table (None when absent)."""

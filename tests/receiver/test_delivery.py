@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -357,6 +358,31 @@ class TestJournalTrouble:
             )
             assert counted == 1
 
+    async def test_a_sink_whose_events_cannot_be_read_is_shown_down_and_goes_on_once_they_can(
+        self, start_service: StartService, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setattr("receiver.journal.facade.RECENT_BYTES", 1)  # the sink behind reads the segments
+        monkeypatch.setattr("receiver.journal.segments.SEGMENT_BYTES", 1)  # a segment per request
+        service = await start_service(two_sinks(b={"fail": "retry", "batch": {"max_events": 1}}))
+        for i in range(6):
+            await send(service, events(100, prefix=f"r{i}-"))
+        await until(lambda: len(memory("a").events) == 600)
+        segment = service.journal.segments.segments[4].path  # seqs 401-500, which b has not read yet
+        aside = segment.with_name(segment.name + ".aside")
+        segment.rename(aside)
+        segment.mkdir()  # reading it fails (EISDIR), as a disk failing would (EIO)
+        memory("b").fail = "none"
+        assert service.engine is not None
+        runner = service.engine.runners["b"]
+        await until(lambda: not runner.health.ok and "cannot read the journal" in runner.health.message, 10)
+        assert 'log_bridge_sink_up{sink="b"} 0.0' in service.metrics.render().decode()
+        assert len(memory("b").events) <= 400
+        segment.rmdir()
+        aside.rename(segment)
+        await until(lambda: len(memory("b").events) == 600, 10)
+        assert [event.seq for event in memory("b").events] == list(range(1, 601))
+        await until(lambda: runner.health.ok)
+
 
 class TestSinkHealth:
     async def test_a_configuration_problem_keeps_the_sink_red_until_a_send_succeeds(
@@ -389,6 +415,54 @@ class TestSinkHealth:
         assert 'outcome="retry",sink="mem"' not in text  # PENDING is no failed send
         assert list_dead_letters(service.config.journal.path) == []  # and max_attempts: 1 was never used up
         assert service.engine is not None and service.engine.runners["mem"].health.ok
+
+    async def test_a_sink_that_refuses_every_event_is_down_though_its_check_passes(
+        self, start_service: StartService
+    ) -> None:
+        """A send whose every event was dead-lettered did not succeed: the sink is red until one delivers."""
+        service = await start_service()
+        sink = memory()
+
+        async def green() -> Health:
+            return Health(True, "health endpoint answers")
+
+        sink.healthcheck = green  # type: ignore[method-assign]
+        await until(lambda: 'log_bridge_sink_up{sink="mem"} 1.0' in service.metrics.render().decode())
+        sink.fail = "permanent"
+        await send(service, events(3))
+        await until(lambda: len(list_dead_letters(service.journal.path, "mem")) == 3)
+        assert service.engine is not None
+        health = service.engine.runners["mem"].health
+        assert not health.ok and "memory sink told to fail (permanent)" in health.message
+        assert 'log_bridge_sink_up{sink="mem"} 0.0' in service.metrics.render().decode()
+        sink.fail = "none"
+        sink.reject_actions = {"user.deleted"}  # one refused among delivered ones: the sink is up
+        await send(service, events(2, prefix="later") + events(1, action="user.deleted", prefix="bad"))
+        await until(lambda: len(sink.events) == 2 and len(list_dead_letters(service.journal.path, "mem")) == 4)
+        assert 'log_bridge_sink_up{sink="mem"} 1.0' in service.metrics.render().decode()
+
+    async def test_a_send_that_does_not_return_shows_the_sink_down_until_it_does(
+        self, start_service: StartService, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """A sink that never times out its requests (a peer that takes them and never answers) holds its
+        events back: that is no silent success."""
+        monkeypatch.setattr("receiver.delivery.SEND_STALLED", 0.2, raising=False)
+        service = await start_service()
+        sink = memory()
+        kept = sink.send
+        answer = asyncio.Event()
+
+        async def silent(batch: Any) -> Any:
+            await answer.wait()
+            return await kept(batch)
+
+        sink.send = silent  # type: ignore[method-assign]
+        await send(service, events(2))
+        await until(lambda: 'log_bridge_sink_up{sink="mem"} 0.0' in service.metrics.render().decode())
+        assert any(record.getMessage().startswith("send has not returned") for record in caplog.records)
+        answer.set()
+        await until(lambda: len(sink.events) == 2)
+        await until(lambda: 'log_bridge_sink_up{sink="mem"} 1.0' in service.metrics.render().decode())
 
 
 class TestHealthWhileIdle:
@@ -435,3 +509,123 @@ class TestHealthWhileIdle:
         await asyncio.sleep(0.5)
         assert 'log_bridge_sink_up{sink="mem"} 0.0' in service.metrics.render().decode()
         assert checks["n"] == 0
+
+    async def test_a_health_check_that_hangs_is_a_failed_check_and_the_next_one_runs(
+        self, start_service: StartService, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setattr("receiver.delivery.HEALTH_RECHECK", 0.05)
+        monkeypatch.setattr("receiver.delivery.HEALTH_TIMEOUT", 0.2, raising=False)
+        service = await start_service({"sinks": {"mem": {"retry": {"max_attempts": 1}}}})
+        sink = memory()
+        sink.fail = "retry"
+        await send(service, events(1))
+        await until(lambda: len(list_dead_letters(service.journal.path, "mem")) == 1)  # red, and nothing owed
+        kept = sink.healthcheck
+        hangs = {"left": 1}
+
+        async def silent() -> Health:  # an endpoint that takes the connection and never answers, once
+            if hangs["left"]:
+                hangs["left"] -= 1
+                await asyncio.Event().wait()
+            return await kept()
+
+        sink.healthcheck = silent  # type: ignore[method-assign]
+        sink.fail = "none"
+        await until(lambda: 'log_bridge_sink_up{sink="mem"} 1.0' in service.metrics.render().decode())
+        assert hangs["left"] == 0
+
+
+class TestRunnerFailure:
+    """An error nothing classifies stops no sink for good: its runner starts again at its cursor."""
+
+    async def test_a_sink_that_answers_no_result_is_shown_down_and_delivers_once_it_does(
+        self, start_service: StartService, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        service = await start_service()
+        sink = memory()
+        kept = sink.send
+        broken = {"on": True}
+
+        async def buggy(batch: Any) -> Any:
+            if broken["on"]:
+                sink.batch_sizes.append(len(batch))
+                return None  # a third-party sink's bug: no SendResult
+            return await kept(batch)
+
+        sink.send = buggy  # type: ignore[method-assign]
+        await send(service, events(3))
+        await until(lambda: len(sink.batch_sizes) >= 2)  # tried again, not given up
+        await until(lambda: 'log_bridge_sink_up{sink="mem"} 0.0' in service.metrics.render().decode())
+        assert any(
+            record.getMessage().startswith("sink runner failed") and getattr(record, "sink", None) == "mem"
+            for record in caplog.records
+        )
+        broken["on"] = False
+        await send(service, events(2, prefix="later"))
+        await until(lambda: len(sink.events) == 5)
+        assert sorted(keys()) == ["k0", "k1", "k2", "later0", "later1"]
+        await until(lambda: 'log_bridge_sink_up{sink="mem"} 1.0' in service.metrics.render().decode())
+        assert service.metrics.registry.get_sample_value("log_bridge_sink_backlog_events", {"sink": "mem"}) == 0
+
+    async def test_a_rebuilt_sink_still_owes_what_it_read_but_did_not_deliver_of_a_stream_moved_away(
+        self, start_service: StartService, tmp_path: Path
+    ) -> None:
+        """What a sink owes of a stream a reload took from it is forgotten once it is delivered, not once read."""
+        fast = {"type": "memory", "batch": {"max_wait": "20ms", "max_events": 2}, "retry": {"initial": "10ms"}}
+        streams = [
+            {"name": "workos", "path": "/workos", "auth": {"values": [TOKEN]}, "sinks": ["a", "b"]},
+            {"name": "other", "path": "/other", "auth": {"values": [TOKEN]}, "sinks": ["b"]},
+        ]
+        tree = {"streams": streams, "sinks": {"a": fast, "b": {**fast, "fail": "retry"}}}
+        service = await start_service(tree)
+        assert service.engine is not None
+        await send(service, events(3))
+        await until(lambda: len(memory("a").events) == 3 and len(memory("b").batch_sizes) >= 1)
+        service.path = str(tmp_path / "reloaded.yaml")
+        tree = merge(BASE_CONFIG, merge(tree, {"journal": {"path": str(service.config.journal.path)}}))
+        tree["streams"][0]["sinks"] = ["a"]
+        Path(service.path).write_text(yaml.safe_dump(tree))
+        assert await service.reload()  # b still owes the three events of `workos`
+        await until(lambda: service.engine is not None and service.engine.runners["b"].legacy == {"workos": 3})
+        await send(service, events(1, prefix="o"), "/other")
+        b = memory("b")
+        kept = b.send
+
+        async def once(batch: Any) -> Any:  # one batch goes through, then the sink is down again
+            b.fail = "none"
+            result = await kept(batch)
+            b.fail, b.send = "retry", kept  # type: ignore[method-assign]
+            return result
+
+        b.send = once  # type: ignore[method-assign]
+        await until(lambda: len(b.events) == 2 and len(b.batch_sizes) >= 3)  # k0, k1 delivered; k2, o0 retried
+        del tree["sinks"]["b"]["fail"]  # b changed: rebuilt at its cursor
+        Path(service.path).write_text(yaml.safe_dump(tree))
+        assert await service.reload()
+        await until(lambda: keys("b") == ["k2", "o0"])
+
+    async def test_a_sink_whose_cursor_cannot_be_read_at_once_is_started_when_it_can(
+        self, start_service: StartService, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    ) -> None:
+        """A reload adding a sink while the journal's reads fail (locked, an I/O error) waits them out."""
+        service = await start_service()
+        journal = service.journal
+        read = journal._read
+        failures = {"left": 2}
+
+        async def locked(fn: Any) -> Any:
+            if "cursors" in fn.__qualname__ and failures["left"]:
+                failures["left"] -= 1
+                raise sqlite3.OperationalError("database is locked")
+            return await read(fn)
+
+        monkeypatch.setattr(journal, "_read", locked)
+        tree = merge(BASE_CONFIG, {"journal": {"path": str(journal.path)}})
+        tree["sinks"]["added"] = tree["sinks"]["mem"]
+        tree["streams"][0]["sinks"] = ["mem", "added"]
+        service.path = str(tmp_path / "reloaded.yaml")
+        Path(service.path).write_text(yaml.safe_dump(tree))
+        assert await service.reload()
+        assert failures["left"] == 0
+        await send(service, events(2))
+        await until(lambda: len(memory("added").events) == 2 and len(memory().events) == 2)
