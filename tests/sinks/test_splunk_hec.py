@@ -1033,7 +1033,13 @@ class TestThroughTheService:
         stream = {"name": "workos", "path": "/workos", "auth": {"values": [SERVICE_TOKEN]}, "sinks": ["splunk"]}
         service = await start_service({"streams": [stream], "sinks": {"splunk": splunk}}, environ={"HEC_TOKEN": TOKEN})
         ack_peer.hold_acks = True
-        asyncio.get_running_loop().call_later(0.3, ack_peer.release_acks)
+
+        async def release_once_asked_twice() -> None:  # not on a timer: a loaded machine may not have asked yet
+            while ack_peer.ack_queries < 2:
+                await asyncio.sleep(0.01)
+            ack_peer.release_acks()
+
+        release = asyncio.create_task(release_once_asked_twice())
         wrappers = [{"event": {"id": f"evt_{i}", "action": "a"}, "keySuffix": f"k{i}"} for i in range(20)]
         async with (
             aiohttp.ClientSession() as session,
@@ -1048,6 +1054,7 @@ class TestThroughTheService:
             assert time.monotonic() < deadline, (ack_peer.stats(), text)
             await asyncio.sleep(0.02)
             text = service.metrics.render().decode()
+        await release
         assert ack_peer.ack_queries >= 3  # asked while held, and once after the release
         assert ack_peer.event_count == 20  # posted once: PENDING events are not sent again
         assert 'outcome="retry",sink="splunk"' not in text
