@@ -637,12 +637,30 @@ def _expanded_size(node: yaml.Node, sizes: dict[int, int]) -> int:
     return size
 
 
+MAX_CONFIG_BYTES = 1024 * 1024
+"""Largest configuration file read: a real one is a few kilobytes, and checking a YAML file takes about a second
+per megabyte (a `/dev/zero` given by mistake would never end)."""
+
+
+def read_config_text(path: str | os.PathLike[str]) -> str:
+    """The text of a configuration file; ConfigError when it cannot be read, is too large or is not UTF-8."""
+    try:
+        with Path(path).open("rb") as file:
+            data = file.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read the file ({exc.strerror or type(exc).__name__})"]) from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError([f"{path}: larger than {MAX_CONFIG_BYTES // 1024} KiB, which no configuration needs"])
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:  # its text would quote the bytes around the fault, which may be a secret
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ConfigError([f"{path}: not UTF-8 text (line {line}, byte {exc.start + 1}); save it as UTF-8"]) from None
+
+
 def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Config:
     """Read and validate a YAML configuration file."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError([f"{path}: cannot read the file ({exc.strerror})"]) from None
+    text = read_config_text(path)
     try:
         document = yaml.compose(text, Loader=yaml.SafeLoader) or yaml.MappingNode("", [])
         if _expanded_size(document, {}) > MAX_CONFIG_VALUES:
@@ -651,8 +669,8 @@ def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None 
         tree = yaml.safe_load(text)
     except RecursionError:
         raise ConfigError([f"{path}: an alias refers to itself (or the document nests too deeply)"]) from None
-    except (ValueError, TypeError, OverflowError) as exc:  # an explicit tag (`!!int abc`) that does not convert
-        del exc  # its message quotes the value, which may be a secret
+    except (ValueError, TypeError, OverflowError, AttributeError):  # an explicit tag that does not convert
+        # (`!!int abc`; `!!timestamp abc` is an AttributeError in PyYAML): its message quotes the value, maybe a secret
         raise ConfigError([f"{path}: a value with an explicit YAML tag (such as !!int) does not convert"]) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
@@ -717,8 +735,8 @@ def load_journal_config(path: str | os.PathLike[str], environ: Mapping[str, str]
     """Only the `journal` section of a configuration file (for commands that read the journal alone, so
     variables the other sections use, such as sinks' credentials, need not be set)."""
     try:
-        tree = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError):
+        tree = yaml.safe_load(read_config_text(path))
+    except (yaml.YAMLError, ValueError, TypeError, OverflowError, AttributeError):
         load_config(path, environ)  # raises the same clear error the full load gives
         raise
     section = tree.get("journal", {}) if isinstance(tree, dict) else {}

@@ -18,7 +18,7 @@ from receiver.config import parse_config
 from receiver.samples import encode_body, sample_wrappers
 from receiver.server import Service
 from tests.conftest import BASE_CONFIG, TOKEN, http_peer, merge, scrape
-from tests.receiver.test_reload import running, wait_for
+from tests.receiver.test_reload import reloads, running, wait_for
 
 __all__ = ["running"]  # the fixture, shared with test_reload
 
@@ -260,7 +260,7 @@ class TestConfigFiles:
         with pytest.raises(ConfigError):
             load_config(path, {})
 
-    @pytest.mark.parametrize("value", ["!!int abc", "!!float abc", "!!timestamp 2020-99-99"])
+    @pytest.mark.parametrize("value", ["!!int abc", "!!float abc", "!!timestamp 2020-99-99", "!!timestamp abc"])
     def test_a_bad_yaml_tag_is_a_clear_error(self, tmp_path: Path, value: str) -> None:
         """An explicit YAML tag whose value does not convert (`port: !!int abc`) escapes as a ValueError
         traceback from `validate`/`serve`, quoting the value, instead of an error naming the YAML path."""
@@ -274,6 +274,21 @@ class TestConfigFiles:
         )
         with pytest.raises(ConfigError):
             load_config(path, {})
+
+
+    async def test_a_reload_of_a_file_that_is_not_utf8_is_refused_naming_it(
+        self, running, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """A file saved as Latin-1 made the reload fail with a bare `UnicodeDecodeError` ("reload failed"), not the
+        refusal that says what is wrong with the file."""
+        service, file = await running(BASE_CONFIG)
+        data = yaml.safe_dump(file.tree).encode() + b"# caf\xe9\n"
+        file.path.write_bytes(data)
+        assert not await service.reload()
+        line = next(r for r in caplog.records if r.getMessage().startswith("reload refused"))
+        where = f"line {len(data.splitlines())}, byte {data.index(0xE9) + 1}"
+        assert line.problems == [f"{file.path}: not UTF-8 text ({where}); save it as UTF-8"]
+        assert reloads(service, "failure") == 1
 
 
 class TestRemovedSinkFreesTheJournal:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +17,32 @@ from receiver.logs import MASK, Scrubber
 from sinks.base import parse_duration, parse_size
 
 ROOT = Path(__file__).resolve().parents[2]
+
+GOOD_FILE = """\
+server: {host: 127.0.0.1, port: 8080, allowlist: [127.0.0.1/32]}
+streams: [{name: w, path: /w, auth: {values: [stream-secret-42]}, sinks: [archive]}]
+sinks: {archive: {type: file, path: ./out.ndjson}}
+"""
+
+
+def validate(path: Path, **environ: str) -> subprocess.CompletedProcess[str]:
+    """`log-bridge validate --config path` of this checkout, in a process of its own."""
+    return subprocess.run(
+        [sys.executable, "-m", "receiver.cli", "validate", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=path.parent,
+        env={**os.environ, "PYTHONPATH": str(ROOT), **environ},
+    )
+
+
+def refused(path: Path, **environ: str) -> list[str]:
+    """The problems `log-bridge validate` lists for `path`, checking that it exits 1 without a traceback."""
+    result = validate(path, **environ)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.startswith("log-bridge: configuration is invalid"), result.stderr
+    return [line.strip() for line in result.stderr.splitlines()[1:]]
 
 ISSUE_EXAMPLE = """
 server:
@@ -268,3 +297,46 @@ class TestSecretValues:
         line = scrubber(f"the endpoint answered 401: revoked {token}; proxy said dXNlcjpwYXNzd29yZA== is unknown")
         assert token not in line and "dXNlcjpwYXNzd29yZA" not in line
         assert line.count(MASK) == 2
+
+
+class TestTheFileItself:
+    """What `validate` says of a file that is not a readable UTF-8 YAML mapping of a sensible size."""
+
+    def test_a_file_that_is_not_utf8_is_named_with_its_line(self, tmp_path: Path) -> None:
+        path = tmp_path / "config.yaml"
+        data = GOOD_FILE.replace("stream-secret-42", "stream-secr\xe9t").encode("latin-1")
+        path.write_bytes(data)
+        problems = refused(path)
+        assert problems == [f"{path}: not UTF-8 text (line 2, byte {data.index(0xE9) + 1}); save it as UTF-8"]
+        assert "secr" not in "".join(problems)
+
+    def test_a_file_too_large_to_be_a_configuration_is_refused_unread(self, tmp_path: Path) -> None:
+        path = tmp_path / "config.yaml"
+        path.write_text(GOOD_FILE + ("# " + "x" * 98 + "\n") * 11_000)
+        assert refused(path) == [f"{path}: larger than 1024 KiB, which no configuration needs"]
+
+    def test_a_directory_is_named(self, tmp_path: Path) -> None:
+        assert refused(tmp_path) == [f"{tmp_path}: cannot read the file (Is a directory)"]
+
+    @pytest.mark.parametrize("text", ["", "# nothing but a comment\n", "- a list\n", "just text\n"])
+    def test_a_file_that_is_no_mapping_says_what_is_expected(self, tmp_path: Path, text: str) -> None:
+        path = tmp_path / "config.yaml"
+        path.write_text(text)
+        problems = refused(path)
+        assert problems in (
+            ["streams: field required", "sinks: field required"],
+            ["<root>: expected a mapping of server, journal, streams and sinks"],
+        )
+
+    def test_the_journal_commands_say_the_same(self, tmp_path: Path) -> None:
+        path = tmp_path / "config.yaml"
+        path.write_bytes(GOOD_FILE.encode() + b"# caf\xe9\n")
+        result = subprocess.run(
+            [sys.executable, "-m", "receiver.cli", "dlq", "list", "--config", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        assert f"{path}: not UTF-8 text (line 4," in result.stderr
