@@ -27,7 +27,7 @@ from pathlib import Path
 import msgspec
 import orjson
 
-from receiver.config import Config, default_config, listen_url, load_config, load_journal_config
+from receiver.config import Config, TLSConfig, default_config, listen_url, load_config, load_journal_config
 from receiver.errors import ConfigError, LogBridgeError
 from receiver.health import check_sinks
 from receiver.journal import (
@@ -137,12 +137,19 @@ def cmd_validate(args: argparse.Namespace) -> int:
     if config is None:
         return 1
     server = config.server
+    try:
+        tls = _check_tls(server.tls) if server.tls is not None else None
+    except ConfigError as exc:
+        _print_errors(exc)
+        return 1
     print(f"configuration OK: {_config_path(args.config)}")
     print(
         f"  listen: {listen_url(server.host, server.port, tls=server.tls is not None)}"
         + (" (mTLS)" if server.tls and server.tls.client_ca_file else "")
         + (" (IPv4 and IPv6)" if server.host == "::" else "")
     )
+    if tls is not None:
+        print(f"  tls: {tls}")
     print(f"  allowlist: {', '.join(server.allowlist)}; trusted proxies: {', '.join(server.trusted_proxies) or 'none'}")
     journal = config.journal
     print(f"  journal: {journal.path} (cap {journal.max_bytes} bytes, dedup {journal.dedup_window:g}s)")
@@ -167,6 +174,21 @@ def cmd_validate(args: argparse.Namespace) -> int:
         watch = f"watch every {config.workos.watch.every:g}s"
         print(f"  workos: {len(config.workos.organizations)} organization(s), {watch}, {archive}")
     return 0
+
+
+def _check_tls(tls: TLSConfig) -> str:
+    """Load the listener's certificate, key and client CA as `serve` does, and refuse a certificate outside its
+    validity (`serve` would present it, and every client refuse it); what was loaded, for the summary."""
+    from receiver.server import certificate_validity, server_tls_context, validity_problem
+
+    server_tls_context(tls)
+    validity = certificate_validity(tls.cert_file)
+    problem = validity_problem(tls, validity, datetime.now(UTC))
+    if problem is not None:
+        raise ConfigError([problem])
+    until = f", valid until {validity[1]:%Y-%m-%d %H:%M:%S} UTC" if validity is not None else ""
+    client_ca = f"; client CA {tls.client_ca_file} loads" if tls.client_ca_file is not None else ""
+    return f"certificate {tls.cert_file} and key {tls.key_file} load{until}{client_ca}"
 
 
 def cmd_reload(args: argparse.Namespace) -> int:

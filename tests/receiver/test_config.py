@@ -5,11 +5,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
+import trustme
 import yaml
+from cryptography.hazmat.primitives import serialization
 
 from receiver.config import WORKOS_EGRESS, default_config, expand_env, load_config, parse_config, secret_values
 from receiver.errors import ConfigError
@@ -340,3 +343,80 @@ class TestTheFileItself:
         )
         assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
         assert f"{path}: not UTF-8 text (line 4," in result.stderr
+
+
+class TestValidateLoadsTheTlsFiles:
+    """`validate` loads the listener's certificate, key and client CA as a start does, with the same errors."""
+
+    @staticmethod
+    def config(tmp_path: Path, **tls: str) -> Path:
+        path = tmp_path / "config.yaml"
+        tree = yaml.safe_load(GOOD_FILE)
+        tree["server"]["tls"] = tls
+        path.write_text(yaml.safe_dump(tree))
+        return path
+
+    @staticmethod
+    def pair(tmp_path: Path, name: str, **validity: datetime) -> tuple[str, str]:
+        issued = trustme.CA().issue_cert("127.0.0.1", **validity)  # type: ignore[arg-type]
+        cert, key = tmp_path / f"{name}.crt", tmp_path / f"{name}.key"
+        issued.cert_chain_pems[0].write_to_path(str(cert))
+        issued.private_key_pem.write_to_path(str(key))
+        return str(cert), str(key)
+
+    def test_a_pair_that_loads_is_said_to_with_its_validity(self, tmp_path: Path) -> None:
+        cert, key = self.pair(tmp_path, "tls", not_after=datetime(2040, 1, 2, 3, 4, 5, tzinfo=UTC))
+        ca = tmp_path / "clients.pem"
+        trustme.CA().cert_pem.write_to_path(str(ca))
+        result = validate(self.config(tmp_path, cert_file=cert, key_file=key, client_ca_file=str(ca)))
+        assert result.returncode == 0, result.stderr
+        assert (
+            f"  tls: certificate {cert} and key {key} load, valid until 2040-01-02 03:04:05 UTC; "
+            f"client CA {ca} loads\n"
+        ) in result.stdout
+
+    def test_an_expired_or_future_certificate_is_refused(self, tmp_path: Path) -> None:
+        cert, key = self.pair(
+            tmp_path,
+            "old",
+            not_before=datetime(2020, 1, 1, tzinfo=UTC),
+            not_after=datetime(2021, 6, 1, tzinfo=UTC),
+        )
+        assert refused(self.config(tmp_path, cert_file=cert, key_file=key)) == [
+            f"server.tls.cert_file: the certificate in {cert} expired on 2021-06-01 00:00:00 UTC"
+        ]
+        cert, key = self.pair(tmp_path, "new", not_before=datetime(2099, 1, 1, tzinfo=UTC))
+        assert refused(self.config(tmp_path, cert_file=cert, key_file=key)) == [
+            f"server.tls.cert_file: the certificate in {cert} is not valid before 2099-01-01 00:00:00 UTC"
+        ]
+
+    def test_a_key_of_another_certificate_is_refused(self, tmp_path: Path) -> None:
+        cert, _ = self.pair(tmp_path, "one")
+        _, key = self.pair(tmp_path, "two")
+        (problem,) = refused(self.config(tmp_path, cert_file=cert, key_file=key))
+        assert problem.startswith(f"server.tls: cannot load the certificate {cert} with key {key}: "), problem
+
+    def test_an_encrypted_key_is_refused_without_asking_for_a_passphrase(self, tmp_path: Path) -> None:
+        cert, key = self.pair(tmp_path, "tls")
+        private = serialization.load_pem_private_key(Path(key).read_bytes(), password=None)
+        Path(key).write_bytes(
+            private.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.BestAvailableEncryption(b"passphrase"),
+            )
+        )
+        assert refused(self.config(tmp_path, cert_file=cert, key_file=key)) == [
+            f"server.tls: the key {key} is encrypted; give log-bridge an unencrypted key"
+        ]
+
+    def test_files_that_cannot_be_read_are_named(self, tmp_path: Path) -> None:
+        cert, key = self.pair(tmp_path, "tls")
+        missing = str(tmp_path / "missing.crt")
+        assert refused(self.config(tmp_path, cert_file=missing, key_file=key)) == [
+            f"server.tls: cannot load the certificate {missing} with key {key}: No such file or directory"
+        ]
+        not_a_ca = tmp_path / "ca.pem"
+        not_a_ca.write_text("not a certificate\n")
+        (problem,) = refused(self.config(tmp_path, cert_file=cert, key_file=key, client_ca_file=str(not_a_ca)))
+        assert problem.startswith(f"server.tls.client_ca_file: cannot load {not_a_ca}: "), problem
