@@ -51,6 +51,12 @@ WORKOS_EGRESS = (
 
 RESERVED_PATHS = ("/healthz", "/readyz", "/metrics")
 
+NAME_PATTERN = r"^[A-Za-z0-9_.-]+$"
+"""What a stream's or a sink's name may hold: it is a metric label, a log field and a command-line argument."""
+RESERVED_SINK_NAME = "intake"
+"""The `stage` label of `log_bridge_events_dead_lettered_total` that counts the intake's dead letters, beside
+the sinks' names: a sink of that name would be counted with them."""
+
 COMMON_SINK_KEYS = frozenset({"type", "include_actions", "exclude_actions", "batch", "retry"})
 
 
@@ -232,7 +238,7 @@ class AuthConfig(_Model):
 class StreamConfig(_Model):
     """One WorkOS log stream: where it posts, the secret it sends, the sinks it feeds."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    name: str = Field(pattern=NAME_PATTERN)
     path: str = Field(pattern=r"^/[A-Za-z0-9_./-]*$")
     auth: AuthConfig | None = None
     sinks: tuple[str, ...] = Field(min_length=1)
@@ -566,6 +572,10 @@ def _validate_sinks(raw_sinks: Any) -> tuple[dict[str, Any], list[str]]:
     prepared: dict[str, Any] = {}
     for name, section in raw_sinks.items():
         where = f"sinks.{name}"
+        if not isinstance(name, str) or not re.fullmatch(NAME_PATTERN, name):
+            errors.append(f"sinks: {name!r} is not a sink name (letters, digits and _ . - only)")
+        elif name == RESERVED_SINK_NAME:
+            errors.append(f"{where}: the name {name!r} is reserved (the intake's dead letters are counted under it)")
         if not isinstance(section, dict):
             errors.append(f"{where}: expected a mapping")
             prepared[name] = {"type": "?", "options": SinkConfig()}

@@ -420,3 +420,32 @@ class TestValidateLoadsTheTlsFiles:
         not_a_ca.write_text("not a certificate\n")
         (problem,) = refused(self.config(tmp_path, cert_file=cert, key_file=key, client_ca_file=str(not_a_ca)))
         assert problem.startswith(f"server.tls.client_ca_file: cannot load {not_a_ca}: "), problem
+
+
+class TestSinkNames:
+    @staticmethod
+    def named(tmp_path: Path, name: str) -> Path:
+        path = tmp_path / "config.yaml"
+        tree = yaml.safe_load(GOOD_FILE)
+        tree["sinks"] = {name: tree["sinks"]["archive"]}
+        tree["streams"][0]["sinks"] = [name]
+        path.write_text(yaml.safe_dump(tree))
+        return path
+
+    def test_intake_is_reserved(self, tmp_path: Path) -> None:
+        """A sink named `intake` had its dead letters counted with the intake's, in the one `stage` label."""
+        assert refused(self.named(tmp_path, "intake")) == [
+            "sinks.intake: the name 'intake' is reserved (the intake's dead letters are counted under it)"
+        ]
+
+    @pytest.mark.parametrize("name", ["", "(intake)", "two words", "line\nbreak", "caf\u00e9"])
+    def test_a_name_is_what_a_stream_name_may_be(self, tmp_path: Path, name: str) -> None:
+        """An empty name, `(intake)` (what `dlq` calls the intake's dead letters) or one with spaces or line
+        breaks was taken, for a metric label, a log field and a `--sink` argument."""
+        assert refused(self.named(tmp_path, name)) == [
+            f"sinks: {name!r} is not a sink name (letters, digits and _ . - only)"
+        ]
+
+    @pytest.mark.parametrize("name", ["archive", "splunk-prod", "s3_eu.west-1", "intake2"])
+    def test_usual_names_are_taken(self, tmp_path: Path, name: str) -> None:
+        assert validate(self.named(tmp_path, name)).returncode == 0
