@@ -30,7 +30,15 @@ from receiver.errors import ConfigError
 from receiver.parsing import DEFAULT_MAX_EVENTS
 from sinks import registry
 from sinks.errors import SinkTypeError
-from sinks.fields import ByteSize, ConfigModel, Duration, PositiveDuration, SinkConfig
+from sinks.fields import (
+    HEADER_NAME,
+    ByteSize,
+    ConfigModel,
+    Duration,
+    PositiveDuration,
+    SinkConfig,
+    has_control_character,
+)
 from sinks.http_client import header_secrets
 
 WORKOS = "workos"
@@ -221,18 +229,28 @@ class JournalConfig(_Model):
         return self
 
 
+def _accepted_value(value: str) -> str:
+    # An HTTP parser strips the whitespace around a header's value, and no sender sends a line break or another
+    # control character in one: a value holding them could never match (a secret file's trailing newline).
+    value = value.strip(" \t\r\n")
+    if not value:
+        raise ValueError("an accepted value cannot be empty")
+    if has_control_character(value):  # the value itself is never repeated
+        raise ValueError("holds a line break, a tab or another control character, which no request can carry")
+    return value
+
+
+def _header_name(value: str) -> str:
+    if not HEADER_NAME.fullmatch(value):
+        raise ValueError("not an HTTP header name (letters, digits and !#$%&'*+.^_`|~- only)")
+    return value
+
+
 class AuthConfig(_Model):
     """The secret header a stream requires; several values may be accepted at once, for rotation."""
 
-    header: str = "Authorization"
-    values: tuple[str, ...] = Field(min_length=1)
-
-    @field_validator("values")
-    @classmethod
-    def _non_empty(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        if any(not v for v in value):
-            raise ValueError("an accepted value cannot be empty")
-        return value
+    header: Annotated[str, AfterValidator(_header_name)] = "Authorization"
+    values: tuple[Annotated[str, AfterValidator(_accepted_value)], ...] = Field(min_length=1)
 
 
 class StreamConfig(_Model):

@@ -30,11 +30,13 @@ __all__ = [
     "ByteSize",
     "Compression",
     "Duration",
+    "HEADER_NAME",
     "HttpUrl",
     "PositiveDuration",
     "Secret",
     "SinkConfig",
     "TlsOptions",
+    "has_control_character",
     "parse_duration",
     "parse_size",
     "reject_boolean",
@@ -121,10 +123,24 @@ def _http_url(value: str) -> str:
     return str(url).rstrip("/")
 
 
+HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+"""An HTTP field name (a token of RFC 9110)."""
+
+
+def has_control_character(text: str) -> bool:
+    """Whether `text` holds a control character (a line break, a tab, NUL, DEL...): no credential does, and no
+    HTTP client sends one in a header (aiohttp raises, botocore quotes the whole header in its error)."""
+    return any(ord(character) < 0x20 or ord(character) == 0x7F for character in text)
+
+
 def _secret(value: SecretStr) -> SecretStr:
     text = value.get_secret_value().strip()  # a secret file's trailing newline is not part of the secret
     if not text:
         raise ValueError("is empty (is its environment variable set?)")
+    if has_control_character(text) or not text.isascii():  # the value itself is never repeated
+        raise ValueError(
+            "holds a line break, a tab, another control character or a non-ASCII one, as no credential does"
+        )
     return SecretStr(text)
 
 

@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import trustme
 import yaml
@@ -17,7 +18,9 @@ from cryptography.hazmat.primitives import serialization
 from receiver.config import WORKOS_EGRESS, default_config, expand_env, load_config, parse_config, secret_values
 from receiver.errors import ConfigError
 from receiver.logs import MASK, Scrubber
+from receiver.samples import encode_body, sample_wrappers
 from sinks.base import parse_duration, parse_size
+from tests.conftest import StartService
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -143,14 +146,10 @@ class TestExpansion:
 
     def test_a_value_cannot_inject_yaml(self, tmp_path: Path) -> None:
         path = tmp_path / "c.yaml"
-        path.write_text(
-            yaml.safe_dump(
-                minimal(streams=[{"name": "w", "path": "/w", "auth": {"values": ["${EVIL}"]}, "sinks": ["archive"]}])
-            )
-        )
+        path.write_text(yaml.safe_dump(minimal(sinks={"archive": {"type": "file", "path": "${EVIL}"}})))
         evil = "x\"]\nserver: {allowlist: ['0.0.0.0/0']}\n#"
         config = load_config(path, {"EVIL": evil})
-        assert config.streams[0].auth is not None and config.streams[0].auth.values == (evil,)
+        assert config.sinks["archive"].options.path == evil  # type: ignore[attr-defined]
         assert config.server.allowlist == ("workos",)
 
 
@@ -449,3 +448,80 @@ class TestSinkNames:
     @pytest.mark.parametrize("name", ["archive", "splunk-prod", "s3_eu.west-1", "intake2"])
     def test_usual_names_are_taken(self, tmp_path: Path, name: str) -> None:
         assert validate(self.named(tmp_path, name)).returncode == 0
+
+
+SECRET = "hunter2-Secret-4242"
+"""A made-up credential, to look for in what `validate` prints."""
+
+
+class TestSecretsWithStrayCharacters:
+    async def test_a_stream_secret_read_with_its_trailing_newline_still_matches(
+        self, start_service: StartService, client: aiohttp.ClientSession
+    ) -> None:
+        """A secret file's trailing newline (`--from-file`, `echo`) stayed in the accepted value, which no request
+        can carry (HTTP strips the whitespace around a header's value): every WorkOS request was answered 401."""
+        stream = {"name": "workos", "path": "/workos", "auth": {"values": ["${STREAM_TOKEN}"]}, "sinks": ["mem"]}
+        service = await start_service({"streams": [stream]}, {"STREAM_TOKEN": f"Bearer {SECRET}\n"})
+        body, content_type = encode_body(sample_wrappers(1), "json")
+        headers = {"Authorization": f"Bearer {SECRET}", "Content-Type": content_type}
+        async with client.post(service.url + "/workos", data=body, headers=headers) as response:
+            assert response.status == 200
+
+    @pytest.mark.parametrize("stray", ["\n", "\r", "\x00", "\t", "\x7f"])
+    @pytest.mark.parametrize(
+        ("where", "sink"),
+        [
+            ("streams[0].auth.values[0]", None),
+            ("sinks.hec.token", {"type": "splunk_hec", "url": "https://hec.example.com:8088", "token": "VALUE"}),
+            ("sinks.dd.api_key", {"type": "datadog", "api_key": "VALUE"}),
+            ("sinks.s3.secret_access_key", {"type": "s3", "bucket": "b", "access_key_id": "AKIAEXAMPLEEXAMPLE12",
+                                            "secret_access_key": "VALUE"}),  # fmt: skip
+            ("sinks.http.headers", {"type": "http", "url": "https://h.example.com/in", "headers": {"X-Key": "VALUE"}}),
+        ],
+    )
+    def test_a_control_character_inside_a_secret_is_refused_without_showing_it(
+        self, tmp_path: Path, stray: str, where: str, sink: dict[str, Any] | None
+    ) -> None:
+        """A line break, NUL or DEL inside a sink's credential was taken; each send then failed with `health check
+        raised ValueError`, or botocore's error quoting the whole signed header; one in a stream's secret made
+        the stream unreachable."""
+        tree = yaml.safe_load(GOOD_FILE)
+        value = f"{SECRET}{stray}{SECRET}"
+        if sink is None:
+            tree["streams"][0]["auth"]["values"] = [value]
+        else:
+            tree["sinks"][where.split(".")[1]] = {k: value if v == "VALUE" else v for k, v in sink.items()}
+            if "headers" in sink:
+                tree["sinks"]["http"]["headers"] = {"X-Key": value}
+        path = tmp_path / "config.yaml"
+        path.write_text(yaml.safe_dump(tree))
+        result = validate(path)
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+        problem = result.stderr.splitlines()[1]
+        assert problem.startswith(f"  {where}: ") and "control character" in problem, result.stderr
+        assert SECRET not in result.stderr + result.stdout
+
+    @pytest.mark.parametrize("key", ["token", "secret_access_key"])
+    def test_a_non_ascii_credential_is_refused_without_showing_it(self, tmp_path: Path, key: str) -> None:
+        tree = yaml.safe_load(GOOD_FILE)
+        hec = {"type": "splunk_hec", "url": "https://hec.example.com:8088", "token": "${VALUE}"}
+        s3 = {"type": "s3", "bucket": "b", "access_key_id": "AKIAEXAMPLEEXAMPLE12", "secret_access_key": "${VALUE}"}
+        tree["sinks"]["extra"] = hec if key == "token" else s3
+        path = tmp_path / "config.yaml"
+        path.write_text(yaml.safe_dump(tree))
+        result = validate(path, VALUE=f"{SECRET}\u00e9")
+        assert f"sinks.extra.{key}: holds a line break, a tab, another control character or a non-ASCII one" in (
+            result.stderr
+        )
+        assert result.returncode == 1 and SECRET not in result.stderr + result.stdout
+
+    @pytest.mark.parametrize("header", ["", "X Secret", "X-Secret\n", "X:Secret"])
+    def test_a_stream_header_that_is_no_header_name_is_refused(self, tmp_path: Path, header: str) -> None:
+        """`auth.header` took any text, such as an empty one: no request could carry the secret, all got 401."""
+        tree = yaml.safe_load(GOOD_FILE)
+        tree["streams"][0]["auth"]["header"] = header
+        path = tmp_path / "config.yaml"
+        path.write_text(yaml.safe_dump(tree))
+        assert refused(path) == [
+            "streams[0].auth.header: not an HTTP header name (letters, digits and !#$%&'*+.^_`|~- only)"
+        ]
