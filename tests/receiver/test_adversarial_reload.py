@@ -275,7 +275,6 @@ class TestConfigFiles:
         with pytest.raises(ConfigError):
             load_config(path, {})
 
-
     async def test_a_reload_of_a_file_that_is_not_utf8_is_refused_naming_it(
         self, running, caplog: pytest.LogCaptureFixture
     ) -> None:

@@ -50,6 +50,7 @@ def refused(path: Path, **environ: str) -> list[str]:
     assert result.stderr.startswith("log-bridge: configuration is invalid"), result.stderr
     return [line.strip() for line in result.stderr.splitlines()[1:]]
 
+
 ISSUE_EXAMPLE = """
 server:
   host: 127.0.0.1            # default 0.0.0.0
@@ -370,8 +371,7 @@ class TestValidateLoadsTheTlsFiles:
         result = validate(self.config(tmp_path, cert_file=cert, key_file=key, client_ca_file=str(ca)))
         assert result.returncode == 0, result.stderr
         assert (
-            f"  tls: certificate {cert} and key {key} load, valid until 2040-01-02 03:04:05 UTC; "
-            f"client CA {ca} loads\n"
+            f"  tls: certificate {cert} and key {key} load, valid until 2040-01-02 03:04:05 UTC; client CA {ca} loads\n"
         ) in result.stdout
 
     def test_an_expired_or_future_certificate_is_refused(self, tmp_path: Path) -> None:
@@ -474,8 +474,10 @@ class TestSecretsWithStrayCharacters:
             ("streams[0].auth.values[0]", None),
             ("sinks.hec.token", {"type": "splunk_hec", "url": "https://hec.example.com:8088", "token": "VALUE"}),
             ("sinks.dd.api_key", {"type": "datadog", "api_key": "VALUE"}),
-            ("sinks.s3.secret_access_key", {"type": "s3", "bucket": "b", "access_key_id": "AKIAEXAMPLEEXAMPLE12",
-                                            "secret_access_key": "VALUE"}),  # fmt: skip
+            (
+                "sinks.s3.secret_access_key",
+                {"type": "s3", "bucket": "b", "access_key_id": "AKIAEXAMPLEEXAMPLE12", "secret_access_key": "VALUE"},
+            ),
             ("sinks.http.headers", {"type": "http", "url": "https://h.example.com/in", "headers": {"X-Key": "VALUE"}}),
         ],
     )
