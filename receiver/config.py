@@ -73,9 +73,31 @@ _Model = ConfigModel
 
 def _network(value: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
     try:
-        return ipaddress.ip_network(value, strict=False)
+        network = ipaddress.ip_network(value, strict=False)
     except ValueError:
         raise ValueError(f"{value!r} is not an IP address or CIDR network") from None
+    mapped = network.network_address.ipv4_mapped if isinstance(network, ipaddress.IPv6Network) else None
+    if mapped is not None and network.prefixlen >= 96:  # peers are compared as IPv4 (receiver.netaddr)
+        return ipaddress.IPv4Network((mapped, network.prefixlen - 96))
+    return network
+
+
+def _network_entry(value: str) -> str:
+    """An entry of `allowlist` or `trusted_proxies`: an address, or a network without bits set past its prefix."""
+    network = _network(value)
+    try:
+        ipaddress.ip_network(value)
+    except ValueError:  # `10.0.0.1/8` is all of 10.0.0.0/8, rarely what was meant
+        raise ValueError(f"{value!r} has bits set past its prefix: write {network}, or the address alone") from None
+    return value
+
+
+def _allowlist_entry(value: str) -> str:
+    return value if value == WORKOS else _network_entry(value)
+
+
+_NetworkEntry = Annotated[str, AfterValidator(_network_entry)]
+_AllowlistEntry = Annotated[str, AfterValidator(_allowlist_entry)]
 
 
 class TLSConfig(_Model):
@@ -111,8 +133,8 @@ class ServerConfig(_Model):
     max_connections: int = Field(4096, ge=1, le=1_000_000)
     """Connections open at once; one more is closed unread. Never more than the file-descriptor limit allows
     (receiver.limits.connection_cap)."""
-    trusted_proxies: tuple[str, ...] = ()
-    allowlist: tuple[str, ...] = (WORKOS,)
+    trusted_proxies: tuple[_NetworkEntry, ...] = ()
+    allowlist: tuple[_AllowlistEntry, ...] = (WORKOS,)
     refuse_unlisted: bool = False
     """Close at accept, before any TLS handshake or HTTP, a connection from an address neither in `allowlist`
     nor in `trusted_proxies` (probes and scrapes then go to `admin`)."""
@@ -120,21 +142,6 @@ class ServerConfig(_Model):
     """Longest wait for a request's headers, and for a TLS handshake."""
     body_timeout: PositiveDuration = 30.0
     shutdown_timeout: Duration = 10.0
-
-    @field_validator("trusted_proxies")
-    @classmethod
-    def _check_proxies(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        for entry in value:
-            _network(entry)
-        return value
-
-    @field_validator("allowlist")
-    @classmethod
-    def _check_allowlist(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        for entry in value:
-            if entry != WORKOS:
-                _network(entry)
-        return value
 
     @field_validator("max_inflight_bytes")
     @classmethod

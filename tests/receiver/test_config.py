@@ -20,7 +20,7 @@ from receiver.errors import ConfigError
 from receiver.logs import MASK, Scrubber
 from receiver.samples import encode_body, sample_wrappers
 from sinks.base import parse_duration, parse_size
-from tests.conftest import StartService
+from tests.conftest import TOKEN, StartService
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -194,7 +194,7 @@ class TestErrors:
         problems = errors_of(tree)
         assert {p.split(":")[0] for p in problems} == {
             "server.port",
-            "server.allowlist",
+            "server.allowlist[0]",
             "journal.max_bytes",
             "sinks.archive.batch.max_events",
         }
@@ -526,4 +526,37 @@ class TestSecretsWithStrayCharacters:
         path.write_text(yaml.safe_dump(tree))
         assert refused(path) == [
             "streams[0].auth.header: not an HTTP header name (letters, digits and !#$%&'*+.^_`|~- only)"
+        ]
+
+
+class TestAddressEntries:
+    @pytest.mark.parametrize(
+        "server",
+        [{"allowlist": ["::ffff:127.0.0.1"]}, {"allowlist": ["::ffff:127.0.0.0/104"]}],
+    )
+    async def test_an_ipv4_mapped_entry_admits_its_ipv4_peers(
+        self, start_service: StartService, client: aiohttp.ClientSession, server: dict[str, Any]
+    ) -> None:
+        """Peers are compared as IPv4 (an IPv4-mapped peer is taken for its IPv4 address), so an IPv4-mapped entry
+        matched no one: validate said OK and every request was refused 403."""
+        service = await start_service({"server": server})
+        body, content_type = encode_body(sample_wrappers(1), "json")
+        headers = {"Authorization": TOKEN, "Content-Type": content_type}
+        async with client.post(service.url + "/workos", data=body, headers=headers) as response:
+            assert response.status == 200
+
+    def test_an_ipv4_mapped_proxy_is_trusted_as_its_ipv4_address(self) -> None:
+        config = parse_config(minimal(server={"trusted_proxies": ["::ffff:10.1.2.3", "::ffff:10.9.0.0/112"]}), {})
+        assert [str(n) for n in config.server.proxy_networks()] == ["10.1.2.3/32", "10.9.0.0/16"]
+
+    @pytest.mark.parametrize("key", ["allowlist", "trusted_proxies"])
+    def test_an_entry_with_bits_past_its_prefix_is_refused_at_its_index(self, key: str) -> None:
+        """`52.1.251.34/24` was taken as 52.1.251.0/24: 256 addresses let in where one was meant."""
+        assert errors_of(minimal(server={key: ["10.0.0.0/8", "52.1.251.34/24"]})) == [
+            f"server.{key}[1]: '52.1.251.34/24' has bits set past its prefix: write 52.1.251.0/24, or the address alone"
+        ]
+
+    def test_a_bad_entry_is_named_by_its_index(self) -> None:
+        assert errors_of(minimal(server={"allowlist": ["workos", "10.0.0.0/8", "not-an-ip"]})) == [
+            "server.allowlist[2]: 'not-an-ip' is not an IP address or CIDR network"
         ]
