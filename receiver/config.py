@@ -5,10 +5,12 @@ Validation is pure: it reads the file and the environment, nothing else (no netw
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import os
 import re
-from collections.abc import Mapping
+import typing
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 from urllib.parse import unquote, urlsplit
@@ -489,7 +491,40 @@ def _location(loc: tuple[int | str, ...], prefix: str = "") -> str:
     return where or "<root>"
 
 
-def _pydantic_errors(exc: ValidationError, prefix: str = "") -> list[str]:
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The model an annotation holds (`Model`, `Model | None`, `Annotated[Model, ...]`), if any."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    found = [_model_in(arg) for arg in typing.get_args(annotation)]
+    return next((model for model in found if model is not None), None)
+
+
+def _keys_at(model: type[BaseModel], loc: tuple[int | str, ...]) -> list[str]:
+    """The keys the mapping at `loc` takes, `model` being the root's model ([] when it is not known)."""
+    annotation: Any = model
+    for part in loc:
+        origin = typing.get_origin(annotation)
+        if origin in (tuple, dict):  # `part` is a list's index or a mapping's key: the items' type
+            annotation = typing.get_args(annotation)[-1 if origin is dict else 0]
+            continue
+        current = _model_in(annotation)
+        if current is None or not isinstance(part, str) or part not in current.model_fields:
+            return []
+        annotation = current.model_fields[part].annotation
+    current = _model_in(annotation)
+    return list(current.model_fields) if current is not None else []
+
+
+def _unknown_key(key: object, known: Iterable[str]) -> str:
+    close = difflib.get_close_matches(str(key), list(known), n=1, cutoff=0.6)
+    return f"unknown key (did you mean {close[0]}?)" if close else "unknown key"
+
+
+def _pydantic_errors(
+    exc: ValidationError, prefix: str = "", model: type[BaseModel] | None = None, also: Iterable[str] = ()
+) -> list[str]:
+    """One line per error, naming its YAML path; an unknown key with the known key it is closest to, from
+    `model` (the root's) and `also` (keys the root takes besides its model's)."""
     # Messages only: pydantic's own rendering repeats the input value, which may be a secret.
     problems = []
     errors = exc.errors(include_input=False, include_url=False)
@@ -499,7 +534,9 @@ def _pydantic_errors(exc: ValidationError, prefix: str = "") -> list[str]:
             continue  # pydantic counts the items that failed as missing: their own errors say what is wrong
         message = error["msg"].removeprefix("Value error, ")
         if error["type"] == "extra_forbidden":
-            message = "unknown key"
+            parent = tuple(error["loc"][:-1])
+            known = (_keys_at(model, parent) if model is not None else []) + ([] if parent else list(also))
+            message = _unknown_key(error["loc"][-1], known)
         elif error["type"] == "missing":
             message = "field required"
         problems.append(f"{_location(tuple(error['loc']), prefix)}: {message}")
@@ -513,13 +550,14 @@ _STAND_INS: dict[Any, Any] = {str: "stand-in", int: 1, float: 1.0}
 """Values put in place of a required key that failed, only to let the other checks of its section run."""
 
 
-def validate_all(model: type[M], data: Any, where: str) -> tuple[M | None, list[str]]:
+def validate_all(model: type[M], data: Any, where: str, also: Iterable[str] = ()) -> tuple[M | None, list[str]]:
     """Validate `data`; on errors, validate again without the keys that failed, so the checks that span
-    several keys (which run only once every key is valid) are reported in the same run."""
+    several keys (which run only once every key is valid) are reported in the same run. `also`: keys the
+    mapping takes besides the model's (for the did-you-mean of an unknown key)."""
     try:
         return model.model_validate(data), []
     except ValidationError as exc:
-        problems = _pydantic_errors(exc, where)
+        problems = _pydantic_errors(exc, where, model, also)
         failed = {e["loc"][0] for e in exc.errors() if e["loc"] and isinstance(e["loc"][0], str)}
     if isinstance(data, dict) and failed and failed <= set(data):
         rest = {key: value for key, value in data.items() if key not in failed}
@@ -531,7 +569,7 @@ def validate_all(model: type[M], data: Any, where: str) -> tuple[M | None, list[
             model.model_validate(rest)
         except ValidationError as again:
             dropped = {_location((key,), where) for key in failed}
-            problems += [p for p in _pydantic_errors(again, where) if p.split(": ", 1)[0] not in dropped]
+            problems += [p for p in _pydantic_errors(again, where, model, also) if p.split(": ", 1)[0] not in dropped]
     return None, list(dict.fromkeys(problems))
 
 
@@ -620,7 +658,7 @@ def _validate_sinks(raw_sinks: Any) -> tuple[dict[str, Any], list[str]]:
         common = {key: value for key, value in section.items() if key in COMMON_SINK_KEYS}
         # A sink whose own options are invalid stays defined, so its common keys are still checked
         # and the streams naming it do not report it as missing.
-        options, problems = validate_all(factory.Config, own, where)
+        options, problems = validate_all(factory.Config, own, where, COMMON_SINK_KEYS)
         errors.extend(problems)
         prepared[name] = {**common, "options": options or SinkConfig()}
     return prepared, errors
@@ -641,7 +679,7 @@ def parse_config(tree: Any, environ: Mapping[str, str] | None = None) -> Config:
     try:
         config = Config.model_validate(expanded)
     except ValidationError as exc:
-        errors.extend(_pydantic_errors(exc))
+        errors.extend(_pydantic_errors(exc, model=Config))
     except ConfigError as exc:
         errors.extend(exc.errors)
     errors = list(dict.fromkeys(errors))

@@ -186,7 +186,38 @@ class TestErrors:
     def test_unknown_keys_name_their_path(self) -> None:
         tree = minimal(server={"prot": 1})
         tree["sinks"]["archive"]["colour"] = "blue"
-        assert sorted(errors_of(tree)) == ["server.prot: unknown key", "sinks.archive.colour: unknown key"]
+        assert sorted(errors_of(tree)) == [
+            "server.prot: unknown key (did you mean port?)",
+            "sinks.archive.colour: unknown key",
+        ]
+
+    @pytest.mark.parametrize(
+        ("where", "section", "problem"),
+        [
+            ("", {"sink": {}}, "sink: unknown key (did you mean sinks?)"),
+            ("server", {"tls": {"cert_file": "c", "key_file": "k", "client_ca": "ca"}},
+             "server.tls.client_ca: unknown key (did you mean client_ca_file?)"),
+            ("journal", {"dedup_store": {"typ": "redis"}}, "journal.dedup_store.typ: unknown key (did you mean type?)"),
+            ("streams", {"sink": ["archive"]}, "streams[0].sink: unknown key (did you mean sinks?)"),
+            ("archive", {"include_action": ["user.*"]},
+             "sinks.archive.include_action: unknown key (did you mean include_actions?)"),
+            ("archive", {"batch": {"max_event": 10}},
+             "sinks.archive.batch.max_event: unknown key (did you mean max_events?)"),
+            ("archive", {"max_file_byte": "10MiB"},
+             "sinks.archive.max_file_byte: unknown key (did you mean max_file_bytes?)"),
+        ],
+    )  # fmt: skip
+    def test_an_unknown_key_names_the_key_it_is_closest_to(
+        self, tmp_path: Path, where: str, section: dict[str, Any], problem: str
+    ) -> None:
+        """`server.prot: unknown key` left the reader to find the key meant among those of the section."""
+        tree = yaml.safe_load(GOOD_FILE)
+        tree["journal"] = {}
+        parents = {"": tree, "streams": tree["streams"][0], "archive": tree["sinks"]["archive"]}
+        parents.get(where, tree.get(where)).update(section)
+        path = tmp_path / "config.yaml"
+        path.write_text(yaml.safe_dump(tree))
+        assert refused(path) == [problem]
 
     def test_every_error_is_reported_at_once(self) -> None:
         tree = minimal(server={"port": 70000, "allowlist": ["not-an-ip"]}, journal={"max_bytes": "lots"})
