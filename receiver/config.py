@@ -444,14 +444,14 @@ class Config(_Model):
 
 # --- ${VAR} expansion ----------------------------------------------------------------------------
 
-_REFERENCE = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_REFERENCE = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}|\$")
 
 
 def expand_env(tree: Any, environ: Mapping[str, str], path: str = "") -> tuple[Any, list[str]]:
     """Expand `${VAR}` and `${VAR:-default}` inside string values (`$$` is a literal `$`).
 
     Runs on the parsed YAML tree, so a value cannot inject YAML. Returns the new tree and the errors
-    (an unset variable without a default), each naming its YAML path.
+    (an unset variable without a default, a `$` that starts no reference), each naming its YAML path.
     """
     errors: list[str] = []
 
@@ -460,6 +460,10 @@ def expand_env(tree: Any, environ: Mapping[str, str], path: str = "") -> tuple[A
 
             def replace(match: re.Match[str]) -> str:
                 if match.group(0) == "$$":
+                    return "$"
+                if match.group(0) == "$":  # `$TOKEN`, `${TOKEN`, `${1TOKEN}`: kept as it is, the value would be
+                    # sent as a credential; the value itself is never repeated
+                    errors.append(f"{where or '<root>'}: a `$` that starts no ${{VAR}} reference (write $$ for a `$`)")
                     return "$"
                 name, default = match.group(1), match.group(2)
                 value = environ.get(name)

@@ -153,6 +153,21 @@ class TestExpansion:
         assert config.sinks["archive"].options.path == evil  # type: ignore[attr-defined]
         assert config.server.allowlist == ("workos",)
 
+    @pytest.mark.parametrize("value", ["$HEC_TOKEN", "${HEC_TOKEN", "Splunk ${1TOKEN}", "${HEC_TOKEN:?unset}", "$"])
+    def test_a_dollar_that_starts_no_reference_is_an_error(self, tmp_path: Path, value: str) -> None:
+        """`token: $HEC_TOKEN` or a reference missing its brace was kept as it is: the text itself was sent to
+        Splunk as the token, and the stream answered 401."""
+        tree = yaml.safe_load(GOOD_FILE)
+        tree["sinks"]["hec"] = {"type": "splunk_hec", "url": "https://hec.example.com:8088", "token": value}
+        path = tmp_path / "config.yaml"
+        path.write_text(yaml.safe_dump(tree))
+        assert refused(path, HEC_TOKEN=SECRET) == [
+            "sinks.hec.token: a `$` that starts no ${VAR} reference (write $$ for a `$`)"
+        ]
+
+    def test_a_doubled_dollar_is_one(self) -> None:
+        assert expand_env({"a": "pa$$word", "b": "${X:-a$b}"}, {}) == ({"a": "pa$word", "b": "a$b"}, [])
+
 
 class TestUnits:
     @pytest.mark.parametrize(
