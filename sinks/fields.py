@@ -45,6 +45,11 @@ __all__ = [
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+MAX_DURATION = 3650 * 86400.0
+"""Longest duration: beyond about 292 years a timeout overflows the clocks of sockets and threads (an S3 sink with
+`timeout: 999999999d` failed every send with `timestamp out of range for platform time_t`)."""
+MAX_SIZE = 1024**5
+"""Largest size (1 PiB): more fits in no disk or memory, and past 2**63 bytes in no SQLite integer."""
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
 
 
@@ -62,6 +67,8 @@ def parse_duration(value: object) -> float:
         raise ValueError("a duration must be a finite number of seconds")
     if seconds < 0:
         raise ValueError("a duration cannot be negative")
+    if seconds > MAX_DURATION:
+        raise ValueError("a duration cannot be more than 3650d (ten years)")
     return seconds
 
 
@@ -83,6 +90,8 @@ def parse_size(value: object) -> int:
         raise ValueError("expected a size such as 1048576, 512KiB or 10MiB")
     if size < 0:
         raise ValueError("a size cannot be negative")
+    if size > MAX_SIZE:
+        raise ValueError("a size cannot be more than 1PiB")
     return size
 
 

@@ -186,10 +186,25 @@ class TestUnits:
             ("512KiB", 524288),
             ("1MB", 1000**2),
             ("2k", 2000),
+            ("1.5GiB", 3 * 2**29),
+            ("1024TiB", 2**50),
         ],
     )
     def test_sizes(self, text: object, size: int) -> None:
         assert parse_size(text) == size
+
+    def test_a_duration_or_size_past_what_clocks_and_disks_hold_is_refused(self, tmp_path: Path) -> None:
+        """`timeout: 999999999d` was taken: the S3 sink then failed every send with `timestamp out of range for
+        platform time_t`; sizes of any number of digits were taken too."""
+        tree = yaml.safe_load(GOOD_FILE)
+        tree["sinks"]["s3"] = {"type": "s3", "bucket": "b", "timeout": "999999999d"}
+        tree["journal"] = {"max_bytes": "99999999999999999999999TiB", "dedup_window": "3650d"}
+        path = tmp_path / "config.yaml"
+        path.write_text(yaml.safe_dump(tree))
+        assert sorted(refused(path)) == [
+            "journal.max_bytes: a size cannot be more than 1PiB",
+            "sinks.s3.timeout: a duration cannot be more than 3650d (ten years)",
+        ]
 
     @pytest.mark.parametrize("bad", ["fast", "-1s", True, "1 week"])
     def test_bad_duration_names_the_path(self, bad: object) -> None:
