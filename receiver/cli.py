@@ -138,7 +138,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
         return 1
     server = config.server
     try:
-        tls = _check_tls(server.tls) if server.tls is not None else None
+        tls = None
+        if server.tls is not None:
+            tls = "files not loaded (--skip-tls-files)" if args.skip_tls_files else _check_tls(server.tls)
     except ConfigError as exc:
         _print_errors(exc)
         return 1
@@ -496,6 +498,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     validate = commands.add_parser("validate", help="check a configuration", description="Check a configuration.")
     validate.add_argument("--config", "-c", help=config_help)
+    validate.add_argument(
+        "--skip-tls-files",
+        action="store_true",
+        help="do not load server.tls's certificate, key and client CA (where they exist only beside the service)",
+    )
     validate.set_defaults(func=cmd_validate)
 
     check = commands.add_parser(

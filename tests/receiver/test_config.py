@@ -31,10 +31,10 @@ sinks: {archive: {type: file, path: ./out.ndjson}}
 """
 
 
-def validate(path: Path, **environ: str) -> subprocess.CompletedProcess[str]:
+def validate(path: Path, *options: str, **environ: str) -> subprocess.CompletedProcess[str]:
     """`log-bridge validate --config path` of this checkout, in a process of its own."""
     return subprocess.run(
-        [sys.executable, "-m", "receiver.cli", "validate", "--config", str(path)],
+        [sys.executable, "-m", "receiver.cli", "validate", *options, "--config", str(path)],
         capture_output=True,
         text=True,
         timeout=60,
@@ -476,6 +476,8 @@ class TestValidateLoadsTheTlsFiles:
         assert refused(self.config(tmp_path, cert_file=missing, key_file=key)) == [
             f"server.tls: cannot load the certificate {missing} with key {key}: No such file or directory"
         ]
+        skipped = validate(self.config(tmp_path, cert_file=missing, key_file=key), "--skip-tls-files")
+        assert skipped.returncode == 0 and "  tls: files not loaded (--skip-tls-files)\n" in skipped.stdout
         not_a_ca = tmp_path / "ca.pem"
         not_a_ca.write_text("not a certificate\n")
         (problem,) = refused(self.config(tmp_path, cert_file=cert, key_file=key, client_ca_file=str(not_a_ca)))
