@@ -43,6 +43,7 @@ from receiver.logs import scrub, setup_logging
 from receiver.samples import encode_body, sample_wrappers
 from receiver.send import Unreachable, post
 from sinks.errors import SinkError
+from sinks.fields import TlsOptions
 
 log = logging.getLogger("log_bridge")
 
@@ -141,6 +142,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         tls = None
         if server.tls is not None:
             tls = "files not loaded (--skip-tls-files)" if args.skip_tls_files else _check_tls(server.tls)
+        loaded = [] if args.skip_tls_files else _check_sink_tls(config)
     except ConfigError as exc:
         _print_errors(exc)
         return 1
@@ -168,7 +170,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         print(f"  stream {stream.name}: POST {stream.path}, {auth} -> {', '.join(stream.sinks)}")
     for name, section in config.sinks.items():
         feeds = config.streams_of(name)
-        note = "" if feeds else " (no stream feeds it)"
+        note = ("" if feeds else " (no stream feeds it)") + (" (its TLS files load)" if name in loaded else "")
         print(f"  sink {name}: type {section.type}{note}")
     if config.workos is not None:
         export = config.workos.export
@@ -191,6 +193,24 @@ def _check_tls(tls: TLSConfig) -> str:
     until = f", valid until {validity[1]:%Y-%m-%d %H:%M:%S} UTC" if validity is not None else ""
     client_ca = f"; client CA {tls.client_ca_file} loads" if tls.client_ca_file is not None else ""
     return f"certificate {tls.cert_file} and key {tls.key_file} load{until}{client_ca}"
+
+
+def _check_sink_tls(config: Config) -> list[str]:
+    """Load the CA, certificate and key files the sinks' `tls` name, as building them at a start does; the sinks
+    whose files loaded (ConfigError listing those that do not)."""
+    loaded, problems = [], []
+    for name, section in config.sinks.items():
+        tls = getattr(section.options, "tls", None)
+        if isinstance(tls, TlsOptions) and (tls.ca_file is not None or tls.cert_file is not None):
+            try:
+                tls.client_context(name)
+            except SinkError as exc:
+                problems.append(str(exc))
+            else:
+                loaded.append(name)
+    if problems:
+        raise ConfigError(problems)
+    return loaded
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
@@ -501,7 +521,7 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument(
         "--skip-tls-files",
         action="store_true",
-        help="do not load server.tls's certificate, key and client CA (where they exist only beside the service)",
+        help="do not load the TLS files of server.tls and of the sinks' tls (where they exist only beside the service)",
     )
     validate.set_defaults(func=cmd_validate)
 

@@ -483,6 +483,37 @@ class TestValidateLoadsTheTlsFiles:
         (problem,) = refused(self.config(tmp_path, cert_file=cert, key_file=key, client_ca_file=str(not_a_ca)))
         assert problem.startswith(f"server.tls.client_ca_file: cannot load {not_a_ca}: "), problem
 
+    def test_the_sinks_tls_files_are_loaded_as_building_them_does(self, tmp_path: Path) -> None:
+        """validate said OK for a sink's `tls.ca_file` that does not exist, or a client certificate with the key
+        of another; a start then refused it (`cannot start: sinks.hec.tls.ca_file: cannot load ...`)."""
+        ca = tmp_path / "ca.pem"
+        trustme.CA().cert_pem.write_to_path(str(ca))
+        cert, _ = self.pair(tmp_path, "one")
+        _, key = self.pair(tmp_path, "two")
+        tree = yaml.safe_load(GOOD_FILE)
+        hec = {"type": "splunk_hec", "url": "https://hec.example.com:8088", "token": "hec-token"}
+        tree["sinks"]["hec"] = {**hec, "tls": {"ca_file": str(ca)}}
+        path = tmp_path / "config.yaml"
+        path.write_text(yaml.safe_dump(tree))
+        result = validate(path)
+        assert result.returncode == 0 and "  sink hec: type splunk_hec (no stream feeds it) (its TLS files load)\n" in (
+            result.stdout
+        ), result.stdout + result.stderr
+        tree["sinks"]["hec"]["tls"]["ca_file"] = str(tmp_path / "missing.pem")
+        tree["sinks"]["syslog"] = {
+            "type": "syslog",
+            "host": "siem.example.com",
+            "tls": {"cert_file": cert, "key_file": key},
+        }
+        path.write_text(yaml.safe_dump(tree))
+        problems = refused(path)
+        assert [p.split(": ", 1)[0] for p in problems] == ["sinks.hec.tls.ca_file", "sinks.syslog.tls.cert_file"]
+        assert (
+            problems[0]
+            == f"sinks.hec.tls.ca_file: cannot load '{tmp_path / 'missing.pem'}': [Errno 2] No such file or directory"
+        )
+        assert validate(path, "--skip-tls-files").returncode == 0
+
 
 class TestSinkNames:
     @staticmethod
