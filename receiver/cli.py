@@ -143,6 +143,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
         if server.tls is not None:
             tls = "files not loaded (--skip-tls-files)" if args.skip_tls_files else _check_tls(server.tls)
         loaded = [] if args.skip_tls_files else _check_sink_tls(config)
+        if not args.skip_tls_files:
+            config.journal.dedup_store.load_ca_file()
     except ConfigError as exc:
         _print_errors(exc)
         return 1

@@ -9,6 +9,7 @@ import difflib
 import ipaddress
 import os
 import re
+import ssl
 import typing
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -213,6 +214,16 @@ class DedupStoreConfig(_Model):
     def url_text(self) -> str:
         """The URL itself ('' without one)."""
         return self.url.get_secret_value() if self.url is not None else ""
+
+    def load_ca_file(self) -> None:
+        """Read `ca_file` as the connections to a rediss:// store will; ConfigError naming it when it does not load."""
+        if self.ca_file is None or not self.url_text().startswith("rediss://"):
+            return
+        try:
+            ssl.create_default_context(cafile=str(self.ca_file))
+        except (OSError, ssl.SSLError) as exc:
+            reason = getattr(exc, "strerror", None) or getattr(exc, "reason", None) or type(exc).__name__
+            raise ConfigError([f"journal.dedup_store.ca_file: cannot load {self.ca_file}: {reason}"]) from None
 
 
 class JournalConfig(_Model):

@@ -514,6 +514,16 @@ class TestValidateLoadsTheTlsFiles:
         )
         assert validate(path, "--skip-tls-files").returncode == 0
 
+    def test_the_dedup_stores_ca_file_is_loaded_as_a_start_does(self, tmp_path: Path) -> None:
+        """validate said OK for a `journal.dedup_store.ca_file` that a start refused to load."""
+        tree = yaml.safe_load(GOOD_FILE)
+        tree["journal"] = {"dedup_store": {"type": "redis", "url": "rediss://cache:6380/0", "ca_file": "missing.pem"}}
+        path = tmp_path / "config.yaml"
+        path.write_text(yaml.safe_dump(tree))
+        assert refused(path) == ["journal.dedup_store.ca_file: cannot load missing.pem: No such file or directory"]
+        trustme.CA().cert_pem.write_to_path(str(tmp_path / "missing.pem"))
+        assert validate(path).returncode == 0
+
 
 class TestSinkNames:
     @staticmethod
