@@ -215,14 +215,32 @@ def _check_sink_tls(config: Config) -> list[str]:
     return loaded
 
 
+def _not_serving(pid: int) -> str | None:
+    """Why process `pid` is not a `log-bridge serve`, when that can be told (through /proc, where there is one)."""
+    if pid < 1:  # 0 would signal this command's process group, -1 every process it may signal
+        return f"{pid} is not a process id"
+    try:
+        arguments = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except FileNotFoundError:
+        return f"no process {pid} (a pid file left by a process that is gone?)" if Path("/proc/self").exists() else None
+    except OSError:
+        return None
+    if b"serve" not in arguments or not any(b"log-bridge" in a or b"receiver.cli" in a for a in arguments):
+        return f"process {pid} is not a log-bridge serve (a pid file left by a process that is gone?)"
+    return None
+
+
 def cmd_reload(args: argparse.Namespace) -> int:
     """Ask a running receiver to reload its configuration."""
     try:
         pid = int(Path(args.pid_file).read_text().strip())
-        os.kill(pid, signal.SIGHUP)
+        problem = _not_serving(pid)
+        if problem is None:  # a SIGHUP kills most other programs
+            os.kill(pid, signal.SIGHUP)
     except (OSError, ValueError) as exc:
-        reason = getattr(exc, "strerror", None) or str(exc)
-        print(f"log-bridge reload: cannot signal the process in {args.pid_file}: {reason}", file=sys.stderr)
+        problem = getattr(exc, "strerror", None) or str(exc)
+    if problem is not None:
+        print(f"log-bridge reload: cannot signal the process in {args.pid_file}: {problem}", file=sys.stderr)
         return 1
     print(f"sent SIGHUP to {pid}; its log says whether the new configuration was applied")
     return 0

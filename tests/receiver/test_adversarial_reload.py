@@ -6,7 +6,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -223,6 +226,62 @@ class TestProcess:
                 proc.wait(10)
             if proc.stderr:
                 proc.stderr.close()
+
+
+class TestReloadCommand:
+    @staticmethod
+    def reload(pid_file: Path) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "receiver.cli", "reload", "--pid-file", str(pid_file)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=THIS_TREE,
+        )
+
+    def test_a_pid_file_naming_another_program_signals_nothing(self, tmp_path: Path) -> None:
+        """A pid file left by a serve that was killed names whatever process has that id now: `reload` sent it a
+        SIGHUP, which kills most programs (a shell, an editor)."""
+        other = subprocess.Popen(["sleep", "60"])  # noqa: S607 - a program that a SIGHUP ends
+        try:
+            pid_file = tmp_path / "serve.pid"
+            pid_file.write_text(f"{other.pid}\n")
+            result = self.reload(pid_file)
+            assert result.returncode == 1 and other.poll() is None, result.stderr
+            assert f"process {other.pid} is not a log-bridge serve" in result.stderr
+        finally:
+            other.kill()
+            other.wait()
+
+    @pytest.mark.parametrize("pid", ["0", "-1"])
+    def test_a_pid_that_is_no_process_id_is_refused(self, tmp_path: Path, pid: str) -> None:
+        """`0` sent the SIGHUP to reload's own process group, `-1` to every process it may signal."""
+        pid_file = tmp_path / "serve.pid"
+        pid_file.write_text(f"{pid}\n")
+        result = self.reload(pid_file)
+        assert result.returncode == 1
+        assert (
+            result.stderr == f"log-bridge reload: cannot signal the process in {pid_file}: {pid} is not a process id\n"
+        )
+
+    def test_a_running_serve_is_signalled(self, tmp_path: Path) -> None:
+        config, pid_file = memory_config(tmp_path), tmp_path / "serve.pid"
+        log = tmp_path / "serve.log"
+        with log.open("wb") as out:
+            proc = subprocess.Popen(serve_command(config, "--pid-file", str(pid_file)), env=THIS_TREE, stderr=out)
+        try:
+            deadline = time.monotonic() + 20
+            while "listening" not in log.read_text():
+                assert time.monotonic() < deadline and proc.poll() is None, log.read_text()
+                time.sleep(0.05)
+            result = self.reload(pid_file)
+            assert result.returncode == 0, result.stderr
+            while "configuration reloaded" not in log.read_text():
+                assert time.monotonic() < deadline + 20 and proc.poll() is None, log.read_text()
+                time.sleep(0.05)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(20)
 
 
 class TestRemovedSinkLog:
