@@ -27,7 +27,7 @@ from pathlib import Path
 import msgspec
 import orjson
 
-from receiver.config import Config, default_config, listen_url, load_config, load_journal_config
+from receiver.config import Config, TLSConfig, default_config, listen_url, load_config, load_journal_config
 from receiver.errors import ConfigError, LogBridgeError
 from receiver.health import check_sinks
 from receiver.journal import (
@@ -43,6 +43,7 @@ from receiver.logs import scrub, setup_logging
 from receiver.samples import encode_body, sample_wrappers
 from receiver.send import Unreachable, post
 from sinks.errors import SinkError
+from sinks.fields import TlsOptions
 
 log = logging.getLogger("log_bridge")
 
@@ -137,12 +138,24 @@ def cmd_validate(args: argparse.Namespace) -> int:
     if config is None:
         return 1
     server = config.server
+    try:
+        tls = None
+        if server.tls is not None:
+            tls = "files not loaded (--skip-tls-files)" if args.skip_tls_files else _check_tls(server.tls)
+        loaded = [] if args.skip_tls_files else _check_sink_tls(config)
+        if not args.skip_tls_files:
+            config.journal.dedup_store.load_ca_file()
+    except ConfigError as exc:
+        _print_errors(exc)
+        return 1
     print(f"configuration OK: {_config_path(args.config)}")
     print(
         f"  listen: {listen_url(server.host, server.port, tls=server.tls is not None)}"
         + (" (mTLS)" if server.tls and server.tls.client_ca_file else "")
         + (" (IPv4 and IPv6)" if server.host == "::" else "")
     )
+    if tls is not None:
+        print(f"  tls: {tls}")
     print(f"  allowlist: {', '.join(server.allowlist)}; trusted proxies: {', '.join(server.trusted_proxies) or 'none'}")
     journal = config.journal
     print(f"  journal: {journal.path} (cap {journal.max_bytes} bytes, dedup {journal.dedup_window:g}s)")
@@ -159,7 +172,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         print(f"  stream {stream.name}: POST {stream.path}, {auth} -> {', '.join(stream.sinks)}")
     for name, section in config.sinks.items():
         feeds = config.streams_of(name)
-        note = "" if feeds else " (no stream feeds it)"
+        note = ("" if feeds else " (no stream feeds it)") + (" (its TLS files load)" if name in loaded else "")
         print(f"  sink {name}: type {section.type}{note}")
     if config.workos is not None:
         export = config.workos.export
@@ -169,14 +182,65 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_tls(tls: TLSConfig) -> str:
+    """Load the listener's certificate, key and client CA as `serve` does, and refuse a certificate outside its
+    validity (`serve` would present it, and every client refuse it); what was loaded, for the summary."""
+    from receiver.server import certificate_validity, server_tls_context, validity_problem
+
+    server_tls_context(tls)
+    validity = certificate_validity(tls.cert_file)
+    problem = validity_problem(tls, validity, datetime.now(UTC))
+    if problem is not None:
+        raise ConfigError([problem])
+    until = f", valid until {validity[1]:%Y-%m-%d %H:%M:%S} UTC" if validity is not None else ""
+    client_ca = f"; client CA {tls.client_ca_file} loads" if tls.client_ca_file is not None else ""
+    return f"certificate {tls.cert_file} and key {tls.key_file} load{until}{client_ca}"
+
+
+def _check_sink_tls(config: Config) -> list[str]:
+    """Load the CA, certificate and key files the sinks' `tls` name, as building them at a start does; the sinks
+    whose files loaded (ConfigError listing those that do not)."""
+    loaded, problems = [], []
+    for name, section in config.sinks.items():
+        tls = getattr(section.options, "tls", None)
+        if isinstance(tls, TlsOptions) and (tls.ca_file is not None or tls.cert_file is not None):
+            try:
+                tls.client_context(name)
+            except SinkError as exc:
+                problems.append(str(exc))
+            else:
+                loaded.append(name)
+    if problems:
+        raise ConfigError(problems)
+    return loaded
+
+
+def _not_serving(pid: int) -> str | None:
+    """Why process `pid` is not a `log-bridge serve`, when that can be told (through /proc, where there is one)."""
+    if pid < 1:  # 0 would signal this command's process group, -1 every process it may signal
+        return f"{pid} is not a process id"
+    try:
+        arguments = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except FileNotFoundError:
+        return f"no process {pid} (a pid file left by a process that is gone?)" if Path("/proc/self").exists() else None
+    except OSError:
+        return None
+    if b"serve" not in arguments or not any(b"log-bridge" in a or b"receiver.cli" in a for a in arguments):
+        return f"process {pid} is not a log-bridge serve (a pid file left by a process that is gone?)"
+    return None
+
+
 def cmd_reload(args: argparse.Namespace) -> int:
     """Ask a running receiver to reload its configuration."""
     try:
         pid = int(Path(args.pid_file).read_text().strip())
-        os.kill(pid, signal.SIGHUP)
+        problem = _not_serving(pid)
+        if problem is None:  # a SIGHUP kills most other programs
+            os.kill(pid, signal.SIGHUP)
     except (OSError, ValueError) as exc:
-        reason = getattr(exc, "strerror", None) or str(exc)
-        print(f"log-bridge reload: cannot signal the process in {args.pid_file}: {reason}", file=sys.stderr)
+        problem = getattr(exc, "strerror", None) or str(exc)
+    if problem is not None:
+        print(f"log-bridge reload: cannot signal the process in {args.pid_file}: {problem}", file=sys.stderr)
         return 1
     print(f"sent SIGHUP to {pid}; its log says whether the new configuration was applied")
     return 0
@@ -474,6 +538,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     validate = commands.add_parser("validate", help="check a configuration", description="Check a configuration.")
     validate.add_argument("--config", "-c", help=config_help)
+    validate.add_argument(
+        "--skip-tls-files",
+        action="store_true",
+        help="do not load the TLS files of server.tls and of the sinks' tls (where they exist only beside the service)",
+    )
     validate.set_defaults(func=cmd_validate)
 
     check = commands.add_parser(

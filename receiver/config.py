@@ -5,10 +5,13 @@ Validation is pure: it reads the file and the environment, nothing else (no netw
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import os
 import re
-from collections.abc import Mapping
+import ssl
+import typing
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 from urllib.parse import unquote, urlsplit
@@ -30,7 +33,15 @@ from receiver.errors import ConfigError
 from receiver.parsing import DEFAULT_MAX_EVENTS
 from sinks import registry
 from sinks.errors import SinkTypeError
-from sinks.fields import ByteSize, ConfigModel, Duration, PositiveDuration, SinkConfig
+from sinks.fields import (
+    HEADER_NAME,
+    ByteSize,
+    ConfigModel,
+    Duration,
+    PositiveDuration,
+    SinkConfig,
+    has_control_character,
+)
 from sinks.http_client import header_secrets
 
 WORKOS = "workos"
@@ -51,6 +62,12 @@ WORKOS_EGRESS = (
 
 RESERVED_PATHS = ("/healthz", "/readyz", "/metrics")
 
+NAME_PATTERN = r"^[A-Za-z0-9_.-]+$"
+"""What a stream's or a sink's name may hold: it is a metric label, a log field and a command-line argument."""
+RESERVED_SINK_NAME = "intake"
+"""The `stage` label of `log_bridge_events_dead_lettered_total` that counts the intake's dead letters, beside
+the sinks' names: a sink of that name would be counted with them."""
+
 COMMON_SINK_KEYS = frozenset({"type", "include_actions", "exclude_actions", "batch", "retry"})
 
 
@@ -59,9 +76,31 @@ _Model = ConfigModel
 
 def _network(value: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
     try:
-        return ipaddress.ip_network(value, strict=False)
+        network = ipaddress.ip_network(value, strict=False)
     except ValueError:
         raise ValueError(f"{value!r} is not an IP address or CIDR network") from None
+    mapped = network.network_address.ipv4_mapped if isinstance(network, ipaddress.IPv6Network) else None
+    if mapped is not None and network.prefixlen >= 96:  # peers are compared as IPv4 (receiver.netaddr)
+        return ipaddress.IPv4Network((mapped, network.prefixlen - 96))
+    return network
+
+
+def _network_entry(value: str) -> str:
+    """An entry of `allowlist` or `trusted_proxies`: an address, or a network without bits set past its prefix."""
+    network = _network(value)
+    try:
+        ipaddress.ip_network(value)
+    except ValueError:  # `10.0.0.1/8` is all of 10.0.0.0/8, rarely what was meant
+        raise ValueError(f"{value!r} has bits set past its prefix: write {network}, or the address alone") from None
+    return value
+
+
+def _allowlist_entry(value: str) -> str:
+    return value if value == WORKOS else _network_entry(value)
+
+
+_NetworkEntry = Annotated[str, AfterValidator(_network_entry)]
+_AllowlistEntry = Annotated[str, AfterValidator(_allowlist_entry)]
 
 
 class TLSConfig(_Model):
@@ -97,8 +136,8 @@ class ServerConfig(_Model):
     max_connections: int = Field(4096, ge=1, le=1_000_000)
     """Connections open at once; one more is closed unread. Never more than the file-descriptor limit allows
     (receiver.limits.connection_cap)."""
-    trusted_proxies: tuple[str, ...] = ()
-    allowlist: tuple[str, ...] = (WORKOS,)
+    trusted_proxies: tuple[_NetworkEntry, ...] = ()
+    allowlist: tuple[_AllowlistEntry, ...] = (WORKOS,)
     refuse_unlisted: bool = False
     """Close at accept, before any TLS handshake or HTTP, a connection from an address neither in `allowlist`
     nor in `trusted_proxies` (probes and scrapes then go to `admin`)."""
@@ -106,21 +145,6 @@ class ServerConfig(_Model):
     """Longest wait for a request's headers, and for a TLS handshake."""
     body_timeout: PositiveDuration = 30.0
     shutdown_timeout: Duration = 10.0
-
-    @field_validator("trusted_proxies")
-    @classmethod
-    def _check_proxies(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        for entry in value:
-            _network(entry)
-        return value
-
-    @field_validator("allowlist")
-    @classmethod
-    def _check_allowlist(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        for entry in value:
-            if entry != WORKOS:
-                _network(entry)
-        return value
 
     @field_validator("max_inflight_bytes")
     @classmethod
@@ -191,6 +215,16 @@ class DedupStoreConfig(_Model):
         """The URL itself ('' without one)."""
         return self.url.get_secret_value() if self.url is not None else ""
 
+    def load_ca_file(self) -> None:
+        """Read `ca_file` as the connections to a rediss:// store will; ConfigError naming it when it does not load."""
+        if self.ca_file is None or not self.url_text().startswith("rediss://"):
+            return
+        try:
+            ssl.create_default_context(cafile=str(self.ca_file))
+        except (OSError, ssl.SSLError) as exc:
+            reason = getattr(exc, "strerror", None) or getattr(exc, "reason", None) or type(exc).__name__
+            raise ConfigError([f"journal.dedup_store.ca_file: cannot load {self.ca_file}: {reason}"]) from None
+
 
 class JournalConfig(_Model):
     """The durable SQLite journal."""
@@ -215,24 +249,34 @@ class JournalConfig(_Model):
         return self
 
 
+def _accepted_value(value: str) -> str:
+    # An HTTP parser strips the whitespace around a header's value, and no sender sends a line break or another
+    # control character in one: a value holding them could never match (a secret file's trailing newline).
+    value = value.strip(" \t\r\n")
+    if not value:
+        raise ValueError("an accepted value cannot be empty")
+    if has_control_character(value):  # the value itself is never repeated
+        raise ValueError("holds a line break, a tab or another control character, which no request can carry")
+    return value
+
+
+def _header_name(value: str) -> str:
+    if not HEADER_NAME.fullmatch(value):
+        raise ValueError("not an HTTP header name (letters, digits and !#$%&'*+.^_`|~- only)")
+    return value
+
+
 class AuthConfig(_Model):
     """The secret header a stream requires; several values may be accepted at once, for rotation."""
 
-    header: str = "Authorization"
-    values: tuple[str, ...] = Field(min_length=1)
-
-    @field_validator("values")
-    @classmethod
-    def _non_empty(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        if any(not v for v in value):
-            raise ValueError("an accepted value cannot be empty")
-        return value
+    header: Annotated[str, AfterValidator(_header_name)] = "Authorization"
+    values: tuple[Annotated[str, AfterValidator(_accepted_value)], ...] = Field(min_length=1)
 
 
 class StreamConfig(_Model):
     """One WorkOS log stream: where it posts, the secret it sends, the sinks it feeds."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    name: str = Field(pattern=NAME_PATTERN)
     path: str = Field(pattern=r"^/[A-Za-z0-9_./-]*$")
     auth: AuthConfig | None = None
     sinks: tuple[str, ...] = Field(min_length=1)
@@ -411,14 +455,14 @@ class Config(_Model):
 
 # --- ${VAR} expansion ----------------------------------------------------------------------------
 
-_REFERENCE = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_REFERENCE = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}|\$")
 
 
 def expand_env(tree: Any, environ: Mapping[str, str], path: str = "") -> tuple[Any, list[str]]:
     """Expand `${VAR}` and `${VAR:-default}` inside string values (`$$` is a literal `$`).
 
     Runs on the parsed YAML tree, so a value cannot inject YAML. Returns the new tree and the errors
-    (an unset variable without a default), each naming its YAML path.
+    (an unset variable without a default, a `$` that starts no reference), each naming its YAML path.
     """
     errors: list[str] = []
 
@@ -427,6 +471,10 @@ def expand_env(tree: Any, environ: Mapping[str, str], path: str = "") -> tuple[A
 
             def replace(match: re.Match[str]) -> str:
                 if match.group(0) == "$$":
+                    return "$"
+                if match.group(0) == "$":  # `$TOKEN`, `${TOKEN`, `${1TOKEN}`: kept as it is, the value would be
+                    # sent as a credential; the value itself is never repeated
+                    errors.append(f"{where or '<root>'}: a `$` that starts no ${{VAR}} reference (write $$ for a `$`)")
                     return "$"
                 name, default = match.group(1), match.group(2)
                 value = environ.get(name)
@@ -458,7 +506,40 @@ def _location(loc: tuple[int | str, ...], prefix: str = "") -> str:
     return where or "<root>"
 
 
-def _pydantic_errors(exc: ValidationError, prefix: str = "") -> list[str]:
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The model an annotation holds (`Model`, `Model | None`, `Annotated[Model, ...]`), if any."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    found = [_model_in(arg) for arg in typing.get_args(annotation)]
+    return next((model for model in found if model is not None), None)
+
+
+def _keys_at(model: type[BaseModel], loc: tuple[int | str, ...]) -> list[str]:
+    """The keys the mapping at `loc` takes, `model` being the root's model ([] when it is not known)."""
+    annotation: Any = model
+    for part in loc:
+        origin = typing.get_origin(annotation)
+        if origin in (tuple, dict):  # `part` is a list's index or a mapping's key: the items' type
+            annotation = typing.get_args(annotation)[-1 if origin is dict else 0]
+            continue
+        current = _model_in(annotation)
+        if current is None or not isinstance(part, str) or part not in current.model_fields:
+            return []
+        annotation = current.model_fields[part].annotation
+    current = _model_in(annotation)
+    return list(current.model_fields) if current is not None else []
+
+
+def _unknown_key(key: object, known: Iterable[str]) -> str:
+    close = difflib.get_close_matches(str(key), list(known), n=1, cutoff=0.6)
+    return f"unknown key (did you mean {close[0]}?)" if close else "unknown key"
+
+
+def _pydantic_errors(
+    exc: ValidationError, prefix: str = "", model: type[BaseModel] | None = None, also: Iterable[str] = ()
+) -> list[str]:
+    """One line per error, naming its YAML path; an unknown key with the known key it is closest to, from
+    `model` (the root's) and `also` (keys the root takes besides its model's)."""
     # Messages only: pydantic's own rendering repeats the input value, which may be a secret.
     problems = []
     errors = exc.errors(include_input=False, include_url=False)
@@ -468,7 +549,9 @@ def _pydantic_errors(exc: ValidationError, prefix: str = "") -> list[str]:
             continue  # pydantic counts the items that failed as missing: their own errors say what is wrong
         message = error["msg"].removeprefix("Value error, ")
         if error["type"] == "extra_forbidden":
-            message = "unknown key"
+            parent = tuple(error["loc"][:-1])
+            known = (_keys_at(model, parent) if model is not None else []) + ([] if parent else list(also))
+            message = _unknown_key(error["loc"][-1], known)
         elif error["type"] == "missing":
             message = "field required"
         problems.append(f"{_location(tuple(error['loc']), prefix)}: {message}")
@@ -482,13 +565,14 @@ _STAND_INS: dict[Any, Any] = {str: "stand-in", int: 1, float: 1.0}
 """Values put in place of a required key that failed, only to let the other checks of its section run."""
 
 
-def validate_all(model: type[M], data: Any, where: str) -> tuple[M | None, list[str]]:
+def validate_all(model: type[M], data: Any, where: str, also: Iterable[str] = ()) -> tuple[M | None, list[str]]:
     """Validate `data`; on errors, validate again without the keys that failed, so the checks that span
-    several keys (which run only once every key is valid) are reported in the same run."""
+    several keys (which run only once every key is valid) are reported in the same run. `also`: keys the
+    mapping takes besides the model's (for the did-you-mean of an unknown key)."""
     try:
         return model.model_validate(data), []
     except ValidationError as exc:
-        problems = _pydantic_errors(exc, where)
+        problems = _pydantic_errors(exc, where, model, also)
         failed = {e["loc"][0] for e in exc.errors() if e["loc"] and isinstance(e["loc"][0], str)}
     if isinstance(data, dict) and failed and failed <= set(data):
         rest = {key: value for key, value in data.items() if key not in failed}
@@ -500,7 +584,7 @@ def validate_all(model: type[M], data: Any, where: str) -> tuple[M | None, list[
             model.model_validate(rest)
         except ValidationError as again:
             dropped = {_location((key,), where) for key in failed}
-            problems += [p for p in _pydantic_errors(again, where) if p.split(": ", 1)[0] not in dropped]
+            problems += [p for p in _pydantic_errors(again, where, model, also) if p.split(": ", 1)[0] not in dropped]
     return None, list(dict.fromkeys(problems))
 
 
@@ -566,6 +650,10 @@ def _validate_sinks(raw_sinks: Any) -> tuple[dict[str, Any], list[str]]:
     prepared: dict[str, Any] = {}
     for name, section in raw_sinks.items():
         where = f"sinks.{name}"
+        if not isinstance(name, str) or not re.fullmatch(NAME_PATTERN, name):
+            errors.append(f"sinks: {name!r} is not a sink name (letters, digits and _ . - only)")
+        elif name == RESERVED_SINK_NAME:
+            errors.append(f"{where}: the name {name!r} is reserved (the intake's dead letters are counted under it)")
         if not isinstance(section, dict):
             errors.append(f"{where}: expected a mapping")
             prepared[name] = {"type": "?", "options": SinkConfig()}
@@ -585,7 +673,7 @@ def _validate_sinks(raw_sinks: Any) -> tuple[dict[str, Any], list[str]]:
         common = {key: value for key, value in section.items() if key in COMMON_SINK_KEYS}
         # A sink whose own options are invalid stays defined, so its common keys are still checked
         # and the streams naming it do not report it as missing.
-        options, problems = validate_all(factory.Config, own, where)
+        options, problems = validate_all(factory.Config, own, where, COMMON_SINK_KEYS)
         errors.extend(problems)
         prepared[name] = {**common, "options": options or SinkConfig()}
     return prepared, errors
@@ -606,7 +694,7 @@ def parse_config(tree: Any, environ: Mapping[str, str] | None = None) -> Config:
     try:
         config = Config.model_validate(expanded)
     except ValidationError as exc:
-        errors.extend(_pydantic_errors(exc))
+        errors.extend(_pydantic_errors(exc, model=Config))
     except ConfigError as exc:
         errors.extend(exc.errors)
     errors = list(dict.fromkeys(errors))
@@ -637,12 +725,30 @@ def _expanded_size(node: yaml.Node, sizes: dict[int, int]) -> int:
     return size
 
 
+MAX_CONFIG_BYTES = 1024 * 1024
+"""Largest configuration file read: a real one is a few kilobytes, and checking a YAML file takes about a second
+per megabyte (a `/dev/zero` given by mistake would never end)."""
+
+
+def read_config_text(path: str | os.PathLike[str]) -> str:
+    """The text of a configuration file; ConfigError when it cannot be read, is too large or is not UTF-8."""
+    try:
+        with Path(path).open("rb") as file:
+            data = file.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read the file ({exc.strerror or type(exc).__name__})"]) from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError([f"{path}: larger than {MAX_CONFIG_BYTES // 1024} KiB, which no configuration needs"])
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:  # its text would quote the bytes around the fault, which may be a secret
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ConfigError([f"{path}: not UTF-8 text (line {line}, byte {exc.start + 1}); save it as UTF-8"]) from None
+
+
 def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Config:
     """Read and validate a YAML configuration file."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError([f"{path}: cannot read the file ({exc.strerror})"]) from None
+    text = read_config_text(path)
     try:
         document = yaml.compose(text, Loader=yaml.SafeLoader) or yaml.MappingNode("", [])
         if _expanded_size(document, {}) > MAX_CONFIG_VALUES:
@@ -651,8 +757,8 @@ def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None 
         tree = yaml.safe_load(text)
     except RecursionError:
         raise ConfigError([f"{path}: an alias refers to itself (or the document nests too deeply)"]) from None
-    except (ValueError, TypeError, OverflowError) as exc:  # an explicit tag (`!!int abc`) that does not convert
-        del exc  # its message quotes the value, which may be a secret
+    except (ValueError, TypeError, OverflowError, AttributeError):  # an explicit tag that does not convert
+        # (`!!int abc`; `!!timestamp abc` is an AttributeError in PyYAML): its message quotes the value, maybe a secret
         raise ConfigError([f"{path}: a value with an explicit YAML tag (such as !!int) does not convert"]) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
@@ -717,8 +823,8 @@ def load_journal_config(path: str | os.PathLike[str], environ: Mapping[str, str]
     """Only the `journal` section of a configuration file (for commands that read the journal alone, so
     variables the other sections use, such as sinks' credentials, need not be set)."""
     try:
-        tree = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError):
+        tree = yaml.safe_load(read_config_text(path))
+    except (yaml.YAMLError, ValueError, TypeError, OverflowError, AttributeError):
         load_config(path, environ)  # raises the same clear error the full load gives
         raise
     section = tree.get("journal", {}) if isinstance(tree, dict) else {}

@@ -22,7 +22,6 @@ import asyncio
 import hashlib
 import logging
 import math
-import ssl
 import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -91,13 +90,7 @@ class RedisDedupStore:
         if url.startswith("rediss://"):
             options["ssl_check_hostname"] = True
             if config.ca_file is not None:
-                try:  # read now, so a wrong file fails the start instead of every connection
-                    ssl.create_default_context(cafile=str(config.ca_file))
-                except (OSError, ssl.SSLError) as exc:
-                    reason = getattr(exc, "strerror", None) or getattr(exc, "reason", None) or type(exc).__name__
-                    raise ConfigError(
-                        [f"journal.dedup_store.ca_file: cannot load {config.ca_file}: {reason}"]
-                    ) from None
+                config.load_ca_file()  # read now, so a wrong file fails the start instead of every connection
                 options["ssl_ca_certs"] = str(config.ca_file)
         # At most MAX_CONNECTIONS connections however many requests run at once; a request that cannot get one in
         # `timeout` is deduplicated locally, like any other slow answer.

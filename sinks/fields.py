@@ -30,11 +30,13 @@ __all__ = [
     "ByteSize",
     "Compression",
     "Duration",
+    "HEADER_NAME",
     "HttpUrl",
     "PositiveDuration",
     "Secret",
     "SinkConfig",
     "TlsOptions",
+    "has_control_character",
     "parse_duration",
     "parse_size",
     "reject_boolean",
@@ -43,6 +45,11 @@ __all__ = [
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+MAX_DURATION = 3650 * 86400.0
+"""Longest duration: beyond about 292 years a timeout overflows the clocks of sockets and threads (an S3 sink with
+`timeout: 999999999d` failed every send with `timestamp out of range for platform time_t`)."""
+MAX_SIZE = 1024**5
+"""Largest size (1 PiB): more fits in no disk or memory, and past 2**63 bytes in no SQLite integer."""
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
 
 
@@ -60,6 +67,8 @@ def parse_duration(value: object) -> float:
         raise ValueError("a duration must be a finite number of seconds")
     if seconds < 0:
         raise ValueError("a duration cannot be negative")
+    if seconds > MAX_DURATION:
+        raise ValueError("a duration cannot be more than 3650d (ten years)")
     return seconds
 
 
@@ -81,6 +90,8 @@ def parse_size(value: object) -> int:
         raise ValueError("expected a size such as 1048576, 512KiB or 10MiB")
     if size < 0:
         raise ValueError("a size cannot be negative")
+    if size > MAX_SIZE:
+        raise ValueError("a size cannot be more than 1PiB")
     return size
 
 
@@ -121,10 +132,24 @@ def _http_url(value: str) -> str:
     return str(url).rstrip("/")
 
 
+HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+"""An HTTP field name (a token of RFC 9110)."""
+
+
+def has_control_character(text: str) -> bool:
+    """Whether `text` holds a control character (a line break, a tab, NUL, DEL...): no credential does, and no
+    HTTP client sends one in a header (aiohttp raises, botocore quotes the whole header in its error)."""
+    return any(ord(character) < 0x20 or ord(character) == 0x7F for character in text)
+
+
 def _secret(value: SecretStr) -> SecretStr:
     text = value.get_secret_value().strip()  # a secret file's trailing newline is not part of the secret
     if not text:
         raise ValueError("is empty (is its environment variable set?)")
+    if has_control_character(text) or not text.isascii():  # the value itself is never repeated
+        raise ValueError(
+            "holds a line break, a tab, another control character or a non-ASCII one, as no credential does"
+        )
     return SecretStr(text)
 
 

@@ -13,7 +13,6 @@ shown as its origin and `/…` wherever the sink describes it, and its path is a
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from typing import Literal, Self
 
@@ -21,14 +20,13 @@ from pydantic import SecretStr, field_validator, model_validator
 from yarl import URL
 
 from sinks.base import Event, Health, SendResult, SinkConfig
-from sinks.fields import Compression, HttpUrl, PositiveDuration, TlsOptions
+from sinks.fields import HEADER_NAME, Compression, HttpUrl, PositiveDuration, TlsOptions, has_control_character
 from sinks.http_client import HttpClient, classify_status, header_secrets
 from sinks.outcome import Verdict
 from sinks.splitting import Item, Part, Verdicts, fail, send_in_parts
 
 __all__ = ["HttpForwardConfig", "HttpForwardSink"]
 
-_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 _RESERVED = frozenset({"content-length", "content-encoding", "content-type", "host", "transfer-encoding"})
 _CONTENT_TYPES = {"json_array": "application/json", "ndjson": "application/x-ndjson"}
 
@@ -53,13 +51,15 @@ class HttpForwardConfig(SinkConfig):
     @classmethod
     def _headers(cls, value: dict[str, SecretStr]) -> dict[str, SecretStr]:
         for name, secret in value.items():
-            if not _TOKEN.match(name):
+            if not HEADER_NAME.fullmatch(name):
                 raise ValueError(f"{name!r} is not a valid header name")
             if name.lower() in _RESERVED:
                 raise ValueError(f"{name} is set by the sink (see encoding and compression)")
             text = secret.get_secret_value()
-            if not text.strip() or "\r" in text or "\n" in text:
-                raise ValueError(f"the value of {name} is empty or holds a line break (is its variable set?)")
+            if not text.strip():
+                raise ValueError(f"the value of {name} is empty (is its variable set?)")
+            if has_control_character(text.strip()):
+                raise ValueError(f"the value of {name} holds a line break, a tab or another control character")
         return {name: SecretStr(secret.get_secret_value().strip()) for name, secret in value.items()}
 
     @model_validator(mode="after")

@@ -36,9 +36,9 @@ def pod_environment(render: Render, values: dict[str, object]) -> tuple[str, dic
 
 
 def validate(config: Path, environ: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    """Run `log-bridge validate --config FILE`."""
+    """Run `log-bridge validate --config FILE`, without the TLS files (the pod's Secret volume holds them)."""
     return subprocess.run(
-        [tool_path("log-bridge"), "validate", "--config", str(config)],
+        [tool_path("log-bridge"), "validate", "--skip-tls-files", "--config", str(config)],
         capture_output=True,
         text=True,
         env={**environ, "PYTHONPATH": str(REPO)},  # this checkout's code, wherever the package is installed from

@@ -6,7 +6,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +21,7 @@ from receiver.config import parse_config
 from receiver.samples import encode_body, sample_wrappers
 from receiver.server import Service
 from tests.conftest import BASE_CONFIG, TOKEN, http_peer, merge, scrape
-from tests.receiver.test_reload import running, wait_for
+from tests.receiver.test_reload import reloads, running, wait_for
 
 __all__ = ["running"]  # the fixture, shared with test_reload
 
@@ -225,6 +228,62 @@ class TestProcess:
                 proc.stderr.close()
 
 
+class TestReloadCommand:
+    @staticmethod
+    def reload(pid_file: Path) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "receiver.cli", "reload", "--pid-file", str(pid_file)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=THIS_TREE,
+        )
+
+    def test_a_pid_file_naming_another_program_signals_nothing(self, tmp_path: Path) -> None:
+        """A pid file left by a serve that was killed names whatever process has that id now: `reload` sent it a
+        SIGHUP, which kills most programs (a shell, an editor)."""
+        other = subprocess.Popen(["sleep", "60"])  # noqa: S607 - a program that a SIGHUP ends
+        try:
+            pid_file = tmp_path / "serve.pid"
+            pid_file.write_text(f"{other.pid}\n")
+            result = self.reload(pid_file)
+            assert result.returncode == 1 and other.poll() is None, result.stderr
+            assert f"process {other.pid} is not a log-bridge serve" in result.stderr
+        finally:
+            other.kill()
+            other.wait()
+
+    @pytest.mark.parametrize("pid", ["0", "-1"])
+    def test_a_pid_that_is_no_process_id_is_refused(self, tmp_path: Path, pid: str) -> None:
+        """`0` sent the SIGHUP to reload's own process group, `-1` to every process it may signal."""
+        pid_file = tmp_path / "serve.pid"
+        pid_file.write_text(f"{pid}\n")
+        result = self.reload(pid_file)
+        assert result.returncode == 1
+        assert (
+            result.stderr == f"log-bridge reload: cannot signal the process in {pid_file}: {pid} is not a process id\n"
+        )
+
+    def test_a_running_serve_is_signalled(self, tmp_path: Path) -> None:
+        config, pid_file = memory_config(tmp_path), tmp_path / "serve.pid"
+        log = tmp_path / "serve.log"
+        with log.open("wb") as out:
+            proc = subprocess.Popen(serve_command(config, "--pid-file", str(pid_file)), env=THIS_TREE, stderr=out)
+        try:
+            deadline = time.monotonic() + 20
+            while "listening" not in log.read_text():
+                assert time.monotonic() < deadline and proc.poll() is None, log.read_text()
+                time.sleep(0.05)
+            result = self.reload(pid_file)
+            assert result.returncode == 0, result.stderr
+            while "configuration reloaded" not in log.read_text():
+                assert time.monotonic() < deadline + 20 and proc.poll() is None, log.read_text()
+                time.sleep(0.05)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(20)
+
+
 class TestRemovedSinkLog:
     async def test_the_removal_line_counts_what_the_sink_still_owed(
         self, running, client, caplog: pytest.LogCaptureFixture
@@ -260,7 +319,7 @@ class TestConfigFiles:
         with pytest.raises(ConfigError):
             load_config(path, {})
 
-    @pytest.mark.parametrize("value", ["!!int abc", "!!float abc", "!!timestamp 2020-99-99"])
+    @pytest.mark.parametrize("value", ["!!int abc", "!!float abc", "!!timestamp 2020-99-99", "!!timestamp abc"])
     def test_a_bad_yaml_tag_is_a_clear_error(self, tmp_path: Path, value: str) -> None:
         """An explicit YAML tag whose value does not convert (`port: !!int abc`) escapes as a ValueError
         traceback from `validate`/`serve`, quoting the value, instead of an error naming the YAML path."""
@@ -274,6 +333,20 @@ class TestConfigFiles:
         )
         with pytest.raises(ConfigError):
             load_config(path, {})
+
+    async def test_a_reload_of_a_file_that_is_not_utf8_is_refused_naming_it(
+        self, running, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """A file saved as Latin-1 made the reload fail with a bare `UnicodeDecodeError` ("reload failed"), not the
+        refusal that says what is wrong with the file."""
+        service, file = await running(BASE_CONFIG)
+        data = yaml.safe_dump(file.tree).encode() + b"# caf\xe9\n"
+        file.path.write_bytes(data)
+        assert not await service.reload()
+        line = next(r for r in caplog.records if r.getMessage().startswith("reload refused"))
+        where = f"line {len(data.splitlines())}, byte {data.index(0xE9) + 1}"
+        assert line.problems == [f"{file.path}: not UTF-8 text ({where}); save it as UTF-8"]
+        assert reloads(service, "failure") == 1
 
 
 class TestRemovedSinkFreesTheJournal:
