@@ -120,7 +120,9 @@ class TestSchemas:
             metadata = manifest["metadata"]
             assert metadata["namespace"] == NAMESPACE, metadata["name"]
             assert metadata["labels"]["app.kubernetes.io/instance"] == RELEASE
-            assert metadata["labels"]["app.kubernetes.io/name"] == "log-bridge"
+            # The helm test pod has a name of its own, so that no selector of the replicas takes it for one.
+            name = "log-bridge-test" if manifest["kind"] == "Pod" else "log-bridge"
+            assert metadata["labels"]["app.kubernetes.io/name"] == name
 
 
 class TestDefaults:
@@ -577,6 +579,27 @@ class TestHelmTest:
 
     def test_can_be_turned_off(self, render: Render) -> None:
         assert "Pod" not in kinds(render({"tests": {"enabled": False}}))
+
+    @pytest.mark.parametrize("path", SCENARIOS, ids=SCENARIO_IDS)
+    def test_is_not_taken_for_a_replica(self, render: Render, path: Path) -> None:
+        """Was a defect: the pod carried the replicas' selector labels, so the NetworkPolicy's egress rules (DNS
+        and the sinks' ports) applied to it and cut its own call to the Service, and the Services, the budget
+        and the HPA counted it as a replica. Its own labels match no selector; the policy still admits it."""
+        values = load_values(path)
+        manifests = render({**values, "networkPolicy": {**values.get("networkPolicy", {}), "enabled": True}})
+        labels = only(manifests, "Pod")["metadata"]["labels"]
+
+        def selects(selector: dict[str, str]) -> bool:
+            return all(labels.get(key) == value for key, value in selector.items())
+
+        selectors = [m["spec"]["selector"] for m in manifests if m["kind"] == "Service"]
+        selectors += [only(manifests, kind)["spec"]["selector"]["matchLabels"] for kind in ("StatefulSet",)]
+        selectors += [m["spec"]["selector"]["matchLabels"] for m in manifests if m["kind"] == "PodDisruptionBudget"]
+        selectors.append(only(manifests, "NetworkPolicy")["spec"]["podSelector"]["matchLabels"])
+        assert not any(selects(selector) for selector in selectors), labels
+        for rule in only(manifests, "NetworkPolicy")["spec"]["ingress"]:
+            peers = [p["podSelector"]["matchLabels"] for p in rule.get("from", []) if "podSelector" in p]
+            assert "from" not in rule or any(selects(peer) for peer in peers), rule
 
     def test_under_mutual_tls_it_calls_the_admin_port(self, render: Render) -> None:
         """Was a defect: with tls.clientAuth the pod called the stream port without a client certificate and

@@ -50,6 +50,17 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 
 {{/*
+Labels of a pod that is not a replica (the drain Job's, the `helm test` pod): a name of its own, so that no
+selector of the replicas (the Services, the PodDisruptionBudget, the HPA, the NetworkPolicy and its egress rules)
+takes it for one. Takes (dict "root" $ "component" NAME).
+*/}}
+{{- define "log-bridge.auxiliaryLabels" -}}
+app.kubernetes.io/name: {{ printf "%s-%s" (include "log-bridge.name" .root) .component | trunc 63 | trimSuffix "-" }}
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{/*
 ServiceAccount name.
 */}}
 {{- define "log-bridge.serviceAccountName" -}}
