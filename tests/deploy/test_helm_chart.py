@@ -618,6 +618,21 @@ class TestHelmTest:
         without_admin = render({**mtls, "admin": {"enabled": False}})
         assert only(without_admin, "Pod")["spec"]["containers"][0]["command"][-1].startswith("https://")
 
+    def test_with_refuse_unlisted_it_calls_the_admin_port(self, render: Render) -> None:
+        """Was a defect: with config.server.refuse_unlisted the stream port closes the pod's connection at accept
+        (its address is not WorkOS's), so helm test failed on a healthy release. It calls the admin port."""
+        manifests = render({"config": {"server": {"refuse_unlisted": True}}})
+        assert rendered_config(manifests)["server"]["refuse_unlisted"] is True
+        command = only(manifests, "Pod")["spec"]["containers"][0]["command"]
+        assert command[-1] == f"http://{FULLNAME}-headless:9090/healthz"
+        assert container(manifests)["livenessProbe"]["httpGet"]["port"] == "admin"
+
+    def test_refuse_unlisted_needs_the_admin_port(self, helm: ModuleType, render: Render) -> None:
+        """Without the admin port the kubelet's probes (from the node's address) and the scrapes would be closed
+        at accept: the pods would never be ready and would be restarted by the liveness probe."""
+        with pytest.raises(helm.HelmError, match=r"config.server.refuse_unlisted needs admin.enabled"):
+            render({"config": {"server": {"refuse_unlisted": True}}, "admin": {"enabled": False}})
+
 
 class TestNotes:
     @pytest.mark.parametrize("path", SCENARIOS, ids=SCENARIO_IDS)
