@@ -838,3 +838,26 @@ class TestDrainJob:
         selector = only(manifests, "Service", name=FULLNAME)["spec"]["selector"]
         labels = job["spec"]["template"]["metadata"]["labels"]
         assert not all(labels.get(k) == v for k, v in selector.items())
+
+    def test_has_the_replicas_extra_volumes_and_pod_metadata(self, render: Render) -> None:
+        """Was a defect: the Job left out extraVolumes and extraVolumeMounts (a sink's CA bundle or client
+        certificate, `tls.ca_file`), so building that sink failed and the backlog could not be drained; and
+        podLabels and podAnnotations, which is where Azure Workload Identity's label, kube2iam's role or a
+        mesh's settings go, so the sinks could not authenticate or connect as the replicas do."""
+        ca = {"name": "splunk-ca", "configMap": {"name": "splunk-ca"}}
+        mount = {"name": "splunk-ca", "mountPath": "/etc/log-bridge/splunk-ca", "readOnly": True}
+        values = {
+            **scenario("replicas-redis"),
+            "extraVolumes": [ca],
+            "extraVolumeMounts": [mount],
+            "podLabels": {"azure.workload.identity/use": "true"},
+            "podAnnotations": {"iam.amazonaws.com/role": "log-bridge"},
+        }
+        manifests = render(values)
+        replica = statefulset(manifests)["spec"]["template"]
+        drain = only(manifests, "Job")["spec"]["template"]
+        assert ca in replica["spec"]["volumes"] and ca in drain["spec"]["volumes"]
+        assert mount in container(manifests)["volumeMounts"] and mount in drain["spec"]["containers"][0]["volumeMounts"]
+        for metadata in (replica["metadata"], drain["metadata"]):
+            assert metadata["labels"]["azure.workload.identity/use"] == "true"
+            assert metadata["annotations"]["iam.amazonaws.com/role"] == "log-bridge"
