@@ -721,6 +721,23 @@ class TestValuesSchema:
         with pytest.raises(helm.HelmValuesError):
             chart.validate_schema(values)
 
+    @pytest.mark.parametrize("duration", ["30 minutes", "1h30m", "30min", "-5s", ""])
+    @pytest.mark.parametrize("key", ["drainJob", "dedup.redis"])
+    def test_refuses_a_duration_log_bridge_would_not_read(
+        self, helm: ModuleType, chart: Any, key: str, duration: str
+    ) -> None:
+        """Was a defect: any string passed, and the chart's own reading of drainJob.timeout took the leading number
+        and the last letter, so "1h30m" gave `drain --timeout 60` and "30 minutes" gave 30 seconds."""
+        values: dict[str, Any] = {"timeout": duration}
+        for part in reversed(key.split(".")):
+            values = {part: values}
+        with pytest.raises(helm.HelmValuesError, match="timeout"):
+            chart.validate_schema(values)
+
+    @pytest.mark.parametrize("duration", ["30m", "90", 90, 1.5, "500ms", "2h", "1.5h", "7d", "10 s"])
+    def test_takes_log_bridge_durations(self, chart: Any, duration: Any) -> None:
+        chart.validate_schema({"drainJob": {"timeout": duration}, "dedup": {"redis": {"timeout": duration}}})
+
     @pytest.mark.parametrize("path", SCENARIOS, ids=SCENARIO_IDS)
     def test_scenarios_pass(self, chart: Any, path: Path) -> None:
         chart.validate_schema(load_values(path))
