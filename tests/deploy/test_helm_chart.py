@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -367,6 +368,22 @@ class TestConfigChecksum:
 
     def test_no_secret_checksum_with_an_existing_secret(self, render: Render) -> None:
         assert "checksum/secret" not in pod_annotations(render(scenario("all-sinks-existing-secret")))
+
+    def test_secret_checksums_are_not_plain_hashes_of_the_secrets(self, chart: Any, render: Render) -> None:
+        """Was a defect: checksum/dedup was the sha256 of the Redis URL, password included, and checksum/secret
+        that of secrets.values (as JSON): anyone allowed to read the pods, not the Secrets, could test guesses of
+        a weak password against them offline, billions a second. They go through scrypt first."""
+        url = "rediss://:hunter2@redis.audit.svc:6380/0"
+        values = {"dedup": {"redis": {"enabled": True, "url": url}}, "secrets": {"values": {"DD_API_KEY": "k"}}}
+        secrets = copy.deepcopy(chart.values["secrets"])
+        secrets["values"]["DD_API_KEY"] = "k"
+        as_helm_json = json.dumps(secrets, sort_keys=True, separators=(",", ":"))  # what toJson gives
+        annotations = pod_annotations(render(values))
+        for material in (url, as_helm_json):
+            assert hashlib.sha256(material.encode()).hexdigest() not in annotations.values()
+        for key in ("checksum/secret", "checksum/dedup"):
+            assert re.fullmatch(r"[0-9a-f]{64}", annotations[key])
+        assert pod_annotations(render(values)) == annotations  # the same values, the same checksums
 
 
 class TestSecrets:

@@ -61,6 +61,15 @@ app.kubernetes.io/component: {{ .component }}
 {{- end }}
 
 {{/*
+Checksum of secret values for a pod annotation, which whoever may read the pods sees (not only who may read the
+Secrets): scrypt first (derivePassword, salted with the release), so that a weak password cannot be guessed back
+from it offline as from a plain sha256. Takes (dict "root" $ "value" TEXT).
+*/}}
+{{- define "log-bridge.secretChecksum" -}}
+{{- derivePassword 1 "maximum" .value (printf "%s/%s" .root.Release.Namespace .root.Release.Name) "log-bridge" | sha256sum }}
+{{- end }}
+
+{{/*
 ServiceAccount name.
 */}}
 {{- define "log-bridge.serviceAccountName" -}}
