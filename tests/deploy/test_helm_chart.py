@@ -777,6 +777,23 @@ class TestShutdown:
         pod = statefulset(render(values))["spec"]["template"]["spec"]
         assert pod["terminationGracePeriodSeconds"] == grace
 
+    @pytest.mark.parametrize(
+        ("pre_stop", "grace"),
+        [
+            ({"exec": {"command": ["sleep", "30"]}}, 60),  # e.g. a cloud load balancer's deregistration delay
+            ({"exec": {"command": ["sleep", "1m"]}}, 90),
+            ({"sleep": {"seconds": 20}}, 50),  # Kubernetes' own sleep action
+            ({"exec": {"command": ["/bin/sh", "-c", "drain-somewhere"]}}, 35),  # unknown length: 5 s, as before
+            (None, 30),
+        ],
+    )
+    def test_grace_period_follows_the_pre_stop_pause(self, render: Render, pre_stop: Any, grace: int) -> None:
+        """Was a defect: the grace period counted 5 s for the preStop pause whatever lifecycle said, so a longer
+        pause (the kubelet counts it in the grace period) left too little time: with sleep 30 the SIGTERM came at
+        30 s and the SIGKILL at 35 s, cutting the drain and the requests in flight."""
+        pod = statefulset(render({"lifecycle": {"preStop": pre_stop}}))["spec"]["template"]["spec"]
+        assert pod["terminationGracePeriodSeconds"] == grace
+
     def test_an_explicit_grace_period_wins(self, render: Render) -> None:
         pod = statefulset(render({"terminationGracePeriodSeconds": 300}))["spec"]["template"]["spec"]
         assert pod["terminationGracePeriodSeconds"] == 300

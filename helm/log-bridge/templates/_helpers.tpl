@@ -172,14 +172,30 @@ Seconds of a log-bridge duration (a number of seconds, or "500ms", "10s", "5m", 
 {{- end }}
 
 {{/*
-terminationGracePeriodSeconds: the value when set, else 2 x server.shutdown_timeout (delivery once intake stops,
-then the requests still in flight) + 15 s for the preStop pause and the exit.
+Seconds of the preStop pause, which the kubelet counts in the grace period: Kubernetes' sleep action, or an exec of
+["sleep", N]; 5 for any other hook (its length is unknown), 0 without one.
+*/}}
+{{- define "log-bridge.preStopSeconds" -}}
+{{- $preStop := get (.Values.lifecycle | default dict) "preStop" | default dict }}
+{{- $command := get (get $preStop "exec" | default dict) "command" | default list }}
+{{- if hasKey $preStop "sleep" }}
+{{- get $preStop.sleep "seconds" | int }}
+{{- else if and (eq (len $command) 2) (eq (first $command | toString) "sleep") }}
+{{- include "log-bridge.seconds" (last $command | toString) }}
+{{- else if $preStop }}5
+{{- else }}0
+{{- end }}
+{{- end }}
+
+{{/*
+terminationGracePeriodSeconds: the value when set, else the preStop pause + 2 x server.shutdown_timeout (delivery
+once intake stops, then the requests still in flight) + 10 s for the exit.
 */}}
 {{- define "log-bridge.terminationGracePeriodSeconds" -}}
 {{- if kindIs "invalid" .Values.terminationGracePeriodSeconds }}
 {{- $server := .Values.config.server | default dict }}
 {{- $shutdown := include "log-bridge.seconds" (get $server "shutdown_timeout" | default 10) | int }}
-{{- add (mul 2 $shutdown) 15 }}
+{{- add (include "log-bridge.preStopSeconds" . | int) (mul 2 $shutdown) 10 }}
 {{- else }}
 {{- .Values.terminationGracePeriodSeconds }}
 {{- end }}
