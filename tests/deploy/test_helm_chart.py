@@ -591,7 +591,10 @@ class TestHelmTest:
         assert command[:2] == ["python", "-c"]
         scheme = "https" if values.get("tls", {}).get("enabled") else "http"
         port = values.get("service", {}).get("port", 8443)
-        assert command[-1] == f"{scheme}://{FULLNAME}:{port}/healthz"
+        if values.get("config", {}).get("server", {}).get("refuse_unlisted"):  # the stream port would refuse it
+            assert command[-1] == f"http://{FULLNAME}-headless:9090/healthz"
+        else:
+            assert command[-1] == f"{scheme}://{FULLNAME}:{port}/healthz"
         compile(command[2], "<helm-test>", "exec")  # the inline script is valid Python
 
     def test_can_be_turned_off(self, render: Render) -> None:
