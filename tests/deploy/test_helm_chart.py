@@ -672,6 +672,13 @@ class TestNotes:
         assert warning not in render_files(scenario("replicas-redis"))["log-bridge/templates/NOTES.txt"]
         assert warning not in render_files()["log-bridge/templates/NOTES.txt"]
 
+    def test_says_what_refuse_unlisted_does_to_the_trial_send(self, render_files: Any) -> None:
+        """The trial send-test from a pod gets 403, or with refuse_unlisted a closed connection: the notes say
+        which, rather than promise a 403 that never comes."""
+        notes = render_files({"config": {"server": {"refuse_unlisted": True}}})["log-bridge/templates/NOTES.txt"]
+        assert "closed before any answer" in notes
+        assert "closed before any answer" not in render_files()["log-bridge/templates/NOTES.txt"]
+
     def test_warns_when_the_client_address_is_lost(self, render_files: Any) -> None:
         notes = render_files({"service": {"type": "LoadBalancer"}})["log-bridge/templates/NOTES.txt"]
         assert "externalTrafficPolicy" in notes and "WARNING" in notes
