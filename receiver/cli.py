@@ -8,8 +8,15 @@ import sys
 
 _HANGUPS: list[int] = []
 """SIGHUPs that arrived while `serve` was starting; applied as one reload once it serves."""
-if sys.argv[1:2] == ["serve"] and hasattr(signal, "SIGHUP"):  # as early as the program can: a HUP never kills
-    signal.signal(signal.SIGHUP, lambda signum, _frame: _HANGUPS.append(signum))
+_STOPS: list[int] = []
+"""SIGTERMs that arrived while `serve` was starting; it stops before serving. (Raising from the handler instead
+would interrupt whatever module is being imported: orjson's initialisation then crashes the interpreter.)"""
+if sys.argv[1:2] == ["serve"]:  # as early as the program can
+    # As a container's PID 1 the kernel drops any signal without a handler: a SIGTERM during start-up would be
+    # lost, and the pod killed only at the end of its grace period.
+    signal.signal(signal.SIGTERM, lambda signum, _frame: _STOPS.append(signum))
+    if hasattr(signal, "SIGHUP"):  # a HUP never kills
+        signal.signal(signal.SIGHUP, lambda signum, _frame: _HANGUPS.append(signum))
 
 import argparse
 import asyncio
@@ -97,7 +104,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "./log-bridge-data/); pass --config FILE for anything else"
         )
     try:
-        status = asyncio.run(serve(config, _config_path(args.config), args.pid_file, early_hangups=_HANGUPS))
+        status = asyncio.run(
+            serve(config, _config_path(args.config), args.pid_file, early_hangups=_HANGUPS, early_stops=_STOPS)
+        )
     except ConfigError as exc:
         _print_errors(exc)
         return 2

@@ -927,9 +927,14 @@ class Service:
 
 
 async def serve(
-    config: Config, path: str | None = None, pid_file: str | None = None, early_hangups: list[int] | None = None
+    config: Config,
+    path: str | None = None,
+    pid_file: str | None = None,
+    early_hangups: list[int] | None = None,
+    early_stops: list[int] | None = None,
 ) -> int:
-    """Run until SIGTERM or SIGINT, then stop cleanly; SIGHUP reloads `path`. Returns the exit status."""
+    """Run until SIGTERM or SIGINT, then stop cleanly; SIGHUP reloads `path`. Returns the exit status.
+    `early_hangups` and `early_stops` hold the HUPs and TERMs that arrived before this was called."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     hangups = asyncio.Event()
@@ -944,6 +949,9 @@ async def serve(
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_stop)
+    if early_stops:  # a TERM during start-up, before the handlers above: nothing is open yet
+        log.info("stopping: SIGTERM during start-up, before serving")
+        return 0
     service = Service(config, path=path)
     await service.start()
     if pid_file is not None:

@@ -25,7 +25,7 @@ from receiver.samples import sample_wrappers
 from tests.conftest import TOKEN, StartService, scrape
 
 from .prometheus import known_metric, metric_names, run_promtool, write_rules
-from .support import FIXTURES, NAMESPACE, Manifest, Render, kinds, only
+from .support import FIXTURES, NAMESPACE, REPO, Manifest, Render, kinds, only
 
 JOB = "log-bridge"
 HTTPS = "GenericHttps"
@@ -512,6 +512,21 @@ class TestPrometheusRule:
             assert {"summary", "description", "runbook"} <= set(rule["annotations"]), name
             assert len(rule["annotations"]["runbook"]) > 40, name
             assert "runbook_url" not in rule["annotations"]
+
+    def test_a_runbook_that_grows_the_volume_says_how(self, render: Render) -> None:
+        """Was a defect: three runbooks said to raise persistence.size, which `helm upgrade` cannot change on a
+        StatefulSet (its volumeClaimTemplates are immutable: the upgrade is refused), and to raise journal.max_bytes
+        with it, which on an ungrown volume turns a nearly full journal into a full disk. They now grow the
+        claims first and point at the whole procedure."""
+        growing = 0
+        for rule in rules(render(enabled())):
+            runbook = rule.get("annotations", {}).get("runbook", "")
+            if "persistence.size" in runbook or "volume size" in runbook:
+                growing += 1
+                assert "kubectl patch pvc" in runbook and "docs/deploy.md" in runbook, rule["alert"]
+        assert growing == 3
+        deploy = (REPO / "docs" / "deploy.md").read_text()
+        assert "## Growing the journal volumes" in deploy and "--cascade=orphan" in deploy
 
     def test_only_log_bridge_metrics(self, render: Render) -> None:
         """Every series a rule reads is one the receiver exposes (or a rule of the group records)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -120,7 +121,9 @@ class TestSchemas:
             metadata = manifest["metadata"]
             assert metadata["namespace"] == NAMESPACE, metadata["name"]
             assert metadata["labels"]["app.kubernetes.io/instance"] == RELEASE
-            assert metadata["labels"]["app.kubernetes.io/name"] == "log-bridge"
+            # The helm test pod has a name of its own, so that no selector of the replicas takes it for one.
+            name = "log-bridge-test" if manifest["kind"] == "Pod" else "log-bridge"
+            assert metadata["labels"]["app.kubernetes.io/name"] == name
 
 
 class TestDefaults:
@@ -366,6 +369,22 @@ class TestConfigChecksum:
     def test_no_secret_checksum_with_an_existing_secret(self, render: Render) -> None:
         assert "checksum/secret" not in pod_annotations(render(scenario("all-sinks-existing-secret")))
 
+    def test_secret_checksums_are_not_plain_hashes_of_the_secrets(self, chart: Any, render: Render) -> None:
+        """Was a defect: checksum/dedup was the sha256 of the Redis URL, password included, and checksum/secret
+        that of secrets.values (as JSON): anyone allowed to read the pods, not the Secrets, could test guesses of
+        a weak password against them offline, billions a second. They go through scrypt first."""
+        url = "rediss://:hunter2@redis.audit.svc:6380/0"
+        values = {"dedup": {"redis": {"enabled": True, "url": url}}, "secrets": {"values": {"DD_API_KEY": "k"}}}
+        secrets = copy.deepcopy(chart.values["secrets"])
+        secrets["values"]["DD_API_KEY"] = "k"
+        as_helm_json = json.dumps(secrets, sort_keys=True, separators=(",", ":"))  # what toJson gives
+        annotations = pod_annotations(render(values))
+        for material in (url, as_helm_json):
+            assert hashlib.sha256(material.encode()).hexdigest() not in annotations.values()
+        for key in ("checksum/secret", "checksum/dedup"):
+            assert re.fullmatch(r"[0-9a-f]{64}", annotations[key])
+        assert pod_annotations(render(values)) == annotations  # the same values, the same checksums
+
 
 class TestSecrets:
     """Secrets reach the container as environment variables the config references with ${VAR}."""
@@ -572,11 +591,35 @@ class TestHelmTest:
         assert command[:2] == ["python", "-c"]
         scheme = "https" if values.get("tls", {}).get("enabled") else "http"
         port = values.get("service", {}).get("port", 8443)
-        assert command[-1] == f"{scheme}://{FULLNAME}:{port}/healthz"
+        if values.get("config", {}).get("server", {}).get("refuse_unlisted"):  # the stream port would refuse it
+            assert command[-1] == f"http://{FULLNAME}-headless:9090/healthz"
+        else:
+            assert command[-1] == f"{scheme}://{FULLNAME}:{port}/healthz"
         compile(command[2], "<helm-test>", "exec")  # the inline script is valid Python
 
     def test_can_be_turned_off(self, render: Render) -> None:
         assert "Pod" not in kinds(render({"tests": {"enabled": False}}))
+
+    @pytest.mark.parametrize("path", SCENARIOS, ids=SCENARIO_IDS)
+    def test_is_not_taken_for_a_replica(self, render: Render, path: Path) -> None:
+        """Was a defect: the pod carried the replicas' selector labels, so the NetworkPolicy's egress rules (DNS
+        and the sinks' ports) applied to it and cut its own call to the Service, and the Services, the budget
+        and the HPA counted it as a replica. Its own labels match no selector; the policy still admits it."""
+        values = load_values(path)
+        manifests = render({**values, "networkPolicy": {**values.get("networkPolicy", {}), "enabled": True}})
+        labels = only(manifests, "Pod")["metadata"]["labels"]
+
+        def selects(selector: dict[str, str]) -> bool:
+            return all(labels.get(key) == value for key, value in selector.items())
+
+        selectors = [m["spec"]["selector"] for m in manifests if m["kind"] == "Service"]
+        selectors += [only(manifests, kind)["spec"]["selector"]["matchLabels"] for kind in ("StatefulSet",)]
+        selectors += [m["spec"]["selector"]["matchLabels"] for m in manifests if m["kind"] == "PodDisruptionBudget"]
+        selectors.append(only(manifests, "NetworkPolicy")["spec"]["podSelector"]["matchLabels"])
+        assert not any(selects(selector) for selector in selectors), labels
+        for rule in only(manifests, "NetworkPolicy")["spec"]["ingress"]:
+            peers = [p["podSelector"]["matchLabels"] for p in rule.get("from", []) if "podSelector" in p]
+            assert "from" not in rule or any(selects(peer) for peer in peers), rule
 
     def test_under_mutual_tls_it_calls_the_admin_port(self, render: Render) -> None:
         """Was a defect: with tls.clientAuth the pod called the stream port without a client certificate and
@@ -594,6 +637,21 @@ class TestHelmTest:
         assert [labels["app.kubernetes.io/component"] for labels in test_pods] == ["test"]
         without_admin = render({**mtls, "admin": {"enabled": False}})
         assert only(without_admin, "Pod")["spec"]["containers"][0]["command"][-1].startswith("https://")
+
+    def test_with_refuse_unlisted_it_calls_the_admin_port(self, render: Render) -> None:
+        """Was a defect: with config.server.refuse_unlisted the stream port closes the pod's connection at accept
+        (its address is not WorkOS's), so helm test failed on a healthy release. It calls the admin port."""
+        manifests = render({"config": {"server": {"refuse_unlisted": True}}})
+        assert rendered_config(manifests)["server"]["refuse_unlisted"] is True
+        command = only(manifests, "Pod")["spec"]["containers"][0]["command"]
+        assert command[-1] == f"http://{FULLNAME}-headless:9090/healthz"
+        assert container(manifests)["livenessProbe"]["httpGet"]["port"] == "admin"
+
+    def test_refuse_unlisted_needs_the_admin_port(self, helm: ModuleType, render: Render) -> None:
+        """Without the admin port the kubelet's probes (from the node's address) and the scrapes would be closed
+        at accept: the pods would never be ready and would be restarted by the liveness probe."""
+        with pytest.raises(helm.HelmError, match=r"config.server.refuse_unlisted needs admin.enabled"):
+            render({"config": {"server": {"refuse_unlisted": True}}, "admin": {"enabled": False}})
 
 
 class TestNotes:
@@ -613,6 +671,13 @@ class TestNotes:
         assert warning in render_files(scenario("hpa"))["log-bridge/templates/NOTES.txt"]
         assert warning not in render_files(scenario("replicas-redis"))["log-bridge/templates/NOTES.txt"]
         assert warning not in render_files()["log-bridge/templates/NOTES.txt"]
+
+    def test_says_what_refuse_unlisted_does_to_the_trial_send(self, render_files: Any) -> None:
+        """The trial send-test from a pod gets 403, or with refuse_unlisted a closed connection: the notes say
+        which, rather than promise a 403 that never comes."""
+        notes = render_files({"config": {"server": {"refuse_unlisted": True}}})["log-bridge/templates/NOTES.txt"]
+        assert "closed before any answer" in notes
+        assert "closed before any answer" not in render_files()["log-bridge/templates/NOTES.txt"]
 
     def test_warns_when_the_client_address_is_lost(self, render_files: Any) -> None:
         notes = render_files({"service": {"type": "LoadBalancer"}})["log-bridge/templates/NOTES.txt"]
@@ -683,6 +748,23 @@ class TestValuesSchema:
         with pytest.raises(helm.HelmValuesError):
             chart.validate_schema(values)
 
+    @pytest.mark.parametrize("duration", ["30 minutes", "1h30m", "30min", "-5s", ""])
+    @pytest.mark.parametrize("key", ["drainJob", "dedup.redis"])
+    def test_refuses_a_duration_log_bridge_would_not_read(
+        self, helm: ModuleType, chart: Any, key: str, duration: str
+    ) -> None:
+        """Was a defect: any string passed, and the chart's own reading of drainJob.timeout took the leading number
+        and the last letter, so "1h30m" gave `drain --timeout 60` and "30 minutes" gave 30 seconds."""
+        values: dict[str, Any] = {"timeout": duration}
+        for part in reversed(key.split(".")):
+            values = {part: values}
+        with pytest.raises(helm.HelmValuesError, match="timeout"):
+            chart.validate_schema(values)
+
+    @pytest.mark.parametrize("duration", ["30m", "90", 90, 1.5, "500ms", "2h", "1.5h", "7d", "10 s"])
+    def test_takes_log_bridge_durations(self, chart: Any, duration: Any) -> None:
+        chart.validate_schema({"drainJob": {"timeout": duration}, "dedup": {"redis": {"timeout": duration}}})
+
     @pytest.mark.parametrize("path", SCENARIOS, ids=SCENARIO_IDS)
     def test_scenarios_pass(self, chart: Any, path: Path) -> None:
         chart.validate_schema(load_values(path))
@@ -703,6 +785,23 @@ class TestShutdown:
     def test_grace_period_is_derived(self, render: Render, shutdown: Any, grace: int) -> None:
         values = {} if shutdown is None else {"config": {"server": {"shutdown_timeout": shutdown}}}
         pod = statefulset(render(values))["spec"]["template"]["spec"]
+        assert pod["terminationGracePeriodSeconds"] == grace
+
+    @pytest.mark.parametrize(
+        ("pre_stop", "grace"),
+        [
+            ({"exec": {"command": ["sleep", "30"]}}, 60),  # e.g. a cloud load balancer's deregistration delay
+            ({"exec": {"command": ["sleep", "1m"]}}, 90),
+            ({"sleep": {"seconds": 20}}, 50),  # Kubernetes' own sleep action
+            ({"exec": {"command": ["/bin/sh", "-c", "drain-somewhere"]}}, 35),  # unknown length: 5 s, as before
+            (None, 30),
+        ],
+    )
+    def test_grace_period_follows_the_pre_stop_pause(self, render: Render, pre_stop: Any, grace: int) -> None:
+        """Was a defect: the grace period counted 5 s for the preStop pause whatever lifecycle said, so a longer
+        pause (the kubelet counts it in the grace period) left too little time: with sleep 30 the SIGTERM came at
+        30 s and the SIGKILL at 35 s, cutting the drain and the requests in flight."""
+        pod = statefulset(render({"lifecycle": {"preStop": pre_stop}}))["spec"]["template"]["spec"]
         assert pod["terminationGracePeriodSeconds"] == grace
 
     def test_an_explicit_grace_period_wins(self, render: Render) -> None:
@@ -800,3 +899,26 @@ class TestDrainJob:
         selector = only(manifests, "Service", name=FULLNAME)["spec"]["selector"]
         labels = job["spec"]["template"]["metadata"]["labels"]
         assert not all(labels.get(k) == v for k, v in selector.items())
+
+    def test_has_the_replicas_extra_volumes_and_pod_metadata(self, render: Render) -> None:
+        """Was a defect: the Job left out extraVolumes and extraVolumeMounts (a sink's CA bundle or client
+        certificate, `tls.ca_file`), so building that sink failed and the backlog could not be drained; and
+        podLabels and podAnnotations, which is where Azure Workload Identity's label, kube2iam's role or a
+        mesh's settings go, so the sinks could not authenticate or connect as the replicas do."""
+        ca = {"name": "splunk-ca", "configMap": {"name": "splunk-ca"}}
+        mount = {"name": "splunk-ca", "mountPath": "/etc/log-bridge/splunk-ca", "readOnly": True}
+        values = {
+            **scenario("replicas-redis"),
+            "extraVolumes": [ca],
+            "extraVolumeMounts": [mount],
+            "podLabels": {"azure.workload.identity/use": "true"},
+            "podAnnotations": {"iam.amazonaws.com/role": "log-bridge"},
+        }
+        manifests = render(values)
+        replica = statefulset(manifests)["spec"]["template"]
+        drain = only(manifests, "Job")["spec"]["template"]
+        assert ca in replica["spec"]["volumes"] and ca in drain["spec"]["volumes"]
+        assert mount in container(manifests)["volumeMounts"] and mount in drain["spec"]["containers"][0]["volumeMounts"]
+        for metadata in (replica["metadata"], drain["metadata"]):
+            assert metadata["labels"]["azure.workload.identity/use"] == "true"
+            assert metadata["annotations"]["iam.amazonaws.com/role"] == "log-bridge"

@@ -229,3 +229,41 @@ class TestImage:
         stopped = [json.loads(line) for line in logs.splitlines() if '"message":"stopped"' in line]
         assert stopped and stopped[-1]["drained"] is True
         assert "image-test-secret" not in logs
+
+    def test_a_sigterm_during_start_up_stops_it(self, podman: Podman, image: str, volumes: tuple[Path, Path]) -> None:
+        """Was a defect: log-bridge is PID 1 in the container, and the kernel drops a signal PID 1 has no handler
+        for. A SIGTERM before serve() took the signal over (imports, reading the config) was lost: the process
+        went on to start and serve, and Kubernetes killed it only at the end of the grace period.
+
+        The config is a FIFO, so the process waits in the middle of its start, reading it, until this test has
+        sent the SIGTERM (through the runtime, as the kubelet's arrives) and only then writes the config."""
+        config, data = volumes
+        fifo = config.with_name("config-fifo.yaml")
+        os.mkfifo(fifo, 0o644)
+        name = f"log-bridge-test-{uuid.uuid4().hex[:12]}"
+        podman("run", "--detach", "--name", name, *run_args(fifo, data), image)
+        try:
+            deadline = time.monotonic() + 60
+            while True:  # the FIFO has a reader: log-bridge has imported its modules and is reading its config
+                try:
+                    writer = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+                    break
+                except OSError:
+                    assert time.monotonic() < deadline, podman("logs", name, check=False).stderr[-2000:]
+                    time.sleep(0.05)
+            try:
+                podman("kill", "--signal", "TERM", name)
+                os.set_blocking(writer, True)
+                os.write(writer, config.read_bytes())
+            finally:
+                os.close(writer)
+            deadline = time.monotonic() + 30
+            while podman("inspect", "--format", "{{.State.Running}}", name).stdout.strip() == "true":
+                assert time.monotonic() < deadline, "the SIGTERM was lost: " + podman("logs", name).stderr[-2000:]
+                time.sleep(0.2)
+            code = podman("inspect", "--format", "{{.State.ExitCode}}", name).stdout.strip()
+            logs = podman("logs", name).stderr
+        finally:
+            podman("rm", "--force", "--ignore", name, check=False)
+        assert code == "0", logs[-3000:]
+        assert "SIGTERM during start-up" in logs and '"listening"' not in logs and "Traceback" not in logs

@@ -50,6 +50,26 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 
 {{/*
+Labels of a pod that is not a replica (the drain Job's, the `helm test` pod): a name of its own, so that no
+selector of the replicas (the Services, the PodDisruptionBudget, the HPA, the NetworkPolicy and its egress rules)
+takes it for one. Takes (dict "root" $ "component" NAME).
+*/}}
+{{- define "log-bridge.auxiliaryLabels" -}}
+app.kubernetes.io/name: {{ printf "%s-%s" (include "log-bridge.name" .root) .component | trunc 63 | trimSuffix "-" }}
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{/*
+Checksum of secret values for a pod annotation, which whoever may read the pods sees (not only who may read the
+Secrets): scrypt first (derivePassword, salted with the release), so that a weak password cannot be guessed back
+from it offline as from a plain sha256. Takes (dict "root" $ "value" TEXT).
+*/}}
+{{- define "log-bridge.secretChecksum" -}}
+{{- derivePassword 1 "maximum" .value (printf "%s/%s" .root.Release.Namespace .root.Release.Name) "log-bridge" | sha256sum }}
+{{- end }}
+
+{{/*
 ServiceAccount name.
 */}}
 {{- define "log-bridge.serviceAccountName" -}}
@@ -152,14 +172,30 @@ Seconds of a log-bridge duration (a number of seconds, or "500ms", "10s", "5m", 
 {{- end }}
 
 {{/*
-terminationGracePeriodSeconds: the value when set, else 2 x server.shutdown_timeout (delivery once intake stops,
-then the requests still in flight) + 15 s for the preStop pause and the exit.
+Seconds of the preStop pause, which the kubelet counts in the grace period: Kubernetes' sleep action, or an exec of
+["sleep", N]; 5 for any other hook (its length is unknown), 0 without one.
+*/}}
+{{- define "log-bridge.preStopSeconds" -}}
+{{- $preStop := get (.Values.lifecycle | default dict) "preStop" | default dict }}
+{{- $command := get (get $preStop "exec" | default dict) "command" | default list }}
+{{- if hasKey $preStop "sleep" }}
+{{- get $preStop.sleep "seconds" | int }}
+{{- else if and (eq (len $command) 2) (eq (first $command | toString) "sleep") }}
+{{- include "log-bridge.seconds" (last $command | toString) }}
+{{- else if $preStop }}5
+{{- else }}0
+{{- end }}
+{{- end }}
+
+{{/*
+terminationGracePeriodSeconds: the value when set, else the preStop pause + 2 x server.shutdown_timeout (delivery
+once intake stops, then the requests still in flight) + 10 s for the exit.
 */}}
 {{- define "log-bridge.terminationGracePeriodSeconds" -}}
 {{- if kindIs "invalid" .Values.terminationGracePeriodSeconds }}
 {{- $server := .Values.config.server | default dict }}
 {{- $shutdown := include "log-bridge.seconds" (get $server "shutdown_timeout" | default 10) | int }}
-{{- add (mul 2 $shutdown) 15 }}
+{{- add (include "log-bridge.preStopSeconds" . | int) (mul 2 $shutdown) 10 }}
 {{- else }}
 {{- .Values.terminationGracePeriodSeconds }}
 {{- end }}
