@@ -41,7 +41,9 @@ ALERTS = {
     "LogBridgeRequestsUnauthorised": "requestsUnauthorised",
     "LogBridgeRequestsRefused": "requestsRefused",
     "LogBridgeConfigReloadFailed": "configReloadFailed",
+    "LogBridgeTlsCertificateExpiring": "tlsCertificateExpiring",
     "LogBridgeWorkosStreamBroken": "workosStreamBroken",
+    "LogBridgeWorkosStreamInactive": "workosStreamInactive",
     "LogBridgeWorkosStreamUnchecked": "workosStreamUnchecked",
     "LogBridgeWorkosExportBehind": "workosExportBehind",
 }
@@ -104,7 +106,9 @@ SEVERITY = {
     "LogBridgeRequestsUnauthorised": "warning",
     "LogBridgeRequestsRefused": "critical",
     "LogBridgeConfigReloadFailed": "warning",
+    "LogBridgeTlsCertificateExpiring": "warning",
     "LogBridgeWorkosStreamBroken": "critical",
+    "LogBridgeWorkosStreamInactive": "warning",
     "LogBridgeWorkosStreamUnchecked": "warning",
     "LogBridgeWorkosExportBehind": "warning",
 }
@@ -408,6 +412,51 @@ CASES: dict[str, dict[str, Any]] = {
                 ),
             ),
             fires("LogBridgeWorkosStreamBroken", "25m"),  # active again
+        ],
+    },
+    "LogBridgeTlsCertificateExpiring": {
+        "interval": "1m",
+        "input_series": [
+            # log-bridge-0 serves a certificate with 20 days left, then its renewal (90 days) from 1h.
+            series("log_bridge_tls_certificate_expiry_timestamp_seconds", "1728000x59 7776000x120"),
+            # log-bridge-1 restarts at 1h onto an older certificate, 10 days left; log-bridge-2 cannot read its dates.
+            series("log_bridge_tls_certificate_expiry_timestamp_seconds", "1728000x59 864000x120", pod="log-bridge-1"),
+            series("log_bridge_tls_certificate_expiry_timestamp_seconds", " ".join(["NaN"] * 180), pod="log-bridge-2"),
+            series("log_bridge_tls_certificate_expiry_timestamp_seconds", "0x179", job="other-release"),
+        ],
+        "alert_rule_test": [
+            fires("LogBridgeTlsCertificateExpiring", "30m"),  # 20 days left everywhere: quiet
+            fires(
+                "LogBridgeTlsCertificateExpiring",
+                "1h30m",
+                (target(pod="log-bridge-1"), "The TLS certificate log-bridge-1 serves expires within 14d"),
+            ),
+        ],
+    },
+    "LogBridgeWorkosStreamInactive": {
+        "interval": "1m",
+        "input_series": [
+            # org_1's stream is paused from 1h to 3h; org_2 is inactive for 30 minutes only (set up meanwhile).
+            series(
+                "log_bridge_workos_stream_state", "0x59 1x120 0x60", organization="org_1", type=HTTPS, state="inactive"
+            ),
+            series(
+                "log_bridge_workos_stream_state", "1x59 0x120 1x60", organization="org_1", type=HTTPS, state="active"
+            ),
+            series("log_bridge_workos_stream_state", "1x29 0x210", organization="org_2", type=HTTPS, state="inactive"),
+            series("log_bridge_workos_stream_state", "1x240", organization="org_3", type="Datadog", state="inactive"),
+        ],
+        "alert_rule_test": [
+            fires("LogBridgeWorkosStreamInactive", "1h50m"),  # inactive for 50 minutes: not yet
+            fires(
+                "LogBridgeWorkosStreamInactive",
+                "2h30m",
+                (
+                    stream_target(organization="org_1", type="GenericHttps", state="inactive"),
+                    "WorkOS reports the log stream of org_1 as inactive",
+                ),
+            ),
+            fires("LogBridgeWorkosStreamInactive", "3h50m"),  # active again
         ],
     },
     "LogBridgeWorkosStreamUnchecked": {
