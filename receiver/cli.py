@@ -297,11 +297,12 @@ def _no_journal(command: str, path: Path) -> bool:
 
 
 def _json_text(data: bytes) -> bool:
-    """Whether `data` is one JSON value in UTF-8 (numbers of any size or range included, as the sinks take them)."""
+    """Whether `data` is one JSON value in UTF-8 (numbers of any size or range included, as the sinks take them).
+    One nested too deeply to check (bad input the intake kept) is not taken for JSON: it is printed as base64."""
     try:
         data.decode("utf-8")
         msgspec.json.decode(data, type=msgspec.Raw)
-    except (UnicodeDecodeError, msgspec.DecodeError):
+    except (UnicodeDecodeError, msgspec.DecodeError, RecursionError):
         return False
     return True
 

@@ -136,6 +136,25 @@ class TestDlqList:
             assert entry["sink"] == INTAKE and base64.b64decode(entry["element_base64"]) == raw
             assert entry["element"] == raw.decode("utf-8", "replace")
 
+    async def test_an_element_nested_too_deeply_to_check_is_printed_as_base64(
+        self, tmp_path: Path, capsysbinary: pytest.CaptureFixture[bytes]
+    ) -> None:
+        """Was a defect: the intake dead-letters an array nested 3,000 deep (not an object), and `dlq list`
+        checking whether it is JSON raised RecursionError: a traceback, exit 1, and no letter after it listed."""
+        journal = tmp_path / "j.db"
+        deep = b"[" * 3000 + b"]" * 3000
+        opened_journal = await opened(journal)
+        try:
+            rejected = [Rejected(deep, "element is a JSON array, not an object"), Rejected(b"5", "not an object")]
+            await opened_journal.append("workos", batch(rejected=rejected), time.time())
+        finally:
+            await opened_journal.close()
+        config = write_config(tmp_path, str(journal), ["fwd"], ["fwd"])
+        assert main(["dlq", "list", "--config", str(config)]) == 0
+        first, second = capsysbinary.readouterr().out.splitlines()
+        assert base64.b64decode(orjson.loads(first)["element_base64"]) == deep
+        assert second.endswith(b',"element":5}')
+
 
 async def bad_input(path: Path, count: int) -> None:
     """Make the intake dead-letter `count` elements (bad input), one request each."""
