@@ -566,6 +566,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # what reads the output went away (`dlq list | head`): stop quietly, as a shell tool
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the flush at exit would raise again
+        return 141  # 128 + SIGPIPE, the status a shell shows for a tool SIGPIPE ended
 
 
 if __name__ == "__main__":

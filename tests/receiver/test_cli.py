@@ -155,6 +155,22 @@ class TestDlqList:
         assert base64.b64decode(orjson.loads(first)["element_base64"]) == deep
         assert second.endswith(b',"element":5}')
 
+    async def test_a_reader_that_stops_early_ends_it_quietly(self, tmp_path: Path) -> None:
+        """Was a defect: `dlq list | head -1` ended in a BrokenPipeError traceback once the reader had gone."""
+        journal = tmp_path / "j.db"
+        await dead_letter(journal, "fwd", [b'{"event":{"id":"e%d","pad":"%s"}}' % (i, b"x" * 65536) for i in range(8)])
+        config = write_config(tmp_path, str(journal), ["fwd"], ["fwd"])
+        with subprocess.Popen(
+            [sys.executable, "-m", "receiver.cli", "dlq", "list", "--config", str(config)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        ) as listing:
+            assert listing.stdout is not None and listing.stderr is not None
+            assert orjson.loads(listing.stdout.readline())["id"] == 1
+            listing.stdout.close()  # as `head -1` does
+            err = listing.stderr.read()
+            assert listing.wait(timeout=60) == 141 and err == b"", err
+
 
 async def bad_input(path: Path, count: int) -> None:
     """Make the intake dead-letter `count` elements (bad input), one request each."""
