@@ -386,6 +386,17 @@ def _instant(text: str) -> float:
     return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
 
 
+def _letter_id(text: str) -> int:
+    """A dead letter's `id` for `--id`: a positive integer SQLite can hold."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 0 < value < 2**63:
+        raise argparse.ArgumentTypeError(f"not a dead letter id: {text!r} (the id of `dlq list`, a positive integer)")
+    return value
+
+
 def cmd_dlq_purge(args: argparse.Namespace) -> int:
     """Delete the dead letters selected (with --yes; else say what would be deleted)."""
     selected = args.sink is not None or args.before is not None or bool(args.id)
@@ -545,7 +556,9 @@ def build_parser() -> argparse.ArgumentParser:
     purge.add_argument(
         "--before", type=_instant, metavar="TIME", help="only those dead-lettered before this ISO 8601 time (UTC)"
     )
-    purge.add_argument("--id", type=int, action="append", default=[], metavar="N", help="only this one (repeatable)")
+    purge.add_argument(
+        "--id", type=_letter_id, action="append", default=[], metavar="N", help="only this one (repeatable)"
+    )
     purge.add_argument("--all", action="store_true", help="every dead letter (instead of selectors)")
     purge.add_argument("--yes", action="store_true", help="delete them (without it: a dry run)")
     purge.set_defaults(func=cmd_dlq_purge)

@@ -243,6 +243,20 @@ class TestDlqPurge:
         assert "deleted 0 dead letter(s)" in capsys.readouterr().out
         assert ids(journal) == [second, intake]
 
+    @pytest.mark.parametrize("given", ["99999999999999999999999", "-5", "0", "x1"])
+    async def test_an_id_no_dead_letter_can_have_is_refused(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str], given: str
+    ) -> None:
+        """Was a defect: an id past 64 bits ended in an OverflowError traceback (and a negative one was taken)."""
+        journal = tmp_path / "j.db"
+        await dead_letter(journal, "fwd", events(2))
+        config = write_config(tmp_path, str(journal), ["fwd"], ["fwd"])
+        with pytest.raises(SystemExit) as exited:
+            main(["dlq", "purge", "--config", str(config), "--id", given, "--yes"])
+        assert exited.value.code == 2
+        assert f"argument --id: not a dead letter id: {given!r}" in capsys.readouterr().err
+        assert len(ids(journal)) == 2
+
     async def test_without_yes_it_is_a_dry_run(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         journal = tmp_path / "j.db"
         await bad_input(journal, 3)
