@@ -442,3 +442,19 @@ class TestMissingJournal:
         monkeypatch.chdir(served)  # where `serve` ran: found
         assert main(["dlq", action, "--config", str(config), *extra]) == 0
         assert capsys.readouterr().out
+
+    @pytest.mark.parametrize("action", ["list", "replay", "purge"])
+    async def test_a_file_that_is_not_a_journal_is_said(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str], action: str
+    ) -> None:
+        """Was a defect: a journal path naming another file (or a directory) ended in a sqlite3 traceback."""
+        (tmp_path / "notes.db").write_text("not a database\n")
+        (tmp_path / "dir.db").mkdir()
+        extra = ["--all", "--yes"] if action == "purge" else []
+        for name, why in [("notes.db", "the file is not a log-bridge journal"), ("dir.db", "unable to open")]:
+            config = write_config(tmp_path, str(tmp_path / name), ["fwd"], ["fwd"])
+            assert main(["dlq", action, "--config", str(config), *extra]) == 2
+            captured = capsys.readouterr()
+            assert captured.err.startswith(f"log-bridge dlq {action}: cannot use the journal {tmp_path / name}: {why}")
+            assert captured.err.count("\n") == 1 and captured.out == ""
+        assert (tmp_path / "notes.db").read_text() == "not a database\n"
