@@ -453,8 +453,8 @@ def cmd_drain(args: argparse.Namespace) -> int:
         return 2
     try:
         left = asyncio.run(drain(config, args.timeout))
-    except (SinkError, ssl.SSLError) as exc:
-        print(f"log-bridge drain: cannot start: {exc}", file=sys.stderr)
+    except (LogBridgeError, SinkError, ssl.SSLError) as exc:  # the journal cannot be opened, a sink built
+        print(f"log-bridge drain: cannot start: {scrub(str(exc))}", file=sys.stderr)
         return 2
     if not left:
         print(f"drained: every event in {config.journal.path} is delivered (dead letters: `log-bridge dlq list`)")
