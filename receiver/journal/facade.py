@@ -24,6 +24,7 @@ import zstandard
 from receiver.dedup import DEFAULT_MAX_KEYS as DEFAULT_DEDUP_MAX_KEYS
 from receiver.dedup import DedupIndex
 from receiver.errors import JournalClosed, JournalError, JournalFull
+from receiver.journal.dead_letters import CHUNK_BYTES
 from receiver.journal.schema import (
     COMPRESSION_LEVEL,
     DEAD_LETTER_BYTES,
@@ -59,7 +60,7 @@ MAINTAIN_EVERY = 1.0
 """Seconds between WAL checkpoints (when something was committed) and looks for what `dlq replay` put back."""
 
 REPLAY_ROWS = 1000
-"""Replayed dead letters appended to the journal per write."""
+"""Replayed dead letters appended to the journal per write (fewer when they hold more than CHUNK_BYTES)."""
 
 RECENT_BYTES = 8 * 1024 * 1024
 """Memory the newest committed rows may take, for sinks that are caught up to take without a read: each row is
@@ -240,6 +241,25 @@ class _Replay:
 
     rows: list[tuple[int, str, str, bytes, str, float]]
     received_at: float
+
+
+def _next_replays(conn: sqlite3.Connection, targets: Sequence[str]) -> list[Any]:
+    """The oldest replays for these targets: REPLAY_ROWS at most, holding CHUNK_BYTES at most, but at least one,
+    so that what the service holds and writes at once stays bounded however large the dead letters are."""
+    marks = ",".join("?" * len(targets))
+    sizes = f"SELECT id, length(data) FROM replays WHERE target IN ({marks}) ORDER BY id LIMIT ?"  # noqa: S608
+    ids: list[int] = []
+    held = 0
+    for replay_id, size in conn.execute(sizes, (*targets, REPLAY_ROWS)):
+        held += int(size)
+        if ids and held > CHUNK_BYTES:
+            break
+        ids.append(int(replay_id))
+    if not ids:
+        return []
+    columns = "id, target, stream, data, action, time"
+    query = f"SELECT {columns} FROM replays WHERE id IN ({','.join('?' * len(ids))}) ORDER BY id"  # noqa: S608
+    return conn.execute(query, ids).fetchall()
 
 
 def _deleting_replays(ids: list[int]) -> Callable[[sqlite3.Connection], None]:
@@ -700,11 +720,8 @@ class Journal(GroupWriter):
 
     async def _take_replays(self, targets: Sequence[str]) -> int:
         moved = 0
-        marks = ",".join("?" * len(targets))
-        columns = "id, target, stream, data, action, time"
-        query = f"SELECT {columns} FROM replays WHERE target IN ({marks}) ORDER BY id LIMIT ?"  # noqa: S608
         while True:
-            rows = await self._read(lambda conn: conn.execute(query, (*targets, REPLAY_ROWS)).fetchall())
+            rows = await self._read(lambda conn: _next_replays(conn, targets))
             if not rows:
                 return moved
             fresh = [(i, t, s, bytes(d), a, m) for i, t, s, d, a, m in rows if i not in self._replayed]

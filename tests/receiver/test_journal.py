@@ -483,6 +483,33 @@ class TestDeadLetterReplay:
         assert await journal.ingest_replays() == 1
         assert [(e.raw, target) for e, target in await journal.read(second.seq + 1, 10)] == [(first.raw, "fwd")]
 
+    async def test_the_service_takes_large_replays_a_chunk_at_a_time(self, journal: Journal) -> None:
+        """Was a defect: the service took up to 1,000 replays in one read and one write, whatever they held: 72 MiB
+        of them (192 of 384 KiB) took 181 MiB of traced memory at the peak (a `serve` replaying 200 MiB grew by
+        290 MB), so a replay of more than a pod's memory limit allows killed it, and again at every start, until
+        someone deleted the replays by hand. Now a chunk (CHUNK_BYTES, 8 MiB) at a time: 20 MiB."""
+        raws = [b'{"event":{"id":"e%d","pad":"%s"}}' % (i, os.urandom(192 * 1024).hex().encode()) for i in range(192)]
+        await journal.append("workos", batch(*(f"e{i}" for i in range(len(raws)))), time.time())
+        read = [event for event, _ in await journal.read(0, len(raws))]
+        dead = [
+            (Event(e.seq, e.stream, raw, action="a", time=1.0, received_at=1.0), "HTTP 422")
+            for e, raw in zip(read, raws, strict=True)
+        ]
+        await journal.commit_progress("fwd", read[-1].seq, dead, ["fwd"])
+        del dead, read
+        assert replay_dead_letters(journal.path) == len(raws)
+        journal.replay_sinks = frozenset({"fwd"})
+        gc.collect()
+        tracemalloc.start()
+        try:
+            assert await journal.ingest_replays() == len(raws)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < 48 * 1024 * 1024, f"{peak / 2**20:.0f} MiB"
+        last = journal.last_seq - len(raws)
+        assert [(e.raw, target) for e, target in await journal.read(last, len(raws))] == [(r, "fwd") for r in raws]
+
     async def test_an_earlier_journal_gains_the_column_and_its_old_rows_still_replay(self, tmp_path: Path) -> None:
         path = tmp_path / "old.db"
         conn = sqlite3.connect(path)
