@@ -16,7 +16,7 @@ from typing import Any
 import msgspec
 import orjson
 
-from receiver.journal.schema import INTAKE, LETTER_BYTES, TAKE_DEAD_LETTERS, connect
+from receiver.journal.schema import INTAKE, KEEP_DEAD_LETTER_IDS, LETTER_BYTES, TAKE_DEAD_LETTERS, connect
 
 PURGE_CHUNK = 1000
 """Dead letters one purge transaction deletes: the running service's writer waits for it, so it stays short."""
@@ -137,9 +137,10 @@ def purge_dead_letters(
             conn.execute("BEGIN IMMEDIATE")
             try:
                 rows = conn.execute(query, (*params, upto, PURGE_CHUNK)).fetchall()
-                conn.executemany("DELETE FROM dead_letters WHERE id = ?", [(row[0],) for row in rows])
-                if rows:  # a running service counts its dead letters again
+                if rows:  # ids are not given again; a running service counts its dead letters again
+                    conn.execute(KEEP_DEAD_LETTER_IDS)
                     conn.execute(TAKE_DEAD_LETTERS, (orjson.dumps(time.time_ns()),))
+                conn.executemany("DELETE FROM dead_letters WHERE id = ?", [(row[0],) for row in rows])
                 conn.execute("COMMIT")
             except BaseException:
                 conn.execute("ROLLBACK")
@@ -198,6 +199,7 @@ def replay_dead_letters(path: Path, sink: str | None = None) -> int:
                             for target, stream, data, meta in rows
                         ],
                     )
+                    conn.execute(KEEP_DEAD_LETTER_IDS)
                     conn.executemany("DELETE FROM dead_letters WHERE id = ?", [(letter_id,) for letter_id in ids])
                     conn.execute(TAKE_DEAD_LETTERS, (orjson.dumps(time.time_ns()),))
                 conn.execute("COMMIT")

@@ -257,6 +257,23 @@ class TestDlqPurge:
         assert f"argument --id: not a dead letter id: {given!r}" in capsys.readouterr().err
         assert len(ids(journal)) == 2
 
+    @pytest.mark.parametrize("taken_by", ["purge", "replay"])
+    async def test_an_id_never_names_another_letter_later(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str], taken_by: str
+    ) -> None:
+        """Was a defect: ids were SQLite rowids, and a new dead letter took the id of the newest one taken away,
+        so `dlq purge --id N` from an earlier listing deleted, for good, a letter its user had never seen."""
+        journal = tmp_path / "j.db"
+        await dead_letter(journal, "fwd", events(3))
+        config = write_config(tmp_path, str(journal), ["fwd"], ["fwd"])
+        taken = ids(journal)
+        command = ["purge", "--id", str(taken[-1]), "--yes"] if taken_by == "purge" else ["replay"]
+        assert main(["dlq", *command, "--config", str(config)]) == 0
+        await bad_input(journal, 2)  # dead-lettered since
+        assert min(ids(journal, INTAKE)) > max(taken)
+        assert main(["dlq", "purge", "--config", str(config), "--id", str(taken[-1]), "--yes"]) == 0
+        assert "deleted 0 dead letter(s)" in capsys.readouterr().out
+
     async def test_without_yes_it_is_a_dry_run(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         journal = tmp_path / "j.db"
         await bad_input(journal, 3)
