@@ -573,8 +573,9 @@ class Journal(GroupWriter):
         return result
 
     def takes_dead_letters(self, size: int) -> bool:
-        """Whether `size` more bytes of dead letters stay within `max_dead_letter_bytes`."""
-        if self.dead_letter_bytes + size <= self.max_dead_letter_bytes:
+        """Whether `size` more bytes of dead letters stay within `max_dead_letter_bytes`, or there are none: what
+        passes the cap alone is taken then, or it would be refused for ever with nothing a purge could delete."""
+        if self.dead_letter_bytes + size <= self.max_dead_letter_bytes or not self.dead_letter_bytes:
             return True
         self._dead_letters_refused = True
         return False
