@@ -720,18 +720,21 @@ class Journal(GroupWriter):
             return moved
 
     async def _take_replays(self, targets: Sequence[str]) -> int:
-        moved = 0
+        moved: dict[str, int] = {}
         while True:
             rows = await self._read(lambda conn: _next_replays(conn, targets))
             if not rows:
-                return moved
+                if moved:  # what another process did to the backlog is in this service's log too
+                    log.info("journal: replayed dead letters appended for delivery", extra={"sinks": moved})
+                return sum(moved.values())
             fresh = [(i, t, s, bytes(d), a, m) for i, t, s, d, a, m in rows if i not in self._replayed]
             if fresh:  # those appended already wait only for their delete (it failed before)
                 await self._enqueue(None, True, _Replay(fresh, time.time()))
                 self._replayed.update(row[0] for row in fresh)
             await self._write(_deleting_replays([row[0] for row in rows]))
             self._replayed.difference_update(row[0] for row in rows)
-            moved += len(fresh)
+            for row in fresh:
+                moved[row[1]] = moved.get(row[1], 0) + 1
 
     async def _tell_waiting(self, targets: Sequence[str]) -> None:
         """Log, once a sink per process, that replays wait for a sink no stream feeds here: kept, not lost."""

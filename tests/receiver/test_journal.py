@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import gc
 import hashlib
+import logging
 import os
 import sqlite3
 import sys
@@ -461,6 +462,21 @@ class TestDeadLetterReplay:
         ]
         (stored,) = journal.segments.read(event.seq, 10)
         assert stored.data[:4] == b"\x28\xb5\x2f\xfd"  # compressed like every intake batch
+
+    async def test_the_service_logs_what_it_took(self, journal: Journal, caplog: pytest.LogCaptureFixture) -> None:
+        """Was a defect: the service appended what another process's `dlq replay` put back without a word in its
+        log, so its log did not show why its backlog grew or where the events sent again came from."""
+        await journal.append("workos", batch("k1", "k2", "k3"), time.time())
+        first, second, third = (event for event, _ in await journal.read(0, 10))
+        await journal.commit_progress("fwd", third.seq, [(first, "HTTP 409"), (second, "HTTP 409")], ["fwd"])
+        await journal.commit_progress("s3", third.seq, [(third, "HTTP 400")], ["s3"])
+        assert replay_dead_letters(journal.path) == 3
+        journal.replay_sinks = frozenset({"fwd", "s3"})
+        caplog.set_level(logging.INFO, "receiver.journal")
+        assert await journal.ingest_replays() == 3
+        assert await journal.ingest_replays() == 0
+        told = [r for r in caplog.records if r.getMessage() == "journal: replayed dead letters appended for delivery"]
+        assert [r.__dict__["sinks"] for r in told] == [{"fwd": 2, "s3": 1}]
 
     async def test_replays_for_a_sink_not_active_stay_until_it_is(
         self, journal: Journal, caplog: pytest.LogCaptureFixture
