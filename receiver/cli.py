@@ -573,7 +573,10 @@ def build_parser() -> argparse.ArgumentParser:
     purge.add_argument("--config", "-c", help=config_help)
     purge.add_argument("--sink", help=f"only this sink's ({INTAKE} for bad input; a sink no longer configured too)")
     purge.add_argument(
-        "--before", type=_instant, metavar="TIME", help="only those dead-lettered before this ISO 8601 time (UTC)"
+        "--before",
+        type=_instant,
+        metavar="TIME",
+        help="only those dead-lettered before this ISO 8601 time (UTC unless it names an offset)",
     )
     purge.add_argument(
         "--id", type=_letter_id, action="append", default=[], metavar="N", help="only this one (repeatable)"
