@@ -475,3 +475,30 @@ class TestMissingJournal:
             assert captured.err.startswith(f"log-bridge dlq {action}: cannot use the journal {tmp_path / name}: {why}")
             assert captured.err.count("\n") == 1 and captured.out == ""
         assert (tmp_path / "notes.db").read_text() == "not a database\n"
+
+    @pytest.mark.parametrize("action", ["list", "replay", "purge"])
+    async def test_another_sqlite_database_is_left_as_it_is(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str], action: str
+    ) -> None:
+        """Was a defect: a journal path naming another program's SQLite database (a typo, a wrong volume) was
+        taken for an empty journal: the command added the journal's five tables to it, turned it to WAL mode
+        for good, and said it found no dead letters."""
+        other = tmp_path / "app.db"
+        conn = sqlite3.connect(other)
+        conn.execute("CREATE TABLE users (name TEXT)")
+        conn.commit()
+        conn.close()
+        config = write_config(tmp_path, str(other), ["fwd"], ["fwd"])
+        extra = ["--all", "--yes"] if action == "purge" else []
+        assert main(["dlq", action, "--config", str(config), *extra]) == 2
+        captured = capsys.readouterr()
+        assert f"log-bridge dlq {action}: cannot use the journal {other}: the file is not a log-bridge journal" in (
+            captured.err
+        )
+        assert captured.out == ""
+        conn = sqlite3.connect(other)
+        try:
+            assert conn.execute("SELECT name FROM sqlite_master").fetchall() == [("users",)]
+            assert conn.execute("PRAGMA journal_mode").fetchone() == ("delete",)
+        finally:
+            conn.close()
