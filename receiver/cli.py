@@ -24,6 +24,7 @@ import base64
 import gzip
 import logging
 import os
+import sqlite3
 import ssl
 import threading
 import time
@@ -46,6 +47,7 @@ from receiver.journal import (
     purge_dead_letters,
     replay_dead_letters,
 )
+from receiver.journal.schema import open_problem
 from receiver.logs import scrub, setup_logging
 from receiver.samples import encode_body, sample_wrappers
 from receiver.send import Unreachable, post
@@ -369,12 +371,19 @@ def _no_journal(command: str, path: Path) -> bool:
     return True
 
 
+def _unusable(command: str, path: Path, exc: sqlite3.Error) -> int:
+    """Say in one line why the journal cannot be used (not a journal, damaged, locked, not writable): exit 2."""
+    print(f"log-bridge {command}: cannot use the journal {path}: {open_problem(exc, path)}", file=sys.stderr)
+    return 2
+
+
 def _json_text(data: bytes) -> bool:
-    """Whether `data` is one JSON value in UTF-8 (numbers of any size or range included, as the sinks take them)."""
+    """Whether `data` is one JSON value in UTF-8 (numbers of any size or range included, as the sinks take them).
+    One nested too deeply to check (bad input the intake kept) is not taken for JSON: it is printed as base64."""
     try:
         data.decode("utf-8")
         msgspec.json.decode(data, type=msgspec.Raw)
-    except (UnicodeDecodeError, msgspec.DecodeError):
+    except (UnicodeDecodeError, msgspec.DecodeError, RecursionError):
         return False
     return True
 
@@ -407,8 +416,12 @@ def cmd_dlq_list(args: argparse.Namespace) -> int:
     if _no_journal("dlq list", journal):
         return 2
     out = sys.stdout.buffer
-    for letter in iter_dead_letters(journal, args.sink):
-        out.write(_listing_line(letter))
+    try:
+        for letter in iter_dead_letters(journal, args.sink):
+            out.write(_listing_line(letter))
+    except sqlite3.Error as exc:
+        out.flush()
+        return _unusable("dlq list", journal, exc)
     out.flush()
     return 0
 
@@ -439,10 +452,14 @@ def cmd_dlq_replay(args: argparse.Namespace) -> int:
         return 2
     # Only sinks a stream feeds: a replay for another one would be appended for a sink nothing delivers to.
     fed = [args.sink] if args.sink is not None else [name for name in config.sinks if config.streams_of(name)]
-    count = sum(replay_dead_letters(journal, name) for name in fed)
+    try:
+        count = sum(replay_dead_letters(journal, name) for name in fed)
+        remaining = count_dead_letters(journal) if args.sink is None else {}
+    except sqlite3.Error as exc:
+        return _unusable("dlq replay", journal, exc)
     print(f"replayed {count} dead letter(s); the running service delivers them (or the next start does)")
     if args.sink is None:
-        for name, left in count_dead_letters(journal).items():
+        for name, left in remaining.items():
             if name not in fed:
                 why = "no stream feeds it" if name in config.sinks else "it is not in the configuration"
                 print(f"left {left} dead letter(s) of sink {name}: {why}")
@@ -458,6 +475,17 @@ def _instant(text: str) -> float:
     return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
 
 
+def _letter_id(text: str) -> int:
+    """A dead letter's `id` for `--id`: a positive integer SQLite can hold."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 0 < value < 2**63:
+        raise argparse.ArgumentTypeError(f"not a dead letter id: {text!r} (the id of `dlq list`, a positive integer)")
+    return value
+
+
 def cmd_dlq_purge(args: argparse.Namespace) -> int:
     """Delete the dead letters selected (with --yes; else say what would be deleted)."""
     selected = args.sink is not None or args.before is not None or bool(args.id)
@@ -471,11 +499,14 @@ def cmd_dlq_purge(args: argparse.Namespace) -> int:
     if _no_journal("dlq purge", journal):
         return 2
     ids = sorted(set(args.id))
-    if not args.yes:
-        count, size = measure_dead_letters(journal, args.sink, args.before, ids)
-        print(f"would delete {count} dead letter(s), {size} bytes; nothing deleted: pass --yes to delete them")
-        return 0
-    count, size = purge_dead_letters(journal, args.sink, args.before, ids)
+    try:
+        if not args.yes:
+            count, size = measure_dead_letters(journal, args.sink, args.before, ids)
+            print(f"would delete {count} dead letter(s), {size} bytes; nothing deleted: pass --yes to delete them")
+            return 0
+        count, size = purge_dead_letters(journal, args.sink, args.before, ids)
+    except sqlite3.Error as exc:
+        return _unusable("dlq purge", journal, exc)
     print(f"deleted {count} dead letter(s), {size} bytes; a running service counts the room within a few seconds")
     return 0
 
@@ -495,8 +526,8 @@ def cmd_drain(args: argparse.Namespace) -> int:
         return 2
     try:
         left = asyncio.run(drain(config, args.timeout))
-    except (SinkError, ssl.SSLError) as exc:
-        print(f"log-bridge drain: cannot start: {exc}", file=sys.stderr)
+    except (LogBridgeError, SinkError, ssl.SSLError) as exc:  # the journal cannot be opened, a sink built
+        print(f"log-bridge drain: cannot start: {scrub(str(exc))}", file=sys.stderr)
         return 2
     if not left:
         print(f"drained: every event in {config.journal.path} is delivered (dead letters: `log-bridge dlq list`)")
@@ -620,9 +651,14 @@ def build_parser() -> argparse.ArgumentParser:
     purge.add_argument("--config", "-c", help=config_help)
     purge.add_argument("--sink", help=f"only this sink's ({INTAKE} for bad input; a sink no longer configured too)")
     purge.add_argument(
-        "--before", type=_instant, metavar="TIME", help="only those dead-lettered before this ISO 8601 time (UTC)"
+        "--before",
+        type=_instant,
+        metavar="TIME",
+        help="only those dead-lettered before this ISO 8601 time (UTC unless it names an offset)",
     )
-    purge.add_argument("--id", type=int, action="append", default=[], metavar="N", help="only this one (repeatable)")
+    purge.add_argument(
+        "--id", type=_letter_id, action="append", default=[], metavar="N", help="only this one (repeatable)"
+    )
     purge.add_argument("--all", action="store_true", help="every dead letter (instead of selectors)")
     purge.add_argument("--yes", action="store_true", help="delete them (without it: a dry run)")
     purge.set_defaults(func=cmd_dlq_purge)
@@ -643,6 +679,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # what reads the output went away (`dlq list | head`): stop quietly, as a shell tool
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the flush at exit would raise again
+        return 141  # 128 + SIGPIPE, the status a shell shows for a tool SIGPIPE ended
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ take (within a second)."""
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from typing import Any
 import msgspec
 import orjson
 
-from receiver.journal.schema import INTAKE, LETTER_BYTES, TAKE_DEAD_LETTERS, connect
+from receiver.journal.schema import INTAKE, KEEP_DEAD_LETTER_IDS, LETTER_BYTES, TAKE_DEAD_LETTERS, connect
 
 PURGE_CHUNK = 1000
 """Dead letters one purge transaction deletes: the running service's writer waits for it, so it stays short."""
@@ -38,6 +39,19 @@ class DeadLetter:
     at: float
 
 
+def _journal(path: Path) -> sqlite3.Connection:
+    """`connect` to the journal at `path` once it is known to be one: another SQLite database named by mistake is
+    left as it is (connect would add the journal's tables to it, and turn it to WAL mode for good)."""
+    probe = sqlite3.connect(path, timeout=30.0)
+    try:
+        found = probe.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'dead_letters'").fetchone()
+    finally:
+        probe.close()
+    if found is None:
+        raise sqlite3.DatabaseError("the file is not a log-bridge journal (it has no dead_letters table)")
+    return connect(path)
+
+
 def list_dead_letters(path: Path, sink: str | None = None) -> list[DeadLetter]:
     """Dead letters, oldest first; `sink` may be a sink's name or INTAKE."""
     return list(iter_dead_letters(path, sink))
@@ -49,7 +63,7 @@ def iter_dead_letters(path: Path, sink: str | None = None) -> Iterator[DeadLette
     if not path.exists():
         return
     where, params = _selection(sink)
-    conn = connect(path)
+    conn = _journal(path)
     try:
         after = 0
         while ids := _next_chunk(conn, where, params, after, None):
@@ -106,7 +120,7 @@ def measure_dead_letters(
     """How many dead letters `purge_dead_letters` would delete with these criteria, and the bytes they take."""
     if not path.exists():
         return 0, 0
-    conn = connect(path)
+    conn = _journal(path)
     try:
         where, params = _selection(sink, before, ids)
         count, size = conn.execute(
@@ -126,7 +140,7 @@ def purge_dead_letters(
     one dead-lettered meanwhile was not selected by whoever ran it."""
     if not path.exists():
         return 0, 0
-    conn = connect(path)
+    conn = _journal(path)
     deleted = freed = 0
     try:
         where, params = _selection(sink, before, ids)
@@ -137,9 +151,10 @@ def purge_dead_letters(
             conn.execute("BEGIN IMMEDIATE")
             try:
                 rows = conn.execute(query, (*params, upto, PURGE_CHUNK)).fetchall()
-                conn.executemany("DELETE FROM dead_letters WHERE id = ?", [(row[0],) for row in rows])
-                if rows:  # a running service counts its dead letters again
+                if rows:  # ids are not given again; a running service counts its dead letters again
+                    conn.execute(KEEP_DEAD_LETTER_IDS)
                     conn.execute(TAKE_DEAD_LETTERS, (orjson.dumps(time.time_ns()),))
+                conn.executemany("DELETE FROM dead_letters WHERE id = ?", [(row[0],) for row in rows])
                 conn.execute("COMMIT")
             except BaseException:
                 conn.execute("ROLLBACK")
@@ -156,7 +171,7 @@ def count_dead_letters(path: Path) -> dict[str, int]:
     """How many dead letters each sink has (intake dead letters, which no sink owns, left out)."""
     if not path.exists():
         return {}
-    conn = connect(path)
+    conn = _journal(path)
     try:
         rows = conn.execute(
             "SELECT sink, count(*) FROM dead_letters WHERE sink IS NOT NULL GROUP BY sink ORDER BY sink"
@@ -178,7 +193,7 @@ def replay_dead_letters(path: Path, sink: str | None = None) -> int:
     params: tuple[Any, ...] = ()
     if sink:
         where, params = where + " AND sink = ?", (sink,)
-    conn = connect(path)
+    conn = _journal(path)
     moved = 0
     try:
         upto = conn.execute("SELECT coalesce(max(id), 0) FROM dead_letters").fetchone()[0]
@@ -198,6 +213,7 @@ def replay_dead_letters(path: Path, sink: str | None = None) -> int:
                             for target, stream, data, meta in rows
                         ],
                     )
+                    conn.execute(KEEP_DEAD_LETTER_IDS)
                     conn.executemany("DELETE FROM dead_letters WHERE id = ?", [(letter_id,) for letter_id in ids])
                     conn.execute(TAKE_DEAD_LETTERS, (orjson.dumps(time.time_ns()),))
                 conn.execute("COMMIT")

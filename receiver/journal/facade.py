@@ -24,6 +24,7 @@ import zstandard
 from receiver.dedup import DEFAULT_MAX_KEYS as DEFAULT_DEDUP_MAX_KEYS
 from receiver.dedup import DedupIndex
 from receiver.errors import JournalClosed, JournalError, JournalFull
+from receiver.journal.dead_letters import CHUNK_BYTES
 from receiver.journal.schema import (
     COMPRESSION_LEVEL,
     DEAD_LETTER_BYTES,
@@ -59,7 +60,7 @@ MAINTAIN_EVERY = 1.0
 """Seconds between WAL checkpoints (when something was committed) and looks for what `dlq replay` put back."""
 
 REPLAY_ROWS = 1000
-"""Replayed dead letters appended to the journal per write."""
+"""Replayed dead letters appended to the journal per write (fewer when they hold more than CHUNK_BYTES)."""
 
 RECENT_BYTES = 8 * 1024 * 1024
 """Memory the newest committed rows may take, for sinks that are caught up to take without a read: each row is
@@ -240,6 +241,25 @@ class _Replay:
 
     rows: list[tuple[int, str, str, bytes, str, float]]
     received_at: float
+
+
+def _next_replays(conn: sqlite3.Connection, targets: Sequence[str]) -> list[Any]:
+    """The oldest replays for these targets: REPLAY_ROWS at most, holding CHUNK_BYTES at most, but at least one,
+    so that what the service holds and writes at once stays bounded however large the dead letters are."""
+    marks = ",".join("?" * len(targets))
+    sizes = f"SELECT id, length(data) FROM replays WHERE target IN ({marks}) ORDER BY id LIMIT ?"  # noqa: S608
+    ids: list[int] = []
+    held = 0
+    for replay_id, size in conn.execute(sizes, (*targets, REPLAY_ROWS)):
+        held += int(size)
+        if ids and held > CHUNK_BYTES:
+            break
+        ids.append(int(replay_id))
+    if not ids:
+        return []
+    columns = "id, target, stream, data, action, time"
+    query = f"SELECT {columns} FROM replays WHERE id IN ({','.join('?' * len(ids))}) ORDER BY id"  # noqa: S608
+    return conn.execute(query, ids).fetchall()
 
 
 def _deleting_replays(ids: list[int]) -> Callable[[sqlite3.Connection], None]:
@@ -553,8 +573,9 @@ class Journal(GroupWriter):
         return result
 
     def takes_dead_letters(self, size: int) -> bool:
-        """Whether `size` more bytes of dead letters stay within `max_dead_letter_bytes`."""
-        if self.dead_letter_bytes + size <= self.max_dead_letter_bytes:
+        """Whether `size` more bytes of dead letters stay within `max_dead_letter_bytes`, or there are none: what
+        passes the cap alone is taken then, or it would be refused for ever with nothing a purge could delete."""
+        if self.dead_letter_bytes + size <= self.max_dead_letter_bytes or not self.dead_letter_bytes:
             return True
         self._dead_letters_refused = True
         return False
@@ -699,21 +720,21 @@ class Journal(GroupWriter):
             return moved
 
     async def _take_replays(self, targets: Sequence[str]) -> int:
-        moved = 0
-        marks = ",".join("?" * len(targets))
-        columns = "id, target, stream, data, action, time"
-        query = f"SELECT {columns} FROM replays WHERE target IN ({marks}) ORDER BY id LIMIT ?"  # noqa: S608
+        moved: dict[str, int] = {}
         while True:
-            rows = await self._read(lambda conn: conn.execute(query, (*targets, REPLAY_ROWS)).fetchall())
+            rows = await self._read(lambda conn: _next_replays(conn, targets))
             if not rows:
-                return moved
+                if moved:  # what another process did to the backlog is in this service's log too
+                    log.info("journal: replayed dead letters appended for delivery", extra={"sinks": moved})
+                return sum(moved.values())
             fresh = [(i, t, s, bytes(d), a, m) for i, t, s, d, a, m in rows if i not in self._replayed]
             if fresh:  # those appended already wait only for their delete (it failed before)
                 await self._enqueue(None, True, _Replay(fresh, time.time()))
                 self._replayed.update(row[0] for row in fresh)
             await self._write(_deleting_replays([row[0] for row in rows]))
             self._replayed.difference_update(row[0] for row in rows)
-            moved += len(fresh)
+            for row in fresh:
+                moved[row[1]] = moved.get(row[1], 0) + 1
 
     async def _tell_waiting(self, targets: Sequence[str]) -> None:
         """Log, once a sink per process, that replays wait for a sink no stream feeds here: kept, not lost."""

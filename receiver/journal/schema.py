@@ -97,7 +97,19 @@ DEAD_LETTERS_TAKEN = "dead_letters_taken"
 a running service knows to count them again (a count reads them all; this is one row)."""
 TAKE_DEAD_LETTERS = "INSERT OR REPLACE INTO meta (key, value) VALUES ('dead_letters_taken', ?)"
 
-INSERT_DEAD_LETTER = "INSERT INTO dead_letters (sink, stream, data, reason, at, meta) VALUES (?, ?, ?, ?, ?, ?)"
+_LAST_LETTER_ID = (
+    "max(coalesce((SELECT max(id) FROM dead_letters), 0), "
+    "coalesce((SELECT value FROM meta WHERE key = 'dead_letter_ids'), 0))"
+)
+KEEP_DEAD_LETTER_IDS = f"INSERT OR REPLACE INTO meta (key, value) VALUES ('dead_letter_ids', {_LAST_LETTER_ID})"  # noqa: S608
+"""Run before dead letters are taken away, in the same transaction: `meta` (`dead_letter_ids`) keeps the highest
+id given, and each new dead letter's id is past it, so an id from an earlier `dlq list` never names another letter
+(SQLite gives a rowid again once the newest row is deleted)."""
+
+INSERT_DEAD_LETTER = (
+    "INSERT INTO dead_letters (id, sink, stream, data, reason, at, meta) "  # noqa: S608
+    f"VALUES ({_LAST_LETTER_ID} + 1, ?, ?, ?, ?, ?, ?)"
+)
 
 
 def insert_dead_letters(

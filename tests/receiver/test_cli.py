@@ -136,6 +136,41 @@ class TestDlqList:
             assert entry["sink"] == INTAKE and base64.b64decode(entry["element_base64"]) == raw
             assert entry["element"] == raw.decode("utf-8", "replace")
 
+    async def test_an_element_nested_too_deeply_to_check_is_printed_as_base64(
+        self, tmp_path: Path, capsysbinary: pytest.CaptureFixture[bytes]
+    ) -> None:
+        """Was a defect: the intake dead-letters an array nested 3,000 deep (not an object), and `dlq list`
+        checking whether it is JSON raised RecursionError: a traceback, exit 1, and no letter after it listed."""
+        journal = tmp_path / "j.db"
+        deep = b"[" * 3000 + b"]" * 3000
+        opened_journal = await opened(journal)
+        try:
+            rejected = [Rejected(deep, "element is a JSON array, not an object"), Rejected(b"5", "not an object")]
+            await opened_journal.append("workos", batch(rejected=rejected), time.time())
+        finally:
+            await opened_journal.close()
+        config = write_config(tmp_path, str(journal), ["fwd"], ["fwd"])
+        assert main(["dlq", "list", "--config", str(config)]) == 0
+        first, second = capsysbinary.readouterr().out.splitlines()
+        assert base64.b64decode(orjson.loads(first)["element_base64"]) == deep
+        assert second.endswith(b',"element":5}')
+
+    async def test_a_reader_that_stops_early_ends_it_quietly(self, tmp_path: Path) -> None:
+        """Was a defect: `dlq list | head -1` ended in a BrokenPipeError traceback once the reader had gone."""
+        journal = tmp_path / "j.db"
+        await dead_letter(journal, "fwd", [b'{"event":{"id":"e%d","pad":"%s"}}' % (i, b"x" * 65536) for i in range(8)])
+        config = write_config(tmp_path, str(journal), ["fwd"], ["fwd"])
+        with subprocess.Popen(
+            [sys.executable, "-m", "receiver.cli", "dlq", "list", "--config", str(config)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        ) as listing:
+            assert listing.stdout is not None and listing.stderr is not None
+            assert orjson.loads(listing.stdout.readline())["id"] == 1
+            listing.stdout.close()  # as `head -1` does
+            err = listing.stderr.read()
+            assert listing.wait(timeout=60) == 141 and err == b"", err
+
 
 async def bad_input(path: Path, count: int) -> None:
     """Make the intake dead-letter `count` elements (bad input), one request each."""
@@ -207,6 +242,37 @@ class TestDlqPurge:
         assert main(["dlq", "purge", "--config", str(config), "--id", str(intake), "--sink", "fwd", "--yes"]) == 0
         assert "deleted 0 dead letter(s)" in capsys.readouterr().out
         assert ids(journal) == [second, intake]
+
+    @pytest.mark.parametrize("given", ["99999999999999999999999", "-5", "0", "x1"])
+    async def test_an_id_no_dead_letter_can_have_is_refused(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str], given: str
+    ) -> None:
+        """Was a defect: an id past 64 bits ended in an OverflowError traceback (and a negative one was taken)."""
+        journal = tmp_path / "j.db"
+        await dead_letter(journal, "fwd", events(2))
+        config = write_config(tmp_path, str(journal), ["fwd"], ["fwd"])
+        with pytest.raises(SystemExit) as exited:
+            main(["dlq", "purge", "--config", str(config), "--id", given, "--yes"])
+        assert exited.value.code == 2
+        assert f"argument --id: not a dead letter id: {given!r}" in capsys.readouterr().err
+        assert len(ids(journal)) == 2
+
+    @pytest.mark.parametrize("taken_by", ["purge", "replay"])
+    async def test_an_id_never_names_another_letter_later(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str], taken_by: str
+    ) -> None:
+        """Was a defect: ids were SQLite rowids, and a new dead letter took the id of the newest one taken away,
+        so `dlq purge --id N` from an earlier listing deleted, for good, a letter its user had never seen."""
+        journal = tmp_path / "j.db"
+        await dead_letter(journal, "fwd", events(3))
+        config = write_config(tmp_path, str(journal), ["fwd"], ["fwd"])
+        taken = ids(journal)
+        command = ["purge", "--id", str(taken[-1]), "--yes"] if taken_by == "purge" else ["replay"]
+        assert main(["dlq", *command, "--config", str(config)]) == 0
+        await bad_input(journal, 2)  # dead-lettered since
+        assert min(ids(journal, INTAKE)) > max(taken)
+        assert main(["dlq", "purge", "--config", str(config), "--id", str(taken[-1]), "--yes"]) == 0
+        assert "deleted 0 dead letter(s)" in capsys.readouterr().out
 
     async def test_without_yes_it_is_a_dry_run(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         journal = tmp_path / "j.db"
@@ -393,3 +459,46 @@ class TestMissingJournal:
         monkeypatch.chdir(served)  # where `serve` ran: found
         assert main(["dlq", action, "--config", str(config), *extra]) == 0
         assert capsys.readouterr().out
+
+    @pytest.mark.parametrize("action", ["list", "replay", "purge"])
+    async def test_a_file_that_is_not_a_journal_is_said(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str], action: str
+    ) -> None:
+        """Was a defect: a journal path naming another file (or a directory) ended in a sqlite3 traceback."""
+        (tmp_path / "notes.db").write_text("not a database\n")
+        (tmp_path / "dir.db").mkdir()
+        extra = ["--all", "--yes"] if action == "purge" else []
+        for name, why in [("notes.db", "the file is not a log-bridge journal"), ("dir.db", "unable to open")]:
+            config = write_config(tmp_path, str(tmp_path / name), ["fwd"], ["fwd"])
+            assert main(["dlq", action, "--config", str(config), *extra]) == 2
+            captured = capsys.readouterr()
+            assert captured.err.startswith(f"log-bridge dlq {action}: cannot use the journal {tmp_path / name}: {why}")
+            assert captured.err.count("\n") == 1 and captured.out == ""
+        assert (tmp_path / "notes.db").read_text() == "not a database\n"
+
+    @pytest.mark.parametrize("action", ["list", "replay", "purge"])
+    async def test_another_sqlite_database_is_left_as_it_is(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str], action: str
+    ) -> None:
+        """Was a defect: a journal path naming another program's SQLite database (a typo, a wrong volume) was
+        taken for an empty journal: the command added the journal's five tables to it, turned it to WAL mode
+        for good, and said it found no dead letters."""
+        other = tmp_path / "app.db"
+        conn = sqlite3.connect(other)
+        conn.execute("CREATE TABLE users (name TEXT)")
+        conn.commit()
+        conn.close()
+        config = write_config(tmp_path, str(other), ["fwd"], ["fwd"])
+        extra = ["--all", "--yes"] if action == "purge" else []
+        assert main(["dlq", action, "--config", str(config), *extra]) == 2
+        captured = capsys.readouterr()
+        assert f"log-bridge dlq {action}: cannot use the journal {other}: the file is not a log-bridge journal" in (
+            captured.err
+        )
+        assert captured.out == ""
+        conn = sqlite3.connect(other)
+        try:
+            assert conn.execute("SELECT name FROM sqlite_master").fetchall() == [("users",)]
+            assert conn.execute("PRAGMA journal_mode").fetchone() == ("delete",)
+        finally:
+            conn.close()

@@ -200,6 +200,15 @@ class TestDrain:
         assert code == 2 and err.strip() == f"log-bridge drain: no journal at {tmp_path / 'journal.db'}"
         assert not (tmp_path / "journal.db").exists()
 
+    async def test_drain_of_a_file_that_is_not_a_journal_is_a_clear_error(self, tmp_path: Path) -> None:
+        """Was a defect: the JournalError that says why it cannot be opened came as a traceback."""
+        config = write_config(tmp_path, 8080, "http://127.0.0.1:1", "1s")
+        (tmp_path / "journal.db").write_text("not a database\n")
+        code, out, err = await run_cli("drain", "--config", str(config))
+        assert code == 2 and out == "", err
+        assert err.startswith(f"log-bridge drain: cannot start: cannot open the journal {tmp_path / 'journal.db'}: ")
+        assert "not a log-bridge journal" in err and err.count("\n") == 1
+
 
 class TestDrainAfterReroute:
     async def test_drain_delivers_what_a_stream_renamed_by_a_reload_left(self, tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import gc
 import hashlib
+import logging
 import os
 import sqlite3
 import sys
@@ -462,6 +463,21 @@ class TestDeadLetterReplay:
         (stored,) = journal.segments.read(event.seq, 10)
         assert stored.data[:4] == b"\x28\xb5\x2f\xfd"  # compressed like every intake batch
 
+    async def test_the_service_logs_what_it_took(self, journal: Journal, caplog: pytest.LogCaptureFixture) -> None:
+        """Was a defect: the service appended what another process's `dlq replay` put back without a word in its
+        log, so its log did not show why its backlog grew or where the events sent again came from."""
+        await journal.append("workos", batch("k1", "k2", "k3"), time.time())
+        first, second, third = (event for event, _ in await journal.read(0, 10))
+        await journal.commit_progress("fwd", third.seq, [(first, "HTTP 409"), (second, "HTTP 409")], ["fwd"])
+        await journal.commit_progress("s3", third.seq, [(third, "HTTP 400")], ["s3"])
+        assert replay_dead_letters(journal.path) == 3
+        journal.replay_sinks = frozenset({"fwd", "s3"})
+        caplog.set_level(logging.INFO, "receiver.journal")
+        assert await journal.ingest_replays() == 3
+        assert await journal.ingest_replays() == 0
+        told = [r for r in caplog.records if r.getMessage() == "journal: replayed dead letters appended for delivery"]
+        assert [r.__dict__["sinks"] for r in told] == [{"fwd": 2, "s3": 1}]
+
     async def test_replays_for_a_sink_not_active_stay_until_it_is(
         self, journal: Journal, caplog: pytest.LogCaptureFixture
     ) -> None:
@@ -482,6 +498,33 @@ class TestDeadLetterReplay:
         journal.replay_sinks = frozenset({"s3", "fwd"})  # a configuration that feeds fwd again
         assert await journal.ingest_replays() == 1
         assert [(e.raw, target) for e, target in await journal.read(second.seq + 1, 10)] == [(first.raw, "fwd")]
+
+    async def test_the_service_takes_large_replays_a_chunk_at_a_time(self, journal: Journal) -> None:
+        """Was a defect: the service took up to 1,000 replays in one read and one write, whatever they held: 72 MiB
+        of them (192 of 384 KiB) took 181 MiB of traced memory at the peak (a `serve` replaying 200 MiB grew by
+        290 MB), so a replay of more than a pod's memory limit allows killed it, and again at every start, until
+        someone deleted the replays by hand. Now a chunk (CHUNK_BYTES, 8 MiB) at a time: 20 MiB."""
+        raws = [b'{"event":{"id":"e%d","pad":"%s"}}' % (i, os.urandom(192 * 1024).hex().encode()) for i in range(192)]
+        await journal.append("workos", batch(*(f"e{i}" for i in range(len(raws)))), time.time())
+        read = [event for event, _ in await journal.read(0, len(raws))]
+        dead = [
+            (Event(e.seq, e.stream, raw, action="a", time=1.0, received_at=1.0), "HTTP 422")
+            for e, raw in zip(read, raws, strict=True)
+        ]
+        await journal.commit_progress("fwd", read[-1].seq, dead, ["fwd"])
+        del dead, read
+        assert replay_dead_letters(journal.path) == len(raws)
+        journal.replay_sinks = frozenset({"fwd"})
+        gc.collect()
+        tracemalloc.start()
+        try:
+            assert await journal.ingest_replays() == len(raws)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < 48 * 1024 * 1024, f"{peak / 2**20:.0f} MiB"
+        last = journal.last_seq - len(raws)
+        assert [(e.raw, target) for e, target in await journal.read(last, len(raws))] == [(r, "fwd") for r in raws]
 
     async def test_an_earlier_journal_gains_the_column_and_its_old_rows_still_replay(self, tmp_path: Path) -> None:
         path = tmp_path / "old.db"

@@ -11,7 +11,7 @@ import aiohttp
 import orjson
 import pytest
 
-from receiver.journal import list_dead_letters
+from receiver.journal import INTAKE, list_dead_letters
 from receiver.samples import encode_body, sample_wrappers
 from tests.conftest import TOKEN, StartService, memory, scrape
 from tests.receiver.test_unattended import small_disk
@@ -158,17 +158,46 @@ class TestBoundedDeadLetters:
         )
         wrappers = sample_wrappers(3)  # ≈ 1 KB each: the first already passes the cap
         async with aiohttp.ClientSession() as session:
+            headers = {**AUTH, "Content-Type": "application/json"}
+            async with session.post(service.url + "/workos", data=b'["bad input"]', headers=headers) as response:
+                assert response.status == 200  # one dead letter, of the intake: the cap applies from now on
             data, content_type = encode_body(wrappers, "json")
             headers = {**AUTH, "Content-Type": content_type}
             async with session.post(service.url + "/workos", data=data, headers=headers) as response:
                 assert response.status == 200
         await asyncio.sleep(0.5)  # many sends meanwhile (retry.initial 10 ms)
-        assert list_dead_letters(service.config.journal.path) == []
-        assert service.journal.dead_letter_bytes == 0
+        held = service.journal.dead_letter_bytes
+        assert [letter.sink for letter in list_dead_letters(service.config.journal.path)] == [INTAKE]
         memory().fail = "none"
         for _ in range(50):
             if len(memory().events) == 3:
                 break
             await asyncio.sleep(0.1)
         assert sorted(event.seq for event in memory().events) == [1, 2, 3]
-        assert list_dead_letters(service.config.journal.path) == []
+        assert len(list_dead_letters(service.config.journal.path)) == 1 and service.journal.dead_letter_bytes == held
+
+    async def test_what_passes_the_cap_alone_is_taken_when_there_are_no_dead_letters(
+        self, start_service: StartService
+    ) -> None:
+        """Was a defect: a request whose dead letters alone took more than max_dead_letter_bytes was refused
+        (503) for ever, its good events with it, though there were no dead letters at all: the answer said to
+        `dlq purge`, which found nothing to delete. A sink's permanent failures of such a size were held, and
+        its delivery stopped, for ever too. With no dead letters the cap now takes them; with some, it refuses."""
+        service = await start_service({"journal": {"max_dead_letter_bytes": "1KiB"}})
+        headers = {**AUTH, "Content-Type": "application/json"}
+        async with aiohttp.ClientSession() as session:
+            first, second = sample_wrappers(2)
+            async with session.post(
+                service.url + "/workos", data=bad_and_good(first, 1, 2000), headers=headers
+            ) as response:
+                assert response.status == 200, await response.text()
+            async with session.post(
+                service.url + "/workos", data=bad_and_good(second, 1, 2000), headers=headers
+            ) as response:
+                assert response.status == 503  # the cap holds once some are there
+        assert [len(letter.data) for letter in list_dead_letters(service.config.journal.path)] == [2015]
+        for _ in range(50):
+            if memory().events:
+                break
+            await asyncio.sleep(0.1)
+        assert [orjson.loads(event.raw)["event"]["id"] for event in memory().events] == [first["event"]["id"]]
