@@ -44,6 +44,8 @@ BACKLOG_RECOUNT = 30.0
 IDLE_POLL = 1.0
 """How often an idle sink looks at the journal anyway: `dlq replay` writes from another process."""
 
+READ_BYTES = 8 << 20
+"""Bytes of events a sink behind reads from the journal at a time, at least (twice its batch.max_bytes if more)."""
 HEALTH_RECHECK = 30.0
 """How often a red sink with nothing to send runs its health check again: no send will say it is back."""
 
@@ -200,13 +202,19 @@ class SinkRunner:
 
     async def _fill(self) -> None:
         """Read more rows into the buffer; sets `_caught_up` when the journal has nothing more."""
-        limit = max(2 * self.section.batch.max_events, 256)
-        if len(self._buffer) >= self.section.batch.max_events:
+        batch = self.section.batch
+        limit = max(2 * batch.max_events, 256)
+        if len(self._buffer) >= batch.max_events or self._buffered_bytes >= batch.max_bytes:
             return
+        # Bytes too: a backlog of large events (up to server.max_body_bytes each) read 2 x max_events at a time
+        # would hold gigabytes.
+        room = max(2 * batch.max_bytes, READ_BYTES)
         rows = self.journal.recent_rows(self._read_pos, limit)
         if rows is None:  # behind the events kept in memory, or after rows another process wrote
-            rows = await self._persist(lambda: self.journal.read_rows(self._read_pos, limit), "read the journal")
-        self._caught_up = sum(row.count for row in rows) < limit
+            rows = await self._persist(lambda: self.journal.read_rows(self._read_pos, limit, room), "read the journal")
+            self._caught_up = sum(row.count for row in rows) < limit and sum(row.size for row in rows) < room
+        else:
+            self._caught_up = sum(row.count for row in rows) < limit
         if not rows:
             return
         self._read_pos = rows[-1].last

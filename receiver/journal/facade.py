@@ -910,42 +910,55 @@ class Journal(GroupWriter):
         sink of its stream."""
         return [(event, row.target) for row in await self.read_rows(after, limit) for event in row.events]
 
-    async def read_rows(self, after: int, limit: int) -> list[Row]:
+    async def read_rows(self, after: int, limit: int, max_bytes: int | None = None) -> list[Row]:
         """`read`, record by record (a request's events): what a record's events share is given once, for the
-        reader to decide on a whole row at a time."""
+        reader to decide on a whole row at a time. With `max_bytes`, it stops too once the rows hold that many
+        bytes of events (at least one row), reading the segments that much at a time: fewer than `limit` events
+        and fewer than `max_bytes` bytes means the journal has no more."""
 
         def read() -> tuple[list[Row], list[Damaged]]:
             found: list[Row] = []
             damaged: list[Damaged] = []
-            for record in self.segments.read(after, limit, skip_to=self._mark):
-                if isinstance(record, Damaged):  # the disk changed it since it was written: kept aside, passed
-                    damaged.append(record)
-                    found.append(Row.gap(record.stream, max(record.first, after + 1), record.last))
-                    continue
-                # Records are zstd frames, or plain when the backlog was small (and rows an earlier version
-                # wrote uncompressed, `dlq replay`).
-                try:
-                    data = self._unpack(record.data) if record.data[:4] == ZSTD_MAGIC else record.data
-                except zstandard.ZstdError as exc:  # its CRC matches: written so, which no version does
-                    log.error(
-                        "journal: a record's events cannot be decompressed; they are skipped",
-                        extra={"first_seq": record.first, "last_seq": record.last, "error": str(exc)},
+            position, count, size = after, 0, 0
+            while count < limit and (max_bytes is None or size < max_bytes):
+                records = self.segments.read(position, limit - count, skip_to=self._mark, max_bytes=max_bytes)
+                for record in records:
+                    start, position = position, record.last
+                    if isinstance(record, Damaged):  # the disk changed it since it was written: kept aside, passed
+                        damaged.append(record)
+                        found.append(Row.gap(record.stream, max(record.first, start + 1), record.last))
+                        count += found[-1].count
+                        continue
+                    # Records are zstd frames, or plain when the backlog was small (and rows an earlier version
+                    # wrote uncompressed, `dlq replay`).
+                    try:
+                        data = self._unpack(record.data) if record.data[:4] == ZSTD_MAGIC else record.data
+                    except zstandard.ZstdError as exc:  # its CRC matches: written so, which no version does
+                        log.error(
+                            "journal: a record's events cannot be decompressed; they are skipped",
+                            extra={"first_seq": record.first, "last_seq": record.last, "error": str(exc)},
+                        )
+                        found.append(Row.gap(record.stream, max(record.first, start + 1), record.last))
+                        count += found[-1].count
+                        continue
+                    raws = data.split(b"\n")
+                    skip = max(0, start + 1 - record.first)  # the record `start` falls in: only its events past it
+                    kept = raws[skip:]
+                    events = _events(
+                        record.stream,
+                        record.first + skip,
+                        kept,
+                        record.actions[skip:],
+                        record.times[skip:],
+                        record.received_at,
                     )
-                    found.append(Row.gap(record.stream, max(record.first, after + 1), record.last))
-                    continue
-                raws = data.split(b"\n")
-                skip = max(0, after + 1 - record.first)  # the record `after` falls in: only its events past it
-                kept = raws[skip:]
-                events = _events(
-                    record.stream,
-                    record.first + skip,
-                    kept,
-                    record.actions[skip:],
-                    record.times[skip:],
-                    record.received_at,
-                )
-                if events:
-                    found.append(Row(record.stream, record.target, events, sum(map(len, kept))))
+                    if events:
+                        found.append(Row(record.stream, record.target, events, sum(map(len, kept))))
+                        count, size = count + len(events), size + found[-1].size
+                    if max_bytes is not None and size >= max_bytes:
+                        break
+                if not records or max_bytes is None:
+                    break
             return found, damaged
 
         rows, damaged = await self._in_reader(read)

@@ -483,14 +483,18 @@ class SegmentLog:
                         total += lasts[index] - max(firsts[index], after + 1) + 1
         return total
 
-    def read(self, after: int, limit: int, *, skip_to: int = 0, upto: int | None = None) -> list[Record | Damaged]:
-        """Whole records holding events after `after`, in order, until they hold `limit` such events or the
-        first one past `upto`; records whose every event is at or before `skip_to` are left out (delivered).
+    def read(
+        self, after: int, limit: int, *, skip_to: int = 0, upto: int | None = None, max_bytes: int | None = None
+    ) -> list[Record | Damaged]:
+        """Whole records holding events after `after`, in order, until they hold `limit` such events, or the
+        first one past `upto`, or (at least one record) `max_bytes` bytes on disk; records whose every event is
+        at or before `skip_to` are left out (delivered).
         Each record is checked again as at open (its head, its CRC-32, its meta): one the disk changed or cut
         since it was written, or whose file is gone, comes back as Damaged, never as altered events."""
         start = max(after, skip_to)
         plans: list[_Plan] = []
-        count = 0
+        count = size = 0
+        room = max_bytes if max_bytes is not None else -1
         with self._lock:
             streams = self._streams()
             for segment in self.segments:
@@ -499,12 +503,14 @@ class SegmentLog:
                 if index == len(lasts):
                     continue
                 firsts, stop = segment.firsts, index
-                while stop < len(lasts) and count < limit and (upto is None or firsts[stop] <= upto):
+                while stop < len(lasts) and count < limit and size != room and (upto is None or firsts[stop] <= upto):
                     count += lasts[stop] - max(firsts[stop], after + 1) + 1
+                    if max_bytes is not None:
+                        size = min(room, size + segment.ends[stop] - segment.starts[stop])
                     stop += 1
                 if stop > index:
                     plans.append(self._plan(segment, index, stop, streams))
-                if count >= limit or (upto is not None and stop < len(lasts)):
+                if count >= limit or size == room or (upto is not None and stop < len(lasts)):
                     break
         return _load(plans, keep_data=True)
 

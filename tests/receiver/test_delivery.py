@@ -332,6 +332,31 @@ class TestJournalTrouble:
         await send(service, events(2, prefix="later"))
         await until(lambda: len(memory().events) == 5)
 
+    async def test_a_sink_behind_reads_a_backlog_of_large_events_a_few_megabytes_at_a_time(
+        self, start_service: StartService, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        # Was a defect: a sink behind read 2 x max_events events at a time whatever their size, so a backlog of
+        # 512 KiB events (one a request) was read 24 MiB at once (up to 256 of them: gigabytes at max_body_bytes).
+        monkeypatch.setattr("receiver.journal.facade.RECENT_BYTES", 1)  # the sink behind reads the segments
+        service = await start_service(two_sinks(b={"fail": "retry"}))
+        read_sizes: list[int] = []
+        read_rows = service.journal.read_rows
+
+        async def measured(*args: Any) -> Any:
+            rows = await read_rows(*args)
+            read_sizes.append(sum(row.size for row in rows))
+            return rows
+
+        monkeypatch.setattr(service.journal, "read_rows", measured)
+        pad = "x" * (1 << 19)
+        for i in range(48):
+            await send(service, [{"event": {"id": f"e{i}", "action": "a", "pad": pad}, "keySuffix": f"k{i}"}])
+        await until(lambda: len(memory("a").events) == 48, 20)
+        memory("b").fail = "none"
+        await until(lambda: len(memory("b").events) == 48, 20)
+        assert [event.raw for event in memory("b").events] == [event.raw for event in memory("a").events]
+        assert max(read_sizes) <= (8 << 20) + (1 << 19) + 100  # READ_BYTES, and the event that passed it
+
     async def test_a_sink_behind_a_segment_cut_short_gets_every_event_around_it(
         self, start_service: StartService, monkeypatch: pytest.MonkeyPatch
     ) -> None:
