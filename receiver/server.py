@@ -115,9 +115,10 @@ within 20 seconds, without a SIGHUP, and a pair caught halfway written is not tr
 
 
 def tls_files_stamp(tls: TLSConfig) -> tuple[object, ...]:
-    """What changes when a TLS file is replaced or rewritten: each one's device, inode, size and modification
-    time, through symbolic links (Kubernetes replaces a mounted Secret by swapping a link), or the error that
-    stats it."""
+    """What changes when a TLS file is replaced or rewritten, or its permissions or owner change: each one's
+    device, inode, size, modification and change times and mode, through symbolic links (Kubernetes replaces a
+    mounted Secret by swapping a link), or the error that stats it. The mode and change time see a `chmod` or
+    `chown` that makes a refused key readable: the files are then tried again."""
     stamp: list[object] = []
     for path in (tls.cert_file, tls.key_file, tls.client_ca_file):
         try:
@@ -125,7 +126,9 @@ def tls_files_stamp(tls: TLSConfig) -> tuple[object, ...]:
         except OSError as exc:
             stamp.append(exc.errno)
             continue
-        stamp.append(found and (found.st_dev, found.st_ino, found.st_size, found.st_mtime_ns))
+        stamp.append(
+            found and (found.st_dev, found.st_ino, found.st_size, found.st_mtime_ns, found.st_ctime_ns, found.st_mode)
+        )
     return tuple(stamp)
 
 

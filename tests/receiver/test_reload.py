@@ -20,7 +20,7 @@ import yaml
 from receiver.config import parse_config
 from receiver.reload import plan_reload
 from receiver.samples import encode_body, sample_wrappers
-from receiver.server import HANDSHAKE_FAILURES, Service, handshake_failure
+from receiver.server import HANDSHAKE_FAILURES, Service, handshake_failure, tls_files_stamp
 from tests.conftest import BASE_CONFIG, ORGANIZATION, TOKEN, merge, scrape
 from tests.workos_fake import API_KEY, FakeWorkOS
 
@@ -396,6 +396,21 @@ class TestCertificateRotation:
             key.write_bytes(second_key.read_bytes())
             await self.comes_to_serve(service.port, ca, "second")
         assert (reloads(service, "failure"), reloads(service, "success")) == (1, 1)
+
+    def test_a_chmod_or_chown_is_a_change_of_the_files(self, tmp_path: Path) -> None:
+        # Was a defect: a renewed key the service could not read (a root-owned 0600 file) was refused and not tried
+        # again until the files changed, and the `chmod` or `chown` that makes it readable leaves its inode, size
+        # and modification time as they were: the renewed pair stayed unused until a SIGHUP.
+        ca = trustme.CA()
+        cert, key = self.pair(tmp_path, ca, "server")
+        config = parse_config(
+            merge(BASE_CONFIG, {"server": {"tls": {"cert_file": str(cert), "key_file": str(key)}}}), {}
+        )
+        assert config.server.tls is not None
+        key.chmod(0o600)
+        refused = tls_files_stamp(config.server.tls)
+        key.chmod(0o644)
+        assert tls_files_stamp(config.server.tls) != refused
 
     @staticmethod
     def tls_post(
