@@ -26,7 +26,7 @@ from prometheus_client import Counter
 from receiver.app import RETRY_AFTER_BUSY, Intake, RateLimitedLog, State, build_admin_app, build_app, where_raised
 from receiver.config import AdminConfig, Config, ServerConfig, TLSConfig, listen_url, load_config, secret_values
 from receiver.delivery import DeliveryEngine, build_sinks
-from receiver.errors import ConfigError, JournalClosed, JournalError, LogBridgeError
+from receiver.errors import CertificateNotValidYet, ConfigError, JournalClosed, JournalError, LogBridgeError
 from receiver.front import MAX_HEADER_LINE, Front
 from receiver.journal import Journal
 from receiver.limits import CappedListener, LoopErrors, connection_cap, raise_fd_limit
@@ -164,6 +164,8 @@ class ServerTls:
         now = datetime.datetime.now(datetime.UTC)
         unusable = validity_problem(tls, validity, now)
         if unusable is not None and self.valid(now):
+            if validity is not None and now < validity[0]:
+                raise CertificateNotValidYet([unusable], validity[0])
             raise ConfigError([unusable])
         return FreshTls(context, validity, unusable, stamp)
 
@@ -841,8 +843,11 @@ class Service:
 
     async def _watch_tls_forever(self) -> None:
         """Load the TLS files once they changed and then stayed the same for a look (TLS_WATCH_INTERVAL), as a
-        reload would, counted in the reloads; files that cannot be used are tried again when they change again."""
+        reload would, counted in the reloads; files that cannot be used are tried again when they change again,
+        or, when their certificate was not valid yet, once it is."""
         last_look: tuple[object, ...] | None = None
+        early: tuple[tuple[object, ...], float] | None = None
+        """Files refused because their certificate was not valid yet: their stamp, and when it becomes valid."""
         while True:
             await asyncio.sleep(TLS_WATCH_INTERVAL)
             tls = self.config.server.tls
@@ -850,15 +855,19 @@ class Service:
                 continue
             look = await asyncio.to_thread(tls_files_stamp, tls)
             settled, last_look = look == last_look, look
-            if look == self.tls.stamp or not settled:
+            due = early is not None and early[0] == look and time.time() >= early[1]
+            if (look == self.tls.stamp and not due) or not settled:
                 continue
             async with self._reloading:
-                if self.config.server.tls is not tls or self.tls.stamp == look:
+                if self.config.server.tls is not tls or (self.tls.stamp == look and not due):
                     continue  # a reload came first
+                early = None
                 try:
                     fresh = await asyncio.to_thread(self.tls.load, tls)
                 except Exception as exc:  # the watch goes on whatever the files hold
-                    self.tls.stamp = look  # these files are not tried again
+                    self.tls.stamp = look  # these files are not tried again (unless not valid yet)
+                    if isinstance(exc, CertificateNotValidYet):  # a clock behind the issuer's: valid in a moment
+                        early = (look, exc.not_before.timestamp())
                     problems = exc.errors if isinstance(exc, ConfigError) else [type(exc).__name__]
                     log.error(
                         "TLS files changed, but cannot be used; still serving the previous certificate",

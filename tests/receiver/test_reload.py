@@ -397,6 +397,25 @@ class TestCertificateRotation:
             await self.comes_to_serve(service.port, ca, "second")
         assert (reloads(service, "failure"), reloads(service, "success")) == (1, 1)
 
+    async def test_a_certificate_not_valid_yet_is_taken_once_it_is(
+        self, running, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        # Was a defect: a renewed certificate whose notBefore was still ahead (an issuer that does not backdate, a
+        # clock a little behind its) was refused, rightly, but never tried again: it stayed unused until the files
+        # changed again or a SIGHUP, while the one in use went on towards its expiry.
+        monkeypatch.setattr("receiver.server.TLS_WATCH_INTERVAL", 0.05)
+        ca = trustme.CA()
+        cert, key = self.secret_volume(tmp_path, ca, "first")
+        service, _ = await running(
+            merge(BASE_CONFIG, {"server": {"tls": {"cert_file": str(cert), "key_file": str(key)}}})
+        )
+        now = datetime.datetime.now(datetime.UTC)
+        self.secret_volume(tmp_path, ca, "early", not_before=now + datetime.timedelta(seconds=4))
+        await wait_for(lambda: reloads(service, "failure") == 1)
+        assert await self.served_name(service.port, ca) == "first"
+        await self.comes_to_serve(service.port, ca, "early")
+        assert (reloads(service, "failure"), reloads(service, "success")) == (1, 1)
+
     def test_a_chmod_or_chown_is_a_change_of_the_files(self, tmp_path: Path) -> None:
         # Was a defect: a renewed key the service could not read (a root-owned 0600 file) was refused and not tried
         # again until the files changed, and the `chmod` or `chown` that makes it readable leaves its inode, size
