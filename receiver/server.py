@@ -275,9 +275,10 @@ def server_tls_context(tls: TLSConfig) -> ssl.SSLContext:
 
 def certificate_validity(path: Path) -> tuple[datetime.datetime, datetime.datetime] | None:
     """The notBefore and notAfter of the first certificate in the PEM file at `path` (the one a listener
-    presents), or None when they cannot be read from it (OpenSSL, which loaded the file, is then the judge)."""
+    presents), or None when they cannot be read from it (OpenSSL, which loaded the file, is then the judge).
+    Text around the PEM blocks may be in any encoding (`openssl pkcs12` writes a friendlyName as it is)."""
     try:
-        pem = path.read_text("ascii")
+        pem = path.read_bytes().decode("latin-1")
         begin = pem.index("-----BEGIN CERTIFICATE-----")
         der = ssl.PEM_cert_to_DER_cert(pem[begin : pem.index("-----END CERTIFICATE-----", begin) + 25])
         _, start, _ = _der_item(der, 0)  # Certificate
