@@ -2,6 +2,7 @@
 
 LogBridgeError
 ├── ConfigError          the YAML is invalid; `.errors` lists every problem with its YAML path
+│   └── CertificateNotValidYet   server.tls holds a certificate valid from `.not_before` on
 ├── JournalError         the journal cannot take a write
 │   ├── JournalFull      over `journal.max_bytes` (or the disk is full)
 │   └── JournalClosed    shutting down
@@ -12,6 +13,8 @@ LogBridgeError
 """
 
 from __future__ import annotations
+
+import datetime
 
 
 class LogBridgeError(Exception):
@@ -24,6 +27,14 @@ class ConfigError(LogBridgeError):
     def __init__(self, errors: list[str]) -> None:
         self.errors = errors
         super().__init__("invalid configuration:\n" + "\n".join(f"  {e}" for e in errors))
+
+
+class CertificateNotValidYet(ConfigError):
+    """The TLS files hold a certificate that is not valid before `not_before` (refused while the one in use is)."""
+
+    def __init__(self, errors: list[str], not_before: datetime.datetime) -> None:
+        self.not_before = not_before
+        super().__init__(errors)
 
 
 class JournalError(LogBridgeError):

@@ -146,7 +146,10 @@ class Metrics:
             "log_bridge_journal_max_bytes", "journal.max_bytes: the cap of log_bridge_journal_bytes", registry=r
         )
         self.reloads = Counter(
-            "log_bridge_config_reloads", "Configuration reloads (SIGHUP), by result", ["result"], registry=r
+            "log_bridge_config_reloads",
+            "Configuration reloads (SIGHUP, log-bridge reload) and loads of changed TLS files, by result",
+            ["result"],
+            registry=r,
         )
         self.last_reload = Gauge(
             "log_bridge_config_last_reload_success_timestamp_seconds",

@@ -26,7 +26,7 @@ from prometheus_client import Counter
 from receiver.app import RETRY_AFTER_BUSY, Intake, RateLimitedLog, State, build_admin_app, build_app, where_raised
 from receiver.config import AdminConfig, Config, ServerConfig, TLSConfig, listen_url, load_config, secret_values
 from receiver.delivery import DeliveryEngine, build_sinks
-from receiver.errors import ConfigError, JournalClosed, JournalError, LogBridgeError
+from receiver.errors import CertificateNotValidYet, ConfigError, JournalClosed, JournalError, LogBridgeError
 from receiver.front import MAX_HEADER_LINE, Front
 from receiver.journal import Journal
 from receiver.limits import CappedListener, LoopErrors, connection_cap, raise_fd_limit
@@ -115,9 +115,10 @@ within 20 seconds, without a SIGHUP, and a pair caught halfway written is not tr
 
 
 def tls_files_stamp(tls: TLSConfig) -> tuple[object, ...]:
-    """What changes when a TLS file is replaced or rewritten: each one's device, inode, size and modification
-    time, through symbolic links (Kubernetes replaces a mounted Secret by swapping a link), or the error that
-    stats it."""
+    """What changes when a TLS file is replaced or rewritten, or its permissions or owner change: each one's
+    device, inode, size, modification and change times and mode, through symbolic links (Kubernetes replaces a
+    mounted Secret by swapping a link), or the error that stats it. The mode and change time see a `chmod` or
+    `chown` that makes a refused key readable: the files are then tried again."""
     stamp: list[object] = []
     for path in (tls.cert_file, tls.key_file, tls.client_ca_file):
         try:
@@ -125,7 +126,9 @@ def tls_files_stamp(tls: TLSConfig) -> tuple[object, ...]:
         except OSError as exc:
             stamp.append(exc.errno)
             continue
-        stamp.append(found and (found.st_dev, found.st_ino, found.st_size, found.st_mtime_ns))
+        stamp.append(
+            found and (found.st_dev, found.st_ino, found.st_size, found.st_mtime_ns, found.st_ctime_ns, found.st_mode)
+        )
     return tuple(stamp)
 
 
@@ -161,6 +164,8 @@ class ServerTls:
         now = datetime.datetime.now(datetime.UTC)
         unusable = validity_problem(tls, validity, now)
         if unusable is not None and self.valid(now):
+            if validity is not None and now < validity[0]:
+                raise CertificateNotValidYet([unusable], validity[0])
             raise ConfigError([unusable])
         return FreshTls(context, validity, unusable, stamp)
 
@@ -270,9 +275,10 @@ def server_tls_context(tls: TLSConfig) -> ssl.SSLContext:
 
 def certificate_validity(path: Path) -> tuple[datetime.datetime, datetime.datetime] | None:
     """The notBefore and notAfter of the first certificate in the PEM file at `path` (the one a listener
-    presents), or None when they cannot be read from it (OpenSSL, which loaded the file, is then the judge)."""
+    presents), or None when they cannot be read from it (OpenSSL, which loaded the file, is then the judge).
+    Text around the PEM blocks may be in any encoding (`openssl pkcs12` writes a friendlyName as it is)."""
     try:
-        pem = path.read_text("ascii")
+        pem = path.read_bytes().decode("latin-1")
         begin = pem.index("-----BEGIN CERTIFICATE-----")
         der = ssl.PEM_cert_to_DER_cert(pem[begin : pem.index("-----END CERTIFICATE-----", begin) + 25])
         _, start, _ = _der_item(der, 0)  # Certificate
@@ -838,8 +844,11 @@ class Service:
 
     async def _watch_tls_forever(self) -> None:
         """Load the TLS files once they changed and then stayed the same for a look (TLS_WATCH_INTERVAL), as a
-        reload would, counted in the reloads; files that cannot be used are tried again when they change again."""
+        reload would, counted in the reloads; files that cannot be used are tried again when they change again,
+        or, when their certificate was not valid yet, once it is."""
         last_look: tuple[object, ...] | None = None
+        early: tuple[tuple[object, ...], float] | None = None
+        """Files refused because their certificate was not valid yet: their stamp, and when it becomes valid."""
         while True:
             await asyncio.sleep(TLS_WATCH_INTERVAL)
             tls = self.config.server.tls
@@ -847,15 +856,19 @@ class Service:
                 continue
             look = await asyncio.to_thread(tls_files_stamp, tls)
             settled, last_look = look == last_look, look
-            if look == self.tls.stamp or not settled:
+            due = early is not None and early[0] == look and time.time() >= early[1]
+            if (look == self.tls.stamp and not due) or not settled:
                 continue
             async with self._reloading:
-                if self.config.server.tls is not tls or self.tls.stamp == look:
+                if self.config.server.tls is not tls or (self.tls.stamp == look and not due):
                     continue  # a reload came first
+                early = None
                 try:
                     fresh = await asyncio.to_thread(self.tls.load, tls)
                 except Exception as exc:  # the watch goes on whatever the files hold
-                    self.tls.stamp = look  # these files are not tried again
+                    self.tls.stamp = look  # these files are not tried again (unless not valid yet)
+                    if isinstance(exc, CertificateNotValidYet):  # a clock behind the issuer's: valid in a moment
+                        early = (look, exc.not_before.timestamp())
                     problems = exc.errors if isinstance(exc, ConfigError) else [type(exc).__name__]
                     log.error(
                         "TLS files changed, but cannot be used; still serving the previous certificate",

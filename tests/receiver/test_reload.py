@@ -20,7 +20,7 @@ import yaml
 from receiver.config import parse_config
 from receiver.reload import plan_reload
 from receiver.samples import encode_body, sample_wrappers
-from receiver.server import HANDSHAKE_FAILURES, Service, handshake_failure
+from receiver.server import HANDSHAKE_FAILURES, Service, handshake_failure, tls_files_stamp
 from tests.conftest import BASE_CONFIG, ORGANIZATION, TOKEN, merge, scrape
 from tests.workos_fake import API_KEY, FakeWorkOS
 
@@ -396,6 +396,70 @@ class TestCertificateRotation:
             key.write_bytes(second_key.read_bytes())
             await self.comes_to_serve(service.port, ca, "second")
         assert (reloads(service, "failure"), reloads(service, "success")) == (1, 1)
+
+    async def test_a_certificate_not_valid_yet_is_taken_once_it_is(
+        self, running, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        # Was a defect: a renewed certificate whose notBefore was still ahead (an issuer that does not backdate, a
+        # clock a little behind its) was refused, rightly, but never tried again: it stayed unused until the files
+        # changed again or a SIGHUP, while the one in use went on towards its expiry.
+        monkeypatch.setattr("receiver.server.TLS_WATCH_INTERVAL", 0.05)
+        ca = trustme.CA()
+        cert, key = self.secret_volume(tmp_path, ca, "first")
+        service, _ = await running(
+            merge(BASE_CONFIG, {"server": {"tls": {"cert_file": str(cert), "key_file": str(key)}}})
+        )
+        now = datetime.datetime.now(datetime.UTC)
+        self.secret_volume(tmp_path, ca, "early", not_before=now + datetime.timedelta(seconds=4))
+        await wait_for(lambda: reloads(service, "failure") == 1)
+        assert await self.served_name(service.port, ca) == "first"
+        await self.comes_to_serve(service.port, ca, "early")
+        assert (reloads(service, "failure"), reloads(service, "success")) == (1, 1)
+
+    async def test_the_expiry_is_read_from_a_file_with_text_that_is_not_ascii(
+        self, running, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        # Was a defect: the "Bag Attributes" `openssl pkcs12` writes before a certificate carry its friendlyName as
+        # it is, "Zürich gateway" say; OpenSSL loads such a file, but the validity was read as ASCII text: the
+        # expiry gauge said NaN, and an expired certificate passed for one of unknown validity.
+        ca = trustme.CA()
+        now = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
+        cert, key = self.pair(tmp_path, ca, "server", not_after=now + datetime.timedelta(days=30))
+        cert.write_bytes("Bag Attributes\n    friendlyName: Zürich gateway\n".encode() + cert.read_bytes())
+        service, file = await running(
+            merge(BASE_CONFIG, {"server": {"tls": {"cert_file": str(cert), "key_file": str(key)}}})
+        )
+        async with aiohttp.ClientSession() as session:
+            context = ssl.create_default_context()
+            ca.configure_trust(context)
+            async with session.get(service.url + "/metrics", ssl=context) as answer:
+                text = await answer.text()
+        expiry = scrape(text, "log_bridge_tls_certificate_expiry_timestamp_seconds")
+        assert expiry == (now + datetime.timedelta(days=30)).timestamp()
+        day = datetime.timedelta(days=1)
+        expired, expired_key = self.pair(tmp_path, ca, "expired", not_before=now - 9 * day, not_after=now - day)
+        expired.write_bytes("Bag Attributes\n    friendlyName: Zürich gateway\n".encode() + expired.read_bytes())
+        file.change({"server": {"tls": {"cert_file": str(expired), "key_file": str(expired_key)}}})
+        with caplog.at_level(logging.ERROR, logger="receiver.server"):
+            assert not await service.reload()
+        [refused] = [r for r in caplog.records if r.getMessage().startswith("reload refused")]
+        assert any("expired on" in text for text in refused.problems)  # type: ignore[attr-defined]
+        assert await self.served_name(service.port, ca) == "server"
+
+    def test_a_chmod_or_chown_is_a_change_of_the_files(self, tmp_path: Path) -> None:
+        # Was a defect: a renewed key the service could not read (a root-owned 0600 file) was refused and not tried
+        # again until the files changed, and the `chmod` or `chown` that makes it readable leaves its inode, size
+        # and modification time as they were: the renewed pair stayed unused until a SIGHUP.
+        ca = trustme.CA()
+        cert, key = self.pair(tmp_path, ca, "server")
+        config = parse_config(
+            merge(BASE_CONFIG, {"server": {"tls": {"cert_file": str(cert), "key_file": str(key)}}}), {}
+        )
+        assert config.server.tls is not None
+        key.chmod(0o600)
+        refused = tls_files_stamp(config.server.tls)
+        key.chmod(0o644)
+        assert tls_files_stamp(config.server.tls) != refused
 
     @staticmethod
     def tls_post(
