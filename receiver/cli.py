@@ -17,6 +17,7 @@ import base64
 import gzip
 import logging
 import os
+import sqlite3
 import ssl
 import threading
 import time
@@ -39,6 +40,7 @@ from receiver.journal import (
     purge_dead_letters,
     replay_dead_letters,
 )
+from receiver.journal.schema import open_problem
 from receiver.logs import scrub, setup_logging
 from receiver.samples import encode_body, sample_wrappers
 from receiver.send import Unreachable, post
@@ -296,6 +298,12 @@ def _no_journal(command: str, path: Path) -> bool:
     return True
 
 
+def _unusable_journal(command: str, path: Path, exc: sqlite3.Error) -> int:
+    """A journal the command cannot read or write (not a journal, damaged, not writable, locked): one line."""
+    print(f"log-bridge {command}: cannot open the journal {path}: {open_problem(exc, path)}", file=sys.stderr)
+    return 2
+
+
 def _json_text(data: bytes) -> bool:
     """Whether `data` is one JSON value in UTF-8 (numbers of any size or range included, as the sinks take them)."""
     try:
@@ -334,8 +342,11 @@ def cmd_dlq_list(args: argparse.Namespace) -> int:
     if _no_journal("dlq list", journal):
         return 2
     out = sys.stdout.buffer
-    for letter in iter_dead_letters(journal, args.sink):
-        out.write(_listing_line(letter))
+    try:
+        for letter in iter_dead_letters(journal, args.sink):
+            out.write(_listing_line(letter))
+    except sqlite3.Error as exc:
+        return _unusable_journal("dlq list", journal, exc)
     out.flush()
     return 0
 
@@ -366,10 +377,14 @@ def cmd_dlq_replay(args: argparse.Namespace) -> int:
         return 2
     # Only sinks a stream feeds: a replay for another one would be appended for a sink nothing delivers to.
     fed = [args.sink] if args.sink is not None else [name for name in config.sinks if config.streams_of(name)]
-    count = sum(replay_dead_letters(journal, name) for name in fed)
+    try:
+        count = sum(replay_dead_letters(journal, name) for name in fed)
+        leftovers = count_dead_letters(journal) if args.sink is None else {}
+    except sqlite3.Error as exc:
+        return _unusable_journal("dlq replay", journal, exc)
     print(f"replayed {count} dead letter(s); the running service delivers them (or the next start does)")
     if args.sink is None:
-        for name, left in count_dead_letters(journal).items():
+        for name, left in leftovers.items():
             if name not in fed:
                 why = "no stream feeds it" if name in config.sinks else "it is not in the configuration"
                 print(f"left {left} dead letter(s) of sink {name}: {why}")
@@ -398,11 +413,14 @@ def cmd_dlq_purge(args: argparse.Namespace) -> int:
     if _no_journal("dlq purge", journal):
         return 2
     ids = sorted(set(args.id))
-    if not args.yes:
-        count, size = measure_dead_letters(journal, args.sink, args.before, ids)
-        print(f"would delete {count} dead letter(s), {size} bytes; nothing deleted: pass --yes to delete them")
-        return 0
-    count, size = purge_dead_letters(journal, args.sink, args.before, ids)
+    try:
+        if not args.yes:
+            count, size = measure_dead_letters(journal, args.sink, args.before, ids)
+            print(f"would delete {count} dead letter(s), {size} bytes; nothing deleted: pass --yes to delete them")
+            return 0
+        count, size = purge_dead_letters(journal, args.sink, args.before, ids)
+    except sqlite3.Error as exc:
+        return _unusable_journal("dlq purge", journal, exc)
     print(f"deleted {count} dead letter(s), {size} bytes; a running service counts the room within a few seconds")
     return 0
 
@@ -422,8 +440,8 @@ def cmd_drain(args: argparse.Namespace) -> int:
         return 2
     try:
         left = asyncio.run(drain(config, args.timeout))
-    except (SinkError, ssl.SSLError) as exc:
-        print(f"log-bridge drain: cannot start: {exc}", file=sys.stderr)
+    except (LogBridgeError, SinkError, ssl.SSLError) as exc:  # the journal cannot be opened, or is served from
+        print(f"log-bridge drain: cannot start: {scrub(str(exc))}", file=sys.stderr)
         return 2
     if not left:
         print(f"drained: every event in {config.journal.path} is delivered (dead letters: `log-bridge dlq list`)")

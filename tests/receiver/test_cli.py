@@ -393,3 +393,35 @@ class TestMissingJournal:
         monkeypatch.chdir(served)  # where `serve` ran: found
         assert main(["dlq", action, "--config", str(config), *extra]) == 0
         assert capsys.readouterr().out
+
+
+class TestUnusableJournal:
+    """A journal the commands cannot use is one line naming it and why, exit 2, never a traceback."""
+
+    @pytest.mark.parametrize("command", [["dlq", "list"], ["dlq", "replay"], ["dlq", "purge", "--all"], ["drain"]])
+    def test_a_file_that_is_not_a_journal_is_one_line(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str], command: list[str]
+    ) -> None:
+        journal = tmp_path / "j.db"
+        journal.write_bytes(b"not a database, something else entirely\n" * 100)
+        config = write_config(tmp_path, str(journal), ["fwd"], ["fwd"])
+        assert main([*command, "--config", str(config)]) == 2
+        captured = capsys.readouterr()
+        (line,) = captured.err.splitlines()
+        assert line.startswith(f"log-bridge {command[0]}") and f"journal {journal}" in line
+        assert "not a log-bridge journal or is damaged" in line and captured.out == ""
+
+    async def test_drain_on_a_journal_a_service_serves_from_is_one_line(
+        self, tmp_path: Path, start_service: StartService, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        service = await start_service()
+        config = write_config(tmp_path, str(service.config.journal.path), ["mem"], ["mem"], name="cli.yaml")
+        drained = await asyncio.create_subprocess_exec(  # another process, as an operator runs it
+            *[sys.executable, "-m", "receiver.cli", "drain", "--config", str(config), "--timeout", "1"],
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await drained.communicate()
+        assert drained.returncode == 2, out + err
+        (line,) = err.decode().splitlines()
+        assert line.startswith("log-bridge drain: cannot start:") and "another log-bridge process" in line
