@@ -7,6 +7,7 @@ import os
 import random
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -18,9 +19,10 @@ import orjson
 import pytest
 import trustme
 import yaml
+from aiohttp import web
 
 from receiver.samples import sample_wrappers
-from tests.conftest import scrape
+from tests.conftest import http_peer, scrape
 from tests.peers.hec import HecPeer
 
 TOKEN = "Bearer process-test-secret"
@@ -424,6 +426,50 @@ class TestReloadOfTls:
             except subprocess.TimeoutExpired:  # OpenSSL's prompt takes SIGTERM while it reads: it is lost
                 proc.kill()
                 proc.wait(timeout=15)
+
+
+class TestSendTest:
+    """`log-bridge send-test` pointed where a newcomer may point it by mistake: one line that says what to try."""
+
+    @staticmethod
+    async def accepted(request: web.Request) -> web.Response:
+        await request.read()
+        return web.json_response({"accepted": 3, "duplicates": 0, "dead_lettered": 0})
+
+    @staticmethod
+    async def send(*args: str) -> subprocess.CompletedProcess[str]:
+        result = await asyncio.to_thread(run_cli, "send-test", *args, "--timeout", "20")
+        assert "Traceback" not in result.stderr and len(result.stderr.splitlines()) <= 1, result.stderr
+        return result
+
+    async def test_https_to_a_plain_http_server_says_it_is_not_tls(self) -> None:
+        async with http_peer(self.accepted) as url:
+            result = await self.send(url.replace("http://", "https://") + "/workos")
+        assert result.returncode == 1 and "the server does not speak TLS there: is it http://?" in result.stderr
+
+    async def test_a_certificate_not_trusted_says_how_to_trust_it(self, tmp_path: Path) -> None:
+        ca = trustme.CA()
+        served = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ca.issue_cert("127.0.0.1").configure_cert(served)
+        bundle = tmp_path / "ca.pem"
+        ca.cert_pem.write_to_path(str(bundle))
+        async with http_peer(self.accepted, tls=served) as url:
+            untrusted = await self.send(url + "/workos")
+            trusted = await self.send(url + "/workos", "--cafile", str(bundle))
+            plain = await self.send(url.replace("https://", "http://") + "/workos")
+        assert untrusted.returncode == 1 and "pass --cafile with the CA that issued its certificate" in untrusted.stderr
+        assert trusted.returncode == 0 and trusted.stdout.startswith("200 ")
+        assert plain.returncode == 1 and "closed the connection without answering: is it https://" in plain.stderr
+
+    async def test_a_ca_bundle_that_cannot_be_loaded_is_exit_2(self, tmp_path: Path) -> None:
+        result = await self.send("https://127.0.0.1:1/workos", "--cafile", str(tmp_path / "nope.pem"))
+        assert result.returncode == 2
+        assert f"cannot load the CA bundle {tmp_path / 'nope.pem'}: No such file or directory" in result.stderr
+
+    async def test_a_header_without_a_colon_is_not_quoted_back(self) -> None:
+        result = await self.send("http://127.0.0.1:1/workos", "-H", "Authorization Bearer s3cr3t-given-wrong")
+        assert result.returncode == 2 and "--header must look like 'Name: value'" in result.stderr
+        assert "s3cr3t" not in result.stderr
 
 
 class TestStartFailures:
