@@ -197,11 +197,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     if unknown:
         print(f"log-bridge check: no sink named {', '.join(map(repr, unknown))} in the configuration", file=sys.stderr)
         return 2
-    try:
-        results = asyncio.run(check_sinks(config, names, args.timeout))
-    except SinkError as exc:
-        print(f"log-bridge check: {exc}", file=sys.stderr)
-        return 2
+    results, unbuilt = asyncio.run(check_sinks(config, names, args.timeout))
     width = max(len(name) for name in names)
     for name, health in results.items():
         verdict = "ok    " if health.ok else "FAILED"
@@ -219,6 +215,8 @@ def cmd_check(args: argparse.Namespace) -> int:
         except ConfigError as exc:  # the redis extra is not installed
             _print_errors(exc)
             return 2
+    if unbuilt:  # the configuration itself needs a change (a file it names is missing), not the sink's end
+        return 2
     return 1 if failed or not store_ok else 0
 
 
