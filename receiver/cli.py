@@ -49,6 +49,7 @@ from sinks.errors import SinkError
 log = logging.getLogger("log_bridge")
 
 CONFIG_ENV = "LOG_BRIDGE_CONFIG"
+NO_CONFIG = f"no configuration: pass --config FILE or set {CONFIG_ENV}"
 
 
 def _config_path(given: str | None) -> str | None:
@@ -59,7 +60,7 @@ def _load(given: str | None, *, required: bool) -> Config:
     path = _config_path(given)
     if path is None:
         if required:
-            raise ConfigError([f"no configuration: pass --config FILE or set {CONFIG_ENV}"])
+            raise ConfigError([NO_CONFIG])
         return default_config()
     return load_config(path)
 
@@ -276,7 +277,7 @@ def _journal_path(given: str | None) -> Path | None:
     path = _config_path(given)
     try:
         if path is None:
-            raise ConfigError([f"no configuration: pass --config FILE or set {CONFIG_ENV}"])
+            raise ConfigError([NO_CONFIG])
         return load_journal_config(path).path
     except ConfigError as exc:
         _print_errors(exc)
@@ -573,6 +574,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "count", 1) is not None and getattr(args, "count", 1) < 1:
         print("log-bridge: --count must be at least 1", file=sys.stderr)
+        return 2
+    if args.command != "serve" and "config" in args and _config_path(args.config) is None:  # only serve has a default
+        print(f"log-bridge {args.command}: {NO_CONFIG}", file=sys.stderr)
         return 2
     try:
         return int(args.func(args))

@@ -152,6 +152,17 @@ class TestCommands:
         assert result.returncode == 1
         assert "streams[0].auth.values[0]: environment variable STREAM_SECRET is not set" in result.stderr
 
+    @pytest.mark.parametrize(
+        "command", [["validate"], ["check"], ["drain"], ["dlq", "list"], ["dlq", "replay"], ["dlq", "purge", "--all"]]
+    )
+    def test_no_configuration_is_one_line(self, command: list[str]) -> None:
+        """Was two lines calling a configuration nobody gave 'invalid (1 problem(s))'."""
+        result = run_cli(*command, env={"LOG_BRIDGE_CONFIG": ""})
+        assert result.returncode == 2 and result.stdout == ""
+        assert (
+            result.stderr == f"log-bridge {command[0]}: no configuration: pass --config FILE or set LOG_BRIDGE_CONFIG\n"
+        )
+
     def test_config_from_environment_variable(self, tmp_path: Path) -> None:
         config = write_config(tmp_path, 8080)
         result = run_cli("validate", env={"LOG_BRIDGE_CONFIG": str(config)})
