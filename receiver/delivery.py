@@ -665,13 +665,15 @@ class DeliveryEngine:
         if close:
             await _close(self.sinks.pop(name))
 
-    async def stop(self, deadline: float) -> bool:
-        """Let the sinks drain the backlog for up to `deadline` seconds, then close them. True if all drained."""
+    async def stop(self, deadline: float) -> dict[str, int]:
+        """Let the sinks drain the backlog for up to `deadline` seconds, then close them. Returns the sinks still
+        delivering then, with the events each had left (empty: all drained)."""
         for runner in self.runners.values():
             runner.stop()
-        runs = [tasks[0] for tasks in self._tasks.values()]
+        runs = {tasks[0]: name for name, tasks in self._tasks.items()}
         others = [task for tasks in self._tasks.values() for task in tasks[1:]]
         done, pending = await asyncio.wait(runs, timeout=deadline) if runs else (set(), set())
+        left = {runs[task]: self.runners[runs[task]].owed() for task in pending}
         for task in [*pending, *others]:
             task.cancel()
         await asyncio.gather(*pending, *others, return_exceptions=True)
@@ -680,7 +682,7 @@ class DeliveryEngine:
                 log.error("sink runner failed", extra={"task": task.get_name(), "error": repr(task.exception())})
         for sink in self.sinks.values():
             await _close(sink)
-        return not pending
+        return left
 
 
 async def _unless_refused(write: Awaitable[None], what: str) -> None:

@@ -894,7 +894,14 @@ class Service:
         if self.workos is not None:
             await self.workos.stop()
         if self.engine is not None:
-            drained = await self.engine.stop(self.config.server.shutdown_timeout)
+            left = await self.engine.stop(self.config.server.shutdown_timeout)
+            if left:
+                log.warning(
+                    "shutdown_timeout ended before these sinks delivered everything; it stays in the journal for "
+                    "the next start",
+                    extra={"events_left": left},
+                )
+            drained = not left
         # No new connections; then the front's own finish (what it hands to aiohttp meanwhile, aiohttp's
         # shutdown then finishes too); then aiohttp's: a connection handed to aiohttp after its shutdown
         # began would be closed by nobody.
@@ -963,7 +970,10 @@ async def serve(
             log.info("SIGHUP: reloading the configuration", extra={"path": path})
             await service.reload()
         hangup.cancel()
-    log.info("stopping: refusing new batches, draining sinks")
+    log.info(
+        "stopping: refusing new batches, draining sinks",
+        extra={"shutdown_timeout_s": service.config.server.shutdown_timeout},
+    )
     await service.stop()
     # From here the loop's handler goes away with the loop; a HUP must still not kill the process.
     loop.remove_signal_handler(signal.SIGHUP)

@@ -312,6 +312,32 @@ class TestRunningProcess:
         assert "no configuration given" in stderr and "without a secret" in stderr
         assert (tmp_path / "log-bridge-data" / "journal.db").exists()
 
+    async def test_a_stop_that_leaves_events_says_which_sink_holds_them(self, tmp_path: Path) -> None:
+        """Was a defect: a stop with a sink down waited out shutdown_timeout, logged `"drained": false` and
+        nothing about which sink held what, or for how long it would wait."""
+        port = free_port()
+        config = write_config(tmp_path, port)
+        tree = yaml.safe_load(config.read_text())
+        tree["sinks"]["fwd"] = {"type": "http", "url": f"http://127.0.0.1:{free_port()}/ingest"}  # nothing there
+        tree["streams"][0]["sinks"].append("fwd")
+        config.write_text(yaml.safe_dump(tree))
+        server = Server(config, port, tmp_path)
+        try:
+            await server.ready()
+            sent = await asyncio.to_thread(
+                run_cli, "send-test", f"http://127.0.0.1:{port}/workos", "-H", f"Authorization: {TOKEN}"
+            )
+            assert sent.returncode == 0, sent.stderr
+        finally:
+            code = server.kill(signal.SIGTERM)
+        assert code == 0
+        lines = [orjson.loads(line) for line in (tmp_path / "serve.log").read_bytes().splitlines()]
+        stopping = next(line for line in lines if line["message"].startswith("stopping"))
+        assert stopping["shutdown_timeout_s"] == 3
+        (left,) = [line for line in lines if "events_left" in line]
+        assert left["level"] == "warning" and set(left["events_left"]) == {"fwd"} and left["events_left"]["fwd"] > 0
+        assert "stays in the journal" in left["message"]
+
 
 async def test_sigkill_under_load_loses_no_acknowledged_event(tmp_path: Path) -> None:
     """20 SIGKILLs under load, at random moments: every event that got a 200 reaches the sink after the last
