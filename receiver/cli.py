@@ -28,6 +28,7 @@ from pathlib import Path
 import msgspec
 import orjson
 
+from receiver import __version__
 from receiver.config import Config, default_config, listen_url, load_config, load_journal_config
 from receiver.errors import ConfigError, LogBridgeError
 from receiver.health import check_sinks
@@ -451,11 +452,23 @@ def cmd_drain(args: argparse.Namespace) -> int:
 # --- the parser ----------------------------------------------------------------------------------
 
 
+def _seconds(text: str) -> float:
+    """A `--timeout`: a number of seconds above 0 (0 or less would give up before trying, NaN never)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds above 0 (got {text!r})")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface."""
     parser = argparse.ArgumentParser(
         prog="log-bridge", description="Receive WorkOS audit-log streams and deliver them to your sinks."
     )
+    parser.add_argument("--version", action="version", version=f"log-bridge {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     config_help = f"YAML configuration file (default: ${CONFIG_ENV})"
 
@@ -498,7 +511,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument("--config", "-c", help=config_help)
     check.add_argument("--sink", action="append", help="only this sink (repeatable)")
-    check.add_argument("--timeout", type=float, default=30.0, help="seconds each check may take (default 30)")
+    check.add_argument("--timeout", type=_seconds, default=30.0, help="seconds each check may take (default 30)")
     check.set_defaults(func=cmd_check)
 
     send = commands.add_parser(
@@ -513,7 +526,7 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("--gzip", action="store_true", help="gzip the body")
     send.add_argument("--cafile", help="CA bundle to verify an https URL")
     send.add_argument("--insecure", action="store_true", help="do not verify the https certificate")
-    send.add_argument("--timeout", type=float, default=30.0)
+    send.add_argument("--timeout", type=_seconds, default=30.0, help="seconds to wait for the answer (default 30)")
     send.set_defaults(func=cmd_send_test)
 
     drain = commands.add_parser(
@@ -524,7 +537,7 @@ def build_parser() -> argparse.ArgumentParser:
         "gone; never on a journal a running `serve` uses.",
     )
     drain.add_argument("--config", "-c", help=config_help)
-    drain.add_argument("--timeout", type=float, default=300.0, help="seconds to keep trying (default 300)")
+    drain.add_argument("--timeout", type=_seconds, default=300.0, help="seconds to keep trying (default 300)")
     drain.set_defaults(func=cmd_drain)
 
     dlq = commands.add_parser(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import re
 import signal
 import socket
 import ssl
@@ -123,6 +124,17 @@ class TestCommands:
     def test_help(self, command: list[str]) -> None:
         result = run_cli(*command, "--help")
         assert result.returncode == 0 and "usage: log-bridge" in result.stdout
+
+    def test_version(self) -> None:
+        """What a bug report starts with (`vector --version`, `fluent-bit --version`)."""
+        result = run_cli("--version")
+        assert result.returncode == 0 and re.fullmatch(r"log-bridge \d+\.\d+\.\d+\S*\n", result.stdout)
+
+    @pytest.mark.parametrize("command", [["check"], ["drain"], ["send-test", "http://127.0.0.1:1/workos"]])
+    @pytest.mark.parametrize("timeout", ["0", "-5", "nan"])
+    def test_a_timeout_that_is_not_positive_is_refused(self, command: list[str], timeout: str) -> None:
+        result = run_cli(*command, "--timeout", timeout, env={"LOG_BRIDGE_CONFIG": "unused.yaml"})
+        assert result.returncode == 2 and "--timeout: must be a number of seconds above 0" in result.stderr
 
     def test_validate(self, tmp_path: Path) -> None:
         good = write_config(tmp_path, 8080)
