@@ -945,6 +945,9 @@ async def serve(
     service: Service | None = None
 
     def on_stop() -> None:
+        if stop.is_set() and service is not None and service.engine is not None:  # Ctrl-C twice
+            log.warning("second signal: stopping without waiting for the sinks; what they hold stays in the journal")
+            service.engine.abandon()
         stop.set()
         if service is not None:  # at once, even while a reload runs: the stop itself comes after it
             service.stopping()

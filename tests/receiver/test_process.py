@@ -350,6 +350,43 @@ class TestRunningProcess:
         assert left["level"] == "warning" and set(left["events_left"]) == {"fwd"} and left["events_left"]["fwd"] > 0
         assert "stays in the journal" in left["message"]
 
+    async def test_a_second_signal_stops_without_waiting_for_the_sinks(self, tmp_path: Path) -> None:
+        """Ctrl-C, then Ctrl-C again (as with Vector or Fluent Bit): the second one does not wait out
+        shutdown_timeout for a sink that is down; its events stay in the journal, a restart delivers them."""
+        port = free_port()
+        config = write_config(tmp_path, port)
+        tree = yaml.safe_load(config.read_text())
+        tree["server"]["shutdown_timeout"] = "1h"
+        tree["sinks"]["fwd"] = {"type": "http", "url": f"http://127.0.0.1:{free_port()}/ingest"}  # nothing there
+        tree["streams"][0]["sinks"].append("fwd")
+        config.write_text(yaml.safe_dump(tree))
+        server = Server(config, port, tmp_path)
+        log = tmp_path / "serve.log"
+        try:
+            await server.ready()
+            sent = await asyncio.to_thread(
+                run_cli, "send-test", f"http://127.0.0.1:{port}/workos", "-H", f"Authorization: {TOKEN}"
+            )
+            assert sent.returncode == 0, sent.stderr
+            server.proc.send_signal(signal.SIGINT)
+            deadline = time.monotonic() + 20
+            while b'"stopping' not in log.read_bytes():
+                assert time.monotonic() < deadline and server.proc.poll() is None
+                await asyncio.sleep(0.05)
+        finally:
+            try:
+                code = server.kill(signal.SIGINT)  # within the 30 s it waits, not the hour
+            except subprocess.TimeoutExpired:
+                server.proc.kill()
+                server.proc.wait()
+                raise
+        assert code == 0
+        lines = [orjson.loads(line) for line in log.read_bytes().splitlines()]
+        assert any("second signal" in line["message"] for line in lines)
+        (left,) = [line for line in lines if "events_left" in line]
+        assert left["events_left"]["fwd"] > 0
+        assert len(delivered_keys(tmp_path)) == 3  # the sink that was up had delivered them
+
 
 async def test_sigkill_under_load_loses_no_acknowledged_event(tmp_path: Path) -> None:
     """20 SIGKILLs under load, at random moments: every event that got a 200 reaches the sink after the last
