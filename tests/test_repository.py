@@ -141,3 +141,16 @@ class TestExamples:
             env={**os.environ, **dict.fromkeys(needed, "any-value")},
         )
         assert result.returncode == 0, result.stderr
+        # The commands the header shows (indented lines, `\` continued), as a newcomer pastes them from the root.
+        shown = re.sub(r"\\\n#\s+", " ", "\n".join(line for line in header.splitlines() if line.startswith("#   ")))
+        for command in re.findall(r"^#\s+(.*\bvalidate\b.*)$", shown, re.M):
+            command = command.replace(".venv/bin/log-bridge", f"{shlex.quote(sys.executable)} -m receiver.cli")
+            pasted = subprocess.run(
+                ["sh", "-c", command],
+                cwd=REPO,
+                capture_output=True,
+                text=True,
+                timeout=60,
+                env={k: v for k, v in os.environ.items() if k not in needed},
+            )
+            assert pasted.returncode == 0 and "configuration OK" in pasted.stdout, (command, pasted.stderr)
