@@ -4,7 +4,8 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-# `make run` needs only what serving needs (every sink's SDK, no test or deploy-check tools).
+# `make run` needs only what serving needs (every sink's SDK, no test or deploy-check tools); its pid file is for
+# `log-bridge reload --pid-file data/log-bridge.pid`.
 RUN_STAMP := $(VENV)/.installed-run
 
 .PHONY: run test bench lint clean image
@@ -22,7 +23,7 @@ $(RUN_STAMP): pyproject.toml
 	touch $(RUN_STAMP)
 
 run: $(RUN_STAMP)
-	$(BIN)/log-bridge serve --config examples/local.yaml
+	$(BIN)/log-bridge serve --config examples/local.yaml --pid-file data/log-bridge.pid
 
 test: $(STAMP)
 	$(BIN)/ruff check receiver sinks tests bench

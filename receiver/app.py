@@ -190,6 +190,15 @@ class RequestHead(Protocol):
         """The whole body; BodyError 400 (cut short), 408 (not within `within` seconds) or 413 (over `max_body`)."""
 
 
+def _from_browser(head: RequestHead) -> bool:
+    """Whether a web page sent the request: browsers name the page's origin on every POST (fetch or form, to
+    another site or its own); WorkOS, curl and other servers send no Origin. Asked only on a stream without a
+    secret, where a page open on an allowed machine could post forged events with a text/plain or form body (no
+    CORS preflight); with a secret the page does not know it, and sending the header takes a preflight the
+    receiver never approves."""
+    return bool(head.header_bytes("Origin"))
+
+
 class WebHead:
     """An aiohttp request, as the intake reads it."""
 
@@ -290,7 +299,11 @@ class Intake:
 
     def admits(self, head: RequestHead) -> bool:
         """Whether the request's address and secret are accepted (what `_screen` decides, without its log line)."""
-        return self.policy.check(head.peer, head.forwarded())[1] and self._authorised(head)
+        return (
+            self.policy.check(head.peer, head.forwarded())[1]
+            and not (self.auth_header is None and _from_browser(head))
+            and self._authorised(head)
+        )
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """The stream endpoint, for aiohttp."""
@@ -348,6 +361,13 @@ class Intake:
                 "request from an address not on the allowlist", stream=self.stream.name, client=str(client)
             )
             return _refuse("not_allowed", 403, "client address is not allowed", close=True)
+        if self.auth_header is None and _from_browser(head):
+            self.state.refusals.log(
+                "request from a web browser (it has an Origin)", stream=self.stream.name, client=str(client)
+            )
+            return _refuse(
+                "not_allowed", 403, "requests from a web browser (with an Origin) are not accepted", close=True
+            )
         if not self._authorised(head):
             self.state.refusals.log("request without the stream's secret", stream=self.stream.name, client=str(client))
             return _refuse("unauthorised", 401, f"missing or wrong {self.auth_header} header", close=True)

@@ -35,6 +35,7 @@ from pathlib import Path
 import msgspec
 import orjson
 
+from receiver import __version__
 from receiver.config import Config, TLSConfig, default_config, listen_url, load_config, load_journal_config
 from receiver.errors import ConfigError, LogBridgeError
 from receiver.health import check_sinks
@@ -57,6 +58,7 @@ from sinks.fields import TlsOptions
 log = logging.getLogger("log_bridge")
 
 CONFIG_ENV = "LOG_BRIDGE_CONFIG"
+NO_CONFIG = f"no configuration: pass --config FILE or set {CONFIG_ENV}"
 
 
 def _config_path(given: str | None) -> str | None:
@@ -67,7 +69,7 @@ def _load(given: str | None, *, required: bool) -> Config:
     path = _config_path(given)
     if path is None:
         if required:
-            raise ConfigError([f"no configuration: pass --config FILE or set {CONFIG_ENV}"])
+            raise ConfigError([NO_CONFIG])
         return default_config()
     return load_config(path)
 
@@ -270,11 +272,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     if unknown:
         print(f"log-bridge check: no sink named {', '.join(map(repr, unknown))} in the configuration", file=sys.stderr)
         return 2
-    try:
-        results = asyncio.run(check_sinks(config, names, args.timeout))
-    except SinkError as exc:
-        print(f"log-bridge check: {exc}", file=sys.stderr)
-        return 2
+    results, unbuilt = asyncio.run(check_sinks(config, names, args.timeout))
     width = max(len(name) for name in names)
     for name, health in results.items():
         verdict = "ok    " if health.ok else "FAILED"
@@ -292,6 +290,8 @@ def cmd_check(args: argparse.Namespace) -> int:
         except ConfigError as exc:  # the redis extra is not installed
             _print_errors(exc)
             return 2
+    if unbuilt:  # the configuration itself needs a change (a file it names is missing), not the sink's end
+        return 2
     return 1 if failed or not store_ok else 0
 
 
@@ -326,11 +326,8 @@ def cmd_send_test(args: argparse.Namespace) -> int:
         headers["Content-Encoding"] = "gzip"
     for header in args.header:
         name, sep, value = header.partition(":")
-        if not sep or not name.strip():
-            print(
-                f"log-bridge send-test: --header must look like 'Name: value' (got {name.strip()!r}...)",
-                file=sys.stderr,
-            )
+        if not sep or not name.strip():  # not quoted back: what was meant as a header may be a secret
+            print("log-bridge send-test: --header must look like 'Name: value'", file=sys.stderr)
             return 2
         headers[name.strip()] = value.strip()
     try:
@@ -354,7 +351,7 @@ def _journal_path(given: str | None) -> Path | None:
     path = _config_path(given)
     try:
         if path is None:
-            raise ConfigError([f"no configuration: pass --config FILE or set {CONFIG_ENV}"])
+            raise ConfigError([NO_CONFIG])
         return load_journal_config(path).path
     except ConfigError as exc:
         _print_errors(exc)
@@ -541,11 +538,23 @@ def cmd_drain(args: argparse.Namespace) -> int:
 # --- the parser ----------------------------------------------------------------------------------
 
 
+def _seconds(text: str) -> float:
+    """A `--timeout`: a number of seconds above 0 (0 or less would give up before trying, NaN never)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds above 0 (got {text!r})")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface."""
     parser = argparse.ArgumentParser(
         prog="log-bridge", description="Receive WorkOS audit-log streams and deliver them to your sinks."
     )
+    parser.add_argument("--version", action="version", version=f"log-bridge {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     config_help = f"YAML configuration file (default: ${CONFIG_ENV})"
 
@@ -593,7 +602,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument("--config", "-c", help=config_help)
     check.add_argument("--sink", action="append", help="only this sink (repeatable)")
-    check.add_argument("--timeout", type=float, default=30.0, help="seconds each check may take (default 30)")
+    check.add_argument("--timeout", type=_seconds, default=30.0, help="seconds each check may take (default 30)")
     check.set_defaults(func=cmd_check)
 
     send = commands.add_parser(
@@ -608,7 +617,7 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("--gzip", action="store_true", help="gzip the body")
     send.add_argument("--cafile", help="CA bundle to verify an https URL")
     send.add_argument("--insecure", action="store_true", help="do not verify the https certificate")
-    send.add_argument("--timeout", type=float, default=30.0)
+    send.add_argument("--timeout", type=_seconds, default=30.0, help="seconds to wait for the answer (default 30)")
     send.set_defaults(func=cmd_send_test)
 
     drain = commands.add_parser(
@@ -619,7 +628,7 @@ def build_parser() -> argparse.ArgumentParser:
         "gone; never on a journal a running `serve` uses.",
     )
     drain.add_argument("--config", "-c", help=config_help)
-    drain.add_argument("--timeout", type=float, default=300.0, help="seconds to keep trying (default 300)")
+    drain.add_argument("--timeout", type=_seconds, default=300.0, help="seconds to keep trying (default 300)")
     drain.set_defaults(func=cmd_drain)
 
     dlq = commands.add_parser(
@@ -674,6 +683,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "count", 1) is not None and getattr(args, "count", 1) < 1:
         print("log-bridge: --count must be at least 1", file=sys.stderr)
+        return 2
+    if args.command != "serve" and "config" in args and _config_path(args.config) is None:  # only serve has a default
+        print(f"log-bridge {args.command}: {NO_CONFIG}", file=sys.stderr)
         return 2
     try:
         return int(args.func(args))

@@ -531,6 +531,7 @@ class DeliveryEngine:
         self.runners: dict[str, SinkRunner] = {}
         self._tasks: dict[str, list[asyncio.Task[None]]] = {}
         self._hurried = asyncio.Event()
+        self._abandoned = asyncio.Event()
         active = active_sinks(config)
         for name in active:
             self.runners[name] = self._runner(name, config, active)
@@ -647,6 +648,10 @@ class DeliveryEngine:
                 if runner.legacy.get(name) == math.inf:
                     runner.legacy[name] = until
 
+    def abandon(self) -> None:
+        """Stop now: `stop` waits no longer for the sinks to drain (what they hold stays in the journal)."""
+        self._abandoned.set()
+
     def hurry(self) -> None:
         """The process is stopping: a reload stops waiting for retired sinks' sends in progress (what they
         were sending stays at their cursors)."""
@@ -673,13 +678,22 @@ class DeliveryEngine:
         if close:
             await _close(self.sinks.pop(name))
 
-    async def stop(self, deadline: float) -> bool:
-        """Let the sinks drain the backlog for up to `deadline` seconds, then close them. True if all drained."""
+    async def stop(self, deadline: float) -> dict[str, int]:
+        """Let the sinks drain the backlog for up to `deadline` seconds, then close them. Returns the sinks still
+        delivering then, with the events each had left (empty: all drained)."""
         for runner in self.runners.values():
             runner.stop()
-        runs = [tasks[0] for tasks in self._tasks.values()]
+        runs = {tasks[0]: name for name, tasks in self._tasks.items()}
         others = [task for tasks in self._tasks.values() for task in tasks[1:]]
-        done, pending = await asyncio.wait(runs, timeout=deadline) if runs else (set(), set())
+        if runs:
+            every = asyncio.ensure_future(asyncio.wait(runs))
+            abandoned = asyncio.ensure_future(self._abandoned.wait())
+            await asyncio.wait([every, abandoned], timeout=deadline, return_when=asyncio.FIRST_COMPLETED)
+            every.cancel()
+            abandoned.cancel()
+        done = {task for task in runs if task.done()}
+        pending = set(runs) - done
+        left = {runs[task]: self.runners[runs[task]].owed() for task in pending}
         for task in [*pending, *others]:
             task.cancel()
         await asyncio.gather(*pending, *others, return_exceptions=True)
@@ -688,7 +702,7 @@ class DeliveryEngine:
                 log.error("sink runner failed", extra={"task": task.get_name(), "error": repr(task.exception())})
         for sink in self.sinks.values():
             await _close(sink)
-        return not pending
+        return left
 
 
 async def _unless_refused(write: Awaitable[None], what: str) -> None:

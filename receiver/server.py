@@ -907,7 +907,14 @@ class Service:
         if self.workos is not None:
             await self.workos.stop()
         if self.engine is not None:
-            drained = await self.engine.stop(self.config.server.shutdown_timeout)
+            left = await self.engine.stop(self.config.server.shutdown_timeout)
+            if left:
+                log.warning(
+                    "shutdown_timeout ended before these sinks delivered everything; it stays in the journal for "
+                    "the next start",
+                    extra={"events_left": left},
+                )
+            drained = not left
         # No new connections; then the front's own finish (what it hands to aiohttp meanwhile, aiohttp's
         # shutdown then finishes too); then aiohttp's: a connection handed to aiohttp after its shutdown
         # began would be closed by nobody.
@@ -956,6 +963,9 @@ async def serve(
     service: Service | None = None
 
     def on_stop() -> None:
+        if stop.is_set() and service is not None and service.engine is not None:  # Ctrl-C twice
+            log.warning("second signal: stopping without waiting for the sinks; what they hold stays in the journal")
+            service.engine.abandon()
         stop.set()
         if service is not None:  # at once, even while a reload runs: the stop itself comes after it
             service.stopping()
@@ -984,7 +994,10 @@ async def serve(
             log.info("SIGHUP: reloading the configuration", extra={"path": path})
             await service.reload()
         hangup.cancel()
-    log.info("stopping: refusing new batches, draining sinks")
+    log.info(
+        "stopping: refusing new batches, draining sinks",
+        extra={"shutdown_timeout_s": service.config.server.shutdown_timeout},
+    )
     await service.stop()
     # From here the loop's handler goes away with the loop; a HUP must still not kill the process.
     loop.remove_signal_handler(signal.SIGHUP)

@@ -3,10 +3,12 @@ serving needs."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import shlex
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -115,3 +117,40 @@ class TestMake:
                 for stamp in command[1:]:
                     Path(stamp).touch()
         assert installed_extras(make_commands("run", tmp_path)) == set()
+
+
+EXAMPLES = sorted(REPO.glob("examples/*.yaml"))
+
+
+class TestExamples:
+    @pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
+    def test_its_header_names_the_variables_it_needs_and_it_validates_with_them(self, path: Path) -> None:
+        """Was a defect: examples/all-sinks.yaml said `Check it with: log-bridge validate ...`, which failed with
+        six unset variables its comments never named."""
+        lines = path.read_text().splitlines()
+        header = "\n".join(line for line in itertools.takewhile(lambda line: line.startswith("#"), lines))
+        body = "\n".join(line for line in lines if not line.lstrip().startswith("#"))
+        needed = set(re.findall(r"\$\{(\w+)\}", body))  # those without a default
+        assert [name for name in sorted(needed) if name not in header] == []
+        result = subprocess.run(
+            [sys.executable, "-m", "receiver.cli", "validate", "--skip-tls-files", "--config", str(path)],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, **dict.fromkeys(needed, "any-value")},
+        )
+        assert result.returncode == 0, result.stderr
+        # The commands the header shows (indented lines, `\` continued), as a newcomer pastes them from the root.
+        shown = re.sub(r"\\\n#\s+", " ", "\n".join(line for line in header.splitlines() if line.startswith("#   ")))
+        for command in re.findall(r"^#\s+(.*\bvalidate\b.*)$", shown, re.M):
+            command = command.replace(".venv/bin/log-bridge", f"{shlex.quote(sys.executable)} -m receiver.cli")
+            pasted = subprocess.run(
+                ["sh", "-c", command],
+                cwd=REPO,
+                capture_output=True,
+                text=True,
+                timeout=60,
+                env={k: v for k, v in os.environ.items() if k not in needed},
+            )
+            assert pasted.returncode == 0 and "configuration OK" in pasted.stdout, (command, pasted.stderr)

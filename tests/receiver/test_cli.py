@@ -171,6 +171,29 @@ class TestDlqList:
             err = listing.stderr.read()
             assert listing.wait(timeout=60) == 141 and err == b"", err
 
+    async def test_a_listing_cut_short_by_its_reader_ends_quietly(self, tmp_path: Path) -> None:
+        """`log-bridge dlq list | head -1`: the reader closes the pipe after one line; the listing stops without a
+        word (a BrokenPipeError traceback before), its status that of a program SIGPIPE ended (141)."""
+        journal = tmp_path / "j.db"
+        await dead_letter(journal, "fwd", events(3000))  # far more than a pipe's buffer
+        config = write_config(tmp_path, str(journal), ["fwd"], ["fwd"])
+
+        def head_1() -> tuple[bytes, int, bytes]:
+            with subprocess.Popen(
+                [sys.executable, "-m", "receiver.cli", "dlq", "list", "--config", str(config)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+            ) as listing:
+                assert listing.stdout is not None and listing.stderr is not None
+                first = listing.stdout.readline()
+                listing.stdout.close()
+                err = listing.stderr.read()
+                return first, listing.wait(timeout=60), err
+
+        first, code, err = await asyncio.to_thread(head_1)
+        assert code == 141 and err == b"", err
+        assert orjson.loads(first)["sink"] == "fwd"
+
 
 async def bad_input(path: Path, count: int) -> None:
     """Make the intake dead-letter `count` elements (bad input), one request each."""
@@ -502,3 +525,35 @@ class TestMissingJournal:
             assert conn.execute("PRAGMA journal_mode").fetchone() == ("delete",)
         finally:
             conn.close()
+
+
+class TestUnusableJournal:
+    """A journal the commands cannot use is one line naming it and why, exit 2, never a traceback."""
+
+    @pytest.mark.parametrize("command", [["dlq", "list"], ["dlq", "replay"], ["dlq", "purge", "--all"], ["drain"]])
+    def test_a_file_that_is_not_a_journal_is_one_line(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str], command: list[str]
+    ) -> None:
+        journal = tmp_path / "j.db"
+        journal.write_bytes(b"not a database, something else entirely\n" * 100)
+        config = write_config(tmp_path, str(journal), ["fwd"], ["fwd"])
+        assert main([*command, "--config", str(config)]) == 2
+        captured = capsys.readouterr()
+        (line,) = captured.err.splitlines()
+        assert line.startswith(f"log-bridge {command[0]}") and f"journal {journal}" in line
+        assert "not a log-bridge journal or is damaged" in line and captured.out == ""
+
+    async def test_drain_on_a_journal_a_service_serves_from_is_one_line(
+        self, tmp_path: Path, start_service: StartService, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        service = await start_service()
+        config = write_config(tmp_path, str(service.config.journal.path), ["mem"], ["mem"], name="cli.yaml")
+        drained = await asyncio.create_subprocess_exec(  # another process, as an operator runs it
+            *[sys.executable, "-m", "receiver.cli", "drain", "--config", str(config), "--timeout", "1"],
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await drained.communicate()
+        assert drained.returncode == 2, out + err
+        (line,) = err.decode().splitlines()
+        assert line.startswith("log-bridge drain: cannot start:") and "another log-bridge process" in line

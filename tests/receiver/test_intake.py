@@ -394,6 +394,42 @@ class TestAllowlist:
                     assert response.status == expected, forwarded
 
 
+class TestBrowsers:
+    """A web page open in a browser on the receiver's machine reaches a loopback receiver from an allowed address
+    (a form or a fetch() to http://127.0.0.1:8080/workos needs no CORS preflight with a text/plain or form
+    body): on a stream without a secret, as `serve` without a configuration runs, it could write forged audit
+    events. A browser says where such a request comes from in `Origin`; WorkOS's servers never send one."""
+
+    async def test_a_request_with_an_origin_is_refused_on_a_stream_without_a_secret(
+        self, start_service: StartService, client: aiohttp.ClientSession
+    ) -> None:
+        service = await start_service({"streams": [{"name": "workos", "path": "/workos", "sinks": ["mem"]}]})
+        forged = orjson.dumps(sample_wrappers(1))
+        for extra in ({"Origin": "https://attacker.example"}, {"Origin": "null"}):
+            headers = {"Content-Type": "text/plain", **extra}
+            async with client.post(service.url + "/workos", data=forged, headers=headers) as response:
+                assert response.status == 403, extra
+                assert "web browser" in (await response.json())["error"]
+        async with client.post(service.url + "/workos", data=forged) as response:
+            assert response.status == 200  # the same request, as a server sends it
+        assert len(await delivered(1)) == 1
+        refused = scrape(service.metrics.render().decode(), "log_bridge_requests_refused_total", reason="not_allowed")
+        assert refused == 2
+
+    async def test_with_a_secret_the_secret_decides(
+        self, start_service: StartService, client: aiohttp.ClientSession
+    ) -> None:
+        # A page cannot send the secret header without a CORS preflight the receiver never approves, and does not
+        # know the secret: an Origin there refuses nothing (a sender that adds one is not cut off).
+        service = await start_service()
+        forged = orjson.dumps(sample_wrappers(1))
+        headers = {"Content-Type": "text/plain", "Origin": "https://attacker.example"}
+        async with client.post(service.url + "/workos", data=forged, headers=headers) as response:
+            assert response.status == 401
+        async with client.post(service.url + "/workos", data=forged, headers={**headers, **AUTH}) as response:
+            assert response.status == 200
+
+
 class TestTLS:
     @pytest.fixture
     def pki(self, tmp_path: Path) -> dict[str, Any]:
