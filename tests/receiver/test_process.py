@@ -368,8 +368,11 @@ class TestRunningProcess:
                 run_cli, "send-test", f"http://127.0.0.1:{port}/workos", "-H", f"Authorization: {TOKEN}"
             )
             assert sent.returncode == 0, sent.stderr
-            server.proc.send_signal(signal.SIGINT)
             deadline = time.monotonic() + 20
+            while len(delivered_keys(tmp_path)) < 3:  # the sink that is up delivers them first (within max_wait)
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.05)
+            server.proc.send_signal(signal.SIGINT)
             while b'"stopping' not in log.read_bytes():
                 assert time.monotonic() < deadline and server.proc.poll() is None
                 await asyncio.sleep(0.05)
