@@ -736,10 +736,14 @@ class Service:
                     extra={"error": type(exc).__name__, "where": where_raised(exc)},
                 )
                 applied = False
-            self.metrics.reloads.labels("success" if applied else "failure").inc()
-            if applied:
-                self.metrics.last_reload.set(time.time())
+            self._count_reload(applied)
             return applied
+
+    def _count_reload(self, applied: bool) -> None:
+        """A reload (of the configuration, or of TLS files by the watch) in the metrics."""
+        self.metrics.reloads.labels("success" if applied else "failure").inc()
+        if applied:
+            self.metrics.last_reload.set(time.time())
 
     async def _reload(self) -> bool:
         if self.path is None:
@@ -874,11 +878,10 @@ class Service:
                         "TLS files changed, but cannot be used; still serving the previous certificate",
                         extra={"problems": problems},
                     )
-                    self.metrics.reloads.labels("failure").inc()
+                    self._count_reload(False)
                     continue
                 self.tls.use(fresh)
-                self.metrics.reloads.labels("success").inc()
-                self.metrics.last_reload.set(time.time())
+                self._count_reload(True)
                 log.info("TLS files changed: the new certificate is in use", extra={"cert_file": str(tls.cert_file)})
 
     async def _prune_dedup_forever(self) -> None:
