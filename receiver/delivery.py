@@ -46,6 +46,9 @@ IDLE_POLL = 1.0
 
 READ_BYTES = 8 << 20
 """Bytes of events a sink behind reads from the journal at a time, at least (twice its batch.max_bytes if more)."""
+PENDING_MIN_WAIT = 0.1
+"""The least wait before asking a sink again about events it answered PENDING, whatever wait it asked for."""
+
 HEALTH_RECHECK = 30.0
 """How often a red sink with nothing to send runs its health check again: no send will say it is back."""
 
@@ -431,6 +434,8 @@ class SinkRunner:
                 break
             pending_only = not retry
             delay = result.retry_after or 0.0
+            if pending:
+                delay = max(delay, PENDING_MIN_WAIT)
             if retry:
                 self.metrics.failed.labels(self.name, "retry").inc(len(retry))
                 reason = retry[0][1]

@@ -26,6 +26,8 @@ class MemorySink:
         reject_actions: tuple[str, ...] = ()
         pending_asks: int = Field(0, ge=0, le=100)
         """Answer PENDING this many times for each event before keeping it, like a peer that confirms later."""
+        pending_wait: float = Field(0.01, ge=0, le=60)
+        """Seconds the PENDING answers ask the engine to wait before asking again (0: no wait asked)."""
 
     def __init__(self, name: str, config: MemorySink.Config | None = None) -> None:
         self.name = name
@@ -33,6 +35,7 @@ class MemorySink:
         self.fail: FailMode = config.fail
         self.reject_actions = set(config.reject_actions)
         self.pending_asks = config.pending_asks
+        self.pending_wait = config.pending_wait
         self.events: list[Event] = []
         self.batch_sizes: list[int] = []
         self.closed = False
@@ -54,7 +57,7 @@ class MemorySink:
                 failures[event.seq] = Verdict.permanent(f"memory sink rejects action {event.action}")
             elif asked < self.pending_asks:
                 self._asked[event.seq] = asked + 1
-                failures[event.seq] = Verdict.pending("memory sink awaiting its own confirmation", 0.01)
+                failures[event.seq] = Verdict.pending("memory sink awaiting its own confirmation", self.pending_wait)
             else:
                 self._asked.pop(event.seq, None)
                 self.events.append(event)

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from receiver.config import RetryConfig
-from receiver.delivery import action_filter, backoff
+from receiver.delivery import PENDING_MIN_WAIT, action_filter, backoff
 from receiver.errors import JournalError
 from receiver.journal import list_dead_letters, replay_dead_letters
 from receiver.journal.schema import INTAKE
@@ -440,6 +440,18 @@ class TestSinkHealth:
         assert 'outcome="retry",sink="mem"' not in text  # PENDING is no failed send
         assert list_dead_letters(service.config.journal.path) == []  # and max_attempts: 1 was never used up
         assert service.engine is not None and service.engine.runners["mem"].health.ok
+
+    async def test_a_pending_answer_that_asks_no_wait_is_asked_about_again_after_a_pause(
+        self, start_service: StartService
+    ) -> None:
+        """A sink answering PENDING without a wait made the engine ask again at once, in a loop that only yielded
+        to the event loop: a hundred asks in a few milliseconds, CPU spent for nothing while the peer confirms."""
+        service = await start_service({"sinks": {"mem": {"pending_asks": 100, "pending_wait": 0}}})
+        await send(service, events(1))
+        await until(lambda: len(memory().batch_sizes) >= 2)
+        await asyncio.sleep(0.5)
+        assert not memory().events
+        assert len(memory().batch_sizes) <= 1 + 0.5 / PENDING_MIN_WAIT + 1, memory().batch_sizes
 
     async def test_a_sink_that_refuses_every_event_is_down_though_its_check_passes(
         self, start_service: StartService
