@@ -20,6 +20,7 @@ import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     Field,
     SecretStr,
     ValidationError,
@@ -41,6 +42,7 @@ from sinks.fields import (
     PositiveDuration,
     SinkConfig,
     has_control_character,
+    no_nul_byte,
 )
 from sinks.http_client import header_secrets
 
@@ -100,15 +102,16 @@ def _allowlist_entry(value: str) -> str:
 
 
 _NetworkEntry = Annotated[str, AfterValidator(_network_entry)]
+_LocalPath = Annotated[Path, BeforeValidator(no_nul_byte)]
 _AllowlistEntry = Annotated[str, AfterValidator(_allowlist_entry)]
 
 
 class TLSConfig(_Model):
     """HTTPS for the listener; `client_ca_file` turns on mutual TLS."""
 
-    cert_file: Path
-    key_file: Path
-    client_ca_file: Path | None = None
+    cert_file: _LocalPath
+    key_file: _LocalPath
+    client_ca_file: _LocalPath | None = None
 
 
 class AdminConfig(_Model):
@@ -179,7 +182,7 @@ class DedupStoreConfig(_Model):
     key_prefix: str = Field("log-bridge:dedup:", min_length=1)
     timeout: Duration = Field(0.25, gt=0, le=10)
     """Longest wait for one round trip to Redis; past it the request is deduplicated locally only."""
-    ca_file: Path | None = None
+    ca_file: _LocalPath | None = None
     """CA bundle that signed the Redis server's certificate (rediss://), when not a public CA."""
 
     @field_validator("url")
@@ -229,7 +232,7 @@ class DedupStoreConfig(_Model):
 class JournalConfig(_Model):
     """The durable SQLite journal."""
 
-    path: Path = Path("./data/journal.db")
+    path: _LocalPath = Path("./data/journal.db")
     max_bytes: ByteSize = Field(1024**3, gt=0)
     """Cap on the undelivered events' bytes (the backlog); dedup keys do not count."""
     max_dead_letter_bytes: ByteSize = Field(256 * 1024**2, gt=0)

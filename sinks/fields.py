@@ -41,6 +41,8 @@ __all__ = [
     "parse_size",
     "reject_boolean",
     "ConfigModel",
+    "FilePath",
+    "no_nul_byte",
 ]
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
@@ -153,6 +155,16 @@ def _secret(value: SecretStr) -> SecretStr:
     return SecretStr(text)
 
 
+def no_nul_byte(value: object) -> object:
+    """A file path as given, refused when it holds a NUL byte: no path can (the open or stat raised)."""
+    if isinstance(value, str) and "\0" in value:
+        raise ValueError("holds a NUL byte, which no file path can")
+    return value
+
+
+FilePath = Annotated[str, Field(min_length=1), BeforeValidator(no_nul_byte)]
+"""A path to a file the service opens."""
+
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 """Seconds; YAML may say `500ms`, `1s`, `24h` or a number."""
 
@@ -198,11 +210,11 @@ class TlsOptions(SinkConfig):
 
     verify: bool = True
     """Check the certificate and the host name; `false` skips both (a test peer only)."""
-    ca_file: str | None = Field(default=None, min_length=1)
+    ca_file: FilePath | None = None
     """PEM bundle of the CA(s) that sign the server's certificate; the system store when unset."""
-    cert_file: str | None = Field(default=None, min_length=1)
+    cert_file: FilePath | None = None
     """PEM client certificate (chain) for mutual TLS."""
-    key_file: str | None = Field(default=None, min_length=1)
+    key_file: FilePath | None = None
     """PEM private key of `cert_file`."""
 
     @model_validator(mode="after")

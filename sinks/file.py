@@ -20,6 +20,7 @@ from pydantic import Field
 
 from sinks.base import ByteSize, Event, Health, SendResult, SinkConfig
 from sinks.errors import SinkError
+from sinks.fields import FilePath
 
 _TIME = attrgetter("time")
 
@@ -30,7 +31,7 @@ class FileSink:
     class Config(SinkConfig):
         """Options of the file sink."""
 
-        path: str = Field(min_length=1)
+        path: FilePath
         max_file_bytes: ByteSize | None = Field(None, gt=0)
         """Rotate a file once it reaches this size: it is renamed `<name>.<n><suffix>`."""
 

@@ -524,6 +524,41 @@ class TestValidateLoadsTheTlsFiles:
         trustme.CA().cert_pem.write_to_path(str(tmp_path / "missing.pem"))
         assert validate(path).returncode == 0
 
+    @pytest.mark.parametrize(
+        ("where", "change"),
+        [
+            ("server.tls.cert_file", {"server": {"tls": {"cert_file": "a\0b.crt", "key_file": "k.key"}}}),
+            (
+                "server.tls.client_ca_file",
+                {"server": {"tls": {"cert_file": "c", "key_file": "k", "client_ca_file": "\0"}}},
+            ),
+            ("journal.path", {"journal": {"path": "data/\0journal.db"}}),
+            (
+                "journal.dedup_store.ca_file",
+                {"journal": {"dedup_store": {"type": "redis", "url": "rediss://cache:6380/0", "ca_file": "ca\0.pem"}}},
+            ),
+            ("sinks.archive.path", {"sinks": {"archive": {"type": "file", "path": "out\0.ndjson"}}}),
+            (
+                "sinks.archive.tls.ca_file",
+                {"sinks": {"archive": {"type": "http", "url": "https://h.example.com/in", "tls": {"ca_file": "\0"}}}},
+            ),
+        ],
+    )
+    def test_a_path_holding_a_nul_byte_is_a_configuration_error(
+        self, tmp_path: Path, where: str, change: dict[str, Any]
+    ) -> None:
+        """A NUL byte in a file path passed `validate --skip-tls-files` and was a traceback (`ValueError: embedded
+        null byte`) in `validate` and at start."""
+        tree = yaml.safe_load(GOOD_FILE)
+        for section, value in change.items():
+            tree[section] = {**tree.get(section, {}), **value}
+        path = tmp_path / "config.yaml"
+        path.write_text(yaml.safe_dump(tree))
+        for options in ((), ("--skip-tls-files",)):
+            result = validate(path, *options)
+            assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+            assert f"  {where}: holds a NUL byte, which no file path can" in result.stderr.splitlines(), result.stderr
+
 
 class TestSinkNames:
     @staticmethod
