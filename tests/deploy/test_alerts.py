@@ -31,6 +31,7 @@ JOB = "log-bridge"
 HTTPS = "GenericHttps"
 ALERTS = {
     "LogBridgeSinkDown": "sinkDown",
+    "LogBridgeSinkFlapping": "sinkFlapping",
     "LogBridgeSinkBacklogGrowing": "sinkBacklogGrowing",
     "LogBridgeEventsDeadLettered": "deadLetters",
     "LogBridgeJournalNearlyFull": "journalNearlyFull",
@@ -96,6 +97,7 @@ def fires(alert: str, at: str, *expected: tuple[dict[str, str], str]) -> dict[st
 
 SEVERITY = {
     "LogBridgeSinkDown": "critical",
+    "LogBridgeSinkFlapping": "warning",
     "LogBridgeSinkBacklogGrowing": "warning",
     "LogBridgeEventsDeadLettered": "warning",
     "LogBridgeJournalNearlyFull": "warning",
@@ -132,6 +134,27 @@ CASES: dict[str, dict[str, Any]] = {
             fires("LogBridgeSinkDown", "14m"),  # down 9 minutes: not yet
             fires("LogBridgeSinkDown", "16m", (target(sink="splunk"), "Sink splunk of log-bridge-0 is down")),
             fires("LogBridgeSinkDown", "25m"),  # back up
+        ],
+    },
+    "LogBridgeSinkFlapping": {
+        "interval": "1m",
+        "input_series": [
+            # splunk is down 8 minutes in every 10 for 2h, then up: LogBridgeSinkDown never fires for it.
+            series("log_bridge_sink_up", " ".join(["0 0 0 0 0 0 0 0 1 1"] * 12 + ["1"] * 60), sink="splunk"),
+            # datadog is throttled for one minute in every 10 (a retry cures it): down 10 % of the time.
+            series("log_bridge_sink_up", " ".join(["1 1 1 1 1 1 1 1 1 0"] * 18), sink="datadog"),
+            # archive has one 5-minute outage; s3 goes down at 10m and stays down (LogBridgeSinkDown's case).
+            series("log_bridge_sink_up", "1x19 0x4 1x155", sink="archive"),
+            series("log_bridge_sink_up", "1x9 0x170", sink="s3"),
+            series("log_bridge_sink_up", " ".join(["0 1"] * 90), sink="splunk", job="other-release"),
+        ],
+        "alert_rule_test": [
+            fires(
+                "LogBridgeSinkFlapping",
+                "1h",
+                (target(sink="splunk"), "Sink splunk of log-bridge-0 keeps going down (down 80.33% of the last 1h)"),
+            ),
+            fires("LogBridgeSinkFlapping", "3h"),  # up for the last hour
         ],
     },
     "LogBridgeSinkBacklogGrowing": {
