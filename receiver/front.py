@@ -403,10 +403,15 @@ class FrontConnection(asyncio.Protocol):
             self.close()
 
     def close(self) -> None:
-        """Close the connection."""
+        """Close the connection once its answers are written; abort it if they are not read within the keep-alive
+        timeout (a transport closes only once what it holds is written, which a client that reads nothing
+        would put off for ever)."""
         self.front.connections.discard(self)
         self._release()
-        self.transport.close()
+        transport = self.transport
+        transport.close()
+        if transport.get_write_buffer_size():
+            self.loop.call_later(self.front.idle_timeout, transport.abort)
 
     def _hand_off(self) -> asyncio.Protocol:
         """Give the connection, and what was read of it, to aiohttp's handler."""

@@ -382,3 +382,47 @@ class TestSweep:
                 sock.close()
         assert front.handed_off == count
         assert worst < count * 10e-6, f"the loop ran {worst * 1000:.0f} ms at once handing off {count} connections"
+
+
+class TestUnreadAnswers:
+    @pytest.mark.parametrize("last", [b"", post(b"[]", "Content-Encoding: br")], ids=["idle", "answer-closes"])
+    async def test_a_client_that_stops_reading_its_answers_does_not_hold_its_connection(
+        self, start_service: StartService, last: bytes
+    ) -> None:
+        """A client with the secret that sends requests, reads none of their answers and then sends nothing more:
+        the front closes the connection (idle after header_timeout, or after an answer that closes it), but a
+        transport closes only once its answers are written, which this client never lets happen. The connection
+        outlived every timeout, counted against server.max_connections, until the client went away."""
+        service = await start_service({"server": {"header_timeout": "1s"}})
+        front = service._front
+        assert front is not None
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", service.port))
+        try:
+            for _ in range(200):
+                if front.connections:
+                    break
+                await asyncio.sleep(0.01)
+            (connection,) = front.connections
+            transport = connection.transport
+            # The kernel's buffers small, so that a few hundred answers fill them rather than megabytes.
+            transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            one = post(b"x")  # answered 400 (neither JSON nor NDJSON) without closing, and without the journal
+            for _ in range(5000):  # one request at a time, until an answer waits in the transport's own buffer
+                if transport.get_write_buffer_size() > 0:
+                    break
+                sock.send(one)
+                while connection.buffer or connection.task is not None:
+                    await asyncio.sleep(0.001)
+                await asyncio.sleep(0.002)
+            assert transport.get_write_buffer_size() > 0 and not connection.writing_paused
+            sock.send(last)
+            for _ in range(300):  # header_timeout (1 s) to close, and as long again for the answers to be read
+                if service._listener is not None and service._listener.open == 0:
+                    break
+                await asyncio.sleep(0.05)
+            assert service._listener is not None and service._listener.open == 0
+        finally:
+            sock.close()
