@@ -174,6 +174,45 @@ class TestSoundChecks:
         assert essence(answers[-1])[1] == b'{"status": "ok"}'
 
 
+_HEALTH = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+_SECOND = {
+    "chunked": post(b"2\r\n[]\r\n0\r\n\r\n", "Transfer-Encoding: chunked", length=False),
+    "chunked and a length": post(b"0\r\n\r\n", "Transfer-Encoding: chunked"),
+    "chunked, identity": post(b"2\r\n[]\r\n0\r\n\r\n", "Transfer-Encoding: chunked, identity", length=False),
+    "two lengths in one field": post(b"[]", "Content-Length: 2, 2", length=False),
+    "a space before the colon": post(b"[]", "Content-Length : 2", length=False),
+    "a signed length": post(b"[]", "Content-Length: +2", length=False),
+    "a huge length": post(b"[]", "Content-Length: 18446744073709551618", length=False),
+    "a folded line": post(b"[]", "X-Note: a", " b"),
+    "bare LF": post(b"[]").replace(b"\r\n", b"\n"),
+    "HTTP/1.0": post(b"[]", version="HTTP/1.0"),
+    "HEAD": b"HEAD /workos HTTP/1.1\r\nHost: x\r\n\r\n",
+    "Expect": post(b"[]", "Expect: 100-continue"),
+    "Connection: close": post(b"[]", "Connection: close"),
+    "a body longer than its length": post(b"[]x"),
+    "absolute form": post(b"[]", path="http://receiver/workos"),
+}
+
+
+async def test_what_follows_a_request_the_front_served_is_framed_as_aiohttp_frames_it(
+    pair: tuple[Service, Service],
+) -> None:
+    """Request smuggling at the hand-off: after the front served a request, the rest of the connection (a request
+    it does not take, then another) must get exactly what aiohttp alone answers to those bytes."""
+    from tests.receiver.test_front_fuzz import everything
+
+    served, aiohttp_only = pair
+    differences = []
+    for index, (name, second) in enumerate(_SECOND.items()):
+        mine = await everything(served.port, post(batch(1, 1000 + index)) + second + _HEALTH)
+        theirs = await everything(aiohttp_only.port, second + _HEALTH)
+        head, _, rest = mine.partition(b"\r\n\r\n")
+        first = rest[: int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])]
+        if not head.startswith(b"HTTP/1.1 200 ") or rest[len(first) :] != theirs or b'"accepted":1' not in first:
+            differences.append((name, mine[:400], theirs[:400]))
+    assert not differences, differences
+
+
 _BASE = post(batch(1, 900)).replace(f"Authorization: {TOKEN}\r\n".encode(), b"")
 _AUTH_CASES = {
     "right then wrong": [f"Authorization: {TOKEN}", "Authorization: Bearer wrong"],
