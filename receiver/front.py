@@ -155,13 +155,15 @@ class Front:
     def __init__(
         self,
         state: State,
-        fallback: Callable[[], asyncio.Protocol],
+        fallback: Callable[[float], asyncio.Protocol],
         *,
         idle_timeout: float,
         taken_bytes: int = TAKEN_BYTES,
     ) -> None:
         self.state = state
         self.fallback = fallback
+        """aiohttp's connection handler, for a connection handed to it: made with the loop time by which a request
+        must have arrived whole (as though aiohttp had served the connection from its start)."""
         self.budget = state.budget  # one for the process: a reload changes its limit, not the object
         self.idle_timeout = idle_timeout
         self.taken_bytes = taken_bytes
@@ -227,6 +229,7 @@ class FrontConnection(asyncio.Protocol):
         "buffer",
         "task",
         "since",
+        "idle_since",
         "paused",
         "eof",
         "waiting",
@@ -243,6 +246,9 @@ class FrontConnection(asyncio.Protocol):
         self.task: asyncio.Task[None] | None = None
         self.since = time.monotonic()
         """When the connection last became idle, or the request being read began."""
+        self.idle_since = self.since
+        """When the connection last became idle (made, or its last answer written): its next request's head must
+        have arrived whole header_timeout after, here or in aiohttp."""
         self.paused = False
         self.eof = False
         self.waiting: tuple[Intake, FrontHead, int, int] | None = None
@@ -357,7 +363,7 @@ class FrontConnection(asyncio.Protocol):
             if held:
                 intake.release()
             self.task = None
-            self.since = time.monotonic()
+            self.since = self.idle_since = time.monotonic()
         transport = self.transport
         if transport.is_closing():
             return
@@ -420,7 +426,7 @@ class FrontConnection(asyncio.Protocol):
         front.handed_off += 1
         self._release()
         transport = self.transport
-        handler = front.fallback()
+        handler = front.fallback(self.loop.time() + self.idle_since + front.idle_timeout - time.monotonic())
         transport.set_protocol(handler)
         handler.connection_made(transport)
         if self.writing_paused:  # the transport tells a protocol once; aiohttp's must know it is to wait

@@ -366,12 +366,21 @@ _MALFORMED: tuple[tuple[type[BaseException], str], ...] = (
 class _Connection(web_protocol.RequestHandler):
     """aiohttp's connection handler, answering a request it cannot parse without quoting it, in logs or answers."""
 
-    __slots__ = ("_refusals", "_malformed", "_unread")
+    __slots__ = ("_refusals", "_malformed", "_unread", "_deadline")
 
-    def __init__(self, manager: web.Server, *, refusals: RateLimitedLog, malformed: Counter, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        manager: web.Server,
+        *,
+        refusals: RateLimitedLog,
+        malformed: Counter,
+        deadline: float | None = None,
+        **kwargs: Any,
+    ) -> None:
         self._refusals = refusals
         self._malformed = malformed
         self._unread: asyncio.TimerHandle | None = None
+        self._deadline = deadline
         super().__init__(manager, **kwargs)
 
     # A client that does not read its answers would hold its connection for ever: aiohttp waits for it to read
@@ -381,6 +390,14 @@ class _Connection(web_protocol.RequestHandler):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
+        if self._deadline is not None and self._keepalive_handle is not None:
+            # Handed over by the stream front, which held the connection since it was made or last answered:
+            # aiohttp's timer for a whole head runs from then, not again from now (a head trickled in just before
+            # header_timeout would otherwise get a second header_timeout). Past it, the check runs at once: after
+            # the handler's first step, which starts waiting for a request unless one came whole with the bytes.
+            self._keepalive_handle.cancel()
+            self._next_keepalive_close_time = self._deadline
+            self._keepalive_handle = self._loop.call_at(self._deadline, self._process_keepalive)
         if self._task_handler is not None:
             self._task_handler.add_done_callback(lambda _: self._abort_unless_read(transport))
 
@@ -454,6 +471,11 @@ class _Server(web.Server):
 
     def __call__(self) -> web_protocol.RequestHandler:
         return _Connection(self, loop=asyncio.get_running_loop(), **self._connection)
+
+    def handed_off(self, deadline: float) -> web_protocol.RequestHandler:
+        """A connection the stream front hands over, closed at `deadline` (loop time) unless a request has
+        arrived whole by then."""
+        return _Connection(self, loop=asyncio.get_running_loop(), deadline=deadline, **self._connection)
 
 
 class _Runner(web.AppRunner):
@@ -627,9 +649,9 @@ class Service:
         )
         await self._runner.setup()
         aiohttp_server = self._runner.server
-        if aiohttp_server is None:
+        if not isinstance(aiohttp_server, _Server):
             raise RuntimeError("the runner is not set up")
-        self._front = Front(self.state, aiohttp_server, idle_timeout=server.header_timeout)
+        self._front = Front(self.state, aiohttp_server.handed_off, idle_timeout=server.header_timeout)
         sock = self._listener = listen_socket(server.host, server.port)
         sock.cap = connection_cap(server.max_connections, self._fd_limit)
         sock.on_refused = self._refuser(sock, "stream", "connection closed unread: server.max_connections are open")

@@ -287,6 +287,36 @@ async def test_a_head_trickled_a_byte_at_a_time_is_cut_off(start_service: StartS
     assert gone is not None and gone < 5, gone
 
 
+async def test_a_head_begun_just_before_the_header_timeout_gets_no_second_one(start_service: StartService) -> None:
+    """A client (no secret needed) that stays silent for almost header_timeout and then trickles a head: the front
+    hands it to aiohttp once it stalls, and aiohttp's timer for a whole head started again at the hand-off, so
+    the connection was held for about twice header_timeout, where aiohttp alone closes it after one."""
+    from receiver.front import SWEEP_SECONDS
+
+    timeout = 4.0
+    service = await start_service({"server": {"header_timeout": f"{timeout}s"}})
+    reader, writer = await asyncio.open_connection("127.0.0.1", service.port)
+    started = time.monotonic()
+    await asyncio.sleep(timeout - 0.5)
+    data = post(batch(1))
+    gone = None
+    for index in range(100):
+        try:
+            writer.write(data[index : index + 1])
+            await writer.drain()
+            if await asyncio.wait_for(reader.read(1024), 0.3) == b"":
+                gone = time.monotonic() - started
+                break
+        except ConnectionError:
+            gone = time.monotonic() - started
+            break
+        except TimeoutError:
+            continue
+    await closed(writer)
+    # header_timeout, then at most the stall and a sweep or two before the hand-off, and some slack.
+    assert gone is not None and gone < timeout + STALL_SECONDS + 2 * SWEEP_SECONDS + 1.0, gone
+
+
 async def test_stop_leaves_no_connection_open(start_service: StartService) -> None:
     """A keep-alive connection of the front that sends a request for aiohttp while aiohttp's server is
     shutting down (Service.stop: runner.cleanup, which waits for a slow aiohttp request, then Front.shutdown) is
