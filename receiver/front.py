@@ -26,7 +26,8 @@ from receiver.app import Answer, Intake, State, where_raised
 TAKEN_BYTES = 256 * 1024
 """The largest body this front reads itself (larger ones stream through aiohttp, which pauses the reading)."""
 MAX_HEAD = 16 * 1024
-"""The longest request head this front reads; a longer one goes to aiohttp, whose limits then apply."""
+"""The longest request head this front reads; a longer one goes to aiohttp, which refuses a head past this length
+too (`server.MAX_HEAD_BYTES`)."""
 MAX_FIELDS = 64
 MAX_HEADER_LINE = 8190
 """The longest request line or header field, as aiohttp's parser is configured (`server.py`)."""
@@ -155,13 +156,15 @@ class Front:
     def __init__(
         self,
         state: State,
-        fallback: Callable[[], asyncio.Protocol],
+        fallback: Callable[[float], asyncio.Protocol],
         *,
         idle_timeout: float,
         taken_bytes: int = TAKEN_BYTES,
     ) -> None:
         self.state = state
         self.fallback = fallback
+        """aiohttp's connection handler, for a connection handed to it: made with the loop time by which a request
+        must have arrived whole (as though aiohttp had served the connection from its start)."""
         self.budget = state.budget  # one for the process: a reload changes its limit, not the object
         self.idle_timeout = idle_timeout
         self.taken_bytes = taken_bytes
@@ -227,6 +230,7 @@ class FrontConnection(asyncio.Protocol):
         "buffer",
         "task",
         "since",
+        "idle_since",
         "paused",
         "eof",
         "waiting",
@@ -243,6 +247,9 @@ class FrontConnection(asyncio.Protocol):
         self.task: asyncio.Task[None] | None = None
         self.since = time.monotonic()
         """When the connection last became idle, or the request being read began."""
+        self.idle_since = self.since
+        """When the connection last became idle (made, or its last answer written): its next request's head must
+        have arrived whole header_timeout after, here or in aiohttp."""
         self.paused = False
         self.eof = False
         self.waiting: tuple[Intake, FrontHead, int, int] | None = None
@@ -357,7 +364,7 @@ class FrontConnection(asyncio.Protocol):
             if held:
                 intake.release()
             self.task = None
-            self.since = time.monotonic()
+            self.since = self.idle_since = time.monotonic()
         transport = self.transport
         if transport.is_closing():
             return
@@ -403,10 +410,15 @@ class FrontConnection(asyncio.Protocol):
             self.close()
 
     def close(self) -> None:
-        """Close the connection."""
+        """Close the connection once its answers are written; abort it if they are not read within the keep-alive
+        timeout (a transport closes only once what it holds is written, which a client that reads nothing
+        would put off for ever)."""
         self.front.connections.discard(self)
         self._release()
-        self.transport.close()
+        transport = self.transport
+        transport.close()
+        if transport.get_write_buffer_size():
+            self.loop.call_later(self.front.idle_timeout, transport.abort)
 
     def _hand_off(self) -> asyncio.Protocol:
         """Give the connection, and what was read of it, to aiohttp's handler."""
@@ -415,7 +427,7 @@ class FrontConnection(asyncio.Protocol):
         front.handed_off += 1
         self._release()
         transport = self.transport
-        handler = front.fallback()
+        handler = front.fallback(self.loop.time() + self.idle_since + front.idle_timeout - time.monotonic())
         transport.set_protocol(handler)
         handler.connection_made(transport)
         if self.writing_paused:  # the transport tells a protocol once; aiohttp's must know it is to wait

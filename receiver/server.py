@@ -15,7 +15,7 @@ import signal
 import socket
 import ssl
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -27,7 +27,7 @@ from receiver.app import RETRY_AFTER_BUSY, Intake, RateLimitedLog, State, build_
 from receiver.config import AdminConfig, Config, ServerConfig, TLSConfig, listen_url, load_config, secret_values
 from receiver.delivery import DeliveryEngine, build_sinks
 from receiver.errors import CertificateNotValidYet, ConfigError, JournalClosed, JournalError, LogBridgeError
-from receiver.front import MAX_HEADER_LINE, Front
+from receiver.front import MAX_HEAD, MAX_HEADER_LINE, Front
 from receiver.journal import Journal
 from receiver.limits import CappedListener, LoopErrors, connection_cap, raise_fd_limit
 from receiver.logs import scrub
@@ -347,9 +347,19 @@ closed unread, as on the stream listener, whose `server.max_connections` does no
 
 MAX_HEADERS = 128
 """aiohttp's own limits, stated here because they bound what a request costs before its body is read: at most
-MAX_HEADERS header fields of MAX_HEADER_LINE bytes each (about 1 MiB), else a 400."""
+MAX_HEADERS header fields of MAX_HEADER_LINE bytes each, else a 400."""
+MAX_HEAD_BYTES = MAX_HEAD
+"""The longest request head aiohttp reads on these listeners, as the stream front; a longer one is a 400. aiohttp's
+own limits alone let a head of about 1 MiB arrive, each field kept as bytes and as text until the head ends: about
+2 MiB held by each connection, from anyone, for header_timeout (a few hundred connections took gigabytes)."""
+
+
+class HeadTooLarge(http_exceptions.BadHttpMessage):
+    """A request head longer than MAX_HEAD_BYTES."""
+
 
 _MALFORMED: tuple[tuple[type[BaseException], str], ...] = (
+    (HeadTooLarge, f"the request head is larger than {MAX_HEAD_BYTES} bytes"),
     (http_exceptions.LineTooLong, f"a request line or header field is longer than {MAX_HEADER_LINE} bytes"),
     (http_exceptions.BadHttpMethod, "not an HTTP/1.x request (bad method; HTTPS sent to an HTTP port?)"),
     (http_exceptions.BadStatusLine, "malformed request line (lines must end in CRLF)"),
@@ -363,16 +373,64 @@ _MALFORMED: tuple[tuple[type[BaseException], str], ...] = (
 """What a malformed request is told: fixed texts, because aiohttp's own quote the offending line, secret and all."""
 
 
+class _HeadLimit:
+    """aiohttp's request parser, fed at most MAX_HEAD_BYTES at a time, refusing a request head that grows past
+    MAX_HEAD_BYTES. What follows the end of a request in the piece it ended in is not counted: a connection holds
+    at most twice MAX_HEAD_BYTES of a head."""
+
+    def __init__(self, parser: Any) -> None:
+        self._parser = parser
+        self._head = 0
+        """Bytes read since the last request's head or body ended."""
+        self._body: Any = None
+        """The last request's body (a stream reader; None before the first request)."""
+
+    def feed_data(self, data: bytes) -> tuple[Sequence[Any], bool, bytes]:
+        """aiohttp's `feed_data`, raising HeadTooLarge (which aiohttp answers like any malformed head)."""
+        found: list[Any] = []
+        for start in range(0, max(len(data), 1), MAX_HEAD_BYTES):  # b"" too: aiohttp's way to parse on
+            piece = data[start : start + MAX_HEAD_BYTES]
+            body = self._body
+            reading = body is not None and not body.is_eof()
+            before = body.total_bytes if reading else 0
+            messages, upgraded, tail = self._parser.feed_data(piece)
+            if messages:
+                found.extend(messages)
+                self._head, self._body = 0, messages[-1][1]
+            elif not reading:
+                self._head += len(piece)
+            elif body.is_eof():  # the body ended in this piece: what follows it begins the next head
+                self._head = len(piece) - (body.total_bytes - before)
+            if self._head > MAX_HEAD_BYTES:
+                raise HeadTooLarge(f"request head larger than {MAX_HEAD_BYTES} bytes")
+            if upgraded:
+                return found, True, tail + data[start + MAX_HEAD_BYTES :]
+        return found, False, b""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._parser, name)
+
+
 class _Connection(web_protocol.RequestHandler):
     """aiohttp's connection handler, answering a request it cannot parse without quoting it, in logs or answers."""
 
-    __slots__ = ("_refusals", "_malformed", "_unread")
+    __slots__ = ("_refusals", "_malformed", "_unread", "_deadline")
 
-    def __init__(self, manager: web.Server, *, refusals: RateLimitedLog, malformed: Counter, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        manager: web.Server,
+        *,
+        refusals: RateLimitedLog,
+        malformed: Counter,
+        deadline: float | None = None,
+        **kwargs: Any,
+    ) -> None:
         self._refusals = refusals
         self._malformed = malformed
         self._unread: asyncio.TimerHandle | None = None
+        self._deadline = deadline
         super().__init__(manager, **kwargs)
+        self._parser = cast(Any, _HeadLimit(self._parser))  # used through feed_data and what it passes on
 
     # A client that does not read its answers would hold its connection for ever: aiohttp waits for it to read
     # what is being written (keep-alive does not end a connection whose answer is being written), and asyncio
@@ -381,6 +439,14 @@ class _Connection(web_protocol.RequestHandler):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
+        if self._deadline is not None and self._keepalive_handle is not None:
+            # Handed over by the stream front, which held the connection since it was made or last answered:
+            # aiohttp's timer for a whole head runs from then, not again from now (a head trickled in just before
+            # header_timeout would otherwise get a second header_timeout). Past it, the check runs at once: after
+            # the handler's first step, which starts waiting for a request unless one came whole with the bytes.
+            self._keepalive_handle.cancel()
+            self._next_keepalive_close_time = self._deadline
+            self._keepalive_handle = self._loop.call_at(self._deadline, self._process_keepalive)
         if self._task_handler is not None:
             self._task_handler.add_done_callback(lambda _: self._abort_unless_read(transport))
 
@@ -454,6 +520,11 @@ class _Server(web.Server):
 
     def __call__(self) -> web_protocol.RequestHandler:
         return _Connection(self, loop=asyncio.get_running_loop(), **self._connection)
+
+    def handed_off(self, deadline: float) -> web_protocol.RequestHandler:
+        """A connection the stream front hands over, closed at `deadline` (loop time) unless a request has
+        arrived whole by then."""
+        return _Connection(self, loop=asyncio.get_running_loop(), deadline=deadline, **self._connection)
 
 
 class _Runner(web.AppRunner):
@@ -627,9 +698,9 @@ class Service:
         )
         await self._runner.setup()
         aiohttp_server = self._runner.server
-        if aiohttp_server is None:
+        if not isinstance(aiohttp_server, _Server):
             raise RuntimeError("the runner is not set up")
-        self._front = Front(self.state, aiohttp_server, idle_timeout=server.header_timeout)
+        self._front = Front(self.state, aiohttp_server.handed_off, idle_timeout=server.header_timeout)
         sock = self._listener = listen_socket(server.host, server.port)
         sock.cap = connection_cap(server.max_connections, self._fd_limit)
         sock.on_refused = self._refuser(sock, "stream", "connection closed unread: server.max_connections are open")

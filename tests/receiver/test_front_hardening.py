@@ -174,6 +174,45 @@ class TestSoundChecks:
         assert essence(answers[-1])[1] == b'{"status": "ok"}'
 
 
+_HEALTH = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+_SECOND = {
+    "chunked": post(b"2\r\n[]\r\n0\r\n\r\n", "Transfer-Encoding: chunked", length=False),
+    "chunked and a length": post(b"0\r\n\r\n", "Transfer-Encoding: chunked"),
+    "chunked, identity": post(b"2\r\n[]\r\n0\r\n\r\n", "Transfer-Encoding: chunked, identity", length=False),
+    "two lengths in one field": post(b"[]", "Content-Length: 2, 2", length=False),
+    "a space before the colon": post(b"[]", "Content-Length : 2", length=False),
+    "a signed length": post(b"[]", "Content-Length: +2", length=False),
+    "a huge length": post(b"[]", "Content-Length: 18446744073709551618", length=False),
+    "a folded line": post(b"[]", "X-Note: a", " b"),
+    "bare LF": post(b"[]").replace(b"\r\n", b"\n"),
+    "HTTP/1.0": post(b"[]", version="HTTP/1.0"),
+    "HEAD": b"HEAD /workos HTTP/1.1\r\nHost: x\r\n\r\n",
+    "Expect": post(b"[]", "Expect: 100-continue"),
+    "Connection: close": post(b"[]", "Connection: close"),
+    "a body longer than its length": post(b"[]x"),
+    "absolute form": post(b"[]", path="http://receiver/workos"),
+}
+
+
+async def test_what_follows_a_request_the_front_served_is_framed_as_aiohttp_frames_it(
+    pair: tuple[Service, Service],
+) -> None:
+    """Request smuggling at the hand-off: after the front served a request, the rest of the connection (a request
+    it does not take, then another) must get exactly what aiohttp alone answers to those bytes."""
+    from tests.receiver.test_front_fuzz import everything
+
+    served, aiohttp_only = pair
+    differences = []
+    for index, (name, second) in enumerate(_SECOND.items()):
+        mine = await everything(served.port, post(batch(1, 1000 + index)) + second + _HEALTH)
+        theirs = await everything(aiohttp_only.port, second + _HEALTH)
+        head, _, rest = mine.partition(b"\r\n\r\n")
+        first = rest[: int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])]
+        if not head.startswith(b"HTTP/1.1 200 ") or rest[len(first) :] != theirs or b'"accepted":1' not in first:
+            differences.append((name, mine[:400], theirs[:400]))
+    assert not differences, differences
+
+
 _BASE = post(batch(1, 900)).replace(f"Authorization: {TOKEN}\r\n".encode(), b"")
 _AUTH_CASES = {
     "right then wrong": [f"Authorization: {TOKEN}", "Authorization: Bearer wrong"],
@@ -246,6 +285,36 @@ async def test_a_head_trickled_a_byte_at_a_time_is_cut_off(start_service: StartS
                 break
     await closed(writer)
     assert gone is not None and gone < 5, gone
+
+
+async def test_a_head_begun_just_before_the_header_timeout_gets_no_second_one(start_service: StartService) -> None:
+    """A client (no secret needed) that stays silent for almost header_timeout and then trickles a head: the front
+    hands it to aiohttp once it stalls, and aiohttp's timer for a whole head started again at the hand-off, so
+    the connection was held for about twice header_timeout, where aiohttp alone closes it after one."""
+    from receiver.front import SWEEP_SECONDS
+
+    timeout = 4.0
+    service = await start_service({"server": {"header_timeout": f"{timeout}s"}})
+    reader, writer = await asyncio.open_connection("127.0.0.1", service.port)
+    started = time.monotonic()
+    await asyncio.sleep(timeout - 0.5)
+    data = post(batch(1))
+    gone = None
+    for index in range(100):
+        try:
+            writer.write(data[index : index + 1])
+            await writer.drain()
+            if await asyncio.wait_for(reader.read(1024), 0.3) == b"":
+                gone = time.monotonic() - started
+                break
+        except ConnectionError:
+            gone = time.monotonic() - started
+            break
+        except TimeoutError:
+            continue
+    await closed(writer)
+    # header_timeout, then at most the stall and a sweep or two before the hand-off, and some slack.
+    assert gone is not None and gone < timeout + STALL_SECONDS + 2 * SWEEP_SECONDS + 1.0, gone
 
 
 async def test_stop_leaves_no_connection_open(start_service: StartService) -> None:
@@ -382,3 +451,88 @@ class TestSweep:
                 sock.close()
         assert front.handed_off == count
         assert worst < count * 10e-6, f"the loop ran {worst * 1000:.0f} ms at once handing off {count} connections"
+
+
+class TestUnreadAnswers:
+    @pytest.mark.parametrize("last", [b"", post(b"[]", "Content-Encoding: br")], ids=["idle", "answer-closes"])
+    async def test_a_client_that_stops_reading_its_answers_does_not_hold_its_connection(
+        self, start_service: StartService, last: bytes
+    ) -> None:
+        """A client with the secret that sends requests, reads none of their answers and then sends nothing more:
+        the front closes the connection (idle after header_timeout, or after an answer that closes it), but a
+        transport closes only once its answers are written, which this client never lets happen. The connection
+        outlived every timeout, counted against server.max_connections, until the client went away."""
+        service = await start_service({"server": {"header_timeout": "1s"}})
+        front = service._front
+        assert front is not None
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", service.port))
+        try:
+            for _ in range(200):
+                if front.connections:
+                    break
+                await asyncio.sleep(0.01)
+            (connection,) = front.connections
+            transport = connection.transport
+            # The kernel's buffers small, so that a few hundred answers fill them rather than megabytes.
+            transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            one = post(b"x")  # answered 400 (neither JSON nor NDJSON) without closing, and without the journal
+            for _ in range(5000):  # one request at a time, until an answer waits in the transport's own buffer
+                if transport.get_write_buffer_size() > 0:
+                    break
+                sock.send(one)
+                while connection.buffer or connection.task is not None:
+                    await asyncio.sleep(0.001)
+                await asyncio.sleep(0.002)
+            assert transport.get_write_buffer_size() > 0 and not connection.writing_paused
+            sock.send(last)
+            for _ in range(300):  # header_timeout (1 s) to close, and as long again for the answers to be read
+                if service._listener is not None and service._listener.open == 0:
+                    break
+                await asyncio.sleep(0.05)
+            assert service._listener is not None and service._listener.open == 0
+        finally:
+            sock.close()
+
+
+class TestHeadLimit:
+    """aiohttp's limits (128 fields of 8190 bytes) let a head of about 1 MiB arrive, each field kept twice until the
+    head ends: about 2 MiB held for header_timeout by each connection, from anyone (200 connections took 400 MB).
+    A head is now refused once it grows past MAX_HEAD; what real senders send is not."""
+
+    @pytest.mark.parametrize("before", [b"", post(batch(1, 1100))], ids=["first", "after-a-served-request"])
+    async def test_a_head_that_does_not_end_is_refused_past_the_limit(
+        self, start_service: StartService, before: bytes
+    ) -> None:
+        from receiver.front import MAX_HEAD
+
+        service = await start_service({"server": {"header_timeout": "3s"}})
+        fields = b"".join(b"X-Filler-%03d: %s\r\n" % (index, b"a" * 1000) for index in range(MAX_HEAD // 1000 + 4))
+        source = "127.0.0.1" if before else "127.0.0.2"  # a stranger, or the sender once served
+        reader, writer = await asyncio.open_connection("127.0.0.1", service.port, local_addr=(source, 0))
+        writer.write(before + b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + fields)  # and never the blank line
+        answers = await asyncio.wait_for(reader.read(), 10)
+        await closed(writer)
+        assert answers.count(b"HTTP/1.") == (2 if before else 1), answers[:500]
+        assert answers.rsplit(b"HTTP/1.", 1)[1][2:].startswith(b"400 "), answers[-300:]
+        assert f"the request head is larger than {MAX_HEAD} bytes".encode() in answers
+
+    async def test_what_senders_send_is_not_refused(self, pair: tuple[Service, Service]) -> None:
+        """A head just under the limit, a chunked body in a thousand small chunks, a body aiohttp streams with a
+        request after it in the same write: the same answers as before the limit, from both fronts."""
+        from receiver.front import MAX_HEAD
+
+        half = "a" * (MAX_HEAD // 2 - 300)
+        large = post(batch(1, 1200), f"X-Large-1: {half}", f"X-Large-2: {half}")
+        body = batch(1, 1201)
+        chunks = b"".join(b"1\r\n%c\r\n" % byte for byte in body) + b"0\r\n\r\n"
+        chunked = post(chunks, "Transfer-Encoding: chunked", length=False)
+        padded = post(b"[" + b" " * (400 * 1024) + batch(1, 1202)[1:])
+        health = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+        for service in pair:
+            for data, count in ((large, 1), (chunked, 1), (padded + health, 2)):
+                answers = await responses(service.port, data, count)
+                assert [essence(a)[0] for a in answers] == [200] * count, answers
+                assert b'"accepted":1' in answers[0], answers[0]
