@@ -1135,8 +1135,10 @@ class Journal(GroupWriter):
             )
             conn.execute("DROP TABLE dedup")
             conn.execute("COMMIT")
+        # In commit order, as the index took them while serving: after a clock stepped back, keys received
+        # since are older than the newest, and loaded in time order the newest would move the window past them.
         for stream, at, keys in conn.execute(
-            "SELECT stream, at, keys FROM dedup_log WHERE at >= ? ORDER BY at", (cutoff,)
+            "SELECT stream, at, keys FROM dedup_log WHERE at >= ? ORDER BY id", (cutoff,)
         ):
             try:
                 held = orjson.loads(keys)
