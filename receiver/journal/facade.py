@@ -40,7 +40,7 @@ from receiver.journal.schema import (
     open_problem,
     store_last_seq,
 )
-from receiver.journal.segments import SEGMENT_BYTES, Damaged, Record, SegmentLog, record_meta
+from receiver.journal.segments import SEGMENT_BYTES, Damaged, Record, SegmentLog, missing, record_meta
 from receiver.journal.writer import GroupWriter, _Job
 from receiver.parsing import Parsed
 from sinks.base import Event
@@ -356,6 +356,9 @@ class Journal(GroupWriter):
         """Whether SPARE_BYTES are allocated beside the segments (writer thread, once open)."""
         self._spare_tried = 0.0
         """When the spare room was last tried while missing (monotonic)."""
+        self._stored_end = 0
+        """The last seq `meta` (`last_seq`) says was appended: kept up within MAINTAIN_EVERY, so that a start
+        knows which events the segments must hold (writer thread, once open)."""
 
     # --- life cycle --------------------------------------------------------------------------------
 
@@ -375,15 +378,30 @@ class Journal(GroupWriter):
             self.spare_held = await asyncio.to_thread(self.segments.keep_spare, SPARE_BYTES)
             if not self.spare_held:  # requests wait until it is: delivery frees room first
                 log.warning("journal: the disk lacks room for the journal's spare room", extra={"bytes": SPARE_BYTES})
-            if self.segments.damaged:
-                await asyncio.to_thread(self._keep_opened_damage, conn)
             mark = conn.execute("SELECT value FROM meta WHERE key = 'mark'").fetchone()
             self._mark = int(mark[0]) if mark else 0
+            # Events appended and not delivered that no segment holds (files removed, cut, an older backup
+            # copied back while it was stopped): lost, so said, not passed over in silence.
+            gone = missing(self._mark, last_seq(conn), self.segments.segments, self.segments.damaged)
+            if gone:
+                log.error(
+                    "journal events missing: no segment file holds events the journal had not delivered",
+                    extra={
+                        "seqs": [f"{item.first}-{item.last}" for item in gone],
+                        "segments": str(self.segments.directory),
+                    },
+                )
+                self.segments.damaged += gone
+            if self.segments.damaged:
+                await asyncio.to_thread(self._keep_opened_damage, conn)
             cursors = conn.execute("SELECT coalesce(max(seq), 0) FROM cursors").fetchone()[0]
             # Numbers never go back, even past records a damaged disk lost: nothing may reuse a seq a cursor or
             # the mark has passed (a sink would skip the event).
             self._next_seq = max(self.segments.last_seq, last_seq(conn), self._mark, int(cursors)) + 1
             self.last_seq = self._held_from = self._next_seq - 1
+            if self.last_seq > last_seq(conn):
+                await asyncio.to_thread(store_last_seq, conn, self.last_seq)
+            self._stored_end = self.last_seq
             self.size_bytes = self.segments.bytes_after(self._mark)
             self._dead_letters_base = int(conn.execute(DEAD_LETTER_BYTES).fetchone()[0])
             await asyncio.to_thread(self._load_dedup, conn, time.time(), metas)
@@ -455,6 +473,8 @@ class Journal(GroupWriter):
                 seen, taken = taken, await self.load_meta(DEAD_LETTERS_TAKEN)
                 if moved or refused or seen != taken or self.dead_letter_bytes >= self.max_dead_letter_bytes:
                     await self._recount_dead_letters()
+                if self.last_seq > self._stored_end:  # no sink's progress carried it (all of them down)
+                    await self._write(self._store_end)
             except (JournalError, sqlite3.Error) as exc:
                 log.warning("journal: cannot take replayed dead letters yet; will retry", extra={"error": str(exc)})
             if self.commits != done or failed:
@@ -522,8 +542,20 @@ class Journal(GroupWriter):
         self._pending.clear()
         self._group_mark = 0
 
+    def _last_write(self, conn: sqlite3.Connection) -> None:
+        if self.last_seq > self._stored_end:  # a statement of its own (autocommit)
+            store_last_seq(conn, self.last_seq)
+            self._stored_end = self.last_seq
+
     def _writer_closed(self) -> None:
         self.segments.close()
+
+    def _store_end(self, conn: sqlite3.Connection) -> None:
+        """Keep the last seq appended in `meta`, in the writer's transaction (writer thread)."""
+        end = self.last_seq
+        if end > self._stored_end:
+            store_last_seq(conn, end)
+            self._after_commit.append(lambda: setattr(self, "_stored_end", max(self._stored_end, end)))
 
     def _release_lock(self) -> None:
         if self._lock is not None:
@@ -1027,6 +1059,7 @@ class Journal(GroupWriter):
                 "INSERT INTO cursors (sink, seq) VALUES (?, ?) ON CONFLICT (sink) DO UPDATE SET seq = excluded.seq",
                 (sink, seq),
             )
+            self._store_end(conn)
             self._free_passed(conn, active_sinks)
 
         await self._write(write, frees_room=True)
