@@ -44,6 +44,12 @@ MIGRATIONS = (("dead_letters", "meta", "ALTER TABLE dead_letters ADD COLUMN meta
 """(table, column, statement) applied to a journal of an earlier version that lacks the column. `dead_letters.meta`
 holds `[action, time]` of a sink's dead letter, what replay needs to put it back without parsing it."""
 
+LAYOUT = 2
+"""The journal layout this version reads and writes, kept in `meta` (`layout`): 1 held the events in SQLite
+(`batches`, moved into the segments at open), 2 holds them in segment files. A version that changes what an
+earlier one cannot read raises it; a journal of a later layout than this is refused, not opened as this one's
+(its tables changed, what it keeps elsewhere passed over)."""
+
 COMPRESSION_LEVEL = 1
 """zstd level of the stored events: level 1 stores WorkOS events in a fifth to an eighth of their size for
 ≈ 3 µs of CPU per KiB, so the backlog cap holds five to eight times more events."""
@@ -62,9 +68,34 @@ def connect(path: Path, cache_kib: int | None = None) -> sqlite3.Connection:
     conn.execute("PRAGMA busy_timeout=30000")
     if cache_kib is not None:
         conn.execute(f"PRAGMA cache_size=-{int(cache_kib)}")
-    conn.executescript(SCHEMA)
-    _migrate(conn)
+    try:
+        _check_layout(conn)
+        conn.executescript(SCHEMA)
+        _migrate(conn)
+        if _layout(conn) != LAYOUT:
+            conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('layout', ?)", (LAYOUT,))
+    except BaseException:
+        conn.close()
+        raise
     return conn
+
+
+def _layout(conn: sqlite3.Connection) -> int | None:
+    """The layout `meta` names (None: a new journal, or one of a version before layouts were kept)."""
+    if not conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'").fetchone():
+        return None
+    row = conn.execute("SELECT value FROM meta WHERE key = 'layout'").fetchone()
+    return None if row is None else int(row[0])
+
+
+def _check_layout(conn: sqlite3.Connection) -> None:
+    """Refuse a journal a later version wrote, before anything in it is changed."""
+    found = _layout(conn)
+    if found is not None and found > LAYOUT:
+        raise sqlite3.DatabaseError(
+            f"it was written by a later version of log-bridge (journal layout {found}; this version reads up to "
+            f"{LAYOUT}): run that version or a later one on it"
+        )
 
 
 def _migrate(conn: sqlite3.Connection) -> None:

@@ -22,6 +22,7 @@ import yaml
 
 from receiver.cli import main
 from receiver.journal import INTAKE, list_dead_letters
+from receiver.journal.schema import LAYOUT
 from receiver.parsing import Rejected
 from receiver.samples import sample_wrappers
 from sinks.base import Event
@@ -519,6 +520,35 @@ class TestUnusableJournal:
         (line,) = captured.err.splitlines()
         assert line.startswith(f"log-bridge {command[0]}") and f"journal {journal}" in line
         assert "not a log-bridge journal or is damaged" in line and captured.out == ""
+
+    @pytest.mark.parametrize("command", [["dlq", "list"], ["dlq", "replay"], ["dlq", "purge", "--all"], ["drain"]])
+    def test_a_journal_of_a_newer_layout_is_refused_and_left_as_it_is(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str], command: list[str]
+    ) -> None:
+        """Was a defect: a journal a later version wrote (a downgrade) was opened as this version's, its tables
+        changed to this version's, and what that version keeps elsewhere passed over in silence."""
+        journal = tmp_path / "j.db"
+
+        async def make() -> None:
+            await (await opened(journal)).close()
+
+        asyncio.run(make())
+        conn = sqlite3.connect(journal)
+        conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('layout', ?)", (LAYOUT + 1,))
+        conn.execute("DROP TABLE replays")  # what this version would create again
+        conn.commit()
+        conn.close()
+        config = write_config(tmp_path, str(journal), ["fwd"], ["fwd"])
+        assert main([*command, "--config", str(config)]) == 2
+        captured = capsys.readouterr()
+        (line,) = captured.err.splitlines()
+        assert line.startswith(f"log-bridge {command[0]}") and f"journal {journal}" in line
+        assert f"written by a later version of log-bridge (journal layout {LAYOUT + 1}" in line
+        conn = sqlite3.connect(journal)
+        try:
+            assert conn.execute("SELECT name FROM sqlite_master WHERE name = 'replays'").fetchone() is None
+        finally:
+            conn.close()
 
     async def test_drain_on_a_journal_a_service_serves_from_is_one_line(
         self, tmp_path: Path, start_service: StartService, capsys: pytest.CaptureFixture[str]
