@@ -63,13 +63,13 @@ def connect(path: Path, cache_kib: int | None = None) -> sqlite3.Connection:
     """A connection with the journal's durability settings and schema (migrated to this version)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30.0)
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=FULL")
-    conn.execute("PRAGMA busy_timeout=30000")
-    if cache_kib is not None:
-        conn.execute(f"PRAGMA cache_size=-{int(cache_kib)}")
     try:
-        _check_layout(conn)
+        _check_layout(conn)  # before WAL mode, which stays with the file for good
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA busy_timeout=30000")
+        if cache_kib is not None:
+            conn.execute(f"PRAGMA cache_size=-{int(cache_kib)}")
         conn.executescript(SCHEMA)
         _migrate(conn)
         if _layout(conn) != LAYOUT:
@@ -88,8 +88,18 @@ def _layout(conn: sqlite3.Connection) -> int | None:
     return None if row is None else int(row[0])
 
 
+JOURNAL_TABLES = frozenset({"cursors", "dedup_log", "dead_letters", "meta", "replays", "batches", "dedup"})
+"""The tables of a journal, of this version or an earlier one: a database holding tables but none of them is
+another program's."""
+
+
 def _check_layout(conn: sqlite3.Connection) -> None:
-    """Refuse a journal a later version wrote, before anything in it is changed."""
+    """Refuse another program's database, or a journal a later version wrote, before anything in it changes."""
+    tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    if tables and not tables & JOURNAL_TABLES:
+        raise sqlite3.DatabaseError(
+            "the file is not a log-bridge journal (another SQLite database: none of its tables)"
+        )
     found = _layout(conn)
     if found is not None and found > LAYOUT:
         raise sqlite3.DatabaseError(

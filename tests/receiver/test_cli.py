@@ -504,6 +504,33 @@ class TestMissingJournal:
         finally:
             conn.close()
 
+    @pytest.mark.parametrize("command", ["serve", "drain"])
+    def test_another_sqlite_database_is_not_served_from(self, tmp_path: Path, command: str) -> None:
+        """Was a defect: `serve` and `drain` on another program's SQLite database added the journal's tables to
+        it, turned it to WAL mode for good, and served from it."""
+        other = tmp_path / "app.db"
+        conn = sqlite3.connect(other)
+        conn.execute("CREATE TABLE users (name TEXT)")
+        conn.commit()
+        conn.close()
+        config = write_config(tmp_path, str(other), ["fwd"], ["fwd"])
+        done = subprocess.run(  # another process, as an operator runs it (`serve` would not return otherwise)
+            [sys.executable, "-m", "receiver.cli", command, "--config", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert done.returncode == 2
+        (line,) = done.stderr.splitlines()
+        assert f"cannot open the journal {other}: the file is not a log-bridge journal" in line
+        conn = sqlite3.connect(other)
+        try:
+            assert conn.execute("SELECT name FROM sqlite_master").fetchall() == [("users",)]
+            assert conn.execute("PRAGMA journal_mode").fetchone() == ("delete",)
+        finally:
+            conn.close()
+
 
 class TestUnusableJournal:
     """A journal the commands cannot use is one line naming it and why, exit 2, never a traceback."""
