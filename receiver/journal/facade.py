@@ -8,6 +8,7 @@ import contextlib
 import errno
 import fcntl
 import logging
+import os
 import sqlite3
 import time
 from collections import deque
@@ -110,20 +111,38 @@ outage. A journal whose `max_bytes` is under four times this compresses past a q
 is always a frame: see `record_meta`.)"""
 
 
-def _lock_exclusively(path: Path) -> IO[bytes]:
-    """Hold `<journal>.lock` for the life of the process: two services on one journal would each keep their
-    own dedup index and sequence, so the second is refused."""
+def _lock_exclusively(path: Path) -> list[IO[bytes] | int]:
+    """Hold `<journal>.lock` and the segments' directory for the life of the process: two services on one
+    journal would each keep their own dedup index and sequence, and append over each other's records, so the
+    second is refused. The directory's lock holds when the lock file was removed (taken for a stale one)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     real = path.resolve()  # the same database reached through a symlink takes the same lock
-    handle = (real.parent / (real.name + ".lock")).open("a+b")
+    segments = real.with_name(real.name + ".segments")
+    segments.mkdir(exist_ok=True)
+    held: list[IO[bytes] | int] = [(real.parent / (real.name + ".lock")).open("a+b")]
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(held[0], fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.append(os.open(segments, os.O_RDONLY | os.O_DIRECTORY))
+        fcntl.flock(held[1], fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        handle.close()
+        _unlock(held)
         raise JournalError(
-            f"cannot open the journal {path}: another log-bridge process is serving from it (it holds {path.name}.lock)"
+            f"cannot open the journal {path}: another log-bridge process is serving from it (it holds "
+            f"{path.name}.lock and {segments.name}/; a lock ends with that process, so removing a file frees nothing)"
         ) from None
-    return handle
+    except BaseException:
+        _unlock(held)
+        raise
+    return held
+
+
+def _unlock(held: list[IO[bytes] | int]) -> None:
+    """Close what `_lock_exclusively` opened: closing a descriptor releases its lock."""
+    for item in held:
+        if isinstance(item, int):
+            os.close(item)
+        else:
+            item.close()
 
 
 @dataclass(slots=True)
@@ -327,7 +346,7 @@ class Journal(GroupWriter):
         """What the keys in `_held` take (`_keys_cost`)."""
         self._read_conn: sqlite3.Connection | None = None
         self.size_bytes = 0
-        self._lock: IO[bytes] | None = None
+        self._lock: list[IO[bytes] | int] | None = None
         self.dedup_scopes: dict[str, str] = {}
         """Stream name -> dedup scope (its path), for keys stored by name by earlier versions."""
         self._maintenance: asyncio.Task[None] | None = None
@@ -559,7 +578,7 @@ class Journal(GroupWriter):
 
     def _release_lock(self) -> None:
         if self._lock is not None:
-            self._lock.close()  # closing the descriptor releases the lock
+            _unlock(self._lock)
             self._lock = None
 
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:

@@ -294,6 +294,20 @@ class TestSharing:
         finally:
             await journal.close()
 
+    async def test_a_second_process_is_refused_once_the_lock_file_was_removed(self, tmp_path: Path) -> None:
+        """Was a defect: an operator who took `<journal>.lock` for a stale lock and removed it let a second service
+        open the journal; both appended their own seqs at their own offsets of one segment, over each other's
+        acknowledged records."""
+        journal = await opened(tmp_path / "j.db")
+        try:
+            (tmp_path / "j.db.lock").unlink()
+            with pytest.raises(JournalError, match="another log-bridge process.*ends with that process"):
+                await opened(tmp_path / "j.db")
+        finally:
+            await journal.close()
+        again = await opened(tmp_path / "j.db")  # the process gone, its locks are
+        await again.close()
+
     async def test_a_symlinked_path_finds_the_same_segments(self, tmp_path: Path) -> None:
         (tmp_path / "real").mkdir()
         (tmp_path / "link").symlink_to(tmp_path / "real")
