@@ -119,11 +119,19 @@ def _lock_exclusively(path: Path) -> list[IO[bytes] | int]:
     real = path.resolve()  # the same database reached through a symlink takes the same lock
     segments = real.with_name(real.name + ".segments")
     segments.mkdir(exist_ok=True)
-    held: list[IO[bytes] | int] = [(real.parent / (real.name + ".lock")).open("a+b")]
+    handle = (real.parent / (real.name + ".lock")).open("a+b")
+    held: list[IO[bytes] | int] = [handle]
     try:
-        fcntl.flock(held[0], fcntl.LOCK_EX | fcntl.LOCK_NB)
-        held.append(os.open(segments, os.O_RDONLY | os.O_DIRECTORY))
-        fcntl.flock(held[1], fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        directory = os.open(segments, os.O_RDONLY | os.O_DIRECTORY)
+        held.append(directory)
+        try:
+            fcntl.flock(directory, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise
+        except OSError:  # NFS emulates flock with fcntl locks, which a directory cannot take: the file's holds
+            held.pop()
+            os.close(directory)
     except BlockingIOError:
         _unlock(held)
         raise JournalError(
