@@ -500,10 +500,11 @@ class Journal(GroupWriter):
                 seen, taken = taken, await self.load_meta(DEAD_LETTERS_TAKEN)
                 if moved or refused or seen != taken or self.dead_letter_bytes >= self.max_dead_letter_bytes:
                     await self._recount_dead_letters()
-                if self.last_seq > self._stored_end:  # no sink's progress carried it (all of them down)
-                    await self._write(self._store_end)
             except (JournalError, sqlite3.Error) as exc:
                 log.warning("journal: cannot take replayed dead letters yet; will retry", extra={"error": str(exc)})
+            if self.last_seq > self._stored_end:  # no sink's progress carried it (all of them down)
+                with contextlib.suppress(JournalError):  # a full disk: tried again in a second, and at close
+                    await self._write(self._store_end)
             if self.commits != done or failed:
                 done = self.commits
                 try:
