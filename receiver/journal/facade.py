@@ -399,9 +399,16 @@ class Journal(GroupWriter):
             # Beside the database itself, however it is reached (a symlink): one journal, one set of segments.
             real = self.path.resolve()
             self.segments = SegmentLog(real.with_name(real.name + ".segments"))
+            new_database = not await asyncio.to_thread(self.path.exists)
             conn = await asyncio.to_thread(connect, self.path, WRITER_CACHE_KIB)
             self._read_conn = await asyncio.to_thread(connect, self.path)
             metas = await asyncio.to_thread(self._open_segments, conn)
+            if new_database and self.segments.last_seq:
+                log.warning(
+                    "journal: a new database beside segments that hold events (the database was removed or moved): "
+                    "every sink delivers those events again from the start, and the dead letters it held are gone",
+                    extra={"database": str(self.path), "segments": str(self.segments.directory)},
+                )
             self.spare_held = await asyncio.to_thread(self.segments.keep_spare, SPARE_BYTES)
             if not self.spare_held:  # requests wait until it is: delivery frees room first
                 log.warning("journal: the disk lacks room for the journal's spare room", extra={"bytes": SPARE_BYTES})

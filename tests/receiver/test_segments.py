@@ -263,6 +263,24 @@ class TestSegmentsGoneWhileStopped:
             finally:
                 await again.close()
 
+    async def test_a_database_removed_beside_its_segments_is_said(
+        self, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """Was a defect: a new database was made beside segments holding events without a word: every sink
+        delivered them again from the start and the dead letters were gone, in silence."""
+        path = tmp_path / "j.db"
+        await three_requests(path, delivered=1)
+        for file in tmp_path.glob("j.db*"):
+            if file.is_file() and not file.name.endswith(".lock"):
+                file.unlink()
+        again = await opened(path)
+        try:
+            assert [e.raw for e, _ in await again.read(0, 10)] == batch("a", "b", "c").raws  # again, not lost
+            (warning,) = [r for r in caplog.records if r.levelname == "WARNING" and "new database" in r.getMessage()]
+            assert "dead letters" in warning.getMessage()
+        finally:
+            await again.close()
+
     async def test_a_database_older_than_its_segments_loses_nothing(self, tmp_path: Path) -> None:
         # The database copied back from a backup: its cursors are behind, so events are delivered again.
         path = tmp_path / "j.db"
