@@ -3,6 +3,7 @@ SQL statements more than one part of the journal runs, named once."""
 
 from __future__ import annotations
 
+import errno
 import os
 import sqlite3
 from collections.abc import Iterable
@@ -186,8 +187,19 @@ def _exists(path: Path) -> bool:
         return False
 
 
+def _read_only(directory: Path) -> bool:
+    """Whether the file system holding `directory` is mounted read-only."""
+    try:
+        return bool(os.statvfs(directory).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
 def open_problem(exc: OSError | sqlite3.Error, path: Path) -> str:
     """Why a journal could not be opened, in one line, with the next step where it is clear."""
+    refused = isinstance(exc, PermissionError) or "readonly" in str(exc) or getattr(exc, "errno", 0) == errno.EROFS
+    if (refused or isinstance(exc, sqlite3.Error)) and _read_only(path.parent):  # no chmod or chown changes that
+        return f"the file system holding {path.parent} is mounted read-only (the journal is written to)"
     if (
         isinstance(exc, PermissionError)
         or "readonly" in str(exc)

@@ -28,6 +28,7 @@ from receiver.samples import sample_wrappers
 from sinks.base import Event
 from tests.conftest import TOKEN, StartService, scrape
 from tests.receiver.test_journal import batch, opened
+from tests.receiver.test_unattended import small_disk
 
 SINK = {"type": "memory"}
 
@@ -576,6 +577,26 @@ class TestUnusableJournal:
             assert conn.execute("SELECT name FROM sqlite_master WHERE name = 'replays'").fetchone() is None
         finally:
             conn.close()
+
+    @pytest.mark.parametrize("command", [["dlq", "list"], ["dlq", "purge", "--all", "--yes"], ["drain"]])
+    def test_a_journal_on_a_read_only_file_system_says_so(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str], command: list[str]
+    ) -> None:
+        """Was a defect: the dlq commands said "permission denied … make them its own, or writable by it" of a
+        journal on a file system mounted read-only, which no chmod or chown changes."""
+        with small_disk(tmp_path / "disk", "8m") as disk:
+            journal = disk / "j.db"
+
+            async def make() -> None:
+                await (await opened(journal)).close()
+
+            asyncio.run(make())
+            subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+            config = write_config(tmp_path, str(journal), ["fwd"], ["fwd"])
+            assert main([*command, "--config", str(config)]) == 2
+            captured = capsys.readouterr()
+            (line,) = captured.err.splitlines()
+            assert f"journal {journal}" in line and f"the file system holding {disk} is mounted read-only" in line
 
     async def test_drain_on_a_journal_a_service_serves_from_is_one_line(
         self, tmp_path: Path, start_service: StartService, capsys: pytest.CaptureFixture[str]
