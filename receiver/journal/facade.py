@@ -416,16 +416,7 @@ class Journal(GroupWriter):
             self._mark = int(mark[0]) if mark else 0
             # Events appended and not delivered that no segment holds (files removed, cut, an older backup
             # copied back while it was stopped): lost, so said, not passed over in silence.
-            gone = missing(self._mark, last_seq(conn), self.segments.segments, self.segments.damaged)
-            if gone:
-                log.error(
-                    "journal events missing: no segment file holds events the journal had not delivered",
-                    extra={
-                        "seqs": [f"{item.first}-{item.last}" for item in gone],
-                        "segments": str(self.segments.directory),
-                    },
-                )
-                self.segments.damaged += gone
+            self.segments.damaged += missing(self._mark, last_seq(conn), self.segments.segments, self.segments.damaged)
             if self.segments.damaged:
                 await asyncio.to_thread(self._keep_opened_damage, conn)
             cursors = conn.execute("SELECT coalesce(max(seq), 0) FROM cursors").fetchone()[0]
@@ -1052,10 +1043,17 @@ class Journal(GroupWriter):
             if conn.execute(kept, (len(place), place)).fetchone():
                 continue
             count += 1
-            log.error(
-                "journal: damaged bytes kept aside as a dead letter",
-                extra={"segment": item.segment, "offset": item.offset, "bytes": len(item.raw), "why": item.why},
-            )
+            if not item.segment:  # events no segment file holds (`missing`)
+                log.error(
+                    "journal events missing: no segment file holds events the journal had not delivered; kept as "
+                    "a dead letter naming their seqs",
+                    extra={"seqs": f"{item.first}-{item.last}", "segments": str(self.segments.directory)},
+                )
+            else:
+                log.error(
+                    "journal: damaged bytes kept aside as a dead letter",
+                    extra={"segment": item.segment, "offset": item.offset, "bytes": len(item.raw), "why": item.why},
+                )
             insert_dead_letters(conn, None, item.stream, now, [(item.raw, item.reason, None)])
             self._count_dead_letters(letter_bytes(item.raw, item.reason, item.stream))
             if max(item.first, item.last) > last_seq(conn):  # its seqs are never given again (the reason names them)
