@@ -27,8 +27,11 @@ sealed at once.
 
 The keys themselves are written to the journal with the batch they came in (same transaction), so a restart
 rebuilds the index from disk; the process's hash seed may change between runs because nothing hashed is stored.
-A key added with a time more than a window before the newest key of its stream is ignored: it is out of every
-window from the newest key's time on (times are taken as roughly increasing, as received times are).
+Times are received times, so roughly increasing: a key a little late (received before a newer batch, committed
+after it) joins its own generation. One older by more than a generation comes from a clock that was stepped
+back (it ran ahead and NTP set it right, a VM was restored): it joins the newest generation, so that it is
+remembered a whole window of the index's time, which moves on only once the clock is past the newest key again
+(taken at its own time, it would be forgotten early, or at once when the step was more than a window).
 
 A fingerprint match treats a fresh event as a duplicate with probability about n / 2^60 per event, for n keys
 in the window (1 in 10^12 with a million keys). Measured with 1 M keys over a 24 h window (bench.dedup, on a
@@ -412,6 +415,8 @@ class DedupIndex:
         state = self._streams.get(stream)
         if state is None:
             state = self._streams[stream] = _Stream()
+        elif number < state.number - 1:  # the clock was stepped back: see the module's doc
+            number = state.number
         if number == state.number:  # the common case: the newest generation
             self.size += state.take(prints, looked_up)
         elif number > state.number:  # a new generation: the window moves with the newest key
@@ -419,7 +424,7 @@ class DedupIndex:
             state.seal_newest()
             state.number = number
             self.size += state.take(prints, looked_up)
-        elif number >= state.number - GENERATIONS:  # late: received before a newer batch, committed after it
+        else:  # late: received before a newer batch, committed after it
             self.size += state.seal(number, dict.fromkeys(prints))
         if state.busy and self.stepping:  # a piece of the sealing or sweeping left, in proportion to the request
             state.step(STEP_KEYS + STEP_PER_KEY * len(prints))

@@ -332,7 +332,8 @@ class ExportSchedule:
             api, timeout=self.export.timeout, max_bytes=self.export.max_bytes, poll_initial=poll_initial
         )
         self.filters = Filters.of(self.export)
-        self._retry_at: dict[str, float] = {}
+        self._retry_at: dict[str, tuple[float, float]] = {}
+        """Organization -> (when its range is tried again, the wait that was put off)."""
         self._failures: dict[str, int] = {}
 
     async def close(self) -> None:
@@ -349,8 +350,9 @@ class ExportSchedule:
         """Archive every range due now; returns the seconds until the next one is due (at least 1)."""
         dues: list[float] = []
         for organization in self.config.organizations:
-            retry_at = self._retry_at.get(organization, 0.0)
-            if retry_at > self.clock():
+            retry_at, waited = self._retry_at.get(organization, (0.0, 0.0))
+            # Further away than the wait it was given: the clock was stepped back, so it is tried now.
+            if self.clock() < retry_at <= self.clock() + waited:
                 dues.append(retry_at)
                 continue
             while True:
@@ -374,8 +376,8 @@ class ExportSchedule:
                 if not await self.archive(organization, plan, found):
                     failures = self._failures[organization] = self._failures.get(organization, 0) + 1
                     wait = min(RETRY_FIRST * 2 ** (failures - 1), self.export.every)
-                    self._retry_at[organization] = self.clock() + wait
-                    dues.append(self._retry_at[organization])
+                    self._retry_at[organization] = (self.clock() + wait, wait)
+                    dues.append(self.clock() + wait)
                     break
                 self._failures.pop(organization, None)
         wait = min(dues, default=self.clock() + 60.0) - self.clock()

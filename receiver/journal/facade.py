@@ -8,6 +8,7 @@ import contextlib
 import errno
 import fcntl
 import logging
+import os
 import sqlite3
 import time
 from collections import deque
@@ -40,7 +41,7 @@ from receiver.journal.schema import (
     open_problem,
     store_last_seq,
 )
-from receiver.journal.segments import SEGMENT_BYTES, Damaged, Record, SegmentLog, record_meta
+from receiver.journal.segments import SEGMENT_BYTES, Damaged, Record, SegmentLog, missing, record_meta
 from receiver.journal.writer import GroupWriter, _Job
 from receiver.parsing import Parsed
 from sinks.base import Event
@@ -110,20 +111,46 @@ outage. A journal whose `max_bytes` is under four times this compresses past a q
 is always a frame: see `record_meta`.)"""
 
 
-def _lock_exclusively(path: Path) -> IO[bytes]:
-    """Hold `<journal>.lock` for the life of the process: two services on one journal would each keep their
-    own dedup index and sequence, so the second is refused."""
+def _lock_exclusively(path: Path) -> list[IO[bytes] | int]:
+    """Hold `<journal>.lock` and the segments' directory for the life of the process: two services on one
+    journal would each keep their own dedup index and sequence, and append over each other's records, so the
+    second is refused. The directory's lock holds when the lock file was removed (taken for a stale one)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     real = path.resolve()  # the same database reached through a symlink takes the same lock
+    segments = real.with_name(real.name + ".segments")
+    segments.mkdir(exist_ok=True)
     handle = (real.parent / (real.name + ".lock")).open("a+b")
+    held: list[IO[bytes] | int] = [handle]
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        directory = os.open(segments, os.O_RDONLY | os.O_DIRECTORY)
+        held.append(directory)
+        try:
+            fcntl.flock(directory, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise
+        except OSError:  # NFS emulates flock with fcntl locks, which a directory cannot take: the file's holds
+            held.pop()
+            os.close(directory)
     except BlockingIOError:
-        handle.close()
+        _unlock(held)
         raise JournalError(
-            f"cannot open the journal {path}: another log-bridge process is serving from it (it holds {path.name}.lock)"
+            f"cannot open the journal {path}: another log-bridge process is serving from it (it holds "
+            f"{path.name}.lock and {segments.name}/; a lock ends with that process, so removing a file frees nothing)"
         ) from None
-    return handle
+    except BaseException:
+        _unlock(held)
+        raise
+    return held
+
+
+def _unlock(held: list[IO[bytes] | int]) -> None:
+    """Close what `_lock_exclusively` opened: closing a descriptor releases its lock."""
+    for item in held:
+        if isinstance(item, int):
+            os.close(item)
+        else:
+            item.close()
 
 
 @dataclass(slots=True)
@@ -327,7 +354,7 @@ class Journal(GroupWriter):
         """What the keys in `_held` take (`_keys_cost`)."""
         self._read_conn: sqlite3.Connection | None = None
         self.size_bytes = 0
-        self._lock: IO[bytes] | None = None
+        self._lock: list[IO[bytes] | int] | None = None
         self.dedup_scopes: dict[str, str] = {}
         """Stream name -> dedup scope (its path), for keys stored by name by earlier versions."""
         self._maintenance: asyncio.Task[None] | None = None
@@ -356,6 +383,9 @@ class Journal(GroupWriter):
         """Whether SPARE_BYTES are allocated beside the segments (writer thread, once open)."""
         self._spare_tried = 0.0
         """When the spare room was last tried while missing (monotonic)."""
+        self._stored_end = 0
+        """The last seq `meta` (`last_seq`) says was appended: kept up within MAINTAIN_EVERY, so that a start
+        knows which events the segments must hold (writer thread, once open)."""
 
     # --- life cycle --------------------------------------------------------------------------------
 
@@ -369,21 +399,34 @@ class Journal(GroupWriter):
             # Beside the database itself, however it is reached (a symlink): one journal, one set of segments.
             real = self.path.resolve()
             self.segments = SegmentLog(real.with_name(real.name + ".segments"))
+            new_database = not await asyncio.to_thread(self.path.exists)
             conn = await asyncio.to_thread(connect, self.path, WRITER_CACHE_KIB)
             self._read_conn = await asyncio.to_thread(connect, self.path)
             metas = await asyncio.to_thread(self._open_segments, conn)
+            if new_database and self.segments.last_seq:
+                log.warning(
+                    "journal: a new database beside segments that hold events (the database was removed or moved): "
+                    "every sink delivers those events again from the start, and the dead letters it held are gone",
+                    extra={"database": str(self.path), "segments": str(self.segments.directory)},
+                )
             self.spare_held = await asyncio.to_thread(self.segments.keep_spare, SPARE_BYTES)
             if not self.spare_held:  # requests wait until it is: delivery frees room first
                 log.warning("journal: the disk lacks room for the journal's spare room", extra={"bytes": SPARE_BYTES})
-            if self.segments.damaged:
-                await asyncio.to_thread(self._keep_opened_damage, conn)
             mark = conn.execute("SELECT value FROM meta WHERE key = 'mark'").fetchone()
             self._mark = int(mark[0]) if mark else 0
+            # Events appended and not delivered that no segment holds (files removed, cut, an older backup
+            # copied back while it was stopped): lost, so said, not passed over in silence.
+            self.segments.damaged += missing(self._mark, last_seq(conn), self.segments.segments, self.segments.damaged)
+            if self.segments.damaged:
+                await asyncio.to_thread(self._keep_opened_damage, conn)
             cursors = conn.execute("SELECT coalesce(max(seq), 0) FROM cursors").fetchone()[0]
             # Numbers never go back, even past records a damaged disk lost: nothing may reuse a seq a cursor or
             # the mark has passed (a sink would skip the event).
             self._next_seq = max(self.segments.last_seq, last_seq(conn), self._mark, int(cursors)) + 1
             self.last_seq = self._held_from = self._next_seq - 1
+            if self.last_seq > last_seq(conn):
+                await asyncio.to_thread(store_last_seq, conn, self.last_seq)
+            self._stored_end = self.last_seq
             self.size_bytes = self.segments.bytes_after(self._mark)
             self._dead_letters_base = int(conn.execute(DEAD_LETTER_BYTES).fetchone()[0])
             await asyncio.to_thread(self._load_dedup, conn, time.time(), metas)
@@ -457,6 +500,9 @@ class Journal(GroupWriter):
                     await self._recount_dead_letters()
             except (JournalError, sqlite3.Error) as exc:
                 log.warning("journal: cannot take replayed dead letters yet; will retry", extra={"error": str(exc)})
+            if self.last_seq > self._stored_end:  # no sink's progress carried it (all of them down)
+                with contextlib.suppress(JournalError):  # a full disk: tried again in a second, and at close
+                    await self._write(self._store_end)
             if self.commits != done or failed:
                 done = self.commits
                 try:
@@ -522,12 +568,24 @@ class Journal(GroupWriter):
         self._pending.clear()
         self._group_mark = 0
 
+    def _last_write(self, conn: sqlite3.Connection) -> None:
+        if self.last_seq > self._stored_end:  # a statement of its own (autocommit)
+            store_last_seq(conn, self.last_seq)
+            self._stored_end = self.last_seq
+
     def _writer_closed(self) -> None:
         self.segments.close()
 
+    def _store_end(self, conn: sqlite3.Connection) -> None:
+        """Keep the last seq appended in `meta`, in the writer's transaction (writer thread)."""
+        end = self.last_seq
+        if end > self._stored_end:
+            store_last_seq(conn, end)
+            self._after_commit.append(lambda: setattr(self, "_stored_end", max(self._stored_end, end)))
+
     def _release_lock(self) -> None:
         if self._lock is not None:
-            self._lock.close()  # closing the descriptor releases the lock
+            _unlock(self._lock)
             self._lock = None
 
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
@@ -985,10 +1043,17 @@ class Journal(GroupWriter):
             if conn.execute(kept, (len(place), place)).fetchone():
                 continue
             count += 1
-            log.error(
-                "journal: damaged bytes kept aside as a dead letter",
-                extra={"segment": item.segment, "offset": item.offset, "bytes": len(item.raw), "why": item.why},
-            )
+            if not item.segment:  # events no segment file holds (`missing`)
+                log.error(
+                    "journal events missing: no segment file holds events the journal had not delivered; kept as "
+                    "a dead letter naming their seqs",
+                    extra={"seqs": f"{item.first}-{item.last}", "segments": str(self.segments.directory)},
+                )
+            else:
+                log.error(
+                    "journal: damaged bytes kept aside as a dead letter",
+                    extra={"segment": item.segment, "offset": item.offset, "bytes": len(item.raw), "why": item.why},
+                )
             insert_dead_letters(conn, None, item.stream, now, [(item.raw, item.reason, None)])
             self._count_dead_letters(letter_bytes(item.raw, item.reason, item.stream))
             if max(item.first, item.last) > last_seq(conn):  # its seqs are never given again (the reason names them)
@@ -1027,6 +1092,7 @@ class Journal(GroupWriter):
                 "INSERT INTO cursors (sink, seq) VALUES (?, ?) ON CONFLICT (sink) DO UPDATE SET seq = excluded.seq",
                 (sink, seq),
             )
+            self._store_end(conn)
             self._free_passed(conn, active_sinks)
 
         await self._write(write, frees_room=True)
@@ -1135,8 +1201,10 @@ class Journal(GroupWriter):
             )
             conn.execute("DROP TABLE dedup")
             conn.execute("COMMIT")
+        # In commit order, as the index took them while serving: after a clock stepped back, keys received
+        # since are older than the newest, and loaded in time order the newest would move the window past them.
         for stream, at, keys in conn.execute(
-            "SELECT stream, at, keys FROM dedup_log WHERE at >= ? ORDER BY at", (cutoff,)
+            "SELECT stream, at, keys FROM dedup_log WHERE at >= ? ORDER BY id", (cutoff,)
         ):
             try:
                 held = orjson.loads(keys)

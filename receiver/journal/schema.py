@@ -3,6 +3,7 @@ SQL statements more than one part of the journal runs, named once."""
 
 from __future__ import annotations
 
+import errno
 import os
 import sqlite3
 from collections.abc import Iterable
@@ -44,6 +45,12 @@ MIGRATIONS = (("dead_letters", "meta", "ALTER TABLE dead_letters ADD COLUMN meta
 """(table, column, statement) applied to a journal of an earlier version that lacks the column. `dead_letters.meta`
 holds `[action, time]` of a sink's dead letter, what replay needs to put it back without parsing it."""
 
+LAYOUT = 2
+"""The journal layout this version reads and writes, kept in `meta` (`layout`): 1 held the events in SQLite
+(`batches`, moved into the segments at open), 2 holds them in segment files. A version that changes what an
+earlier one cannot read raises it; a journal of a later layout than this is refused, not opened as this one's
+(its tables changed, what it keeps elsewhere passed over)."""
+
 COMPRESSION_LEVEL = 1
 """zstd level of the stored events: level 1 stores WorkOS events in a fifth to an eighth of their size for
 ≈ 3 µs of CPU per KiB, so the backlog cap holds five to eight times more events."""
@@ -57,14 +64,49 @@ def connect(path: Path, cache_kib: int | None = None) -> sqlite3.Connection:
     """A connection with the journal's durability settings and schema (migrated to this version)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30.0)
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=FULL")
-    conn.execute("PRAGMA busy_timeout=30000")
-    if cache_kib is not None:
-        conn.execute(f"PRAGMA cache_size=-{int(cache_kib)}")
-    conn.executescript(SCHEMA)
-    _migrate(conn)
+    try:
+        _check_layout(conn)  # before WAL mode, which stays with the file for good
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA busy_timeout=30000")
+        if cache_kib is not None:
+            conn.execute(f"PRAGMA cache_size=-{int(cache_kib)}")
+        conn.executescript(SCHEMA)
+        _migrate(conn)
+        if _layout(conn) != LAYOUT:
+            conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('layout', ?)", (LAYOUT,))
+    except BaseException:
+        conn.close()
+        raise
     return conn
+
+
+def _layout(conn: sqlite3.Connection) -> int | None:
+    """The layout `meta` names (None: a new journal, or one of a version before layouts were kept)."""
+    if not conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'").fetchone():
+        return None
+    row = conn.execute("SELECT value FROM meta WHERE key = 'layout'").fetchone()
+    return None if row is None else int(row[0])
+
+
+JOURNAL_TABLES = frozenset({"cursors", "dedup_log", "dead_letters", "meta", "replays", "batches", "dedup"})
+"""The tables of a journal, of this version or an earlier one: a database holding tables but none of them is
+another program's."""
+
+
+def _check_layout(conn: sqlite3.Connection) -> None:
+    """Refuse another program's database, or a journal a later version wrote, before anything in it changes."""
+    tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    if tables and not tables & JOURNAL_TABLES:
+        raise sqlite3.DatabaseError(
+            "the file is not a log-bridge journal (another SQLite database: none of its tables)"
+        )
+    found = _layout(conn)
+    if found is not None and found > LAYOUT:
+        raise sqlite3.DatabaseError(
+            f"it was written by a later version of log-bridge (journal layout {found}; this version reads up to "
+            f"{LAYOUT}): run that version or a later one on it"
+        )
 
 
 def _migrate(conn: sqlite3.Connection) -> None:
@@ -145,8 +187,19 @@ def _exists(path: Path) -> bool:
         return False
 
 
+def _read_only(directory: Path) -> bool:
+    """Whether the file system holding `directory` is mounted read-only."""
+    try:
+        return bool(os.statvfs(directory).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
 def open_problem(exc: OSError | sqlite3.Error, path: Path) -> str:
     """Why a journal could not be opened, in one line, with the next step where it is clear."""
+    refused = isinstance(exc, PermissionError) or "readonly" in str(exc) or getattr(exc, "errno", 0) == errno.EROFS
+    if (refused or isinstance(exc, sqlite3.Error)) and _read_only(path.parent):  # no chmod or chown changes that
+        return f"the file system holding {path.parent} is mounted read-only (the journal is written to)"
     if (
         isinstance(exc, PermissionError)
         or "readonly" in str(exc)

@@ -99,6 +99,8 @@ class Damaged:
     def place(self) -> str:
         """Which bytes are damaged: the start of its dead letter's reason, the same whichever read or start finds
         them (other bytes at that offset later, or a longer run, are other damage)."""
+        if not self.segment:  # no file is known to have held them (`missing`)
+            return f"journal events missing from the segments (seqs {self.first}-{self.last})"
         size = f"{len(self.raw)} bytes, CRC-32 {zlib.crc32(self.raw):08x}" if self.raw else "no bytes left"
         return f"journal record damaged on disk ({self.segment} at byte {self.offset}, {size})"
 
@@ -114,6 +116,35 @@ class Damaged:
         else:
             held = ""
         return f"{self.place}: {self.why}{held}"
+
+
+MISSING = (
+    "no segment file holds them (files removed, cut, or copied back from a backup older than the database; "
+    "when the database is the one copied back, they may have been delivered)"
+)
+"""Why events the database counts as appended and not delivered yet are in no segment at open."""
+
+
+def missing(mark: int, end: int, segments: Sequence[Segment], damaged: Sequence[Damaged]) -> list[Damaged]:
+    """The seqs in (mark, end] that no segment's records hold and no damage found at open names, as Damaged
+    without a segment (`place` names the seqs): `end` is the last seq the database knows was appended. Damage
+    whose seqs are not known may hold any of them: none is named then."""
+    if any(not item.first for item in damaged):
+        return []
+    spans = sorted(
+        [(segment.firsts[0], segment.lasts[-1], True) for segment in segments if segment.lasts]
+        + [(item.first, max(item.first, item.last), item.known) for item in damaged]
+    )
+    found: list[Damaged] = []
+    position, open_ended = mark, False
+    for first, last, known in spans:
+        if first > position + 1 and position < end and not open_ended:
+            found.append(Damaged("", 0, b"", MISSING, position + 1, min(first - 1, end)))
+        if last > position:
+            position, open_ended = last, not known  # damage that held these seqs at least, maybe more
+    if position < end and not open_ended:
+        found.append(Damaged("", 0, b"", MISSING, position + 1, end))
+    return found
 
 
 def record_meta(

@@ -110,8 +110,15 @@ class GroupWriter:
                 self._take_queued(jobs)
                 self._run_group(conn, jobs)
         finally:
+            try:
+                self._last_write(conn)
+            except sqlite3.Error as exc:
+                log.error("journal: the last write before closing failed", extra={"error": str(map_error(exc))})
             conn.close()
             self._writer_closed()
+
+    def _last_write(self, conn: sqlite3.Connection) -> None:
+        """After the last group, before the connection closes (writer thread)."""
 
     def _writer_closed(self) -> None:
         """After the last group (writer thread)."""

@@ -22,11 +22,13 @@ import yaml
 
 from receiver.cli import main
 from receiver.journal import INTAKE, list_dead_letters
+from receiver.journal.schema import LAYOUT
 from receiver.parsing import Rejected
 from receiver.samples import sample_wrappers
 from sinks.base import Event
 from tests.conftest import TOKEN, StartService, scrape
 from tests.receiver.test_journal import batch, opened
+from tests.receiver.test_unattended import small_disk
 
 SINK = {"type": "memory"}
 
@@ -503,6 +505,33 @@ class TestMissingJournal:
         finally:
             conn.close()
 
+    @pytest.mark.parametrize("command", ["serve", "drain"])
+    def test_another_sqlite_database_is_not_served_from(self, tmp_path: Path, command: str) -> None:
+        """Was a defect: `serve` and `drain` on another program's SQLite database added the journal's tables to
+        it, turned it to WAL mode for good, and served from it."""
+        other = tmp_path / "app.db"
+        conn = sqlite3.connect(other)
+        conn.execute("CREATE TABLE users (name TEXT)")
+        conn.commit()
+        conn.close()
+        config = write_config(tmp_path, str(other), ["fwd"], ["fwd"])
+        done = subprocess.run(  # another process, as an operator runs it (`serve` would not return otherwise)
+            [sys.executable, "-m", "receiver.cli", command, "--config", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert done.returncode == 2
+        (line,) = done.stderr.splitlines()
+        assert f"cannot open the journal {other}: the file is not a log-bridge journal" in line
+        conn = sqlite3.connect(other)
+        try:
+            assert conn.execute("SELECT name FROM sqlite_master").fetchall() == [("users",)]
+            assert conn.execute("PRAGMA journal_mode").fetchone() == ("delete",)
+        finally:
+            conn.close()
+
 
 class TestUnusableJournal:
     """A journal the commands cannot use is one line naming it and why, exit 2, never a traceback."""
@@ -519,6 +548,55 @@ class TestUnusableJournal:
         (line,) = captured.err.splitlines()
         assert line.startswith(f"log-bridge {command[0]}") and f"journal {journal}" in line
         assert "not a log-bridge journal or is damaged" in line and captured.out == ""
+
+    @pytest.mark.parametrize("command", [["dlq", "list"], ["dlq", "replay"], ["dlq", "purge", "--all"], ["drain"]])
+    def test_a_journal_of_a_newer_layout_is_refused_and_left_as_it_is(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str], command: list[str]
+    ) -> None:
+        """Was a defect: a journal a later version wrote (a downgrade) was opened as this version's, its tables
+        changed to this version's, and what that version keeps elsewhere passed over in silence."""
+        journal = tmp_path / "j.db"
+
+        async def make() -> None:
+            await (await opened(journal)).close()
+
+        asyncio.run(make())
+        conn = sqlite3.connect(journal)
+        conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('layout', ?)", (LAYOUT + 1,))
+        conn.execute("DROP TABLE replays")  # what this version would create again
+        conn.commit()
+        conn.close()
+        config = write_config(tmp_path, str(journal), ["fwd"], ["fwd"])
+        assert main([*command, "--config", str(config)]) == 2
+        captured = capsys.readouterr()
+        (line,) = captured.err.splitlines()
+        assert line.startswith(f"log-bridge {command[0]}") and f"journal {journal}" in line
+        assert f"written by a later version of log-bridge (journal layout {LAYOUT + 1}" in line
+        conn = sqlite3.connect(journal)
+        try:
+            assert conn.execute("SELECT name FROM sqlite_master WHERE name = 'replays'").fetchone() is None
+        finally:
+            conn.close()
+
+    @pytest.mark.parametrize("command", [["dlq", "list"], ["dlq", "purge", "--all", "--yes"], ["drain"]])
+    def test_a_journal_on_a_read_only_file_system_says_so(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str], command: list[str]
+    ) -> None:
+        """Was a defect: the dlq commands said "permission denied … make them its own, or writable by it" of a
+        journal on a file system mounted read-only, which no chmod or chown changes."""
+        with small_disk(tmp_path / "disk", "8m") as disk:
+            journal = disk / "j.db"
+
+            async def make() -> None:
+                await (await opened(journal)).close()
+
+            asyncio.run(make())
+            subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+            config = write_config(tmp_path, str(journal), ["fwd"], ["fwd"])
+            assert main([*command, "--config", str(config)]) == 2
+            captured = capsys.readouterr()
+            (line,) = captured.err.splitlines()
+            assert f"journal {journal}" in line and f"the file system holding {disk} is mounted read-only" in line
 
     async def test_drain_on_a_journal_a_service_serves_from_is_one_line(
         self, tmp_path: Path, start_service: StartService, capsys: pytest.CaptureFixture[str]

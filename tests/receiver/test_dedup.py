@@ -111,11 +111,28 @@ class TestWindow:
         index.add("s", ["new"], 13.0)  # generation 13: generation 0 is out of every window from now on
         assert index.size == 2 and seen(index, ["old", "mid", "new"], 13.0) == ["mid", "new"]
 
-    def test_keys_older_than_a_window_before_the_newest_are_ignored(self) -> None:
+    @pytest.mark.parametrize("back", [3.0, 15.0], ids=["less than a window", "more than a window"])
+    def test_keys_after_the_clock_stepped_back_are_remembered_a_window(self, back: float) -> None:
+        # A clock that ran ahead and was set right (NTP stepping it back, a VM restored): the keys received
+        # since carry earlier times than the newest. Each is still a duplicate for a whole window of the
+        # index's time, which only moves on once the clock is past the newest key again.
+        index = DedupIndex(WINDOW, 100)
+        index.add("s", ["ahead"], 20.5)
+        index.add("s", ["after"], 20.5 - back)
+        assert seen(index, ["ahead", "after"], 20.5 - back + 1) == ["ahead", "after"]
+        index.expire(20.5 + WINDOW - 0.5)
+        assert seen(index, ["ahead", "after"], 20.5 + WINDOW - 0.5) == ["ahead", "after"]
+        index.add("s", ["later"], 20.5 + WINDOW + 1.5)
+        assert index.size == 1 and seen(index, ["ahead", "after"], 20.5 + WINDOW + 1.5) == []
+
+    def test_a_key_late_by_less_than_a_generation_joins_its_own(self) -> None:
         index = DedupIndex(WINDOW, 100)
         index.add("s", ["new"], 20.5)
-        index.add("s", ["ancient"], 5.5)
-        assert index.size == 1 and seen(index, ["ancient"], 6.0) == []
+        index.add("s", ["late"], 19.75)  # received before "new", committed after it
+        index.add("s", ["on"], 31.0)  # generation 19 is the oldest of the window: "late" is held still
+        assert seen(index, ["late"], 31.0) == ["late"]
+        index.add("s", ["on"], 32.0)  # a window after its generation: forgotten, as any key of it
+        assert seen(index, ["late", "new"], 32.0) == ["new"]
 
 
 class TestSealing:
@@ -333,6 +350,30 @@ class TestBulkLoad:
             assert len(again.dedup._streams["s"].generations()) == GENERATIONS
             result = await again.append("s", batch(*itertools.chain(*keys.values()), "new"), time.time())
             assert (result.accepted, result.duplicates) == (1, 100 * GENERATIONS)
+        finally:
+            await again.close()
+
+    @pytest.mark.parametrize("delivered", [False, True], ids=["in the segments", "in dedup_log"])
+    async def test_a_restart_after_the_clock_stepped_back_keeps_the_keys_received_since(
+        self, tmp_path: Path, delivered: bool
+    ) -> None:
+        # The clock ran two days ahead, then was set right: the keys received since are older than the newest.
+        # Loaded in time order, the newest would move the window past them.
+        path, now = tmp_path / "j.db", time.time()
+        journal = Journal(path, max_bytes=1 << 30, dedup_window=86400)
+        await journal.open()
+        try:
+            for key, at in (("ahead", now + 2 * 86400), ("since", now)):
+                await journal.append("s", batch(key), at)
+                if delivered:  # the mark passes it: its keys are copied to dedup_log, a row each
+                    await journal.commit_progress("sink", journal.last_seq, [], ["sink"])
+        finally:
+            await journal.close()
+        again = Journal(path, max_bytes=1 << 30, dedup_window=86400)
+        await again.open()
+        try:
+            result = await again.append("s", batch("ahead", "since", "new"), now + 60)
+            assert (result.accepted, result.duplicates) == (1, 2)
         finally:
             await again.close()
 

@@ -6,8 +6,10 @@ import asyncio
 import os
 import random
 import re
+import shutil
 import signal
 import socket
+import sqlite3
 import ssl
 import subprocess
 import sys
@@ -28,6 +30,9 @@ from tests.peers.hec import HecPeer
 
 TOKEN = "Bearer process-test-secret"
 SCRIPT = Path(sys.executable).with_name("log-bridge")
+HERE = [sys.executable, "-m", "receiver.cli"]
+"""`log-bridge` from this tree's code (SCRIPT runs the installed package's)."""
+HERE_ENV = {"PYTHONPATH": str(Path(__file__).resolve().parents[2])}
 
 
 def free_port() -> int:
@@ -61,15 +66,15 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60) 
 
 
 class Server:
-    def __init__(self, config: Path, port: int, cwd: Path) -> None:
+    def __init__(self, config: Path, port: int, cwd: Path, command: list[str] | None = None) -> None:
         self.port = port
         self.log = (cwd / "serve.log").open("ab")
         self.proc = subprocess.Popen(
-            [str(SCRIPT), "serve", "--config", str(config)],
+            [*(command or [str(SCRIPT)]), "serve", "--config", str(config)],
             cwd=cwd,
             stdout=self.log,
             stderr=self.log,
-            env={**os.environ, "STREAM_SECRET": TOKEN},
+            env={**os.environ, "STREAM_SECRET": TOKEN, **(HERE_ENV if command == HERE else {})},
         )
 
     async def ready(self, timeout: float = 20) -> None:
@@ -301,6 +306,40 @@ class TestRunningProcess:
         assert code == 0
         log = (tmp_path / "serve.log").read_text()
         assert '"message":"stopped"' in log and "process-test-secret" not in log
+
+    async def test_segments_removed_after_a_sigkill_with_every_sink_down_are_reported(self, tmp_path: Path) -> None:
+        """Was a defect: the segments removed (or an older copy put back) while the service was stopped lost
+        its backlog in silence. With every sink down no progress is committed, and SIGKILL leaves no close:
+        what the database knows was appended is kept within a second all the same."""
+        port = free_port()
+        (tmp_path / "out").write_bytes(b"")  # where the sink's directory goes: every write fails (retried)
+        config = write_config(tmp_path, port)
+        server = Server(config, port, tmp_path, command=HERE)
+        try:
+            await server.ready()
+            url = f"http://127.0.0.1:{port}/workos"
+            result = await asyncio.to_thread(run_cli, "send-test", url, "-H", f"Authorization: {TOKEN}", "-n", "3")
+            assert result.stdout.startswith('200 {"accepted":3'), result
+            database = sqlite3.connect(tmp_path / "journal.db")
+            try:
+                deadline = time.monotonic() + 30
+                query = "SELECT value FROM meta WHERE key = 'last_seq'"
+                while database.execute(query).fetchone() != (3,) and time.monotonic() < deadline:
+                    await asyncio.sleep(0.05)
+                assert database.execute(query).fetchone() == (3,)
+            finally:
+                database.close()
+        finally:
+            server.kill(signal.SIGKILL)
+        shutil.rmtree(tmp_path / "journal.db.segments")
+        env = {**os.environ, "STREAM_SECRET": TOKEN, **HERE_ENV}
+        drained = subprocess.run(
+            [*HERE, "drain", "--config", str(config), "--timeout", "1"], capture_output=True, text=True, env=env
+        )
+        assert drained.returncode == 0 and "journal events missing" in drained.stderr, drained  # nothing to deliver
+        listing = subprocess.run([*HERE, "dlq", "list", "--config", str(config)], capture_output=True, env=env)
+        (line,) = listing.stdout.splitlines()
+        assert "missing from the segments (seqs 1-3)" in orjson.loads(line)["reason"]
 
     async def test_serve_without_config_uses_the_local_default(self, tmp_path: Path) -> None:
         proc = subprocess.Popen([str(SCRIPT), "serve"], cwd=tmp_path, stderr=subprocess.PIPE, text=True)

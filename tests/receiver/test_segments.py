@@ -61,6 +61,7 @@ class TestRecovery:
         await journal.close()
         (segment,) = segment_files(journal)
         whole = segment.read_bytes()
+        database = {file: file.read_bytes() for file in tmp_path.glob("j.db*") if file.is_file()}
         third = await opened(tmp_path / "other.db")  # a record as the writer makes it (seqs 4-5), to tear
         await third.append("s", batch("x", "y", "z"), time.time())
         await third.append("s", batch("d", "e"), time.time())
@@ -77,7 +78,9 @@ class TestRecovery:
                 assert [e.seq for e, _ in await again.read(0, 10)] == [1, 2, 3, 4]
             finally:
                 await again.close()
-            segment.write_bytes(whole)
+            segment.write_bytes(whole)  # back to before "d" was acknowledged, the database too
+            for file, data in database.items():
+                file.write_bytes(data)
 
     @pytest.mark.parametrize("where", [-3, HEAD.size + 2], ids=["events", "meta"])
     async def test_a_damaged_record_in_an_older_segment_is_reported(
@@ -200,6 +203,106 @@ class TestRecovery:
             await journal.close()
 
 
+class TestSegmentsGoneWhileStopped:
+    """Segment files an operator removed, cut, or copied back from a backup older than the database while the
+    service was stopped: the events the database knows were not delivered yet and no file holds are reported
+    (a dead letter naming their seqs, and an error logged), once, and delivery goes on past them."""
+
+    @pytest.mark.parametrize(
+        ("harm", "lost"),
+        [
+            ("the directory removed", "1-4"),
+            ("the newest removed", "4-4"),
+            ("an older one removed", "2-2"),
+            ("the newest cut at a record's end", "4-4"),
+            ("an older backup copied back", "3-4"),
+        ],
+    )
+    async def test_the_events_no_file_holds_are_reported_once_and_passed(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, harm: str, lost: str
+    ) -> None:
+        path = tmp_path / "j.db"
+        backup = tmp_path / "backup"
+        monkeypatch.setattr("receiver.journal.segments.SEGMENT_BYTES", 1)
+        journal = await opened(path)
+        for key in ("a", "b"):
+            await journal.append("s", batch(key), time.time())
+        backup.mkdir()
+        for file in segment_files(journal):
+            backup.joinpath(file.name).write_bytes(file.read_bytes())
+        for key in ("c", "d"):
+            await journal.append("s", batch(key), time.time())
+        await journal.close()
+        files = segment_files(journal)  # a, b, c, d: a segment each
+        directory = files[0].parent
+        if harm == "the directory removed":
+            for file in directory.iterdir():
+                file.unlink()
+            directory.rmdir()
+        elif harm == "the newest removed":
+            files[-1].unlink()
+        elif harm == "an older one removed":
+            files[1].unlink()
+        elif harm == "the newest cut at a record's end":
+            files[-1].write_bytes(b"")
+        else:
+            for file in files:
+                file.unlink()
+            for file in backup.iterdir():
+                directory.joinpath(file.name).write_bytes(file.read_bytes())
+        for _ in range(2):  # reported once, however often it starts
+            again = await opened(path)
+            try:
+                letters = await again._read(lambda c: c.execute("SELECT data, reason FROM dead_letters").fetchall())
+                assert [(bytes(data), f"(seqs {lost})" in reason) for data, reason in letters] == [(b"", True)]
+                assert "segment file" in letters[0][1]
+                told = [r for r in caplog.records if r.levelname == "ERROR" and "journal events missing" in r.message]
+                assert len(told) == 1  # logged once, as the dead letter is kept once
+                await again.append("s", batch("new"), time.time())
+                assert batch("new").raws[0] in [e.raw for e, _ in await again.read(0, 10)]
+            finally:
+                await again.close()
+
+    async def test_a_database_removed_beside_its_segments_is_said(
+        self, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """Was a defect: a new database was made beside segments holding events without a word: every sink
+        delivered them again from the start and the dead letters were gone, in silence."""
+        path = tmp_path / "j.db"
+        await three_requests(path, delivered=1)
+        for file in tmp_path.glob("j.db*"):
+            if file.is_file() and not file.name.endswith(".lock"):
+                file.unlink()
+        again = await opened(path)
+        try:
+            assert [e.raw for e, _ in await again.read(0, 10)] == batch("a", "b", "c").raws  # again, not lost
+            (warning,) = [r for r in caplog.records if r.levelname == "WARNING" and "new database" in r.getMessage()]
+            assert "dead letters" in warning.getMessage()
+        finally:
+            await again.close()
+
+    async def test_a_database_older_than_its_segments_loses_nothing(self, tmp_path: Path) -> None:
+        # The database copied back from a backup: its cursors are behind, so events are delivered again.
+        path = tmp_path / "j.db"
+        journal = await opened(path)
+        await journal.append("s", batch("a"), time.time())
+        await journal.close()
+        saved = {
+            name: path.with_name(name).read_bytes() for name in ("j.db", "j.db-wal") if path.with_name(name).exists()
+        }
+        journal = await opened(path)
+        await journal.append("s", batch("b"), time.time())
+        await journal.close()
+        for name, data in saved.items():
+            path.with_name(name).write_bytes(data)
+        again = await opened(path)
+        try:
+            assert [e.raw for e, _ in await again.read(0, 10)] == batch("a", "b").raws
+            assert await again._read(lambda c: c.execute("SELECT count(*) FROM dead_letters").fetchone()) == (0,)
+        finally:
+            await again.close()
+
+
 class TestSharing:
     async def test_a_second_process_is_refused(self, tmp_path: Path) -> None:
         journal = await opened(tmp_path / "j.db")
@@ -208,6 +311,20 @@ class TestSharing:
                 await opened(tmp_path / "j.db")
         finally:
             await journal.close()
+
+    async def test_a_second_process_is_refused_once_the_lock_file_was_removed(self, tmp_path: Path) -> None:
+        """Was a defect: an operator who took `<journal>.lock` for a stale lock and removed it let a second service
+        open the journal; both appended their own seqs at their own offsets of one segment, over each other's
+        acknowledged records."""
+        journal = await opened(tmp_path / "j.db")
+        try:
+            (tmp_path / "j.db.lock").unlink()
+            with pytest.raises(JournalError, match="another log-bridge process.*ends with that process"):
+                await opened(tmp_path / "j.db")
+        finally:
+            await journal.close()
+        again = await opened(tmp_path / "j.db")  # the process gone, its locks are
+        await again.close()
 
     async def test_a_symlinked_path_finds_the_same_segments(self, tmp_path: Path) -> None:
         (tmp_path / "real").mkdir()

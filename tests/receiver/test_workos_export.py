@@ -237,6 +237,18 @@ class TestSchedule:
         assert s.result("archived") == 1 and len(s.stored()) == 1
         assert s.fake.count("POST", "/audit_logs/exports") == 2
 
+    async def test_a_retry_is_not_put_off_by_a_clock_stepped_back(self, setup: Any) -> None:
+        """Was a defect: a failure just before the clock was stepped back a day (it ran ahead, NTP set it right)
+        put the retry a day away: every look skipped it until the clock caught up."""
+        s = setup(now=T0 + 900 + DAY)
+        s.fake.failing_exports.add(ORGANIZATION)
+        await s.schedule.run_due()
+        assert s.result("error") == 1
+        s.fake.failing_exports.clear()
+        s.clock.now = T0 + 900 + 61  # stepped back a day, then past the first retry's wait
+        await s.schedule.run_due()
+        assert s.result("archived") == 1 and len(s.stored()) == 1
+
     async def test_api_errors_are_counted_and_retried(self, setup: Any) -> None:
         s = setup()
         s.fake.fail("create_export", 500, times=10)
