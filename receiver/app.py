@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
 import logging
 import time
@@ -288,6 +287,8 @@ class Intake:
         """Requests being handled (a reload waits for those on a stream it changed before settling its events)."""
         self.idle = asyncio.Event()
         self.idle.set()
+        self._retired: Callable[[str], None] | None = None
+        """Called with the stream's name once a reload removed it and no request is in flight on it any more."""
 
     def _authorised(self, head: RequestHead) -> bool:
         if self.auth_header is None:
@@ -314,20 +315,21 @@ class Intake:
         started = time.monotonic()
         self.hold()
         try:
-            answer = await self._handle(head)
-        except Exception as exc:  # a bug must not become a 500: WorkOS retries a 503, and the event is kept
-            self.state.refusals.log(
-                "unexpected error handling a request; answered 503",
-                stream=self.stream.name,
-                error=type(exc).__name__,
-                where=where_raised(exc),
-            )
-            answer = _refuse(
-                "internal_error", 503, "internal error; retry later", close=True, retry_after=RETRY_AFTER_BUSY
-            )
+            try:
+                answer = await self._handle(head)
+            except Exception as exc:  # a bug must not become a 500: WorkOS retries a 503, and the event is kept
+                self.state.refusals.log(
+                    "unexpected error handling a request; answered 503",
+                    stream=self.stream.name,
+                    error=type(exc).__name__,
+                    where=where_raised(exc),
+                )
+                answer = _refuse(
+                    "internal_error", 503, "internal error; retry later", close=True, retry_after=RETRY_AFTER_BUSY
+                )
+            self._count(answer, started)  # while still in flight: a removed stream's series go after its count
         finally:
             self.release()
-        self._count(answer, started)
         return answer
 
     def hold(self) -> None:
@@ -341,6 +343,18 @@ class Intake:
         self.inflight -= 1
         if not self.inflight:
             self.idle.set()
+            self._forget_if_retired()
+
+    def retire(self, forget: Callable[[str], None]) -> None:
+        """A reload removed the stream: `forget` its series once no request is in flight on it."""
+        self._retired = forget
+        if not self.inflight:
+            self._forget_if_retired()
+
+    def _forget_if_retired(self) -> None:
+        forget, self._retired = self._retired, None
+        if forget is not None:
+            forget(self.stream.name)
 
     def _count(self, answer: Answer, started: float) -> None:
         if answer.refusal is not None:
@@ -527,10 +541,13 @@ class State:
         }
         kept = {stream.name for stream in config.streams}
         for intake in replaced.values():
-            if intake.stream.name not in kept:  # a removed stream is not "silent": it is gone
-                with contextlib.suppress(KeyError):
-                    metrics.last_event.remove(intake.stream.name)
+            if intake.stream.name not in kept:  # a removed stream is not "silent": it is gone, with its series
+                intake.retire(lambda name: self._forget_stream(name, metrics))
         return replaced
+
+    def _forget_stream(self, name: str, metrics: Metrics) -> None:
+        if all(intake.stream.name != name for intake in self.intakes.values()):  # unless a reload brought it back
+            metrics.forget_stream(name)
 
 
 def build_app(config: Config, journal: Journal, metrics: Metrics, state: State) -> web.Application:

@@ -620,6 +620,7 @@ class DeliveryEngine:
             # every remaining sink has passed are freed by the next progress any of them records).
             await _unless_refused(self.journal.drop_cursors(removed), "forget the removed sinks' cursors")
             for name in removed:
+                self.metrics.forget_sink(name)  # its runner has stopped: nothing counts for it any more
                 log.warning(
                     "sink removed: its undelivered events are no longer owed to it",
                     extra={"sink": name, "undelivered_events": owed.get(name, 0)},

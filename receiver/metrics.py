@@ -193,6 +193,24 @@ class Metrics:
         self.exposition = Exposition(self.render)
         """What `/metrics` answers, rendered off the event loop."""
 
+    def forget_stream(self, name: str) -> None:
+        """A stream a reload removed: its series go (else every stream the process ever had stays exported)."""
+        for metric in (
+            self.requests,
+            self.request_seconds,
+            self.received,
+            self.duplicates,
+            self.refused,
+            self.last_event,
+        ):
+            metric.remove_by_labels({"stream": name})
+
+    def forget_sink(self, name: str) -> None:
+        """A sink a reload removed: its series go, the dead letters it left counted no more."""
+        for metric in (self.delivered, self.failed, self.send_seconds, self.backlog, self.sink_up):
+            metric.remove_by_labels({"sink": name})
+        self.dead_lettered.remove_by_labels({"stage": name})
+
     def watch_tls(self, expiry: Callable[[], float], failures: Iterable[str]) -> None:
         """With server.tls: the certificate's expiry read at scrape time, and the handshake failures of each kind
         at 0 until one happens (neither is exported without TLS)."""

@@ -56,6 +56,11 @@ COMPRESSION_LEVEL = 1
 ≈ 3 µs of CPU per KiB, so the backlog cap holds five to eight times more events."""
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
+WAL_SIZE_LIMIT = 8 * 1024 * 1024
+"""What the WAL is cut back to once checkpointed (`journal_size_limit`): twice what SQLite's own checkpoint
+lets it hold (1,000 pages), so the usual WAL keeps its room, and one large transaction (a purge, which
+overwrites the rows it frees) does not keep its size on disk for ever."""
+
 INTAKE = "(intake)"
 """How `dlq list` names dead letters of the intake (bad input), which belong to no sink."""
 
@@ -69,6 +74,7 @@ def connect(path: Path, cache_kib: int | None = None) -> sqlite3.Connection:
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA busy_timeout=30000")
+        conn.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
         if cache_kib is not None:
             conn.execute(f"PRAGMA cache_size=-{int(cache_kib)}")
         conn.executescript(SCHEMA)

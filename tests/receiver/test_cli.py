@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import io
 import json
 import sqlite3
 import subprocess
@@ -22,7 +23,7 @@ import yaml
 
 from receiver.cli import main
 from receiver.journal import INTAKE, list_dead_letters
-from receiver.journal.schema import LAYOUT
+from receiver.journal.schema import LAYOUT, WAL_SIZE_LIMIT
 from receiver.parsing import Rejected
 from receiver.samples import sample_wrappers
 from sinks.base import Event
@@ -379,6 +380,30 @@ class TestDlqPurge:
             await asyncio.sleep(0.2)
         gauge = scrape(service.metrics.render().decode(), "log_bridge_dead_letter_bytes")
         assert gauge == 0, f"{before} bytes before the purge, {gauge} reported 5 s after it"
+
+    async def test_a_purge_gives_the_disk_back_to_the_wal_limit(
+        self, start_service: StartService, tmp_path: Path, client: aiohttp.ClientSession
+    ) -> None:
+        """Was a defect: SQLite overwrites what a delete frees (secure_delete), so purging N bytes of dead letters
+        wrote N bytes to the WAL, and a WAL is never made smaller by itself: the file kept its largest size for
+        the life of the process (80 MB of purged letters left an 80 MB WAL beside the 80 MB database)."""
+        service = await start_service()
+        wal = Path(str(service.config.journal.path) + "-wal")
+        body = orjson.dumps([*sample_wrappers(1), "x" * 1_000_000, "y" * 1_000_000])  # two letters of 1 MB
+        headers = {"Authorization": TOKEN, "Content-Type": "application/json"}
+        for _ in range(6):
+            async with client.post(service.url + "/workos", data=io.BytesIO(body), headers=headers) as response:
+                assert response.status == 200
+        config = write_config(tmp_path, str(service.config.journal.path), ["mem"], ["mem"], name="cli.yaml")
+        assert await asyncio.to_thread(main, ["dlq", "purge", "--config", str(config), "--all", "--yes"]) == 0
+        largest = wal.stat().st_size
+        deadline = time.monotonic() + 10
+        while wal.stat().st_size > WAL_SIZE_LIMIT and time.monotonic() < deadline:  # the next writes truncate it
+            async with client.post(service.url + "/workos", json=sample_wrappers(1), headers=headers) as response:
+                assert response.status == 200
+            await asyncio.sleep(0.2)
+        assert largest > WAL_SIZE_LIMIT  # the purge did write its 12 MB there
+        assert wal.stat().st_size <= WAL_SIZE_LIMIT, f"{largest} bytes after the purge, {wal.stat().st_size} now"
 
 
 MEASURE = """

@@ -220,6 +220,31 @@ class TestReload:
         assert len(acknowledged) >= 100
         assert set(acknowledged) <= delivered  # rebuilt six times, the sink still got every acknowledged event
 
+    async def test_removed_streams_and_sinks_leave_no_series(self, running, client: aiohttp.ClientSession) -> None:
+        # A process reloaded for months (streams added per organisation, sinks renamed) must not export the
+        # series of every stream and sink it ever had: /metrics would grow with each reload, for ever.
+        service, file = await running()
+
+        def series() -> int:
+            return sum(len(family.samples) for family in service.metrics.registry.collect())
+
+        counts = []
+        for n in range(4):
+            sink, stream = f"mem{n}", {"name": f"s{n}", "path": f"/s{n}", "auth": {"values": [TOKEN]}}
+            tree = merge(BASE_CONFIG, {"journal": file.tree["journal"], "sinks": {sink: BASE_CONFIG["sinks"]["mem"]}})
+            tree["streams"].append({**stream, "sinks": [sink]})
+            file.write(tree)
+            assert await service.reload()
+            assert (await post(client, service.url + f"/s{n}", 2))[0] == 200
+            assert (await post(client, service.url + f"/s{n}", 2, token=NEW_TOKEN))[0] == 401
+            await wait_for(lambda n=n: service.engine.runners[f"mem{n}"].owed() == 0)  # type: ignore[union-attr]
+            counts.append(series())
+        assert counts == [counts[0]] * 4, counts
+        text = service.metrics.render().decode()
+        assert 'stream="s0"' not in text and 'sink="mem0"' not in text
+        assert scrape(text, "log_bridge_sink_events_delivered_total", sink="mem3") == 2
+        assert scrape(text, "log_bridge_requests_refused_total", stream="s3", reason="unauthorised") == 1
+
 
 async def wait_for(condition: Any, timeout: float = 10.0) -> None:
     deadline = asyncio.get_running_loop().time() + timeout
