@@ -66,6 +66,26 @@ def events(count: int) -> list[bytes]:
     return [b'{"event":{"id":"e%d","action":"user.signed_in"}}' % i for i in range(count)]
 
 
+def another_database(tmp_path: Path) -> Path:
+    """Another program's SQLite database (one table, rollback journal)."""
+    other = tmp_path / "app.db"
+    conn = sqlite3.connect(other)
+    conn.execute("CREATE TABLE users (name TEXT)")
+    conn.commit()
+    conn.close()
+    return other
+
+
+def assert_untouched(other: Path) -> None:
+    """`another_database` as it was made: no journal tables added, not turned to WAL mode."""
+    conn = sqlite3.connect(other)
+    try:
+        assert conn.execute("SELECT name FROM sqlite_master").fetchall() == [("users",)]
+        assert conn.execute("PRAGMA journal_mode").fetchone() == ("delete",)
+    finally:
+        conn.close()
+
+
 class TestDlqReplay:
     async def test_dead_letters_of_a_sink_the_configuration_lacks_are_left(
         self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
@@ -510,11 +530,7 @@ class TestMissingJournal:
         """Was a defect: a journal path naming another program's SQLite database (a typo, a wrong volume) was
         taken for an empty journal: the command added the journal's five tables to it, turned it to WAL mode
         for good, and said it found no dead letters."""
-        other = tmp_path / "app.db"
-        conn = sqlite3.connect(other)
-        conn.execute("CREATE TABLE users (name TEXT)")
-        conn.commit()
-        conn.close()
+        other = another_database(tmp_path)
         config = write_config(tmp_path, str(other), ["fwd"], ["fwd"])
         extra = ["--all", "--yes"] if action == "purge" else []
         assert main(["dlq", action, "--config", str(config), *extra]) == 2
@@ -523,22 +539,13 @@ class TestMissingJournal:
             captured.err
         )
         assert captured.out == ""
-        conn = sqlite3.connect(other)
-        try:
-            assert conn.execute("SELECT name FROM sqlite_master").fetchall() == [("users",)]
-            assert conn.execute("PRAGMA journal_mode").fetchone() == ("delete",)
-        finally:
-            conn.close()
+        assert_untouched(other)
 
     @pytest.mark.parametrize("command", ["serve", "drain"])
     def test_another_sqlite_database_is_not_served_from(self, tmp_path: Path, command: str) -> None:
         """Was a defect: `serve` and `drain` on another program's SQLite database added the journal's tables to
         it, turned it to WAL mode for good, and served from it."""
-        other = tmp_path / "app.db"
-        conn = sqlite3.connect(other)
-        conn.execute("CREATE TABLE users (name TEXT)")
-        conn.commit()
-        conn.close()
+        other = another_database(tmp_path)
         config = write_config(tmp_path, str(other), ["fwd"], ["fwd"])
         done = subprocess.run(  # another process, as an operator runs it (`serve` would not return otherwise)
             [sys.executable, "-m", "receiver.cli", command, "--config", str(config)],
@@ -550,12 +557,7 @@ class TestMissingJournal:
         assert done.returncode == 2
         (line,) = done.stderr.splitlines()
         assert f"cannot open the journal {other}: the file is not a log-bridge journal" in line
-        conn = sqlite3.connect(other)
-        try:
-            assert conn.execute("SELECT name FROM sqlite_master").fetchall() == [("users",)]
-            assert conn.execute("PRAGMA journal_mode").fetchone() == ("delete",)
-        finally:
-            conn.close()
+        assert_untouched(other)
 
 
 class TestUnusableJournal:
