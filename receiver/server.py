@@ -15,7 +15,7 @@ import signal
 import socket
 import ssl
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -27,7 +27,7 @@ from receiver.app import RETRY_AFTER_BUSY, Intake, RateLimitedLog, State, build_
 from receiver.config import AdminConfig, Config, ServerConfig, TLSConfig, listen_url, load_config, secret_values
 from receiver.delivery import DeliveryEngine, build_sinks
 from receiver.errors import CertificateNotValidYet, ConfigError, JournalClosed, JournalError, LogBridgeError
-from receiver.front import MAX_HEAD, MAX_HEADER_LINE, Front
+from receiver.front import MAX_HEADER_LINE, Front
 from receiver.journal import Journal
 from receiver.limits import CappedListener, LoopErrors, connection_cap, raise_fd_limit
 from receiver.logs import scrub
@@ -347,19 +347,9 @@ closed unread, as on the stream listener, whose `server.max_connections` does no
 
 MAX_HEADERS = 128
 """aiohttp's own limits, stated here because they bound what a request costs before its body is read: at most
-MAX_HEADERS header fields of MAX_HEADER_LINE bytes each, else a 400."""
-MAX_HEAD_BYTES = MAX_HEAD
-"""The longest request head aiohttp reads on these listeners, as the stream front; a longer one is a 400. aiohttp's
-own limits alone let a head of about 1 MiB arrive, each field kept as bytes and as text until the head ends: about
-2 MiB held by each connection, from anyone, for header_timeout (a few hundred connections took gigabytes)."""
-
-
-class HeadTooLarge(http_exceptions.BadHttpMessage):
-    """A request head longer than MAX_HEAD_BYTES."""
-
+MAX_HEADERS header fields of MAX_HEADER_LINE bytes each (about 1 MiB), else a 400."""
 
 _MALFORMED: tuple[tuple[type[BaseException], str], ...] = (
-    (HeadTooLarge, f"the request head is larger than {MAX_HEAD_BYTES} bytes"),
     (http_exceptions.LineTooLong, f"a request line or header field is longer than {MAX_HEADER_LINE} bytes"),
     (http_exceptions.BadHttpMethod, "not an HTTP/1.x request (bad method; HTTPS sent to an HTTP port?)"),
     (http_exceptions.BadStatusLine, "malformed request line (lines must end in CRLF)"),
@@ -371,44 +361,6 @@ _MALFORMED: tuple[tuple[type[BaseException], str], ...] = (
     ),
 )
 """What a malformed request is told: fixed texts, because aiohttp's own quote the offending line, secret and all."""
-
-
-class _HeadLimit:
-    """aiohttp's request parser, fed at most MAX_HEAD_BYTES at a time, refusing a request head that grows past
-    MAX_HEAD_BYTES. What follows the end of a request in the piece it ended in is not counted: a connection holds
-    at most twice MAX_HEAD_BYTES of a head."""
-
-    def __init__(self, parser: Any) -> None:
-        self._parser = parser
-        self._head = 0
-        """Bytes read since the last request's head or body ended."""
-        self._body: Any = None
-        """The last request's body (a stream reader; None before the first request)."""
-
-    def feed_data(self, data: bytes) -> tuple[Sequence[Any], bool, bytes]:
-        """aiohttp's `feed_data`, raising HeadTooLarge (which aiohttp answers like any malformed head)."""
-        found: list[Any] = []
-        for start in range(0, max(len(data), 1), MAX_HEAD_BYTES):  # b"" too: aiohttp's way to parse on
-            piece = data[start : start + MAX_HEAD_BYTES]
-            body = self._body
-            reading = body is not None and not body.is_eof()
-            before = body.total_bytes if reading else 0
-            messages, upgraded, tail = self._parser.feed_data(piece)
-            if messages:
-                found.extend(messages)
-                self._head, self._body = 0, messages[-1][1]
-            elif not reading:
-                self._head += len(piece)
-            elif body.is_eof():  # the body ended in this piece: what follows it begins the next head
-                self._head = len(piece) - (body.total_bytes - before)
-            if self._head > MAX_HEAD_BYTES:
-                raise HeadTooLarge(f"request head larger than {MAX_HEAD_BYTES} bytes")
-            if upgraded:
-                return found, True, tail + data[start + MAX_HEAD_BYTES :]
-        return found, False, b""
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._parser, name)
 
 
 class _Connection(web_protocol.RequestHandler):
@@ -430,7 +382,6 @@ class _Connection(web_protocol.RequestHandler):
         self._unread: asyncio.TimerHandle | None = None
         self._deadline = deadline
         super().__init__(manager, **kwargs)
-        self._parser = cast(Any, _HeadLimit(self._parser))  # used through feed_data and what it passes on
 
     # A client that does not read its answers would hold its connection for ever: aiohttp waits for it to read
     # what is being written (keep-alive does not end a connection whose answer is being written), and asyncio
