@@ -203,14 +203,11 @@ def _read_only(directory: Path) -> bool:
 
 def open_problem(exc: OSError | sqlite3.Error, path: Path) -> str:
     """Why a journal could not be opened, in one line, with the next step where it is clear."""
-    refused = isinstance(exc, PermissionError) or "readonly" in str(exc) or getattr(exc, "errno", 0) == errno.EROFS
-    if (refused or isinstance(exc, sqlite3.Error)) and _read_only(path.parent):  # no chmod or chown changes that
+    denied = isinstance(exc, PermissionError) or "readonly" in str(exc)
+    refused = denied or getattr(exc, "errno", 0) == errno.EROFS or isinstance(exc, sqlite3.Error)
+    if refused and _read_only(path.parent):  # no chmod or chown changes that
         return f"the file system holding {path.parent} is mounted read-only (the journal is written to)"
-    if (
-        isinstance(exc, PermissionError)
-        or "readonly" in str(exc)
-        or (isinstance(exc, sqlite3.Error) and not os.access(path.parent, os.W_OK))
-    ):
+    if denied or (isinstance(exc, sqlite3.Error) and not os.access(path.parent, os.W_OK)):
         files = [path, *(path.with_name(path.name + end) for end in ("-wal", "-shm", ".lock"))]
         theirs = [str(f) for f in files if _exists(f) and not os.access(f, os.R_OK | os.W_OK)]
         if theirs:
