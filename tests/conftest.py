@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -25,6 +26,12 @@ from tests.workos_fake import stream as workos_stream
 # failed property tests now and then when another process had the core).
 settings.register_profile("suite", deadline=None)
 settings.load_profile("suite")
+
+# Every program a test starts (the `log-bridge` script included) runs this tree's code: an editable install may
+# point at another checkout of the project, whose code the script would otherwise run.
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    filter(None, (str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")))
+)
 
 TOKEN = "Bearer test-secret-0123456789"
 

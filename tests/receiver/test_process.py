@@ -30,9 +30,6 @@ from tests.peers.hec import HecPeer
 
 TOKEN = "Bearer process-test-secret"
 SCRIPT = Path(sys.executable).with_name("log-bridge")
-HERE = [sys.executable, "-m", "receiver.cli"]
-"""`log-bridge` from this tree's code (SCRIPT runs the installed package's)."""
-HERE_ENV = {"PYTHONPATH": str(Path(__file__).resolve().parents[2])}
 
 
 def free_port() -> int:
@@ -74,7 +71,7 @@ class Server:
             cwd=cwd,
             stdout=self.log,
             stderr=self.log,
-            env={**os.environ, "STREAM_SECRET": TOKEN, **(HERE_ENV if command == HERE else {})},
+            env={**os.environ, "STREAM_SECRET": TOKEN},
         )
 
     async def ready(self, timeout: float = 20) -> None:
@@ -314,7 +311,7 @@ class TestRunningProcess:
         port = free_port()
         (tmp_path / "out").write_bytes(b"")  # where the sink's directory goes: every write fails (retried)
         config = write_config(tmp_path, port)
-        server = Server(config, port, tmp_path, command=HERE)
+        server = Server(config, port, tmp_path)
         try:
             await server.ready()
             url = f"http://127.0.0.1:{port}/workos"
@@ -332,12 +329,12 @@ class TestRunningProcess:
         finally:
             server.kill(signal.SIGKILL)
         shutil.rmtree(tmp_path / "journal.db.segments")
-        env = {**os.environ, "STREAM_SECRET": TOKEN, **HERE_ENV}
+        env = {**os.environ, "STREAM_SECRET": TOKEN}
         drained = subprocess.run(
-            [*HERE, "drain", "--config", str(config), "--timeout", "1"], capture_output=True, text=True, env=env
+            [str(SCRIPT), "drain", "--config", str(config), "--timeout", "1"], capture_output=True, text=True, env=env
         )
         assert drained.returncode == 0 and "journal events missing" in drained.stderr, drained  # nothing to deliver
-        listing = subprocess.run([*HERE, "dlq", "list", "--config", str(config)], capture_output=True, env=env)
+        listing = subprocess.run([str(SCRIPT), "dlq", "list", "--config", str(config)], capture_output=True, env=env)
         (line,) = listing.stdout.splitlines()
         assert "missing from the segments (seqs 1-3)" in orjson.loads(line)["reason"]
 
