@@ -15,19 +15,20 @@ import signal
 import socket
 import ssl
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import orjson
 from aiohttp import http_exceptions, web, web_protocol
+from aiohttp.streams import EMPTY_PAYLOAD
 from prometheus_client import Counter
 
 from receiver.app import RETRY_AFTER_BUSY, Intake, RateLimitedLog, State, build_admin_app, build_app, where_raised
 from receiver.config import AdminConfig, Config, ServerConfig, TLSConfig, listen_url, load_config, secret_values
 from receiver.delivery import DeliveryEngine, build_sinks
 from receiver.errors import CertificateNotValidYet, ConfigError, JournalClosed, JournalError, LogBridgeError
-from receiver.front import MAX_HEADER_LINE, Front
+from receiver.front import MAX_HEAD, MAX_HEADER_LINE, Front
 from receiver.journal import Journal
 from receiver.limits import CappedListener, LoopErrors, connection_cap, raise_fd_limit
 from receiver.logs import scrub
@@ -347,9 +348,19 @@ closed unread, as on the stream listener, whose `server.max_connections` does no
 
 MAX_HEADERS = 128
 """aiohttp's own limits, stated here because they bound what a request costs before its body is read: at most
-MAX_HEADERS header fields of MAX_HEADER_LINE bytes each (about 1 MiB), else a 400."""
+MAX_HEADERS header fields of MAX_HEADER_LINE bytes each, else a 400."""
+MAX_HEAD_BYTES = MAX_HEAD
+"""The longest request head aiohttp reads on these listeners, as the stream front; a longer one is a 400. aiohttp's
+own limits alone let a head of about 1 MiB arrive, each field kept as bytes and as text until the head ends: about
+2 MiB held by each connection, from anyone, for header_timeout (a few hundred connections took gigabytes)."""
+
+
+class HeadTooLarge(http_exceptions.BadHttpMessage):
+    """A request head longer than MAX_HEAD_BYTES."""
+
 
 _MALFORMED: tuple[tuple[type[BaseException], str], ...] = (
+    (HeadTooLarge, f"the request head is larger than {MAX_HEAD_BYTES} bytes"),
     (http_exceptions.LineTooLong, f"a request line or header field is longer than {MAX_HEADER_LINE} bytes"),
     (http_exceptions.BadHttpMethod, "not an HTTP/1.x request (bad method; HTTPS sent to an HTTP port?)"),
     (http_exceptions.BadStatusLine, "malformed request line (lines must end in CRLF)"),
@@ -363,10 +374,83 @@ _MALFORMED: tuple[tuple[type[BaseException], str], ...] = (
 """What a malformed request is told: fixed texts, because aiohttp's own quote the offending line, secret and all."""
 
 
+class _HeadLimit:
+    """aiohttp's request parser, fed at most MAX_HEAD_BYTES at a time, refusing a request head that grows past
+    MAX_HEAD_BYTES. What follows the end of a request in the piece it ended in is not counted: a connection holds
+    at most twice MAX_HEAD_BYTES of a head.
+
+    The refusal is a message like the one aiohttp makes of a malformed head, after the requests read before it,
+    and made without raising: a raised exception's traceback would keep the bytes being parsed. What the
+    connection sends after it is dropped unparsed."""
+
+    def __init__(self, parser: Any) -> None:
+        self._parser = parser
+        self._head = 0
+        """Bytes read since the last request's head or body ended."""
+        self._body: Any = None
+        """The last request's body (a stream reader; None before the first request)."""
+        self.refused = False
+
+    def feed_data(self, data: bytes) -> tuple[Sequence[Any], bool, bytes]:
+        """aiohttp's `feed_data`; a head past the limit ends the requests found with the refusal."""
+        if self.refused:
+            return (), False, b""
+        found: list[Any] = []
+        for start in range(0, max(len(data), 1), MAX_HEAD_BYTES):  # b"" too: aiohttp's way to parse on
+            piece = data[start : start + MAX_HEAD_BYTES]
+            body = self._body
+            reading = body is not None and not body.is_eof()
+            messages, upgraded, tail = self._parser.feed_data(piece)
+            if messages:
+                found.extend(messages)
+                self._head, self._body = 0, messages[-1][1]
+            elif not reading:
+                self._head += len(piece)
+            elif body.is_eof():  # the body ended in this piece: what follows it in the piece is not counted
+                self._head = 0
+            if self._head > MAX_HEAD_BYTES:
+                self.refused = True
+                too_large = HeadTooLarge(f"request head larger than {MAX_HEAD_BYTES} bytes")
+                found.append(
+                    (web_protocol._ErrInfo(status=400, exc=too_large, message=too_large.message), EMPTY_PAYLOAD)
+                )
+                return found, False, b""
+            if upgraded:
+                return found, True, tail + data[start + MAX_HEAD_BYTES :]
+        return found, False, b""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._parser, name)
+
+
+LINGER_SECONDS = 2.0
+"""After an answer given before the client has sent its whole request, how long what it still sends is read (and
+dropped): a socket closed with bytes unread resets the connection, and the client, still sending, would see the
+reset rather than the answer."""
+
+
+class _Dropping(asyncio.Protocol):
+    """A connection whose head was refused, once its answer is written: what the client still sends is dropped
+    unread until it ends its stream, or LINGER_SECONDS pass (then the connection is aborted)."""
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._timer = loop.call_later(LINGER_SECONDS, transport.abort)
+        if transport.can_write_eof():  # not over TLS
+            transport.write_eof()  # once the answer is written: the client reads it to the end at once
+        if not transport.is_reading():
+            transport.resume_reading()
+
+    def data_received(self, data: bytes) -> None:
+        pass
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._timer.cancel()
+
+
 class _Connection(web_protocol.RequestHandler):
     """aiohttp's connection handler, answering a request it cannot parse without quoting it, in logs or answers."""
 
-    __slots__ = ("_refusals", "_malformed", "_unread", "_deadline")
+    __slots__ = ("_refusals", "_malformed", "_unread", "_deadline", "_head_refused")
 
     def __init__(
         self,
@@ -381,7 +465,10 @@ class _Connection(web_protocol.RequestHandler):
         self._malformed = malformed
         self._unread: asyncio.TimerHandle | None = None
         self._deadline = deadline
+        self._head_refused = False
+        """The refusal of a head past MAX_HEAD_BYTES is being answered."""
         super().__init__(manager, **kwargs)
+        self._parser = cast(Any, _HeadLimit(self._parser))  # used through feed_data and what it passes on
 
     # A client that does not read its answers would hold its connection for ever: aiohttp waits for it to read
     # what is being written (keep-alive does not end a connection whose answer is being written), and asyncio
@@ -437,6 +524,7 @@ class _Connection(web_protocol.RequestHandler):
             status, text, headers = 503, "internal error; retry later", {"Retry-After": RETRY_AFTER_BUSY}
         else:
             self._malformed.inc()
+            self._head_refused = isinstance(exc, HeadTooLarge)
             text = next((text for kind, text in _MALFORMED if isinstance(exc, kind)), "malformed request")
             self._refusals.log(
                 "malformed request refused", status=status, error=type(exc).__name__, client=request.remote
@@ -446,6 +534,20 @@ class _Connection(web_protocol.RequestHandler):
         )
         response.force_close()
         return response
+
+    async def finish_response(
+        self, request: web.BaseRequest, resp: web.StreamResponse, start_time: float | None
+    ) -> tuple[web.StreamResponse, bool]:
+        """aiohttp's, and after the refusal of a head too large, the connection dropping what still comes."""
+        finished = await super().finish_response(request, resp, start_time)
+        transport = self.transport
+        if self._head_refused and isinstance(transport, asyncio.Transport) and not transport.is_closing():
+            # The rest of the head is most likely on its way. aiohttp would close the connection now, and the
+            # client see a reset. It goes to `_Dropping`, and aiohttp is done with it as with a connection lost.
+            self.transport = None
+            transport.set_protocol(_Dropping(transport, self._loop))
+            self.connection_lost(None)
+        return finished
 
     def log_exception(self, *args: Any, **kwargs: Any) -> None:
         """aiohttp's error lines, rate-limited and without their tracebacks (which may quote request bytes)."""
@@ -642,7 +744,7 @@ class Service:
             auto_decompress=False,  # the intake decompresses itself, with its own size limit
             keepalive_timeout=server.header_timeout,  # also closes a connection whose headers do not arrive
             shutdown_timeout=server.shutdown_timeout,
-            lingering_time=2.0,  # after an early answer, read at most this long what the client still sends
+            lingering_time=LINGER_SECONDS,  # after an early answer, read at most this long what the client still sends
             max_line_size=MAX_HEADER_LINE,
             max_field_size=MAX_HEADER_LINE,
             max_headers=MAX_HEADERS,

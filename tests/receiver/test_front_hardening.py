@@ -495,3 +495,66 @@ class TestUnreadAnswers:
             assert service._listener is not None and service._listener.open == 0
         finally:
             sock.close()
+
+
+class TestHeadLimit:
+    """aiohttp's limits (128 fields of 8190 bytes) let a head of about 1 MiB arrive, each field kept twice until the
+    head ends: about 2 MiB held for header_timeout by each connection, from anyone (200 connections took 400 MB).
+    A head is now refused once it grows past MAX_HEAD; what real senders send is not."""
+
+    @pytest.mark.parametrize("before", [b"", post(batch(1, 1100))], ids=["first", "after-a-served-request"])
+    async def test_a_head_that_does_not_end_is_refused_past_the_limit(
+        self, start_service: StartService, before: bytes
+    ) -> None:
+        from receiver.front import MAX_HEAD
+
+        service = await start_service({"server": {"header_timeout": "3s"}})
+        fields = b"".join(b"X-Filler-%03d: %s\r\n" % (index, b"a" * 1000) for index in range(MAX_HEAD // 1000 + 4))
+        source = "127.0.0.1" if before else "127.0.0.2"  # a stranger, or the sender once served
+        reader, writer = await asyncio.open_connection("127.0.0.1", service.port, local_addr=(source, 0))
+        writer.write(before + b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + fields)  # and never the blank line
+        answers = await asyncio.wait_for(reader.read(), 10)
+        await closed(writer)
+        assert answers.count(b"HTTP/1.") == (2 if before else 1), answers[:500]
+        assert answers.rsplit(b"HTTP/1.", 1)[1][2:].startswith(b"400 "), answers[-300:]
+        assert f"the request head is larger than {MAX_HEAD} bytes".encode() in answers
+
+    async def test_what_senders_send_is_not_refused(self, pair: tuple[Service, Service]) -> None:
+        """A head just under the limit, a chunked body in a thousand small chunks, a body aiohttp streams with a
+        request after it in the same write: the same answers as before the limit, from both fronts."""
+        from receiver.front import MAX_HEAD
+
+        half = "a" * (MAX_HEAD // 2 - 300)
+        large = post(batch(1, 1200), f"X-Large-1: {half}", f"X-Large-2: {half}")
+        body = batch(1, 1201)
+        chunks = b"".join(b"1\r\n%c\r\n" % byte for byte in body) + b"0\r\n\r\n"
+        chunked = post(chunks, "Transfer-Encoding: chunked", length=False)
+        padded = post(b"[" + b" " * (400 * 1024) + batch(1, 1202)[1:])
+        health = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+        for service in pair:
+            for data, count in ((large, 1), (chunked, 1), (padded + health, 2)):
+                answers = await responses(service.port, data, count)
+                assert [essence(a)[0] for a in answers] == [200] * count, answers
+                assert b'"accepted":1' in answers[0], answers[0]
+
+    @pytest.mark.parametrize("over_tls", [False, True], ids=["plain", "tls"])
+    async def test_a_client_still_sending_its_head_reads_the_refusal(
+        self, start_service: StartService, tmp_path: Path, over_tls: bool
+    ) -> None:
+        """The refusal comes while the client is still sending (here 800 KB of head, then a body): what it sends
+        after is read and dropped, so that its writes end and it reads the answer, not a connection reset (a
+        socket closed with bytes unread is reset)."""
+        if over_tls:
+            service, context = await tls_service(start_service, tmp_path)
+        else:
+            service, context = await start_service(), None
+        fields = [f"X-Filler-{index:03d}: {'a' * 8000}" for index in range(100)]
+        reader, writer = await asyncio.open_connection("127.0.0.1", service.port, ssl=context)
+        try:
+            writer.write(post(batch(1, 1300), *fields))
+            await asyncio.wait_for(writer.drain(), 10)
+            answer = await asyncio.wait_for(reader.readuntil(b"}"), 10)
+        finally:
+            writer.close()
+        assert answer.startswith(b"HTTP/1.0 400 "), answer  # as aiohttp answers any head it cannot parse
+        assert answer.endswith(b'{"error":"the request head is larger than 16384 bytes"}'), answer
