@@ -375,9 +375,9 @@ _MALFORMED: tuple[tuple[type[BaseException], str], ...] = (
 
 
 class _HeadLimit:
-    """aiohttp's request parser, fed at most MAX_HEAD_BYTES at a time, refusing a request head that grows past
-    MAX_HEAD_BYTES. What follows the end of a request in the piece it ended in is not counted: a connection holds
-    at most twice MAX_HEAD_BYTES of a head.
+    """aiohttp's request parser, fed a piece at a time, refusing a request head that grows past MAX_HEAD_BYTES.
+    What follows the end of a request in the piece it ended in is not counted: a head may reach twice
+    MAX_HEAD_BYTES before it is refused when it begins in the piece a request ended in.
 
     The refusal is a message like the one aiohttp makes of a malformed head, after the requests read before it,
     and made without raising: a raised exception's traceback would keep the bytes being parsed. What the
@@ -396,8 +396,12 @@ class _HeadLimit:
         if self.refused:
             return (), False, b""
         found: list[Any] = []
-        for start in range(0, max(len(data), 1), MAX_HEAD_BYTES):  # b"" too: aiohttp's way to parse on
-            piece = data[start : start + MAX_HEAD_BYTES]
+        start = 0
+        while True:
+            # A head under way gets what it may still grow by, and one byte more: past the limit it is refused
+            # exactly there. A body is fed MAX_HEAD_BYTES and one byte at a time.
+            end = start + MAX_HEAD_BYTES + 1 - self._head
+            piece = data[start:end]
             body = self._body
             reading = body is not None and not body.is_eof()
             messages, upgraded, tail = self._parser.feed_data(piece)
@@ -416,8 +420,10 @@ class _HeadLimit:
                 )
                 return found, False, b""
             if upgraded:
-                return found, True, tail + data[start + MAX_HEAD_BYTES :]
-        return found, False, b""
+                return found, True, tail + data[end:]
+            if end >= len(data):
+                return found, False, b""
+            start = end
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._parser, name)
@@ -433,7 +439,11 @@ class _Dropping(asyncio.Protocol):
     """A connection whose head was refused, once its answer is written: what the client still sends is dropped
     unread until it ends its stream, or LINGER_SECONDS pass (then the connection is aborted)."""
 
-    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop, among: set[Any]) -> None:
+        self._transport = transport
+        self._among = among
+        """The server's connections in this state, aborted at its shutdown."""
+        among.add(self)
         self._timer = loop.call_later(LINGER_SECONDS, transport.abort)
         if transport.can_write_eof():  # not over TLS
             transport.write_eof()  # once the answer is written: the client reads it to the end at once
@@ -445,6 +455,10 @@ class _Dropping(asyncio.Protocol):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._timer.cancel()
+        self._among.discard(self)
+
+    def abort(self) -> None:
+        self._transport.abort()
 
 
 class _Connection(web_protocol.RequestHandler):
@@ -541,11 +555,17 @@ class _Connection(web_protocol.RequestHandler):
         """aiohttp's, and after the refusal of a head too large, the connection dropping what still comes."""
         finished = await super().finish_response(request, resp, start_time)
         transport = self.transport
-        if self._head_refused and isinstance(transport, asyncio.Transport) and not transport.is_closing():
+        server = self._manager
+        if (
+            self._head_refused
+            and isinstance(server, _Server)
+            and isinstance(transport, asyncio.Transport)
+            and not transport.is_closing()
+        ):
             # The rest of the head is most likely on its way. aiohttp would close the connection now, and the
             # client see a reset. It goes to `_Dropping`, and aiohttp is done with it as with a connection lost.
             self.transport = None
-            transport.set_protocol(_Dropping(transport, self._loop))
+            transport.set_protocol(_Dropping(transport, self._loop, server.dropping))
             self.connection_lost(None)
         return finished
 
@@ -570,6 +590,13 @@ class _Server(web.Server):
     ) -> None:
         super().__init__(handler, request_factory=request_factory, **connection)
         self._connection = {**connection, "refusals": refusals, "malformed": malformed}
+        self.dropping: set[_Dropping] = set()
+        """Connections refused for their head, read on after their answer (no longer aiohttp's)."""
+
+    async def shutdown(self, timeout: float | None = None) -> None:  # noqa: ASYNC109  # aiohttp's signature
+        for connection in list(self.dropping):
+            connection.abort()
+        await super().shutdown(timeout)
 
     def __call__(self) -> web_protocol.RequestHandler:
         return _Connection(self, loop=asyncio.get_running_loop(), **self._connection)
