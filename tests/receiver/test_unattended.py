@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import shutil
 import signal
@@ -489,6 +490,60 @@ class TestReadinessWhileTheDiskIsFull:
                 data, headers = body(5)
                 async with session.post(service.url + "/workos", data=data, headers=headers) as response:
                     assert response.status == 200
+            await service.stop()
+
+    async def test_a_full_disk_is_logged_once_not_once_a_refused_request(
+        self, start_service: StartService, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """Was a defect: each group of requests the full disk refused logged "journal write failed" at ERROR,
+        unlimited (WorkOS retrying, tens of lines a second, on a disk that may hold the logs too). The journal
+        says it once when the disk fills, and again only after a write has gone through; the intake's line for
+        each refused request is rate-limited."""
+        with small_disk(tmp_path / "disk", "12m") as disk:
+            filler = disk / "filler"
+            service = await start_service(
+                {
+                    "server": {"max_body_bytes": "1MiB"},
+                    "journal": {"path": str(disk / "journal.db")},
+                    "sinks": {"mem": {"fail": "retry"}},
+                }
+            )
+            caplog.set_level(logging.INFO)
+            async with aiohttp.ClientSession() as session:
+
+                async def post_until_refused() -> None:
+                    for _ in range(2000):
+                        data, headers = body(50)
+                        async with session.post(service.url + "/workos", data=data, headers=headers) as response:
+                            if response.status == 503:
+                                return
+                    raise AssertionError("the disk never filled")
+
+                filler.write_bytes(os.urandom(1024) * (1024 * 7))
+                await post_until_refused()
+                for _ in range(60):  # WorkOS retrying
+                    data, headers = body(50)
+                    async with session.post(service.url + "/workos", data=data, headers=headers) as response:
+                        assert response.status == 503
+                failed = [r for r in caplog.records if r.getMessage() == "journal write failed"]
+                assert len(failed) == 1, f"{len(failed)} lines"
+                refusals = [r for r in caplog.records if r.getMessage() == "journal full: refusing a batch"]
+                assert 1 <= len(refusals) <= 15, f"{len(refusals)} lines"
+                filler.unlink()  # room again: a write goes through, and the next full disk is said again
+                for _ in range(30):
+                    await asyncio.sleep(0.2)
+                    async with session.get(service.url + "/readyz") as response:
+                        if response.status == 200:
+                            break
+                data, headers = body(5)
+                async with session.post(service.url + "/workos", data=data, headers=headers) as response:
+                    assert response.status == 200
+                with contextlib.suppress(OSError), filler.open("wb") as filling:  # what is left of the room
+                    while True:
+                        filling.write(os.urandom(256 * 1024))
+                await post_until_refused()
+                failed = [r for r in caplog.records if r.getMessage() == "journal write failed"]
+                assert len(failed) == 2, f"{len(failed)} lines"
             await service.stop()
 
     async def test_ready_again_only_once_the_largest_request_fits(
