@@ -4,13 +4,26 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import os
 import time
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 from prometheus_client.exposition import generate_latest
 
 log = logging.getLogger(__name__)
+
+
+def file_system_bytes(directory: Path) -> tuple[float, float]:
+    """The bytes an unprivileged process may still write on `directory`'s file system, and its size (NaN, NaN
+    when it cannot be read: the directory gone, the mount lost)."""
+    try:
+        stats = os.statvfs(directory)
+    except OSError:
+        return math.nan, math.nan
+    return float(stats.f_bavail * stats.f_frsize), float(stats.f_blocks * stats.f_frsize)
 
 
 class Metrics:
@@ -103,6 +116,14 @@ class Metrics:
             "1 while the journal's disk is full: a write failed for lack of space and none has committed since "
             "(intake answers 503 and /readyz is not ready, however far below journal.max_bytes the journal is)",
             registry=r,
+        )
+        self.journal_disk_free = Gauge(
+            "log_bridge_journal_disk_free_bytes",
+            "Bytes the service may still write on the journal's file system (NaN when it cannot be read)",
+            registry=r,
+        )
+        self.journal_disk_size = Gauge(
+            "log_bridge_journal_disk_size_bytes", "Size of the journal's file system in bytes", registry=r
         )
 
         self.malformed_requests = Counter(
@@ -239,6 +260,11 @@ class Metrics:
         self.journal_over_cap.set_function(over_cap)
         self.dedup_keys.set_function(dedup_keys)
         self.journal_disk_full.set_function(disk_full)
+
+    def watch_journal_disk(self, directory: Path) -> None:
+        """Read the journal's file system's free space and size at scrape time."""
+        self.journal_disk_free.set_function(lambda: file_system_bytes(directory)[0])
+        self.journal_disk_size.set_function(lambda: file_system_bytes(directory)[1])
 
     def render(self) -> bytes:
         """The Prometheus text exposition."""

@@ -36,6 +36,7 @@ ALERTS = {
     "LogBridgeEventsDeadLettered": "deadLetters",
     "LogBridgeJournalNearlyFull": "journalNearlyFull",
     "LogBridgeJournalDiskFull": "journalDiskFull",
+    "LogBridgeJournalDiskFillingUp": "journalDiskFillingUp",
     "LogBridgeDedupStoreFailing": "dedupStoreFailing",
     "LogBridgeDeadLettersNearlyFull": "deadLettersNearlyFull",
     "LogBridgeStreamSilent": "streamSilent",
@@ -102,6 +103,7 @@ SEVERITY = {
     "LogBridgeEventsDeadLettered": "warning",
     "LogBridgeJournalNearlyFull": "warning",
     "LogBridgeJournalDiskFull": "critical",
+    "LogBridgeJournalDiskFillingUp": "warning",
     "LogBridgeDedupStoreFailing": "warning",
     "LogBridgeDeadLettersNearlyFull": "warning",
     "LogBridgeStreamSilent": "critical",
@@ -223,6 +225,30 @@ CASES: dict[str, dict[str, Any]] = {
             fires("LogBridgeJournalDiskFull", "9m"),  # full 4 minutes: not yet; pod 1 only flickered
             fires("LogBridgeJournalDiskFull", "11m", (target(), "The journal's disk of log-bridge-0 is full")),
             fires("LogBridgeJournalDiskFull", "20m"),  # room again
+        ],
+    },
+    "LogBridgeJournalDiskFillingUp": {
+        "interval": "5m",
+        "input_series": [
+            # Pod 0's volume (2,000 bytes) loses 60 bytes an hour from 60 % free: under 40 % from 6h45m on.
+            series("log_bridge_journal_disk_free_bytes", "1200-5x120"),
+            series("log_bridge_journal_disk_size_bytes", "2000x120"),
+            # Pod 1 has 20 % free, steady; pod 2 35 % and losing 12 bytes an hour: full in 58 hours, not 24.
+            series("log_bridge_journal_disk_free_bytes", "400x120", pod="log-bridge-1", instance="10.0.0.3:8443"),
+            series("log_bridge_journal_disk_size_bytes", "2000x120", pod="log-bridge-1", instance="10.0.0.3:8443"),
+            series("log_bridge_journal_disk_free_bytes", "700-1x120", pod="log-bridge-2", instance="10.0.0.4:8443"),
+            series("log_bridge_journal_disk_size_bytes", "2000x120", pod="log-bridge-2", instance="10.0.0.4:8443"),
+            series("log_bridge_journal_disk_free_bytes", "600-10x120", job="other-release"),
+            series("log_bridge_journal_disk_size_bytes", "2000x120", job="other-release"),
+        ],
+        "alert_rule_test": [
+            fires("LogBridgeJournalDiskFillingUp", "5h"),  # filling, but 45 % free
+            fires("LogBridgeJournalDiskFillingUp", "7h30m"),  # under 40 % for 45 minutes: not yet
+            fires(
+                "LogBridgeJournalDiskFillingUp",
+                "8h",
+                (target(), "The journal's volume of log-bridge-0 is filling up (36% free)"),
+            ),
         ],
     },
     "LogBridgeDedupStoreFailing": {
@@ -596,7 +622,7 @@ class TestPrometheusRule:
             if "persistence.size" in runbook or "volume size" in runbook:
                 growing += 1
                 assert "kubectl patch pvc" in runbook and "docs/deploy.md" in runbook, rule["alert"]
-        assert growing == 3
+        assert growing == 4
         deploy = (REPO / "docs" / "deploy.md").read_text()
         assert "## Growing the journal volumes" in deploy and "--cascade=orphan" in deploy
 

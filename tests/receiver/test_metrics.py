@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import math
+import os
+import shutil
 import threading
 import time
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -141,3 +145,39 @@ class TestUnroutedRequests:
         }
         lines = [r for r in caplog.records if "no stream is configured" in r.getMessage()]
         assert [getattr(r, "path", None) for r in lines] == ["/workos/", "/work0s"]
+
+
+class TestJournalDisk:
+    async def test_the_journal_s_file_system_free_space_and_size(
+        self, start_service: StartService, tmp_path: Path
+    ) -> None:
+        """What a filling-up alert reads: the free bytes and size of the file system the journal is on (here a
+        12 MiB tmpfs), followed as something else fills it; NaN once it cannot be read."""
+        from tests.receiver.test_unattended import small_disk
+
+        with small_disk(tmp_path / "disk", "12m") as disk:
+            service = await start_service({"journal": {"path": str(disk / "journal.db")}})
+            async with aiohttp.ClientSession() as session:
+
+                async def disk_bytes() -> tuple[float, float]:
+                    async with session.get(service.url + "/metrics") as response:
+                        text = await response.text()
+                    return (
+                        scrape(text, "log_bridge_journal_disk_free_bytes"),
+                        scrape(text, "log_bridge_journal_disk_size_bytes"),
+                    )
+
+                free, size = await disk_bytes()
+                assert size == 12 * 1024 * 1024
+                stats = os.statvfs(disk)
+                assert abs(free - stats.f_bavail * stats.f_frsize) <= 256 * 1024  # the journal may write meanwhile
+                (disk / "filler").write_bytes(b"\1" * (3 * 1024 * 1024))
+                later, size = await disk_bytes()
+                assert 3 * 1024 * 1024 <= free - later <= 3.25 * 1024 * 1024 and size == 12 * 1024 * 1024
+            await service.stop()
+        shutil.rmtree(tmp_path / "disk")
+        metrics = Metrics()
+        metrics.watch_journal_disk(tmp_path / "disk")
+        text = metrics.render().decode()
+        assert math.isnan(scrape(text, "log_bridge_journal_disk_free_bytes"))
+        assert math.isnan(scrape(text, "log_bridge_journal_disk_size_bytes"))
