@@ -213,7 +213,7 @@ async def _export(
         Filters(actions) if export is None else Filters(actions or export.actions, export.actor_names, export.targets)
     )
     try:
-        export_id = await exporter.create(organization, start, end, filters)
+        export_id, _ = await exporter.create(organization, start, end, filters)
         url = await exporter.wait_ready(export_id, bar)
         data = await exporter.download(export_id, url, bar)
     except WorkosApiError as exc:

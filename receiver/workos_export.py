@@ -11,6 +11,11 @@ archived range, and the range being exported (with its export id) so that a rest
 bounds, and so the same object keys. A range counts as archived only once every export sink has stored it.
 The first range is `[now - first_range, now - settle]`; the next ones are `every` long from there; after a
 downtime the missed periods are archived one after the other; nothing older than WorkOS's 90 days is asked for.
+
+"Now" is the local clock, but what counts is WorkOS's: an export made before the range's end plus `settle` by
+WorkOS's clock (its `created_at`) cannot hold the events still to come in the range, so it is dropped unread (an
+Object Lock bucket could not take a better file under the same name later) and the range is asked for again once it
+has settled there. A local clock ahead of WorkOS's thus delays the ranges instead of cutting them short.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from pathlib import Path
 
 import aiohttp
 
+from receiver.app import RateLimitedLog
 from receiver.config import WORKOS_EXPORT_MAX_AGE, WorkosConfig, WorkosExportConfig
 from receiver.errors import LogBridgeError
 from receiver.journal import connect
@@ -105,8 +111,8 @@ class Exporter:
             await self._session.close()
             self._session = None
 
-    async def create(self, organization: str, start: int, end: int, filters: Filters) -> str:
-        """Ask WorkOS for the export; returns its id."""
+    async def create(self, organization: str, start: int, end: int, filters: Filters) -> tuple[str, float]:
+        """Ask WorkOS for the export; returns its id and when WorkOS made it, by WorkOS's clock."""
         created = await self.api.call(
             "create_export",
             lambda: self.api.client.audit_logs.create_export(
@@ -118,7 +124,8 @@ class Exporter:
                 targets=list(filters.targets) or None,
             ),
         )
-        return created.id
+        made = created.created_at
+        return created.id, (made if made.tzinfo else made.replace(tzinfo=UTC)).timestamp()  # WorkOS's times are UTC
 
     async def _get(self, export_id: str) -> tuple[str, str | None]:
         found = await self.api.call("get_export", lambda: self.api.client.audit_logs.get_export(export_id))
@@ -335,6 +342,8 @@ class ExportSchedule:
         self._retry_at: dict[str, tuple[float, float]] = {}
         """Organization -> (when its range is tried again, the wait that was put off)."""
         self._failures: dict[str, int] = {}
+        self._clock_warnings = RateLimitedLog(log, rate=1 / 600, burst=3)
+        """A clock ahead of WorkOS's is met by every organization each period: a few lines, then one in 10 minutes."""
 
     async def close(self) -> None:
         """Close the download connections."""
@@ -373,9 +382,8 @@ class ExportSchedule:
                     if found.archived_end is not None:
                         dues.append(found.archived_end + self.export.every + self.export.settle)
                     break
-                if not await self.archive(organization, plan, found):
-                    failures = self._failures[organization] = self._failures.get(organization, 0) + 1
-                    wait = min(RETRY_FIRST * 2 ** (failures - 1), self.export.every)
+                wait = await self.archive(organization, plan, found)
+                if wait is not None:
                     self._retry_at[organization] = (self.clock() + wait, wait)
                     dues.append(self.clock() + wait)
                     break
@@ -383,8 +391,14 @@ class ExportSchedule:
         wait = min(dues, default=self.clock() + 60.0) - self.clock()
         return max(1.0, min(wait, self.export.every))
 
-    async def archive(self, organization: str, plan: tuple[int, int], found: OrgState) -> bool:
-        """Export one range and store it through every sink; True once all stored it (and the mark moved)."""
+    def _failed(self, organization: str) -> float:
+        """The wait before the next attempt after a failure: RETRY_FIRST, doubling with each one, up to `every`."""
+        failures = self._failures[organization] = self._failures.get(organization, 0) + 1
+        return min(RETRY_FIRST * 2.0 ** (failures - 1), self.export.every)
+
+    async def archive(self, organization: str, plan: tuple[int, int], found: OrgState) -> float | None:
+        """Export one range and store it through every sink; None once all stored it (and the mark moved), else the
+        seconds until it is tried again."""
         start, end = plan
         context = {"organization": organization, "range_start": iso(start), "range_end": iso(end)}
         export_id = found.pending_export if found.pending == plan else None
@@ -392,7 +406,9 @@ class ExportSchedule:
             await self.state.begin(organization, start, end)
         try:
             if export_id is None:
-                export_id = await self.exporter.create(organization, start, end, self.filters)
+                export_id, made = await self.exporter.create(organization, start, end, self.filters)
+                if (early := end + self.export.settle - made) > 0:
+                    return self._unsettled(organization, context, made, early)
                 await self.state.set_export(organization, export_id)
             try:
                 url = await self.exporter.wait_ready(export_id)
@@ -406,24 +422,38 @@ class ExportSchedule:
                 await self.state.set_export(organization, None)  # the next attempt asks for a new export
             self.metrics.exports.labels(organization, exc.result).inc()
             log.warning("export attempt failed; retried later", extra={**context, "error": str(exc)})
-            return False
+            return self._failed(organization)
         except WorkosApiError as exc:
             self.metrics.exports.labels(organization, "api_error").inc()
             log.warning("export attempt failed; retried later", extra={**context, "error": str(exc)})
-            return False
+            return self._failed(organization)
         failed = await self.store(organization, start, end, data)
         if failed:
             self.metrics.exports.labels(organization, "sink_failed").inc()
             log.warning(
                 "export not stored by every sink; the range is retried later", extra={**context, "errors": failed}
             )
-            return False
+            return self._failed(organization)
         await self.state.archived(organization, end)
         self.metrics.exports.labels(organization, "archived").inc()
         self.metrics.export_last_success.labels(organization).set(time.time())
         self.metrics.archived_until.labels(organization).set(end)
         log.info("export range archived", extra={**context, "bytes": len(data), "sinks": list(self.sinks)})
-        return True
+        return None
+
+    def _unsettled(self, organization: str, context: dict[str, str], made: float, early: float) -> float:
+        """The export was made `early` seconds before the range had settled by WorkOS's clock: it is left unread
+        (the pending range keeps its bounds, and so its file names) and asked for again once the range has settled."""
+        wait = min(early + 1.0, self.export.every)
+        self.metrics.exports.labels(organization, "clock_ahead").inc()
+        self._clock_warnings.log(
+            f"the range had not settled by WorkOS's clock when its export was made: the export is dropped and asked "
+            f"for again in {wait:.0f} s (the local clock runs ahead of WorkOS's by about {self.clock() - made:.0f} s, "
+            "or did when the range was planned)",
+            **context,
+            workos_time=iso(int(made)),
+        )
+        return wait
 
     async def store(self, organization: str, start: int, end: int, data: bytes) -> dict[str, str]:
         """Store the file through every sink; returns the failures by sink name."""

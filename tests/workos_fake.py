@@ -4,7 +4,9 @@ shapes the bridge uses, so the real `workos` SDK can be pointed at it through `b
 - `GET /organizations/{id}/audit_log_configuration`: the organization's audit-log state and its log stream
   (any type and state, or none); 404 for an unknown organization.
 - `POST /audit_logs/exports` and `GET /audit_logs/exports/{id}`: an export is `pending` for `polls_until_ready`
-  polls, then `ready` with a `url` (or `error` when the organization is in `failing_exports`). Each
+  polls, then `ready` with a `url` (or `error` when the organization is in `failing_exports`). Its `created_at`
+  is the fake's own `clock` (which a test can set apart from the bridge's), and its CSV holds the `events` of its
+  range that had occurred by then, as a real export cannot hold events that arrive after it was made. Each
   `get_export` of a ready export hands out a fresh URL; a URL answers once, then 403 (as an expired one would),
   and `expire_next_urls` makes the next URLs answer 403 straight away.
 - `GET /downloads/{token}`: the CSV bytes of the export (recorded in `served`).
@@ -22,8 +24,10 @@ import contextlib
 import itertools
 import secrets
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
@@ -43,6 +47,11 @@ def stream(state: str = "active", type_: str = "GenericHttps", last_synced_at: s
     }
 
 
+def stamp(epoch: float) -> str:
+    """WorkOS's form of a moment: `2024-01-01T00:00:00.000Z`."""
+    return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
 @dataclass
 class Export:
     """One export the fake was asked for."""
@@ -52,6 +61,7 @@ class Export:
     range_start: str
     range_end: str
     filters: dict[str, Any]
+    created_at: float
     polls: int = 0
     state: str = "pending"
     data: bytes = b""
@@ -68,6 +78,11 @@ class FakeWorkOS:
     failing_exports: set[str] = field(default_factory=set)
     expire_next_urls: int = 0
     exports: dict[str, Export] = field(default_factory=dict)
+    clock: Callable[[], float] = time.time
+    """WorkOS's clock (the exports' `created_at`)."""
+    events: list[tuple[float, str]] = field(default_factory=list)
+    """(occurred at, id) of audit events: an export's CSV has a row for each in its range that occurred before it
+    was made."""
     served: list[tuple[str, bytes]] = field(default_factory=list)
     """(export id, bytes) of every successful download."""
     requests: list[tuple[str, str, str | None]] = field(default_factory=list)
@@ -107,6 +122,10 @@ class FakeWorkOS:
                 f'"01HX{export.id[-8:]}{index}","user.signed_in","{export.range_start}","user_{index}",'
                 f'"[{{""type"":""team""}}]","{export.organization} {export.range_end} \u00e9"'.encode()
             )
+        start, end = (datetime.fromisoformat(export.range_start), datetime.fromisoformat(export.range_end))
+        for occurred, event_id in sorted(self.events):
+            if start.timestamp() <= occurred < end.timestamp() and occurred <= export.created_at:
+                rows.append(f'"{event_id}","user.signed_in","{stamp(occurred)}","user","[]",""'.encode())
         return b"\r\n".join(rows) + b"\r\n"
 
     # --- the server ---
@@ -174,8 +193,8 @@ class FakeWorkOS:
             "object": "audit_log_export",
             "id": export.id,
             "state": export.state,
-            "created_at": CREATED,
-            "updated_at": CREATED,
+            "created_at": stamp(export.created_at),
+            "updated_at": stamp(export.created_at),
         }
         if export.state == "ready":
             token = secrets.token_urlsafe(12)
@@ -202,6 +221,7 @@ class FakeWorkOS:
                 range_start=payload["range_start"],
                 range_end=payload["range_end"],
                 filters={k: v for k, v in payload.items() if k in ("actions", "actor_names", "targets")},
+                created_at=self.clock(),
             )
             export.data = self.csv_for(export)
             self.exports[export.id] = export

@@ -450,7 +450,7 @@ class TestExport:
         api = api_for(workos_fake)
         exporter = Exporter(api, timeout=10, max_bytes=1 << 20, poll_initial=0.01)
         try:
-            export_id = await exporter.create(ORGANIZATION, 1_700_000_000, 1_700_086_400, Filters(("user.*",)))
+            export_id, _ = await exporter.create(ORGANIZATION, 1_700_000_000, 1_700_086_400, Filters(("user.*",)))
             url = await exporter.wait_ready(export_id)
             data = await exporter.download(export_id, url)
         finally:
@@ -469,7 +469,7 @@ class TestExport:
         api = api_for(workos_fake)
         exporter = Exporter(api, timeout=10, max_bytes=1 << 20, poll_initial=0.01)
         try:
-            export_id = await exporter.create(ORGANIZATION, 1_700_000_000, 1_700_086_400, Filters())
+            export_id, _ = await exporter.create(ORGANIZATION, 1_700_000_000, 1_700_086_400, Filters())
             with pytest.raises(ExportFailed) as caught:
                 await exporter.wait_ready(export_id)
         finally:
@@ -482,7 +482,7 @@ class TestExport:
         api = api_for(workos_fake)
         exporter = Exporter(api, timeout=10, max_bytes=1 << 20, poll_initial=0.01)
         try:
-            export_id = await exporter.create(ORGANIZATION, 1_700_000_000, 1_700_086_400, Filters())
+            export_id, _ = await exporter.create(ORGANIZATION, 1_700_000_000, 1_700_086_400, Filters())
             url = await exporter.wait_ready(export_id)
             first = await exporter.download(export_id, url)
             async with aiohttp.ClientSession() as session, session.get(url) as again:
@@ -502,7 +502,7 @@ class TestExport:
         api = api_for(workos_fake)
         exporter = Exporter(api, timeout=10, max_bytes=1 << 20, poll_initial=0.01)
         try:
-            export_id = await exporter.create(ORGANIZATION, 1_700_000_000, 1_700_086_400, Filters())
+            export_id, _ = await exporter.create(ORGANIZATION, 1_700_000_000, 1_700_086_400, Filters())
             url = await exporter.wait_ready(export_id)
             assert await exporter.download(export_id, url) == workos_fake.exports[export_id].data
             workos_fake.expire_next_urls = 100
@@ -518,12 +518,12 @@ class TestExport:
         api = api_for(workos_fake)
         small = Exporter(api, timeout=10, max_bytes=100, poll_initial=0.01)
         try:
-            export_id = await small.create(ORGANIZATION, 1_700_000_000, 1_700_086_400, Filters())
+            export_id, _ = await small.create(ORGANIZATION, 1_700_000_000, 1_700_086_400, Filters())
             with pytest.raises(ExportFailed) as caught:
                 await small.download(export_id, await small.wait_ready(export_id))
             assert caught.value.result == "too_large"
             workos_fake.polls_until_ready = 10_000
-            slow = await small.create(ORGANIZATION, 1_700_000_000, 1_700_086_400, Filters())
+            slow, _ = await small.create(ORGANIZATION, 1_700_000_000, 1_700_086_400, Filters())
             small.timeout = 0.2
             with pytest.raises(ExportFailed) as caught:
                 await small.wait_ready(slow)
@@ -569,7 +569,7 @@ class TestNoSecretInLogs:
                     texts.append(str(exc))
             exporter = Exporter(api, timeout=10, max_bytes=1 << 20, poll_initial=0.01)
             workos_fake.expire_next_urls = 1
-            export_id = await exporter.create(ORGANIZATION, 1_700_000_000, 1_700_086_400, Filters())
+            export_id, _ = await exporter.create(ORGANIZATION, 1_700_000_000, 1_700_086_400, Filters())
             await exporter.download(export_id, await exporter.wait_ready(export_id))
             await exporter.close()
         finally:

@@ -1,10 +1,12 @@
 """The scheduled export archive against the fake WorkOS API, with file sinks and a controllable clock: the first
 range, one range per period, catch-up after downtime, a restart in the middle of an export, a failing sink,
-WorkOS's 90-day reach, and no duplicate or missing range (checked by the stored file names)."""
+WorkOS's 90-day reach, a local clock ahead of or behind WorkOS's, and no duplicate or missing range (checked by the
+stored file names)."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import sqlite3
 from datetime import datetime
 from pathlib import Path
@@ -53,6 +55,7 @@ class Setup:
         self.fake = fake
         self.tmp = tmp_path
         self.clock = clock
+        fake.clock = clock  # WorkOS's clock agrees with the bridge's unless a test sets it apart
         self.config = workos_config(fake, **export)
         self.metrics = Metrics()
         self.state = ExportState(tmp_path / "journal.db")
@@ -74,6 +77,9 @@ class Setup:
 
     def ranges(self, sink: str = "a") -> list[tuple[str, str]]:
         return [tuple(name.removesuffix(".csv").split("_")) for name in self.stored(sink)]  # type: ignore[misc]
+
+    def contents(self, sink: str = "a") -> bytes:
+        return b"".join((self.tmp / sink / "exports" / ORGANIZATION / name).read_bytes() for name in self.stored(sink))
 
     def result(self, result: str) -> float:
         return self.metrics.value("log_bridge_workos_exports_total", organization=ORGANIZATION, result=result) or 0.0
@@ -241,13 +247,57 @@ class TestSchedule:
         """Was a defect: a failure just before the clock was stepped back a day (it ran ahead, NTP set it right)
         put the retry a day away: every look skipped it until the clock caught up."""
         s = setup(now=T0 + 900 + DAY)
+        s.fake.clock = lambda: T0 + 900 + 61  # WorkOS's clock is right all along
+        await s.state.archived(ORGANIZATION, T0 - DAY)  # so the range due, [T0 - DAY, T0], has settled there
         s.fake.failing_exports.add(ORGANIZATION)
         await s.schedule.run_due()
         assert s.result("error") == 1
         s.fake.failing_exports.clear()
         s.clock.now = T0 + 900 + 61  # stepped back a day, then past the first retry's wait
         await s.schedule.run_due()
-        assert s.result("archived") == 1 and len(s.stored()) == 1
+        assert s.result("archived") == 1 and s.ranges() == [(iso(T0 - DAY), iso(T0))]
+
+    async def test_a_local_clock_ahead_of_workos_archives_no_range_before_it_settled_there(
+        self, setup: Any, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """Was a defect: with the local clock an hour ahead of WorkOS's, the first range ended 45 minutes in WorkOS's
+        future; its export could not hold the events still to come in it, yet it was stored and the range marked
+        archived, so those events were in no file (the next range starts after it)."""
+        s = setup()
+        s.fake.clock = lambda: s.clock.now - HOUR
+        s.fake.events.append((T0 - 600, "01HXLATEEVENT"))  # inside the range, after WorkOS's "now" at the first try
+        caplog.set_level(logging.WARNING, "receiver.workos_export")
+        wait = await s.schedule.run_due()
+        # The export was made before the range had settled by WorkOS's clock: dropped, nothing stored.
+        assert s.stored("a") == s.stored("b") == [] and s.fake.served == []
+        assert (await s.state.get(ORGANIZATION)) == OrgState(pending=(FIRST, T0))
+        assert s.result("clock_ahead") == 1 and s.result("archived") == 0
+        (line,) = [r for r in caplog.records if "clock" in r.getMessage()]
+        assert "ahead of WorkOS's by about 3600 s" in line.getMessage() and API_KEY not in line.getMessage()
+        # Tried again once the range has settled by WorkOS's clock, with the same bounds.
+        assert wait == pytest.approx(HOUR + 1, abs=2)
+        s.clock.now += wait
+        await s.schedule.run_due()
+        assert s.ranges() == [(iso(FIRST), iso(T0))] and s.stored("b") == s.stored("a")
+        assert b"01HXLATEEVENT" in s.contents("a") and b"01HXLATEEVENT" in s.contents("b")
+        assert (await s.state.get(ORGANIZATION)) == OrgState(archived_end=T0)
+        assert s.fake.count("POST", "/audit_logs/exports") == 2 and s.result("clock_ahead") == 1
+        # The next period: tried when the local clock says, archived when WorkOS's clock says.
+        s.fake.events.append((T0 + DAY - 60, "01HXLATEEVENT2"))
+        s.clock.now += DAY - HOUR
+        wait = await s.schedule.run_due()
+        assert s.ranges() == [(iso(FIRST), iso(T0))] and s.result("clock_ahead") == 2
+        s.clock.now += wait
+        await s.schedule.run_due()
+        assert s.ranges() == [(iso(FIRST), iso(T0)), (iso(T0), iso(T0 + DAY))]
+        assert b"01HXLATEEVENT2" in s.contents("a")
+
+    async def test_a_local_clock_behind_workos_archives_at_once(self, setup: Any) -> None:
+        """The mirror case: the range has settled by WorkOS's clock even sooner than by the local one."""
+        s = setup()
+        s.fake.clock = lambda: s.clock.now + HOUR
+        await s.schedule.run_due()
+        assert s.ranges() == [(iso(FIRST), iso(T0))] and s.result("clock_ahead") == 0
 
     async def test_api_errors_are_counted_and_retried(self, setup: Any) -> None:
         s = setup()
