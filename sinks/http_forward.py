@@ -3,7 +3,8 @@ source, a Logstash or Vector http input, another log-bridge — as a JSON array 
 (or of the bare events), exactly the bytes WorkOS sent.
 
 Answers (sinks.http_client.classify_status): 2xx delivered; 408, 429, 5xx and connection errors retried (with
-`Retry-After`); 400 and 413 split through the shared bisection until the refused events stand alone; 401, 403,
+`Retry-After`); 400 and 413 split through the shared bisection until the refused events stand alone (the first
+400 with compression on is sent again uncompressed first: see `_uncompressed`); 401, 403,
 404, 405, 407, 415, 421 and 3xx retried as a configuration problem (a token, URL or compression fix must not cost
 data), a redirect never followed; any other 4xx permanent.
 
@@ -13,6 +14,7 @@ shown as its origin and `/…` wherever the sink describes it, and its path is a
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Literal, Self
 
@@ -22,10 +24,12 @@ from yarl import URL
 from sinks.base import Event, Health, SendResult, SinkConfig
 from sinks.fields import HEADER_NAME, Compression, HttpUrl, PositiveDuration, TlsOptions, has_control_character
 from sinks.http_client import HttpClient, classify_status, header_secrets
-from sinks.outcome import Verdict
+from sinks.outcome import Outcome, Verdict
 from sinks.splitting import Item, Part, Verdicts, fail, send_in_parts
 
 __all__ = ["HttpForwardConfig", "HttpForwardSink"]
+
+log = logging.getLogger(__name__)
 
 _RESERVED = frozenset({"content-length", "content-encoding", "content-type", "host", "transfer-encoding"})
 _CONTENT_TYPES = {"json_array": "application/json", "ndjson": "application/x-ndjson"}
@@ -107,6 +111,9 @@ class HttpForwardSink:
         self._headers = {name: value.get_secret_value() for name, value in config.headers.items()}
         self._headers["Content-Type"] = _CONTENT_TYPES[config.encoding]
         self._headers.setdefault("User-Agent", "log-bridge")
+        self._compression = config.compression
+        """What request bodies are sent as: `compression`, or none once the endpoint showed it cannot decode it."""
+        self._compression_checked = config.compression == "none"
 
     def __repr__(self) -> str:
         return f"HttpForwardSink(name={self.name!r}, url={self.config.shown_url!r}, encoding={self.config.encoding!r})"
@@ -149,7 +156,32 @@ class HttpForwardSink:
             body = b"\n".join(encoded for _, encoded in part) + b"\n"
         else:
             body = b"[" + b",".join(encoded for _, encoded in part) + b"]"
-        reply = await self._http.post(self.config.url, body, self._headers, compression=self.config.compression)
+        reply = await self._http.post(self.config.url, body, self._headers, compression=self._compression)
         if isinstance(reply, Verdict):
             return reply
-        return classify_status(reply.status, self._http.describe(reply, self.config.shown_url), reply.retry_after)
+        verdict = classify_status(reply.status, self._http.describe(reply, self.config.shown_url), reply.retry_after)
+        if reply.status == 400 and not self._compression_checked:
+            return await self._uncompressed(body, verdict)
+        return verdict
+
+    async def _uncompressed(self, body: bytes, refused: Verdict) -> Verdict:
+        """The first request refused with 400 is sent again as it is, uncompressed. An endpoint that
+        cannot decode a Content-Encoding often answers 400 (aiohttp's server does for zstd without its module),
+        which reads as refused events: bisected, every event of every batch would be dead-lettered. Taken
+        uncompressed, it was the compression: the sink sends uncompressed from then on (until it is built again,
+        at a reload or restart), and says so; refused again, the events are at fault, and are split as before."""
+        reply = await self._http.post(self.config.url, body, self._headers, compression="none")
+        if isinstance(reply, Verdict):  # no answer: the check is made again with the next refusal
+            return refused
+        self._compression_checked = True
+        verdict = classify_status(reply.status, self._http.describe(reply, self.config.shown_url), reply.retry_after)
+        if verdict.outcome is Outcome.SUCCESS:
+            log.warning(
+                "sink %s: the endpoint refused a %s-compressed request (%s) and took it uncompressed: the sink "
+                "sends uncompressed from now on; set its compression to none",
+                self.name,
+                self._compression,
+                refused.reason,
+            )
+            self._compression = "none"
+        return verdict

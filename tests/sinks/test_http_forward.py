@@ -351,6 +351,41 @@ class TestClassification:
         assert len(collector.stored) == 62 and len(set(collector.stored)) == 62
         assert REJECT_ACTION.encode() not in b"".join(collector.stored)
 
+    async def test_an_endpoint_that_cannot_decode_the_compression_gets_every_event_uncompressed(
+        self, collector: Collector, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """Was a defect: an endpoint that cannot decode the body's Content-Encoding and says 400 (aiohttp's server
+        does for zstd without its module, as this collector) read as refusing every event: each batch was
+        bisected down to single events and all of them dead-lettered. The first 400 is now sent again
+        uncompressed; taken, the sink sends uncompressed from then on and says so once."""
+        sink = sink_for(collector, encoding="ndjson", compression="zstd")
+        events = make_events(16)
+        try:
+            first = await sink.send(events[:8])
+            second = await sink.send(events[8:])
+        finally:
+            await sink.close()
+        assert first.outcome is Outcome.SUCCESS and not first.failures, first
+        assert second.outcome is Outcome.SUCCESS and not second.failures, second
+        assert sorted(collector.stored) == sorted(event.raw for event in events)
+        assert [request.get("Content-Encoding") for request in collector.requests] == [None, None]  # after the 400
+        warnings = [r.getMessage() for r in caplog.records if "took it uncompressed" in r.getMessage()]
+        assert len(warnings) == 1 and "zstd" in warnings[0] and collector.token not in warnings[0], warnings
+
+    async def test_events_refused_uncompressed_too_are_still_split_out(self, collector: Collector) -> None:
+        """The uncompressed check of a 400 refused as well: the events are at fault, the compression stays."""
+        collector.mode = "partial"
+        sink = sink_for(collector, encoding="ndjson", compression="gzip")
+        events = make_events(16, reject=(3,))
+        try:
+            first = await sink.send(events[:8])
+            second = await sink.send(events[8:])
+        finally:
+            await sink.close()
+        assert set(first.failures) == {events[3].seq} and not second.failures
+        assert len(collector.stored) == 15
+        assert collector.requests[-1].get("Content-Encoding") == "gzip"
+
     async def test_retry_after_is_passed_on(self, collector: Collector) -> None:
         collector.mode = "retry"
         sink = sink_for(collector)
