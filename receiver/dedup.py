@@ -31,7 +31,9 @@ Times are received times, so roughly increasing: a key a little late (received b
 after it) joins its own generation. One older by more than a generation comes from a clock that was stepped
 back (it ran ahead and NTP set it right, a VM was restored): it joins the newest generation, so that it is
 remembered a whole window of the index's time, which moves on only once the clock is past the newest key again
-(taken at its own time, it would be forgotten early, or at once when the step was more than a window).
+(taken at its own time, it would be forgotten early, or at once when the step was more than a window). Meanwhile
+a newest generation that holds `max_keys / GENERATIONS` keys gives way to a new one, numbered one on: otherwise
+every key received since the step would pile into it, and an eviction past `max_keys` forget them all at once.
 
 A fingerprint match treats a fresh event as a duplicate with probability about n / 2^60 per event, for n keys
 in the window (1 in 10^12 with a million keys). Measured with 1 M keys over a 24 h window (bench.dedup, on a
@@ -417,6 +419,8 @@ class DedupIndex:
             state = self._streams[stream] = _Stream()
         elif number < state.number - 1:  # the clock was stepped back: see the module's doc
             number = state.number
+            if state.newest_keys() >= self.max_keys // GENERATIONS:
+                number += 1  # a new generation after all, so that eviction past max_keys forgets the oldest keys
         if number == state.number:  # the common case: the newest generation
             self.size += state.take(prints, looked_up)
         elif number > state.number:  # a new generation: the window moves with the newest key

@@ -125,6 +125,23 @@ class TestWindow:
         index.add("s", ["later"], 20.5 + WINDOW + 1.5)
         assert index.size == 1 and seen(index, ["ahead", "after"], 20.5 + WINDOW + 1.5) == []
 
+    def test_keys_piling_up_after_the_clock_stepped_back_are_evicted_oldest_first(self) -> None:
+        """Was a defect: after a step back every key joined the newest generation, which moves on only once the
+        clock is past it again. Past max_keys eviction drops whole generations, oldest first, and at last that
+        one: every key received since the step was forgotten at once (here 250 of 300, so every WorkOS retry of
+        them would be delivered again). The newest generation now gives way to a new one once it holds
+        max_keys / GENERATIONS keys, so eviction forgets the oldest keys first."""
+        index = DedupIndex(WINDOW, 120)
+        index.add("s", ["ahead"], 20.5)
+        keys = [f"k{n}" for n in range(300)]
+        for start in range(0, len(keys), 10):
+            index.add("s", keys[start : start + 10], 8.5)  # the clock was set back 12 s, and stays there
+        assert index.size <= 120
+        remembered = seen(index, keys, 9.0)
+        assert remembered[-100:] == keys[-100:], f"{len(remembered)} remembered, from {remembered[:1]}"
+        index.add("s", ["on"], 20.5 + WINDOW + 40)  # the clock past all of them again, a window on
+        assert seen(index, keys, 20.5 + WINDOW + 40) == []
+
     def test_a_key_late_by_less_than_a_generation_joins_its_own(self) -> None:
         index = DedupIndex(WINDOW, 100)
         index.add("s", ["new"], 20.5)
