@@ -64,7 +64,7 @@ class Metrics:
         )
         self.backlog = Gauge(
             "log_bridge_sink_backlog_events",
-            "Journal rows the sink has not passed yet",
+            "Events the sink still has to deliver: unread in the journal, read and waiting, being sent or retried",
             ["sink"],
             registry=r,
         )
@@ -181,7 +181,7 @@ class Metrics:
         )
         self.connections_refused = Counter(
             "log_bridge_connections_refused",
-            "Connections closed unread on arrival because the listener's cap was open, by listener (stream, admin)",
+            "Connections closed unread on arrival because the listener's cap was reached, by listener (stream, admin)",
             ["listener"],
             registry=r,
         )
