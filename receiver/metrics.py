@@ -76,7 +76,8 @@ class Metrics:
         )
         self.journal_bytes = Gauge(
             "log_bridge_journal_bytes",
-            "Bytes the journal stores for undelivered events (compressed; what journal.max_bytes caps)",
+            "Bytes the journal stores for undelivered events (compressed past the first 32 MiB of a backlog; what "
+            "journal.max_bytes caps)",
             registry=r,
         )
         self.dead_letter_bytes = Gauge(
@@ -187,7 +188,8 @@ class Metrics:
         )
         self.loop_errors = Counter(
             "log_bridge_event_loop_errors",
-            "Errors asyncio reported to the event loop's exception handler (logged a few a second per kind)",
+            "Errors asyncio reported to the event loop's exception handler, and exceptions Python could not raise "
+            "(sys.unraisablehook); logged a few a second per kind",
             registry=r,
         )
         self.exposition = Exposition(self.render)

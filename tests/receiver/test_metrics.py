@@ -182,8 +182,12 @@ class TestDocumentedMetrics:
     def test_help_texts_say_what_the_series_count(self) -> None:
         """Were defects: the backlog's help said "journal rows the sink has not passed yet", where it counts the
         events the sink still has to deliver, read and in flight included (docs/configuration.md), and the refused
-        connections' help said the cap "was open" where it was reached."""
+        connections' help said the cap "was open" where it was reached, the journal's bytes were "compressed" where
+        the first 32 MiB of a backlog are stored as received, and the event loop's errors left out the unraisable
+        exceptions they count."""
         text = Metrics().render().decode()
         helps = dict(line.split(" ", 3)[2:] for line in text.splitlines() if line.startswith("# HELP "))
         assert helps["log_bridge_sink_backlog_events"].startswith("Events the sink still has to deliver")
         assert "because the listener's cap was reached" in helps["log_bridge_connections_refused_total"]
+        assert "compressed past the first 32 MiB of a backlog" in helps["log_bridge_journal_bytes"]
+        assert "sys.unraisablehook" in helps["log_bridge_event_loop_errors_total"]
