@@ -30,7 +30,7 @@ RUN /opt/venv/bin/pip install --no-cache-dir '.[all]' \
 FROM ${BASE}
 
 LABEL org.opencontainers.image.title="log-bridge" \
-      org.opencontainers.image.description="Receives WorkOS audit-log streams, journals them durably and delivers them to file, S3, Splunk HEC and Datadog." \
+      org.opencontainers.image.description="Receives WorkOS audit-log streams, journals them durably and delivers them to file, S3, Splunk HEC, Datadog, syslog and HTTP sinks." \
       org.opencontainers.image.licenses="Apache-2.0"
 
 # A fixed UID/GID so volume ownership and Kubernetes' runAsUser/fsGroup can rely on it.

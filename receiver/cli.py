@@ -250,8 +250,10 @@ def cmd_reload(args: argparse.Namespace) -> int:
         problem = _not_serving(pid)
         if problem is None:  # a SIGHUP kills most other programs
             os.kill(pid, signal.SIGHUP)
-    except (OSError, ValueError) as exc:
-        problem = getattr(exc, "strerror", None) or str(exc)
+    except ValueError:  # not a number, or not text: int()'s own message would quote the file's bytes
+        problem = "it holds no process id"
+    except OSError as exc:
+        problem = exc.strerror or str(exc)
     if problem is not None:
         print(f"log-bridge reload: cannot signal the process in {args.pid_file}: {problem}", file=sys.stderr)
         return 1

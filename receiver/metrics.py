@@ -77,7 +77,7 @@ class Metrics:
         )
         self.backlog = Gauge(
             "log_bridge_sink_backlog_events",
-            "Journal rows the sink has not passed yet",
+            "Events the sink still has to deliver: unread in the journal, read and waiting, being sent or retried",
             ["sink"],
             registry=r,
         )
@@ -89,7 +89,8 @@ class Metrics:
         )
         self.journal_bytes = Gauge(
             "log_bridge_journal_bytes",
-            "Bytes the journal stores for undelivered events (compressed; what journal.max_bytes caps)",
+            "Bytes the journal stores for undelivered events (compressed past the first 32 MiB of a backlog; what "
+            "journal.max_bytes caps)",
             registry=r,
         )
         self.dead_letter_bytes = Gauge(
@@ -202,13 +203,14 @@ class Metrics:
         )
         self.connections_refused = Counter(
             "log_bridge_connections_refused",
-            "Connections closed unread on arrival because the listener's cap was open, by listener (stream, admin)",
+            "Connections closed unread on arrival because the listener's cap was reached, by listener (stream, admin)",
             ["listener"],
             registry=r,
         )
         self.loop_errors = Counter(
             "log_bridge_event_loop_errors",
-            "Errors asyncio reported to the event loop's exception handler (logged a few a second per kind)",
+            "Errors asyncio reported to the event loop's exception handler, and exceptions Python could not raise "
+            "(sys.unraisablehook); logged a few a second per kind",
             registry=r,
         )
         self.exposition = Exposition(self.render)

@@ -52,7 +52,7 @@ MAX_DURATION = 3650 * 86400.0
 `timeout: 999999999d` failed every send with `timestamp out of range for platform time_t`)."""
 MAX_SIZE = 1024**5
 """Largest size (1 PiB): more fits in no disk or memory, and past 2**63 bytes in no SQLite integer."""
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]i?b?|b)?\s*$", re.IGNORECASE)
 
 
 def parse_duration(value: object) -> float:
@@ -86,7 +86,7 @@ def parse_size(value: object) -> int:
         unit = (match.group(2) or "").lower()
         base = 1024 if "i" in unit else 1000
         letter = unit[:1] if unit not in ("b", "") else ""
-        factor = {"": 1, "k": base, "m": base**2, "g": base**3, "t": base**4}[letter]
+        factor = {"": 1, "k": base, "m": base**2, "g": base**3, "t": base**4, "p": base**5}[letter]
         size = int(float(match.group(1)) * factor)
     else:
         raise ValueError("expected a size such as 1048576, 512KiB or 10MiB")

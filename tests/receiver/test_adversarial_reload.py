@@ -264,6 +264,16 @@ class TestReloadCommand:
             result.stderr == f"log-bridge reload: cannot signal the process in {pid_file}: {pid} is not a process id\n"
         )
 
+    @pytest.mark.parametrize("content", [b"abc\n", b"", b"\xff\xfe"])
+    def test_a_pid_file_without_a_number_is_refused_in_words(self, tmp_path: Path, content: bytes) -> None:
+        """Was a defect: the error was int()'s own (`invalid literal for int() with base 10: 'abc'`), or a
+        codec's for bytes that are not UTF-8."""
+        pid_file = tmp_path / "serve.pid"
+        pid_file.write_bytes(content)
+        result = self.reload(pid_file)
+        assert result.returncode == 1
+        assert result.stderr == f"log-bridge reload: cannot signal the process in {pid_file}: it holds no process id\n"
+
     def test_a_running_serve_is_signalled(self, tmp_path: Path) -> None:
         config, pid_file = memory_config(tmp_path), tmp_path / "serve.pid"
         log = tmp_path / "serve.log"

@@ -188,6 +188,8 @@ class TestUnits:
             ("2k", 2000),
             ("1.5GiB", 3 * 2**29),
             ("1024TiB", 2**50),
+            ("1PiB", 2**50),
+            ("1PB", 1000**5),
         ],
     )
     def test_sizes(self, text: object, size: int) -> None:
@@ -205,6 +207,12 @@ class TestUnits:
             "journal.max_bytes: a size cannot be more than 1PiB",
             "sinks.s3.timeout: a duration cannot be more than 3650d (ten years)",
         ]
+
+    def test_a_size_past_the_limit_written_in_pib_is_refused_for_its_size(self) -> None:
+        """Was a defect: the limit is 1PiB and its error says so, yet `1PiB` itself was refused as no size at all
+        (`expected a size such as ...`), and so was `2PiB`."""
+        problems = errors_of(minimal(journal={"max_bytes": "2PiB"}))
+        assert problems == ["journal.max_bytes: a size cannot be more than 1PiB"]
 
     @pytest.mark.parametrize("bad", ["fast", "-1s", True, "1 week"])
     def test_bad_duration_names_the_path(self, bad: object) -> None:

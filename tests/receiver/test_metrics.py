@@ -6,6 +6,7 @@ import asyncio
 import gc
 import math
 import os
+import re
 import shutil
 import threading
 import time
@@ -15,10 +16,11 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from receiver.metrics import Exposition, Metrics
+from receiver.metrics import Exposition, Metrics, WorkosMetrics
 from tests.conftest import TOKEN, StartService, scrape
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+DOCS = Path(__file__).resolve().parents[2] / "docs"
 
 
 class RenderSpy:
@@ -181,3 +183,50 @@ class TestJournalDisk:
         text = metrics.render().decode()
         assert math.isnan(scrape(text, "log_bridge_journal_disk_free_bytes"))
         assert math.isnan(scrape(text, "log_bridge_journal_disk_size_bytes"))
+
+
+def documented_metrics() -> list[tuple[str, str, set[str]]]:
+    """(page, metric, labels) of every row of the metric tables in docs/configuration.md and docs/monitoring.md
+    (a row may name two metrics; a label's values in parentheses are left out)."""
+    rows: list[tuple[str, str, set[str]]] = []
+    row = re.compile(r"^\|\s*`(log_bridge_[a-z_]+)`(?:,\s*`(log_bridge_[a-z_]+)`)?\s*\|([^|]*)\|")
+    for page in ("configuration.md", "monitoring.md"):
+        for line in (DOCS / page).read_text().splitlines():
+            if match := row.match(line):
+                labels = set(re.findall(r"[a-z_]+", re.sub(r"\(.*?\)", "", match.group(3))))
+                rows += [(page, name, labels) for name in match.group(1, 2) if name]
+    return rows
+
+
+class TestDocumentedMetrics:
+    """What users read in the reference tables and alert on is what the service exports."""
+
+    def test_every_metric_the_docs_name_is_exported_with_the_labels_they_give(self) -> None:
+        metrics = Metrics()
+        WorkosMetrics(metrics.registry)
+        metrics.watch_tls(lambda: 0.0, ())
+        exported = {
+            getattr(collector, "_name", ""): set(getattr(collector, "_labelnames", ()))
+            for collector in metrics.registry._collector_to_names
+        }
+        rows = documented_metrics()
+        assert len(rows) > 40
+        wrong = [
+            (page, name, labels, exported.get(name.removesuffix("_total")))
+            for page, name, labels in rows
+            if exported.get(name.removesuffix("_total")) != labels
+        ]
+        assert not wrong
+
+    def test_help_texts_say_what_the_series_count(self) -> None:
+        """Were defects: the backlog's help said "journal rows the sink has not passed yet", where it counts the
+        events the sink still has to deliver, read and in flight included (docs/configuration.md), and the refused
+        connections' help said the cap "was open" where it was reached, the journal's bytes were "compressed" where
+        the first 32 MiB of a backlog are stored as received, and the event loop's errors left out the unraisable
+        exceptions they count."""
+        text = Metrics().render().decode()
+        helps = dict(line.split(" ", 3)[2:] for line in text.splitlines() if line.startswith("# HELP "))
+        assert helps["log_bridge_sink_backlog_events"].startswith("Events the sink still has to deliver")
+        assert "because the listener's cap was reached" in helps["log_bridge_connections_refused_total"]
+        assert "compressed past the first 32 MiB of a backlog" in helps["log_bridge_journal_bytes"]
+        assert "sys.unraisablehook" in helps["log_bridge_event_loop_errors_total"]
