@@ -12,6 +12,7 @@ dead-lettered with its reason and the good ones next to it are kept.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import hashlib
 import re
 from dataclasses import dataclass, field
@@ -120,7 +121,21 @@ class _FastElement(msgspec.Struct):
 
 _split = msgspec.json.Decoder(list[msgspec.Raw]).decode
 _elements = msgspec.json.Decoder(list[_FastElement]).decode
-_element = msgspec.json.Decoder(_Element).decode
+_typed_element = msgspec.json.Decoder(_Element).decode
+_one_value = msgspec.json.Decoder(msgspec.Raw).decode
+
+
+def _element(raw: bytes) -> _Element:
+    """One element decoded. The typed decoder gives up at the first value of the wrong type, before it could see
+    that what follows makes the element no JSON at all (`"keySuffix":"k"}` would be "a JSON string"): such an
+    element raises the DecodeError of its syntax, not a ValidationError of its type (one nested too deeply to
+    check keeps the error of its type)."""
+    try:
+        return _typed_element(raw)
+    except msgspec.ValidationError:
+        with contextlib.suppress(RecursionError):
+            _one_value(raw)
+        raise
 _string = msgspec.json.Decoder(str).decode
 _BOM = b"\xef\xbb\xbf"
 _JSON_SPACE = b" \t\r\n"

@@ -90,3 +90,28 @@ class TestUnterminatedStrings:
         parsed = parse_body(b"\n".join(lines), "application/x-ndjson", 0.0)
         assert [bytes(raw) for raw in parsed.raws] == lines[1:3]
         assert [item.raw for item in parsed.rejected] == [lines[0], lines[3]]
+
+
+class TestReasons:
+    @pytest.mark.parametrize(
+        "bad", [b'"keySuffix":"k"}', b'1, "a"', b'"event"}', b"[1] x"], ids=["string", "number", "brace", "array"]
+    )
+    def test_a_line_that_is_no_json_is_said_so_not_named_for_its_first_value(self, bad: bytes) -> None:
+        """Was a defect: the typed decoder gave up at a first value of the wrong type before it saw the rest, so
+        the dead letter of `"keySuffix":"k"}` (half of a wrapper) said "element is a JSON string, not an object",
+        and a body of such lines alone was taken (200, everything dead-lettered) rather than refused as no JSON."""
+        good = b'{"event":{"action":"a"},"keySuffix":"k1"}'
+        parsed = parse_body(good + b"\n" + bad + b"\n", "application/x-ndjson", 0.0)
+        assert [bytes(raw) for raw in parsed.raws] == [good]
+        (rejected,) = parsed.rejected
+        assert rejected.raw == bad and rejected.reason.startswith("line 2: not valid JSON"), rejected.reason
+        with pytest.raises(BodyError) as refused:
+            parse_body(bad + b"\n" + bad + b"\n", "application/x-ndjson", 0.0)
+        assert refused.value.status == 400 and "not valid JSON" in str(refused.value)
+
+    def test_an_element_of_another_type_is_named_for_it(self) -> None:
+        parsed = parse_body(b'{"event":{"action":"a"}}\n"text"\n[1]\n', "application/x-ndjson", 0.0)
+        assert [item.reason for item in parsed.rejected] == [
+            "line 2: element is a JSON string, not an object",
+            "line 3: element is a JSON array, not an object",
+        ]
