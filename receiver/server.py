@@ -381,26 +381,41 @@ class _HeadLimit:
 
     The refusal is a message like the one aiohttp makes of a malformed head, after the requests read before it,
     and made without raising: a raised exception's traceback would keep the bytes being parsed. What the
-    connection sends after it is dropped unparsed."""
+    connection sends after it is dropped unparsed.
 
-    def __init__(self, parser: Any) -> None:
+    aiohttp's parser stops between requests once 32 of them wait to be answered (`max_msg_queue_size`), keeping
+    the rest of what it was fed, and parses that rest in one go when the queue drains, counting none of it.
+    Once the parser may have stopped, it is fed nothing more than what it holds: the rest is kept here, and fed a
+    piece at a time once the queue drains (aiohttp stops reading the connection meanwhile)."""
+
+    def __init__(self, parser: Any, connection: web_protocol.RequestHandler) -> None:
         self._parser = parser
+        self._connection = connection
         self._head = 0
         """Bytes read since the last request's head or body ended."""
         self._body: Any = None
         """The last request's body (a stream reader; None before the first request)."""
+        self._stopped = False
+        """The parser may have stopped between requests, with bytes of its own to parse."""
+        self._held = b""
+        """What was read beyond a full queue of requests."""
         self.refused = False
 
     def feed_data(self, data: bytes) -> tuple[Sequence[Any], bool, bytes]:
         """aiohttp's `feed_data`; a head past the limit ends the requests found with the refusal."""
         if self.refused:
             return (), False, b""
+        if self._held:
+            data, self._held = self._held + data, b""
         found: list[Any] = []
+        queued = len(self._connection._messages)
+        full = self._connection._max_msg_queue_size
         start = 0
         while True:
             # A head under way gets what it may still grow by, and one byte more: past the limit it is refused
-            # exactly there. A body is fed MAX_HEAD_BYTES and one byte at a time.
-            end = start + MAX_HEAD_BYTES + 1 - self._head
+            # exactly there. A body is fed MAX_HEAD_BYTES and one byte at a time. A parser that may have stopped
+            # gets nothing: it parses what it holds.
+            end = start if self._stopped else start + MAX_HEAD_BYTES + 1 - self._head
             piece = data[start:end]
             body = self._body
             reading = body is not None and not body.is_eof()
@@ -421,7 +436,13 @@ class _HeadLimit:
                 return found, False, b""
             if upgraded:
                 return found, True, tail + data[end:]
-            if end >= len(data):
+            # The parser stops once it counts `full` requests unanswered, one more than the queue holds when
+            # aiohttp took one before its body ended. Parsing nothing, it had not stopped, or parsed all it held.
+            self._stopped = bool(messages) and queued + len(found) >= full - 1
+            if self._stopped and queued + len(found) >= full:
+                self._held = data[end:]  # aiohttp stops reading until the queue drains, then parses on
+                return found, False, b""
+            if end >= len(data) and not self._stopped:
                 return found, False, b""
             start = end
 
@@ -482,7 +503,7 @@ class _Connection(web_protocol.RequestHandler):
         self._head_refused = False
         """The refusal of a head past MAX_HEAD_BYTES is being answered."""
         super().__init__(manager, **kwargs)
-        self._parser = cast(Any, _HeadLimit(self._parser))  # used through feed_data and what it passes on
+        self._parser = cast(Any, _HeadLimit(self._parser, self))  # used through feed_data and what it passes on
 
     # A client that does not read its answers would hold its connection for ever: aiohttp waits for it to read
     # what is being written (keep-alive does not end a connection whose answer is being written), and asyncio
