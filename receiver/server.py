@@ -412,10 +412,10 @@ class _HeadLimit:
         full = self._connection._max_msg_queue_size
         start = 0
         while True:
-            # A head under way gets what it may still grow by, and one byte more: past the limit it is refused
-            # exactly there. A body is fed MAX_HEAD_BYTES and one byte at a time. A parser that may have stopped
-            # gets nothing: it parses what it holds.
-            end = start if self._stopped else start + MAX_HEAD_BYTES + 1 - self._head
+            # A head under way gets what it may still grow by: not ended there, it is past the limit, and refused.
+            # A body is fed MAX_HEAD_BYTES at a time. A parser that may have stopped gets nothing: it parses what
+            # it holds.
+            end = start if self._stopped else start + MAX_HEAD_BYTES - self._head
             piece = data[start:end]
             body = self._body
             reading = body is not None and not body.is_eof()
@@ -427,7 +427,7 @@ class _HeadLimit:
                 self._head += len(piece)
             elif body.is_eof():  # the body ended in this piece: what follows it in the piece is not counted
                 self._head = 0
-            if self._head > MAX_HEAD_BYTES:
+            if self._head >= MAX_HEAD_BYTES:  # and the head has not ended: it is longer
                 self.refused = True
                 too_large = HeadTooLarge(f"request head larger than {MAX_HEAD_BYTES} bytes")
                 found.append(

@@ -519,6 +519,27 @@ class TestHeadLimit:
         assert answers.rsplit(b"HTTP/1.", 1)[1][2:].startswith(b"400 "), answers[-300:]
         assert f"the request head is larger than {MAX_HEAD} bytes".encode() in answers
 
+    async def test_the_limit_counts_the_whole_head_on_every_listener(self, start_service: StartService) -> None:
+        """A head of MAX_HEAD bytes, its request line and final blank line counted, is read; one byte more is
+        refused, as the stream front reads it and as aiohttp does (which took one byte more than the limit)."""
+        from receiver.front import MAX_HEAD
+
+        service = await start_service({"server": {"admin": {"port": 0}}})
+        admin = int(service.admin_url.rsplit(":", 1)[1])
+
+        def padded(start: bytes, size: int) -> bytes:
+            fields = start + b"".join(b"X-Filler-%d: %s\r\n" % (index, b"a" * 4000) for index in range(3))
+            head = fields + b"X-Last: " + b"a" * (size - len(fields) - len(b"X-Last: \r\n\r\n")) + b"\r\n\r\n"
+            assert len(head) == size
+            return head
+
+        for size, status in ((MAX_HEAD, 200), (MAX_HEAD + 1, 400)):
+            stream_post = padded(post(b"[]").split(b"\r\n\r\n")[0] + b"\r\n", size) + b"[]"  # the front's own
+            health = padded(b"GET /healthz HTTP/1.1\r\nHost: x\r\n", size)  # aiohttp's
+            for port, data in ((service.port, stream_post), (service.port, health), (admin, health)):
+                answers = await responses(port, data)
+                assert [essence(answer)[0] for answer in answers] == [status], (size, data[:40], answers)
+
     @pytest.mark.parametrize("listener", ["stream", "admin"])
     async def test_a_head_after_many_pipelined_requests_is_refused_past_the_limit(
         self, start_service: StartService, listener: str
