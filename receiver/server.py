@@ -359,7 +359,12 @@ class HeadTooLarge(http_exceptions.BadHttpMessage):
     """A request head longer than MAX_HEAD_BYTES."""
 
 
+class TrailerTooLarge(HeadTooLarge):
+    """A chunked body's framing longer than MAX_HEAD_BYTES with no data: its trailer fields, most likely."""
+
+
 _MALFORMED: tuple[tuple[type[BaseException], str], ...] = (
+    (TrailerTooLarge, f"the chunked body's trailer fields are larger than {MAX_HEAD_BYTES} bytes"),
     (HeadTooLarge, f"the request head is larger than {MAX_HEAD_BYTES} bytes"),
     (http_exceptions.LineTooLong, f"a request line or header field is longer than {MAX_HEADER_LINE} bytes"),
     (http_exceptions.BadHttpMethod, "not an HTTP/1.x request (bad method; HTTPS sent to an HTTP port?)"),
@@ -377,7 +382,9 @@ _MALFORMED: tuple[tuple[type[BaseException], str], ...] = (
 class _HeadLimit:
     """aiohttp's request parser, fed a piece at a time, refusing a request head that grows past MAX_HEAD_BYTES.
     What follows the end of a request in the piece it ended in is not counted: a head may reach twice
-    MAX_HEAD_BYTES before it is refused when it begins in the piece a request ended in.
+    MAX_HEAD_BYTES before it is refused when it begins in the piece a request ended in. A chunked body's framing
+    is counted alike while no data comes: its trailer fields are a second head, which aiohttp keeps as it keeps
+    a head.
 
     The refusal is a message like the one aiohttp makes of a malformed head, after the requests read before it,
     and made without raising: a raised exception's traceback would keep the bytes being parsed. What the
@@ -419,17 +426,26 @@ class _HeadLimit:
             piece = data[start:end]
             body = self._body
             reading = body is not None and not body.is_eof()
+            received = body.total_bytes if reading else 0
             messages, upgraded, tail = self._parser.feed_data(piece)
             if messages:
                 found.extend(messages)
                 self._head, self._body = 0, messages[-1][1]
             elif not reading:
                 self._head += len(piece)
-            elif body.is_eof():  # the body ended in this piece: what follows it in the piece is not counted
-                self._head = 0
+            elif body.is_eof() or body.total_bytes > received:
+                self._head = 0  # what follows the body's end or data in the piece is not counted
+            else:  # a body's framing and no data: a chunk's line, or the trailer fields, a second head
+                self._head += len(piece)
             if self._head >= MAX_HEAD_BYTES:  # and the head has not ended: it is longer
                 self.refused = True
                 too_large = HeadTooLarge(f"request head larger than {MAX_HEAD_BYTES} bytes")
+                if reading and not body.is_eof():
+                    # The body fails, as aiohttp fails a body it cannot parse, and ends: a request reading it is
+                    # refused, and no one reads on.
+                    too_large = TrailerTooLarge(f"trailer larger than {MAX_HEAD_BYTES} bytes")
+                    body.set_exception(web.RequestPayloadError(too_large.message))
+                    body.feed_eof()
                 found.append(
                     (web_protocol._ErrInfo(status=400, exc=too_large, message=too_large.message), EMPTY_PAYLOAD)
                 )

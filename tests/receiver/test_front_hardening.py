@@ -580,6 +580,24 @@ class TestHeadLimit:
             await closed(writer)
         assert all(b"HTTP/1.1 200 " in answer for answer in answers), answers
 
+    async def test_trailer_fields_that_do_not_end_are_refused_past_the_limit(self, start_service: StartService) -> None:
+        """Was a defect: the fields after a chunked body's last chunk are a second head, which aiohttp keeps as
+        it keeps a head (up to 128 fields of 8190 bytes, as bytes and as text), and which the limit did not
+        count: 200 connections sending trailer fields that never end took RSS from 56 to 436 MiB, each held
+        while its answer lingered. Past MAX_HEAD of a body's framing with no data, the body fails (a request
+        reading it is answered 400) and the connection is refused."""
+        from receiver.front import MAX_HEAD
+
+        service = await start_service({"server": {"body_timeout": "3s"}})
+        body = batch(1, 1500)
+        fields = b"".join(b"X-Trailer-%03d: %s\r\n" % (index, b"a" * 8000) for index in range(100))
+        request = post(b"%x\r\n%s\r\n0\r\n" % (len(body), body), "Transfer-Encoding: chunked", length=False)
+        answers = await responses(service.port, request + fields, 2)  # and never the blank line
+        assert [essence(answer)[:2] for answer in answers] == [
+            (400, b'{"error":"the body is malformed (chunked encoding) or was cut off"}'),
+            (400, f'{{"error":"the chunked body\'s trailer fields are larger than {MAX_HEAD} bytes"}}'.encode()),
+        ], answers
+
     async def test_what_senders_send_is_not_refused(self, pair: tuple[Service, Service]) -> None:
         """A head just under the limit, a chunked body in a thousand small chunks, a body aiohttp streams with a
         request after it in the same write: the same answers as before the limit, from both fronts."""
