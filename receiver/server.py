@@ -359,7 +359,12 @@ class HeadTooLarge(http_exceptions.BadHttpMessage):
     """A request head longer than MAX_HEAD_BYTES."""
 
 
+class TrailerTooLarge(HeadTooLarge):
+    """A chunked body's framing longer than MAX_HEAD_BYTES with no data: its trailer fields, most likely."""
+
+
 _MALFORMED: tuple[tuple[type[BaseException], str], ...] = (
+    (TrailerTooLarge, f"the chunked body's trailer fields are larger than {MAX_HEAD_BYTES} bytes"),
     (HeadTooLarge, f"the request head is larger than {MAX_HEAD_BYTES} bytes"),
     (http_exceptions.LineTooLong, f"a request line or header field is longer than {MAX_HEADER_LINE} bytes"),
     (http_exceptions.BadHttpMethod, "not an HTTP/1.x request (bad method; HTTPS sent to an HTTP port?)"),
@@ -377,51 +382,83 @@ _MALFORMED: tuple[tuple[type[BaseException], str], ...] = (
 class _HeadLimit:
     """aiohttp's request parser, fed a piece at a time, refusing a request head that grows past MAX_HEAD_BYTES.
     What follows the end of a request in the piece it ended in is not counted: a head may reach twice
-    MAX_HEAD_BYTES before it is refused when it begins in the piece a request ended in.
+    MAX_HEAD_BYTES before it is refused when it begins in the piece a request ended in. A chunked body's framing
+    is counted alike while no data comes: its trailer fields are a second head, which aiohttp keeps as it keeps
+    a head.
 
     The refusal is a message like the one aiohttp makes of a malformed head, after the requests read before it,
     and made without raising: a raised exception's traceback would keep the bytes being parsed. What the
-    connection sends after it is dropped unparsed."""
+    connection sends after it is dropped unparsed.
 
-    def __init__(self, parser: Any) -> None:
+    aiohttp's parser stops between requests once 32 of them wait to be answered (`max_msg_queue_size`), keeping
+    the rest of what it was fed, and parses that rest in one go when the queue drains, counting none of it.
+    Once the parser may have stopped, it is fed nothing more than what it holds: the rest is kept here, and fed a
+    piece at a time once the queue drains (aiohttp stops reading the connection meanwhile)."""
+
+    def __init__(self, parser: Any, connection: web_protocol.RequestHandler) -> None:
         self._parser = parser
+        self._connection = connection
         self._head = 0
         """Bytes read since the last request's head or body ended."""
         self._body: Any = None
         """The last request's body (a stream reader; None before the first request)."""
+        self._stopped = False
+        """The parser may have stopped between requests, with bytes of its own to parse."""
+        self._held = b""
+        """What was read beyond a full queue of requests."""
         self.refused = False
 
     def feed_data(self, data: bytes) -> tuple[Sequence[Any], bool, bytes]:
         """aiohttp's `feed_data`; a head past the limit ends the requests found with the refusal."""
         if self.refused:
             return (), False, b""
+        if self._held:
+            data, self._held = self._held + data, b""
         found: list[Any] = []
+        queued = len(self._connection._messages)
+        full = self._connection._max_msg_queue_size
         start = 0
         while True:
-            # A head under way gets what it may still grow by, and one byte more: past the limit it is refused
-            # exactly there. A body is fed MAX_HEAD_BYTES and one byte at a time.
-            end = start + MAX_HEAD_BYTES + 1 - self._head
+            # A head under way gets what it may still grow by: not ended there, it is past the limit, and refused.
+            # A body is fed MAX_HEAD_BYTES at a time. A parser that may have stopped gets nothing: it parses what
+            # it holds.
+            end = start if self._stopped else start + MAX_HEAD_BYTES - self._head
             piece = data[start:end]
             body = self._body
             reading = body is not None and not body.is_eof()
+            received = body.total_bytes if reading else 0
             messages, upgraded, tail = self._parser.feed_data(piece)
             if messages:
                 found.extend(messages)
                 self._head, self._body = 0, messages[-1][1]
             elif not reading:
                 self._head += len(piece)
-            elif body.is_eof():  # the body ended in this piece: what follows it in the piece is not counted
-                self._head = 0
-            if self._head > MAX_HEAD_BYTES:
+            elif body.is_eof() or body.total_bytes > received:
+                self._head = 0  # what follows the body's end or data in the piece is not counted
+            else:  # a body's framing and no data: a chunk's line, or the trailer fields, a second head
+                self._head += len(piece)
+            if self._head >= MAX_HEAD_BYTES:  # and the head has not ended: it is longer
                 self.refused = True
                 too_large = HeadTooLarge(f"request head larger than {MAX_HEAD_BYTES} bytes")
+                if reading and not body.is_eof():
+                    # The body fails, as aiohttp fails a body it cannot parse, and ends: a request reading it is
+                    # refused, and no one reads on.
+                    too_large = TrailerTooLarge(f"trailer larger than {MAX_HEAD_BYTES} bytes")
+                    body.set_exception(web.RequestPayloadError(too_large.message))
+                    body.feed_eof()
                 found.append(
                     (web_protocol._ErrInfo(status=400, exc=too_large, message=too_large.message), EMPTY_PAYLOAD)
                 )
                 return found, False, b""
             if upgraded:
                 return found, True, tail + data[end:]
-            if end >= len(data):
+            # The parser stops once it counts `full` requests unanswered, one more than the queue holds when
+            # aiohttp took one before its body ended. Parsing nothing, it had not stopped, or parsed all it held.
+            self._stopped = bool(messages) and queued + len(found) >= full - 1
+            if self._stopped and queued + len(found) >= full:
+                self._held = data[end:]  # aiohttp stops reading until the queue drains, then parses on
+                return found, False, b""
+            if end >= len(data) and not self._stopped:
                 return found, False, b""
             start = end
 
@@ -482,7 +519,7 @@ class _Connection(web_protocol.RequestHandler):
         self._head_refused = False
         """The refusal of a head past MAX_HEAD_BYTES is being answered."""
         super().__init__(manager, **kwargs)
-        self._parser = cast(Any, _HeadLimit(self._parser))  # used through feed_data and what it passes on
+        self._parser = cast(Any, _HeadLimit(self._parser, self))  # used through feed_data and what it passes on
 
     # A client that does not read its answers would hold its connection for ever: aiohttp waits for it to read
     # what is being written (keep-alive does not end a connection whose answer is being written), and asyncio
