@@ -78,6 +78,11 @@ def iso(epoch: int) -> str:
     return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def epoch(moment: datetime) -> float:
+    """Unix time of a moment the SDK parsed (WorkOS's times are UTC: one without a zone is taken as UTC)."""
+    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
+
+
 def object_name(organization: str, start: int, end: int) -> str:
     """The file's name below a sink's prefix or directory."""
     return f"exports/{organization}/{iso(start)}_{iso(end)}.csv"
@@ -124,8 +129,17 @@ class Exporter:
                 targets=list(filters.targets) or None,
             ),
         )
-        made = created.created_at
-        return created.id, (made if made.tzinfo else made.replace(tzinfo=UTC)).timestamp()  # WorkOS's times are UTC
+        return created.id, epoch(created.created_at)
+
+    async def made(self, export_id: str) -> float:
+        """When WorkOS made an export, by WorkOS's clock; ExportFailed `expired` once WorkOS has forgotten it."""
+        try:
+            found = await self.api.call("get_export", lambda: self.api.client.audit_logs.get_export(export_id))
+        except WorkosApiError as exc:
+            if exc.reason != "not_found":
+                raise
+            raise ExportFailed("expired", f"the export {export_id} is gone") from None
+        return epoch(found.created_at)
 
     async def _get(self, export_id: str) -> tuple[str, str | None]:
         found = await self.api.call("get_export", lambda: self.api.client.audit_logs.get_export(export_id))
@@ -405,6 +419,16 @@ class ExportSchedule:
         if found.pending != plan:
             await self.state.begin(organization, start, end)
         try:
+            if export_id is not None and (made := await self.exporter.made(export_id)) < end + self.export.settle:
+                # Saved by a version that did not check: made before the range had settled, it may lack events.
+                self.metrics.exports.labels(organization, "clock_ahead").inc()
+                log.warning(
+                    "a pending export was made before its range had settled by WorkOS's clock: it is dropped unread "
+                    "and a new one is asked for",
+                    extra={**context, "export": export_id, "workos_time": iso(int(made))},
+                )
+                await self.state.set_export(organization, None)
+                export_id = None
             if export_id is None:
                 export_id, made = await self.exporter.create(organization, start, end, self.filters)
                 if (early := end + self.export.settle - made) > 0:

@@ -292,6 +292,24 @@ class TestSchedule:
         assert s.ranges() == [(iso(FIRST), iso(T0)), (iso(T0), iso(T0 + DAY))]
         assert b"01HXLATEEVENT2" in s.contents("a")
 
+    async def test_a_pending_export_made_before_its_range_settled_is_dropped_when_resumed(self, setup: Any) -> None:
+        """Was a defect: an export an earlier version made while the local clock ran an hour ahead (before the
+        range had settled by WorkOS's clock), left pending by a restart or a failing sink, was resumed as it was:
+        stored and the range marked archived, without the events that came after it was made."""
+        s = setup()
+        s.fake.clock = lambda: s.clock.now - HOUR
+        s.fake.events.append((T0 - 600, "01HXLATEEVENT"))
+        early, _ = await s.schedule.exporter.create(ORGANIZATION, FIRST, T0, s.schedule.filters)
+        await s.state.begin(ORGANIZATION, FIRST, T0)
+        await s.state.set_export(ORGANIZATION, early)  # as that version left it
+        s.fake.clock = s.clock  # the clocks agree again
+        await s.schedule.run_due()
+        assert s.ranges() == [(iso(FIRST), iso(T0))] and s.stored("b") == s.stored("a")
+        assert b"01HXLATEEVENT" in s.contents("a") and b"01HXLATEEVENT" in s.contents("b")
+        (served,) = [export for export, _ in s.fake.served]
+        assert served != early and s.fake.count("POST", "/audit_logs/exports") == 2
+        assert s.result("clock_ahead") == 1 and (await s.state.get(ORGANIZATION)) == OrgState(archived_end=T0)
+
     async def test_a_local_clock_behind_workos_archives_at_once(self, setup: Any) -> None:
         """The mirror case: the range has settled by WorkOS's clock even sooner than by the local one."""
         s = setup()
