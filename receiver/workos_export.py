@@ -423,8 +423,8 @@ class ExportSchedule:
                 # Saved by a version that did not check: made before the range had settled, it may lack events.
                 self.metrics.exports.labels(organization, "clock_ahead").inc()
                 log.warning(
-                    "a pending export was made before its range had settled by WorkOS's clock: it is dropped unread "
-                    "and a new one is asked for",
+                    "the range had not settled by WorkOS's clock when its pending export was made (by a version "
+                    "that did not check): the export is dropped unread and a new one is asked for",
                     extra={**context, "export": export_id, "workos_time": iso(int(made))},
                 )
                 await self.state.set_export(organization, None)
