@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from receiver.config import WorkosConfig
+from receiver.journal import connect
 from receiver.workos import WorkosApi
 from receiver.workos_export import ExportSchedule, ExportState, OrgState, iso, plan_range
 from sinks.file import FileSink
@@ -231,6 +232,42 @@ class TestSchedule:
         assert (s.tmp / "a" / "exports" / ORGANIZATION / name).read_bytes() == (
             s.tmp / "b" / "exports" / ORGANIZATION / name
         ).read_bytes()
+
+    async def test_a_sink_that_stored_the_range_is_not_given_another_export_of_it(self, setup: Any) -> None:
+        """Was a defect: sink a stored the range, sink b failed, and the export expired before b was back; the
+        retry's new export (another file: WorkOS makes it anew) was stored through every sink, so a's file was
+        written a second time with other bytes (on an Object Lock bucket, two versions under one name)."""
+        s = setup()
+        (s.tmp / "b").write_text("a file where sink b's directory should be")
+        await s.schedule.run_due()
+        first = s.contents("a")
+        assert s.result("sink_failed") == 1 and s.stored("b") == [] and first
+        ((expired, _),) = s.fake.served
+        s.fake.exports[expired].state = "expired"
+        s.clock.now += 61
+        await s.schedule.run_due()
+        assert s.result("expired") == 1
+        (s.tmp / "b").unlink()
+        s.clock.now += 121
+        await s.schedule.run_due()
+        assert s.result("archived") == 1 and s.stored("a") == s.stored("b") == [f"{iso(FIRST)}_{iso(T0)}.csv"]
+        (_, second), *_ = [served for served in s.fake.served if served[0] != expired]
+        assert s.contents("a") == first and s.contents("b") == second != first
+        assert (await s.state.get(ORGANIZATION)) == OrgState(archived_end=T0)
+
+    async def test_a_table_without_the_stored_sinks_column_gets_it(self, setup: Any) -> None:
+        """A pending range an earlier version left (its table without `pending_stored`) is resumed."""
+        s = setup()
+        conn = connect(s.tmp / "journal.db")  # a journal's database, as that version left it
+        conn.execute(
+            "CREATE TABLE workos_exports (organization TEXT PRIMARY KEY, archived_end INTEGER, pending_start INTEGER,"
+            " pending_end INTEGER, pending_export TEXT, updated_at REAL NOT NULL)"
+        )
+        conn.execute("INSERT INTO workos_exports VALUES (?, NULL, ?, ?, NULL, 0)", (ORGANIZATION, FIRST, T0))
+        conn.close()
+        await s.schedule.run_due()
+        assert s.stored("a") == s.stored("b") == [f"{iso(FIRST)}_{iso(T0)}.csv"]
+        assert (await s.state.get(ORGANIZATION)) == OrgState(archived_end=T0)
 
     async def test_an_export_in_error_is_counted_and_retried_with_a_new_export(self, setup: Any) -> None:
         s = setup()
