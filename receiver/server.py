@@ -773,7 +773,8 @@ class Service:
             lambda: self.journal.dedup.size,
             lambda: 1.0 if self.journal.disk_full else 0.0,
         )
-        self.metrics.watch_journal_disk(self.journal.path.parent)
+        # The segments' directory: beside the database however journal.path reaches it (a symlink), and absolute.
+        self.metrics.watch_journal_disk(self.journal.segments.directory)
         self.metrics.journal_max_bytes.set_function(lambda: self.journal.max_bytes)
         self.metrics.dead_letter_bytes.set_function(lambda: self.journal.dead_letter_bytes)
         self.metrics.dead_letter_max_bytes.set_function(lambda: self.journal.max_dead_letter_bytes)

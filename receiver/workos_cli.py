@@ -212,8 +212,12 @@ async def _export(
     filters = (
         Filters(actions) if export is None else Filters(actions or export.actions, export.actor_names, export.targets)
     )
+    settled = end + (export.settle if export else 0.0)
     try:
-        export_id, _ = await exporter.create(organization, start, end, filters)
+        export_id, made = await exporter.create(organization, start, end, filters)
+        if made < settled and output is None:
+            print(f"log-bridge workos export: {_unsettled(made, settled)}; not stored", file=sys.stderr)
+            return 1
         url = await exporter.wait_ready(export_id, bar)
         data = await exporter.download(export_id, url, bar)
     except WorkosApiError as exc:
@@ -237,6 +241,8 @@ async def _export(
             print(f"log-bridge workos export: cannot write {output}: {exc.strerror}", file=sys.stderr)
             return 1
         print(f"wrote {len(data)} bytes to {output}")
+        if made < settled:
+            print(f"log-bridge workos export: warning: {_unsettled(made, settled)}", file=sys.stderr)
         return 0
     from receiver.delivery import build_sinks
 
@@ -251,6 +257,17 @@ async def _export(
         verdict = f"FAILED: {failed[sink_name]}" if sink_name in failed else "stored"
         print(f"{sink_name}: {name} ({len(data)} bytes) {verdict}")
     return 1 if failed else 0
+
+
+def _unsettled(made: float, settled: float) -> str:
+    """Why an export made at `made` (WorkOS's clock) may lack events of a range that settles at `settled` (its end
+    plus workos.export.settle)."""
+    from receiver.workos_export import iso
+
+    return (
+        f"WorkOS made the export at {iso(int(made))} by its clock, before the range had settled "
+        f"({iso(int(settled))}), so it may lack events still to come in the range; ask again after then"
+    )
 
 
 # --- portal-link -----------------------------------------------------------------------------------

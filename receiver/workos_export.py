@@ -8,7 +8,9 @@ so it is not parsed into events.
 
 State lives in the journal's database, table `workos_exports`, one row per organization: the end of the last
 archived range, and the range being exported (with its export id) so that a restart resumes it with the same
-bounds, and so the same object keys. A range counts as archived only once every export sink has stored it.
+bounds, and so the same object keys, and the sinks that have stored it already, which a retry skips: an export
+made again (the first one expired) is another file, and a name is never written with two contents (an Object
+Lock bucket would keep both). A range counts as archived only once every export sink has stored it.
 The first range is `[now - first_range, now - settle]`; the next ones are `every` long from there; after a
 downtime the missed periods are archived one after the other; nothing older than WorkOS's 90 days is asked for.
 
@@ -21,6 +23,7 @@ has settled there. A local clock ahead of WorkOS's thus delays the ranges instea
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -48,9 +51,12 @@ CREATE TABLE IF NOT EXISTS workos_exports (
     pending_start INTEGER,
     pending_end INTEGER,
     pending_export TEXT,
+    pending_stored TEXT,
     updated_at REAL NOT NULL
 );
 """
+STORED_COLUMN = "pending_stored"
+"""Added after the table's first version: a table made by that version gets it at first use."""
 
 REACH_MARGIN = 3600
 """Seconds kept between the oldest range start asked for and WorkOS's 90-day limit."""
@@ -76,6 +82,11 @@ class ExportFailed(LogBridgeError):
 def iso(epoch: int) -> str:
     """`2024-01-15T10:30:00Z`."""
     return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def epoch(moment: datetime) -> float:
+    """Unix time of a moment the SDK parsed (WorkOS's times are UTC: one without a zone is taken as UTC)."""
+    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
 
 
 def object_name(organization: str, start: int, end: int) -> str:
@@ -124,8 +135,17 @@ class Exporter:
                 targets=list(filters.targets) or None,
             ),
         )
-        made = created.created_at
-        return created.id, (made if made.tzinfo else made.replace(tzinfo=UTC)).timestamp()  # WorkOS's times are UTC
+        return created.id, epoch(created.created_at)
+
+    async def made(self, export_id: str) -> float:
+        """When WorkOS made an export, by WorkOS's clock; ExportFailed `expired` once WorkOS has forgotten it."""
+        try:
+            found = await self.api.call("get_export", lambda: self.api.client.audit_logs.get_export(export_id))
+        except WorkosApiError as exc:
+            if exc.reason != "not_found":
+                raise
+            raise ExportFailed("expired", f"the export {export_id} is gone") from None
+        return epoch(found.created_at)
 
     async def _get(self, export_id: str) -> tuple[str, str | None]:
         found = await self.api.call("get_export", lambda: self.api.client.audit_logs.get_export(export_id))
@@ -222,6 +242,8 @@ class OrgState:
     archived_end: int | None = None
     pending: tuple[int, int] | None = None
     pending_export: str | None = None
+    stored: frozenset[str] = frozenset()
+    """The sinks that have stored the pending range."""
 
 
 class ExportState:
@@ -230,11 +252,16 @@ class ExportState:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
+        self._columns_checked = False
 
     def _run(self, sql: str, params: tuple[object, ...]) -> list[tuple[object, ...]]:
         conn = connect(self.path)
         try:
             conn.executescript(SCHEMA)
+            if not self._columns_checked:
+                if STORED_COLUMN not in {row[1] for row in conn.execute("PRAGMA table_info(workos_exports)")}:
+                    conn.execute(f"ALTER TABLE workos_exports ADD COLUMN {STORED_COLUMN} TEXT")
+                self._columns_checked = True
             rows = conn.execute(sql, params).fetchall()
         finally:
             conn.close()
@@ -246,15 +273,20 @@ class ExportState:
     async def get(self, organization: str) -> OrgState:
         """The organization's state (empty before its first export)."""
         rows = await self._do(
-            "SELECT archived_end, pending_start, pending_end, pending_export FROM workos_exports "
+            "SELECT archived_end, pending_start, pending_end, pending_export, pending_stored FROM workos_exports "
             "WHERE organization = ?",
             organization,
         )
         if not rows:
             return OrgState()
-        end, start, stop, export = rows[0]
+        end, start, stop, export, stored = rows[0]
         pending = (int(start), int(stop)) if isinstance(start, int) and isinstance(stop, int) else None
-        return OrgState(end if isinstance(end, int) else None, pending, export if isinstance(export, str) else None)
+        return OrgState(
+            end if isinstance(end, int) else None,
+            pending,
+            export if isinstance(export, str) else None,
+            frozenset(json.loads(stored)) if isinstance(stored, str) else frozenset(),
+        )
 
     async def _upsert(self, organization: str, columns: str, *values: object) -> None:
         names = [name.strip() for name in columns.split(",")]
@@ -270,21 +302,35 @@ class ExportState:
 
     async def begin(self, organization: str, start: int, end: int) -> None:
         """Record the range about to be exported."""
-        await self._upsert(organization, "pending_start, pending_end, pending_export", start, end, None)
+        await self._upsert(
+            organization, "pending_start, pending_end, pending_export, pending_stored", start, end, None, None
+        )
 
     async def set_export(self, organization: str, export_id: str | None) -> None:
         """Record (or forget) the WorkOS export of the pending range."""
         await self._upsert(organization, "pending_export", export_id)
 
+    async def set_stored(self, organization: str, sinks: frozenset[str]) -> None:
+        """Record the sinks that have stored the pending range."""
+        await self._upsert(organization, "pending_stored", json.dumps(sorted(sinks)))
+
     async def archived(self, organization: str, end: int) -> None:
         """The pending range is stored by every sink: move the mark, clear the pending range."""
         await self._upsert(
-            organization, "archived_end, pending_start, pending_end, pending_export", end, None, None, None
+            organization,
+            "archived_end, pending_start, pending_end, pending_export, pending_stored",
+            end,
+            None,
+            None,
+            None,
+            None,
         )
 
     async def drop_pending(self, organization: str) -> None:
         """Forget a pending range that can no longer be exported (older than WorkOS's reach)."""
-        await self._upsert(organization, "pending_start, pending_end, pending_export", None, None, None)
+        await self._upsert(
+            organization, "pending_start, pending_end, pending_export, pending_stored", None, None, None, None
+        )
 
 
 def plan_range(
@@ -405,6 +451,16 @@ class ExportSchedule:
         if found.pending != plan:
             await self.state.begin(organization, start, end)
         try:
+            if export_id is not None and (made := await self.exporter.made(export_id)) < end + self.export.settle:
+                # Saved by a version that did not check: made before the range had settled, it may lack events.
+                self.metrics.exports.labels(organization, "clock_ahead").inc()
+                log.warning(
+                    "the range had not settled by WorkOS's clock when its pending export was made (by a version "
+                    "that did not check): the export is dropped unread and a new one is asked for",
+                    extra={**context, "export": export_id, "workos_time": iso(int(made))},
+                )
+                await self.state.set_export(organization, None)
+                export_id = None
             if export_id is None:
                 export_id, made = await self.exporter.create(organization, start, end, self.filters)
                 if (early := end + self.export.settle - made) > 0:
@@ -427,8 +483,10 @@ class ExportSchedule:
             self.metrics.exports.labels(organization, "api_error").inc()
             log.warning("export attempt failed; retried later", extra={**context, "error": str(exc)})
             return self._failed(organization)
-        failed = await self.store(organization, start, end, data)
+        stored = found.stored if found.pending == plan else frozenset()
+        failed = await self.store(organization, start, end, data, stored)
         if failed:
+            await self.state.set_stored(organization, frozenset(self.sinks).difference(failed) | stored)
             self.metrics.exports.labels(organization, "sink_failed").inc()
             log.warning(
                 "export not stored by every sink; the range is retried later", extra={**context, "errors": failed}
@@ -455,9 +513,12 @@ class ExportSchedule:
         )
         return wait
 
-    async def store(self, organization: str, start: int, end: int, data: bytes) -> dict[str, str]:
-        """Store the file through every sink; returns the failures by sink name."""
-        return await store_everywhere(self.sinks, object_name(organization, start, end), data, start, self.metrics)
+    async def store(
+        self, organization: str, start: int, end: int, data: bytes, stored: frozenset[str] = frozenset()
+    ) -> dict[str, str]:
+        """Store the file through every sink but those in `stored`; returns the failures by sink name."""
+        sinks = {name: sink for name, sink in self.sinks.items() if name not in stored}
+        return await store_everywhere(sinks, object_name(organization, start, end), data, start, self.metrics)
 
 
 async def store_everywhere(

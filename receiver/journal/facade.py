@@ -340,9 +340,6 @@ class Journal(GroupWriter):
         self._unpack = zstandard.ZstdDecompressor().decompress  # reader thread only
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="journal-read")
         self.segments = SegmentLog(path.with_name(path.name + ".segments"))
-        self._appends_failing = False
-        """The last append to the segments failed: the next failures are not logged until one goes through
-        (each refused request is, rate-limited, by the intake)."""
         self._mark = 0
         """The seq every active sink is past, as last committed: records at or before it are delivered."""
         self._group_mark = 0
@@ -710,13 +707,12 @@ class Journal(GroupWriter):
                 failure = (
                     DiskFull("the journal's disk is full") if full else JournalError(f"journal write failed: {exc}")
                 )
-                if not self._appends_failing:
-                    log.error("journal write failed", extra={"error": str(failure)})
-                self._appends_failing = True
+                self._write_failed("append", "journal write failed", failure)
                 self.disk_full = self.disk_full or full
                 outcomes.extend((job, None, failure) for job, _ in kept)
                 return False
-            self.disk_full = self._appends_failing = False
+            self.disk_full = False
+            self._write_went_through("append")
             self.size_bytes += sum(sizes)
             self.last_seq = self._next_seq - 1
         batches = [job.bulk for job, _ in kept if isinstance(job.bulk, _Batch)]

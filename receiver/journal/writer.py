@@ -65,6 +65,8 @@ class GroupWriter:
         self.commits = 0
         self.disk_full = False
         """Set when a write fails for lack of space; cleared only when a write commits again (readiness)."""
+        self._failing: dict[str, str] = {}
+        """Kind of write ('commit', 'append') -> what it last failed with, while it fails (writer thread)."""
         self._new_data: list[asyncio.Event] = []
         self._published: list[Any] = []
         """What the group's commit hooks hand to the event loop (`_publish`), with the group's outcomes."""
@@ -220,6 +222,7 @@ class GroupWriter:
                     refused.add(id(job))
             conn.execute("COMMIT")  # synchronous=FULL: the WAL is fsynced here, once for the whole group
             self.commits += 1
+            self._write_went_through("commit")
             if any(error is None and job.proves_room for job, _, error in outcomes):
                 self.disk_full = False
             for hook in self._after_commit:  # what is committed stays so: a hook that fails is logged only
@@ -232,7 +235,7 @@ class GroupWriter:
                 conn.execute("ROLLBACK")
             self._rolled_back()
             failure = map_error(exc)
-            log.error("journal commit failed", extra={"error": str(failure)})
+            self._write_failed("commit", "journal commit failed", failure)
             self.disk_full = self.disk_full or isinstance(failure, DiskFull)
             done = {id(job) for job in jobs}
             outcomes[:] = [outcome for outcome in outcomes if id(outcome[0]) not in done]
@@ -271,6 +274,19 @@ class GroupWriter:
         if job.bulk is None:
             outcomes.append((job, result, None))
         return True
+
+    def _write_failed(self, kind: str, message: str, failure: BaseException) -> None:
+        """Log a failed write of `kind` when it starts: not again while writes of that kind fail the same way, until
+        one goes through (a full disk refuses every group; each refused request is logged, rate-limited, by the
+        intake). A failure that changes (the disk full, then an I/O error) is logged again (writer thread)."""
+        error = str(failure)
+        if self._failing.get(kind) != error:
+            log.error(message, extra={"error": error})
+        self._failing[kind] = error
+
+    def _write_went_through(self, kind: str) -> None:
+        """A write of `kind` went through: its next failure is logged (writer thread)."""
+        self._failing.pop(kind, None)
 
     def _append_batches(self, jobs: list[_Job], outcomes: list[tuple[_Job, Any, BaseException | None]]) -> bool:
         """Append the group's batches to the segments and record their outcomes (writer thread); whether any

@@ -184,6 +184,23 @@ class TestJournalDisk:
         assert math.isnan(scrape(text, "log_bridge_journal_disk_free_bytes"))
         assert math.isnan(scrape(text, "log_bridge_journal_disk_size_bytes"))
 
+    async def test_through_a_symlinked_journal_path_the_file_system_the_journal_is_on(
+        self, start_service: StartService, tmp_path: Path
+    ) -> None:
+        """Was a defect: the gauges read the file system of the directory `journal.path` names, though the journal
+        (its database, its segments) lives beside the file a symlink there points at: a journal moved to a volume of
+        its own by a symlink had the old volume's free space watched, and the filling-up alert never fired."""
+        from tests.receiver.test_unattended import small_disk
+
+        with small_disk(tmp_path / "disk", "12m") as disk:
+            (tmp_path / "journal.db").symlink_to(disk / "journal.db")
+            service = await start_service({"journal": {"path": str(tmp_path / "journal.db")}})
+            async with aiohttp.ClientSession() as session, session.get(service.url + "/metrics") as response:
+                text = await response.text()
+            assert (disk / "journal.db.segments").is_dir()
+            assert scrape(text, "log_bridge_journal_disk_size_bytes") == 12 * 1024 * 1024
+            await service.stop()
+
 
 def documented_metrics() -> list[tuple[str, str, set[str]]]:
     """(page, metric, labels) of every row of the metric tables in docs/configuration.md and docs/monitoring.md

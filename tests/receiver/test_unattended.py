@@ -546,6 +546,35 @@ class TestReadinessWhileTheDiskIsFull:
                 assert len(failed) == 2, f"{len(failed)} lines"
             await service.stop()
 
+    async def test_a_full_disk_refusing_dead_letters_is_logged_once_not_once_a_refused_request(
+        self, start_service: StartService, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """Was a defect: requests holding a bad element (its dead letter is committed in SQLite before their
+        events are appended) met the full disk in the commit, and each refused group logged "journal commit
+        failed" at ERROR, unlimited, as segment appends had."""
+        with small_disk(tmp_path / "disk", "12m") as disk:
+            service = await start_service(
+                {
+                    "server": {"max_body_bytes": "1MiB"},
+                    "journal": {"path": str(disk / "journal.db")},
+                    "sinks": {"mem": {"fail": "retry"}},
+                }
+            )
+            caplog.set_level(logging.INFO)
+            (disk / "filler").write_bytes(os.urandom(1024) * (1024 * 7))
+            data, content_type = encode_body([*sample_wrappers(50), 7], "json")
+            refused = 0
+            async with aiohttp.ClientSession() as session:
+                for _ in range(600):
+                    async with session.post(
+                        service.url + "/workos", data=data, headers={**AUTH, "Content-Type": content_type}
+                    ) as response:
+                        refused += response.status == 503
+            failed = [r for r in caplog.records if r.getMessage() == "journal commit failed"]
+            # Said again only after a commit went through (the journal's upkeep may make one now and then).
+            assert refused >= 100 and 1 <= len(failed) <= refused / 10, f"{len(failed)} lines, {refused} refused"
+            await service.stop()
+
     async def test_ready_again_only_once_the_largest_request_fits(
         self, start_service: StartService, tmp_path: Path
     ) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from receiver.config import WorkosConfig
+from receiver.journal import connect
 from receiver.workos import WorkosApi
 from receiver.workos_export import ExportSchedule, ExportState, OrgState, iso, plan_range
 from sinks.file import FileSink
@@ -232,6 +233,42 @@ class TestSchedule:
             s.tmp / "b" / "exports" / ORGANIZATION / name
         ).read_bytes()
 
+    async def test_a_sink_that_stored_the_range_is_not_given_another_export_of_it(self, setup: Any) -> None:
+        """Was a defect: sink a stored the range, sink b failed, and the export expired before b was back; the
+        retry's new export (another file: WorkOS makes it anew) was stored through every sink, so a's file was
+        written a second time with other bytes (on an Object Lock bucket, two versions under one name)."""
+        s = setup()
+        (s.tmp / "b").write_text("a file where sink b's directory should be")
+        await s.schedule.run_due()
+        first = s.contents("a")
+        assert s.result("sink_failed") == 1 and s.stored("b") == [] and first
+        ((expired, _),) = s.fake.served
+        s.fake.exports[expired].state = "expired"
+        s.clock.now += 61
+        await s.schedule.run_due()
+        assert s.result("expired") == 1
+        (s.tmp / "b").unlink()
+        s.clock.now += 121
+        await s.schedule.run_due()
+        assert s.result("archived") == 1 and s.stored("a") == s.stored("b") == [f"{iso(FIRST)}_{iso(T0)}.csv"]
+        (_, second), *_ = [served for served in s.fake.served if served[0] != expired]
+        assert s.contents("a") == first and s.contents("b") == second != first
+        assert (await s.state.get(ORGANIZATION)) == OrgState(archived_end=T0)
+
+    async def test_a_table_without_the_stored_sinks_column_gets_it(self, setup: Any) -> None:
+        """A pending range an earlier version left (its table without `pending_stored`) is resumed."""
+        s = setup()
+        conn = connect(s.tmp / "journal.db")  # a journal's database, as that version left it
+        conn.execute(
+            "CREATE TABLE workos_exports (organization TEXT PRIMARY KEY, archived_end INTEGER, pending_start INTEGER,"
+            " pending_end INTEGER, pending_export TEXT, updated_at REAL NOT NULL)"
+        )
+        conn.execute("INSERT INTO workos_exports VALUES (?, NULL, ?, ?, NULL, 0)", (ORGANIZATION, FIRST, T0))
+        conn.close()
+        await s.schedule.run_due()
+        assert s.stored("a") == s.stored("b") == [f"{iso(FIRST)}_{iso(T0)}.csv"]
+        assert (await s.state.get(ORGANIZATION)) == OrgState(archived_end=T0)
+
     async def test_an_export_in_error_is_counted_and_retried_with_a_new_export(self, setup: Any) -> None:
         s = setup()
         s.fake.failing_exports.add(ORGANIZATION)
@@ -291,6 +328,24 @@ class TestSchedule:
         await s.schedule.run_due()
         assert s.ranges() == [(iso(FIRST), iso(T0)), (iso(T0), iso(T0 + DAY))]
         assert b"01HXLATEEVENT2" in s.contents("a")
+
+    async def test_a_pending_export_made_before_its_range_settled_is_dropped_when_resumed(self, setup: Any) -> None:
+        """Was a defect: an export an earlier version made while the local clock ran an hour ahead (before the
+        range had settled by WorkOS's clock), left pending by a restart or a failing sink, was resumed as it was:
+        stored and the range marked archived, without the events that came after it was made."""
+        s = setup()
+        s.fake.clock = lambda: s.clock.now - HOUR
+        s.fake.events.append((T0 - 600, "01HXLATEEVENT"))
+        early, _ = await s.schedule.exporter.create(ORGANIZATION, FIRST, T0, s.schedule.filters)
+        await s.state.begin(ORGANIZATION, FIRST, T0)
+        await s.state.set_export(ORGANIZATION, early)  # as that version left it
+        s.fake.clock = s.clock  # the clocks agree again
+        await s.schedule.run_due()
+        assert s.ranges() == [(iso(FIRST), iso(T0))] and s.stored("b") == s.stored("a")
+        assert b"01HXLATEEVENT" in s.contents("a") and b"01HXLATEEVENT" in s.contents("b")
+        (served,) = [export for export, _ in s.fake.served]
+        assert served != early and s.fake.count("POST", "/audit_logs/exports") == 2
+        assert s.result("clock_ahead") == 1 and (await s.state.get(ORGANIZATION)) == OrgState(archived_end=T0)
 
     async def test_a_local_clock_behind_workos_archives_at_once(self, setup: Any) -> None:
         """The mirror case: the range has settled by WorkOS's clock even sooner than by the local one."""

@@ -134,6 +134,7 @@ class TestS3OnRGW:
         metrics = Metrics()
         api = WorkosApi(config, metrics, backoff=0.01)
         clock = [now]
+        workos_fake.clock = lambda: clock[0]  # WorkOS's clock moves with the schedule's: each range has settled there
         schedule = ExportSchedule(
             config, api, ExportState(tmp_path / "journal.db"), sinks, metrics, clock=lambda: clock[0], poll_initial=0.01
         )  # type: ignore[arg-type]
