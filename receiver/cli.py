@@ -684,7 +684,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `log-bridge` script."""
     args = build_parser().parse_args(argv)
     if getattr(args, "count", 1) is not None and getattr(args, "count", 1) < 1:
-        print("log-bridge: --count must be at least 1", file=sys.stderr)
+        print(f"log-bridge {args.command}: --count must be at least 1", file=sys.stderr)
         return 2
     if args.command != "serve" and "config" in args and _config_path(args.config) is None:  # only serve has a default
         print(f"log-bridge {args.command}: {NO_CONFIG}", file=sys.stderr)

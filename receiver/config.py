@@ -557,6 +557,9 @@ def _pydantic_errors(
             message = _unknown_key(error["loc"][-1], known)
         elif error["type"] == "missing":
             message = "field required"
+        elif error["type"] == "too_short" and {"min_length", "actual_length"} <= error.get("ctx", {}).keys():
+            least, has = error["ctx"]["min_length"], error["ctx"]["actual_length"]  # pydantic's names a Python type
+            message = f"needs at least {least} {'entry' if least == 1 else 'entries'}, not {has}"
         problems.append(f"{_location(tuple(error['loc']), prefix)}: {message}")
     return problems
 

@@ -852,8 +852,10 @@ class Service:
             refusals=self.state.refusals,
             malformed=self.metrics.malformed_requests,
             access_log=None,
+            auto_decompress=False,  # its routes read no body: one left unread is not inflated either
             keepalive_timeout=server.header_timeout,  # also closes a connection whose headers do not arrive
             shutdown_timeout=1.0,  # its answers take milliseconds
+            lingering_time=LINGER_SECONDS,  # after an early answer, read at most this long what the client still sends
             max_line_size=MAX_HEADER_LINE,
             max_field_size=MAX_HEADER_LINE,
             max_headers=MAX_HEADERS,

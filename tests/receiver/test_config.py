@@ -316,6 +316,15 @@ class TestErrors:
         tree["streams"][0]["path"] = path
         assert parse_config(tree, {}).streams[0].path == path
 
+    def test_an_empty_list_that_needs_entries_says_so_in_words(self) -> None:
+        """pydantic's own message named a Python type: "Tuple should have at least 1 item after validation"."""
+        tree = minimal()
+        tree["streams"] = []
+        assert errors_of(tree) == ["streams: needs at least 1 entry, not 0"]
+        tree = minimal()
+        tree["streams"][0]["sinks"] = []
+        assert errors_of(tree) == ["streams[0].sinks: needs at least 1 entry, not 0"]
+
     def test_a_bad_stream_is_not_also_reported_as_no_stream(self) -> None:
         tree = minimal()
         tree["streams"][0]["name"] = "bad name"

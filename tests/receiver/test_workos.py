@@ -142,14 +142,14 @@ class TestConfig:
         ("workos", "expected"),
         [
             ({"organizations": ["acme"]}, "workos.organizations[0]: not a WorkOS organization id"),
-            ({"organizations": []}, "workos.organizations: Tuple should have at least 1 item"),
+            ({"organizations": []}, "workos.organizations: needs at least 1 entry, not 0"),
             ({"organizations": [ORGANIZATION, ORGANIZATION]}, "workos.organizations: [1]"),
             (
                 {"export": {"sinks": ["archive"], "first_range": "91d"}},
                 "workos.export.first_range: must be at most 90d",
             ),
             ({"export": {"sinks": ["archive"], "every": "100d"}}, "workos.export.every: must be at most 90d"),
-            ({"export": {"sinks": []}}, "workos.export.sinks: Tuple should have at least 1 item"),
+            ({"export": {"sinks": []}}, "workos.export.sinks: needs at least 1 entry, not 0"),
             ({"watch": {"every": "1s"}}, "workos.watch.every: Input should be greater than or equal to 10"),
             ({"base_url": "ftp://x"}, "workos.base_url: String should match pattern"),
             ({"extra": 1}, "workos.extra: unknown key"),
