@@ -136,6 +136,8 @@ def _element(raw: bytes) -> _Element:
         with contextlib.suppress(RecursionError):
             _one_value(raw)
         raise
+
+
 _string = msgspec.json.Decoder(str).decode
 _BOM = b"\xef\xbb\xbf"
 _JSON_SPACE = b" \t\r\n"
