@@ -27,7 +27,7 @@ TAKEN_BYTES = 256 * 1024
 """The largest body this front reads itself (larger ones stream through aiohttp, which pauses the reading)."""
 MAX_HEAD = 16 * 1024
 """The longest request head this front reads; a longer one goes to aiohttp, which refuses a head past this length
-too (`server.MAX_HEAD_BYTES`)."""
+too (`server._HeadLimit`)."""
 MAX_FIELDS = 64
 MAX_HEADER_LINE = 8190
 """The longest request line or header field, as aiohttp's parser is configured (`server.py`)."""

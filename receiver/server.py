@@ -349,23 +349,19 @@ closed unread, as on the stream listener, whose `server.max_connections` does no
 MAX_HEADERS = 128
 """aiohttp's own limits, stated here because they bound what a request costs before its body is read: at most
 MAX_HEADERS header fields of MAX_HEADER_LINE bytes each, else a 400."""
-MAX_HEAD_BYTES = MAX_HEAD
-"""The longest request head aiohttp reads on these listeners, as the stream front; a longer one is a 400. aiohttp's
-own limits alone let a head of about 1 MiB arrive, each field kept as bytes and as text until the head ends: about
-2 MiB held by each connection, from anyone, for header_timeout (a few hundred connections took gigabytes)."""
 
 
 class HeadTooLarge(http_exceptions.BadHttpMessage):
-    """A request head longer than MAX_HEAD_BYTES."""
+    """A request head longer than MAX_HEAD."""
 
 
 class TrailerTooLarge(HeadTooLarge):
-    """A chunked body's framing longer than MAX_HEAD_BYTES with no data: its trailer fields, most likely."""
+    """A chunked body's framing longer than MAX_HEAD with no data: its trailer fields, most likely."""
 
 
 _MALFORMED: tuple[tuple[type[BaseException], str], ...] = (
-    (TrailerTooLarge, f"the chunked body's trailer fields are larger than {MAX_HEAD_BYTES} bytes"),
-    (HeadTooLarge, f"the request head is larger than {MAX_HEAD_BYTES} bytes"),
+    (TrailerTooLarge, f"the chunked body's trailer fields are larger than {MAX_HEAD} bytes"),
+    (HeadTooLarge, f"the request head is larger than {MAX_HEAD} bytes"),
     (http_exceptions.LineTooLong, f"a request line or header field is longer than {MAX_HEADER_LINE} bytes"),
     (http_exceptions.BadHttpMethod, "not an HTTP/1.x request (bad method; HTTPS sent to an HTTP port?)"),
     (http_exceptions.BadStatusLine, "malformed request line (lines must end in CRLF)"),
@@ -380,9 +376,11 @@ _MALFORMED: tuple[tuple[type[BaseException], str], ...] = (
 
 
 class _HeadLimit:
-    """aiohttp's request parser, fed a piece at a time, refusing a request head that grows past MAX_HEAD_BYTES.
+    """aiohttp's request parser, fed a piece at a time, refusing a request head that grows past MAX_HEAD, as the
+    stream front does (a 400). aiohttp's own limits alone let a head of about 1 MiB arrive, each field kept as bytes
+    and as text until the head ends: about 2 MiB held by each connection, from anyone, for header_timeout.
     What follows the end of a request in the piece it ended in is not counted: a head may reach twice
-    MAX_HEAD_BYTES before it is refused when it begins in the piece a request ended in. A chunked body's framing
+    MAX_HEAD before it is refused when it begins in the piece a request ended in. A chunked body's framing
     is counted alike while no data comes: its trailer fields are a second head, which aiohttp keeps as it keeps
     a head.
 
@@ -420,9 +418,9 @@ class _HeadLimit:
         start = 0
         while True:
             # A head under way gets what it may still grow by: not ended there, it is past the limit, and refused.
-            # A body is fed MAX_HEAD_BYTES at a time. A parser that may have stopped gets nothing: it parses what
+            # A body is fed MAX_HEAD at a time. A parser that may have stopped gets nothing: it parses what
             # it holds.
-            end = start if self._stopped else start + MAX_HEAD_BYTES - self._head
+            end = start if self._stopped else start + MAX_HEAD - self._head
             piece = data[start:end]
             body = self._body
             reading = body is not None and not body.is_eof()
@@ -437,15 +435,16 @@ class _HeadLimit:
                 self._head = 0  # what follows the body's end or data in the piece is not counted
             else:  # a body's framing and no data: a chunk's line, or the trailer fields, a second head
                 self._head += len(piece)
-            if self._head >= MAX_HEAD_BYTES:  # and the head has not ended: it is longer
+            if self._head >= MAX_HEAD:  # and the head has not ended: it is longer
                 self.refused = True
-                too_large = HeadTooLarge(f"request head larger than {MAX_HEAD_BYTES} bytes")
                 if reading and not body.is_eof():
                     # The body fails, as aiohttp fails a body it cannot parse, and ends: a request reading it is
                     # refused, and no one reads on.
-                    too_large = TrailerTooLarge(f"trailer larger than {MAX_HEAD_BYTES} bytes")
+                    too_large: HeadTooLarge = TrailerTooLarge(f"trailer larger than {MAX_HEAD} bytes")
                     body.set_exception(web.RequestPayloadError(too_large.message))
                     body.feed_eof()
+                else:
+                    too_large = HeadTooLarge(f"request head larger than {MAX_HEAD} bytes")
                 found.append(
                     (web_protocol._ErrInfo(status=400, exc=too_large, message=too_large.message), EMPTY_PAYLOAD)
                 )
@@ -517,7 +516,7 @@ class _Connection(web_protocol.RequestHandler):
         self._unread: asyncio.TimerHandle | None = None
         self._deadline = deadline
         self._head_refused = False
-        """The refusal of a head past MAX_HEAD_BYTES is being answered."""
+        """The refusal of a head past MAX_HEAD is being answered."""
         super().__init__(manager, **kwargs)
         self._parser = cast(Any, _HeadLimit(self._parser, self))  # used through feed_data and what it passes on
 
