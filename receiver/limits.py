@@ -1,6 +1,7 @@
 """What keeps a flood of connections from exhausting the process: the file-descriptor limit raised to its hard
 limit, a cap on the connections open at once (counted at `accept`, whatever then serves them: the stream front,
-aiohttp, a TLS handshake), and asyncio's own error reports through a rate limit.
+aiohttp, a TLS handshake), TLS handshakes run a slice at a time, and asyncio's own error reports through a rate
+limit.
 
 Without the cap, a client opening more idle connections than RLIMIT_NOFILE allows makes `accept` fail with EMFILE;
 asyncio then logs an error with its traceback up to `backlog` times per readable event (thousands of lines a
@@ -13,7 +14,11 @@ import asyncio
 import logging
 import resource
 import socket
+import ssl
 import sys
+import time
+from asyncio import constants, sslproto
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -55,6 +60,10 @@ UNLISTED_PER_ACCEPT = 64
 """Connections from unlisted addresses closed in one round of accepts before the loop runs again."""
 
 
+ACCEPTS_PER_ROUND = 16
+"""Connections accepted in one round before the loop runs again."""
+
+
 class CappedListener(socket.socket):
     """A listening socket whose `accept` closes at once, unread, a connection over the cap; the connections it
     accepts count as open until their socket is closed."""
@@ -69,10 +78,22 @@ class CappedListener(socket.socket):
         """Whether a connection from an address may be served at all; one that may not is closed at once,
         before any TLS handshake or HTTP (None: every address may)."""
         self.on_unlisted: Callable[[Any], None] = lambda address: None
+        self._in_round = 0
 
     def accept(self) -> tuple[socket.socket, Any]:
         """The next connection within the cap, from a listed address; one over the cap is closed and ends this
-        round of accepts, as do UNLISTED_PER_ACCEPT unlisted ones in a row."""
+        round of accepts, as do UNLISTED_PER_ACCEPT unlisted ones in a row and ACCEPTS_PER_ROUND accepted."""
+        try:
+            if self._in_round >= ACCEPTS_PER_ROUND:
+                raise BlockingIOError  # the loop runs in between: a flood of new connections does not hold it
+            accepted = self._accept_listed()
+        except BaseException:
+            self._in_round = 0  # what asyncio takes for "nothing more to accept": it selects again
+            raise
+        self._in_round += 1
+        return accepted
+
+    def _accept_listed(self) -> tuple[socket.socket, Any]:
         for _ in range(UNLISTED_PER_ACCEPT):
             fd, address = self._accept()  # type: ignore[attr-defined]  # socket.socket's own accept does the same
             if self.listed is None or self.listed(address[0]):
@@ -84,7 +105,6 @@ class CappedListener(socket.socket):
         if self.open >= self.cap:
             socket.close(fd)
             self.on_refused(address)
-            # What asyncio takes for "nothing more to accept": it selects again, so the loop runs in between.
             raise BlockingIOError
         self.open += 1
         return _Accepted(self, self.family, self.type, self.proto, fileno=fd), address
@@ -177,3 +197,106 @@ class LoopErrors:
         if isinstance(exc, BaseException):
             fields["where"] = where_raised(exc)
         limit.log(message[:200], **fields)
+
+
+HANDSHAKE_SLICE = 0.002
+"""Seconds of TLS handshake work the event loop does before it runs its other callbacks and polls again."""
+
+
+class HandshakePacer:
+    """Runs the TLS handshakes of the stream listener a slice at a time, so that a flood of them cannot hold the
+    event loop.
+
+    asyncio runs a handshake's steps on the event loop, in the callback that reads the connection: a server
+    flight costs the certificate key's signature and a key exchange (0.5-1.5 ms on one core of the machines
+    measured, most for RSA keys), and every ClientHello that arrived during one poll is answered before any
+    other callback runs. 1,000 connections sending a ClientHello at once from anywhere (no secret is needed
+    before the handshake) held `/healthz` up to 0.7 s (ECDSA key) and 1.4 s (RSA). Here a step is queued
+    instead, and one callback a loop round runs queued steps for HANDSHAKE_SLICE seconds: the handshakes get
+    the same CPU, the other callbacks run between slices. Connections from `listed` addresses (the allowlist
+    and the trusted proxies) are served first, so WorkOS's handshakes do not wait behind a flood from
+    elsewhere."""
+
+    def __init__(self) -> None:
+        self.listed: Callable[[str], bool] = lambda address: False
+        self._first: deque[_PacedTLS] = deque()
+        self._rest: deque[_PacedTLS] = deque()
+        self._draining = False
+
+    def queue(self, connection: _PacedTLS) -> None:
+        (self._first if connection.listed else self._rest).append(connection)
+        if not self._draining:
+            self._draining = True
+            asyncio.get_running_loop().call_soon(self._drain)
+
+    def _drain(self) -> None:
+        until = time.perf_counter() + HANDSHAKE_SLICE
+        first, rest = self._first, self._rest
+        while first or rest:
+            (first or rest).popleft().step()
+            if time.perf_counter() >= until:
+                break
+        if first or rest:
+            asyncio.get_running_loop().call_soon(self._drain)  # after the callbacks ready now, and a poll
+        else:
+            self._draining = False
+
+
+class _PacedTLS(sslproto.SSLProtocol):
+    """asyncio's TLS protocol (what `create_server(ssl=...)` makes for each connection), whose handshake steps
+    go through a HandshakePacer."""
+
+    def __init__(self, pacer: HandshakePacer, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._pacer = pacer
+        self._queued = False
+        self.listed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        peer = transport.get_extra_info("peername")
+        self.listed = isinstance(peer, tuple) and bool(peer) and self._pacer.listed(peer[0])
+        super().connection_made(transport)
+
+    def _do_handshake(self) -> None:
+        if not self._queued:  # a step queued already takes whatever arrived since
+            self._queued = True
+            self._pacer.queue(self)
+
+    def step(self) -> None:
+        self._queued = False
+        # Closed, timed out or reset while queued: nothing to do. (typeshed describes the SSLProtocol of Python
+        # 3.10 and before; these are the attributes of 3.11 to 3.13's.)
+        state = self._state  # type: ignore[attr-defined]
+        if state != sslproto.SSLProtocolState.DO_HANDSHAKE or self._transport is None:
+            return
+        try:
+            super()._do_handshake()  # type: ignore[misc]
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:  # from the protocol over it (its connection_made): this connection's end only
+            self._fatal_error(exc, "Fatal error: a TLS connection's handshake step failed")
+
+
+def paced_tls(
+    pacer: HandshakePacer,
+    protocol: Callable[[], asyncio.Protocol],
+    context: ssl.SSLContext,
+    handshake_timeout: float,
+) -> Callable[[], asyncio.BaseProtocol]:
+    """A protocol factory for a listener without `ssl=`: each connection TLS as asyncio's own `ssl=context`
+    would make it (`_make_ssl_transport`), with `protocol` over it and its handshake paced."""
+    loop = asyncio.get_running_loop()
+
+    def make() -> asyncio.BaseProtocol:
+        return _PacedTLS(
+            pacer,
+            loop,
+            protocol(),
+            context,
+            None,
+            server_side=True,
+            ssl_handshake_timeout=handshake_timeout,
+            ssl_shutdown_timeout=constants.SSL_SHUTDOWN_TIMEOUT,
+        )
+
+    return make

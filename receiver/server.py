@@ -30,7 +30,7 @@ from receiver.delivery import DeliveryEngine, build_sinks
 from receiver.errors import CertificateNotValidYet, ConfigError, JournalClosed, JournalError, LogBridgeError
 from receiver.front import MAX_HEAD, MAX_HEADER_LINE, Front
 from receiver.journal import Journal
-from receiver.limits import CappedListener, LoopErrors, connection_cap, raise_fd_limit
+from receiver.limits import CappedListener, HandshakePacer, LoopErrors, connection_cap, paced_tls, raise_fd_limit
 from receiver.logs import scrub
 from receiver.metrics import Metrics
 from receiver.netaddr import AddressPolicy
@@ -221,8 +221,9 @@ def _ipv6_available() -> bool:
 
 
 class _Site(web.SockSite):
-    """aiohttp's socket site, with the TLS handshake bounded by `server.header_timeout`, whose connections
-    start with `protocol` (the stream front, which hands what it does not serve to the runner's server)."""
+    """aiohttp's socket site, with the TLS handshake bounded by `server.header_timeout` and paced by `pacer`, whose
+    connections start with `protocol` (the stream front, which hands what it does not serve to the runner's
+    server)."""
 
     def __init__(
         self,
@@ -231,21 +232,20 @@ class _Site(web.SockSite):
         *,
         handshake_timeout: float,
         protocol: Callable[[], asyncio.Protocol],
+        pacer: HandshakePacer,
         **kwargs: Any,
     ):
         super().__init__(runner, sock, **kwargs)
         self._handshake_timeout = handshake_timeout
         self._protocol = protocol
+        self._pacer = pacer
 
     async def start(self) -> None:
         await web.BaseSite.start(self)
-        self._server = await asyncio.get_running_loop().create_server(
-            self._protocol,
-            sock=self._sock,
-            ssl=self._ssl_context,
-            backlog=self._backlog,
-            ssl_handshake_timeout=self._handshake_timeout if self._ssl_context is not None else None,
-        )
+        protocol: Callable[[], asyncio.BaseProtocol] = self._protocol
+        if self._ssl_context is not None:
+            protocol = paced_tls(self._pacer, self._protocol, self._ssl_context, self._handshake_timeout)
+        self._server = await asyncio.get_running_loop().create_server(protocol, sock=self._sock, backlog=self._backlog)
 
 
 def server_tls_context(tls: TLSConfig) -> ssl.SSLContext:
@@ -708,6 +708,7 @@ class Service:
         self._front: Front | None = None
         self._site: web.BaseSite | None = None
         self._listener: CappedListener | None = None
+        self._pacer = HandshakePacer()
         self._admin: tuple[_Runner, web.SockSite] | None = None
         """The admin listener (`server.admin`): its runner and site."""
         self._fd_limit = 0
@@ -823,13 +824,14 @@ class Service:
         sock.cap = connection_cap(server.max_connections, self._fd_limit)
         sock.on_refused = self._refuser(sock, "stream", "connection closed unread: server.max_connections are open")
         sock.on_unlisted = self._unlisted
-        self._refuse_unlisted(server)
+        self._apply_allowlist(server)
         self.metrics.open_connections.labels("stream").set_function(lambda: sock.open)
         log.info("connection limits", extra={"fd_limit": self._fd_limit, "max_connections": sock.cap})
         self._site = _Site(
             self._runner,
             sock,
             protocol=self._front,
+            pacer=self._pacer,
             ssl_context=self.tls.listening if self.tls else None,
             handshake_timeout=server.header_timeout,
             backlog=LISTEN_BACKLOG,
@@ -873,11 +875,13 @@ class Service:
         await site.start()
         log.info("admin listening", extra={"url": self.admin_url, "paths": ["/healthz", "/readyz", "/metrics"]})
 
-    def _refuse_unlisted(self, server: ServerConfig) -> None:
-        """Have the stream listener close connections from unlisted addresses at accept, or not."""
+    def _apply_allowlist(self, server: ServerConfig) -> None:
+        """Have the stream listener close connections from unlisted addresses at accept, or not, and serve the
+        handshakes of listed ones first."""
         if self._listener is not None:
             policy = AddressPolicy(server.allowed_networks(), server.proxy_networks())
             self._listener.listed = policy.listed if server.refuse_unlisted else None
+            self._pacer.listed = policy.listed
 
     def _handshake_failed(self, exc: ssl.SSLError) -> None:
         """A TLS handshake on the stream listener failed: counted by kind; a client refusing the certificate,
@@ -976,7 +980,7 @@ class Service:
         self.journal.max_dead_letter_bytes = config.journal.max_dead_letter_bytes
         if self._listener is not None:
             self._listener.cap = connection_cap(config.server.max_connections, self._fd_limit)
-            self._refuse_unlisted(config.server)
+            self._apply_allowlist(config.server)
         self.journal.largest_body = config.server.max_body_bytes
         replaced = self.state.install(config, self.journal, self.metrics)
         if plan.moved and self.engine is not None:
