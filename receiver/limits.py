@@ -201,6 +201,9 @@ class LoopErrors:
 
 HANDSHAKE_SLICE = 0.002
 """Seconds of TLS handshake work the event loop does before it runs its other callbacks and polls again."""
+PACEABLE = hasattr(sslproto, "SSLProtocolState") and callable(getattr(sslproto.SSLProtocol, "_do_handshake", None))
+"""Whether this Python's asyncio TLS protocol is the one `_PacedTLS` extends (that of 3.11 to 3.13); without it
+the listener uses asyncio's own, unpaced."""
 
 
 class HandshakePacer:

@@ -30,7 +30,15 @@ from receiver.delivery import DeliveryEngine, build_sinks
 from receiver.errors import CertificateNotValidYet, ConfigError, JournalClosed, JournalError, LogBridgeError
 from receiver.front import MAX_HEAD, MAX_HEADER_LINE, Front
 from receiver.journal import Journal
-from receiver.limits import CappedListener, HandshakePacer, LoopErrors, connection_cap, paced_tls, raise_fd_limit
+from receiver.limits import (
+    PACEABLE,
+    CappedListener,
+    HandshakePacer,
+    LoopErrors,
+    connection_cap,
+    paced_tls,
+    raise_fd_limit,
+)
 from receiver.logs import scrub
 from receiver.metrics import Metrics
 from receiver.netaddr import AddressPolicy
@@ -242,10 +250,17 @@ class _Site(web.SockSite):
 
     async def start(self) -> None:
         await web.BaseSite.start(self)
-        protocol: Callable[[], asyncio.BaseProtocol] = self._protocol
-        if self._ssl_context is not None:
-            protocol = paced_tls(self._pacer, self._protocol, self._ssl_context, self._handshake_timeout)
-        self._server = await asyncio.get_running_loop().create_server(protocol, sock=self._sock, backlog=self._backlog)
+        if self._ssl_context is not None and PACEABLE:
+            paced = paced_tls(self._pacer, self._protocol, self._ssl_context, self._handshake_timeout)
+            self._server = await asyncio.get_running_loop().create_server(paced, sock=self._sock, backlog=self._backlog)
+            return
+        self._server = await asyncio.get_running_loop().create_server(
+            self._protocol,
+            sock=self._sock,
+            ssl=self._ssl_context,
+            backlog=self._backlog,
+            ssl_handshake_timeout=self._handshake_timeout if self._ssl_context is not None else None,
+        )
 
 
 def server_tls_context(tls: TLSConfig) -> ssl.SSLContext:

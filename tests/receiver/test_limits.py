@@ -29,7 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from receiver import server as server_module
 from receiver.config import parse_config
 from receiver.errors import ConfigError
-from receiver.limits import FD_RESERVE, CappedListener, HandshakePacer, connection_cap, paced_tls
+from receiver.limits import FD_RESERVE, PACEABLE, CappedListener, HandshakePacer, connection_cap, paced_tls
 from tests.conftest import BASE_CONFIG, StartService, merge, scrape
 from tests.receiver.test_front import batch, closed, essence, post, responses
 from tests.receiver.test_process import SCRIPT, TOKEN, free_port, write_config
@@ -631,6 +631,7 @@ class TestHandshakeFlood:
         a second (`/healthz` on the admin port answered after up to 0.85-1.2 s, three runs with an RSA key),
         and 1,000 connections accepted in one callback held it another 0.2-0.3 s. The bound is the loop
         thread's CPU time across one short sleep, which other processes on the machine cannot inflate."""
+        assert PACEABLE, "this Python's asyncio TLS protocol is not the one the pacer extends"
         flood = HelloFlood(service.port, 1000)
         flood.start()
         worst = 0.0
