@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import math
 import os
+import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -24,6 +26,44 @@ def file_system_bytes(directory: Path) -> tuple[float, float]:
     except OSError:
         return math.nan, math.nan
     return float(stats.f_bavail * stats.f_frsize), float(stats.f_blocks * stats.f_frsize)
+
+
+STATVFS_WAIT = 1.0
+"""Seconds a scrape waits for the journal's file system to answer (a local one answers in microseconds)."""
+
+
+class FileSystemWatch:
+    """`file_system_bytes` of one directory, read for each scrape in a thread of its own and waited for
+    STATVFS_WAIT at most (then NaN, NaN); while a read is still outstanding no other is started."""
+
+    # A hung network volume (NFS, hard-mounted) blocks statvfs for ever: read in the render it hung every
+    # /metrics scrape, just when the metrics were needed. The thread is a daemon so that a hung read does not
+    # hold the process at exit. NaN rather than the last value read: a number would look alive while the
+    # volume is not.
+
+    def __init__(self, directory: Path) -> None:
+        self._directory = directory
+        self._lock = threading.Lock()
+        self._read: concurrent.futures.Future[tuple[float, float]] | None = None
+
+    def bytes(self) -> tuple[float, float]:
+        """The free bytes and size of the file system, or NaN, NaN when it does not answer in time."""
+        with self._lock:
+            read = self._read
+            if read is None or read.done():
+                read = self._read = concurrent.futures.Future()
+                threading.Thread(target=self._statvfs, args=(read,), name="journal-statvfs", daemon=True).start()
+        try:
+            return read.result(STATVFS_WAIT)
+        except TimeoutError:
+            return math.nan, math.nan
+
+    def _statvfs(self, read: concurrent.futures.Future[tuple[float, float]]) -> None:
+        answer = math.nan, math.nan
+        try:
+            answer = file_system_bytes(self._directory)
+        finally:  # a read left undone would keep every later scrape waiting on it
+            read.set_result(answer)
 
 
 class Metrics:
@@ -120,11 +160,14 @@ class Metrics:
         )
         self.journal_disk_free = Gauge(
             "log_bridge_journal_disk_free_bytes",
-            "Bytes the service may still write on the journal's file system (NaN when it cannot be read)",
+            "Bytes the service may still write on the journal's file system (NaN when it cannot be read or does not "
+            "answer within a second)",
             registry=r,
         )
         self.journal_disk_size = Gauge(
-            "log_bridge_journal_disk_size_bytes", "Size of the journal's file system in bytes", registry=r
+            "log_bridge_journal_disk_size_bytes",
+            "Size of the journal's file system in bytes (NaN as log_bridge_journal_disk_free_bytes)",
+            registry=r,
         )
 
         self.malformed_requests = Counter(
@@ -213,6 +256,7 @@ class Metrics:
             "(sys.unraisablehook); logged a few a second per kind",
             registry=r,
         )
+        self._journal_disk: FileSystemWatch | None = None
         self.exposition = Exposition(self.render)
         """What `/metrics` answers, rendered off the event loop."""
 
@@ -264,12 +308,15 @@ class Metrics:
         self.journal_disk_full.set_function(disk_full)
 
     def watch_journal_disk(self, directory: Path) -> None:
-        """Read the journal's file system's free space and size at scrape time."""
-        self.journal_disk_free.set_function(lambda: file_system_bytes(directory)[0])
-        self.journal_disk_size.set_function(lambda: file_system_bytes(directory)[1])
+        """Read the journal's file system's free space and size at each render, both from one `statvfs`."""
+        self._journal_disk = FileSystemWatch(directory)
 
     def render(self) -> bytes:
         """The Prometheus text exposition."""
+        if self._journal_disk is not None:
+            free, size = self._journal_disk.bytes()
+            self.journal_disk_free.set(free)
+            self.journal_disk_size.set(size)
         return generate_latest(self.registry)
 
 

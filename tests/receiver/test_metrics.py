@@ -201,6 +201,67 @@ class TestJournalDisk:
             assert scrape(text, "log_bridge_journal_disk_size_bytes") == 12 * 1024 * 1024
             await service.stop()
 
+    async def test_a_hung_file_system_leaves_the_scrape_answering(
+        self, start_service: StartService, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Was a defect: the gauges called statvfs in the render, so a file system that never answers (a hard NFS
+        mount whose server is gone) hung every /metrics scrape for ever. Now a scrape waits for it a second at most
+        and shows NaN, only one read is outstanding however many scrapes come, and the gauges are back once the
+        file system answers."""
+        service = await start_service({"server": {"admin": {"port": 0}}})
+        directory = service.journal.segments.directory
+        answer = threading.Event()
+        reads: list[Path] = []
+        real = os.statvfs
+
+        def statvfs(path: Path) -> os.statvfs_result:
+            if Path(path) == directory:
+                reads.append(directory)
+                answer.wait()
+            return real(path)
+
+        monkeypatch.setattr(os, "statvfs", statvfs)
+        async with aiohttp.ClientSession() as session:
+            try:
+                for _ in range(3):
+                    async with asyncio.timeout(10):  # before: no answer at all
+                        text = await get_metrics(session, service.admin_url)
+                    assert math.isnan(scrape(text, "log_bridge_journal_disk_free_bytes") or 0.0)
+                    assert math.isnan(scrape(text, "log_bridge_journal_disk_size_bytes") or 0.0)
+                    assert scrape(text, "log_bridge_journal_max_bytes") == service.journal.max_bytes
+                assert len(reads) == 1  # the first still hangs: no other was started
+            finally:
+                answer.set()
+            for _ in range(10):  # the read that hung answers, then the next scrape reads afresh
+                async with asyncio.timeout(10):
+                    text = await get_metrics(session, service.admin_url)
+                if not math.isnan(scrape(text, "log_bridge_journal_disk_size_bytes") or 0.0):
+                    break
+        stats = real(directory)
+        assert scrape(text, "log_bridge_journal_disk_size_bytes") == stats.f_blocks * stats.f_frsize
+        assert (scrape(text, "log_bridge_journal_disk_free_bytes") or 0.0) > 0
+
+    async def test_one_scrape_reads_the_file_system_once(
+        self, start_service: StartService, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Was a defect: each of the two gauges called statvfs itself, two system calls a scrape (and two hung
+        threads on a volume that does not answer)."""
+        service = await start_service()
+        directory = service.journal.segments.directory
+        reads: list[Path] = []
+        real = os.statvfs
+
+        def statvfs(path: Path) -> os.statvfs_result:
+            reads.append(Path(path))
+            return real(path)
+
+        monkeypatch.setattr(os, "statvfs", statvfs)
+        async with aiohttp.ClientSession() as session:
+            text = await get_metrics(session, service.url)
+        assert reads.count(directory) == 1
+        stats = real(directory)
+        assert scrape(text, "log_bridge_journal_disk_size_bytes") == stats.f_blocks * stats.f_frsize
+
 
 def documented_metrics() -> list[tuple[str, str, set[str]]]:
     """(page, metric, labels) of every row of the metric tables in docs/configuration.md and docs/monitoring.md
