@@ -599,7 +599,7 @@ def operations_routes(journal: Journal, metrics: Metrics, state: State) -> list[
             if now - state._ready_at > 1.0:  # one probe write a second at most, however many ask at once
                 state._ready_at = now
                 state._ready = await journal.probe()
-            if journal.disk_full:  # a write failed for lack of space: not ready until one commits again
+            if journal.disk_full:  # the last write to fail lacked space: not ready until one proves room
                 problems.append("the journal's disk is full")
             elif not state._ready:
                 problems.append("journal is not writable")

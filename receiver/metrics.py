@@ -154,8 +154,9 @@ class Metrics:
         )
         self.journal_disk_full = Gauge(
             "log_bridge_journal_disk_full",
-            "1 while the journal's disk is full: a write failed for lack of space and none has committed since "
-            "(intake answers 503 and /readyz is not ready, however far below journal.max_bytes the journal is)",
+            "1 while the journal's disk is full: the last write to fail did so for lack of space and none has "
+            "committed since (intake answers 503 and /readyz is not ready, however far below journal.max_bytes the "
+            "journal is)",
             registry=r,
         )
         self.journal_disk_free = Gauge(

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import fcntl
 import logging
 import os
@@ -35,6 +34,7 @@ from receiver.journal.schema import (
     DeadLettersFull,
     DiskFull,
     connect,
+    disk_error,
     insert_dead_letters,
     last_seq,
     letter_bytes,
@@ -703,15 +703,12 @@ class Journal(GroupWriter):
                 sizes = self.segments.append(records)
             except OSError as exc:
                 self._next_seq = first
-                full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
-                failure = (
-                    DiskFull("the journal's disk is full") if full else JournalError(f"journal write failed: {exc}")
-                )
+                failure = disk_error(exc)
                 self._write_failed("append", "journal write failed", failure)
-                self.disk_full = self.disk_full or full
+                self._disk_failed(failure)
                 outcomes.extend((job, None, failure) for job, _ in kept)
                 return False
-            self.disk_full = False
+            self._room_proven()
             self._write_went_through("append")
             self.size_bytes += sum(sizes)
             self.last_seq = self._next_seq - 1
@@ -873,7 +870,7 @@ class Journal(GroupWriter):
         """Whether a write commits now (readiness). After the disk was full, the probe also reserves `room`
         bytes beside the segments (and writes PROBE_ROOM to SQLite), so readiness returns only when there is
         room for the largest request again, not just for a probe."""
-        filler = b"\0" * PROBE_ROOM if self.disk_full else b""
+        filler = b"\0" * PROBE_ROOM if self.room_owed else b""
 
         def write(conn: sqlite3.Connection) -> None:
             if not self._room_for_batches():  # requests are refused until the spare room is back

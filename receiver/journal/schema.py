@@ -238,6 +238,13 @@ def map_error(exc: sqlite3.Error) -> JournalError:
     return JournalError(f"journal write failed: {exc}")
 
 
+def disk_error(exc: OSError) -> JournalError:
+    """What a journal file's failed write means: DiskFull for lack of space (or of quota), else a JournalError."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return DiskFull("the journal's disk is full")
+    return JournalError(f"journal write failed: {exc}")
+
+
 class DiskFull(JournalFull):
     """A write failed because the journal's file system has no room."""
 

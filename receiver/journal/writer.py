@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from receiver.errors import JournalClosed, JournalError
-from receiver.journal.schema import DiskFull, map_error
+from receiver.journal.schema import DiskFull, disk_error, map_error
 
 log = logging.getLogger("receiver.journal")
 
@@ -64,7 +64,13 @@ class GroupWriter:
         self.last_seq = 0
         self.commits = 0
         self.disk_full = False
-        """Set when a write fails for lack of space; cleared only when a write commits again (readiness)."""
+        """Whether the journal's disk is full, as its writes say (readiness, the gauge): set when a write fails for
+        lack of space; cleared when a write proves room again, or when a later write fails for another reason (an
+        I/O error, a volume turned read-only: the disk is then not known to be full, and saying so would send
+        the operator freeing space that is there)."""
+        self.room_owed = False
+        """Set when a write fails for lack of space; cleared only when a write proves room again, whatever failed
+        in between: until then the readiness probe reserves room for the largest request (`probe`)."""
         self._failing: dict[str, str] = {}
         """Kind of write ('commit', 'append') -> what it last failed with, while it fails (writer thread)."""
         self._new_data: list[asyncio.Event] = []
@@ -151,8 +157,8 @@ class GroupWriter:
         try:
             try:
                 if batches and not self._room_for_batches():  # what delivery frees goes to the spare room first
-                    self.disk_full = True
                     full = DiskFull("the journal's disk is full")
+                    self._disk_failed(full)
                     outcomes.extend((job, None, full) for job in batches)
                 else:
                     # Batches whose SQLite part failed: their events are not appended.
@@ -224,7 +230,7 @@ class GroupWriter:
             self.commits += 1
             self._write_went_through("commit")
             if any(error is None and job.proves_room for job, _, error in outcomes):
-                self.disk_full = False
+                self._room_proven()
             for hook in self._after_commit:  # what is committed stays so: a hook that fails is logged only
                 try:
                     hook()
@@ -236,7 +242,7 @@ class GroupWriter:
             self._rolled_back()
             failure = map_error(exc)
             self._write_failed("commit", "journal commit failed", failure)
-            self.disk_full = self.disk_full or isinstance(failure, DiskFull)
+            self._disk_failed(failure)
             done = {id(job) for job in jobs}
             outcomes[:] = [outcome for outcome in outcomes if id(outcome[0]) not in done]
             outcomes.extend((job, None, failure) for job in jobs)
@@ -265,15 +271,26 @@ class GroupWriter:
                 undo()
             del self._after_commit[hooks:], self._undo[undos:]
             failure = map_error(exc) if isinstance(exc, sqlite3.Error) else exc
-            if isinstance(exc, OSError):
-                failure = JournalError(f"journal write failed: {exc}")
-            self.disk_full = self.disk_full or isinstance(failure, DiskFull)
+            if isinstance(exc, OSError):  # a file of the job's own (the probe's reservation)
+                failure = disk_error(exc)
+            if isinstance(exc, sqlite3.Error | OSError) or isinstance(failure, DiskFull):
+                self._disk_failed(failure)  # not a request's own refusal (its dead letters over their cap)
             outcomes.append((job, None, failure))
             return False
         conn.execute("RELEASE job")
         if job.bulk is None:
             outcomes.append((job, result, None))
         return True
+
+    def _disk_failed(self, failure: BaseException) -> None:
+        """A write failed in SQLite or the file system (writer thread): the disk is full if it failed for lack
+        of space, else not known to be; room is owed from the first lack of space until a write proves it."""
+        self.disk_full = isinstance(failure, DiskFull)
+        self.room_owed = self.room_owed or self.disk_full
+
+    def _room_proven(self) -> None:
+        """A write that needed room committed (writer thread): the disk is not full."""
+        self.disk_full = self.room_owed = False
 
     def _write_failed(self, kind: str, message: str, failure: BaseException) -> None:
         """Log a failed write of `kind` when it starts: not again while writes of that kind fail the same way, until

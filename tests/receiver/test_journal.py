@@ -187,9 +187,9 @@ class TestReadinessProbe:
         self, journal: Journal, monkeypatch: pytest.MonkeyPatch
     ) -> None:
         monkeypatch.delattr(os, "posix_fallocate")  # macOS has none
-        journal.disk_full = True
+        journal.disk_full = journal.room_owed = True
         assert await journal.probe()
-        assert not journal.disk_full
+        assert not journal.disk_full and not journal.room_owed
 
     async def test_a_reservation_a_crash_left_is_freed_at_open(self, tmp_path: Path) -> None:
         journal = await opened(tmp_path / "journal.db")

@@ -25,6 +25,7 @@ import yaml
 from aiohttp import web
 
 from receiver.journal import connect
+from receiver.journal.segments import ROOM_FILE
 from receiver.samples import encode_body, sample_wrappers
 from tests.conftest import TOKEN, StartService, http_peer, scrape
 from tests.receiver.test_process import SCRIPT, Server, free_port, run_cli, write_config
@@ -616,6 +617,57 @@ class TestReadinessWhileTheDiskIsFull:
                 assert response.status == 200, await response.text()
             await service.stop()
 
+    async def test_a_later_failure_not_for_lack_of_space_is_said_as_what_it_is(
+        self, start_service: StartService, tmp_path: Path
+    ) -> None:
+        """Was a defect: once a write had failed for lack of space, the journal said its disk was full through
+        every later failure (`/readyz`, log_bridge_journal_disk_full), though what failed then was something else
+        (an I/O error, a volume turned read-only), and the operator was sent freeing space. Now the latest failure
+        says; and the probe still reserves room for the largest request until a write proves it, so readiness
+        does not return while the disk is short of room."""
+        with small_disk(tmp_path / "disk", "12m") as disk:  # 4 MiB of it the journal's spare room
+            filler = disk / "filler"
+            service = await start_service(
+                {
+                    "server": {"max_body_bytes": "1MiB"},
+                    "journal": {"path": str(disk / "journal.db")},
+                    "sinks": {"mem": {"fail": "retry"}},
+                }
+            )
+            async with aiohttp.ClientSession() as session:
+
+                async def readiness() -> tuple[int, list[str] | None]:
+                    await asyncio.sleep(1.05)  # one probe write a second at most
+                    async with session.get(service.url + "/readyz") as response:
+                        return response.status, (await response.json()).get("problems")
+
+                async def disk_full() -> float | None:
+                    async with session.get(service.url + "/metrics") as response:
+                        return scrape(await response.text(), "log_bridge_journal_disk_full")
+
+                filler.write_bytes(os.urandom(1024) * (1024 * 7))
+                for _ in range(2000):
+                    data, headers = body(50)
+                    async with session.post(service.url + "/workos", data=data, headers=headers) as response:
+                        if response.status == 503:
+                            break
+                assert await readiness() == (503, ["the journal's disk is full"])
+                os.truncate(filler, filler.stat().st_size - 600 * 1024)  # room for the probe, not for a request
+                # Where the probe reserves its room, a directory: its write fails, and not for lack of space.
+                (service.journal.segments.directory / ROOM_FILE).mkdir()
+                assert await readiness() == (503, ["journal is not writable"])
+                assert await disk_full() == 0
+                (service.journal.segments.directory / ROOM_FILE).rmdir()
+                assert await readiness() == (503, ["the journal's disk is full"])  # still too little room
+                assert await disk_full() == 1
+                filler.unlink()
+                for _ in range(10):
+                    if (ready := await readiness())[0] == 200:
+                        break
+                assert ready == (200, None)
+                assert await disk_full() == 0
+            await service.stop()
+
 
 class TestReadinessProbe:
     async def test_concurrent_readiness_checks_make_one_probe_a_second(self, start_service: StartService) -> None:
@@ -626,7 +678,7 @@ class TestReadinessProbe:
         reserve = service.journal.segments.reserve
         service.journal.segments.reserve = lambda size: (reserved.append(size), reserve(size))[1]  # type: ignore[method-assign]
         await asyncio.sleep(1.1)  # past the probe start-up made
-        service.journal.disk_full = True
+        service.journal.room_owed = True
         async with aiohttp.ClientSession() as session:
 
             async def ready() -> int:
