@@ -39,6 +39,17 @@ def body(count: int = 3) -> tuple[bytes, dict[str, str]]:
     return data, {**AUTH, "Content-Type": content_type}
 
 
+async def post_until_refused(session: aiohttp.ClientSession, url: str) -> None:
+    """Post 50 events a request until the journal refuses one (503): its disk is full. Each request stores a few
+    KiB (zstd), so a MiB of room takes hundreds."""
+    for _ in range(2000):
+        data, headers = body(50)
+        async with session.post(url + "/workos", data=data, headers=headers) as response:
+            if response.status == 503:
+                return
+    raise AssertionError("the disk never filled")
+
+
 async def metrics_text(url: str) -> str:
     async with aiohttp.ClientSession() as session, session.get(url + "/metrics") as response:
         return await response.text()
@@ -459,14 +470,7 @@ class TestReadinessWhileTheDiskIsFull:
             async with aiohttp.ClientSession() as session:
                 assert (await session.get(service.url + "/readyz")).status == 200
                 filler.write_bytes(os.urandom(1024) * (1024 * 7))  # most of the room
-                statuses = []
-                for _ in range(2000):  # each request stores a few KiB (zstd): ≈ 1 MiB of room takes hundreds
-                    data, headers = body(50)
-                    async with session.post(service.url + "/workos", data=data, headers=headers) as response:
-                        statuses.append(response.status)
-                    if response.status == 503:
-                        break
-                assert statuses[-1] == 503, statuses
+                await post_until_refused(session, service.url)
                 probes = []
                 for _ in range(27):
                     async with session.get(service.url + "/readyz") as response:
@@ -511,17 +515,8 @@ class TestReadinessWhileTheDiskIsFull:
             )
             caplog.set_level(logging.INFO)
             async with aiohttp.ClientSession() as session:
-
-                async def post_until_refused() -> None:
-                    for _ in range(2000):
-                        data, headers = body(50)
-                        async with session.post(service.url + "/workos", data=data, headers=headers) as response:
-                            if response.status == 503:
-                                return
-                    raise AssertionError("the disk never filled")
-
                 filler.write_bytes(os.urandom(1024) * (1024 * 7))
-                await post_until_refused()
+                await post_until_refused(session, service.url)
                 for _ in range(60):  # WorkOS retrying
                     data, headers = body(50)
                     async with session.post(service.url + "/workos", data=data, headers=headers) as response:
@@ -542,7 +537,7 @@ class TestReadinessWhileTheDiskIsFull:
                 with contextlib.suppress(OSError), filler.open("wb") as filling:  # what is left of the room
                     while True:
                         filling.write(os.urandom(256 * 1024))
-                await post_until_refused()
+                await post_until_refused(session, service.url)
                 failed = [r for r in caplog.records if r.getMessage() == "journal write failed"]
                 assert len(failed) == 2, f"{len(failed)} lines"
             await service.stop()
@@ -592,12 +587,8 @@ class TestReadinessWhileTheDiskIsFull:
             )
             async with aiohttp.ClientSession() as session:
                 filler.write_bytes(os.urandom(1024) * (1024 * 7))
-                for _ in range(2000):
-                    data, headers = body(50)
-                    async with session.post(service.url + "/workos", data=data, headers=headers) as response:
-                        if response.status == 503:
-                            break
-                assert response.status == 503 and service.journal.disk_full
+                await post_until_refused(session, service.url)
+                assert service.journal.disk_full
                 os.truncate(filler, filler.stat().st_size - 600 * 1024)  # 600 KiB: under the 1 MiB a request may take
                 await asyncio.sleep(1.1)  # the next probe may write
                 probes = []
@@ -646,11 +637,7 @@ class TestReadinessWhileTheDiskIsFull:
                         return scrape(await response.text(), "log_bridge_journal_disk_full")
 
                 filler.write_bytes(os.urandom(1024) * (1024 * 7))
-                for _ in range(2000):
-                    data, headers = body(50)
-                    async with session.post(service.url + "/workos", data=data, headers=headers) as response:
-                        if response.status == 503:
-                            break
+                await post_until_refused(session, service.url)
                 assert await readiness() == (503, ["the journal's disk is full"])
                 os.truncate(filler, filler.stat().st_size - 600 * 1024)  # room for the probe, not for a request
                 # Where the probe reserves its room, a directory: its write fails, and not for lack of space.
