@@ -1,12 +1,15 @@
 """The file sink: one compact JSON line per event (the wrapper as WorkOS sent it), fsynced before a batch
 counts as delivered, with the name of every file and directory it creates fsynced into its parent. `path` may
 hold strftime fields, expanded with the event's time in UTC. A line a crash or a full disk left without its
-newline is cut off before the next write (its events are written again whole)."""
+newline is cut off before the next write (its events are written again whole). With `max_age` or
+`max_total_bytes` set, the old files of `path` are deleted (sinks.retention), at most every SWEEP_INTERVAL."""
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import fcntl
+import logging
 import math
 import os
 import time
@@ -16,13 +19,22 @@ from datetime import datetime
 from operator import attrgetter
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator, model_validator
 
 from sinks.base import ByteSize, Event, Health, SendResult, SinkConfig
 from sinks.errors import SinkError
-from sinks.fields import FilePath
+from sinks.fields import FilePath, PositiveDuration
+from sinks.retention import FilePattern, rotated_name, sweep
+
+log = logging.getLogger(__name__)
 
 _TIME = attrgetter("time")
+SWEEP_INTERVAL = 600.0
+"""Least time between two retention sweeps: files are deleted days apart, listing them on every batch would
+only cost."""
+MIN_AGE = 3600.0
+"""Shortest `max_age`: less is a slip (a bare number is seconds: `max_age: 90` would delete audit logs within
+two minutes of their writing)."""
 
 
 class FileSink:
@@ -34,6 +46,28 @@ class FileSink:
         path: FilePath
         max_file_bytes: ByteSize | None = Field(None, gt=0)
         """Rotate a file once it reaches this size: it is renamed `<name>.<n><suffix>`."""
+        max_age: PositiveDuration | None = None
+        """Retention: delete a file of `path` once it was last written this long ago. Off when unset."""
+        max_total_bytes: ByteSize | None = Field(None, gt=0)
+        """Retention: delete the oldest files of `path` while they add up to more than this. Off when unset."""
+
+        @field_validator("max_age")
+        @classmethod
+        def _at_least_an_hour(cls, value: float | None) -> float | None:
+            if value is not None and value < MIN_AGE:
+                raise ValueError("must be at least 1h (a bare number is seconds: write 90d for 90 days)")
+            return value
+
+        @model_validator(mode="after")
+        def _recognisable_files(self) -> FileSink.Config:
+            if self.retains:
+                FilePattern.of(self.path)  # its ValueError says which part of `path` retention cannot read
+            return self
+
+        @property
+        def retains(self) -> bool:
+            """Whether a retention limit is set."""
+            return self.max_age is not None or self.max_total_bytes is not None
 
     def __init__(self, name: str, config: FileSink.Config) -> None:
         self.name = name
@@ -41,6 +75,9 @@ class FileSink:
         self._lock = asyncio.Lock()
         self._paths: dict[int, str] = {}
         """Expanded paths by whole second of event time: strftime fields are never finer than a second."""
+        self._pattern = FilePattern.of(config.path) if config.retains else None
+        self._next_sweep = 0.0
+        """When (time.monotonic) the next send sweeps: the first send sweeps."""
 
     def _path_for(self, event: Event) -> str:
         return self._path_for_second(math.floor(event.time))
@@ -56,12 +93,48 @@ class FileSink:
     async def send(self, batch: Sequence[Event]) -> SendResult:
         """Write and fsync the batch."""
         async with self._lock:
+            # Before the write, and whether or not it succeeds: on a full disk the sweep is what makes room.
+            if self._pattern is not None and time.monotonic() >= self._next_sweep:
+                self._next_sweep = time.monotonic() + SWEEP_INTERVAL
+                await self._sweep(self._pattern)
             try:
                 await asyncio.to_thread(self._write, batch)
             except OSError as exc:
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    self._next_sweep = 0.0  # the retry sweeps again: older files may have come due meanwhile
                 # A full disk, a missing mount or a permission problem is cured outside: retry.
                 return SendResult.retry(f"cannot write {exc.filename or self.config.path}: {exc.strerror}")
         return SendResult.success()
+
+    async def _sweep(self, pattern: FilePattern) -> None:
+        """One retention sweep in a worker thread; a failure is logged (once a sweep) and never fails the send."""
+        now = time.time()
+        current = time.strftime(self.config.path, time.gmtime(now))
+        config = self.config
+        try:
+            result = await asyncio.to_thread(
+                sweep, pattern, now=now, current=current, max_age=config.max_age, max_total_bytes=config.max_total_bytes
+            )
+        except Exception as exc:  # a directory that cannot be listed, or a bug: delivery goes on all the same
+            log.warning("sink %s: retention sweep failed: %s", self.name, f"{type(exc).__name__}: {exc}"[:300])
+            return
+        if result.removed or result.directories:
+            log.info(
+                "sink %s: retention removed %d files (%d bytes) and %d empty directories; %d files (%d bytes) kept",
+                self.name,
+                result.removed,
+                result.removed_bytes,
+                result.directories,
+                result.kept,
+                result.kept_bytes,
+            )
+        if result.failed:
+            log.warning(
+                "sink %s: retention could not remove %d files (%s); tried again at the next sweep",
+                self.name,
+                result.failed,
+                result.failure,
+            )
 
     def _write(self, batch: Sequence[Event]) -> None:
         groups: dict[str, list[bytes]] = {}
@@ -182,14 +255,8 @@ def _fsync_directory(directory: Path) -> None:
 
 
 def _append(path: Path, data: bytes) -> None:
+    fd, created = _open_locked(path)
     try:
-        fd, created = os.open(path, os.O_RDWR | os.O_APPEND), False
-    except FileNotFoundError:
-        fd, created = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o640), True
-    try:
-        # Held while the file is checked and written: another sink appending to the same file must not take
-        # a line it is still writing for a torn one.
-        fcntl.flock(fd, fcntl.LOCK_EX)
         _cut_torn_line(fd)
         view = memoryview(data)
         while view:
@@ -200,6 +267,27 @@ def _append(path: Path, data: bytes) -> None:
         os.close(fd)
     if created:
         _fsync_directory(path.parent)  # the new file's name must survive a crash as its lines do
+
+
+def _open_locked(path: Path) -> tuple[int, bool]:
+    """Open `path` to append (made if missing) and lock it; the descriptor, and whether the file is new. The lock
+    is held while the file is checked and written: another sink appending to the same file must not take a line
+    it is still writing for a torn one."""
+    while True:
+        try:
+            fd, created = os.open(path, os.O_RDWR | os.O_APPEND), False
+        except FileNotFoundError:
+            fd, created = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o640), True
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if os.fstat(fd).st_nlink:
+                return fd, created
+        except BaseException:
+            os.close(fd)
+            raise
+        # Deleted between the open and the lock (by another sink's retention): lines written to it would be
+        # fsynced and lost all the same. Open the name again.
+        os.close(fd)
 
 
 def _cut_torn_line(fd: int) -> int:
@@ -224,7 +312,7 @@ def _cut_torn_line(fd: int) -> int:
 def _rotate(path: Path) -> None:
     """Rename the full file to `<name>.<n><suffix>` (the first free n) and make the rename durable."""
     number = 1
-    while (rotated := path.with_name(f"{path.stem}.{number}{path.suffix}")).exists():
+    while (rotated := path.with_name(rotated_name(path.name, number))).exists():
         number += 1
     os.rename(path, rotated)
     _fsync_directory(path.parent)  # the rename itself must survive a crash

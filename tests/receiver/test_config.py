@@ -285,6 +285,30 @@ class TestErrors:
     def test_sink_without_its_required_option(self) -> None:
         assert errors_of(minimal(sinks={"archive": {"type": "file"}})) == ["sinks.archive.path: field required"]
 
+    @pytest.mark.parametrize(
+        ("options", "problem"),
+        [
+            ({"max_age": 90}, "sinks.archive.max_age: must be at least 1h (a bare number is seconds: write 90d"),
+            ({"max_age": "90x"}, "sinks.archive.max_age: expected a duration such as 500ms"),
+            ({"max_age": "0s"}, "sinks.archive.max_age: must be more than 0 (0 would turn this protection off)"),
+            ({"max_total_bytes": 0}, "sinks.archive.max_total_bytes: Input should be greater than 0"),
+            ({"max_total_bytes": "lots"}, "sinks.archive.max_total_bytes: expected a size such as"),
+            ({"max_age": "90d", "path": "/data/%s.ndjson"}, "sinks.archive: path holds %s, which retention cannot"),
+            ({"max_total_bytes": "1GiB", "path": "/data/%Y/../x.ndjson"}, "sinks.archive: path holds '..' after"),
+        ],
+    )  # fmt: skip
+    def test_a_bad_retention_option_names_its_yaml_path(self, options: dict[str, Any], problem: str) -> None:
+        (found,) = errors_of(minimal(sinks={"archive": {"type": "file", "path": "/data/%Y-%m-%d.ndjson", **options}}))
+        assert found.startswith(problem), found
+
+    def test_retention_is_off_unless_set_and_takes_units(self) -> None:
+        sinks = parse_config(minimal(), {}).sinks
+        assert (sinks["archive"].options.max_age, sinks["archive"].options.max_total_bytes) == (None, None)
+        archive = {"type": "file", "path": "/data/%s.ndjson"}  # a field retention cannot read: fine without it
+        retained = {"max_age": "90d", "max_total_bytes": "20GiB", "path": "/data/%Y/%m/%d/events.ndjson"}
+        sinks = parse_config(minimal(sinks={"archive": archive, "kept": {"type": "file", **retained}}), {}).sinks
+        assert (sinks["kept"].options.max_age, sinks["kept"].options.max_total_bytes) == (90 * 86400, 20 * 2**30)
+
     def test_unknown_sink_type_lists_the_known_ones(self) -> None:
         (problem,) = errors_of(minimal(sinks={"archive": {"type": "kafka"}}))
         assert problem.startswith("sinks.archive.type: unknown sink type 'kafka'") and "splunk_hec" in problem

@@ -1,17 +1,26 @@
-"""The file sink: lines as sent, strftime paths from the event time, fsync, rotation."""
+"""The file sink: lines as sent, strftime paths from the event time, fsync, rotation, retention."""
 
 from __future__ import annotations
 
+import asyncio
+import errno
+import fcntl
+import logging
 import os
+import time
 from pathlib import Path
 
+import aiohttp
 import orjson
 import pytest
 
+from receiver.samples import encode_body, sample_wrappers
+from sinks import file as file_sink
 from sinks.base import Outcome
 from sinks.file import FileSink
 from sinks.testing.compliance import make_events
 from sinks.testing.exact import EXACT_LITERALS, exact_event, same_json
+from tests.conftest import TOKEN, StartService
 
 
 class TestFileSink:
@@ -122,3 +131,197 @@ class TestFileSink:
         assert written in synced
         assert {tmp_path, tmp_path / "a", tmp_path / "a" / "b"} <= set(synced), synced  # every new name's directory
         assert tmp_path / "a" / "b" in synced[synced.index(written) :], synced  # the file's, once the file exists
+
+
+DAY = 86400.0
+
+
+def aged(path: Path, days: float, size: int = 100) -> Path:
+    """Make `path` (and its directories) holding `size` bytes, last written `days` ago."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"x" * (size - 1) + b"\n")
+    when = time.time() - days * DAY
+    os.utime(path, (when, when))
+    return path
+
+
+def files_under(root: Path) -> set[str]:
+    return {str(path.relative_to(root)) for path in root.rglob("*") if not path.is_dir()}
+
+
+class TestRetention:
+    async def test_without_a_limit_nothing_is_deleted(self, tmp_path: Path) -> None:
+        old = [aged(tmp_path / name, 4000) for name in ("2015-01-01.ndjson", "2015-01-01.1.ndjson", "out.1.ndjson")]
+        for path in (str(tmp_path / "%Y-%m-%d.ndjson"), str(tmp_path / "out.ndjson")):
+            sink = FileSink("f", FileSink.Config(path=path, max_file_bytes="1MiB"))
+            assert (await sink.send(make_events(2))).outcome is Outcome.SUCCESS
+        assert all(path.exists() for path in old)
+
+    async def test_files_last_written_before_max_age_go_and_nothing_else(
+        self, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        events = tmp_path / "events"
+        expired = [aged(events / "2020-01-01.ndjson", 40, 300), aged(events / "2020-01-01.1.ndjson", 40, 200)]
+        recent = aged(events / "2020-02-01.ndjson", 10)
+        strangers = [
+            aged(events / name, 40)
+            for name in (
+                "README.txt",
+                "2020-01-01.ndjson.bak",
+                "2020-01-01-notes.ndjson",
+                "2020-13-01.ndjson",  # no month 13
+                "2020-01-01.01.ndjson",  # rotation numbers have no leading zero
+                "2020-01-01.0.ndjson",
+                "x2020-01-01.ndjson",
+            )
+        ]
+        strangers.append(aged(tmp_path / "2020-01-01.ndjson", 40))  # beside the pattern's directory, not in it
+        strangers.append(aged(events / "2020-01-04.ndjson" / "inside", 40))  # a directory of a file's name
+        target = aged(tmp_path / "elsewhere.ndjson", 40)
+        (events / "2020-01-05.ndjson").symlink_to(target)
+        before = files_under(tmp_path)
+        sink = FileSink("f", FileSink.Config(path=str(events / "%Y-%m-%d.ndjson"), max_age="30d"))
+        with caplog.at_level(logging.INFO, logger="sinks.file"):
+            assert (await sink.send(make_events(2))).outcome is Outcome.SUCCESS
+        gone = before - files_under(tmp_path)
+        assert gone == {str(path.relative_to(tmp_path)) for path in expired}
+        assert recent.exists() and all(path.exists() for path in strangers) and target.exists()
+        assert (events / "2020-01-05.ndjson").is_symlink()
+        (line,) = [r.getMessage() for r in caplog.records if "retention" in r.getMessage()]
+        assert line.startswith("sink f: retention removed 2 files (500 bytes) and 0 empty directories;"), line
+
+    async def test_the_file_being_written_stays_however_old(self, tmp_path: Path) -> None:
+        current = aged(tmp_path / "out.ndjson", 50)
+        rotated = [aged(tmp_path / f"out.{number}.ndjson", 50) for number in (1, 2, 10)]
+        sink = FileSink("f", FileSink.Config(path=str(current), max_file_bytes="1MiB", max_age="1d"))
+        events = make_events(2)
+        assert (await sink.send(events)).outcome is Outcome.SUCCESS
+        assert not any(path.exists() for path in rotated)
+        assert current.read_bytes().splitlines()[1:] == [event.raw for event in events]  # appended, kept
+
+    async def test_max_total_bytes_deletes_the_oldest_first(self, tmp_path: Path) -> None:
+        by_age = {days: aged(tmp_path / f"out.{days}.ndjson", days, 1000) for days in (5, 4, 3, 2, 1)}
+        current = aged(tmp_path / "out.ndjson", 9, 500)  # counted, never deleted
+        sink = FileSink("f", FileSink.Config(path=str(current), max_total_bytes=2500))
+        assert (await sink.send(make_events(1))).outcome is Outcome.SUCCESS
+        assert [days for days, path in by_age.items() if path.exists()] == [2, 1]  # 2 x 1000 + 500 fit
+        assert current.exists()
+
+    async def test_both_limits_apply(self, tmp_path: Path) -> None:
+        files = [aged(tmp_path / f"2020-01-0{day}.ndjson", 10 - day, 1000) for day in range(1, 7)]  # 9 to 4 days
+        sink = FileSink(
+            "f", FileSink.Config(path=str(tmp_path / "%Y-%m-%d.ndjson"), max_age="7d", max_total_bytes="3KB")
+        )
+        assert (await sink.send(make_events(1))).outcome is Outcome.SUCCESS
+        # 9, 8 days: too old; then 7 days: the 3 left and today's file come to more than 3 KB
+        assert [path.exists() for path in files] == [False, False, False, True, True, True]
+
+    async def test_emptied_date_directories_go_others_stay(self, tmp_path: Path) -> None:
+        pattern = tmp_path / "%Y" / "%m" / "%d" / "events.ndjson"
+        aged(tmp_path / "2019" / "12" / "31" / "events.ndjson", 40)
+        aged(tmp_path / "2020" / "01" / "01" / "events.1.ndjson", 40)
+        aged(tmp_path / "2020" / "01" / "02" / "events.ndjson", 40)
+        notes = aged(tmp_path / "2020" / "01" / "02" / "notes.txt", 40)
+        other = aged(tmp_path / "2020" / "backup" / "01" / "events.ndjson", 40)  # `backup` is no month
+        sink = FileSink("f", FileSink.Config(path=str(pattern), max_age="30d"))
+        assert (await sink.send(make_events(1))).outcome is Outcome.SUCCESS
+        assert not (tmp_path / "2019").exists()  # year, month and day directories, all emptied
+        assert not (tmp_path / "2020" / "01" / "01").exists()
+        assert notes.exists() and not (tmp_path / "2020" / "01" / "02" / "events.ndjson").exists()
+        assert other.exists() and tmp_path.is_dir()
+
+    async def test_a_late_event_for_an_expired_date_starts_a_new_file(self, tmp_path: Path) -> None:
+        sink = FileSink("f", FileSink.Config(path=str(tmp_path / "%Y-%m-%d.ndjson"), max_age="30d"))
+        expired, kept = aged(tmp_path / "2020-01-01.ndjson", 40), aged(tmp_path / "2020-01-02.ndjson", 20)
+        late = make_events(2)
+        late[0].time, late[1].time = 1577880000.0, 1577966400.0  # 2020-01-01 and 2020-01-02, noon
+        assert (await sink.send(late)).outcome is Outcome.SUCCESS
+        # The sweep runs before the write: the expired file went, and the late event is in a file of its own,
+        # whose age starts now; the file still kept has the late line appended, and its age starts again too.
+        assert expired.read_bytes() == late[0].raw + b"\n"
+        assert kept.read_bytes().splitlines()[1:] == [late[1].raw]
+        assert time.time() - kept.stat().st_mtime < DAY
+
+    async def test_a_sweep_runs_at_most_every_interval_and_after_a_full_disk(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        sink = FileSink("f", FileSink.Config(path=str(tmp_path / "out.ndjson"), max_age="1d"))
+        assert (await sink.send(make_events(1))).outcome is Outcome.SUCCESS
+        old = aged(tmp_path / "out.1.ndjson", 5)
+        assert (await sink.send(make_events(1))).outcome is Outcome.SUCCESS
+        assert old.exists()  # not swept on every batch
+
+        def full(path: Path, data: bytes) -> None:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+        with monkeypatch.context() as patch:
+            patch.setattr(file_sink, "_append", full)
+            result = await sink.send(make_events(1))
+        assert result.outcome is Outcome.RETRY and "No space left" in result.reason
+        assert old.exists()
+        assert (await sink.send(make_events(1))).outcome is Outcome.SUCCESS  # the retry sweeps first
+        assert not old.exists()
+
+    async def test_a_file_that_cannot_be_deleted_is_logged_once_a_sweep_and_delivery_goes_on(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        stuck, other = aged(tmp_path / "out.1.ndjson", 5), aged(tmp_path / "out.2.ndjson", 5)
+        real = os.unlink
+
+        def unlink(path: str | os.PathLike[str], *, dir_fd: int | None = None) -> None:
+            if Path(path) == stuck:
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+            real(path, dir_fd=dir_fd)
+
+        monkeypatch.setattr(os, "unlink", unlink)
+        sink = FileSink("f", FileSink.Config(path=str(tmp_path / "out.ndjson"), max_age="1d"))
+        with caplog.at_level(logging.INFO, logger="sinks.file"):
+            for _ in range(3):
+                assert (await sink.send(make_events(1))).outcome is Outcome.SUCCESS
+        assert stuck.exists() and not other.exists()
+        (warning,) = [r for r in caplog.records if r.levelno == logging.WARNING]
+        assert warning.getMessage() == (
+            f"sink f: retention could not remove 1 files ({stuck}: Permission denied); tried again at the next sweep"
+        )
+        assert len((tmp_path / "out.ndjson").read_bytes().splitlines()) == 3
+
+    async def test_a_file_deleted_while_a_writer_waits_for_its_lock_is_written_anew(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        # Another sink's sweep may unlink a file between this writer's open and its lock: lines written to the
+        # unlinked file would be fsynced, counted delivered and lost.
+        path = aged(tmp_path / "out.ndjson", 5)
+        real, calls = fcntl.flock, []
+
+        def flock(fd: int, operation: int) -> None:
+            calls.append(fd)
+            if len(calls) == 1:
+                os.unlink(path)  # the sweep wins the race
+            real(fd, operation)
+
+        monkeypatch.setattr(fcntl, "flock", flock)
+        sink = FileSink("f", FileSink.Config(path=str(path)))
+        events = make_events(2)
+        assert (await sink.send(events)).outcome is Outcome.SUCCESS
+        assert path.read_bytes().splitlines() == [event.raw for event in events]
+
+    async def test_a_service_configured_with_retention_sweeps_as_it_delivers(
+        self, tmp_path: Path, start_service: StartService, client: aiohttp.ClientSession
+    ) -> None:
+        events = tmp_path / "events"
+        old, readme = aged(events / "2020-01-01.ndjson", 40), aged(events / "README.txt", 40)
+        archive = {"type": "file", "path": str(events / "%Y-%m-%d.ndjson"), "max_age": "30d"}
+        service = await start_service(
+            {"streams": [{"name": "workos", "path": "/workos", "auth": {"values": [TOKEN]}, "sinks": ["archive"]}]}
+            | {"sinks": {"archive": archive | {"batch": {"max_wait": "10ms"}}}}
+        )
+        wrappers = sample_wrappers(3)
+        body, content_type = encode_body(wrappers, "ndjson")
+        headers = {"Authorization": TOKEN, "Content-Type": content_type}
+        async with client.post(f"{service.url}/workos", data=body, headers=headers) as response:
+            assert response.status == 200
+        deadline = time.monotonic() + 30
+        while sum(len(p.read_bytes().splitlines()) for p in events.glob("20*.ndjson")) < 3:
+            assert time.monotonic() < deadline, "the events were not delivered"
+            await asyncio.sleep(0.02)
+        assert not old.exists() and readme.exists()
