@@ -91,7 +91,7 @@ class FileSink:
         return path
 
     async def send(self, batch: Sequence[Event]) -> SendResult:
-        """Write and fsync the batch."""
+        """Write and fsync the batch (after a retention sweep, when one is due)."""
         async with self._lock:
             # Before the write, and whether or not it succeeds: on a full disk the sweep is what makes room.
             if self._pattern is not None and time.monotonic() >= self._next_sweep:
@@ -101,7 +101,7 @@ class FileSink:
                 await asyncio.to_thread(self._write, batch)
             except OSError as exc:
                 if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                    self._next_sweep = 0.0  # the retry sweeps again: older files may have come due meanwhile
+                    self._next_sweep = 0.0  # the next send sweeps first: files come due since may make the room
                 # A full disk, a missing mount or a permission problem is cured outside: retry.
                 return SendResult.retry(f"cannot write {exc.filename or self.config.path}: {exc.strerror}")
         return SendResult.success()
