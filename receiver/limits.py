@@ -203,6 +203,10 @@ HANDSHAKE_SLICE = 0.002
 """Seconds of TLS handshake work the event loop does before it runs its other callbacks and polls again."""
 TLS_READ_BYTES = 32 * 1024
 """What a TLS connection reads from its socket at once, into a buffer of its own it keeps while open."""
+QUEUED_READ_LIMIT = 256 * 1024
+"""Bytes a connection whose handshake step is queued may have read and not handed to TLS yet; more wait in the
+kernel's buffer. asyncio's own limit for what a TLS connection has read and not decrypted, once its handshake is
+done (`asyncio.constants.FLOW_CONTROL_HIGH_WATER_SSL_READ` KiB in 3.11 to 3.13)."""
 PACEABLE = hasattr(sslproto, "SSLProtocolState") and callable(getattr(sslproto.SSLProtocol, "_do_handshake", None))
 """Whether this Python's asyncio TLS protocol is the one `_PacedTLS` extends (that of 3.11 to 3.13); without it
 the listener uses asyncio's own, unpaced."""
@@ -269,6 +273,13 @@ class _PacedTLS(sslproto.SSLProtocol):
         if not self._queued:  # a step queued already takes whatever arrived since
             self._queued = True
             self._pacer.queue(self)
+        # Until its step runs, the client's bytes pile up here unread by TLS, as fast as the loop reads them
+        # (a step can wait a while behind a flood): past asyncio's own limit for this buffer they wait in the
+        # kernel's, as they do once the handshake is done. (Reading goes on below it, so a connection closed
+        # while queued is seen, and its step skipped.)
+        pending = self._incoming.pending  # type: ignore[attr-defined]
+        if pending >= QUEUED_READ_LIMIT and isinstance(self._transport, asyncio.ReadTransport):
+            self._transport.pause_reading()
 
     def step(self) -> None:
         self._queued = False
@@ -277,6 +288,10 @@ class _PacedTLS(sslproto.SSLProtocol):
         state = self._state  # type: ignore[attr-defined]
         if state != sslproto.SSLProtocolState.DO_HANDSHAKE or self._transport is None:
             return
+        if isinstance(self._transport, asyncio.ReadTransport):
+            # Paused by `_do_handshake`, maybe; resumed first, as the step that ends the handshake may pause it
+            # again (asyncio's flow control once the handshake is done).
+            self._transport.resume_reading()
         try:
             super()._do_handshake()  # type: ignore[misc]
         except (SystemExit, KeyboardInterrupt):

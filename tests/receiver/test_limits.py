@@ -18,7 +18,7 @@ import threading
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 import pytest
@@ -29,7 +29,15 @@ from prometheus_client.parser import text_string_to_metric_families
 from receiver import server as server_module
 from receiver.config import parse_config
 from receiver.errors import ConfigError
-from receiver.limits import FD_RESERVE, PACEABLE, CappedListener, HandshakePacer, connection_cap, paced_tls
+from receiver.limits import (
+    FD_RESERVE,
+    PACEABLE,
+    QUEUED_READ_LIMIT,
+    CappedListener,
+    HandshakePacer,
+    connection_cap,
+    paced_tls,
+)
 from tests.conftest import BASE_CONFIG, StartService, merge, scrape
 from tests.receiver.test_front import batch, closed, essence, post, responses
 from tests.receiver.test_process import SCRIPT, TOKEN, free_port, write_config
@@ -707,3 +715,92 @@ class TestHandshakeFlood:
             loop.set_exception_handler(previous)
         assert made == [True, True]
         assert [type(context.get("exception")) for context in errors] == [RuntimeError]
+
+    async def test_a_client_waiting_for_its_handshake_step_cannot_fill_the_servers_memory(self) -> None:
+        """Was a defect: while a connection's handshake step waited in the queue (behind a flood), the loop went
+        on reading what its client sent, into the TLS buffer, without a limit: five connections sending after
+        their ClientHello during 1,000 ClientHellos had the service hold 390-470 MB. Now what it holds stops at
+        asyncio's own limit for that buffer and the rest waits in the kernel's; once its step runs, all of it
+        arrives (here the request a TLS 1.3 client sends right after its Finished, before the server's answer)."""
+        ca = trustme.CA()
+        cert = ca.issue_cert("127.0.0.1")
+        server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        cert.configure_cert(server_context)
+        client_context = ssl.create_default_context()
+        ca.configure_trust(client_context)
+        client_context.minimum_version = ssl.TLSVersion.TLSv1_3  # its handshake ends before the server's last step
+        size = 16 << 20
+        received = 0
+        everything, lost = asyncio.Event(), asyncio.Event()
+        served: list[asyncio.Transport] = []
+
+        class Holding(HandshakePacer):
+            """Steps queued while `holding` wait until `release`, as they would behind a long flood."""
+
+            def __init__(self) -> None:
+                super().__init__()
+                self.holding = False
+                self.held: list[Any] = []
+
+            def queue(self, connection: Any) -> None:
+                (self.held.append if self.holding else super().queue)(connection)
+
+            def release(self) -> None:
+                self.holding = False
+                for connection in self.held:
+                    super().queue(connection)
+
+        class Counting(asyncio.Protocol):
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                served.append(cast(asyncio.Transport, transport))
+
+            def connection_lost(self, exc: BaseException | None) -> None:
+                lost.set()
+
+            def data_received(self, data: bytes) -> None:
+                nonlocal received
+                received += len(data)
+                if received >= size:
+                    everything.set()
+
+        pacer = Holding()
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(paced_tls(pacer, Counting, server_context, 60), "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        sent = threading.Event()
+
+        def send(sock: socket.socket) -> None:
+            """A handshake up to the client's Finished, then, with the server's steps held, Finished and `size`
+            bytes of application data."""
+            incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+            tls = client_context.wrap_bio(incoming, outgoing, server_hostname="127.0.0.1")
+            while True:
+                try:
+                    tls.do_handshake()
+                    break
+                except ssl.SSLWantReadError:
+                    sock.sendall(outgoing.read())
+                    incoming.write(sock.recv(65536) or b"closed")
+            pacer.holding = True
+            tls.write(bytes(size))
+            sock.sendall(outgoing.read())
+            sent.set()
+
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            client = asyncio.ensure_future(asyncio.to_thread(send, sock))
+            try:
+                # Until the server stops reading it (or, as before, has read everything the client sent).
+                deadline = loop.time() + 30
+                while not (pacer.held and not pacer.held[0]._transport.is_reading()) and not sent.is_set():
+                    assert loop.time() < deadline and not client.done(), "the client's data never arrived"
+                    await asyncio.sleep(0.01)
+                held = pacer.held[0]._incoming.pending
+                assert held < 2 * QUEUED_READ_LIMIT, f"{held} bytes read while its handshake step waited"
+                pacer.release()
+                await asyncio.wait_for(everything.wait(), 30)
+                await client
+                served[0].abort()  # by the server, before the test's loop ends: no transport left open
+                await asyncio.wait_for(lost.wait(), 30)
+            finally:
+                server.close()
+        assert received == size
