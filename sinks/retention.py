@@ -111,15 +111,20 @@ class FilePattern:
                 return True
         return False
 
-    def files(self) -> Iterator[str]:
-        """The regular files below `root` the pattern makes (symbolic links neither followed nor given)."""
-        yield from self._walk(self.root, 0)
+    def files(self, unlisted: list[OSError]) -> Iterator[str]:
+        """The regular files below `root` the pattern makes (symbolic links neither followed nor given). A
+        directory that cannot be listed is left out and its error added to `unlisted`: one unreadable directory
+        must not keep every other file for ever."""
+        yield from self._walk(self.root, 0, unlisted)
 
-    def _walk(self, prefix: str, depth: int) -> Iterator[str]:
+    def _walk(self, prefix: str, depth: int, unlisted: list[OSError]) -> Iterator[str]:
         try:
             with os.scandir(prefix or ".") as scan:
                 entries = list(scan)
         except FileNotFoundError:
+            return
+        except OSError as exc:
+            unlisted.append(exc)
             return
         last = depth == len(self.parts) - 1
         for entry in entries:
@@ -127,7 +132,7 @@ class FilePattern:
                 if entry.is_file(follow_symlinks=False) and self.names(entry.name):
                     yield prefix + entry.name
             elif entry.is_dir(follow_symlinks=False) and self.parts[depth].fullmatch(entry.name):
-                yield from self._walk(prefix + entry.name + "/", depth + 1)
+                yield from self._walk(prefix + entry.name + "/", depth + 1, unlisted)
 
 
 @dataclass
@@ -151,15 +156,20 @@ def sweep(
     """Delete the pattern's files last written (mtime) more than `max_age` seconds before `now`, then the oldest
     while all of them add up to more than `max_total_bytes`; never `current`, the file the sink writes now."""
     found = []
-    for name in pattern.files():
+    unreadable: list[OSError] = []
+    for name in pattern.files(unreadable):
         try:
             found.append((os.stat(name, follow_symlinks=False), name))
         except FileNotFoundError:
             continue
+        except OSError as exc:  # a directory listed but not searchable (mode r--): its files, not the sweep
+            unreadable.append(exc)
     found.sort(key=lambda item: (item[0].st_mtime_ns, item[1]))  # oldest first
     total = sum(stat.st_size for stat, _ in found)
     current = os.path.normpath(current)
     result = SweepResult()
+    for error in unreadable:
+        _failed(result, error.filename, error)
     emptied: set[str] = set()
     for stat, name in found:
         expired = max_age is not None and now - stat.st_mtime > max_age
@@ -168,8 +178,7 @@ def sweep(
             try:
                 removed = _remove(name, stat)
             except OSError as exc:
-                result.failed += 1
-                result.failure = result.failure or f"{name}: {exc.strerror or exc}"
+                _failed(result, name, exc)
                 removed = False
             if removed:
                 result.removed += 1
@@ -183,12 +192,22 @@ def sweep(
     return result
 
 
+def _failed(result: SweepResult, name: str, exc: OSError) -> None:
+    result.failed += 1
+    result.failure = result.failure or f"{name}: {exc.strerror or exc}"
+
+
 def _remove(name: str, seen: os.stat_result) -> bool:
     """Unlink `name` if it is still the file `seen` describes, unchanged. Under its lock: a writer that opened it
     meanwhile finds it unlinked once it holds the lock, and writes to a new file instead (sinks.file._append)."""
     fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            # Held by a writer (or any program that locks it): the sweep holds the sink's lock, so waiting here
+            # would stop the sink's delivery for as long as the other holds it. The next sweep decides.
+            return False
         now = os.fstat(fd)
         same = (now.st_dev, now.st_ino, now.st_mtime_ns, now.st_size) == (
             seen.st_dev,

@@ -285,6 +285,46 @@ class TestRetention:
         )
         assert len((tmp_path / "out.ndjson").read_bytes().splitlines()) == 3
 
+    async def test_a_directory_that_cannot_be_read_keeps_only_its_own_files(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        # One unreadable year (a restored backup owned by another user, say) must not keep every file for ever.
+        unlisted, unsearchable = aged(tmp_path / "2018" / "01.ndjson", 400), aged(tmp_path / "2019" / "01.ndjson", 400)
+        expired = aged(tmp_path / "2020" / "01.ndjson", 400)
+        scandir, stat = os.scandir, os.stat
+
+        def scandir_but_2018(path: str) -> object:
+            if path.endswith("/2018/"):  # as for a directory of mode 0 owned by another user
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
+            return scandir(path)
+
+        def stat_but_2019(path: str | os.PathLike[str], **options: bool) -> os.stat_result:
+            if str(path).endswith("/2019/01.ndjson"):  # as in a directory of mode r--
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+            return stat(path, **options)
+
+        monkeypatch.setattr(os, "scandir", scandir_but_2018)
+        monkeypatch.setattr(os, "stat", stat_but_2019)
+        sink = FileSink("f", FileSink.Config(path=str(tmp_path / "%Y" / "%m.ndjson"), max_age="30d"))
+        with caplog.at_level(logging.INFO, logger="sinks.file"):
+            assert (await sink.send(make_events(1))).outcome is Outcome.SUCCESS
+        monkeypatch.undo()
+        assert not expired.exists() and unlisted.exists() and unsearchable.exists()
+        (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert warning.startswith("sink f: retention could not remove 2 files ("), warning  # one named
+        assert any(f"{tmp_path}/{year}" in warning for year in ("2018/: ", "2019/01.ndjson: ")), warning
+
+    async def test_a_file_another_program_holds_locked_is_left_and_delivery_goes_on(self, tmp_path: Path) -> None:
+        # The sweep runs under the sink's lock: waiting for another program's lock would stop delivery with it.
+        held, expired = aged(tmp_path / "out.1.ndjson", 5), aged(tmp_path / "out.2.ndjson", 5)
+        sink = FileSink("f", FileSink.Config(path=str(tmp_path / "out.ndjson"), max_age="1d"))
+        with held.open("rb") as reader:
+            fcntl.flock(reader, fcntl.LOCK_SH)
+            async with asyncio.timeout(20):  # a pass takes milliseconds; before, it waited for the lock
+                assert (await sink.send(make_events(1))).outcome is Outcome.SUCCESS
+        assert held.exists() and not expired.exists()
+        assert len((tmp_path / "out.ndjson").read_bytes().splitlines()) == 1
+
     async def test_a_file_deleted_while_a_writer_waits_for_its_lock_is_written_anew(
         self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     ) -> None:
