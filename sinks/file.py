@@ -35,6 +35,9 @@ only cost."""
 MIN_AGE = 3600.0
 """Shortest `max_age`: less is a slip (a bare number is seconds: `max_age: 90` would delete audit logs within
 two minutes of their writing)."""
+MIN_TOTAL_BYTES = 1024**2
+"""Smallest `max_total_bytes`: less is a slip too (a bare number is bytes: `max_total_bytes: 40`, meant as 40GiB,
+would delete every file but the current one at each sweep)."""
 
 
 class FileSink:
@@ -56,6 +59,13 @@ class FileSink:
         def _at_least_an_hour(cls, value: float | None) -> float | None:
             if value is not None and value < MIN_AGE:
                 raise ValueError("must be at least 1h (a bare number is seconds: write 90d for 90 days)")
+            return value
+
+        @field_validator("max_total_bytes")
+        @classmethod
+        def _at_least_a_mebibyte(cls, value: int | None) -> int | None:
+            if value is not None and value < MIN_TOTAL_BYTES:
+                raise ValueError("must be at least 1MiB (a bare number is bytes: write 40GiB for 40 GiB)")
             return value
 
         @model_validator(mode="after")

@@ -293,6 +293,7 @@ class TestErrors:
             ({"max_age": "0s"}, "sinks.archive.max_age: must be more than 0 (0 would turn this protection off)"),
             ({"max_total_bytes": 0}, "sinks.archive.max_total_bytes: Input should be greater than 0"),
             ({"max_total_bytes": "lots"}, "sinks.archive.max_total_bytes: expected a size such as"),
+            ({"max_total_bytes": 40}, "sinks.archive.max_total_bytes: must be at least 1MiB (a bare number is bytes"),
             ({"max_age": "90d", "path": "/data/%s.ndjson"}, "sinks.archive: path holds %s, which retention cannot"),
             ({"max_total_bytes": "1GiB", "path": "/data/%Y/../x.ndjson"}, "sinks.archive: path holds '..' after"),
         ],

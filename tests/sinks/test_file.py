@@ -134,6 +134,7 @@ class TestFileSink:
 
 
 DAY = 86400.0
+MB = 1000**2
 
 
 def aged(path: Path, days: float, size: int = 100) -> Path:
@@ -200,20 +201,20 @@ class TestRetention:
         assert current.read_bytes().splitlines()[1:] == [event.raw for event in events]  # appended, kept
 
     async def test_max_total_bytes_deletes_the_oldest_first(self, tmp_path: Path) -> None:
-        by_age = {days: aged(tmp_path / f"out.{days}.ndjson", days, 1000) for days in (5, 4, 3, 2, 1)}
-        current = aged(tmp_path / "out.ndjson", 9, 500)  # counted, never deleted
-        sink = FileSink("f", FileSink.Config(path=str(current), max_total_bytes=2500))
+        by_age = {days: aged(tmp_path / f"out.{days}.ndjson", days, MB) for days in (5, 4, 3, 2, 1)}
+        current = aged(tmp_path / "out.ndjson", 9, MB // 2)  # counted, never deleted
+        sink = FileSink("f", FileSink.Config(path=str(current), max_total_bytes="2.5MB"))
         assert (await sink.send(make_events(1))).outcome is Outcome.SUCCESS
-        assert [days for days, path in by_age.items() if path.exists()] == [2, 1]  # 2 x 1000 + 500 fit
+        assert [days for days, path in by_age.items() if path.exists()] == [2, 1]  # 2 MB + 0.5 MB fit
         assert current.exists()
 
     async def test_both_limits_apply(self, tmp_path: Path) -> None:
-        files = [aged(tmp_path / f"2020-01-0{day}.ndjson", 10 - day, 1000) for day in range(1, 7)]  # 9 to 4 days
+        files = [aged(tmp_path / f"2020-01-0{day}.ndjson", 10 - day, MB) for day in range(1, 7)]  # 9 to 4 days
         sink = FileSink(
-            "f", FileSink.Config(path=str(tmp_path / "%Y-%m-%d.ndjson"), max_age="7d", max_total_bytes="3KB")
+            "f", FileSink.Config(path=str(tmp_path / "%Y-%m-%d.ndjson"), max_age="7d", max_total_bytes="3MB")
         )
         assert (await sink.send(make_events(1))).outcome is Outcome.SUCCESS
-        # 9, 8 days: too old; then 7 days: the 3 left and today's file come to more than 3 KB
+        # 9, 8 days: too old; then 7 days: the 3 left and today's file come to more than 3 MB
         assert [path.exists() for path in files] == [False, False, False, True, True, True]
 
     async def test_emptied_date_directories_go_others_stay(self, tmp_path: Path) -> None:
