@@ -451,6 +451,18 @@ class Config(_Model):
             raise ConfigError(problems)
         return self
 
+    @model_validator(mode="after")
+    def _check_file_retention(self) -> Config:
+        # Across sinks, so here: one file sink's retention must not take another's files for its own.
+        files = {name: sink.options for name, sink in self.sinks.items() if sink.type == "file"}
+        if len(files) > 1 and any(getattr(options, "retains", False) for options in files.values()):
+            from sinks.file import FileSink, retention_clashes
+
+            valid = {name: options for name, options in files.items() if isinstance(options, FileSink.Config)}
+            if problems := retention_clashes(valid):
+                raise ConfigError(problems)
+        return self
+
     def streams_of(self, sink: str) -> tuple[str, ...]:
         """Names of the streams that feed `sink`."""
         return tuple(s.name for s in self.streams if sink in s.sinks)

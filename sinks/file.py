@@ -14,7 +14,7 @@ import math
 import os
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from operator import attrgetter
 from pathlib import Path
@@ -24,7 +24,7 @@ from pydantic import Field, field_validator, model_validator
 from sinks.base import ByteSize, Event, Health, SendResult, SinkConfig
 from sinks.errors import SinkError
 from sinks.fields import FilePath, PositiveDuration
-from sinks.retention import FilePattern, rotated_name, sweep
+from sinks.retention import FilePattern, rotated_name, shared_name, sweep
 
 log = logging.getLogger(__name__)
 
@@ -206,6 +206,25 @@ class FileSink:
                 await asyncio.to_thread(store_file, self.directory / name, data)
             except OSError as exc:
                 raise SinkError(f"cannot write {exc.filename or name}: {exc.strerror or exc}") from None
+
+
+def retention_clashes(configs: Mapping[str, FileSink.Config]) -> list[str]:
+    """The problems (`sinks.NAME: …`) of file sinks whose retention would delete files another file sink writes:
+    the names look alike, so a sweep of one cannot tell the other's apart. Two sinks of the same `path` share
+    their files, and are no clash."""
+    problems = []
+    for name, config in configs.items():
+        pattern = FilePattern.of(config.path) if config.retains else None
+        for other, theirs in configs.items():
+            if pattern is None or os.path.normpath(theirs.path) == os.path.normpath(config.path):
+                continue
+            shared = shared_name(pattern, theirs.path)
+            if shared is not None:
+                problems.append(
+                    f"sinks.{name}: retention would delete files of sink {other!r}: {shared}, of its path "
+                    f"{theirs.path}, is also a name of {config.path}; give the two sinks different directories"
+                )
+    return problems
 
 
 def store_file(path: Path, data: bytes) -> None:

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import PurePath
 
-__all__ = ["FilePattern", "SweepResult", "rotated_name", "sweep"]
+__all__ = ["FilePattern", "SweepResult", "rotated_name", "shared_name", "sweep"]
 
 _COMPOSITES = {"F": "%Y-%m-%d", "T": "%H:%M:%S", "R": "%H:%M", "D": "%m/%d/%y"}
 _DIGITS = {
@@ -111,6 +111,23 @@ class FilePattern:
                 return True
         return False
 
+    def claims(self, path: str) -> bool:
+        """Whether a sweep would take the file at `path` for one of the pattern's (by its name alone: no I/O)."""
+        root, path = os.path.normpath(self.root or "."), os.path.normpath(path)
+        if root != ".":
+            base = root.rstrip("/") + "/"
+            if not path.startswith(base):
+                return False
+            path = path[len(base) :]
+        elif os.path.isabs(path) or path.split("/")[0] == "..":
+            return False
+        names = path.split("/")
+        return (
+            len(names) == len(self.parts)
+            and all(part.fullmatch(name) for part, name in zip(self.parts[:-1], names, strict=False))
+            and self.names(names[-1])
+        )
+
     def files(self, unlisted: list[OSError]) -> Iterator[str]:
         """The regular files below `root` the pattern makes (symbolic links neither followed nor given). A
         directory that cannot be listed is left out and its error added to `unlisted`: one unreadable directory
@@ -133,6 +150,27 @@ class FilePattern:
                     yield prefix + entry.name
             elif entry.is_dir(follow_symlinks=False) and self.parts[depth].fullmatch(entry.name):
                 yield from self._walk(prefix + entry.name + "/", depth + 1, unlisted)
+
+
+_SAMPLES = (
+    *(1704067200 + hours * 3600 + hours * 7 % 60 * 60 + hours * 13 % 60 for hours in range(8 * 24)),
+    *(1704067200 + days * 86400 + 43200 for days in range(2 * 366)),
+)
+"""Times from 2024-01-01 that give each field every value it takes: each hour of a week and a day (with every
+minute and second among them), and a day of each of two years."""
+
+
+def shared_name(pattern: FilePattern, path: str) -> str | None:
+    """A file name that `path` (another file sink's) makes, or its rotation, and a sweep of `pattern` would take for
+    its own (`2024-01-15.13.ndjson` of `%Y-%m-%d.%H.ndjson` reads as a rotation of `%Y-%m-%d.ndjson`); None if
+    none of those the sample times give is. Pure: no I/O."""
+    for moment in _SAMPLES:
+        made = os.path.normpath(time.strftime(path, time.gmtime(moment)))
+        directory, name = os.path.split(made)
+        for candidate in (made, *(os.path.join(directory, rotated_name(name, number)) for number in (1, 2, 10))):
+            if pattern.claims(candidate):
+                return candidate
+    return None
 
 
 @dataclass

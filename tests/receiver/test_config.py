@@ -310,6 +310,21 @@ class TestErrors:
         sinks = parse_config(minimal(sinks={"archive": archive, "kept": {"type": "file", **retained}}), {}).sinks
         assert (sinks["kept"].options.max_age, sinks["kept"].options.max_total_bytes) == (90 * 86400, 20 * 2**30)
 
+    def test_retention_that_would_delete_another_file_sinks_files_is_refused(self) -> None:
+        def tree(**sinks: dict[str, Any]) -> dict[str, Any]:
+            stream = {"name": "workos", "path": "/workos", "auth": {"values": ["s"]}, "sinks": [*sinks]}
+            return minimal(streams=[stream], sinks=sinks)
+
+        daily = {"type": "file", "path": "/data/%Y-%m-%d.ndjson", "max_age": "90d"}
+        hourly = {"type": "file", "path": "/data/%Y-%m-%d.%H.ndjson"}  # 2024-01-15.13.ndjson: a daily's rotation?
+        (found,) = errors_of(tree(archive=daily, hourly=hourly))
+        assert found.startswith(
+            "sinks.archive: retention would delete files of sink 'hourly': /data/2024-01-01.10.ndjson, of its path"
+        ), found
+        apart = {"type": "file", "path": "/data/%Y-%m-%d-%H.ndjson"}  # no name of the daily's
+        same = {"type": "file", "path": "/data/./%Y-%m-%d.ndjson"}  # the very files: shared, not mistaken
+        parse_config(tree(archive=daily, apart=apart, same=same, hourly=hourly | {"path": "/other/%H.ndjson"}), {})
+
     def test_unknown_sink_type_lists_the_known_ones(self) -> None:
         (problem,) = errors_of(minimal(sinks={"archive": {"type": "kafka"}}))
         assert problem.startswith("sinks.archive.type: unknown sink type 'kafka'") and "splunk_hec" in problem
