@@ -238,7 +238,9 @@ def _failed(result: SweepResult, name: str, exc: OSError) -> None:
 def _remove(name: str, seen: os.stat_result) -> bool:
     """Unlink `name` if it is still the file `seen` describes, unchanged. Under its lock: a writer that opened it
     meanwhile finds it unlinked once it holds the lock, and writes to a new file instead (sinks.file._append)."""
-    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    # Opened for writing: on NFS an exclusive lock (flock is emulated there with fcntl's) needs it, and read-only
+    # it failed with EBADF, every file, every sweep; a file its owner made read-only is then kept (EACCES).
+    fd = os.open(name, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

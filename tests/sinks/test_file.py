@@ -326,6 +326,26 @@ class TestRetention:
         assert held.exists() and not expired.exists()
         assert len((tmp_path / "out.ndjson").read_bytes().splitlines()) == 1
 
+    async def test_expired_files_go_under_nfs_locking_rules(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        # On NFS flock is emulated with fcntl's byte-range locks: an exclusive one needs a descriptor open for
+        # writing (EBADF otherwise). Retention opened files read-only, so on NFS (EFS volumes, say) it deleted
+        # nothing, ever. The rule is emulated here, on the real flock.
+        expired = aged(tmp_path / "out.1.ndjson", 5)
+        real = fcntl.flock
+
+        def flock(fd: int, operation: int) -> None:
+            writable = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE != os.O_RDONLY
+            if operation & fcntl.LOCK_EX and not writable:
+                raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+            real(fd, operation)
+
+        monkeypatch.setattr(fcntl, "flock", flock)
+        sink = FileSink("f", FileSink.Config(path=str(tmp_path / "out.ndjson"), max_age="1d"))
+        assert (await sink.send(make_events(1))).outcome is Outcome.SUCCESS
+        assert not expired.exists()
+
     async def test_a_file_deleted_while_a_writer_waits_for_its_lock_is_written_anew(
         self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     ) -> None:
