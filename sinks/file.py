@@ -12,6 +12,7 @@ import fcntl
 import logging
 import math
 import os
+import re
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -195,8 +196,8 @@ class FileSink:
 
     @property
     def directory(self) -> Path:
-        """Where stored files go: the leading part of `path` that has no strftime field."""
-        static = self.config.path.split("%", 1)[0]
+        """Where stored files go: the leading part of `path` that has no strftime field (`%%` is a `%`)."""
+        static = re.split(r"%[^%]|%$", self.config.path.replace("%%", "\0"), maxsplit=1)[0].replace("\0", "%")
         return Path(static if static.endswith("/") else os.path.dirname(static) or ".")
 
     async def store_object(self, name: str, data: bytes, *, moment: datetime) -> None:

@@ -49,6 +49,8 @@ class TestFileSink:
             ("{tmp}/events/%Y-%m-%d.ndjson", "{tmp}/events"),
             ("{tmp}/logs/%Y/%m/%d.ndjson", "{tmp}/logs"),
             ("{tmp}/a.ndjson", "{tmp}"),
+            ("{tmp}/100%%/%Y.ndjson", "{tmp}/100%"),  # a literal %: was {tmp}, where the events are not
+            ("{tmp}/at-100%%.ndjson", "{tmp}"),
         ],
     )
     async def test_stores_under_the_sinks_directory(self, tmp_path: Path, path: str, directory: str) -> None:
