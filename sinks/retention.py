@@ -82,8 +82,8 @@ class FilePattern:
     """The files a file sink's `path` can name: below `root`, one regex per directory level, then the name."""
 
     root: str
-    """The leading directories without a strftime field, as written, with their trailing `/` ('' for the working
-    directory)."""
+    """The leading directories without a strftime field, as written (`%%` as the `%` it makes), with their
+    trailing `/` ('' for the working directory)."""
     parts: tuple[re.Pattern[str], ...]
 
     @classmethod
@@ -91,14 +91,14 @@ class FilePattern:
         """The pattern of `path`; ValueError when a field or a `..` below its first field keeps it from being sure
         of the files it makes (pure: no I/O)."""
         expanded = re.sub(r"%(.)", lambda match: _COMPOSITES.get(match[1], match[0]), path, flags=re.DOTALL)
-        first = expanded.find("%")
+        first = expanded.replace("%%", "\0\0").find("%")  # `%%` is a `%`, part of a leading directory
         split = expanded.rfind("/", 0, len(expanded) if first < 0 else first) + 1
         parts = [part for part in expanded[split:].split("/") if part not in ("", ".")]
         if ".." in parts:
             raise ValueError("path holds '..' after its first strftime field: retention cannot tell its tree")
         if not parts:
             raise ValueError("path names a directory, not a file")
-        return cls(expanded[:split], tuple(_part_regex(part) for part in parts))
+        return cls(expanded[:split].replace("%%", "%"), tuple(_part_regex(part) for part in parts))
 
     def names(self, name: str) -> bool:
         """Whether `name` is a file name the pattern makes, or a rotation of one."""

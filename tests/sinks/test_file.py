@@ -18,6 +18,7 @@ from receiver.samples import encode_body, sample_wrappers
 from sinks import file as file_sink
 from sinks.base import Outcome
 from sinks.file import FileSink
+from sinks.retention import FilePattern, sweep
 from sinks.testing.compliance import make_events
 from sinks.testing.exact import EXACT_LITERALS, exact_event, same_json
 from tests.conftest import TOKEN, StartService
@@ -230,6 +231,17 @@ class TestRetention:
         assert not (tmp_path / "2020" / "01" / "01").exists()
         assert notes.exists() and not (tmp_path / "2020" / "01" / "02" / "events.ndjson").exists()
         assert other.exists() and tmp_path.is_dir()
+
+    def test_a_leading_directory_with_a_literal_percent_stays_when_emptied(self, tmp_path: Path) -> None:
+        # `%%` is a `%`, no field: `100%` is one of the leading directories, which a sweep never removes (it took
+        # `100%%` for the first field, and removed `100%` with the last expired file in it).
+        leading = tmp_path / "100%"
+        aged(leading / "2020-01-01.ndjson", 40)
+        path = str(tmp_path / "100%%" / "%Y-%m-%d.ndjson")
+        # The sweep alone: the sink's write after it would make the directory again.
+        result = sweep(FilePattern.of(path), now=time.time(), current="", max_age=30 * DAY, max_total_bytes=None)
+        assert (result.removed, result.directories) == (1, 0)
+        assert leading.is_dir()
 
     async def test_a_late_event_for_an_expired_date_starts_a_new_file(self, tmp_path: Path) -> None:
         sink = FileSink("f", FileSink.Config(path=str(tmp_path / "%Y-%m-%d.ndjson"), max_age="30d"))
