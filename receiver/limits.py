@@ -220,11 +220,11 @@ class HandshakePacer:
     flight costs the certificate key's signature and a key exchange (0.5-1.5 ms on one core of the machines
     measured, most for RSA keys), and every ClientHello that arrived during one poll is answered before any
     other callback runs. 1,000 connections sending a ClientHello at once from anywhere (no secret is needed
-    before the handshake) held `/healthz` up to 0.7 s (ECDSA key) and 1.4 s (RSA). Here a step is queued
-    instead, and one callback a loop round runs queued steps for HANDSHAKE_SLICE seconds: the handshakes get
-    the same CPU, the other callbacks run between slices. Connections from `listed` addresses (the allowlist
-    and the trusted proxies) are served first, so WorkOS's handshakes do not wait behind a flood from
-    elsewhere."""
+    before the handshake) held `/healthz` up to 0.6-1.1 s (ECDSA key) and 0.9-1.9 s (RSA), three runs each
+    (docs/performance.md, 2026-12-08). Here a step is queued instead, and one callback a loop round runs queued
+    steps for HANDSHAKE_SLICE seconds: the handshakes get the same CPU, the other callbacks run between slices.
+    Connections from `listed` addresses (the allowlist and the trusted proxies) are served first, so WorkOS's
+    handshakes do not wait behind a flood from elsewhere."""
 
     def __init__(self) -> None:
         self.listed: Callable[[str], bool] = lambda address: False
