@@ -43,7 +43,8 @@ _DIGITS = {
 _WORDS = "aAbBhpZz"
 """Fields that are words (the locale's day and month names, AM/PM, the zone): matched as the values they take."""
 _ROTATION = re.compile(r"\.([1-9]\d*)(?=\.|$)")
-_FIELD = re.compile(r"(%.?)", re.DOTALL)
+_FIELD = re.compile(r"(%[-_0^#]?[EO]?.?)", re.DOTALL)
+"""A strftime field with its flag and modifier (`%-d`, `%Ey`), which an error names whole; `%%` is one too."""
 
 
 def rotated_name(name: str, number: int) -> str:

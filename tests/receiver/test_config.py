@@ -295,6 +295,8 @@ class TestErrors:
             ({"max_total_bytes": "lots"}, "sinks.archive.max_total_bytes: expected a size such as"),
             ({"max_total_bytes": 40}, "sinks.archive.max_total_bytes: must be at least 1MiB (a bare number is bytes"),
             ({"max_age": "90d", "path": "/data/%s.ndjson"}, "sinks.archive: path holds %s, which retention cannot"),
+            ({"max_age": "90d", "path": "/data/%-d.ndjson"}, "sinks.archive: path holds %-d, which retention"),
+            ({"max_age": "90d", "path": "/data/%Ey.ndjson"}, "sinks.archive: path holds %Ey, which retention"),
             ({"max_total_bytes": "1GiB", "path": "/data/%Y/../x.ndjson"}, "sinks.archive: path holds '..' after"),
         ],
     )  # fmt: skip
