@@ -250,16 +250,16 @@ class _Site(web.SockSite):
 
     async def start(self) -> None:
         await web.BaseSite.start(self)
-        if self._ssl_context is not None and PACEABLE:
-            paced = paced_tls(self._pacer, self._protocol, self._ssl_context, self._handshake_timeout)
-            self._server = await asyncio.get_running_loop().create_server(paced, sock=self._sock, backlog=self._backlog)
-            return
+        protocol: Callable[[], asyncio.BaseProtocol] = self._protocol
+        tls = self._ssl_context
+        if tls is not None and PACEABLE:  # TLS made in the protocol, its handshake paced
+            protocol, tls = paced_tls(self._pacer, self._protocol, tls, self._handshake_timeout), None
         self._server = await asyncio.get_running_loop().create_server(
-            self._protocol,
+            protocol,
             sock=self._sock,
-            ssl=self._ssl_context,
+            ssl=tls,
             backlog=self._backlog,
-            ssl_handshake_timeout=self._handshake_timeout if self._ssl_context is not None else None,
+            ssl_handshake_timeout=self._handshake_timeout if tls is not None else None,
         )
 
 
@@ -817,19 +817,7 @@ class Service:
             self._workos_metrics = self.workos.metrics
             self.workos.start()
         app = build_app(self.config, self.journal, self.metrics, self.state)
-        self._runner = _Runner(
-            app,
-            refusals=self.state.refusals,
-            malformed=self.metrics.malformed_requests,
-            access_log=None,
-            auto_decompress=False,  # the intake decompresses itself, with its own size limit
-            keepalive_timeout=server.header_timeout,  # also closes a connection whose headers do not arrive
-            shutdown_timeout=server.shutdown_timeout,
-            lingering_time=LINGER_SECONDS,  # after an early answer, read at most this long what the client still sends
-            max_line_size=MAX_HEADER_LINE,
-            max_field_size=MAX_HEADER_LINE,
-            max_headers=MAX_HEADERS,
-        )
+        self._runner = self._make_runner(app, shutdown_timeout=server.shutdown_timeout)
         await self._runner.setup()
         aiohttp_server = self._runner.server
         if not isinstance(aiohttp_server, _Server):
@@ -860,21 +848,30 @@ class Service:
             log.info("dedup store reachable: deduplication is shared", extra={"store": self.journal.shared.where})
         self._warn_open_streams(self.config)
 
-    async def _start_admin(self, admin: AdminConfig) -> None:
-        """The admin listener: the operations routes over plain HTTP, with a small connection cap of its own."""
-        server = self.config.server
-        runner = _Runner(  # aiohttp's connections as on the stream listener: malformed requests answered alike
-            build_admin_app(self.journal, self.metrics, self.state),
+    def _make_runner(self, app: web.Application, *, shutdown_timeout: float) -> _Runner:
+        """A runner for one of the listeners' applications, its connections held to the same limits."""
+        return _Runner(
+            app,
             refusals=self.state.refusals,
             malformed=self.metrics.malformed_requests,
             access_log=None,
-            auto_decompress=False,  # its routes read no body: one left unread is not inflated either
-            keepalive_timeout=server.header_timeout,  # also closes a connection whose headers do not arrive
-            shutdown_timeout=1.0,  # its answers take milliseconds
+            # The intake decompresses itself, with its own size limit; the admin routes read no body, and one
+            # left unread is not inflated either.
+            auto_decompress=False,
+            keepalive_timeout=self.config.server.header_timeout,  # also closes a connection whose headers do not arrive
+            shutdown_timeout=shutdown_timeout,
             lingering_time=LINGER_SECONDS,  # after an early answer, read at most this long what the client still sends
             max_line_size=MAX_HEADER_LINE,
             max_field_size=MAX_HEADER_LINE,
             max_headers=MAX_HEADERS,
+        )
+
+    async def _start_admin(self, admin: AdminConfig) -> None:
+        """The admin listener: the operations routes over plain HTTP, with a small connection cap of its own."""
+        # aiohttp's connections as on the stream listener: malformed requests answered alike
+        runner = self._make_runner(
+            build_admin_app(self.journal, self.metrics, self.state),
+            shutdown_timeout=1.0,  # its answers take milliseconds
         )
         await runner.setup()
         try:
