@@ -12,7 +12,6 @@ import fcntl
 import logging
 import math
 import os
-import re
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -25,7 +24,7 @@ from pydantic import Field, field_validator, model_validator
 from sinks.base import ByteSize, Event, Health, SendResult, SinkConfig
 from sinks.errors import SinkError
 from sinks.fields import FilePath, PositiveDuration
-from sinks.retention import FilePattern, rotated_name, shared_name, sweep
+from sinks.retention import FilePattern, leading_directories, rotated_name, shared_name, sweep
 
 log = logging.getLogger(__name__)
 
@@ -196,9 +195,8 @@ class FileSink:
 
     @property
     def directory(self) -> Path:
-        """Where stored files go: the leading part of `path` that has no strftime field (`%%` is a `%`)."""
-        static = re.split(r"%[^%]|%$", self.config.path.replace("%%", "\0"), maxsplit=1)[0].replace("\0", "%")
-        return Path(static if static.endswith("/") else os.path.dirname(static) or ".")
+        """Where stored files go: the directories of `path` before its first strftime field (`%%` is a `%`)."""
+        return Path(leading_directories(self.config.path) or ".")
 
     async def store_object(self, name: str, data: bytes, *, moment: datetime) -> None:
         """Write `data` to `directory/name` through a temporary file, fsynced and renamed into place."""

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import PurePath
 
-__all__ = ["FilePattern", "SweepResult", "rotated_name", "shared_name", "sweep"]
+__all__ = ["FilePattern", "SweepResult", "leading_directories", "rotated_name", "shared_name", "sweep"]
 
 _COMPOSITES = {"F": "%Y-%m-%d", "T": "%H:%M:%S", "R": "%H:%M", "D": "%m/%d/%y"}
 _DIGITS = {
@@ -78,6 +78,17 @@ def _part_regex(part: str) -> re.Pattern[str]:
     return re.compile("".join(pieces), re.DOTALL)
 
 
+def leading_directories(path: str) -> str:
+    """The directories of a strftime `path` before its first field, with their trailing `/` ('' for none), a
+    `%%` in them as the `%` it makes: what no moment changes."""
+    return path[: _leading_end(path)].replace("%%", "%")
+
+
+def _leading_end(path: str) -> int:
+    first = path.replace("%%", "\0\0").find("%")  # `%%` is a `%`, part of a leading directory
+    return path.rfind("/", 0, len(path) if first < 0 else first) + 1
+
+
 @dataclass(frozen=True)
 class FilePattern:
     """The files a file sink's `path` can name: below `root`, one regex per directory level, then the name."""
@@ -92,8 +103,7 @@ class FilePattern:
         """The pattern of `path`; ValueError when a field or a `..` below its first field keeps it from being sure
         of the files it makes (pure: no I/O)."""
         expanded = re.sub(r"%(.)", lambda match: _COMPOSITES.get(match[1], match[0]), path, flags=re.DOTALL)
-        first = expanded.replace("%%", "\0\0").find("%")  # `%%` is a `%`, part of a leading directory
-        split = expanded.rfind("/", 0, len(expanded) if first < 0 else first) + 1
+        split = _leading_end(expanded)
         parts = [part for part in expanded[split:].split("/") if part not in ("", ".")]
         if ".." in parts:
             raise ValueError("path holds '..' after its first strftime field: retention cannot tell its tree")
