@@ -55,6 +55,9 @@ CREATE TABLE IF NOT EXISTS workos_exports (
     updated_at REAL NOT NULL
 );
 """
+PENDING = "pending_start, pending_end, pending_export, pending_stored"
+"""The columns of the range being exported, cleared together once it is archived or dropped."""
+NO_PENDING = (None,) * len(PENDING.split(","))
 STORED_COLUMN = "pending_stored"
 """Added after the table's first version: a table made by that version gets it at first use."""
 
@@ -273,7 +276,7 @@ class ExportState:
     async def get(self, organization: str) -> OrgState:
         """The organization's state (empty before its first export)."""
         rows = await self._do(
-            "SELECT archived_end, pending_start, pending_end, pending_export, pending_stored FROM workos_exports "
+            f"SELECT archived_end, {PENDING} FROM workos_exports "  # noqa: S608 - fixed column names
             "WHERE organization = ?",
             organization,
         )
@@ -302,9 +305,7 @@ class ExportState:
 
     async def begin(self, organization: str, start: int, end: int) -> None:
         """Record the range about to be exported."""
-        await self._upsert(
-            organization, "pending_start, pending_end, pending_export, pending_stored", start, end, None, None
-        )
+        await self._upsert(organization, PENDING, start, end, None, None)
 
     async def set_export(self, organization: str, export_id: str | None) -> None:
         """Record (or forget) the WorkOS export of the pending range."""
@@ -316,21 +317,11 @@ class ExportState:
 
     async def archived(self, organization: str, end: int) -> None:
         """The pending range is stored by every sink: move the mark, clear the pending range."""
-        await self._upsert(
-            organization,
-            "archived_end, pending_start, pending_end, pending_export, pending_stored",
-            end,
-            None,
-            None,
-            None,
-            None,
-        )
+        await self._upsert(organization, f"archived_end, {PENDING}", end, *NO_PENDING)
 
     async def drop_pending(self, organization: str) -> None:
         """Forget a pending range that can no longer be exported (older than WorkOS's reach)."""
-        await self._upsert(
-            organization, "pending_start, pending_end, pending_export, pending_stored", None, None, None, None
-        )
+        await self._upsert(organization, PENDING, *NO_PENDING)
 
 
 def plan_range(
