@@ -454,13 +454,15 @@ class Config(_Model):
     @model_validator(mode="after")
     def _check_file_retention(self) -> Config:
         # Across sinks, so here: one file sink's retention must not take another's files for its own.
-        files = {name: sink.options for name, sink in self.sinks.items() if sink.type == "file"}
-        if len(files) > 1 and any(getattr(options, "retains", False) for options in files.values()):
-            from sinks.file import FileSink, retention_clashes
+        from sinks.file import FileSink, retention_clashes
 
-            valid = {name: options for name, options in files.items() if isinstance(options, FileSink.Config)}
-            if problems := retention_clashes(valid):
-                raise ConfigError(problems)
+        files = {name: sink.options for name, sink in self.sinks.items() if isinstance(sink.options, FileSink.Config)}
+        if (
+            len(files) > 1
+            and any(options.retains for options in files.values())
+            and (problems := retention_clashes(files))
+        ):
+            raise ConfigError(problems)
         return self
 
     def streams_of(self, sink: str) -> tuple[str, ...]:
