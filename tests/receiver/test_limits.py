@@ -590,6 +590,16 @@ def client_hello() -> bytes:
     return outgoing.read()
 
 
+def tls_pair() -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """A server's TLS context for 127.0.0.1 and a client's that trusts it."""
+    ca = trustme.CA()
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_context)
+    client_context = ssl.create_default_context()
+    ca.configure_trust(client_context)
+    return server_context, client_context
+
+
 class HelloFlood(threading.Thread):
     """`count` connections from 127.0.0.1, each sending the same ClientHello once all are open, then waiting for
     the server's flight: when each came (`answered`, monotonic times), from a thread of its own."""
@@ -681,12 +691,7 @@ class TestHandshakeFlood:
         """The steps run in the pacer's callback, not in the connection's: an exception from the protocol over
         TLS (its connection_made) must end that connection alone, not the callback that runs everyone's steps
         (which would leave every later handshake queued for ever)."""
-        ca = trustme.CA()
-        cert = ca.issue_cert("127.0.0.1")
-        server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        cert.configure_cert(server_context)
-        client_context = ssl.create_default_context()
-        ca.configure_trust(client_context)
+        server_context, client_context = tls_pair()
         made: list[bool] = []
 
         class FailsFirst(asyncio.Protocol):
@@ -722,12 +727,7 @@ class TestHandshakeFlood:
         their ClientHello during 1,000 ClientHellos had the service hold 390-470 MB. Now what it holds stops at
         asyncio's own limit for that buffer and the rest waits in the kernel's; once its step runs, all of it
         arrives (here the request a TLS 1.3 client sends right after its Finished, before the server's answer)."""
-        ca = trustme.CA()
-        cert = ca.issue_cert("127.0.0.1")
-        server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        cert.configure_cert(server_context)
-        client_context = ssl.create_default_context()
-        ca.configure_trust(client_context)
+        server_context, client_context = tls_pair()
         client_context.minimum_version = ssl.TLSVersion.TLSv1_3  # its handshake ends before the server's last step
         size = 16 << 20
         received = 0

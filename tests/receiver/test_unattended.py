@@ -27,6 +27,7 @@ from aiohttp import web
 from receiver.journal import connect
 from receiver.journal.segments import ROOM_FILE
 from receiver.samples import encode_body, sample_wrappers
+from receiver.server import Service
 from tests.conftest import TOKEN, StartService, http_peer, scrape
 from tests.receiver.test_process import SCRIPT, Server, free_port, run_cli, write_config
 from tests.receiver.test_process import TOKEN as PROCESS_TOKEN
@@ -454,19 +455,26 @@ def small_disk(where: Path, size: str) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(where)], check=False)
 
 
+async def service_on(disk: Path, start_service: StartService) -> Service:
+    """A service whose journal is on `disk`, taking requests of up to 1 MiB, its sink never delivering (what it
+    journals is never freed)."""
+    return await start_service(
+        {
+            "server": {"max_body_bytes": "1MiB"},
+            "journal": {"path": str(disk / "journal.db")},
+            "sinks": {"mem": {"fail": "retry"}},
+        }
+    )
+
+
 class TestReadinessWhileTheDiskIsFull:
     async def test_not_ready_from_the_first_failed_write_until_one_commits(
         self, start_service: StartService, tmp_path: Path
     ) -> None:
         with small_disk(tmp_path / "disk", "12m") as disk:  # 4 MiB of it the journal's spare room (SPARE_BYTES)
             filler = disk / "filler"
-            service = await start_service(  # readiness needs room for a largest request: 1 MiB of the disk's 8 left
-                {
-                    "server": {"max_body_bytes": "1MiB"},
-                    "journal": {"path": str(disk / "journal.db")},
-                    "sinks": {"mem": {"fail": "retry"}},
-                }
-            )
+            # Readiness needs room for a largest request: 1 MiB of the disk's 8 left.
+            service = await service_on(disk, start_service)
             async with aiohttp.ClientSession() as session:
                 assert (await session.get(service.url + "/readyz")).status == 200
                 filler.write_bytes(os.urandom(1024) * (1024 * 7))  # most of the room
@@ -506,13 +514,7 @@ class TestReadinessWhileTheDiskIsFull:
         each refused request is rate-limited."""
         with small_disk(tmp_path / "disk", "12m") as disk:
             filler = disk / "filler"
-            service = await start_service(
-                {
-                    "server": {"max_body_bytes": "1MiB"},
-                    "journal": {"path": str(disk / "journal.db")},
-                    "sinks": {"mem": {"fail": "retry"}},
-                }
-            )
+            service = await service_on(disk, start_service)
             caplog.set_level(logging.INFO)
             async with aiohttp.ClientSession() as session:
                 filler.write_bytes(os.urandom(1024) * (1024 * 7))
@@ -549,13 +551,7 @@ class TestReadinessWhileTheDiskIsFull:
         events are appended) met the full disk in the commit, and each refused group logged "journal commit
         failed" at ERROR, unlimited, as segment appends had."""
         with small_disk(tmp_path / "disk", "12m") as disk:
-            service = await start_service(
-                {
-                    "server": {"max_body_bytes": "1MiB"},
-                    "journal": {"path": str(disk / "journal.db")},
-                    "sinks": {"mem": {"fail": "retry"}},
-                }
-            )
+            service = await service_on(disk, start_service)
             caplog.set_level(logging.INFO)
             (disk / "filler").write_bytes(os.urandom(1024) * (1024 * 7))
             data, content_type = encode_body([*sample_wrappers(50), 7], "json")
@@ -578,13 +574,7 @@ class TestReadinessWhileTheDiskIsFull:
         max_body_bytes) keeps the service not ready: ready, it would take a large request only to refuse it."""
         with small_disk(tmp_path / "disk", "12m") as disk:  # 4 MiB of it the journal's spare room
             filler = disk / "filler"
-            service = await start_service(
-                {
-                    "server": {"max_body_bytes": "1MiB"},
-                    "journal": {"path": str(disk / "journal.db")},
-                    "sinks": {"mem": {"fail": "retry"}},
-                }
-            )
+            service = await service_on(disk, start_service)
             async with aiohttp.ClientSession() as session:
                 filler.write_bytes(os.urandom(1024) * (1024 * 7))
                 await post_until_refused(session, service.url)
@@ -618,13 +608,7 @@ class TestReadinessWhileTheDiskIsFull:
         does not return while the disk is short of room."""
         with small_disk(tmp_path / "disk", "12m") as disk:  # 4 MiB of it the journal's spare room
             filler = disk / "filler"
-            service = await start_service(
-                {
-                    "server": {"max_body_bytes": "1MiB"},
-                    "journal": {"path": str(disk / "journal.db")},
-                    "sinks": {"mem": {"fail": "retry"}},
-                }
-            )
+            service = await service_on(disk, start_service)
             async with aiohttp.ClientSession() as session:
 
                 async def readiness() -> tuple[int, list[str] | None]:
